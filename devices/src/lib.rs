@@ -1,1 +1,5 @@
-pub fn x(){}
+//! Device models for Arbor: legacy platform devices and (in `virtio`) the
+//! virtio-pci transport with its devices. Nothing here talks to KVM; the
+//! VMM registers these models on its buses and wires their interrupts.
+
+pub mod legacy;

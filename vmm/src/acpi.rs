@@ -1,0 +1,231 @@
+//! ACPI tables, built with `acpi_tables` and written to guest memory at
+//! `ACPI_START`: RSDP, XSDT, FADT (hardware-reduced, with sleep and reset
+//! registers), MADT, DSDT, plus any tables the device manager adds (MCFG).
+
+use acpi_tables::aml;
+use acpi_tables::Aml;
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use zerocopy::{Immutable, IntoBytes};
+
+use devices::legacy::{ACPI_PM_PORT, RESET_VALUE, SLEEP_TYPE_S5};
+
+use crate::layout::{ACPI_SIZE, ACPI_START, APIC_START, IOAPIC_START};
+
+pub const OEM_ID: [u8; 6] = *b"ARBOR ";
+pub const OEM_TABLE_ID: [u8; 8] = *b"ARBORVMM";
+pub const OEM_REVISION: u32 = 1;
+
+/// Errors writing the tables.
+#[derive(Debug, thiserror::Error)]
+pub enum AcpiError {
+    #[error("ACPI tables ({0} bytes) do not fit in the {1}-byte ACPI region")]
+    TooLarge(u64, u64),
+    #[error("cannot write ACPI tables to guest memory")]
+    Write,
+}
+
+/// MADT interrupt source override (type 2).
+#[repr(C, packed)]
+#[derive(Clone, Copy, Default, IntoBytes, Immutable)]
+struct InterruptSourceOverride {
+    type_: u8,
+    length: u8,
+    bus: u8,
+    source: u8,
+    gsi: u32,
+    flags: u16,
+}
+
+impl Aml for InterruptSourceOverride {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        sink.vec(self.as_bytes());
+    }
+}
+
+/// MADT local APIC NMI (type 4).
+#[repr(C, packed)]
+#[derive(Clone, Copy, Default, IntoBytes, Immutable)]
+struct LocalApicNmi {
+    type_: u8,
+    length: u8,
+    processor_uid: u8,
+    flags: u16,
+    lint: u8,
+}
+
+impl Aml for LocalApicNmi {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        sink.vec(self.as_bytes());
+    }
+}
+
+fn madt(cpus: u8) -> Vec<u8> {
+    let mut madt = MADT::new(
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+        LocalInterruptController::Address(APIC_START as u32),
+    );
+    for id in 0..cpus {
+        madt.add_structure(ProcessorLocalApic::new(id, id, EnabledStatus::Enabled));
+    }
+    // The IOAPIC's ID follows the CPUs' APIC IDs.
+    madt.add_structure(IoApic::new(cpus, IOAPIC_START as u32, 0));
+    // ISA IRQ 0 (the PIT) arrives on GSI 2; IRQ 9 is level, active high.
+    madt.add_structure(InterruptSourceOverride {
+        type_: 2,
+        length: 10,
+        bus: 0,
+        source: 0,
+        gsi: 2,
+        flags: 0,
+    });
+    madt.add_structure(InterruptSourceOverride {
+        type_: 2,
+        length: 10,
+        bus: 0,
+        source: 9,
+        gsi: 9,
+        flags: 0xd,
+    });
+    // LINT1 of every processor is the NMI line.
+    madt.add_structure(LocalApicNmi {
+        type_: 4,
+        length: 6,
+        processor_uid: 0xff,
+        flags: 0,
+        lint: 1,
+    });
+    let mut bytes = Vec::new();
+    madt.to_aml_bytes(&mut bytes);
+    bytes
+}
+
+fn fadt(dsdt_addr: u64) -> Vec<u8> {
+    let io = |port: u16| GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, u64::from(port));
+    let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_64(dsdt_addr)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::ResetRegSup)
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton);
+    fadt.reset_reg = io(ACPI_PM_PORT + 2);
+    fadt.reset_value = RESET_VALUE;
+    fadt.sleep_control_reg = io(ACPI_PM_PORT);
+    fadt.sleep_status_reg = io(ACPI_PM_PORT + 1);
+    // "KVMKVMKVM" is what Linux reports; identify the VMM instead.
+    fadt.hypervisor_vendor_identity = u64::from_le_bytes(*b"ARBORVMM").into();
+    let mut bytes = Vec::new();
+    fadt.finalize().to_aml_bytes(&mut bytes);
+    bytes
+}
+
+/// The DSDT body every VM has: the UART and the S5 sleep object.
+pub fn platform_aml() -> Vec<u8> {
+    let mut out = Vec::new();
+    let hid = aml::EISAName::new("PNP0501");
+    let io = aml::IO::new(0x3f8, 0x3f8, 0, 8);
+    let irq = aml::Interrupt::new(true, true, false, false, 4);
+    let crs = aml::ResourceTemplate::new(vec![&io, &irq]);
+    let name_hid = aml::Name::new("_HID".into(), &hid);
+    let name_uid = aml::Name::new("_UID".into(), &0u8);
+    let name_crs = aml::Name::new("_CRS".into(), &crs);
+    let com1 = aml::Device::new("COM1".into(), vec![&name_hid, &name_uid, &name_crs]);
+    let sb = aml::Scope::new("\\_SB_".into(), vec![&com1]);
+    sb.to_aml_bytes(&mut out);
+    let s5 = aml::Package::new(vec![&SLEEP_TYPE_S5, &SLEEP_TYPE_S5, &0u8, &0u8]);
+    aml::Name::new("_S5_".into(), &s5).to_aml_bytes(&mut out);
+    out
+}
+
+fn dsdt(body: &[u8]) -> Vec<u8> {
+    let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    sdt.append_slice(body);
+    sdt.as_slice().to_vec()
+}
+
+/// Writes all tables; `dsdt_body` is the DSDT's AML, `extra` further tables
+/// (complete, with headers) to list in the XSDT. Returns the RSDP address.
+pub fn write_tables(
+    mem: &GuestMemoryMmap,
+    cpus: u8,
+    dsdt_body: &[u8],
+    extra: &[Vec<u8>],
+) -> Result<GuestAddress, AcpiError> {
+    let rsdp_addr = ACPI_START;
+    let mut cursor = ACPI_START.0 + Rsdp::len() as u64;
+    let mut place = |bytes: &[u8]| -> Result<u64, AcpiError> {
+        cursor = cursor.div_ceil(8) * 8;
+        let addr = cursor;
+        let end = addr + bytes.len() as u64;
+        if end > ACPI_START.0 + ACPI_SIZE {
+            return Err(AcpiError::TooLarge(end - ACPI_START.0, ACPI_SIZE));
+        }
+        mem.write_slice(bytes, GuestAddress(addr))
+            .map_err(|_| AcpiError::Write)?;
+        cursor = end;
+        Ok(addr)
+    };
+
+    let dsdt_addr = place(&dsdt(dsdt_body))?;
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.add_entry(place(&fadt(dsdt_addr))?);
+    xsdt.add_entry(place(&madt(cpus))?);
+    for t in extra {
+        xsdt.add_entry(place(t)?);
+    }
+    let mut xsdt_bytes = Vec::new();
+    xsdt.to_aml_bytes(&mut xsdt_bytes);
+    let xsdt_addr = place(&xsdt_bytes)?;
+    let mut rsdp = Vec::new();
+    Rsdp::new(OEM_ID, xsdt_addr).to_aml_bytes(&mut rsdp);
+    mem.write_slice(&rsdp, rsdp_addr)
+        .map_err(|_| AcpiError::Write)?;
+    Ok(rsdp_addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checksum_ok(t: &[u8]) -> bool {
+        t.iter().fold(0u8, |a, b| a.wrapping_add(*b)) == 0
+    }
+
+    #[test]
+    fn tables_are_consistent() {
+        let m = madt(2);
+        assert_eq!(&m[0..4], b"APIC");
+        assert_eq!(u32::from_le_bytes(m[4..8].try_into().unwrap()) as usize, m.len());
+        assert!(checksum_ok(&m));
+        // header 44 + 2 LAPIC (8) + IOAPIC 12 + 2 ISO (10) + NMI 6
+        assert_eq!(m.len(), 44 + 16 + 12 + 20 + 6);
+        let f = fadt(0x1234);
+        assert_eq!(&f[0..4], b"FACP");
+        assert!(checksum_ok(&f));
+        let d = dsdt(&platform_aml());
+        assert_eq!(&d[0..4], b"DSDT");
+        assert!(checksum_ok(&d));
+        assert_eq!(u32::from_le_bytes(d[4..8].try_into().unwrap()) as usize, d.len());
+    }
+
+    #[test]
+    fn written_to_memory() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let rsdp = write_tables(&mem, 1, &platform_aml(), &[]).unwrap();
+        let mut sig = [0u8; 8];
+        mem.read_slice(&mut sig, rsdp).unwrap();
+        assert_eq!(&sig, b"RSD PTR ");
+        let huge = vec![vec![0u8; ACPI_SIZE as usize]];
+        assert!(matches!(
+            write_tables(&mem, 1, &platform_aml(), &huge),
+            Err(AcpiError::TooLarge(..))
+        ));
+    }
+}

@@ -1,0 +1,333 @@
+//! VM configuration: the struct an embedder fills in, and the `arbor`
+//! command line that produces it. Validation happens here, before anything
+//! is created, so a bad option changes nothing.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use crate::layout::CMDLINE_MAX_SIZE;
+
+/// Most vCPUs a VM may have (APIC IDs are 8-bit; 0xff is broadcast).
+pub const MAX_VCPUS: u8 = 254;
+/// Least memory a VM may have.
+pub const MIN_MEMORY: u64 = 32 << 20;
+
+/// Where the guest's serial console goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SerialOutput {
+    /// The VMM's standard output; input comes from standard input when it is
+    /// a terminal.
+    Stdout,
+    /// Appended to a file.
+    File(PathBuf),
+    /// Discarded.
+    Off,
+}
+
+/// Everything needed to build and boot a VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initramfs: Option<PathBuf>,
+    pub cmdline: String,
+    pub cpus: u8,
+    pub memory: u64,
+    pub serial: SerialOutput,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            kernel: PathBuf::new(),
+            initramfs: None,
+            cmdline: "console=ttyS0".to_string(),
+            cpus: 1,
+            memory: 512 << 20,
+            serial: SerialOutput::Stdout,
+        }
+    }
+}
+
+/// A configuration or command-line error: one sentence for the user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError(msg.into()))
+}
+
+/// Parses a memory size: bytes, or a number with K, M, G (or KiB, MiB, GiB)
+/// suffix, powers of 1024.
+pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, suffix) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| ConfigError(format!("invalid size '{s}': expected e.g. 512M or 2G")))?;
+    let shift = match suffix.to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return err(format!("invalid size '{s}': unknown suffix '{suffix}'")),
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| ConfigError(format!("invalid size '{s}': too large")))
+}
+
+/// Total memory of the host, from /proc/meminfo.
+pub fn host_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+impl VmConfig {
+    /// Checks the configuration without touching any host resource beyond
+    /// reading files' metadata.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.cpus == 0 {
+            return err("--cpus must be at least 1");
+        }
+        if self.cpus > MAX_VCPUS {
+            return err(format!("--cpus must be at most {MAX_VCPUS}"));
+        }
+        if self.memory < MIN_MEMORY {
+            return err(format!(
+                "--memory {} MiB is too small: at least {} MiB is needed",
+                self.memory >> 20,
+                MIN_MEMORY >> 20
+            ));
+        }
+        if let Some(host) = host_memory() {
+            if self.memory > host {
+                return err(format!(
+                    "--memory {} MiB is more than this host has ({} MiB)",
+                    self.memory >> 20,
+                    host >> 20
+                ));
+            }
+        }
+        if self.cmdline.len() >= CMDLINE_MAX_SIZE {
+            return err(format!(
+                "the kernel command line is {} bytes long; the limit is {}",
+                self.cmdline.len(),
+                CMDLINE_MAX_SIZE - 1
+            ));
+        }
+        if self.cmdline.bytes().any(|b| b == 0) {
+            return err("the kernel command line contains a NUL byte");
+        }
+        check_file("kernel", &self.kernel)?;
+        if let Some(initramfs) = &self.initramfs {
+            check_file("initramfs", initramfs)?;
+        }
+        Ok(())
+    }
+}
+
+fn check_file(what: &str, path: &std::path::Path) -> Result<(), ConfigError> {
+    if path.as_os_str().is_empty() {
+        return err(format!("no {what} given"));
+    }
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => err(format!("{what} '{}' is not a regular file", path.display())),
+        Err(e) => err(format!("cannot open {what} '{}': {e}", path.display())),
+    }
+}
+
+/// What the command line asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Command {
+    Run(VmConfig),
+    Help,
+    Version,
+}
+
+/// The `arbor --help` text.
+pub const USAGE: &str = "\
+usage: arbor --kernel PATH [options]
+
+  --kernel PATH        guest kernel: ELF vmlinux (PVH entry) or bzImage
+  --initramfs PATH     initial ramdisk
+  --cmdline STRING     kernel command line (default: console=ttyS0)
+  --cpus N             number of vCPUs, 1-254 (default 1)
+  --memory SIZE        guest memory, e.g. 512M or 2G (default 512M)
+  --serial WHERE       stdout (default), off, or file=PATH
+  --help, --version
+
+exit status: 0 guest powered off, 3 guest rebooted (or reset, e.g. a panic
+with panic=-1), 1 VMM error, 2 usage error.
+";
+
+/// Parses `arbor`'s arguments (without the program name).
+pub fn parse_args<I, S>(args: I) -> Result<Command, ConfigError>
+where
+    I: IntoIterator<Item = S>,
+    S: Into<String>,
+{
+    let mut cfg = VmConfig::default();
+    let mut kernel = None;
+    let mut it = args.into_iter().map(Into::into);
+    let mut seen: Vec<String> = Vec::new();
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        match flag.as_str() {
+            "--help" | "-h" => return Ok(Command::Help),
+            "--version" | "-V" => return Ok(Command::Version),
+            _ => {}
+        }
+        if !flag.starts_with("--") {
+            return err(format!("unexpected argument '{arg}' (see --help)"));
+        }
+        let known = [
+            "--kernel",
+            "--initramfs",
+            "--cmdline",
+            "--cpus",
+            "--memory",
+            "--serial",
+        ];
+        if !known.contains(&flag.as_str()) {
+            return err(format!("unknown option '{flag}' (see --help)"));
+        }
+        if seen.contains(&flag) {
+            return err(format!("option '{flag}' given twice"));
+        }
+        seen.push(flag.clone());
+        let value = match inline {
+            Some(v) => v,
+            None => it
+                .next()
+                .ok_or_else(|| ConfigError(format!("option '{flag}' needs a value")))?,
+        };
+        match flag.as_str() {
+            "--kernel" => kernel = Some(PathBuf::from(value)),
+            "--initramfs" => cfg.initramfs = Some(PathBuf::from(value)),
+            "--cmdline" => cfg.cmdline = value,
+            "--cpus" => {
+                cfg.cpus = value.parse().map_err(|_| {
+                    ConfigError(format!("--cpus '{value}' is not a number from 1 to 254"))
+                })?
+            }
+            "--memory" => cfg.memory = parse_size(&value)?,
+            "--serial" => {
+                cfg.serial = match value.as_str() {
+                    "stdout" => SerialOutput::Stdout,
+                    "off" | "null" => SerialOutput::Off,
+                    v => match v.strip_prefix("file=") {
+                        Some(p) if !p.is_empty() => SerialOutput::File(PathBuf::from(p)),
+                        _ => {
+                            return err(format!(
+                                "--serial '{value}': expected stdout, off or file=PATH"
+                            ))
+                        }
+                    },
+                }
+            }
+            _ => unreachable!("flag checked against the known list"),
+        }
+    }
+    cfg.kernel = kernel.ok_or_else(|| ConfigError("--kernel is required".into()))?;
+    Ok(Command::Run(cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("2G").unwrap(), 2 << 30);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("").is_err());
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("-1M").is_err());
+        assert!(parse_size("99999999999999T").is_err());
+    }
+
+    #[test]
+    fn args() {
+        let c = parse_args([
+            "--kernel",
+            "k",
+            "--initramfs=i",
+            "--cpus",
+            "2",
+            "--memory",
+            "1G",
+            "--serial",
+            "file=/tmp/x",
+            "--cmdline",
+            "a b",
+        ])
+        .unwrap();
+        let Command::Run(c) = c else { panic!() };
+        assert_eq!(c.kernel, PathBuf::from("k"));
+        assert_eq!(c.initramfs, Some(PathBuf::from("i")));
+        assert_eq!(c.cpus, 2);
+        assert_eq!(c.memory, 1 << 30);
+        assert_eq!(c.serial, SerialOutput::File("/tmp/x".into()));
+        assert_eq!(c.cmdline, "a b");
+        assert_eq!(parse_args(["--help"]).unwrap(), Command::Help);
+    }
+
+    #[test]
+    fn bad_args() {
+        for bad in [
+            vec!["--cpus", "1"],
+            vec!["--kernel"],
+            vec!["--kernel", "k", "--bogus", "1"],
+            vec!["--kernel", "k", "--cpus", "x"],
+            vec!["--kernel", "k", "--cpus", "300"],
+            vec!["--kernel", "k", "--kernel", "j"],
+            vec!["--kernel", "k", "--serial", "tty"],
+            vec!["--kernel", "k", "stray"],
+        ] {
+            assert!(parse_args(bad.clone()).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn validation() {
+        let dir = std::env::temp_dir().join(format!("arbor-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let k = dir.join("k");
+        std::fs::write(&k, b"x").unwrap();
+        let ok = VmConfig {
+            kernel: k.clone(),
+            ..Default::default()
+        };
+        assert!(ok.validate().is_ok());
+        let cases = [
+            VmConfig { cpus: 0, ..ok.clone() },
+            VmConfig { memory: 1 << 20, ..ok.clone() },
+            VmConfig { memory: u64::MAX, ..ok.clone() },
+            VmConfig { cmdline: "x".repeat(4096), ..ok.clone() },
+            VmConfig { kernel: dir.join("missing"), ..ok.clone() },
+            VmConfig { kernel: dir.clone(), ..ok.clone() },
+            VmConfig { initramfs: Some(dir.join("missing")), ..ok.clone() },
+        ];
+        for c in cases {
+            assert!(c.validate().is_err(), "{c:?}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,136 @@
+//! The device manager: creates the platform devices, places them on the
+//! port and MMIO buses the vCPUs dispatch to, and wires their interrupts.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use kvm_ioctls::VmFd;
+use vm_device::bus::{PioAddress, PioRange};
+use vm_device::device_manager::{IoManager, PioManager};
+use vm_device::DevicePio;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use devices::legacy::{
+    AcpiPmRegisters, BootTimer, Cmos, EventFdTrigger, I8042, SerialDevice, ACPI_PM_PORT,
+    BOOT_TIMER_PORT,
+};
+
+use crate::config::SerialOutput;
+
+/// IRQ of the first UART.
+pub const SERIAL_IRQ: u32 = 4;
+
+/// Errors creating devices.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(std::io::Error),
+    #[error("cannot open serial output '{0}': {1}")]
+    SerialFile(String, std::io::Error),
+    #[error("cannot register an irqfd: {0}")]
+    Irqfd(kvm_ioctls::Error),
+    #[error("cannot register device at port {0:#x}: {1:?}")]
+    Register(u16, vm_device::bus::Error),
+}
+
+/// Events the platform devices raise for the event loop.
+pub struct PlatformEvents {
+    pub power_off: EventFd,
+    pub reset: EventFd,
+}
+
+/// Devices every VM has.
+pub struct DeviceManager {
+    pub io: Arc<RwLock<IoManager>>,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub events: PlatformEvents,
+}
+
+fn evt() -> Result<EventFd, DeviceError> {
+    EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)
+}
+
+fn clone(e: &EventFd) -> Result<EventFd, DeviceError> {
+    e.try_clone().map_err(DeviceError::EventFd)
+}
+
+/// Standard output, unbuffered per line (the UART flushes on newline).
+struct Stdout;
+
+impl Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        std::io::stdout().lock().write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().lock().flush()
+    }
+}
+
+fn register_pio(
+    io: &mut IoManager,
+    base: u16,
+    len: u16,
+    dev: Arc<dyn DevicePio + Send + Sync>,
+) -> Result<(), DeviceError> {
+    let range = PioRange::new(PioAddress(base), len).map_err(|e| DeviceError::Register(base, e))?;
+    io.register_pio(range, dev)
+        .map_err(|e| DeviceError::Register(base, e))
+}
+
+impl DeviceManager {
+    /// Creates the UART, CMOS, i8042, ACPI PM registers and boot timer.
+    pub fn new(vm: &VmFd, serial: &SerialOutput, start: Instant) -> Result<Self, DeviceError> {
+        let out: Box<dyn Write + Send> = match serial {
+            SerialOutput::Stdout => Box::new(Stdout),
+            SerialOutput::Off => Box::new(std::io::sink()),
+            SerialOutput::File(p) => Box::new(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|e| DeviceError::SerialFile(p.display().to_string(), e))?,
+            ),
+        };
+        let serial_irq = evt()?;
+        vm.register_irqfd(&serial_irq, SERIAL_IRQ)
+            .map_err(DeviceError::Irqfd)?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            EventFdTrigger::new(serial_irq),
+            out,
+        )));
+
+        let power_off = evt()?;
+        let reset = evt()?;
+        let mut io = IoManager::new();
+        register_pio(&mut io, 0x3f8, 8, serial.clone())?;
+        register_pio(&mut io, 0x70, 2, Arc::new(Mutex::new(Cmos::new())))?;
+        register_pio(
+            &mut io,
+            0x60,
+            5,
+            Arc::new(Mutex::new(I8042::new(EventFdTrigger::new(clone(&reset)?)))),
+        )?;
+        register_pio(
+            &mut io,
+            ACPI_PM_PORT,
+            3,
+            Arc::new(Mutex::new(AcpiPmRegisters::new(
+                EventFdTrigger::new(clone(&power_off)?),
+                EventFdTrigger::new(clone(&reset)?),
+            ))),
+        )?;
+        register_pio(
+            &mut io,
+            BOOT_TIMER_PORT,
+            1,
+            Arc::new(Mutex::new(BootTimer::new(start))),
+        )?;
+        Ok(DeviceManager {
+            io: Arc::new(RwLock::new(io)),
+            serial,
+            events: PlatformEvents { power_off, reset },
+        })
+    }
+}

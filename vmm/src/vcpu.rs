@@ -1,0 +1,178 @@
+//! vCPU threads: each runs `KVM_RUN` in a loop and dispatches port and MMIO
+//! exits to the VMM's buses. Exits that end the VM (shutdown, reset, an
+//! exit the VMM cannot handle) are reported to the event loop.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_device::bus::{MmioAddress, PioAddress};
+use vm_device::device_manager::{IoManager, MmioManager, PioManager};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::cpu::describe_registers;
+
+/// What a vCPU tells the event loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuEvent {
+    /// The guest asked for power-off through a KVM system event.
+    PowerOff,
+    /// The guest reset (system event, or a triple fault).
+    Reset,
+    /// The vCPU stopped on an exit the VMM cannot handle.
+    Error(String),
+}
+
+/// Signal used to kick a vCPU thread out of `KVM_RUN`.
+pub fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) handler for the kick signal; once per process.
+pub fn install_kick_handler() -> std::io::Result<()> {
+    register_signal_handler(kick_signal(), noop_handler)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+/// Shared state a vCPU thread needs.
+pub struct VcpuContext {
+    pub io: Arc<RwLock<IoManager>>,
+    pub stop: Arc<AtomicBool>,
+    pub paused: Arc<AtomicBool>,
+    pub events: Sender<VcpuEvent>,
+    pub wake: EventFd,
+}
+
+impl VcpuContext {
+    fn report(&self, ev: VcpuEvent) {
+        let _ = self.events.send(ev);
+        let _ = self.wake.write(1);
+    }
+}
+
+/// A running vCPU thread.
+pub struct VcpuHandle {
+    pub id: u8,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl VcpuHandle {
+    /// Interrupts `KVM_RUN` so the thread notices the stop or pause flag.
+    pub fn kick(&self) {
+        if let Some(t) = &self.thread {
+            let _ = t.kill(kick_signal());
+        }
+    }
+
+    /// Kicks until the thread exits, then joins it. The caller has set the
+    /// stop flag.
+    pub fn join(&mut self) {
+        if let Some(t) = self.thread.take() {
+            while !t.is_finished() {
+                let _ = t.kill(kick_signal());
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts vCPU `id` on its own thread.
+pub fn spawn(id: u8, vcpu: VcpuFd, ctx: VcpuContext) -> std::io::Result<VcpuHandle> {
+    let thread = std::thread::Builder::new()
+        .name(format!("vcpu{id}"))
+        .spawn(move || run(id, vcpu, ctx))?;
+    Ok(VcpuHandle {
+        id,
+        thread: Some(thread),
+    })
+}
+
+fn run(id: u8, mut vcpu: VcpuFd, ctx: VcpuContext) {
+    loop {
+        if ctx.stop.load(Ordering::Acquire) {
+            return;
+        }
+        if ctx.paused.load(Ordering::Acquire) {
+            std::thread::park_timeout(Duration::from_millis(20));
+            continue;
+        }
+        match vcpu.run() {
+            Ok(exit) => match exit {
+                VcpuExit::IoIn(port, data) => {
+                    let io = ctx.io.read().unwrap_or_else(|e| e.into_inner());
+                    if io.pio_read(PioAddress(port), data).is_err() {
+                        data.fill(0xff);
+                    }
+                }
+                VcpuExit::IoOut(port, data) => {
+                    let io = ctx.io.read().unwrap_or_else(|e| e.into_inner());
+                    let _ = io.pio_write(PioAddress(port), data);
+                }
+                VcpuExit::MmioRead(addr, data) => {
+                    let io = ctx.io.read().unwrap_or_else(|e| e.into_inner());
+                    if io.mmio_read(MmioAddress(addr), data).is_err() {
+                        log::debug!("vcpu{id}: unhandled MMIO read at {addr:#x}");
+                        data.fill(0xff);
+                    }
+                }
+                VcpuExit::MmioWrite(addr, data) => {
+                    let io = ctx.io.read().unwrap_or_else(|e| e.into_inner());
+                    if io.mmio_write(MmioAddress(addr), data).is_err() {
+                        log::debug!("vcpu{id}: unhandled MMIO write at {addr:#x}");
+                    }
+                }
+                VcpuExit::Hlt => {
+                    // Only reached without an in-kernel LAPIC; wait to be kicked.
+                    std::thread::park_timeout(Duration::from_millis(10));
+                }
+                VcpuExit::Shutdown => {
+                    ctx.report(VcpuEvent::Reset);
+                    return;
+                }
+                VcpuExit::SystemEvent(kind, _) => {
+                    let ev = match kind {
+                        KVM_SYSTEM_EVENT_SHUTDOWN => VcpuEvent::PowerOff,
+                        KVM_SYSTEM_EVENT_RESET => VcpuEvent::Reset,
+                        other => VcpuEvent::Error(format!(
+                            "vcpu{id}: unexpected system event {other}"
+                        )),
+                    };
+                    ctx.report(ev);
+                    return;
+                }
+                VcpuExit::IrqWindowOpen | VcpuExit::Intr => {}
+                other => {
+                    let what = match other {
+                        VcpuExit::InternalError => {
+                            "KVM internal error (the host could not emulate an instruction)".to_string()
+                        }
+                        VcpuExit::FailEntry(reason, cpu) => {
+                            format!("VM entry failed (reason {reason:#x} on cpu {cpu})")
+                        }
+                        VcpuExit::Exception => "unhandled exception exit".to_string(),
+                        o => format!("unhandled exit {o:?}"),
+                    };
+                    let msg = format!("vcpu{id}: {what}; {}", describe_registers(&vcpu));
+                    ctx.report(VcpuEvent::Error(msg));
+                    return;
+                }
+            },
+            Err(e) => match e.errno() {
+                libc::EINTR | libc::EAGAIN => {}
+                _ => {
+                    let msg = format!("vcpu{id}: KVM_RUN failed: {e}; {}", describe_registers(&vcpu));
+                    ctx.report(VcpuEvent::Error(msg));
+                    return;
+                }
+            },
+        }
+    }
+}

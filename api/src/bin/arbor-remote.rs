@@ -1,0 +1,207 @@
+//! `arbor-remote`: command-line client for a running Arbor VMM.
+//!
+//! ```text
+//! arbor-remote --api-socket PATH <command> [key=value,...]
+//! ```
+//!
+//! Options may be given as one comma-separated argument or spread over
+//! several arguments (`add-disk path=/a.raw readonly=on`). A successful JSON
+//! answer is printed pretty on stdout; an empty one (204) prints nothing.
+//! An error answer's body is printed on stderr.
+//!
+//! Exit status: 0 success, 1 the VMM answered with an error, 2 usage error,
+//! 3 the VMM could not be reached or its answer could not be read.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use api::client::{Client, ClientError};
+use api::kv::{self, KvError};
+use api::types::{DiskConfig, RemoveDeviceRequest, RngConfig};
+use api::Endpoint;
+
+const EXIT_API_ERROR: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+const EXIT_CONNECTION: u8 = 3;
+
+const USAGE: &str = "\
+Usage: arbor-remote --api-socket PATH <command> [key=value,...]
+
+Commands:
+  ping                       check the VMM answers; prints its version
+  info                       print the VM's state, devices and PCI topology
+  add-disk path=FILE[,readonly=on|off][,id=ID][,serial=SERIAL][,port=PORT][,pci_path=PATH]
+                             hot-plug a virtio-blk disk (a bare first value is the path)
+  add-rng [id=ID][,port=PORT][,pci_path=PATH]
+                             hot-plug a virtio-rng device
+  remove-device ID | id=ID   hot-unplug a device
+  pause                      pause the VM's vCPUs
+  resume                     resume the VM's vCPUs
+  shutdown                   shut the VM down
+  shutdown-vmm               stop the VMM process
+
+Options may be one comma-separated argument or several arguments. Quote a
+value containing commas: path=\"/images/a,b.raw\".
+
+Exit status: 0 success; 1 the VMM answered with an error (its JSON error
+body is printed on stderr); 2 usage error; 3 the VMM could not be reached
+or its answer could not be read.
+";
+
+/// A parsed command line.
+struct Invocation {
+    socket: PathBuf,
+    endpoint: Endpoint,
+    body: Option<Vec<u8>>,
+}
+
+enum Parsed {
+    Run(Invocation),
+    Help,
+    Version,
+}
+
+fn usage_error(msg: impl std::fmt::Display) -> String {
+    msg.to_string()
+}
+
+fn kv_error(command: &str, e: KvError) -> String {
+    format!("{command}: {e}")
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, String> {
+    serde_json::to_vec(value).map_err(|e| format!("cannot encode the request: {e}"))
+}
+
+fn parse_args(args: Vec<String>) -> Result<Parsed, String> {
+    let mut socket: Option<PathBuf> = None;
+    let mut command: Option<String> = None;
+    let mut options: Vec<String> = Vec::new();
+    let mut it = args.into_iter();
+    while let Some(arg) = it.next() {
+        if command.is_none() {
+            match arg.as_str() {
+                "-h" | "--help" | "help" => return Ok(Parsed::Help),
+                "-V" | "--version" => return Ok(Parsed::Version),
+                _ => {}
+            }
+        }
+        if arg == "--api-socket" {
+            let value = it
+                .next()
+                .ok_or_else(|| usage_error("--api-socket needs a path"))?;
+            if socket.replace(PathBuf::from(value)).is_some() {
+                return Err(usage_error("--api-socket is given more than once"));
+            }
+        } else if let Some(value) = arg.strip_prefix("--api-socket=") {
+            if socket.replace(PathBuf::from(value)).is_some() {
+                return Err(usage_error("--api-socket is given more than once"));
+            }
+        } else if command.is_none() {
+            if arg.starts_with('-') {
+                return Err(usage_error(format!("unknown option '{arg}'")));
+            }
+            command = Some(arg);
+        } else {
+            options.push(arg);
+        }
+    }
+    let socket = socket.ok_or_else(|| usage_error("--api-socket PATH is required"))?;
+    let command = command.ok_or_else(|| usage_error("no command given"))?;
+    let opts = options.join(",");
+    let no_options = |endpoint: Endpoint| {
+        if options.is_empty() {
+            Ok((endpoint, None))
+        } else {
+            Err(usage_error(format!("{command} takes no options")))
+        }
+    };
+    let (endpoint, body) = match command.as_str() {
+        "ping" => no_options(Endpoint::VmmPing)?,
+        "info" => no_options(Endpoint::VmInfo)?,
+        "pause" => no_options(Endpoint::VmPause)?,
+        "resume" => no_options(Endpoint::VmResume)?,
+        "shutdown" => no_options(Endpoint::VmShutdown)?,
+        "shutdown-vmm" => no_options(Endpoint::VmmShutdown)?,
+        "add-disk" => {
+            let config = DiskConfig::from_kv(&opts).map_err(|e| kv_error(&command, e))?;
+            (Endpoint::VmAddDisk, Some(to_json(&config)?))
+        }
+        "add-rng" => {
+            let config = RngConfig::from_kv(&opts).map_err(|e| kv_error(&command, e))?;
+            (Endpoint::VmAddRng, Some(to_json(&config)?))
+        }
+        "remove-device" => {
+            let o = kv::parse_with_positional(&opts, &["id"], "id")
+                .map_err(|e| kv_error(&command, e))?;
+            let id = o.required("id").map_err(|e| kv_error(&command, e))?;
+            let req = RemoveDeviceRequest { id: id.to_string() };
+            (Endpoint::VmRemoveDevice, Some(to_json(&req)?))
+        }
+        other => return Err(usage_error(format!("unknown command '{other}'"))),
+    };
+    Ok(Parsed::Run(Invocation {
+        socket,
+        endpoint,
+        body,
+    }))
+}
+
+fn print_json_or_text(body: &[u8], to_stderr: bool) {
+    let text = match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(v) => serde_json::to_string_pretty(&v)
+            .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned()),
+        Err(_) => String::from_utf8_lossy(body).trim_end().to_string(),
+    };
+    if to_stderr {
+        eprintln!("{text}");
+    } else {
+        println!("{text}");
+    }
+}
+
+fn run(inv: Invocation) -> ExitCode {
+    let client = Client::new(&inv.socket);
+    let response = match client.request(inv.endpoint.method(), inv.endpoint.path(), inv.body) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("arbor-remote: {e}");
+            return ExitCode::from(match e {
+                ClientError::Api { .. } => EXIT_API_ERROR,
+                _ => EXIT_CONNECTION,
+            });
+        }
+    };
+    if response.is_success() {
+        if !response.body.is_empty() {
+            print_json_or_text(&response.body, false);
+        }
+        ExitCode::SUCCESS
+    } else {
+        if response.body.is_empty() {
+            eprintln!("arbor-remote: HTTP status {}", response.status);
+        } else {
+            print_json_or_text(&response.body, true);
+        }
+        ExitCode::from(EXIT_API_ERROR)
+    }
+}
+
+fn main() -> ExitCode {
+    match parse_args(std::env::args().skip(1).collect()) {
+        Ok(Parsed::Run(inv)) => run(inv),
+        Ok(Parsed::Help) => {
+            print!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        Ok(Parsed::Version) => {
+            println!("arbor-remote {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Err(msg) => {
+            eprintln!("arbor-remote: {msg}");
+            eprintln!("Run 'arbor-remote --help' for usage.");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}

@@ -1,0 +1,639 @@
+//! The HTTP/JSON server on the API's UNIX socket.
+//!
+//! [`start_server`] binds the socket (see [`crate::socket`]) in the caller's
+//! thread, so a path problem is reported at once, then spawns one `arbor-api`
+//! thread running a current-thread tokio runtime. hyper serves HTTP/1.1 on
+//! each connection. For every request the thread:
+//!
+//! 1. finds the route in [`ROUTES`] (unknown path: 404; known path with
+//!    another method: 405 with an `Allow` header);
+//! 2. reads the body (at most [`MAX_BODY_SIZE`] bytes), parses it into the
+//!    endpoint's type with unknown fields rejected, and validates it (400);
+//! 3. sends an [`ApiMessage`] to the VMM and writes the wake-up `EventFd`;
+//! 4. awaits the answer on the message's one-shot channel, which does not
+//!    block the runtime, and turns it into 200 (JSON), 204 (no body) or an
+//!    error status with `{"error": "..."}`.
+//!
+//! [`ROUTES`] is the single source of truth for paths and methods: the
+//! router uses it, and a test checks `openapi.json` against it.
+//!
+//! Dropping the [`ApiServerHandle`] (or calling
+//! [`ApiServerHandle::shutdown`]) stops accepting, lets requests in flight
+//! finish for up to [`SHUTDOWN_GRACE`], joins the thread and removes the
+//! socket.
+
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::message::{ApiError, ApiMessage, ApiReply, ApiRequest, ApiResponse};
+use crate::socket::{self, SocketError};
+use crate::types::{DiskConfig, EmptyRequest, ErrorBody, RemoveDeviceRequest, RngConfig};
+
+/// Prefix shared by every route.
+pub const API_PREFIX: &str = "/api/v1/";
+/// Largest accepted request body.
+pub const MAX_BODY_SIZE: usize = 64 * 1024;
+/// How long shutdown waits for requests in flight.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// How long a client may take to send a request's headers.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Every operation the API offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    /// `GET /api/v1/vmm.ping`
+    VmmPing,
+    /// `PUT /api/v1/vmm.shutdown`
+    VmmShutdown,
+    /// `GET /api/v1/vm.info`
+    VmInfo,
+    /// `PUT /api/v1/vm.add-disk`
+    VmAddDisk,
+    /// `PUT /api/v1/vm.add-rng`
+    VmAddRng,
+    /// `PUT /api/v1/vm.remove-device`
+    VmRemoveDevice,
+    /// `PUT /api/v1/vm.pause`
+    VmPause,
+    /// `PUT /api/v1/vm.resume`
+    VmResume,
+    /// `PUT /api/v1/vm.shutdown`
+    VmShutdown,
+}
+
+/// One entry of the route table.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// The only method the path answers to.
+    pub method: Method,
+    /// Full path, starting with [`API_PREFIX`].
+    pub path: &'static str,
+    /// What the route does.
+    pub endpoint: Endpoint,
+}
+
+const fn route(endpoint: Endpoint) -> Route {
+    Route {
+        method: endpoint.method(),
+        path: endpoint.path(),
+        endpoint,
+    }
+}
+
+/// The server's route table: every [`Endpoint`] once.
+pub const ROUTES: &[Route] = &[
+    route(Endpoint::VmmPing),
+    route(Endpoint::VmmShutdown),
+    route(Endpoint::VmInfo),
+    route(Endpoint::VmAddDisk),
+    route(Endpoint::VmAddRng),
+    route(Endpoint::VmRemoveDevice),
+    route(Endpoint::VmPause),
+    route(Endpoint::VmResume),
+    route(Endpoint::VmShutdown),
+];
+
+impl Endpoint {
+    /// Every endpoint.
+    pub const ALL: &'static [Endpoint] = &[
+        Endpoint::VmmPing,
+        Endpoint::VmmShutdown,
+        Endpoint::VmInfo,
+        Endpoint::VmAddDisk,
+        Endpoint::VmAddRng,
+        Endpoint::VmRemoveDevice,
+        Endpoint::VmPause,
+        Endpoint::VmResume,
+        Endpoint::VmShutdown,
+    ];
+
+    /// The full path, starting with [`API_PREFIX`].
+    pub const fn path(self) -> &'static str {
+        match self {
+            Endpoint::VmmPing => "/api/v1/vmm.ping",
+            Endpoint::VmmShutdown => "/api/v1/vmm.shutdown",
+            Endpoint::VmInfo => "/api/v1/vm.info",
+            Endpoint::VmAddDisk => "/api/v1/vm.add-disk",
+            Endpoint::VmAddRng => "/api/v1/vm.add-rng",
+            Endpoint::VmRemoveDevice => "/api/v1/vm.remove-device",
+            Endpoint::VmPause => "/api/v1/vm.pause",
+            Endpoint::VmResume => "/api/v1/vm.resume",
+            Endpoint::VmShutdown => "/api/v1/vm.shutdown",
+        }
+    }
+
+    /// The method: GET for queries, PUT for everything else.
+    pub const fn method(self) -> Method {
+        match self {
+            Endpoint::VmmPing | Endpoint::VmInfo => Method::GET,
+            _ => Method::PUT,
+        }
+    }
+
+    /// The endpoint name: its path without [`API_PREFIX`], e.g. `vm.info`.
+    pub fn name(self) -> &'static str {
+        let path = self.path();
+        match path.strip_prefix(API_PREFIX) {
+            Some(name) => name,
+            None => path,
+        }
+    }
+
+    /// Whether `response` is the kind of answer this endpoint expects.
+    pub fn accepts(self, response: &ApiResponse) -> bool {
+        match self {
+            Endpoint::VmmPing => matches!(response, ApiResponse::VmmPing(_)),
+            Endpoint::VmInfo => matches!(response, ApiResponse::VmInfo(_)),
+            Endpoint::VmAddDisk | Endpoint::VmAddRng => {
+                matches!(response, ApiResponse::DeviceAdded(_))
+            }
+            Endpoint::VmmShutdown
+            | Endpoint::VmPause
+            | Endpoint::VmResume
+            | Endpoint::VmShutdown
+            | Endpoint::VmRemoveDevice => matches!(response, ApiResponse::Empty),
+        }
+    }
+
+    /// Parses and validates a request body for this endpoint.
+    pub fn parse_request(self, body: &[u8]) -> Result<ApiRequest, ApiError> {
+        Ok(match self {
+            Endpoint::VmmPing => no_body(self, body).map(|()| ApiRequest::VmmPing)?,
+            Endpoint::VmmShutdown => no_body(self, body).map(|()| ApiRequest::VmmShutdown)?,
+            Endpoint::VmInfo => no_body(self, body).map(|()| ApiRequest::VmInfo)?,
+            Endpoint::VmPause => no_body(self, body).map(|()| ApiRequest::VmPause)?,
+            Endpoint::VmResume => no_body(self, body).map(|()| ApiRequest::VmResume)?,
+            Endpoint::VmShutdown => no_body(self, body).map(|()| ApiRequest::VmShutdown)?,
+            Endpoint::VmAddDisk => {
+                let config: DiskConfig = json_body(self, body, false)?;
+                config.validate()?;
+                ApiRequest::VmAddDisk(config)
+            }
+            Endpoint::VmAddRng => {
+                let config: RngConfig = json_body(self, body, true)?;
+                config.validate()?;
+                ApiRequest::VmAddRng(config)
+            }
+            Endpoint::VmRemoveDevice => {
+                let req: RemoveDeviceRequest = json_body(self, body, false)?;
+                req.validate()?;
+                ApiRequest::VmRemoveDevice(req)
+            }
+        })
+    }
+}
+
+/// Why a method and path do not name an endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteError {
+    /// No route has this path.
+    NotFound,
+    /// The path exists with another method.
+    MethodNotAllowed(Method),
+}
+
+/// Looks up the endpoint for `method` and `path`.
+pub fn find_route(method: &Method, path: &str) -> Result<Endpoint, RouteError> {
+    let route = ROUTES
+        .iter()
+        .find(|r| r.path == path)
+        .ok_or(RouteError::NotFound)?;
+    if route.method == *method {
+        Ok(route.endpoint)
+    } else {
+        Err(RouteError::MethodNotAllowed(route.method.clone()))
+    }
+}
+
+fn is_blank(body: &[u8]) -> bool {
+    body.iter().all(u8::is_ascii_whitespace)
+}
+
+/// Parses `body` as a JSON object (arrays would otherwise fill struct fields
+/// by position) and then as `T`, rejecting unknown fields.
+fn parse_object<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    if !value.is_object() {
+        return Err("expected a JSON object".to_string());
+    }
+    serde_json::from_value(value).map_err(|e| e.to_string())
+}
+
+/// Accepts an absent body or `{}` for endpoints that take no parameters.
+fn no_body(endpoint: Endpoint, body: &[u8]) -> Result<(), ApiError> {
+    if is_blank(body) {
+        return Ok(());
+    }
+    parse_object::<EmptyRequest>(body).map(|_| ()).map_err(|e| {
+        ApiError::bad_request(format!(
+            "{} takes no parameters, so its body must be empty or {{}}: {e}",
+            endpoint.name()
+        ))
+    })
+}
+
+/// Parses a JSON object body; a blank body counts as `{}` when `empty_ok`.
+fn json_body<T: DeserializeOwned>(
+    endpoint: Endpoint,
+    body: &[u8],
+    empty_ok: bool,
+) -> Result<T, ApiError> {
+    let body: &[u8] = match (is_blank(body), empty_ok) {
+        (true, true) => b"{}",
+        (true, false) => {
+            return Err(ApiError::bad_request(format!(
+                "{} needs a JSON object as its request body",
+                endpoint.name()
+            )))
+        }
+        (false, _) => body,
+    };
+    parse_object(body).map_err(|e| {
+        ApiError::bad_request(format!("invalid {} request body: {e}", endpoint.name()))
+    })
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The socket could not be created.
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+    /// The tokio runtime could not be built.
+    #[error("cannot create the API server's runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    /// The API thread could not be spawned.
+    #[error("cannot spawn the API thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+/// What every connection task shares.
+struct Context {
+    sender: Sender<ApiMessage>,
+    wake: EventFd,
+}
+
+impl Context {
+    /// Hands `request` to the VMM and waits for its answer.
+    async fn dispatch(&self, request: ApiRequest) -> ApiReply {
+        let name = request.name();
+        let (message, answer) = ApiMessage::new(request);
+        if self.sender.send(message).is_err() {
+            return Err(ApiError::internal(
+                "the VMM is no longer accepting API requests",
+            ));
+        }
+        if let Err(e) = self.wake.write(1) {
+            log::error!("cannot wake the VMM for {name}: {e}");
+        }
+        answer.recv().await.unwrap_or_else(|| {
+            Err(ApiError::internal(format!(
+                "the VMM dropped the {name} request without answering"
+            )))
+        })
+    }
+}
+
+type HttpResponse = Response<Full<Bytes>>;
+
+fn bytes_response(status: StatusCode, body: Vec<u8>) -> HttpResponse {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    if status != StatusCode::NO_CONTENT {
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    }
+    resp
+}
+
+fn error_response(status: StatusCode, message: impl Into<String>) -> HttpResponse {
+    let body = ErrorBody {
+        error: message.into(),
+    };
+    let bytes = serde_json::to_vec(&body)
+        .unwrap_or_else(|_| br#"{"error":"the error message could not be encoded"}"#.to_vec());
+    bytes_response(status, bytes)
+}
+
+fn api_error_response(e: ApiError) -> HttpResponse {
+    let status =
+        StatusCode::from_u16(e.kind.status_code()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    error_response(status, e.message)
+}
+
+fn json_response<T: Serialize>(value: &T) -> HttpResponse {
+    match serde_json::to_vec(value) {
+        Ok(bytes) => bytes_response(StatusCode::OK, bytes),
+        Err(e) => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode the answer: {e}"),
+        ),
+    }
+}
+
+fn reply_response(endpoint: Endpoint, reply: ApiReply) -> HttpResponse {
+    match reply {
+        Ok(resp) if !endpoint.accepts(&resp) => {
+            log::error!(
+                "the VMM answered {} with the wrong kind of reply: {resp:?}",
+                endpoint.name()
+            );
+            error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the VMM gave an unexpected answer to {}", endpoint.name()),
+            )
+        }
+        Ok(ApiResponse::Empty) => bytes_response(StatusCode::NO_CONTENT, Vec::new()),
+        Ok(ApiResponse::VmmPing(p)) => json_response(&p),
+        Ok(ApiResponse::VmInfo(i)) => json_response(&i),
+        Ok(ApiResponse::DeviceAdded(d)) => json_response(&d),
+        Err(e) => api_error_response(e),
+    }
+}
+
+/// Serves one HTTP request.
+async fn handle(req: Request<Incoming>, ctx: &Context) -> HttpResponse {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    log::debug!("API request {method} {path}");
+    let endpoint = match find_route(&method, &path) {
+        Ok(endpoint) => endpoint,
+        Err(RouteError::NotFound) => {
+            return error_response(
+                StatusCode::NOT_FOUND,
+                format!("unknown API endpoint '{path}'"),
+            )
+        }
+        Err(RouteError::MethodNotAllowed(allowed)) => {
+            let mut resp = error_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{path} accepts only {allowed}, not {method}"),
+            );
+            if let Ok(v) = HeaderValue::from_str(allowed.as_str()) {
+                resp.headers_mut().insert(ALLOW, v);
+            }
+            return resp;
+        }
+    };
+    let body = match Limited::new(req.into_body(), MAX_BODY_SIZE).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                format!("the request body is larger than {MAX_BODY_SIZE} bytes"),
+            )
+        }
+        Err(e) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the request body: {e}"),
+            )
+        }
+    };
+    let request = match endpoint.parse_request(&body) {
+        Ok(request) => request,
+        Err(e) => return api_error_response(e),
+    };
+    let resp = reply_response(endpoint, ctx.dispatch(request).await);
+    if resp.status().is_server_error() {
+        log::warn!("API {method} {path} failed with {}", resp.status());
+    }
+    resp
+}
+
+/// Serves one connection until it ends or the server closes.
+async fn serve_connection(
+    stream: UnixStream,
+    ctx: Arc<Context>,
+    mut closing: watch::Receiver<bool>,
+) {
+    let service = service_fn(move |req| {
+        let ctx = Arc::clone(&ctx);
+        async move { Ok::<_, Infallible>(handle(req, &ctx).await) }
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let closed = async move {
+        // An error means the server is gone: close as well.
+        let _ = closing.wait_for(|c| *c).await;
+    };
+    tokio::select! {
+        res = conn.as_mut() => {
+            if let Err(e) = res {
+                log::debug!("API connection ended with an error: {e}");
+            }
+        }
+        () = closed => {
+            conn.as_mut().graceful_shutdown();
+            if let Err(e) = conn.await {
+                log::debug!("API connection ended with an error while closing: {e}");
+            }
+        }
+    }
+}
+
+/// The accept loop; returns once `stop` fires (or its sender is dropped)
+/// and the connections have finished or the grace period is over.
+async fn serve(listener: UnixListener, ctx: Arc<Context>, mut stop: oneshot::Receiver<()>) {
+    let (closing_tx, closing_rx) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    connections.spawn(serve_connection(
+                        stream,
+                        Arc::clone(&ctx),
+                        closing_rx.clone(),
+                    ));
+                }
+                Err(e) => {
+                    log::warn!("cannot accept an API connection: {e}");
+                    // Typically out of descriptors: back off instead of spinning.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+        while connections.try_join_next().is_some() {}
+    }
+    drop(listener);
+    let _ = closing_tx.send(true);
+    let drain = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+        log::warn!("API requests still in flight at shutdown were abandoned");
+    }
+}
+
+/// Owns the API thread: stops it and removes the socket when dropped.
+#[derive(Debug)]
+pub struct ApiServerHandle {
+    path: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ApiServerHandle {
+    /// Path of the socket being served.
+    pub fn socket_path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Stops the server, waits for the thread and removes the socket; the
+    /// same as dropping the handle.
+    pub fn shutdown(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                log::error!("the API thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for ApiServerHandle {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+/// Creates the socket at `path` and starts the API thread.
+///
+/// Each request becomes an [`ApiMessage`] sent on `sender`, followed by a
+/// write of 1 to `wake` so the VMM's event loop looks at the channel. The
+/// socket is ready for connections when this returns.
+///
+/// To make shutdown immediate, the VMM should drop its receiver (and any
+/// unanswered [`crate::ReplySender`]) before dropping the handle: requests
+/// still waiting for an answer otherwise hold shutdown for up to
+/// [`SHUTDOWN_GRACE`].
+pub fn start_server(
+    path: impl AsRef<Path>,
+    sender: Sender<ApiMessage>,
+    wake: EventFd,
+) -> Result<ApiServerHandle, ServerError> {
+    let path = path.as_ref();
+    let (std_listener, socket_file) = socket::bind(path)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ServerError::Runtime)?;
+    let listener = {
+        let _guard = runtime.enter();
+        UnixListener::from_std(std_listener).map_err(ServerError::Runtime)?
+    };
+    let ctx = Arc::new(Context { sender, wake });
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let thread = std::thread::Builder::new()
+        .name("arbor-api".to_string())
+        .spawn(move || {
+            // Dropped last: the socket disappears once nothing listens on it.
+            let _socket_file = socket_file;
+            runtime.block_on(serve(listener, ctx, stop_rx));
+            drop(runtime);
+        })
+        .map_err(ServerError::Thread)?;
+    log::info!("API server listening on {}", path.display());
+    Ok(ApiServerHandle {
+        path: path.to_path_buf(),
+        stop: Some(stop_tx),
+        thread: Some(thread),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn route_table_is_consistent() {
+        let mut paths = HashSet::new();
+        let mut endpoints = HashSet::new();
+        for r in ROUTES {
+            assert!(r.path.starts_with(API_PREFIX), "{}", r.path);
+            assert!(paths.insert(r.path), "duplicate path {}", r.path);
+            assert!(endpoints.insert(r.endpoint), "duplicate {:?}", r.endpoint);
+        }
+        let all: HashSet<_> = Endpoint::ALL.iter().copied().collect();
+        assert_eq!(endpoints, all);
+    }
+
+    #[test]
+    fn lookup() {
+        assert_eq!(
+            find_route(&Method::GET, "/api/v1/vm.info"),
+            Ok(Endpoint::VmInfo)
+        );
+        assert_eq!(
+            find_route(&Method::PUT, "/api/v1/vm.info"),
+            Err(RouteError::MethodNotAllowed(Method::GET))
+        );
+        assert_eq!(
+            find_route(&Method::GET, "/api/v1/vm.nothing"),
+            Err(RouteError::NotFound)
+        );
+        assert_eq!(Endpoint::VmAddDisk.name(), "vm.add-disk");
+    }
+
+    #[test]
+    fn request_parsing() {
+        assert_eq!(
+            Endpoint::VmPause.parse_request(b""),
+            Ok(ApiRequest::VmPause)
+        );
+        assert_eq!(
+            Endpoint::VmPause.parse_request(b" {} "),
+            Ok(ApiRequest::VmPause)
+        );
+        let e = Endpoint::VmPause
+            .parse_request(b"{\"now\":true}")
+            .unwrap_err();
+        assert!(e.message.contains("takes no parameters"), "{e}");
+        assert_eq!(
+            Endpoint::VmAddRng.parse_request(b""),
+            Ok(ApiRequest::VmAddRng(RngConfig::default()))
+        );
+        let e = Endpoint::VmAddDisk.parse_request(b"").unwrap_err();
+        assert_eq!(
+            e.message,
+            "vm.add-disk needs a JSON object as its request body"
+        );
+        let e = Endpoint::VmAddDisk
+            .parse_request(br#"{"path":"/a","bogus":1}"#)
+            .unwrap_err();
+        assert!(e.message.contains("unknown field `bogus`"), "{e}");
+        let e = Endpoint::VmRemoveDevice
+            .parse_request(br#"{"id":"has space"}"#)
+            .unwrap_err();
+        assert!(e.message.contains("'id' may contain only"), "{e}");
+    }
+}

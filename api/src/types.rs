@@ -1,0 +1,756 @@
+//! JSON wire types of the Arbor HTTP API.
+//!
+//! Request bodies reject unknown fields (`deny_unknown_fields`), so a typo in a
+//! field name is a 400 rather than a silently ignored option. Response bodies
+//! accept unknown fields so an older client keeps working against a newer VMM.
+//!
+//! Every request type has a `validate` method holding the checks the API
+//! thread makes before anything reaches the VMM: identifier syntax, lengths,
+//! and values that cannot be right whatever the VM looks like. Checks that
+//! need VM state (does the port exist, is the slot free, does the file open)
+//! are the VMM's.
+//!
+//! `pci_path` is carried as an opaque string: the VMM parses it with its PCI
+//! path type and answers 400 when it does not parse.
+
+use serde::{Deserialize, Serialize};
+
+use crate::kv::{self, KvError};
+use crate::message::ApiError;
+
+/// Longest accepted device or port identifier, in bytes.
+pub const MAX_ID_LEN: usize = 64;
+/// Longest accepted disk serial, in bytes (the size of the virtio-blk ID
+/// field).
+pub const MAX_SERIAL_LEN: usize = 20;
+/// Longest accepted PCI path string, in bytes.
+pub const MAX_PCI_PATH_LEN: usize = 64;
+/// Longest accepted host file path, in bytes (Linux `PATH_MAX` minus the NUL).
+pub const MAX_FILE_PATH_LEN: usize = 4095;
+/// Longest Linux network interface name (`IFNAMSIZ` minus the NUL).
+pub const MAX_TAP_NAME_LEN: usize = 15;
+
+// ---------------------------------------------------------------------------
+// Responses
+// ---------------------------------------------------------------------------
+
+/// Answer to `GET /api/v1/vmm.ping`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmmPingResponse {
+    /// The VMM's version string.
+    pub version: String,
+}
+
+/// Life-cycle state of the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// Built but not yet started.
+    Created,
+    /// vCPUs are running.
+    Running,
+    /// vCPUs are stopped by `vm.pause`.
+    Paused,
+    /// The guest powered off or `vm.shutdown` was handled.
+    Shutdown,
+}
+
+impl VmState {
+    /// Every state, in declaration order.
+    pub const ALL: &'static [VmState] = &[
+        VmState::Created,
+        VmState::Running,
+        VmState::Paused,
+        VmState::Shutdown,
+    ];
+}
+
+/// Kind of a guest device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceKind {
+    /// virtio-blk.
+    Disk,
+    /// virtio-rng.
+    Rng,
+    /// virtio-net.
+    Net,
+    /// virtio-vsock.
+    Vsock,
+    /// A host device passed through with VFIO.
+    Vfio,
+}
+
+impl DeviceKind {
+    /// Every kind, in declaration order.
+    pub const ALL: &'static [DeviceKind] = &[
+        DeviceKind::Disk,
+        DeviceKind::Rng,
+        DeviceKind::Net,
+        DeviceKind::Vsock,
+        DeviceKind::Vfio,
+    ];
+}
+
+/// One device of the VM, cold- or hot-plugged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    /// Unique device identifier (given by the user or generated).
+    pub id: String,
+    /// What the device is.
+    pub kind: DeviceKind,
+    /// Where the device sits: its slot path from the root bus.
+    pub pci_path: String,
+    /// Guest-visible `bus:device.function`, once the guest has numbered the
+    /// buses above the device; `null` before that.
+    #[serde(default)]
+    pub bdf: Option<String>,
+    /// Id of the topology node (port or bridge) the device sits under;
+    /// `null` for the root bus.
+    #[serde(default)]
+    pub port: Option<String>,
+    /// Whether the device was added at run time through the API.
+    #[serde(default)]
+    pub hotplugged: bool,
+    /// Disk only: host path of the backing file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Disk only: whether the disk is read-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readonly: Option<bool>,
+    /// Disk only: the serial reported to the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+}
+
+/// Kind of a topology node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TopologyNodeType {
+    /// The root bus behind the host bridge.
+    RootBus,
+    /// A PCI Express root port.
+    PcieRootPort,
+    /// The upstream port of a PCI Express switch.
+    PcieSwitchUpstreamPort,
+    /// A downstream port of a PCI Express switch.
+    PcieSwitchDownstreamPort,
+    /// A conventional PCI-to-PCI bridge.
+    PciBridge,
+}
+
+impl TopologyNodeType {
+    /// Every type, in declaration order.
+    pub const ALL: &'static [TopologyNodeType] = &[
+        TopologyNodeType::RootBus,
+        TopologyNodeType::PcieRootPort,
+        TopologyNodeType::PcieSwitchUpstreamPort,
+        TopologyNodeType::PcieSwitchDownstreamPort,
+        TopologyNodeType::PciBridge,
+    ];
+}
+
+/// How devices below a topology node are hot-plugged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HotplugMechanism {
+    /// No hot-plug below this node: cold-plug only.
+    None,
+    /// PCI Express native hot-plug (slot capability, attention button,
+    /// presence detect).
+    PcieNative,
+    /// ACPI hot-plug (GED/GPE notification and `_EJ0`).
+    Acpi,
+    /// The Standard Hot-Plug Controller of a conventional bridge.
+    Shpc,
+}
+
+impl HotplugMechanism {
+    /// Every mechanism, in declaration order.
+    pub const ALL: &'static [HotplugMechanism] = &[
+        HotplugMechanism::None,
+        HotplugMechanism::PcieNative,
+        HotplugMechanism::Acpi,
+        HotplugMechanism::Shpc,
+    ];
+}
+
+/// One device slot below a topology node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotInfo {
+    /// Device number on the node's secondary bus (0..=31).
+    pub slot: u8,
+    /// PCI path a device in this slot has.
+    pub pci_path: String,
+    /// Id of the device in the slot; `null` when the slot is free.
+    #[serde(default)]
+    pub device: Option<String>,
+}
+
+/// A port or bridge of the PCI topology (or the root bus).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopologyNode {
+    /// Identifier used as `port` in the `vm.add-*` requests.
+    pub id: String,
+    /// What the node is.
+    #[serde(rename = "type")]
+    pub node_type: TopologyNodeType,
+    /// How devices below it are hot-plugged.
+    pub hotplug: HotplugMechanism,
+    /// PCI path of the port or bridge function itself (empty for the root bus).
+    pub pci_path: String,
+    /// Id of the node above this one; `null` for nodes on the root bus.
+    #[serde(default)]
+    pub parent: Option<String>,
+    /// Secondary bus number the guest programmed; `null` until it has.
+    #[serde(default)]
+    pub secondary_bus: Option<u8>,
+    /// Subordinate bus number the guest programmed; `null` until it has.
+    #[serde(default)]
+    pub subordinate_bus: Option<u8>,
+    /// The slots devices can occupy below this node.
+    #[serde(default)]
+    pub slots: Vec<SlotInfo>,
+}
+
+/// Answer to `GET /api/v1/vm.info`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// Life-cycle state.
+    pub state: VmState,
+    /// Number of vCPUs, when known.
+    #[serde(default)]
+    pub cpus: Option<u32>,
+    /// Guest memory size in bytes, when known.
+    #[serde(default)]
+    pub memory: Option<u64>,
+    /// Every device, cold- and hot-plugged.
+    #[serde(default)]
+    pub devices: Vec<DeviceInfo>,
+    /// Ports and bridges devices can be placed under.
+    #[serde(default)]
+    pub topology: Vec<TopologyNode>,
+}
+
+/// Answer to every successful `vm.add-*` request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddDeviceResponse {
+    /// Id of the new device (the one requested, or a generated one).
+    pub id: String,
+    /// Where it was placed.
+    pub pci_path: String,
+}
+
+/// Body of an error answer: `{"error": "..."}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// One sentence saying what went wrong.
+    pub error: String,
+}
+
+// ---------------------------------------------------------------------------
+// Requests
+// ---------------------------------------------------------------------------
+
+/// Body of `PUT /api/v1/vm.add-disk` (and the `--disk` option).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Host path of the backing file or block device.
+    pub path: String,
+    /// Open read-only and advertise `VIRTIO_BLK_F_RO`.
+    #[serde(default)]
+    pub readonly: bool,
+    /// Device id; generated when absent.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Serial reported to the guest (at most 20 bytes).
+    #[serde(default)]
+    pub serial: Option<String>,
+    /// Topology node to place the device under; the VMM picks a free slot.
+    #[serde(default)]
+    pub port: Option<String>,
+    /// Exact placement.
+    #[serde(default)]
+    pub pci_path: Option<String>,
+}
+
+/// Body of `PUT /api/v1/vm.add-rng`; every field is optional, and an empty
+/// body means all defaults.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RngConfig {
+    /// Device id; generated when absent.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Topology node to place the device under.
+    #[serde(default)]
+    pub port: Option<String>,
+    /// Exact placement.
+    #[serde(default)]
+    pub pci_path: Option<String>,
+}
+
+/// Body of a future `PUT /api/v1/vm.add-net` (not routed yet).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// Name of an existing host TAP interface.
+    pub tap: String,
+    /// Guest MAC address, `xx:xx:xx:xx:xx:xx`; generated when absent.
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// Device id; generated when absent.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Topology node to place the device under.
+    #[serde(default)]
+    pub port: Option<String>,
+    /// Exact placement.
+    #[serde(default)]
+    pub pci_path: Option<String>,
+}
+
+/// Body of a future `PUT /api/v1/vm.add-vsock` (not routed yet).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// Guest context id (3 or more).
+    pub cid: u32,
+    /// Host UNIX socket path the VMM listens on for host-initiated
+    /// connections.
+    pub socket: String,
+    /// Device id; generated when absent.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Topology node to place the device under.
+    #[serde(default)]
+    pub port: Option<String>,
+    /// Exact placement.
+    #[serde(default)]
+    pub pci_path: Option<String>,
+}
+
+/// Body of a future `PUT /api/v1/vm.add-device` (VFIO; not routed yet).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VfioConfig {
+    /// Host sysfs path of the device, e.g. `/sys/bus/pci/devices/0000:01:00.0`.
+    pub path: String,
+    /// Device id; generated when absent.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Topology node to place the device under.
+    #[serde(default)]
+    pub port: Option<String>,
+    /// Exact placement.
+    #[serde(default)]
+    pub pci_path: Option<String>,
+}
+
+/// Body of `PUT /api/v1/vm.remove-device`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveDeviceRequest {
+    /// Id of the device to unplug.
+    pub id: String,
+}
+
+/// The body accepted by endpoints that take none: absent, or `{}`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmptyRequest {}
+
+// ---------------------------------------------------------------------------
+// Validation
+// ---------------------------------------------------------------------------
+
+/// Checks an identifier (`id`, `port`): 1 to [`MAX_ID_LEN`] bytes of ASCII
+/// letters, digits, `-`, `_` and `.`.
+pub fn validate_id(field: &str, id: &str) -> Result<(), ApiError> {
+    if id.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "'{field}' must not be empty"
+        )));
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(ApiError::bad_request(format!(
+            "'{field}' is longer than {MAX_ID_LEN} bytes"
+        )));
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err(ApiError::bad_request(format!(
+            "'{field}' may contain only ASCII letters, digits, '-', '_' and '.'"
+        )));
+    }
+    Ok(())
+}
+
+fn validate_opt_id(field: &str, id: &Option<String>) -> Result<(), ApiError> {
+    id.as_deref().map_or(Ok(()), |v| validate_id(field, v))
+}
+
+/// Checks the syntax-free parts of a PCI path: non-empty, at most
+/// [`MAX_PCI_PATH_LEN`] bytes, printable ASCII without spaces. The VMM checks
+/// that it parses and names a usable slot.
+pub fn validate_pci_path(field: &str, path: &str) -> Result<(), ApiError> {
+    if path.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "'{field}' must not be empty"
+        )));
+    }
+    if path.len() > MAX_PCI_PATH_LEN {
+        return Err(ApiError::bad_request(format!(
+            "'{field}' is longer than {MAX_PCI_PATH_LEN} bytes"
+        )));
+    }
+    if !path.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::bad_request(format!(
+            "'{field}' may contain only printable ASCII without spaces"
+        )));
+    }
+    Ok(())
+}
+
+fn validate_placement(port: &Option<String>, pci_path: &Option<String>) -> Result<(), ApiError> {
+    validate_opt_id("port", port)?;
+    pci_path
+        .as_deref()
+        .map_or(Ok(()), |p| validate_pci_path("pci_path", p))
+}
+
+fn validate_file_path(field: &str, path: &str) -> Result<(), ApiError> {
+    if path.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "'{field}' must not be empty"
+        )));
+    }
+    if path.len() > MAX_FILE_PATH_LEN {
+        return Err(ApiError::bad_request(format!(
+            "'{field}' is longer than {MAX_FILE_PATH_LEN} bytes"
+        )));
+    }
+    if path.contains('\0') {
+        return Err(ApiError::bad_request(format!(
+            "'{field}' must not contain a NUL character"
+        )));
+    }
+    Ok(())
+}
+
+impl DiskConfig {
+    /// Keys accepted by [`DiskConfig::from_kv`].
+    pub const KV_KEYS: &'static [&'static str] =
+        &["path", "readonly", "id", "serial", "port", "pci_path"];
+
+    /// Checks what can be checked without the VM.
+    pub fn validate(&self) -> Result<(), ApiError> {
+        validate_file_path("path", &self.path)?;
+        validate_opt_id("id", &self.id)?;
+        if let Some(serial) = &self.serial {
+            if serial.len() > MAX_SERIAL_LEN {
+                return Err(ApiError::bad_request(format!(
+                    "'serial' is longer than {MAX_SERIAL_LEN} bytes"
+                )));
+            }
+            if !serial.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) {
+                return Err(ApiError::bad_request(
+                    "'serial' may contain only printable ASCII",
+                ));
+            }
+        }
+        validate_placement(&self.port, &self.pci_path)
+    }
+
+    /// Builds a disk configuration from `path=..,readonly=on|off,id=..,
+    /// serial=..,port=..,pci_path=..`; a bare first item is the path.
+    pub fn from_kv(input: &str) -> Result<Self, KvError> {
+        let o = kv::parse_with_positional(input, Self::KV_KEYS, "path")?;
+        Ok(DiskConfig {
+            path: o.required("path")?.to_string(),
+            readonly: o.bool("readonly")?.unwrap_or(false),
+            id: o.string("id"),
+            serial: o.string("serial"),
+            port: o.string("port"),
+            pci_path: o.string("pci_path"),
+        })
+    }
+}
+
+impl RngConfig {
+    /// Keys accepted by [`RngConfig::from_kv`].
+    pub const KV_KEYS: &'static [&'static str] = &["id", "port", "pci_path"];
+
+    /// Checks what can be checked without the VM.
+    pub fn validate(&self) -> Result<(), ApiError> {
+        validate_opt_id("id", &self.id)?;
+        validate_placement(&self.port, &self.pci_path)
+    }
+
+    /// Builds an rng configuration from `id=..,port=..,pci_path=..`.
+    pub fn from_kv(input: &str) -> Result<Self, KvError> {
+        let o = kv::parse(input, Self::KV_KEYS)?;
+        Ok(RngConfig {
+            id: o.string("id"),
+            port: o.string("port"),
+            pci_path: o.string("pci_path"),
+        })
+    }
+}
+
+impl NetConfig {
+    /// Keys accepted by [`NetConfig::from_kv`].
+    pub const KV_KEYS: &'static [&'static str] = &["tap", "mac", "id", "port", "pci_path"];
+
+    /// Checks what can be checked without the VM.
+    pub fn validate(&self) -> Result<(), ApiError> {
+        if self.tap.is_empty() || self.tap.len() > MAX_TAP_NAME_LEN {
+            return Err(ApiError::bad_request(format!(
+                "'tap' must be 1 to {MAX_TAP_NAME_LEN} bytes long"
+            )));
+        }
+        if self.tap.contains(['/', '\0']) || self.tap.contains(char::is_whitespace) {
+            return Err(ApiError::bad_request(
+                "'tap' is not a valid network interface name",
+            ));
+        }
+        if let Some(mac) = &self.mac {
+            if !is_mac(mac) {
+                return Err(ApiError::bad_request(
+                    "'mac' must look like 52:54:00:12:34:56",
+                ));
+            }
+        }
+        validate_opt_id("id", &self.id)?;
+        validate_placement(&self.port, &self.pci_path)
+    }
+
+    /// Builds a net configuration from `tap=..,mac=..,id=..,port=..,pci_path=..`.
+    pub fn from_kv(input: &str) -> Result<Self, KvError> {
+        let o = kv::parse(input, Self::KV_KEYS)?;
+        Ok(NetConfig {
+            tap: o.required("tap")?.to_string(),
+            mac: o.string("mac"),
+            id: o.string("id"),
+            port: o.string("port"),
+            pci_path: o.string("pci_path"),
+        })
+    }
+}
+
+fn is_mac(s: &str) -> bool {
+    let parts: Vec<&str> = s.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+impl VsockConfig {
+    /// Keys accepted by [`VsockConfig::from_kv`].
+    pub const KV_KEYS: &'static [&'static str] = &["cid", "socket", "id", "port", "pci_path"];
+
+    /// Checks what can be checked without the VM.
+    pub fn validate(&self) -> Result<(), ApiError> {
+        // 0-2 are reserved (hypervisor, local, host); u32::MAX is "any".
+        if self.cid < 3 || self.cid == u32::MAX {
+            return Err(ApiError::bad_request(
+                "'cid' must be at least 3 and less than 4294967295",
+            ));
+        }
+        validate_file_path("socket", &self.socket)?;
+        validate_opt_id("id", &self.id)?;
+        validate_placement(&self.port, &self.pci_path)
+    }
+
+    /// Builds a vsock configuration from `cid=..,socket=..,id=..,port=..,pci_path=..`.
+    pub fn from_kv(input: &str) -> Result<Self, KvError> {
+        let o = kv::parse(input, Self::KV_KEYS)?;
+        o.required("cid")?;
+        Ok(VsockConfig {
+            cid: o.parse("cid")?.unwrap_or_default(),
+            socket: o.required("socket")?.to_string(),
+            id: o.string("id"),
+            port: o.string("port"),
+            pci_path: o.string("pci_path"),
+        })
+    }
+}
+
+impl VfioConfig {
+    /// Keys accepted by [`VfioConfig::from_kv`].
+    pub const KV_KEYS: &'static [&'static str] = &["path", "id", "port", "pci_path"];
+
+    /// Checks what can be checked without the VM.
+    pub fn validate(&self) -> Result<(), ApiError> {
+        validate_file_path("path", &self.path)?;
+        validate_opt_id("id", &self.id)?;
+        validate_placement(&self.port, &self.pci_path)
+    }
+
+    /// Builds a VFIO configuration from `path=..,id=..,port=..,pci_path=..`;
+    /// a bare first item is the path.
+    pub fn from_kv(input: &str) -> Result<Self, KvError> {
+        let o = kv::parse_with_positional(input, Self::KV_KEYS, "path")?;
+        Ok(VfioConfig {
+            path: o.required("path")?.to_string(),
+            id: o.string("id"),
+            port: o.string("port"),
+            pci_path: o.string("pci_path"),
+        })
+    }
+}
+
+impl RemoveDeviceRequest {
+    /// Checks the id's syntax.
+    pub fn validate(&self) -> Result<(), ApiError> {
+        validate_id("id", &self.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::ApiErrorKind;
+
+    fn bad(r: Result<(), ApiError>) -> String {
+        let e = r.unwrap_err();
+        assert_eq!(e.kind, ApiErrorKind::BadRequest);
+        e.message
+    }
+
+    #[test]
+    fn disk_defaults_and_unknown_fields() {
+        let d: DiskConfig = serde_json::from_str(r#"{"path": "/a"}"#).unwrap();
+        assert_eq!(
+            d,
+            DiskConfig {
+                path: "/a".into(),
+                ..Default::default()
+            }
+        );
+        let e = serde_json::from_str::<DiskConfig>(r#"{"path": "/a", "ro": true}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field `ro`"), "{e}");
+        assert!(serde_json::from_str::<DiskConfig>(r#"{"readonly": true}"#).is_err());
+        assert!(serde_json::from_str::<EmptyRequest>("{}").is_ok());
+        assert!(serde_json::from_str::<EmptyRequest>(r#"{"x": 1}"#).is_err());
+    }
+
+    #[test]
+    fn id_rules() {
+        assert!(validate_id("id", "disk-0_a.b").is_ok());
+        assert_eq!(bad(validate_id("id", "")), "'id' must not be empty");
+        assert!(bad(validate_id("id", "a b")).contains("may contain only"));
+        assert!(bad(validate_id("id", &"x".repeat(65))).contains("longer than 64"));
+        assert!(validate_id("id", &"x".repeat(64)).is_ok());
+    }
+
+    #[test]
+    fn disk_validation() {
+        let mut d = DiskConfig {
+            path: "/img".into(),
+            serial: Some("S".repeat(20)),
+            port: Some("rp0".into()),
+            pci_path: Some("00:02.0/00.0".into()),
+            ..Default::default()
+        };
+        assert!(d.validate().is_ok());
+        d.serial = Some("S".repeat(21));
+        assert!(bad(d.validate()).contains("'serial' is longer"));
+        d.serial = None;
+        d.pci_path = Some("00:02.0 /0".into());
+        assert!(bad(d.validate()).contains("pci_path"));
+        d.pci_path = None;
+        d.path = String::new();
+        assert_eq!(bad(d.validate()), "'path' must not be empty");
+    }
+
+    #[test]
+    fn disk_from_kv() {
+        let d = DiskConfig::from_kv("path=/x.raw,readonly=on,id=d0,serial=SN,port=rp1").unwrap();
+        assert_eq!(d.path, "/x.raw");
+        assert!(d.readonly);
+        assert_eq!(d.id.as_deref(), Some("d0"));
+        assert_eq!(d.serial.as_deref(), Some("SN"));
+        assert_eq!(d.port.as_deref(), Some("rp1"));
+        assert_eq!(d.pci_path, None);
+        let d = DiskConfig::from_kv("/y.raw").unwrap();
+        assert_eq!(d.path, "/y.raw");
+        assert!(!d.readonly);
+        assert_eq!(
+            DiskConfig::from_kv("readonly=on").unwrap_err(),
+            KvError::MissingKey { key: "path".into() }
+        );
+    }
+
+    #[test]
+    fn future_device_types() {
+        let n = NetConfig::from_kv("tap=tap0,mac=52:54:00:AB:cd:01").unwrap();
+        assert!(n.validate().is_ok());
+        let mut bad_mac = n.clone();
+        bad_mac.mac = Some("52:54:00".into());
+        assert!(bad(bad_mac.validate()).contains("mac"));
+        let mut long_tap = n;
+        long_tap.tap = "t".repeat(16);
+        assert!(bad(long_tap.validate()).contains("tap"));
+
+        let v = VsockConfig::from_kv("cid=3,socket=/tmp/v.sock").unwrap();
+        assert!(v.validate().is_ok());
+        let v2 = VsockConfig { cid: 2, ..v };
+        assert!(bad(v2.validate()).contains("cid"));
+        assert!(matches!(
+            VsockConfig::from_kv("cid=x,socket=/s"),
+            Err(KvError::InvalidValue { .. })
+        ));
+
+        let f = VfioConfig::from_kv("/sys/bus/pci/devices/0000:01:00.0,id=gpu").unwrap();
+        assert!(f.validate().is_ok());
+    }
+
+    #[test]
+    fn enums_serialize_snake_case() {
+        assert_eq!(
+            serde_json::to_string(&TopologyNodeType::PcieRootPort).unwrap(),
+            "\"pcie_root_port\""
+        );
+        assert_eq!(
+            serde_json::to_string(&HotplugMechanism::PcieNative).unwrap(),
+            "\"pcie_native\""
+        );
+        assert_eq!(
+            serde_json::to_string(&VmState::Paused).unwrap(),
+            "\"paused\""
+        );
+        assert_eq!(
+            serde_json::to_string(&DeviceKind::Vfio).unwrap(),
+            "\"vfio\""
+        );
+    }
+
+    #[test]
+    fn topology_node_uses_type_key() {
+        let n = TopologyNode {
+            id: "rp0".into(),
+            node_type: TopologyNodeType::PcieRootPort,
+            hotplug: HotplugMechanism::PcieNative,
+            pci_path: "00:02.0".into(),
+            parent: None,
+            secondary_bus: Some(1),
+            subordinate_bus: Some(1),
+            slots: vec![SlotInfo {
+                slot: 0,
+                pci_path: "00:02.0/00.0".into(),
+                device: None,
+            }],
+        };
+        let v = serde_json::to_value(&n).unwrap();
+        assert_eq!(v["type"], "pcie_root_port");
+        assert_eq!(v["hotplug"], "pcie_native");
+        assert_eq!(v["slots"][0]["device"], serde_json::Value::Null);
+        let back: TopologyNode = serde_json::from_value(v).unwrap();
+        assert_eq!(back, n);
+    }
+}

@@ -1,0 +1,215 @@
+//! `arbor-remote` end to end against the fake VMM.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use api::types::VmState;
+use common::{Fixture, FAKE_VERSION};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_arbor-remote");
+
+fn remote(socket: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("--api-socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stdout_json(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "status {:?}, stderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn stderr_error(out: &Output, code: i32) -> String {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "stdout: {} stderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout.is_empty());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// An API error: exit 1, the JSON error body on stderr.
+fn api_error(out: &Output) -> String {
+    let text = stderr_error(out, 1);
+    let v: Value = serde_json::from_str(&text).unwrap();
+    v["error"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn ping_and_info() {
+    let f = Fixture::new();
+    let out = remote(&f.socket, &["ping"]);
+    assert_eq!(stdout_json(&out)["version"], FAKE_VERSION);
+    // Pretty-printed.
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\n  \"version\""));
+    let v = stdout_json(&remote(&f.socket, &["info"]));
+    assert_eq!(v["state"], "running");
+    assert_eq!(v["topology"][1]["id"], "rp1");
+}
+
+#[test]
+fn add_and_remove() {
+    let f = Fixture::new();
+    let v = stdout_json(&remote(
+        &f.socket,
+        &[
+            "add-disk",
+            "path=/images/d.raw,readonly=on,id=d1,serial=S-1,port=rp1",
+        ],
+    ));
+    assert_eq!(v["id"], "d1");
+    assert_eq!(v["pci_path"], "00:05.0/00.0");
+    // Options spread over several arguments, a bare path, exact placement.
+    let v = stdout_json(&remote(
+        &f.socket,
+        &[
+            "add-disk",
+            "/images/e.raw",
+            "pci_path=00:04.0/00.0",
+            "readonly=off",
+        ],
+    ));
+    assert_eq!(v["pci_path"], "00:04.0/00.0");
+    let v = stdout_json(&remote(&f.socket, &["add-rng", "id=r0"]));
+    assert_eq!(v["id"], "r0");
+    let v = stdout_json(&remote(&f.socket, &["add-rng"]));
+    assert!(v["id"].as_str().unwrap().starts_with("rng"));
+
+    {
+        let vm = f.vm.lock().unwrap();
+        let d1 = vm.info.devices.iter().find(|d| d.id == "d1").unwrap();
+        assert_eq!(d1.readonly, Some(true));
+        assert_eq!(d1.serial.as_deref(), Some("S-1"));
+        assert_eq!(d1.path.as_deref(), Some("/images/d.raw"));
+    }
+
+    // Both spellings of remove-device; success prints nothing.
+    let out = remote(&f.socket, &["remove-device", "d1"]);
+    assert!(out.status.success());
+    assert!(out.stdout.is_empty());
+    let out = remote(&f.socket, &["remove-device", "id=r0"]);
+    assert!(out.status.success());
+
+    assert!(api_error(&remote(&f.socket, &["remove-device", "d1"])).contains("no device 'd1'"));
+    assert!(api_error(&remote(&f.socket, &["add-disk", "path=/x,id=rootdisk"])).contains("exists"));
+    assert!(api_error(&remote(&f.socket, &["add-disk", "path=/x,id=a b"])).contains("'id'"));
+}
+
+#[test]
+fn life_cycle() {
+    let f = Fixture::new();
+    for cmd in ["pause", "resume", "pause"] {
+        let out = remote(&f.socket, &[cmd]);
+        assert!(out.status.success(), "{cmd}");
+        assert!(out.stdout.is_empty());
+    }
+    assert_eq!(f.vm.lock().unwrap().info.state, VmState::Paused);
+    assert!(api_error(&remote(&f.socket, &["pause"])).contains("not running"));
+    assert!(remote(&f.socket, &["shutdown"]).status.success());
+    assert_eq!(f.vm.lock().unwrap().info.state, VmState::Shutdown);
+    assert!(remote(&f.socket, &["shutdown-vmm"]).status.success());
+    assert!(f.vm.lock().unwrap().vmm_shutdown_requested);
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let f = Fixture::new();
+    let s = &f.socket;
+    let cases: &[(&[&str], &str)] = &[
+        (&["frobnicate"], "unknown command 'frobnicate'"),
+        (&["ping", "x=1"], "ping takes no options"),
+        (&["add-disk"], "missing required option 'path'"),
+        (
+            &["add-disk", "path=/a,colour=red"],
+            "unknown option 'colour'",
+        ),
+        (
+            &["add-disk", "path=/a,id=x,id=y"],
+            "option 'id' is given more than once",
+        ),
+        (
+            &["add-disk", "path=/a,readonly=maybe"],
+            "must be on, off, true or false",
+        ),
+        (&["add-rng", "r0"], "not of the form key=value"),
+        (&["remove-device"], "missing required option 'id'"),
+        (&["remove-device", "a", "b"], "not of the form key=value"),
+        (&["--bogus"], "unknown option '--bogus'"),
+    ];
+    for (args, needle) in cases {
+        let err = stderr_error(&remote(s, args), 2);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    // Nothing reached the VMM.
+    assert_eq!(f.vm.lock().unwrap().info.devices.len(), 1);
+
+    let out = Command::new(BIN).arg("ping").output().unwrap();
+    assert!(stderr_error(&out, 2).contains("--api-socket PATH is required"));
+    let out = Command::new(BIN).args(["--api-socket"]).output().unwrap();
+    assert!(stderr_error(&out, 2).contains("--api-socket needs a path"));
+    let out = Command::new(BIN).arg("--api-socket=/x").output().unwrap();
+    assert!(stderr_error(&out, 2).contains("no command given"));
+}
+
+#[test]
+fn help_and_version() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for cmd in [
+        "ping",
+        "info",
+        "add-disk",
+        "add-rng",
+        "remove-device",
+        "pause",
+        "resume",
+        "shutdown",
+        "shutdown-vmm",
+        "Exit status",
+    ] {
+        assert!(text.contains(cmd), "help lacks {cmd}");
+    }
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("arbor-remote "));
+}
+
+#[test]
+fn connection_failure_exits_3() {
+    let dir = common::temp_dir();
+    let missing = dir.as_path().join("nothing.sock");
+    let err = stderr_error(&remote(&missing, &["ping"]), 3);
+    assert!(err.contains("cannot connect to the API socket"), "{err}");
+
+    // A socket nobody listens on.
+    let stale = dir.as_path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    let err = stderr_error(&remote(&stale, &["info"]), 3);
+    assert!(err.contains("cannot connect"), "{err}");
+}
+
+#[test]
+fn socket_option_equals_form() {
+    let f = Fixture::new();
+    let out = Command::new(BIN)
+        .arg(format!("--api-socket={}", f.socket.display()))
+        .arg("ping")
+        .output()
+        .unwrap();
+    assert_eq!(stdout_json(&out)["version"], FAKE_VERSION);
+}

@@ -1,1 +1,291 @@
-//! Integration test helpers.
+//! Helpers for Arbor's integration tests: find the `arbor` binary and the
+//! guest kit, start a VM, and wait on lines of the guest's serial log.
+//!
+//! Timeouts: guests on this project's development machines run under an
+//! emulated KVM and need tens of seconds to boot; on hardware KVM they boot
+//! in well under a second. Every wait is bounded by `ARBOR_TEST_TIMEOUT`
+//! seconds (default 180), never by a fixed sleep.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Root of the repository.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The timeout for one wait, from `ARBOR_TEST_TIMEOUT` (seconds).
+pub fn timeout() -> Duration {
+    let secs = std::env::var("ARBOR_TEST_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(180);
+    Duration::from_secs(secs)
+}
+
+/// The `arbor` binary: `ARBOR_BIN`, or the one built next to this test.
+pub fn arbor_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("ARBOR_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/arbor
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
+    let bin = dir.join("arbor");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first with `cargo build --workspace` (or set ARBOR_BIN)",
+        bin.display()
+    );
+    bin
+}
+
+/// Whether this host can run guests at all. Tests that boot guests skip,
+/// with a printed reason, only when `/dev/kvm` is missing.
+pub fn kvm_available() -> bool {
+    if Path::new("/dev/kvm").exists() {
+        true
+    } else {
+        eprintln!("SKIPPED: /dev/kvm is not present on this host");
+        false
+    }
+}
+
+/// The guest kit's outputs (see resources/guest-kit/build.sh).
+pub struct GuestKit {
+    pub vmlinux: PathBuf,
+    pub bzimage: PathBuf,
+    pub initramfs: PathBuf,
+    pub cmdline: String,
+}
+
+/// Finds the guest kit in `ARBOR_GUEST_DIR` or `<repo>/target/guest`.
+pub fn guest_kit() -> GuestKit {
+    let dir = std::env::var("ARBOR_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| repo_root().join("target/guest"));
+    let kit = GuestKit {
+        vmlinux: dir.join("vmlinux"),
+        bzimage: dir.join("bzImage"),
+        initramfs: dir.join("initramfs.cpio"),
+        cmdline: std::fs::read_to_string(dir.join("cmdline"))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "guest kit missing in {} ({e}): run resources/guest-kit/build.sh",
+                    dir.display()
+                )
+            })
+            .trim()
+            .to_string(),
+    };
+    for p in [&kit.vmlinux, &kit.bzimage, &kit.initramfs] {
+        assert!(
+            p.exists(),
+            "{} missing: run resources/guest-kit/build.sh",
+            p.display()
+        );
+    }
+    kit
+}
+
+#[derive(Default)]
+struct Log {
+    text: String,
+    closed: bool,
+}
+
+/// A running `arbor` whose stdout (the guest console) is collected.
+pub struct Guest {
+    child: Child,
+    log: Arc<(Mutex<Log>, Condvar)>,
+    stderr: Arc<(Mutex<Log>, Condvar)>,
+    started: Instant,
+    name: String,
+}
+
+fn collect(stream: impl std::io::Read + Send + 'static, log: Arc<(Mutex<Log>, Condvar)>, echo: Option<String>) {
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(stream);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match r.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let s = String::from_utf8_lossy(&line).replace('\r', "");
+                    if let Some(tag) = &echo {
+                        eprint!("[{tag}] {s}");
+                    }
+                    let (m, c) = &*log;
+                    m.lock().unwrap().text.push_str(&s);
+                    c.notify_all();
+                }
+            }
+        }
+        let (m, c) = &*log;
+        m.lock().unwrap().closed = true;
+        c.notify_all();
+    });
+}
+
+impl Guest {
+    /// Starts `arbor` with `args`; `name` tags its echoed console lines.
+    pub fn start(name: &str, args: &[String]) -> Guest {
+        let mut child = Command::new(arbor_bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn arbor");
+        let log = Arc::new((Mutex::new(Log::default()), Condvar::new()));
+        let stderr = Arc::new((Mutex::new(Log::default()), Condvar::new()));
+        let echo = std::env::var("ARBOR_TEST_ECHO").ok().map(|_| name.to_string());
+        collect(child.stdout.take().expect("stdout"), log.clone(), echo.clone());
+        collect(child.stderr.take().expect("stderr"), stderr.clone(), echo);
+        Guest {
+            child,
+            log,
+            stderr,
+            started: Instant::now(),
+            name: name.to_string(),
+        }
+    }
+
+    /// Boots `kernel` from the guest kit with the kit's command line plus
+    /// `extra_cmdline`, and `extra` arguments.
+    pub fn boot(name: &str, kernel: &Path, cpus: u8, extra_cmdline: &str, extra: &[&str]) -> Guest {
+        let kit = guest_kit();
+        let mut args: Vec<String> = vec![
+            "--kernel".into(),
+            kernel.display().to_string(),
+            "--initramfs".into(),
+            kit.initramfs.display().to_string(),
+            "--cmdline".into(),
+            format!("{} {}", kit.cmdline, extra_cmdline).trim().to_string(),
+            "--cpus".into(),
+            cpus.to_string(),
+            "--memory".into(),
+            "512M".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Guest::start(name, &args)
+    }
+
+    /// The console output so far.
+    pub fn console(&self) -> String {
+        self.log.0.lock().unwrap().text.clone()
+    }
+
+    /// The VMM's stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.0.lock().unwrap().text.clone()
+    }
+
+    /// Waits until the console contains `needle`; returns the whole line.
+    /// Panics with the console so far on timeout or VMM exit.
+    pub fn wait_for(&self, needle: &str) -> String {
+        self.wait_for_any(&[needle]).1
+    }
+
+    /// Waits until the console contains one of `needles`; returns which and
+    /// the line it is on.
+    pub fn wait_for_any(&self, needles: &[&str]) -> (usize, String) {
+        let deadline = Instant::now() + timeout();
+        let (m, c) = &*self.log;
+        let mut log = m.lock().unwrap();
+        loop {
+            for (i, n) in needles.iter().enumerate() {
+                if let Some(pos) = log.text.find(n) {
+                    let start = log.text[..pos].rfind('\n').map(|p| p + 1).unwrap_or(0);
+                    let end = log.text[pos..].find('\n').map(|p| p + pos).unwrap_or(log.text.len());
+                    return (i, log.text[start..end].to_string());
+                }
+            }
+            let now = Instant::now();
+            if log.closed || now >= deadline {
+                let why = if log.closed { "arbor exited" } else { "timed out" };
+                let text = log.text.clone();
+                drop(log);
+                panic!(
+                    "[{}] {why} after {:?} waiting for {:?}\n--- console ---\n{}\n--- stderr ---\n{}",
+                    self.name,
+                    self.started.elapsed(),
+                    needles,
+                    text,
+                    self.stderr()
+                );
+            }
+            log = c.wait_timeout(log, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Seconds since the VMM was started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Waits for `arbor` to exit.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + timeout();
+        loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                // Let the readers drain.
+                let (m, c) = &*self.log;
+                let mut log = m.lock().unwrap();
+                let until = Instant::now() + Duration::from_secs(5);
+                while !log.closed && Instant::now() < until {
+                    log = c.wait_timeout(log, Duration::from_millis(100)).unwrap().0;
+                }
+                return st;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "[{}] arbor did not exit in time\n--- console ---\n{}\n--- stderr ---\n{}",
+                    self.name,
+                    self.console(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Process id of `arbor`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `arbor` with `args` to completion (for inputs that must fail fast).
+pub fn run_arbor(args: &[&str]) -> (Option<i32>, String) {
+    run_arbor_env(args, &[])
+}
+
+/// Like [`run_arbor`], with extra environment variables.
+pub fn run_arbor_env(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let out = Command::new(arbor_bin())
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run arbor");
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}

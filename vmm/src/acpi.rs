@@ -126,7 +126,8 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
     bytes
 }
 
-/// The DSDT body every VM has: the UART and the S5 sleep object.
+/// The DSDT body every VM has: the UART, the CMOS clock and the S5 sleep
+/// object.
 pub fn platform_aml() -> Vec<u8> {
     let mut out = Vec::new();
     let hid = aml::EISAName::new("PNP0501");
@@ -137,7 +138,13 @@ pub fn platform_aml() -> Vec<u8> {
     let name_uid = aml::Name::new("_UID".into(), &0u8);
     let name_crs = aml::Name::new("_CRS".into(), &crs);
     let com1 = aml::Device::new("COM1".into(), vec![&name_hid, &name_uid, &name_crs]);
-    let sb = aml::Scope::new("\\_SB_".into(), vec![&com1]);
+    let rtc_hid = aml::EISAName::new("PNP0B00");
+    let rtc_io = aml::IO::new(0x70, 0x70, 1, 2);
+    let rtc_crs = aml::ResourceTemplate::new(vec![&rtc_io]);
+    let rtc_name_hid = aml::Name::new("_HID".into(), &rtc_hid);
+    let rtc_name_crs = aml::Name::new("_CRS".into(), &rtc_crs);
+    let rtc = aml::Device::new("RTC_".into(), vec![&rtc_name_hid, &rtc_name_crs]);
+    let sb = aml::Scope::new("\\_SB_".into(), vec![&com1, &rtc]);
     sb.to_aml_bytes(&mut out);
     let s5 = aml::Package::new(vec![&SLEEP_TYPE_S5, &SLEEP_TYPE_S5, &0u8, &0u8]);
     aml::Name::new("_S5_".into(), &s5).to_aml_bytes(&mut out);

@@ -10,7 +10,7 @@ use crate::layout::CMDLINE_MAX_SIZE;
 /// Most vCPUs a VM may have (APIC IDs are 8-bit; 0xff is broadcast).
 pub const MAX_VCPUS: u8 = 254;
 /// Least memory a VM may have.
-pub const MIN_MEMORY: u64 = 32 << 20;
+pub const MIN_MEMORY: u64 = 8 << 20;
 
 /// Where the guest's serial console goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -318,7 +318,7 @@ mod tests {
         assert!(ok.validate().is_ok());
         let cases = [
             VmConfig { cpus: 0, ..ok.clone() },
-            VmConfig { memory: 1 << 20, ..ok.clone() },
+            VmConfig { memory: 4 << 20, ..ok.clone() },
             VmConfig { memory: u64::MAX, ..ok.clone() },
             VmConfig { cmdline: "x".repeat(4096), ..ok.clone() },
             VmConfig { kernel: dir.join("missing"), ..ok.clone() },

@@ -51,8 +51,8 @@ pub enum ExitReason {
 pub enum Error {
     #[error("{0}")]
     Config(#[from] ConfigError),
-    #[error("cannot open /dev/kvm: {0} (is KVM available, and may this user use it?)")]
-    OpenKvm(kvm_ioctls::Error),
+    #[error("cannot open {0}: {1} (is KVM available, and may this user use it?)")]
+    OpenKvm(String, kvm_ioctls::Error),
     #[error("KVM API version {0} is not supported (need 12)")]
     KvmVersion(i32),
     #[error("KVM lacks a capability Arbor needs: {0}")]
@@ -124,13 +124,21 @@ fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap> {
     Ok(mem)
 }
 
+/// Opens the KVM device: `/dev/kvm`, or the path in `ARBOR_KVM_DEVICE`.
+fn open_kvm() -> Result<Kvm> {
+    let path = std::env::var("ARBOR_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".to_string());
+    let c = std::ffi::CString::new(path.clone())
+        .map_err(|_| Error::OpenKvm(path.clone(), kvm_ioctls::Error::new(libc::EINVAL)))?;
+    Kvm::new_with_path(&c).map_err(|e| Error::OpenKvm(path, e))
+}
+
 impl Vm {
     /// Validates `config`, creates the VM, loads the kernel and prepares
     /// the vCPUs. Nothing runs until [`Vm::run`].
     pub fn new(config: VmConfig) -> Result<Vm> {
         let start = Instant::now();
         config.validate()?;
-        let kvm = Kvm::new().map_err(Error::OpenKvm)?;
+        let kvm = open_kvm()?;
         let version = kvm.get_api_version();
         if version != 12 {
             return Err(Error::KvmVersion(version));

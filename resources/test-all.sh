@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian machine: installs what is
+# missing, builds the guest kit (kernel cached outside the checkout), builds
+# the workspace, checks formatting and lints, and runs every test, booting
+# real guests at most two at a time.
+#
+# Environment: ARBOR_TEST_TIMEOUT (seconds per wait on a guest log line,
+# default 180), ARBOR_CACHE_DIR (kernel cache, default ~/.cache/arbor).
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO"
+log() { printf '\n=== %s\n' "$*" >&2; }
+
+log "host packages"
+"$REPO/resources/install-deps.sh"
+# shellcheck disable=SC1091
+[[ -f $HOME/.cargo/env ]] && . "$HOME/.cargo/env"
+command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
+
+log "guest kit"
+"$REPO/resources/guest-kit/build.sh"
+
+log "build"
+cargo build --workspace --all-targets --locked
+
+log "format and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+log "tests"
+# Guest-booting tests keep a core busy each: two at a time.
+RUST_TEST_THREADS=${RUST_TEST_THREADS:-2} cargo test --workspace --locked

@@ -1,0 +1,86 @@
+//! Bad inputs get a one-line error and a non-zero exit, before any guest
+//! runs: exit status 2 for usage errors, 1 for errors found while building
+//! the VM.
+
+use arbor_tests::{guest_kit, run_arbor, run_arbor_env};
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("arbor-bad-input-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+fn assert_fails(args: &[&str], code: i32, needle: &str) {
+    assert_fails_env(args, &[], code, needle)
+}
+
+fn assert_fails_env(args: &[&str], env: &[(&str, &str)], code: i32, needle: &str) {
+    let (status, stderr) = run_arbor_env(args, env);
+    assert_eq!(status, Some(code), "args {args:?}: stderr {stderr}");
+    assert!(stderr.contains(needle), "args {args:?}: expected '{needle}' in: {stderr}");
+    let lines: Vec<_> = stderr.lines().filter(|l| l.starts_with("arbor: error")).collect();
+    assert_eq!(lines.len(), 1, "one error line expected: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn usage_errors() {
+    assert_fails(&[], 2, "--kernel is required");
+    assert_fails(&["--kernel", "/nonexistent/vmlinux"], 2, "cannot open kernel");
+    assert_fails(&["--kernel", "k", "--frobnicate"], 2, "unknown option");
+    assert_fails(&["--kernel", "k", "--cpus", "many"], 2, "--cpus");
+    let (code, out) = run_arbor(&["--help"]);
+    assert_eq!(code, Some(0), "{out}");
+}
+
+#[test]
+fn bad_vm_shapes() {
+    let kit = guest_kit();
+    let k = kit.vmlinux.to_str().unwrap();
+    assert_fails(&["--kernel", k, "--cpus", "0"], 2, "--cpus must be at least 1");
+    assert_fails(&["--kernel", k, "--cpus", "255"], 2, "at most 254");
+    assert_fails(&["--kernel", k, "--memory", "1M"], 2, "too small");
+    assert_fails(&["--kernel", k, "--memory", "64T"], 2, "more than this host has");
+    let long = "x".repeat(3000);
+    assert_fails(&["--kernel", k, "--cmdline", &long], 2, "command line is 3000 bytes");
+    assert_fails(
+        &["--kernel", k, "--initramfs", "/nonexistent/initrd"],
+        2,
+        "cannot open initramfs",
+    );
+    // 8 MiB is a valid VM size, but the kernel loads at 16 MiB.
+    assert_fails(&["--kernel", k, "--memory", "8M"], 1, "cannot load kernel");
+}
+
+#[test]
+fn garbage_kernel() {
+    let g = tmp("garbage");
+    std::fs::write(&g, vec![0xa5u8; 64 * 1024]).unwrap();
+    assert_fails(&["--kernel", g.to_str().unwrap()], 1, "neither an ELF vmlinux nor a bzImage");
+    let empty = tmp("empty");
+    std::fs::write(&empty, b"").unwrap();
+    assert_fails(&["--kernel", empty.to_str().unwrap()], 1, "neither an ELF vmlinux nor a bzImage");
+    // An ELF header with nothing behind it.
+    let mut elf = b"\x7fELF\x02\x01\x01".to_vec();
+    elf.resize(128, 0);
+    let bad_elf = tmp("bad-elf");
+    std::fs::write(&bad_elf, elf).unwrap();
+    assert_fails(&["--kernel", bad_elf.to_str().unwrap()], 1, "cannot load kernel");
+}
+
+#[test]
+fn no_kvm() {
+    let k = tmp("k-for-kvm");
+    std::fs::write(&k, b"\x7fELF").unwrap();
+    let k = k.to_str().unwrap();
+    assert_fails_env(
+        &["--kernel", k],
+        &[("ARBOR_KVM_DEVICE", "/nonexistent/kvm")],
+        1,
+        "cannot open /nonexistent/kvm",
+    );
+    // A device node that is not KVM: /dev/null answers no KVM ioctl.
+    let (code, stderr) = run_arbor_env(&["--kernel", k], &[("ARBOR_KVM_DEVICE", "/dev/null")]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("KVM"), "{stderr}");
+}

@@ -1,0 +1,99 @@
+//! Boots the project's test kernel under `arbor`: both image formats (ELF
+//! vmlinux through PVH, bzImage through the 64-bit boot protocol), with 1
+//! and 2 vCPUs, and checks the guest's kernel log and `arbor`'s exit status
+//! for power-off, reboot and panic.
+//!
+//! The guest kit's `/init` reads `arbor_init=` from its environment: by
+//! default it idles, `poweroff` and `reboot` ask the kernel to do that.
+
+use arbor_tests::{guest_kit, kvm_available, Guest};
+
+/// Exit status `arbor` documents for a guest reset.
+const EXIT_GUEST_RESET: i32 = 3;
+
+fn check_common_boot(g: &Guest, cpus: u8) {
+    // ACPI tables found through the RSDP the VMM wrote.
+    g.wait_for("ACPI: RSDP 0x00000000000E0000");
+    for table in ["ACPI: XSDT", "ACPI: FACP", "ACPI: DSDT", "ACPI: APIC"] {
+        g.wait_for(table);
+    }
+    // The MADT describes every vCPU: this uniprocessor kernel reports the
+    // CPUs beyond its limit of one.
+    if cpus > 1 {
+        g.wait_for(&format!("Processor {}/0x{:x} ignored", cpus - 1, cpus - 1));
+    }
+    // The UART at 0x3f8, IRQ 4.
+    g.wait_for("ttyS0 at I/O 0x3f8");
+    g.wait_for("Run /init as init process");
+    if cpus == 1 {
+        assert!(!g.console().contains("ignored."), "one CPU expected:\n{}", g.console());
+    }
+}
+
+#[test]
+fn pvh_one_cpu_powers_off() {
+    if !kvm_available() {
+        return;
+    }
+    let kit = guest_kit();
+    let mut g = Guest::boot("pvh-1", &kit.vmlinux, 1, "arbor_init=poweroff", &[]);
+    check_common_boot(&g, 1);
+    g.wait_for("reboot: Power down");
+    let st = g.wait_exit();
+    assert_eq!(st.code(), Some(0), "stderr: {}", g.stderr());
+    assert!(g.stderr().contains("guest powered off"));
+}
+
+#[test]
+fn pvh_two_cpus_reboots() {
+    if !kvm_available() {
+        return;
+    }
+    let kit = guest_kit();
+    let mut g = Guest::boot("pvh-2", &kit.vmlinux, 2, "arbor_init=reboot", &[]);
+    check_common_boot(&g, 2);
+    g.wait_for("reboot: Restarting system");
+    let st = g.wait_exit();
+    assert_eq!(st.code(), Some(EXIT_GUEST_RESET), "stderr: {}", g.stderr());
+    assert!(!g.console().contains("Kernel panic"), "{}", g.console());
+}
+
+#[test]
+fn bzimage_one_cpu_reboots() {
+    if !kvm_available() {
+        return;
+    }
+    let kit = guest_kit();
+    let mut g = Guest::boot("bz-1", &kit.bzimage, 1, "arbor_init=reboot", &[]);
+    check_common_boot(&g, 1);
+    g.wait_for("reboot: Restarting system");
+    let st = g.wait_exit();
+    assert_eq!(st.code(), Some(EXIT_GUEST_RESET), "stderr: {}", g.stderr());
+    assert!(!g.console().contains("Kernel panic"), "{}", g.console());
+}
+
+#[test]
+fn bzimage_two_cpus_powers_off() {
+    if !kvm_available() {
+        return;
+    }
+    let kit = guest_kit();
+    let mut g = Guest::boot("bz-2", &kit.bzimage, 2, "arbor_init=poweroff", &[]);
+    check_common_boot(&g, 2);
+    g.wait_for("reboot: Power down");
+    let st = g.wait_exit();
+    assert_eq!(st.code(), Some(0), "stderr: {}", g.stderr());
+}
+
+#[test]
+fn panic_ends_with_reset_status() {
+    if !kvm_available() {
+        return;
+    }
+    let kit = guest_kit();
+    // No such init: the kernel panics, and panic=-1 turns that into a reboot.
+    let mut g = Guest::boot("panic", &kit.vmlinux, 1, "rdinit=/nonexistent init=/nonexistent", &[]);
+    g.wait_for("Kernel panic");
+    let st = g.wait_exit();
+    assert_eq!(st.code(), Some(EXIT_GUEST_RESET), "stderr: {}", g.stderr());
+}

@@ -151,6 +151,60 @@ pub fn platform_aml() -> Vec<u8> {
     out
 }
 
+/// The Generic Event Device and the power button. `_EVT` reads the GED's
+/// event register at `mmio` (reading clears it), notifies the power button
+/// for `power_bit` and, when `hotplug` is set, calls `\_SB_.HPSC` (the
+/// hotplug scan method the PCI tables define) for `hotplug_bit`.
+pub fn ged_aml(mmio: u64, gsi: u32, power_bit: u32, hotplug_bit: u32, hotplug: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    let hid = "ACPI0013";
+    let name_hid = aml::Name::new("_HID".into(), &hid);
+    let name_uid = aml::Name::new("_UID".into(), &0u8);
+    let irq = aml::Interrupt::new(true, true, false, false, gsi);
+    let crs = aml::ResourceTemplate::new(vec![&irq]);
+    let name_crs = aml::Name::new("_CRS".into(), &crs);
+    let region = aml::OpRegion::new(
+        "GDST".into(),
+        aml::OpRegionSpace::SystemMemory,
+        &mmio,
+        &4u32,
+    );
+    let field = aml::Field::new(
+        "GDST".into(),
+        aml::FieldAccessType::DWord,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![aml::FieldEntry::Named(*b"GDAT", 32)],
+    );
+    let gdat = aml::Path::new("GDAT");
+    let read = aml::Store::new(&aml::Local(0), &gdat);
+    let power_mask = aml::And::new(&aml::Local(1), &aml::Local(0), &power_bit);
+    let power_set = aml::Equal::new(&aml::Local(1), &power_bit);
+    let pwrb = aml::Path::new("\\_SB_.PWRB");
+    let notify = aml::Notify::new(&pwrb, &0x80u8);
+    let if_power = aml::If::new(&power_set, vec![&notify]);
+    let hp_mask = aml::And::new(&aml::Local(2), &aml::Local(0), &hotplug_bit);
+    let hp_set = aml::Equal::new(&aml::Local(2), &hotplug_bit);
+    let scan = aml::MethodCall::new("\\_SB_.HPSC".into(), vec![]);
+    let if_hp = aml::If::new(&hp_set, vec![&scan]);
+    let mut body: Vec<&dyn Aml> = vec![&read, &power_mask, &if_power];
+    if hotplug {
+        body.push(&hp_mask);
+        body.push(&if_hp);
+    }
+    let evt = aml::Method::new("_EVT".into(), 1, true, body);
+    let ged = aml::Device::new(
+        "GED0".into(),
+        vec![&name_hid, &name_uid, &name_crs, &region, &field, &evt],
+    );
+    let pb_hid = aml::EISAName::new("PNP0C0C");
+    let pb_name_hid = aml::Name::new("_HID".into(), &pb_hid);
+    let pb_name_uid = aml::Name::new("_UID".into(), &0u8);
+    let pwrb_dev = aml::Device::new("PWRB".into(), vec![&pb_name_hid, &pb_name_uid]);
+    aml::Scope::new("\\_SB_".into(), vec![&ged, &pwrb_dev]).to_aml_bytes(&mut out);
+    out
+}
+
 fn dsdt(body: &[u8]) -> Vec<u8> {
     let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     sdt.append_slice(body);

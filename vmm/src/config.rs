@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::layout::CMDLINE_MAX_SIZE;
 
@@ -33,6 +34,10 @@ pub struct VmConfig {
     pub cpus: u8,
     pub memory: u64,
     pub serial: SerialOutput,
+    /// UNIX socket for the HTTP API.
+    pub api_socket: Option<PathBuf>,
+    /// How long `vm.shutdown` waits for the guest after the power button.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for VmConfig {
@@ -44,6 +49,8 @@ impl Default for VmConfig {
             cpus: 1,
             memory: 512 << 20,
             serial: SerialOutput::Stdout,
+            api_socket: None,
+            shutdown_grace: Duration::from_secs(5),
         }
     }
 }
@@ -166,6 +173,8 @@ usage: arbor --kernel PATH [options]
   --cpus N             number of vCPUs, 1-254 (default 1)
   --memory SIZE        guest memory, e.g. 512M or 2G (default 512M)
   --serial WHERE       stdout (default), off, or file=PATH
+  --api-socket PATH    serve the HTTP API on this UNIX socket
+  --shutdown-grace S   seconds vm.shutdown waits after the power button (5)
   --help, --version
 
 exit status: 0 guest powered off, 3 guest rebooted (or reset, e.g. a panic
@@ -202,6 +211,8 @@ where
             "--cpus",
             "--memory",
             "--serial",
+            "--api-socket",
+            "--shutdown-grace",
         ];
         if !known.contains(&flag.as_str()) {
             return err(format!("unknown option '{flag}' (see --help)"));
@@ -226,6 +237,24 @@ where
                 })?
             }
             "--memory" => cfg.memory = parse_size(&value)?,
+            "--api-socket" => {
+                if value.is_empty() {
+                    return err("--api-socket needs a path");
+                }
+                cfg.api_socket = Some(PathBuf::from(value))
+            }
+            "--shutdown-grace" => {
+                let secs: f64 = value
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| s.is_finite() && *s >= 0.0 && *s <= 3600.0)
+                    .ok_or_else(|| {
+                        ConfigError(format!(
+                            "--shutdown-grace '{value}' is not a number of seconds from 0 to 3600"
+                        ))
+                    })?;
+                cfg.shutdown_grace = Duration::from_secs_f64(secs)
+            }
             "--serial" => {
                 cfg.serial = match value.as_str() {
                     "stdout" => SerialOutput::Stdout,

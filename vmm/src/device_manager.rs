@@ -7,20 +7,26 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use kvm_ioctls::VmFd;
-use vm_device::bus::{PioAddress, PioRange};
-use vm_device::device_manager::{IoManager, PioManager};
-use vm_device::DevicePio;
+use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
+use vm_device::device_manager::{IoManager, MmioManager, PioManager};
+use vm_device::{DeviceMmio, DevicePio};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use devices::acpi::{Ged, GED_EVENT_PCI_HOTPLUG, GED_EVENT_POWER_BUTTON, GED_MMIO_SIZE};
 use devices::legacy::{
     AcpiPmRegisters, BootTimer, Cmos, EventFdTrigger, I8042, SerialDevice, ACPI_PM_PORT,
     BOOT_TIMER_PORT,
 };
 
 use crate::config::SerialOutput;
+use crate::layout::PLATFORM_MMIO_START;
 
 /// IRQ of the first UART.
 pub const SERIAL_IRQ: u32 = 4;
+/// GSI of the Generic Event Device.
+pub const GED_IRQ: u32 = 5;
+/// Address of the GED's register block.
+pub const GED_MMIO_START: u64 = PLATFORM_MMIO_START;
 
 /// Errors creating devices.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +39,8 @@ pub enum DeviceError {
     Irqfd(kvm_ioctls::Error),
     #[error("cannot register device at port {0:#x}: {1:?}")]
     Register(u16, vm_device::bus::Error),
+    #[error("cannot register device at {0:#x}: {1:?}")]
+    RegisterMmio(u64, vm_device::bus::Error),
 }
 
 /// Events the platform devices raise for the event loop.
@@ -45,6 +53,7 @@ pub struct PlatformEvents {
 pub struct DeviceManager {
     pub io: Arc<RwLock<IoManager>>,
     pub serial: Arc<Mutex<SerialDevice>>,
+    pub ged: Arc<Ged>,
     pub events: PlatformEvents,
 }
 
@@ -66,6 +75,18 @@ impl Write for Stdout {
     fn flush(&mut self) -> std::io::Result<()> {
         std::io::stdout().lock().flush()
     }
+}
+
+fn register_mmio(
+    io: &mut IoManager,
+    base: u64,
+    len: u64,
+    dev: Arc<dyn DeviceMmio + Send + Sync>,
+) -> Result<(), DeviceError> {
+    let range =
+        MmioRange::new(MmioAddress(base), len).map_err(|e| DeviceError::RegisterMmio(base, e))?;
+    io.register_mmio(range, dev)
+        .map_err(|e| DeviceError::RegisterMmio(base, e))
 }
 
 fn register_pio(
@@ -127,10 +148,28 @@ impl DeviceManager {
             1,
             Arc::new(Mutex::new(BootTimer::new(start))),
         )?;
+        let ged_irq = evt()?;
+        vm.register_irqfd(&ged_irq, GED_IRQ)
+            .map_err(DeviceError::Irqfd)?;
+        let ged = Ged::new(ged_irq);
+        register_mmio(&mut io, GED_MMIO_START, GED_MMIO_SIZE, ged.clone())?;
         Ok(DeviceManager {
             io: Arc::new(RwLock::new(io)),
             serial,
+            ged,
             events: PlatformEvents { power_off, reset },
         })
+    }
+
+    /// DSDT objects of the platform devices: the GED, whose `_EVT` turns
+    /// event bits into notifications, and the power button.
+    pub fn dsdt_aml(&self) -> Vec<u8> {
+        crate::acpi::ged_aml(
+            GED_MMIO_START,
+            GED_IRQ,
+            GED_EVENT_POWER_BUTTON,
+            GED_EVENT_PCI_HOTPLUG,
+            false,
+        )
     }
 }

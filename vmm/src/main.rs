@@ -1,4 +1,5 @@
-//! `arbor`: boot a Linux guest under KVM.
+//! `arbor`: boot a Linux guest under KVM, optionally driven over an HTTP
+//! API on a UNIX socket.
 
 use std::process::ExitCode;
 
@@ -41,6 +42,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    let api_socket = cfg.api_socket.clone();
     let mut vm = match Vm::new(cfg) {
         Ok(vm) => vm,
         Err(vmm::Error::Config(e)) => {
@@ -52,6 +54,26 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_ERROR);
         }
     };
+    // The API server is a thin client of the VM's request channel.
+    let _server = match api_socket {
+        Some(path) => {
+            let started = vm
+                .handle()
+                .channel()
+                .map_err(|e| e.to_string())
+                .and_then(|(tx, wake)| {
+                    api::start_server(&path, tx, wake).map_err(|e| e.to_string())
+                });
+            match started {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    eprintln!("arbor: error: cannot serve the API on {}: {e}", path.display());
+                    return ExitCode::from(EXIT_ERROR);
+                }
+            }
+        }
+        None => None,
+    };
     match vm.run() {
         Ok(ExitReason::PowerOff) => {
             eprintln!("arbor: guest powered off");
@@ -60,6 +82,14 @@ fn main() -> ExitCode {
         Ok(ExitReason::Reset) => {
             eprintln!("arbor: guest reset (reboot or panic); exit status {EXIT_GUEST_RESET}");
             ExitCode::from(EXIT_GUEST_RESET)
+        }
+        Ok(ExitReason::Shutdown) => {
+            eprintln!("arbor: VM shut down on request");
+            ExitCode::SUCCESS
+        }
+        Ok(ExitReason::VmmShutdown) => {
+            eprintln!("arbor: VMM stopped on request");
+            ExitCode::SUCCESS
         }
         Err(e) => {
             print_chain(&e);

@@ -61,9 +61,30 @@ impl VcpuContext {
 pub struct VcpuHandle {
     pub id: u8,
     thread: Option<JoinHandle<()>>,
+    parked: Arc<AtomicBool>,
 }
 
 impl VcpuHandle {
+    /// Kicks the vCPU out of `KVM_RUN` and waits (bounded) until it has
+    /// parked; the caller has set the pause flag.
+    pub fn wait_paused(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while !self.parked.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
+            self.kick();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if !self.parked.load(Ordering::Acquire) {
+            log::warn!("vcpu{} did not pause within 2 s", self.id);
+        }
+    }
+
+    /// Wakes a parked vCPU (after the pause flag is cleared).
+    pub fn unpark(&self) {
+        if let Some(t) = &self.thread {
+            t.thread().unpark();
+        }
+    }
+
     /// Interrupts `KVM_RUN` so the thread notices the stop or pause flag.
     pub fn kick(&self) {
         if let Some(t) = &self.thread {
@@ -86,22 +107,29 @@ impl VcpuHandle {
 
 /// Starts vCPU `id` on its own thread.
 pub fn spawn(id: u8, vcpu: VcpuFd, ctx: VcpuContext) -> std::io::Result<VcpuHandle> {
+    let parked = Arc::new(AtomicBool::new(false));
+    let p = parked.clone();
     let thread = std::thread::Builder::new()
         .name(format!("vcpu{id}"))
-        .spawn(move || run(id, vcpu, ctx))?;
+        .spawn(move || run(id, vcpu, ctx, p))?;
     Ok(VcpuHandle {
         id,
         thread: Some(thread),
+        parked,
     })
 }
 
-fn run(id: u8, mut vcpu: VcpuFd, ctx: VcpuContext) {
+fn run(id: u8, mut vcpu: VcpuFd, ctx: VcpuContext, parked: Arc<AtomicBool>) {
     loop {
         if ctx.stop.load(Ordering::Acquire) {
             return;
         }
         if ctx.paused.load(Ordering::Acquire) {
-            std::thread::park_timeout(Duration::from_millis(20));
+            parked.store(true, Ordering::Release);
+            while ctx.paused.load(Ordering::Acquire) && !ctx.stop.load(Ordering::Acquire) {
+                std::thread::park_timeout(Duration::from_millis(50));
+            }
+            parked.store(false, Ordering::Release);
             continue;
         }
         match vcpu.run() {

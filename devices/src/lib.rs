@@ -2,4 +2,6 @@
 //! virtio-pci transport with its devices. Nothing here talks to KVM; the
 //! VMM registers these models on its buses and wires their interrupts.
 
+pub mod acpi;
 pub mod legacy;
+pub mod virtio;

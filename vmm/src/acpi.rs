@@ -3,13 +3,15 @@
 //! registers), MADT, DSDT, plus any tables the device manager adds (MCFG).
 
 use acpi_tables::aml;
-use acpi_tables::Aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
-use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use zerocopy::{Immutable, IntoBytes};
 
@@ -108,7 +110,15 @@ fn madt(cpus: u8) -> Vec<u8> {
 }
 
 fn fadt(dsdt_addr: u64) -> Vec<u8> {
-    let io = |port: u16| GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, u64::from(port));
+    let io = |port: u16| {
+        GAS::new(
+            AddressSpace::SystemIo,
+            8,
+            0,
+            AccessSize::ByteAccess,
+            u64::from(port),
+        )
+    };
     let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
         .dsdt_64(dsdt_addr)
         .flag(Flags::HwReducedAcpi)
@@ -205,6 +215,103 @@ pub fn ged_aml(mmio: u64, gsi: u32, power_bit: u32, hotplug_bit: u32, hotplug: b
     out
 }
 
+/// Where the PCI root complex decodes.
+#[derive(Clone, Copy, Debug)]
+pub struct PciWindows {
+    /// 32-bit memory window (base, size).
+    pub mmio32: (u64, u64),
+    /// 64-bit memory window (base, size).
+    pub mmio64: (u64, u64),
+    /// Bus numbers the root complex owns.
+    pub buses: (u8, u8),
+}
+
+/// The `_OSC` control bits Arbor grants: native hotplug (bit 0), PME (bit 2)
+/// and PCIe capability structure control (bit 4). AER (bit 3) is kept.
+pub const OSC_GRANTED: u32 = 0x15;
+
+/// The PCI host bridge (PNP0A08, compatible PNP0A03) with its resources
+/// and `_OSC`.
+pub fn host_bridge_aml(w: &PciWindows, extra_children: &[u8]) -> Vec<u8> {
+    let hid = aml::EISAName::new("PNP0A08");
+    let cid = aml::EISAName::new("PNP0A03");
+    let name_hid = aml::Name::new("_HID".into(), &hid);
+    let name_cid = aml::Name::new("_CID".into(), &cid);
+    let name_adr = aml::Name::new("_ADR".into(), &0u8);
+    let name_seg = aml::Name::new("_SEG".into(), &0u8);
+    let name_uid = aml::Name::new("_UID".into(), &0u8);
+    let name_bbn = aml::Name::new("_BBN".into(), &w.buses.0);
+    let buses =
+        aml::AddressSpace::<u16>::new_bus_number(u16::from(w.buses.0), u16::from(w.buses.1));
+    let cfg_io = aml::IO::new(0xcf8, 0xcf8, 1, 8);
+    let io_lo = aml::AddressSpace::<u16>::new_io(0x0000, 0x0cf7, None);
+    let io_hi = aml::AddressSpace::<u16>::new_io(0x0d00, 0xffff, None);
+    let mmio32 = aml::AddressSpace::<u32>::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        w.mmio32.0 as u32,
+        (w.mmio32.0 + w.mmio32.1 - 1) as u32,
+        None,
+    );
+    let mmio64 = aml::AddressSpace::<u64>::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        w.mmio64.0,
+        w.mmio64.0 + w.mmio64.1 - 1,
+        None,
+    );
+    let crs = aml::ResourceTemplate::new(vec![&buses, &cfg_io, &io_lo, &io_hi, &mmio32, &mmio64]);
+    let name_crs = aml::Name::new("_CRS".into(), &crs);
+
+    // _OSC(Arg0 = UUID, Arg1 = revision, Arg2 = count, Arg3 = capabilities)
+    let cdw1 = aml::Path::new("CDW1");
+    let cdw3 = aml::Path::new("CDW3");
+    let create1 = aml::CreateDWordField::new(&cdw1, &aml::Arg(3), &0u8);
+    let create3 = aml::CreateDWordField::new(&cdw3, &aml::Arg(3), &8u8);
+    let pcie_uuid = aml::Uuid::new("33DB4D5B-1FF7-401C-9657-7441C03DD766");
+    let is_pcie = aml::Equal::new(&aml::Arg(0), &pcie_uuid);
+    let grant = aml::And::new(&cdw3, &cdw3, &OSC_GRANTED);
+    let ret = aml::Return::new(&aml::Arg(3));
+    let if_pcie = aml::If::new(&is_pcie, vec![&create3, &grant, &ret]);
+    // Unrecognised UUID: set bit 2 of the first dword.
+    let unknown = aml::Or::new(&cdw1, &cdw1, &4u8);
+    let else_other = aml::Else::new(vec![&unknown, &ret]);
+    let osc = aml::Method::new(
+        "_OSC".into(),
+        4,
+        false,
+        vec![&create1, &if_pcie, &else_other],
+    );
+
+    let mut children: Vec<&dyn Aml> = vec![
+        &name_hid, &name_cid, &name_adr, &name_seg, &name_uid, &name_bbn, &name_crs, &osc,
+    ];
+    let raw = RawAml(extra_children);
+    children.push(&raw);
+    let pci0 = aml::Device::new("PCI0".into(), children);
+    let mut out = Vec::new();
+    aml::Scope::new("\\_SB_".into(), vec![&pci0]).to_aml_bytes(&mut out);
+    out
+}
+
+/// Pre-serialised AML spliced into a container.
+pub struct RawAml<'a>(pub &'a [u8]);
+
+impl Aml for RawAml<'_> {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        sink.vec(self.0);
+    }
+}
+
+/// The MCFG table: one ECAM window for segment 0.
+pub fn mcfg(ecam_base: u64, buses: (u8, u8)) -> Vec<u8> {
+    let mut t = acpi_tables::mcfg::MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    t.add_ecam(ecam_base, 0, buses.0, buses.1);
+    let mut out = Vec::new();
+    t.to_aml_bytes(&mut out);
+    out
+}
+
 fn dsdt(body: &[u8]) -> Vec<u8> {
     let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     sdt.append_slice(body);
@@ -263,7 +370,10 @@ mod tests {
     fn tables_are_consistent() {
         let m = madt(2);
         assert_eq!(&m[0..4], b"APIC");
-        assert_eq!(u32::from_le_bytes(m[4..8].try_into().unwrap()) as usize, m.len());
+        assert_eq!(
+            u32::from_le_bytes(m[4..8].try_into().unwrap()) as usize,
+            m.len()
+        );
         assert!(checksum_ok(&m));
         // header 44 + 2 LAPIC (8) + IOAPIC 12 + 2 ISO (10) + NMI 6
         assert_eq!(m.len(), 44 + 16 + 12 + 20 + 6);
@@ -273,7 +383,10 @@ mod tests {
         let d = dsdt(&platform_aml());
         assert_eq!(&d[0..4], b"DSDT");
         assert!(checksum_ok(&d));
-        assert_eq!(u32::from_le_bytes(d[4..8].try_into().unwrap()) as usize, d.len());
+        assert_eq!(
+            u32::from_le_bytes(d[4..8].try_into().unwrap()) as usize,
+            d.len()
+        );
     }
 
     #[test]

@@ -16,7 +16,9 @@ use linux_loader::loader::elf::start_info::{
 };
 use linux_loader::loader::elf::PvhBootCapability;
 use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 
 use crate::cpu::BootEntry;
 use crate::layout::*;
@@ -142,7 +144,8 @@ pub fn load(
     let kname = kernel.display().to_string();
     let mut kfile = File::open(kernel).map_err(|e| BootError::OpenKernel(kname.clone(), e))?;
 
-    let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    let mut cmdline =
+        Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline(e.to_string()))?;
     cmdline
         .insert_str(cmdline_str)
         .map_err(|e| BootError::Cmdline(e.to_string()))?;
@@ -275,7 +278,10 @@ mod tests {
         let map = e820_map(&mem);
         assert_eq!(map[0], (0, EBDA_START, E820_RAM));
         assert_eq!(map[1].2, E820_RESERVED);
-        assert_eq!(map[2], (HIGH_RAM_START.0, (64 << 20) - HIGH_RAM_START.0, E820_RAM));
+        assert_eq!(
+            map[2],
+            (HIGH_RAM_START.0, (64 << 20) - HIGH_RAM_START.0, E820_RAM)
+        );
         assert_eq!(map[3], (PCI_ECAM_START, PCI_ECAM_SIZE, E820_RESERVED));
     }
 

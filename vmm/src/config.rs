@@ -6,6 +6,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use api::types::{DiskConfig, RngConfig};
+
 use crate::layout::CMDLINE_MAX_SIZE;
 
 /// Most vCPUs a VM may have (APIC IDs are 8-bit; 0xff is broadcast).
@@ -38,6 +40,10 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
     /// How long `vm.shutdown` waits for the guest after the power button.
     pub shutdown_grace: Duration,
+    /// Cold-plugged virtio-blk disks, in slot order.
+    pub disks: Vec<DiskConfig>,
+    /// Cold-plugged virtio-rng devices, after the disks.
+    pub rngs: Vec<RngConfig>,
 }
 
 impl Default for VmConfig {
@@ -51,6 +57,8 @@ impl Default for VmConfig {
             serial: SerialOutput::Stdout,
             api_socket: None,
             shutdown_grace: Duration::from_secs(5),
+            disks: Vec::new(),
+            rngs: Vec::new(),
         }
     }
 }
@@ -140,7 +148,45 @@ impl VmConfig {
         if let Some(initramfs) = &self.initramfs {
             check_file("initramfs", initramfs)?;
         }
+        let mut ids: Vec<&str> = Vec::new();
+        for d in &self.disks {
+            check_disk(&d.path)?;
+        }
+        let given = self
+            .disks
+            .iter()
+            .map(|d| (&d.id, &d.port, &d.pci_path))
+            .chain(self.rngs.iter().map(|r| (&r.id, &r.port, &r.pci_path)));
+        for (id, port, path) in given {
+            if let Some(id) = id {
+                if ids.contains(&id.as_str()) {
+                    return err(format!("device id '{id}' is used twice"));
+                }
+                ids.push(id);
+            }
+            if let Some(p) = path {
+                p.parse::<pci::PciPath>()
+                    .map_err(|e| ConfigError(format!("pci_path '{p}': {e}")))?;
+            }
+            if let Some(port) = port {
+                return err(format!("unknown port '{port}'"));
+            }
+        }
         Ok(())
+    }
+}
+
+fn check_disk(path: &str) -> Result<(), ConfigError> {
+    use std::os::unix::fs::FileTypeExt;
+    if path.is_empty() {
+        return err("a disk needs a path");
+    }
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() || m.file_type().is_block_device() => Ok(()),
+        Ok(_) => err(format!(
+            "disk '{path}' is not a regular file or block device"
+        )),
+        Err(e) => err(format!("cannot open disk '{path}': {e}")),
     }
 }
 
@@ -173,6 +219,9 @@ usage: arbor --kernel PATH [options]
   --cpus N             number of vCPUs, 1-254 (default 1)
   --memory SIZE        guest memory, e.g. 512M or 2G (default 512M)
   --serial WHERE       stdout (default), off, or file=PATH
+  --disk OPTIONS       virtio-blk disk: path=FILE[,readonly=on][,serial=S][,id=ID]
+                       [,pci_path=PATH]; repeatable (slots 01, 02, ... in order)
+  --rng [OPTIONS]      virtio-rng device: [id=ID][,pci_path=PATH]; repeatable
   --api-socket PATH    serve the HTTP API on this UNIX socket
   --shutdown-grace S   seconds vm.shutdown waits after the power button (5)
   --help, --version
@@ -189,7 +238,7 @@ where
 {
     let mut cfg = VmConfig::default();
     let mut kernel = None;
-    let mut it = args.into_iter().map(Into::into);
+    let mut it = args.into_iter().map(Into::into).peekable();
     let mut seen: Vec<String> = Vec::new();
     while let Some(arg) = it.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -213,16 +262,23 @@ where
             "--serial",
             "--api-socket",
             "--shutdown-grace",
+            "--disk",
+            "--rng",
         ];
         if !known.contains(&flag.as_str()) {
             return err(format!("unknown option '{flag}' (see --help)"));
         }
-        if seen.contains(&flag) {
+        let repeatable = flag == "--disk" || flag == "--rng";
+        if seen.contains(&flag) && !repeatable {
             return err(format!("option '{flag}' given twice"));
         }
         seen.push(flag.clone());
         let value = match inline {
             Some(v) => v,
+            None if flag == "--rng" => match it.peek() {
+                Some(next) if !next.starts_with("--") => it.next().unwrap_or_default(),
+                _ => String::new(),
+            },
             None => it
                 .next()
                 .ok_or_else(|| ConfigError(format!("option '{flag}' needs a value")))?,
@@ -237,6 +293,17 @@ where
                 })?
             }
             "--memory" => cfg.memory = parse_size(&value)?,
+            "--disk" => cfg.disks.push(
+                DiskConfig::from_kv(&value).map_err(|e| ConfigError(format!("--disk: {e}")))?,
+            ),
+            "--rng" => {
+                let r = if value.is_empty() {
+                    RngConfig::default()
+                } else {
+                    RngConfig::from_kv(&value).map_err(|e| ConfigError(format!("--rng: {e}")))?
+                };
+                cfg.rngs.push(r)
+            }
             "--api-socket" => {
                 if value.is_empty() {
                     return err("--api-socket needs a path");
@@ -346,13 +413,34 @@ mod tests {
         };
         assert!(ok.validate().is_ok());
         let cases = [
-            VmConfig { cpus: 0, ..ok.clone() },
-            VmConfig { memory: 4 << 20, ..ok.clone() },
-            VmConfig { memory: u64::MAX, ..ok.clone() },
-            VmConfig { cmdline: "x".repeat(4096), ..ok.clone() },
-            VmConfig { kernel: dir.join("missing"), ..ok.clone() },
-            VmConfig { kernel: dir.clone(), ..ok.clone() },
-            VmConfig { initramfs: Some(dir.join("missing")), ..ok.clone() },
+            VmConfig {
+                cpus: 0,
+                ..ok.clone()
+            },
+            VmConfig {
+                memory: 4 << 20,
+                ..ok.clone()
+            },
+            VmConfig {
+                memory: u64::MAX,
+                ..ok.clone()
+            },
+            VmConfig {
+                cmdline: "x".repeat(4096),
+                ..ok.clone()
+            },
+            VmConfig {
+                kernel: dir.join("missing"),
+                ..ok.clone()
+            },
+            VmConfig {
+                kernel: dir.clone(),
+                ..ok.clone()
+            },
+            VmConfig {
+                initramfs: Some(dir.join("missing")),
+                ..ok.clone()
+            },
         ];
         for c in cases {
             assert!(c.validate().is_err(), "{c:?}");

@@ -2,15 +2,13 @@
 //! the two entry protocols (PVH 32-bit protected mode, Linux 64-bit).
 
 use kvm_bindings::{
-    kvm_fpu, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs, kvm_msr_entry,
-    KVM_MAX_CPUID_ENTRIES,
+    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Kvm, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::layout::{
-    BOOT_STACK_POINTER, GDT_START, IDT_START, PDE_START, PDPTE_START, PML4_START,
-    ZERO_PAGE_START,
+    BOOT_STACK_POINTER, GDT_START, IDT_START, PDE_START, PDPTE_START, PML4_START, ZERO_PAGE_START,
 };
 
 /// Errors setting up a vCPU.
@@ -149,7 +147,10 @@ pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), CpuError> {
     if set != entries.len() {
         // Not every host knows every MSR; report which one stopped it.
         let idx = entries.get(set).map(|e| e.index).unwrap_or(0);
-        log::warn!("KVM accepted {set} of {} boot MSRs (stopped at {idx:#x})", entries.len());
+        log::warn!(
+            "KVM accepted {set} of {} boot MSRs (stopped at {idx:#x})",
+            entries.len()
+        );
     }
     Ok(())
 }

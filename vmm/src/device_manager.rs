@@ -14,12 +14,18 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use devices::acpi::{Ged, GED_EVENT_PCI_HOTPLUG, GED_EVENT_POWER_BUTTON, GED_MMIO_SIZE};
 use devices::legacy::{
-    AcpiPmRegisters, BootTimer, Cmos, EventFdTrigger, I8042, SerialDevice, ACPI_PM_PORT,
-    BOOT_TIMER_PORT,
+    AcpiPmRegisters, BootTimer, Cmos, EventFdTrigger, SerialDevice, ACPI_PM_PORT, BOOT_TIMER_PORT,
+    I8042,
 };
 
+use api::types::{DeviceInfo, DeviceKind, DiskConfig, RngConfig};
+use devices::virtio::{Block, BlockConfig, Rng, VirtioDevice, VirtioPciDevice, VirtioPciOptions};
+use pci::{PciPath, PciePortType};
+
 use crate::config::SerialOutput;
+use crate::interrupts::KvmMsiGroup;
 use crate::layout::PLATFORM_MMIO_START;
+use crate::pci_manager::{PciManager, PciManagerError};
 
 /// IRQ of the first UART.
 pub const SERIAL_IRQ: u32 = 4;
@@ -41,6 +47,18 @@ pub enum DeviceError {
     Register(u16, vm_device::bus::Error),
     #[error("cannot register device at {0:#x}: {1:?}")]
     RegisterMmio(u64, vm_device::bus::Error),
+    #[error("device id '{0}' is already in use")]
+    DuplicateId(String),
+    #[error("pci_path '{0}': {1}")]
+    BadPath(String, String),
+    #[error("{0}")]
+    Placement(#[from] PciManagerError),
+    #[error("cannot open disk '{0}': {1}")]
+    Disk(String, std::io::Error),
+    #[error("cannot set up MSI-X vectors: {0}")]
+    Msi(std::io::Error),
+    #[error("cannot create the virtio device: {0}")]
+    Virtio(String),
 }
 
 /// Events the platform devices raise for the event loop.
@@ -49,9 +67,38 @@ pub struct PlatformEvents {
     pub reset: EventFd,
 }
 
+/// A device the VM has, for `vm.info` and removal.
+#[derive(Clone, Debug)]
+pub struct DeviceRecord {
+    pub id: String,
+    pub kind: DeviceKind,
+    pub path: PciPath,
+    pub hotplugged: bool,
+    pub disk: Option<DiskConfig>,
+}
+
+impl DeviceRecord {
+    /// The API's view of the device.
+    pub fn info(&self) -> DeviceInfo {
+        DeviceInfo {
+            id: self.id.clone(),
+            kind: self.kind,
+            pci_path: self.path.to_string(),
+            bdf: None,
+            port: None,
+            hotplugged: self.hotplugged,
+            path: self.disk.as_ref().map(|d| d.path.clone()),
+            readonly: self.disk.as_ref().map(|d| d.readonly),
+            serial: self.disk.as_ref().and_then(|d| d.serial.clone()),
+        }
+    }
+}
+
 /// Devices every VM has.
 pub struct DeviceManager {
     pub io: Arc<RwLock<IoManager>>,
+    pub pci: Option<Arc<PciManager>>,
+    pub records: Vec<DeviceRecord>,
     pub serial: Arc<Mutex<SerialDevice>>,
     pub ged: Arc<Ged>,
     pub events: PlatformEvents,
@@ -155,6 +202,8 @@ impl DeviceManager {
         register_mmio(&mut io, GED_MMIO_START, GED_MMIO_SIZE, ged.clone())?;
         Ok(DeviceManager {
             io: Arc::new(RwLock::new(io)),
+            pci: None,
+            records: Vec::new(),
             serial,
             ged,
             events: PlatformEvents { power_off, reset },
@@ -170,6 +219,143 @@ impl DeviceManager {
             GED_EVENT_POWER_BUTTON,
             GED_EVENT_PCI_HOTPLUG,
             false,
+        )
+    }
+}
+
+/// What is known of a device before it is placed.
+struct NewDevice<'a> {
+    id: Option<&'a str>,
+    prefix: &'a str,
+    kind: DeviceKind,
+    pci_path: Option<&'a str>,
+    hotplugged: bool,
+    disk: Option<DiskConfig>,
+}
+
+impl DeviceManager {
+    fn fresh_id(&self, prefix: &str) -> String {
+        (0..)
+            .map(|n| format!("{prefix}{n}"))
+            .find(|id| !self.records.iter().any(|r| &r.id == id))
+            .unwrap_or_else(|| prefix.to_string())
+    }
+
+    fn choose_path(&self, pci_path: Option<&str>) -> Result<PciPath, DeviceError> {
+        let pci = self
+            .pci
+            .as_ref()
+            .ok_or_else(|| DeviceError::Virtio("this VM has no PCI".into()))?;
+        match pci_path {
+            Some(p) => {
+                let path: PciPath = p.parse().map_err(|e: pci::PciPathError| {
+                    DeviceError::BadPath(p.into(), e.to_string())
+                })?;
+                if path.len() != 1 || path.last().slot == 0 {
+                    return Err(DeviceError::BadPath(
+                        p.into(),
+                        "only slots 01-1f of the root bus exist in this topology".into(),
+                    ));
+                }
+                Ok(path)
+            }
+            None => {
+                let slot = pci.free_root_slot().ok_or(PciManagerError::NoFreeSlot)?;
+                Ok(PciManager::root_path(slot)?)
+            }
+        }
+    }
+
+    fn place(
+        &mut self,
+        new: NewDevice<'_>,
+        device: Box<dyn VirtioDevice>,
+    ) -> Result<DeviceRecord, DeviceError> {
+        let NewDevice {
+            id,
+            prefix,
+            kind,
+            pci_path,
+            hotplugged,
+            disk,
+        } = new;
+        let id = match id {
+            Some(id) if self.records.iter().any(|r| r.id == id) => {
+                return Err(DeviceError::DuplicateId(id.to_string()))
+            }
+            Some(id) => id.to_string(),
+            None => self.fresh_id(prefix),
+        };
+        let path = self.choose_path(pci_path)?;
+        let pci = self
+            .pci
+            .clone()
+            .ok_or_else(|| DeviceError::Virtio("this VM has no PCI".into()))?;
+        let vectors = VirtioPciDevice::required_msix_vectors(device.as_ref());
+        let msi =
+            Arc::new(KvmMsiGroup::new(pci.routing().clone(), vectors).map_err(DeviceError::Msi)?);
+        let opts = VirtioPciOptions {
+            pcie: Some(PciePortType::RootComplexIntegratedEndpoint),
+            prefetchable: false,
+        };
+        let dev = VirtioPciDevice::new(device, pci.memory().clone(), msi, opts)
+            .map_err(|e| DeviceError::Virtio(e.to_string()))?;
+        pci.place_virtio(path.clone(), dev)?;
+        let rec = DeviceRecord {
+            id,
+            kind,
+            path,
+            hotplugged,
+            disk,
+        };
+        self.records.push(rec.clone());
+        Ok(rec)
+    }
+
+    /// Adds a virtio-blk disk.
+    pub fn add_disk(
+        &mut self,
+        cfg: &DiskConfig,
+        hotplugged: bool,
+    ) -> Result<DeviceRecord, DeviceError> {
+        if let Some(id) = &cfg.id {
+            if self.records.iter().any(|r| &r.id == id) {
+                return Err(DeviceError::DuplicateId(id.clone()));
+            }
+        }
+        let mut bc = BlockConfig::new(&cfg.path);
+        bc.read_only = cfg.readonly;
+        bc.serial = cfg.serial.clone().unwrap_or_default();
+        let block = Block::new(&bc).map_err(|e| DeviceError::Disk(cfg.path.clone(), e))?;
+        self.place(
+            NewDevice {
+                id: cfg.id.as_deref(),
+                prefix: "disk",
+                kind: DeviceKind::Disk,
+                pci_path: cfg.pci_path.as_deref(),
+                hotplugged,
+                disk: Some(cfg.clone()),
+            },
+            Box::new(block),
+        )
+    }
+
+    /// Adds a virtio-rng device.
+    pub fn add_rng(
+        &mut self,
+        cfg: &RngConfig,
+        hotplugged: bool,
+    ) -> Result<DeviceRecord, DeviceError> {
+        self.place(
+            NewDevice {
+                id: cfg.id.as_deref(),
+                prefix: "rng",
+                kind: DeviceKind::Rng,
+                pci_path: cfg.pci_path.as_deref(),
+                hotplugged,
+                disk: None,
+            },
+            Box::new(Rng::new()),
         )
     }
 }

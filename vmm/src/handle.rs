@@ -61,7 +61,10 @@ impl VmmHandle {
         }
     }
 
-    fn expect_added(&self, request: ApiRequest) -> std::result::Result<AddDeviceResponse, ApiError> {
+    fn expect_added(
+        &self,
+        request: ApiRequest,
+    ) -> std::result::Result<AddDeviceResponse, ApiError> {
         match self.request(request)? {
             ApiResponse::DeviceAdded(a) => Ok(a),
             other => Err(ApiError::internal(format!("unexpected answer {other:?}"))),

@@ -22,16 +22,18 @@ pub mod config;
 pub mod cpu;
 pub mod device_manager;
 mod handle;
+pub mod interrupts;
 pub mod layout;
 pub mod logger;
+pub mod pci_manager;
 mod terminal;
 pub mod vcpu;
 mod vm;
 
+pub use api::types::{DiskConfig, RngConfig, VmInfo};
 pub use config::{ConfigError, SerialOutput, VmConfig};
 pub use handle::{RunningVm, VmEvent, VmmHandle};
 pub use vm::Vm;
-pub use api::types::{DiskConfig, RngConfig, VmInfo};
 
 /// Why a VM stopped running.
 #[derive(Debug, Clone, PartialEq, Eq)]

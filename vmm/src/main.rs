@@ -57,17 +57,20 @@ fn main() -> ExitCode {
     // The API server is a thin client of the VM's request channel.
     let _server = match api_socket {
         Some(path) => {
-            let started = vm
-                .handle()
-                .channel()
-                .map_err(|e| e.to_string())
-                .and_then(|(tx, wake)| {
-                    api::start_server(&path, tx, wake).map_err(|e| e.to_string())
-                });
+            let started =
+                vm.handle()
+                    .channel()
+                    .map_err(|e| e.to_string())
+                    .and_then(|(tx, wake)| {
+                        api::start_server(&path, tx, wake).map_err(|e| e.to_string())
+                    });
             match started {
                 Ok(s) => Some(s),
                 Err(e) => {
-                    eprintln!("arbor: error: cannot serve the API on {}: {e}", path.display());
+                    eprintln!(
+                        "arbor: error: cannot serve the API on {}: {e}",
+                        path.display()
+                    );
                     return ExitCode::from(EXIT_ERROR);
                 }
             }

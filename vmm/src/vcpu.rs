@@ -12,6 +12,7 @@ use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_device::bus::{MmioAddress, PioAddress};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
+use vm_device::{DeviceMmio, DevicePio};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
@@ -50,7 +51,32 @@ pub struct VcpuContext {
     pub wake: EventFd,
 }
 
+type PioDevice = Arc<dyn DevicePio + Send + Sync>;
+type MmioDevice = Arc<dyn DeviceMmio + Send + Sync>;
+
 impl VcpuContext {
+    /// The device covering `len` bytes at `port`, taken out of the bus so
+    /// that the bus lock is not held while the device runs (a device may
+    /// change the bus, e.g. when the guest moves a BAR).
+    fn pio_device(&self, port: u16, len: usize) -> Option<(PioAddress, PioDevice)> {
+        let io = self.io.read().unwrap_or_else(|e| e.into_inner());
+        let (range, dev) = io.pio_device(PioAddress(port))?;
+        let end = u32::from(port) + len as u32;
+        if end > u32::from(range.last().0) + 1 {
+            return None;
+        }
+        Some((range.base(), dev.clone()))
+    }
+
+    fn mmio_device(&self, addr: u64, len: usize) -> Option<(MmioAddress, MmioDevice)> {
+        let io = self.io.read().unwrap_or_else(|e| e.into_inner());
+        let (range, dev) = io.mmio_device(MmioAddress(addr))?;
+        if addr.checked_add(len as u64)? > range.last().0.checked_add(1)? {
+            return None;
+        }
+        Some((range.base(), dev.clone()))
+    }
+
     fn report(&self, ev: VcpuEvent) {
         let _ = self.events.send(ev);
         let _ = self.wake.write(1);
@@ -134,29 +160,26 @@ fn run(id: u8, mut vcpu: VcpuFd, ctx: VcpuContext, parked: Arc<AtomicBool>) {
         }
         match vcpu.run() {
             Ok(exit) => match exit {
-                VcpuExit::IoIn(port, data) => {
-                    let io = ctx.io.read().unwrap_or_else(|e| e.into_inner());
-                    if io.pio_read(PioAddress(port), data).is_err() {
-                        data.fill(0xff);
+                VcpuExit::IoIn(port, data) => match ctx.pio_device(port, data.len()) {
+                    Some((base, dev)) => dev.pio_read(base, port - base.0, data),
+                    None => data.fill(0xff),
+                },
+                VcpuExit::IoOut(port, data) => {
+                    if let Some((base, dev)) = ctx.pio_device(port, data.len()) {
+                        dev.pio_write(base, port - base.0, data);
                     }
                 }
-                VcpuExit::IoOut(port, data) => {
-                    let io = ctx.io.read().unwrap_or_else(|e| e.into_inner());
-                    let _ = io.pio_write(PioAddress(port), data);
-                }
-                VcpuExit::MmioRead(addr, data) => {
-                    let io = ctx.io.read().unwrap_or_else(|e| e.into_inner());
-                    if io.mmio_read(MmioAddress(addr), data).is_err() {
+                VcpuExit::MmioRead(addr, data) => match ctx.mmio_device(addr, data.len()) {
+                    Some((base, dev)) => dev.mmio_read(base, addr - base.0, data),
+                    None => {
                         log::debug!("vcpu{id}: unhandled MMIO read at {addr:#x}");
                         data.fill(0xff);
                     }
-                }
-                VcpuExit::MmioWrite(addr, data) => {
-                    let io = ctx.io.read().unwrap_or_else(|e| e.into_inner());
-                    if io.mmio_write(MmioAddress(addr), data).is_err() {
-                        log::debug!("vcpu{id}: unhandled MMIO write at {addr:#x}");
-                    }
-                }
+                },
+                VcpuExit::MmioWrite(addr, data) => match ctx.mmio_device(addr, data.len()) {
+                    Some((base, dev)) => dev.mmio_write(base, addr - base.0, data),
+                    None => log::debug!("vcpu{id}: unhandled MMIO write at {addr:#x}"),
+                },
                 VcpuExit::Hlt => {
                     // Only reached without an in-kernel LAPIC; wait to be kicked.
                     std::thread::park_timeout(Duration::from_millis(10));
@@ -169,9 +192,9 @@ fn run(id: u8, mut vcpu: VcpuFd, ctx: VcpuContext, parked: Arc<AtomicBool>) {
                     let ev = match kind {
                         KVM_SYSTEM_EVENT_SHUTDOWN => VcpuEvent::PowerOff,
                         KVM_SYSTEM_EVENT_RESET => VcpuEvent::Reset,
-                        other => VcpuEvent::Error(format!(
-                            "vcpu{id}: unexpected system event {other}"
-                        )),
+                        other => {
+                            VcpuEvent::Error(format!("vcpu{id}: unexpected system event {other}"))
+                        }
                     };
                     ctx.report(ev);
                     return;
@@ -180,7 +203,8 @@ fn run(id: u8, mut vcpu: VcpuFd, ctx: VcpuContext, parked: Arc<AtomicBool>) {
                 other => {
                     let what = match other {
                         VcpuExit::InternalError => {
-                            "KVM internal error (the host could not emulate an instruction)".to_string()
+                            "KVM internal error (the host could not emulate an instruction)"
+                                .to_string()
                         }
                         VcpuExit::FailEntry(reason, cpu) => {
                             format!("VM entry failed (reason {reason:#x} on cpu {cpu})")
@@ -196,7 +220,10 @@ fn run(id: u8, mut vcpu: VcpuFd, ctx: VcpuContext, parked: Arc<AtomicBool>) {
             Err(e) => match e.errno() {
                 libc::EINTR | libc::EAGAIN => {}
                 _ => {
-                    let msg = format!("vcpu{id}: KVM_RUN failed: {e}; {}", describe_registers(&vcpu));
+                    let msg = format!(
+                        "vcpu{id}: KVM_RUN failed: {e}; {}",
+                        describe_registers(&vcpu)
+                    );
                     ctx.report(VcpuEvent::Error(msg));
                     return;
                 }

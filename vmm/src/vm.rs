@@ -20,11 +20,15 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use devices::acpi::GED_EVENT_POWER_BUTTON;
 
-use crate::device_manager::DeviceManager;
+use crate::device_manager::{DeviceError, DeviceManager};
 use crate::handle::{RunningVm, VmEvent, VmmHandle};
+use crate::interrupts::GsiRouting;
+use crate::pci_manager::PciManager;
 use crate::terminal::RawMode;
 use crate::vcpu::{self, VcpuContext, VcpuEvent, VcpuHandle};
 use crate::{acpi, boot, cpu, layout, Error, ExitReason, Result, SerialOutput, VmConfig};
+use pci::BarAllocator;
+use vm_memory::GuestMemoryAtomic;
 
 const TOK_POWER_OFF: u64 = 1;
 const TOK_RESET: u64 = 2;
@@ -41,7 +45,9 @@ pub struct Vm {
     vcpus: Vec<VcpuHandle>,
     pending_vcpus: Vec<VcpuFd>,
     devices: DeviceManager,
-    vm: Arc<VmFd>,
+    /// Shared with the PCI manager and interrupt routing; dropped after
+    /// the devices and before the guest memory.
+    _vm: Arc<VmFd>,
     memory: GuestMemoryMmap,
     _kvm: Kvm,
     stop: Arc<AtomicBool>,
@@ -129,13 +135,42 @@ impl Vm {
         let start = Instant::now();
         config.validate()?;
         let kvm = open_kvm()?;
-        let vm = create_vm(&kvm)?;
+        let vm = Arc::new(create_vm(&kvm)?);
         let memory = create_memory(&vm, config.memory)?;
-        let devices = DeviceManager::new(&vm, &config.serial, start)?;
+        let mut devices = DeviceManager::new(&vm, &config.serial, start)?;
+
+        // The PCI Express root complex.
+        let routing = GsiRouting::new(vm.clone()).map_err(Error::EventLoop)?;
+        let ram_end = memory.last_addr().raw_value() + 1;
+        let windows = acpi::PciWindows {
+            mmio32: (layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE),
+            mmio64: (layout::pci_mmio64_start(ram_end), layout::PCI_MMIO64_SIZE),
+            buses: (0, 0xff),
+        };
+        let allocator = BarAllocator::new(None, windows.mmio32, Some(windows.mmio64))
+            .map_err(|e| Error::Device(DeviceError::Virtio(e.to_string())))?;
+        let pci = PciManager::new(
+            devices.io.clone(),
+            vm.clone(),
+            routing,
+            allocator,
+            GuestMemoryAtomic::new(memory.clone()),
+        );
+        pci.register_config_access(layout::PCI_ECAM_START, layout::PCI_ECAM_SIZE)
+            .map_err(|e| Error::Device(e.into()))?;
+        devices.pci = Some(pci);
+        for d in &config.disks {
+            devices.add_disk(d, false)?;
+        }
+        for r in &config.rngs {
+            devices.add_rng(r, false)?;
+        }
 
         let mut dsdt = acpi::platform_aml();
         dsdt.extend(devices.dsdt_aml());
-        let rsdp = acpi::write_tables(&memory, config.cpus, &dsdt, &[])?;
+        dsdt.extend(acpi::host_bridge_aml(&windows, &[]));
+        let mcfg = acpi::mcfg(layout::PCI_ECAM_START, windows.buses);
+        let rsdp = acpi::write_tables(&memory, config.cpus, &dsdt, &[mcfg])?;
         let boot = boot::load(
             &memory,
             &config.kernel,
@@ -169,7 +204,7 @@ impl Vm {
             vcpus: Vec::new(),
             pending_vcpus,
             devices,
-            vm: Arc::new(vm),
+            _vm: vm,
             memory,
             _kvm: kvm,
             stop: Arc::new(AtomicBool::new(false)),
@@ -290,7 +325,7 @@ impl Vm {
             state: self.state,
             cpus: Some(u32::from(self.config.cpus)),
             memory: Some(self.config.memory),
-            devices: Vec::new(),
+            devices: self.devices.records.iter().map(|r| r.info()).collect(),
             topology: Vec::new(),
         }
     }
@@ -325,14 +360,18 @@ impl Vm {
                     match r.and(arm.map_err(|e| std::io::Error::from_raw_os_error(e.errno()))) {
                         Ok(()) => (Ok(ApiResponse::Empty), None),
                         Err(e) => (
-                            Err(ApiError::internal(format!("cannot press the power button: {e}"))),
+                            Err(ApiError::internal(format!(
+                                "cannot press the power button: {e}"
+                            ))),
                             Some(ExitReason::Shutdown),
                         ),
                     }
                 }
             }
             ApiRequest::VmAddDisk(_) | ApiRequest::VmAddRng(_) => (
-                Err(ApiError::conflict("this VM has no hotplug-capable PCI slot")),
+                Err(ApiError::conflict(
+                    "this VM has no hotplug-capable PCI slot",
+                )),
                 None,
             ),
             ApiRequest::VmRemoveDevice(r) => (
@@ -355,9 +394,8 @@ impl Vm {
                 EpollEvent::new(EventSet::IN, tok),
             )
         };
-        let mut shutdown_timer = TimerFd::new().map_err(|e| {
-            Error::EventLoop(std::io::Error::from_raw_os_error(e.errno()))
-        })?;
+        let mut shutdown_timer = TimerFd::new()
+            .map_err(|e| Error::EventLoop(std::io::Error::from_raw_os_error(e.errno())))?;
         add(self.devices.events.power_off.as_raw_fd(), TOK_POWER_OFF).map_err(Error::EventLoop)?;
         add(self.devices.events.reset.as_raw_fd(), TOK_RESET).map_err(Error::EventLoop)?;
         add(self.vcpu_wake.as_raw_fd(), TOK_VCPU).map_err(Error::EventLoop)?;
@@ -406,7 +444,8 @@ impl Vm {
                     }
                     TOK_SHUTDOWN_TIMER => {
                         let _ = shutdown_timer.wait();
-                        let seen = self.devices.ged.take_acknowledged() & GED_EVENT_POWER_BUTTON != 0;
+                        let seen =
+                            self.devices.ged.take_acknowledged() & GED_EVENT_POWER_BUTTON != 0;
                         log::warn!(
                             "the guest did not power off within {:?} of the power button ({}); stopping it",
                             self.config.shutdown_grace,
@@ -427,7 +466,9 @@ impl Vm {
         }
         // Refuse whatever is still queued.
         while let Ok(msg) = self.api_rx.try_recv() {
-            let _ = msg.reply.send(Err(ApiError::conflict("the VM has stopped")));
+            let _ = msg
+                .reply
+                .send(Err(ApiError::conflict("the VM has stopped")));
         }
         let _ = std::io::Write::flush(&mut std::io::stdout());
         outcome
@@ -475,4 +516,3 @@ impl Drop for Vm {
         self.stop_vcpus();
     }
 }
-

@@ -1,0 +1,443 @@
+//! virtio-blk backed by a raw image file (or host block device).
+//!
+//! One request queue. Each chain is: a 16-byte device-readable header (type, reserved,
+//! sector), data buffers (device-readable for writes/discard, device-writable for reads and
+//! GET_ID) and a final device-writable status byte; the header and status may straddle
+//! descriptors. Supported requests: IN, OUT, FLUSH, GET_ID (the 20-byte serial) and DISCARD
+//! (hole punching, when the disk is writable). Capacity is the file size in 512-byte
+//! sectors; requests must be whole sectors inside the disk, otherwise they complete with
+//! IOERR. A read-only disk advertises VIRTIO_BLK_F_RO and fails writes with IOERR. Data is
+//! copied through a bounded bounce buffer with positional I/O (`pread`/`pwrite`), so guest
+//! buffer sizes never translate into host allocations larger than [`IO_CHUNK`].
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use log::warn;
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
+use virtio_queue::DescriptorChain;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::fallocate::{fallocate, FallocateMode};
+
+use super::chain::{parse_chain, ChainBuffers};
+use super::worker::{QueueHandler, QueueProcessor, Worker};
+use super::{device_type, features, ActivateContext, ActivateError, VirtioDevice};
+
+/// Sector size.
+pub const SECTOR_SIZE: u64 = 512;
+/// Default queue size.
+pub const BLOCK_QUEUE_SIZE: u16 = 256;
+/// Largest copy done at once between the disk and guest memory.
+pub const IO_CHUNK: usize = 1 << 20;
+/// Advertised maximum segment size.
+pub const SIZE_MAX: u32 = 1 << 20;
+/// Maximum sectors per discard request.
+pub const MAX_DISCARD_SECTORS: u32 = 1 << 22;
+/// Maximum segments per discard request.
+pub const MAX_DISCARD_SEG: u32 = 32;
+const HEADER_LEN: u64 = 16;
+const DISCARD_SEG_LEN: u64 = 16;
+const DISCARD_FLAG_UNMAP: u32 = 1;
+/// Size of the device configuration space exposed.
+pub const BLOCK_CONFIG_LEN: usize = 0x3c;
+const ID_LEN: usize = VIRTIO_BLK_ID_BYTES as usize;
+
+/// How to build a [`Block`] device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockConfig {
+    /// Image path.
+    pub path: PathBuf,
+    /// Expose the disk read-only.
+    pub read_only: bool,
+    /// Serial returned by GET_ID (truncated to 20 bytes).
+    pub serial: String,
+    /// Queue size (power of two).
+    pub queue_size: u16,
+    /// Offer DISCARD (ignored for read-only disks).
+    pub discard: bool,
+}
+
+impl BlockConfig {
+    /// Read-write disk at `path` with defaults.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        BlockConfig {
+            path: path.into(),
+            read_only: false,
+            serial: String::new(),
+            queue_size: BLOCK_QUEUE_SIZE,
+            discard: true,
+        }
+    }
+}
+
+/// The virtio block device.
+#[derive(Debug)]
+pub struct Block {
+    disk: Arc<File>,
+    read_only: bool,
+    discard: bool,
+    serial: [u8; ID_LEN],
+    disk_bytes: u64,
+    features: u64,
+    config: [u8; BLOCK_CONFIG_LEN],
+    queue_sizes: [u16; 1],
+    worker: Option<Worker>,
+}
+
+impl Block {
+    /// Open `cfg.path` and build the device.
+    pub fn new(cfg: &BlockConfig) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!cfg.read_only)
+            .open(&cfg.path)?;
+        Self::from_file(file, cfg)
+    }
+
+    /// Build the device on an already open file (`cfg.path` is ignored).
+    pub fn from_file(mut file: File, cfg: &BlockConfig) -> io::Result<Self> {
+        let size = file.seek(SeekFrom::End(0))?;
+        let sectors = size / SECTOR_SIZE;
+        if !cfg.queue_size.is_power_of_two() || cfg.queue_size < 4 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "block queue size must be a power of two >= 4",
+            ));
+        }
+        let discard = cfg.discard && !cfg.read_only;
+        let mut feats = features::VERSION_1
+            | features::RING_INDIRECT_DESC
+            | features::RING_EVENT_IDX
+            | (1 << VIRTIO_BLK_F_SIZE_MAX)
+            | (1 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_BLK_F_BLK_SIZE)
+            | (1 << VIRTIO_BLK_F_FLUSH);
+        if cfg.read_only {
+            feats |= 1 << VIRTIO_BLK_F_RO;
+        }
+        if discard {
+            feats |= 1 << VIRTIO_BLK_F_DISCARD;
+        }
+        let mut config = [0u8; BLOCK_CONFIG_LEN];
+        let mut put =
+            |off: usize, bytes: &[u8]| config[off..off + bytes.len()].copy_from_slice(bytes);
+        put(0x00, &sectors.to_le_bytes());
+        put(0x08, &SIZE_MAX.to_le_bytes());
+        // Two descriptors are taken by the header and the status.
+        put(0x0c, &u32::from(cfg.queue_size - 2).to_le_bytes());
+        put(0x14, &(SECTOR_SIZE as u32).to_le_bytes());
+        put(0x22, &1u16.to_le_bytes());
+        if discard {
+            put(0x24, &MAX_DISCARD_SECTORS.to_le_bytes());
+            put(0x28, &MAX_DISCARD_SEG.to_le_bytes());
+            put(0x2c, &8u32.to_le_bytes());
+        }
+        let mut serial = [0u8; ID_LEN];
+        let s = cfg.serial.as_bytes();
+        let n = s.len().min(ID_LEN);
+        serial[..n].copy_from_slice(&s[..n]);
+        Ok(Block {
+            disk: Arc::new(file),
+            read_only: cfg.read_only,
+            discard,
+            serial,
+            disk_bytes: sectors * SECTOR_SIZE,
+            features: feats,
+            config,
+            queue_sizes: [cfg.queue_size],
+            worker: None,
+        })
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn capacity(&self) -> u64 {
+        self.disk_bytes / SECTOR_SIZE
+    }
+
+    fn handler(&self) -> BlockHandler {
+        BlockHandler {
+            disk: self.disk.clone(),
+            disk_bytes: self.disk_bytes,
+            read_only: self.read_only,
+            discard: self.discard,
+            serial: self.serial,
+            max_descs: usize::from(self.queue_sizes[0]) * 4,
+            buf: Vec::new(),
+        }
+    }
+}
+
+/// Request execution on the worker thread.
+struct BlockHandler {
+    disk: Arc<File>,
+    disk_bytes: u64,
+    read_only: bool,
+    discard: bool,
+    serial: [u8; ID_LEN],
+    max_descs: usize,
+    buf: Vec<u8>,
+}
+
+type Status = u8;
+const S_OK: Status = VIRTIO_BLK_S_OK as u8;
+const S_IOERR: Status = VIRTIO_BLK_S_IOERR as u8;
+const S_UNSUPP: Status = VIRTIO_BLK_S_UNSUPP as u8;
+
+impl BlockHandler {
+    /// Byte offset of `len` bytes at `sector`, if whole sectors inside the disk.
+    fn byte_range(&self, sector: u64, len: u64) -> Option<u64> {
+        if !len.is_multiple_of(SECTOR_SIZE) {
+            return None;
+        }
+        let off = sector.checked_mul(SECTOR_SIZE)?;
+        let end = off.checked_add(len)?;
+        (end <= self.disk_bytes).then_some(off)
+    }
+
+    fn read(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        bufs: &ChainBuffers,
+        off: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        let mut pos = 0u64;
+        while pos < len {
+            let n = ((len - pos) as usize).min(IO_CHUNK);
+            self.buf.resize(n, 0);
+            self.disk.read_exact_at(&mut self.buf[..n], off + pos)?;
+            bufs.write_at(mem, pos, &self.buf[..n])
+                .map_err(io::Error::other)?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    fn write(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        bufs: &ChainBuffers,
+        off: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        let mut pos = 0u64;
+        while pos < len {
+            let n = ((len - pos) as usize).min(IO_CHUNK);
+            self.buf.resize(n, 0);
+            bufs.read_at(mem, HEADER_LEN + pos, &mut self.buf[..n])
+                .map_err(io::Error::other)?;
+            self.disk.write_all_at(&self.buf[..n], off + pos)?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    fn discard(&mut self, mem: &GuestMemoryMmap, bufs: &ChainBuffers, len: u64) -> Status {
+        if len == 0
+            || !len.is_multiple_of(DISCARD_SEG_LEN)
+            || len / DISCARD_SEG_LEN > u64::from(MAX_DISCARD_SEG)
+        {
+            return S_IOERR;
+        }
+        for i in 0..len / DISCARD_SEG_LEN {
+            let mut seg = [0u8; DISCARD_SEG_LEN as usize];
+            if bufs
+                .read_at(mem, HEADER_LEN + i * DISCARD_SEG_LEN, &mut seg)
+                .is_err()
+            {
+                return S_IOERR;
+            }
+            let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap_or_default());
+            let num = u32::from_le_bytes(seg[8..12].try_into().unwrap_or_default());
+            let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or_default());
+            if flags & !DISCARD_FLAG_UNMAP != 0 {
+                return S_UNSUPP;
+            }
+            if num > MAX_DISCARD_SECTORS {
+                return S_IOERR;
+            }
+            let bytes = u64::from(num) * SECTOR_SIZE;
+            let Some(off) = self.byte_range(sector, bytes) else {
+                return S_IOERR;
+            };
+            if bytes == 0 {
+                continue;
+            }
+            if let Err(e) = fallocate(&*self.disk, FallocateMode::PunchHole, true, off, bytes) {
+                warn!("virtio-blk: discard failed: {e}");
+                return S_IOERR;
+            }
+        }
+        S_OK
+    }
+
+    /// Execute a request; returns the status and the number of data bytes written into the
+    /// chain (excluding the status byte).
+    fn execute(&mut self, mem: &GuestMemoryMmap, bufs: &ChainBuffers) -> (Status, u64) {
+        let mut hdr = [0u8; HEADER_LEN as usize];
+        if bufs.read_at(mem, 0, &mut hdr).is_err() {
+            return (S_IOERR, 0);
+        }
+        let req = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+        let mut sector_bytes = [0u8; 8];
+        sector_bytes.copy_from_slice(&hdr[8..16]);
+        let sector = u64::from_le_bytes(sector_bytes);
+        // Status is the last writable byte; data-in is everything before it.
+        let data_in = bufs.writable_len().saturating_sub(1);
+        let data_out = bufs.readable_len().saturating_sub(HEADER_LEN);
+        match req {
+            VIRTIO_BLK_T_IN => {
+                let Some(off) = self.byte_range(sector, data_in) else {
+                    return (S_IOERR, 0);
+                };
+                match self.read(mem, bufs, off, data_in) {
+                    Ok(()) => (S_OK, data_in),
+                    Err(e) => {
+                        warn!("virtio-blk: read at sector {sector} failed: {e}");
+                        (S_IOERR, 0)
+                    }
+                }
+            }
+            VIRTIO_BLK_T_OUT => {
+                if self.read_only {
+                    return (S_IOERR, 0);
+                }
+                let Some(off) = self.byte_range(sector, data_out) else {
+                    return (S_IOERR, 0);
+                };
+                match self.write(mem, bufs, off, data_out) {
+                    Ok(()) => (S_OK, 0),
+                    Err(e) => {
+                        warn!("virtio-blk: write at sector {sector} failed: {e}");
+                        (S_IOERR, 0)
+                    }
+                }
+            }
+            VIRTIO_BLK_T_FLUSH => match self.disk.sync_data() {
+                Ok(()) => (S_OK, 0),
+                Err(e) => {
+                    warn!("virtio-blk: flush failed: {e}");
+                    (S_IOERR, 0)
+                }
+            },
+            VIRTIO_BLK_T_GET_ID => {
+                let n = (data_in as usize).min(ID_LEN);
+                if n == 0 {
+                    return (S_IOERR, 0);
+                }
+                match bufs.write_at(mem, 0, &self.serial[..n]) {
+                    Ok(()) => (S_OK, n as u64),
+                    Err(_) => (S_IOERR, 0),
+                }
+            }
+            VIRTIO_BLK_T_DISCARD if self.discard => (self.discard(mem, bufs, data_out), 0),
+            _ => (S_UNSUPP, 0),
+        }
+    }
+
+    fn handle(&mut self, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
+        let bufs = match parse_chain(mem, chain, self.max_descs) {
+            Ok(b) => b,
+            Err(e) => {
+                warn!("virtio-blk: bad descriptor chain: {e}");
+                return 0;
+            }
+        };
+        let Some(status_off) = bufs.writable_len().checked_sub(1) else {
+            warn!("virtio-blk: request without a status byte");
+            return 0;
+        };
+        let (status, written) = self.execute(mem, &bufs);
+        if bufs.write_at(mem, status_off, &[status]).is_err() {
+            return 0;
+        }
+        // Bounded by the chain length, which is below 4 GiB.
+        (written + 1) as u32
+    }
+}
+
+impl QueueHandler for BlockHandler {
+    fn process_chain(
+        &mut self,
+        _queue: usize,
+        mem: &GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+    ) -> u32 {
+        self.handle(mem, chain)
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        device_type::BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn config_len(&self) -> usize {
+        BLOCK_CONFIG_LEN
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let Ok(off) = usize::try_from(offset) else {
+            return;
+        };
+        if off >= BLOCK_CONFIG_LEN {
+            return;
+        }
+        let n = data.len().min(BLOCK_CONFIG_LEN - off);
+        data[..n].copy_from_slice(&self.config[off..off + n]);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // Every field we expose is read-only (no VIRTIO_BLK_F_CONFIG_WCE).
+        log::debug!(
+            "virtio-blk: ignored config write at {offset:#x} len {}",
+            data.len()
+        );
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        if self.worker.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if ctx.queues.len() != 1 {
+            return Err(ActivateError::BadQueues(format!(
+                "virtio-blk needs 1 queue, got {}",
+                ctx.queues.len()
+            )));
+        }
+        let processor = QueueProcessor::new(ctx, self.handler());
+        self.worker = Some(Worker::spawn("virtio-blk", processor)?);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(mut w) = self.worker.take() {
+            w.stop();
+        }
+    }
+
+    fn is_active(&self) -> bool {
+        self.worker.is_some()
+    }
+}
+
+#[cfg(test)]
+#[path = "block_tests.rs"]
+mod tests;

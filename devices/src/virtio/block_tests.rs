@@ -1,0 +1,415 @@
+//! virtio-blk request handling tests, driving the queue processor directly.
+
+use std::io::Write;
+
+use super::*;
+use crate::virtio::test_utils::{desc, mem, TestQueue, F_NEXT, F_WRITE};
+use crate::virtio::{ActiveQueue, VirtioInterrupt};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::tempfile::TempFile;
+
+const HDR: u64 = 0x10_0000;
+const DATA: u64 = 0x20_0000;
+const STATUS: u64 = 0x30_0000;
+
+struct NoInterrupt;
+impl VirtioInterrupt for NoInterrupt {
+    fn signal_used_queue(&self, _q: u16) -> io::Result<()> {
+        Ok(())
+    }
+    fn signal_config_change(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn pattern(i: usize) -> u8 {
+    (i % 251) as u8
+}
+
+fn disk(sectors: usize, cfg: impl FnOnce(&mut BlockConfig)) -> (TempFile, Block) {
+    let t = TempFile::new().unwrap();
+    let data: Vec<u8> = (0..sectors * 512).map(pattern).collect();
+    t.as_file().write_all(&data).unwrap();
+    let mut c = BlockConfig::new(t.as_path());
+    c.serial = "arbor-serial-0123456789".into();
+    cfg(&mut c);
+    let b = Block::new(&c).unwrap();
+    (t, b)
+}
+
+fn processor(b: &Block, m: &GuestMemoryMmap, q: &TestQueue) -> QueueProcessor<BlockHandler> {
+    let ctx = ActivateContext {
+        mem: GuestMemoryAtomic::new(m.clone()),
+        interrupt: Arc::new(NoInterrupt),
+        queues: vec![ActiveQueue {
+            index: 0,
+            queue: q.queue(),
+            event: EventFd::new(EFD_NONBLOCK).unwrap(),
+        }],
+        acked_features: b.features(),
+    };
+    QueueProcessor::new(ctx, b.handler())
+}
+
+fn hdr(m: &GuestMemoryMmap, at: u64, req: u32, sector: u64) {
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&req.to_le_bytes());
+    h[8..16].copy_from_slice(&sector.to_le_bytes());
+    m.write_slice(&h, GuestAddress(at)).unwrap();
+}
+
+fn status(m: &GuestMemoryMmap, at: u64) -> u8 {
+    m.read_obj(GuestAddress(at)).unwrap()
+}
+
+fn file_bytes(t: &TempFile) -> Vec<u8> {
+    std::fs::read(t.as_path()).unwrap()
+}
+
+#[test]
+fn config_space_and_features() {
+    let (_t, b) = disk(100, |_| {});
+    assert_eq!(b.capacity(), 100);
+    let mut cap = [0u8; 8];
+    b.read_config(0, &mut cap);
+    assert_eq!(u64::from_le_bytes(cap), 100);
+    let mut seg = [0u8; 4];
+    b.read_config(0x0c, &mut seg);
+    assert_eq!(u32::from_le_bytes(seg), u32::from(BLOCK_QUEUE_SIZE) - 2);
+    b.read_config(0x08, &mut seg);
+    assert_eq!(u32::from_le_bytes(seg), SIZE_MAX);
+    let mut big = [0xffu8; 16];
+    b.read_config(0x38, &mut big);
+    assert_eq!(&big[4..], &[0; 12]);
+    b.read_config(u64::MAX, &mut big);
+    assert_eq!(big, [0; 16]);
+    assert_ne!(b.features() & (1 << VIRTIO_BLK_F_DISCARD), 0);
+    assert_eq!(b.features() & (1 << VIRTIO_BLK_F_RO), 0);
+    assert_ne!(b.features() & features::VERSION_1, 0);
+    let (_t, ro) = disk(1, |c| c.read_only = true);
+    assert_ne!(ro.features() & (1 << VIRTIO_BLK_F_RO), 0);
+    assert_eq!(ro.features() & (1 << VIRTIO_BLK_F_DISCARD), 0);
+    // A file whose size is not a multiple of 512 exposes whole sectors only.
+    let t = TempFile::new().unwrap();
+    t.as_file().write_all(&[0u8; 1000]).unwrap();
+    assert_eq!(
+        Block::new(&BlockConfig::new(t.as_path()))
+            .unwrap()
+            .capacity(),
+        1
+    );
+    let mut bad = BlockConfig::new(t.as_path());
+    bad.queue_size = 100;
+    assert!(Block::new(&bad).is_err());
+    assert!(Block::new(&BlockConfig::new("/nonexistent/arbor")).is_err());
+}
+
+#[test]
+fn read_write_flush_get_id() {
+    let m = mem();
+    let (t, b) = disk(64, |_| {});
+    let q = TestQueue::new(0x1000, 16);
+    let mut p = processor(&b, &m, &q);
+
+    // Read sectors 2..4 into two data buffers.
+    hdr(&m, HDR, VIRTIO_BLK_T_IN, 2);
+    q.add_chain(
+        &m,
+        &[
+            (HDR, 16, false),
+            (DATA, 512, true),
+            (DATA + 0x1000, 512, true),
+            (STATUS, 1, true),
+        ],
+    );
+    assert_eq!(p.process_queue(0), 1);
+    assert_eq!(q.used_elem(&m, 0), (0, 1025));
+    assert_eq!(status(&m, STATUS), S_OK);
+    let mut got = vec![0u8; 512];
+    m.read_slice(&mut got, GuestAddress(DATA + 0x1000)).unwrap();
+    assert!(got
+        .iter()
+        .enumerate()
+        .all(|(i, &x)| x == pattern(3 * 512 + i)));
+
+    // Write sector 5 from guest memory.
+    let payload: Vec<u8> = (0..1024).map(|i| (i * 7) as u8).collect();
+    m.write_slice(&payload, GuestAddress(DATA)).unwrap();
+    hdr(&m, HDR + 0x100, VIRTIO_BLK_T_OUT, 5);
+    q.add_chain(
+        &m,
+        &[
+            (HDR + 0x100, 16, false),
+            (DATA, 1024, false),
+            (STATUS + 1, 1, true),
+        ],
+    );
+    // Flush.
+    hdr(&m, HDR + 0x200, VIRTIO_BLK_T_FLUSH, 0);
+    q.add_chain(&m, &[(HDR + 0x200, 16, false), (STATUS + 2, 1, true)]);
+    // GET_ID into a 32-byte buffer: 20 bytes of serial.
+    hdr(&m, HDR + 0x300, VIRTIO_BLK_T_GET_ID, 0);
+    m.write_slice(&[0xee; 32], GuestAddress(DATA + 0x2000))
+        .unwrap();
+    q.add_chain(
+        &m,
+        &[
+            (HDR + 0x300, 16, false),
+            (DATA + 0x2000, 32, true),
+            (STATUS + 3, 1, true),
+        ],
+    );
+    assert_eq!(p.process_queue(0), 3);
+    assert_eq!(status(&m, STATUS + 1), S_OK);
+    assert_eq!(status(&m, STATUS + 2), S_OK);
+    assert_eq!(status(&m, STATUS + 3), S_OK);
+    assert_eq!(q.used_elem(&m, 1).1, 1);
+    assert_eq!(q.used_elem(&m, 2).1, 1);
+    assert_eq!(q.used_elem(&m, 3).1, 21);
+    let f = file_bytes(&t);
+    assert_eq!(&f[5 * 512..7 * 512], &payload[..]);
+    assert_eq!(f[4 * 512], pattern(4 * 512));
+    let mut id = [0u8; 32];
+    m.read_slice(&mut id, GuestAddress(DATA + 0x2000)).unwrap();
+    assert_eq!(&id[..20], b"arbor-serial-0123456");
+    assert_eq!(&id[20..], &[0xee; 12]);
+}
+
+#[test]
+fn header_and_status_may_straddle_descriptors() {
+    let m = mem();
+    let (_t, b) = disk(8, |_| {});
+    let q = TestQueue::new(0x1000, 16);
+    let mut p = processor(&b, &m, &q);
+    hdr(&m, HDR, VIRTIO_BLK_T_IN, 1);
+    let mut split = [0u8; 16];
+    m.read_slice(&mut split, GuestAddress(HDR)).unwrap();
+    m.write_slice(&split[8..], GuestAddress(HDR + 0x800))
+        .unwrap();
+    // Header in two pieces; data and status share the last writable descriptor.
+    q.add_chain(
+        &m,
+        &[(HDR, 8, false), (HDR + 0x800, 8, false), (DATA, 513, true)],
+    );
+    p.process_queue(0);
+    assert_eq!(q.used_elem(&m, 0).1, 513);
+    assert_eq!(status(&m, DATA + 512), S_OK);
+    assert_eq!(m.read_obj::<u8>(GuestAddress(DATA)).unwrap(), pattern(512));
+}
+
+#[test]
+fn error_statuses() {
+    let m = mem();
+    let (t, b) = disk(8, |c| c.read_only = true);
+    let q = TestQueue::new(0x1000, 32);
+    let mut p = processor(&b, &m, &q);
+    let before = file_bytes(&t);
+    let cases: [(u32, u64, u32, Status); 7] = [
+        (VIRTIO_BLK_T_OUT, 0, 512, S_IOERR),             // read-only
+        (VIRTIO_BLK_T_IN, 8, 512, S_IOERR),              // past the end
+        (VIRTIO_BLK_T_IN, 7, 1024, S_IOERR),             // straddles the end
+        (VIRTIO_BLK_T_IN, u64::MAX / 256, 512, S_IOERR), // offset overflow
+        (VIRTIO_BLK_T_IN, 0, 100, S_IOERR),              // not whole sectors
+        (VIRTIO_BLK_T_DISCARD, 0, 16, S_UNSUPP),         // not offered when read-only
+        (0x1234, 0, 512, S_UNSUPP),
+    ];
+    for (i, (req, sector, len, _)) in cases.iter().enumerate() {
+        let h = HDR + 0x100 * i as u64;
+        hdr(&m, h, *req, *sector);
+        let write = *req != VIRTIO_BLK_T_OUT && *req != VIRTIO_BLK_T_DISCARD;
+        q.add_chain(
+            &m,
+            &[
+                (h, 16, false),
+                (DATA, *len, write),
+                (STATUS + i as u64, 1, true),
+            ],
+        );
+    }
+    assert_eq!(p.process_queue(0), cases.len());
+    for (i, (_, _, _, want)) in cases.iter().enumerate() {
+        assert_eq!(status(&m, STATUS + i as u64), *want, "case {i}");
+        assert_eq!(q.used_elem(&m, i as u16).1, 1);
+    }
+    assert_eq!(file_bytes(&t), before);
+    // Reads and flushes still work on a read-only disk.
+    hdr(&m, HDR, VIRTIO_BLK_T_IN, 0);
+    q.add_chain(
+        &m,
+        &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)],
+    );
+    hdr(&m, HDR + 0x40, VIRTIO_BLK_T_FLUSH, 0);
+    q.add_chain(&m, &[(HDR + 0x40, 16, false), (STATUS + 1, 1, true)]);
+    p.process_queue(0);
+    assert_eq!(status(&m, STATUS), S_OK);
+    assert_eq!(status(&m, STATUS + 1), S_OK);
+}
+
+#[test]
+fn discard_punches_holes() {
+    let m = mem();
+    let (t, b) = disk(64, |_| {});
+    let q = TestQueue::new(0x1000, 16);
+    let mut p = processor(&b, &m, &q);
+    let mut seg = [0u8; 16];
+    seg[0..8].copy_from_slice(&8u64.to_le_bytes());
+    seg[8..12].copy_from_slice(&16u32.to_le_bytes());
+    m.write_slice(&seg, GuestAddress(DATA)).unwrap();
+    hdr(&m, HDR, VIRTIO_BLK_T_DISCARD, 0);
+    q.add_chain(
+        &m,
+        &[(HDR, 16, false), (DATA, 16, false), (STATUS, 1, true)],
+    );
+    // Unknown flags are unsupported; ranges past the end fail.
+    seg[12] = 2;
+    m.write_slice(&seg, GuestAddress(DATA + 0x100)).unwrap();
+    hdr(&m, HDR + 0x100, VIRTIO_BLK_T_DISCARD, 0);
+    q.add_chain(
+        &m,
+        &[
+            (HDR + 0x100, 16, false),
+            (DATA + 0x100, 16, false),
+            (STATUS + 1, 1, true),
+        ],
+    );
+    seg[12] = 0;
+    seg[0..8].copy_from_slice(&60u64.to_le_bytes());
+    m.write_slice(&seg, GuestAddress(DATA + 0x200)).unwrap();
+    hdr(&m, HDR + 0x200, VIRTIO_BLK_T_DISCARD, 0);
+    q.add_chain(
+        &m,
+        &[
+            (HDR + 0x200, 16, false),
+            (DATA + 0x200, 16, false),
+            (STATUS + 2, 1, true),
+        ],
+    );
+    // Segment list that is not a multiple of 16 bytes.
+    hdr(&m, HDR + 0x300, VIRTIO_BLK_T_DISCARD, 0);
+    q.add_chain(
+        &m,
+        &[
+            (HDR + 0x300, 16, false),
+            (DATA, 10, false),
+            (STATUS + 3, 1, true),
+        ],
+    );
+    p.process_queue(0);
+    assert_eq!(status(&m, STATUS + 1), S_UNSUPP);
+    assert_eq!(status(&m, STATUS + 2), S_IOERR);
+    assert_eq!(status(&m, STATUS + 3), S_IOERR);
+    let st = status(&m, STATUS);
+    let f = file_bytes(&t);
+    assert_eq!(f.len(), 64 * 512);
+    if st == S_OK {
+        assert!(f[8 * 512..24 * 512].iter().all(|&x| x == 0));
+    } else {
+        // Filesystems without hole punching report an I/O error.
+        assert_eq!(st, S_IOERR);
+    }
+    assert_eq!(f[24 * 512 + 1], pattern(24 * 512 + 1));
+}
+
+#[test]
+fn malformed_chains_never_panic() {
+    let m = mem();
+    let (t, b) = disk(8, |_| {});
+    let before = file_bytes(&t);
+    let q = TestQueue::new(0x1000, 16);
+    let mut p = processor(&b, &m, &q);
+    hdr(&m, HDR, VIRTIO_BLK_T_OUT, 0);
+    // No writable descriptor: no status can be written.
+    q.add_chain(&m, &[(HDR, 16, false), (DATA, 512, false)]);
+    // Header too short: IOERR in the status byte.
+    q.add_chain(&m, &[(HDR, 8, false), (STATUS, 1, true)]);
+    // Loop.
+    q.write_desc(&m, 10, desc(HDR, 16, F_NEXT, 11));
+    q.write_desc(&m, 11, desc(STATUS, 1, F_NEXT | F_WRITE, 10));
+    q.push_avail(&m, 10);
+    // Data buffer outside guest memory.
+    q.write_desc(&m, 12, desc(HDR, 16, F_NEXT, 13));
+    q.write_desc(&m, 13, desc(0x7fff_ffff_0000, 512, F_NEXT, 14));
+    q.write_desc(&m, 14, desc(STATUS, 1, F_WRITE, 0));
+    q.push_avail(&m, 12);
+    // Zero-length everything.
+    q.write_desc(&m, 15, desc(HDR, 0, F_WRITE, 0));
+    q.push_avail(&m, 15);
+    // Head out of range.
+    q.push_avail(&m, 0xffff);
+    assert_eq!(p.process_queue(0), 6);
+    assert_eq!(q.used_elem(&m, 0).1, 0);
+    assert_eq!(q.used_elem(&m, 1).1, 1);
+    assert_eq!(status(&m, STATUS), S_IOERR);
+    assert_eq!(q.used_elem(&m, 2).1, 0);
+    assert_eq!(q.used_elem(&m, 3).1, 0);
+    assert_eq!(q.used_elem(&m, 4).1, 0);
+    assert_eq!(q.used_idx(&m), 5);
+    assert_eq!(file_bytes(&t), before);
+}
+
+#[test]
+fn oversized_and_huge_chains() {
+    let m = mem();
+    let (_t, b) = disk(8, |c| c.queue_size = 4);
+    // max_descs = 16 for a queue of 4: an indirect table of 32 descriptors is too long.
+    let q = TestQueue::new(0x1000, 4);
+    let table = TestQueue::new(0x8000, 32);
+    for i in 0..31 {
+        table.write_desc(&m, i, desc(DATA, 512, F_NEXT | F_WRITE, i + 1));
+    }
+    table.write_desc(&m, 31, desc(STATUS, 1, F_WRITE, 0));
+    q.write_desc(&m, 0, desc(0x8000, 32 * 16, 4, 0));
+    q.push_avail(&m, 0);
+    // A 8 MiB read request that exceeds the 4 KiB disk: IOERR, no huge allocation.
+    hdr(&m, HDR, VIRTIO_BLK_T_IN, 0);
+    q.write_desc(&m, 1, desc(HDR, 16, F_NEXT, 2));
+    q.write_desc(&m, 2, desc(0x40_0000, 8 << 20, F_NEXT | F_WRITE, 3));
+    q.write_desc(&m, 3, desc(STATUS, 1, F_WRITE, 0));
+    q.push_avail(&m, 1);
+    let mut p = processor(&b, &m, &q);
+    assert_eq!(p.process_queue(0), 2);
+    assert_eq!(q.used_elem(&m, 0).1, 0);
+    assert_eq!(q.used_elem(&m, 1).1, 1);
+    assert_eq!(status(&m, STATUS), S_IOERR);
+}
+
+/// Simple LCG so the fuzz test needs no extra crates.
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+}
+
+#[test]
+fn random_descriptor_tables() {
+    let m = mem();
+    let (_t, b) = disk(16, |_| {});
+    let q = TestQueue::new(0x1000, 16);
+    let mut p = processor(&b, &m, &q);
+    let mut rng = Lcg(42);
+    let addrs = [HDR, DATA, STATUS, 0xff_fff0, 0x1_0000_0000, 0x1000, 0];
+    for round in 0..400 {
+        for i in 0..16 {
+            let addr = addrs[(rng.next() % addrs.len() as u64) as usize] + rng.next() % 64;
+            let len = [0u32, 1, 16, 512, 4096, u32::MAX][(rng.next() % 6) as usize];
+            let flags = (rng.next() % 8) as u16;
+            let next = (rng.next() % 20) as u16;
+            q.write_desc(&m, i, desc(addr, len, flags, next));
+        }
+        // Random headers too.
+        hdr(&m, HDR, (rng.next() % 12) as u32, rng.next() % 20);
+        for _ in 0..(rng.next() % 5) {
+            q.push_avail(&m, (rng.next() % 18) as u16);
+        }
+        if round % 50 == 0 {
+            q.set_avail_idx(&m, rng.next() as u16);
+        }
+        p.process_queue(0);
+    }
+}

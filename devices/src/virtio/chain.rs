@@ -1,0 +1,348 @@
+//! Validation and scatter/gather access for guest descriptor chains.
+//!
+//! `virtio-queue` already bounds chain walks (a chain visits at most queue-size descriptors,
+//! indirect tables are checked) but reports a broken chain by silently ending the iteration.
+//! [`parse_chain`] turns a chain into two segment lists (device-readable, then
+//! device-writable) and rejects, with a [`ChainError`], anything a well-behaved driver never
+//! produces: an empty chain (bad head index or unreadable table), a truncated one (loop cut by
+//! the walk limit, next index out of range, descriptor table outside memory), more
+//! descriptors than the device accepts, buffers outside guest memory, a readable descriptor
+//! after a writable one, or more than 4 GiB in total. Zero-length descriptors are dropped.
+//!
+//! [`ChainBuffers`] then addresses the readable and writable areas as flat byte ranges, so
+//! devices can read headers and write status bytes that straddle descriptors.
+
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::DescriptorChain;
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+
+/// Why a descriptor chain was rejected.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChainError {
+    /// No descriptor could be read (bad head index or descriptor table outside memory).
+    #[error("empty descriptor chain or invalid head")]
+    Empty,
+    /// The walk stopped on a descriptor that still had NEXT set.
+    #[error(
+        "descriptor chain is truncated (loop, next index out of range or unreadable descriptor)"
+    )]
+    Truncated,
+    /// More descriptors than the device accepts.
+    #[error("descriptor chain has more than {0} descriptors")]
+    TooLong(usize),
+    /// A buffer is not entirely inside guest memory.
+    #[error("buffer {addr:#x}+{len:#x} is outside guest memory")]
+    OutOfMemory {
+        /// Buffer address.
+        addr: u64,
+        /// Buffer length.
+        len: u32,
+    },
+    /// A device-readable descriptor follows a device-writable one.
+    #[error("device-readable descriptor after a device-writable one")]
+    BadOrder,
+    /// The buffers add up to more than 4 GiB.
+    #[error("descriptor chain larger than 4 GiB")]
+    TooBig,
+    /// Access outside the readable/writable area, or a guest memory error.
+    #[error("access of {len} bytes at offset {offset} outside the chain buffers")]
+    OutOfBounds {
+        /// Offset in the area.
+        offset: u64,
+        /// Access length.
+        len: usize,
+    },
+}
+
+/// A guest buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    /// Guest physical address.
+    pub addr: GuestAddress,
+    /// Length in bytes (never 0).
+    pub len: u32,
+}
+
+/// A validated descriptor chain.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChainBuffers {
+    head_index: u16,
+    readable: Vec<Segment>,
+    writable: Vec<Segment>,
+    readable_len: u64,
+    writable_len: u64,
+}
+
+/// Validate `chain` (at most `max_descs` descriptors) against guest memory `mem`.
+pub fn parse_chain(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    max_descs: usize,
+) -> Result<ChainBuffers, ChainError> {
+    let mut bufs = ChainBuffers {
+        head_index: chain.head_index(),
+        ..Default::default()
+    };
+    let mut count = 0usize;
+    let mut last: Option<Descriptor> = None;
+    for desc in chain {
+        count += 1;
+        if count > max_descs {
+            return Err(ChainError::TooLong(max_descs));
+        }
+        last = Some(desc);
+        if desc.len() == 0 {
+            continue;
+        }
+        let seg = Segment {
+            addr: desc.addr(),
+            len: desc.len(),
+        };
+        let perm = if desc.is_write_only() {
+            Permissions::Write
+        } else {
+            Permissions::Read
+        };
+        if !GuestMemory::check_range(mem, seg.addr, seg.len as usize, perm) {
+            return Err(ChainError::OutOfMemory {
+                addr: seg.addr.0,
+                len: seg.len,
+            });
+        }
+        if desc.is_write_only() {
+            bufs.writable_len += u64::from(seg.len);
+            bufs.writable.push(seg);
+        } else {
+            if !bufs.writable.is_empty() {
+                return Err(ChainError::BadOrder);
+            }
+            bufs.readable_len += u64::from(seg.len);
+            bufs.readable.push(seg);
+        }
+        if bufs.readable_len + bufs.writable_len > u64::from(u32::MAX) {
+            return Err(ChainError::TooBig);
+        }
+    }
+    match last {
+        None => Err(ChainError::Empty),
+        Some(d) if d.has_next() => Err(ChainError::Truncated),
+        Some(_) => Ok(bufs),
+    }
+}
+
+/// Sub-ranges of `segs` covering the flat byte range `[offset, offset + len)`.
+fn ranges(
+    segs: &[Segment],
+    total: u64,
+    offset: u64,
+    len: usize,
+) -> Result<Vec<(GuestAddress, usize)>, ChainError> {
+    let oob = ChainError::OutOfBounds { offset, len };
+    let end = offset.checked_add(len as u64).ok_or_else(|| oob.clone())?;
+    if end > total {
+        return Err(oob);
+    }
+    let mut out = Vec::new();
+    let mut pos = 0u64; // flat offset of the current segment
+    for s in segs {
+        let seg_end = pos + u64::from(s.len);
+        if seg_end > offset && pos < end {
+            let start = offset.max(pos);
+            let stop = end.min(seg_end);
+            // Segments were checked to lie in guest memory, so this cannot overflow.
+            out.push((
+                GuestAddress(s.addr.0 + (start - pos)),
+                (stop - start) as usize,
+            ));
+        }
+        if seg_end >= end {
+            break;
+        }
+        pos = seg_end;
+    }
+    Ok(out)
+}
+
+impl ChainBuffers {
+    /// Index of the chain's head descriptor (for the used ring).
+    pub fn head_index(&self) -> u16 {
+        self.head_index
+    }
+
+    /// Total device-readable bytes.
+    pub fn readable_len(&self) -> u64 {
+        self.readable_len
+    }
+
+    /// Total device-writable bytes.
+    pub fn writable_len(&self) -> u64 {
+        self.writable_len
+    }
+
+    /// Device-readable segments.
+    pub fn readable(&self) -> &[Segment] {
+        &self.readable
+    }
+
+    /// Device-writable segments.
+    pub fn writable(&self) -> &[Segment] {
+        &self.writable
+    }
+
+    /// Copy `buf.len()` bytes from the readable area at flat `offset`.
+    pub fn read_at(
+        &self,
+        mem: &GuestMemoryMmap,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), ChainError> {
+        let mut done = 0usize;
+        for (addr, len) in ranges(&self.readable, self.readable_len, offset, buf.len())? {
+            mem.read_slice(&mut buf[done..done + len], addr)
+                .map_err(|_| ChainError::OutOfBounds {
+                    offset,
+                    len: buf.len(),
+                })?;
+            done += len;
+        }
+        Ok(())
+    }
+
+    /// Copy `buf` into the writable area at flat `offset`.
+    pub fn write_at(
+        &self,
+        mem: &GuestMemoryMmap,
+        offset: u64,
+        buf: &[u8],
+    ) -> Result<(), ChainError> {
+        let mut done = 0usize;
+        for (addr, len) in ranges(&self.writable, self.writable_len, offset, buf.len())? {
+            mem.write_slice(&buf[done..done + len], addr)
+                .map_err(|_| ChainError::OutOfBounds {
+                    offset,
+                    len: buf.len(),
+                })?;
+            done += len;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::test_utils::{desc, mem, TestQueue, F_INDIRECT, F_NEXT, F_WRITE};
+    use virtio_queue::{Queue, QueueT};
+
+    fn parse_head(
+        m: &GuestMemoryMmap,
+        q: &TestQueue,
+        head: u16,
+        max: usize,
+    ) -> Result<ChainBuffers, ChainError> {
+        q.push_avail(m, head);
+        let mut queue: Queue = q.queue();
+        queue.set_next_avail(q.avail_idx(m).wrapping_sub(1));
+        let chain = queue.pop_descriptor_chain(m).expect("chain");
+        parse_chain(m, chain, max)
+    }
+
+    #[test]
+    fn valid_chain_and_scatter_gather() {
+        let m = mem();
+        let q = TestQueue::new(0x1000, 16);
+        q.write_desc(&m, 0, desc(0x10000, 3, F_NEXT, 1));
+        q.write_desc(&m, 1, desc(0x20000, 5, F_NEXT, 2));
+        q.write_desc(&m, 2, desc(0x30000, 0, F_NEXT | F_WRITE, 3)); // zero length: dropped
+        q.write_desc(&m, 3, desc(0x40000, 4, F_NEXT | F_WRITE, 4));
+        q.write_desc(&m, 4, desc(0x50000, 4, F_WRITE, 0));
+        m.write_slice(&[1, 2, 3], GuestAddress(0x10000)).unwrap();
+        m.write_slice(&[4, 5, 6, 7, 8], GuestAddress(0x20000))
+            .unwrap();
+        let b = parse_head(&m, &q, 0, 16).unwrap();
+        assert_eq!(b.readable_len(), 8);
+        assert_eq!(b.writable_len(), 8);
+        assert_eq!(b.readable().len(), 2);
+        assert_eq!(b.writable().len(), 2);
+        let mut hdr = [0u8; 6];
+        b.read_at(&m, 1, &mut hdr).unwrap();
+        assert_eq!(hdr, [2, 3, 4, 5, 6, 7]);
+        assert!(b.read_at(&m, 4, &mut hdr).is_err());
+        assert!(b.read_at(&m, u64::MAX, &mut hdr).is_err());
+        b.write_at(&m, 2, &[9, 9, 9, 9]).unwrap();
+        let mut out = [0u8; 4];
+        m.read_slice(&mut out, GuestAddress(0x40000)).unwrap();
+        assert_eq!(out, [0, 0, 9, 9]);
+        m.read_slice(&mut out, GuestAddress(0x50000)).unwrap();
+        assert_eq!(out, [9, 9, 0, 0]);
+        assert!(b.write_at(&m, 7, &[1, 2]).is_err());
+    }
+
+    #[test]
+    fn hostile_chains_are_rejected() {
+        let m = mem();
+        let q = TestQueue::new(0x1000, 16);
+        // Loop: 0 -> 1 -> 0.
+        q.write_desc(&m, 0, desc(0x10000, 16, F_NEXT, 1));
+        q.write_desc(&m, 1, desc(0x10000, 16, F_NEXT, 0));
+        assert_eq!(parse_head(&m, &q, 0, 1024), Err(ChainError::Truncated));
+        // Self loop.
+        q.write_desc(&m, 2, desc(0x10000, 16, F_NEXT, 2));
+        assert_eq!(parse_head(&m, &q, 2, 1024), Err(ChainError::Truncated));
+        // Next index out of range.
+        q.write_desc(&m, 3, desc(0x10000, 16, F_NEXT, 500));
+        assert_eq!(parse_head(&m, &q, 3, 1024), Err(ChainError::Truncated));
+        // Head index out of range.
+        assert_eq!(parse_head(&m, &q, 40, 1024), Err(ChainError::Empty));
+        // Buffer outside guest memory, and one straddling its end.
+        q.write_desc(&m, 4, desc(0xffff_ffff_0000, 16, 0, 0));
+        assert!(matches!(
+            parse_head(&m, &q, 4, 1024),
+            Err(ChainError::OutOfMemory { .. })
+        ));
+        q.write_desc(&m, 5, desc(0xff_fff0, 0x100, F_WRITE, 0));
+        assert!(matches!(
+            parse_head(&m, &q, 5, 1024),
+            Err(ChainError::OutOfMemory { .. })
+        ));
+        // Readable after writable.
+        q.write_desc(&m, 6, desc(0x10000, 16, F_NEXT | F_WRITE, 7));
+        q.write_desc(&m, 7, desc(0x20000, 16, 0, 0));
+        assert_eq!(parse_head(&m, &q, 6, 1024), Err(ChainError::BadOrder));
+        // Too many descriptors for the device.
+        for i in 8..15 {
+            q.write_desc(&m, i, desc(0x10000, 1, F_NEXT, i + 1));
+        }
+        q.write_desc(&m, 15, desc(0x10000, 1, 0, 0));
+        assert_eq!(parse_head(&m, &q, 8, 4), Err(ChainError::TooLong(4)));
+        assert!(parse_head(&m, &q, 8, 8).is_ok());
+        // Larger than 4 GiB in total.
+        q.write_desc(&m, 9, desc(0x10000, u32::MAX, F_NEXT, 10));
+        q.write_desc(&m, 10, desc(0x10000, u32::MAX, 0, 0));
+        assert!(parse_head(&m, &q, 9, 1024).is_err());
+    }
+
+    #[test]
+    fn indirect_tables() {
+        let m = mem();
+        let q = TestQueue::new(0x1000, 16);
+        // Valid indirect table with two descriptors at 0x8000.
+        let t = TestQueue::new(0x8000, 16);
+        t.write_desc(&m, 0, desc(0x10000, 8, F_NEXT, 1));
+        t.write_desc(&m, 1, desc(0x20000, 8, F_WRITE, 0));
+        q.write_desc(&m, 0, desc(0x8000, 32, F_INDIRECT, 0));
+        let b = parse_head(&m, &q, 0, 16).unwrap();
+        assert_eq!((b.readable_len(), b.writable_len()), (8, 8));
+        // Indirect table with a loop.
+        t.write_desc(&m, 1, desc(0x20000, 8, F_NEXT, 0));
+        assert_eq!(parse_head(&m, &q, 0, 1024), Err(ChainError::Truncated));
+        // Misaligned table length, and a table outside memory.
+        q.write_desc(&m, 1, desc(0x8000, 17, F_INDIRECT, 0));
+        assert_eq!(parse_head(&m, &q, 1, 16), Err(ChainError::Empty));
+        q.write_desc(&m, 2, desc(0xffff_0000_0000, 32, F_INDIRECT, 0));
+        assert_eq!(parse_head(&m, &q, 2, 16), Err(ChainError::Empty));
+        // Nested indirect.
+        t.write_desc(&m, 0, desc(0x8000, 32, F_INDIRECT, 0));
+        assert!(parse_head(&m, &q, 0, 16).is_err());
+    }
+}

@@ -1,0 +1,212 @@
+//! BAR placement.
+//!
+//! [`BarAllocator`] manages the guest-physical windows the VMM dedicates to PCI (an I/O port
+//! window, a 32-bit MMIO window below 4 GiB and a 64-bit MMIO window above RAM) with
+//! `vm-allocator`'s [`AddressAllocator`], which does aligned first-fit allocation and freeing.
+//! BARs are naturally aligned (address multiple of the size); memory BARs are also rounded to
+//! whole 4 KiB pages so no two devices share a page. 64-bit BARs go to the 64-bit window and
+//! fall back to the 32-bit one.
+//!
+//! The allocator records the VMM's placement only: if the guest later moves a BAR (reported as
+//! a [`crate::BarChange`]), the space stays reserved under the original address until freed.
+
+use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
+
+use crate::bar::BarRegion;
+use crate::device::PciDevice;
+use crate::PciError;
+
+const PAGE_SIZE: u64 = 4096;
+
+/// A BAR placed by [`BarAllocator::place_device`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BarAssignment {
+    /// BAR index.
+    pub index: usize,
+    /// Address space.
+    pub region: BarRegion,
+    /// Prefetchable.
+    pub prefetchable: bool,
+    /// Assigned address.
+    pub addr: u64,
+    /// BAR size.
+    pub size: u64,
+}
+
+/// Address allocator for BARs.
+#[derive(Debug)]
+pub struct BarAllocator {
+    io: Option<AddressAllocator>,
+    mmio32: AddressAllocator,
+    mmio64: Option<AddressAllocator>,
+}
+
+fn alloc_err(e: vm_allocator::Error) -> PciError {
+    PciError::Allocation(e.to_string())
+}
+
+fn window(base: u64, size: u64) -> Result<AddressAllocator, PciError> {
+    AddressAllocator::new(base, size).map_err(alloc_err)
+}
+
+impl BarAllocator {
+    /// Windows are `(base, size)`. The I/O and 64-bit windows are optional.
+    pub fn new(
+        io: Option<(u64, u64)>,
+        mmio32: (u64, u64),
+        mmio64: Option<(u64, u64)>,
+    ) -> Result<Self, PciError> {
+        if mmio32
+            .0
+            .checked_add(mmio32.1)
+            .is_none_or(|end| end > 1 << 32)
+        {
+            return Err(PciError::Allocation("32-bit window above 4 GiB".into()));
+        }
+        Ok(BarAllocator {
+            io: io.map(|(b, s)| window(b, s)).transpose()?,
+            mmio32: window(mmio32.0, mmio32.1)?,
+            mmio64: mmio64.map(|(b, s)| window(b, s)).transpose()?,
+        })
+    }
+
+    fn footprint(region: BarRegion, size: u64) -> (u64, u64) {
+        if region == BarRegion::Io {
+            (size, size)
+        } else {
+            let s = size.max(PAGE_SIZE);
+            (s, s)
+        }
+    }
+
+    /// Allocate a naturally aligned range for a BAR of `size` bytes in `region`.
+    pub fn allocate(&mut self, region: BarRegion, size: u64) -> Result<u64, PciError> {
+        if size == 0 || !size.is_power_of_two() {
+            return Err(PciError::Allocation(format!("invalid BAR size {size:#x}")));
+        }
+        let (len, align) = Self::footprint(region, size);
+        let from = |a: &mut AddressAllocator| {
+            a.allocate(len, align, AllocPolicy::FirstMatch)
+                .map(|r| r.start())
+                .map_err(alloc_err)
+        };
+        match region {
+            BarRegion::Io => match self.io.as_mut() {
+                Some(io) => from(io),
+                None => Err(PciError::Allocation("no I/O window".into())),
+            },
+            BarRegion::Mmio32 => from(&mut self.mmio32),
+            BarRegion::Mmio64 => match self.mmio64.as_mut().map(from) {
+                Some(Ok(addr)) => Ok(addr),
+                _ => from(&mut self.mmio32),
+            },
+        }
+    }
+
+    /// Free a range returned by [`BarAllocator::allocate`].
+    pub fn free(&mut self, region: BarRegion, addr: u64, size: u64) -> Result<(), PciError> {
+        if size == 0 {
+            return Err(PciError::Allocation("zero-sized range".into()));
+        }
+        let (len, _) = Self::footprint(region, size);
+        let end = addr
+            .checked_add(len - 1)
+            .ok_or_else(|| PciError::Allocation("range overflow".into()))?;
+        let range = RangeInclusive::new(addr, end).map_err(alloc_err)?;
+        let pool = match region {
+            BarRegion::Io => self.io.as_mut(),
+            _ => [self.mmio64.as_mut(), Some(&mut self.mmio32)]
+                .into_iter()
+                .flatten()
+                .find(|a| a.base() <= addr && end <= a.end()),
+        }
+        .ok_or_else(|| PciError::Allocation(format!("{addr:#x} is in no window")))?;
+        pool.free(&range).map_err(alloc_err)
+    }
+
+    /// Allocate and program every BAR of `dev` (largest first). On failure nothing stays
+    /// allocated.
+    pub fn place_device(
+        &mut self,
+        dev: &mut dyn PciDevice,
+    ) -> Result<Vec<BarAssignment>, PciError> {
+        let mut bars = dev.bars();
+        bars.sort_by_key(|b| std::cmp::Reverse(b.size));
+        let mut done: Vec<BarAssignment> = Vec::new();
+        for bar in bars {
+            let res = self
+                .allocate(bar.region, bar.size)
+                .and_then(|addr| dev.set_bar_address(bar.index, addr).map(|_| addr));
+            match res {
+                Ok(addr) => done.push(BarAssignment {
+                    index: bar.index,
+                    region: bar.region,
+                    prefetchable: bar.prefetchable,
+                    addr,
+                    size: bar.size,
+                }),
+                Err(e) => {
+                    self.release(&done);
+                    return Err(e);
+                }
+            }
+        }
+        done.sort_by_key(|b| b.index);
+        Ok(done)
+    }
+
+    /// Free BARs placed by [`BarAllocator::place_device`].
+    pub fn release(&mut self, bars: &[BarAssignment]) {
+        for b in bars {
+            if let Err(e) = self.free(b.region, b.addr, b.size) {
+                log::warn!("failed to free BAR {} at {:#x}: {e}", b.index, b.addr);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_allocation_and_free() {
+        let mut a = BarAllocator::new(
+            Some((0xc000, 0x1000)),
+            (0xc000_0000, 0x1000_0000),
+            Some((0x100_0000_0000, 0x10_0000_0000)),
+        )
+        .unwrap();
+        let m1 = a.allocate(BarRegion::Mmio32, 0x100).unwrap();
+        assert_eq!(m1, 0xc000_0000);
+        // Sub-page BARs still take a whole page.
+        let m2 = a.allocate(BarRegion::Mmio32, 0x1_0000).unwrap();
+        assert_eq!(m2 % 0x1_0000, 0);
+        assert!(m2 >= m1 + 0x1000);
+        let big = a.allocate(BarRegion::Mmio64, 0x1_0000_0000).unwrap();
+        assert_eq!(big % 0x1_0000_0000, 0);
+        assert!(big >= 0x100_0000_0000);
+        let io1 = a.allocate(BarRegion::Io, 0x20).unwrap();
+        let io2 = a.allocate(BarRegion::Io, 0x40).unwrap();
+        assert_eq!(io1 % 0x20, 0);
+        assert_eq!(io2 % 0x40, 0);
+        assert_ne!(io1, io2);
+        a.free(BarRegion::Mmio32, m1, 0x100).unwrap();
+        assert_eq!(a.allocate(BarRegion::Mmio32, 0x1000).unwrap(), m1);
+        a.free(BarRegion::Mmio64, big, 0x1_0000_0000).unwrap();
+        assert!(a.free(BarRegion::Mmio64, big, 0x1_0000_0000).is_err());
+        assert!(a.allocate(BarRegion::Mmio32, 3).is_err());
+        assert!(a.free(BarRegion::Io, 0xc000, 0).is_err());
+        assert!(a.free(BarRegion::Mmio32, u64::MAX, 0x1000).is_err());
+        assert!(a.allocate(BarRegion::Mmio32, 0x2000_0000).is_err());
+    }
+
+    #[test]
+    fn mmio64_falls_back_to_32bit_window() {
+        let mut a = BarAllocator::new(None, (0xe000_0000, 0x100_0000), None).unwrap();
+        let addr = a.allocate(BarRegion::Mmio64, 0x4000).unwrap();
+        assert!((0xe000_0000..0xe100_0000).contains(&addr));
+        assert!(a.allocate(BarRegion::Io, 0x10).is_err());
+        assert!(BarAllocator::new(None, (0xffff_0000, 0x2_0000), None).is_err());
+    }
+}

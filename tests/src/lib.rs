@@ -112,7 +112,11 @@ pub struct Guest {
     name: String,
 }
 
-fn collect(stream: impl std::io::Read + Send + 'static, log: Arc<(Mutex<Log>, Condvar)>, echo: Option<String>) {
+fn collect(
+    stream: impl std::io::Read + Send + 'static,
+    log: Arc<(Mutex<Log>, Condvar)>,
+    echo: Option<String>,
+) {
     std::thread::spawn(move || {
         let mut r = BufReader::new(stream);
         let mut line = Vec::new();
@@ -149,8 +153,14 @@ impl Guest {
             .expect("spawn arbor");
         let log = Arc::new((Mutex::new(Log::default()), Condvar::new()));
         let stderr = Arc::new((Mutex::new(Log::default()), Condvar::new()));
-        let echo = std::env::var("ARBOR_TEST_ECHO").ok().map(|_| name.to_string());
-        collect(child.stdout.take().expect("stdout"), log.clone(), echo.clone());
+        let echo = std::env::var("ARBOR_TEST_ECHO")
+            .ok()
+            .map(|_| name.to_string());
+        collect(
+            child.stdout.take().expect("stdout"),
+            log.clone(),
+            echo.clone(),
+        );
         collect(child.stderr.take().expect("stderr"), stderr.clone(), echo);
         Guest {
             child,
@@ -171,7 +181,9 @@ impl Guest {
             "--initramfs".into(),
             kit.initramfs.display().to_string(),
             "--cmdline".into(),
-            format!("{} {}", kit.cmdline, extra_cmdline).trim().to_string(),
+            format!("{} {}", kit.cmdline, extra_cmdline)
+                .trim()
+                .to_string(),
             "--cpus".into(),
             cpus.to_string(),
             "--memory".into(),
@@ -207,13 +219,20 @@ impl Guest {
             for (i, n) in needles.iter().enumerate() {
                 if let Some(pos) = log.text.find(n) {
                     let start = log.text[..pos].rfind('\n').map(|p| p + 1).unwrap_or(0);
-                    let end = log.text[pos..].find('\n').map(|p| p + pos).unwrap_or(log.text.len());
+                    let end = log.text[pos..]
+                        .find('\n')
+                        .map(|p| p + pos)
+                        .unwrap_or(log.text.len());
                     return (i, log.text[start..end].to_string());
                 }
             }
             let now = Instant::now();
             if log.closed || now >= deadline {
-                let why = if log.closed { "arbor exited" } else { "timed out" };
+                let why = if log.closed {
+                    "arbor exited"
+                } else {
+                    "timed out"
+                };
                 let text = log.text.clone();
                 drop(log);
                 panic!(
@@ -287,5 +306,8 @@ pub fn run_arbor_env(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, Strin
         .stdin(Stdio::null())
         .output()
         .expect("run arbor");
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

@@ -18,7 +18,11 @@ fn socket_path(name: &str) -> std::path::PathBuf {
 fn wait_for_socket(p: &std::path::Path) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !p.exists() {
-        assert!(std::time::Instant::now() < deadline, "socket {} never appeared", p.display());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "socket {} never appeared",
+            p.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -36,7 +40,12 @@ fn lifecycle_over_the_socket() {
         &kit.vmlinux,
         1,
         "",
-        &["--api-socket", sock.to_str().unwrap(), "--shutdown-grace", "2"],
+        &[
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--shutdown-grace",
+            "2",
+        ],
     );
     wait_for_socket(&sock);
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
@@ -84,7 +93,11 @@ fn lifecycle_over_the_socket() {
     c.vm_shutdown().unwrap();
     let st = g.wait_exit();
     assert_eq!(st.code(), Some(0), "{}", g.stderr());
-    assert!(g.stderr().contains("it read the button event"), "{}", g.stderr());
+    assert!(
+        g.stderr().contains("it read the button event"),
+        "{}",
+        g.stderr()
+    );
     assert!(!sock.exists(), "socket left behind");
 }
 

@@ -17,8 +17,14 @@ fn assert_fails(args: &[&str], code: i32, needle: &str) {
 fn assert_fails_env(args: &[&str], env: &[(&str, &str)], code: i32, needle: &str) {
     let (status, stderr) = run_arbor_env(args, env);
     assert_eq!(status, Some(code), "args {args:?}: stderr {stderr}");
-    assert!(stderr.contains(needle), "args {args:?}: expected '{needle}' in: {stderr}");
-    let lines: Vec<_> = stderr.lines().filter(|l| l.starts_with("arbor: error")).collect();
+    assert!(
+        stderr.contains(needle),
+        "args {args:?}: expected '{needle}' in: {stderr}"
+    );
+    let lines: Vec<_> = stderr
+        .lines()
+        .filter(|l| l.starts_with("arbor: error"))
+        .collect();
     assert_eq!(lines.len(), 1, "one error line expected: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
@@ -26,7 +32,11 @@ fn assert_fails_env(args: &[&str], env: &[(&str, &str)], code: i32, needle: &str
 #[test]
 fn usage_errors() {
     assert_fails(&[], 2, "--kernel is required");
-    assert_fails(&["--kernel", "/nonexistent/vmlinux"], 2, "cannot open kernel");
+    assert_fails(
+        &["--kernel", "/nonexistent/vmlinux"],
+        2,
+        "cannot open kernel",
+    );
     assert_fails(&["--kernel", "k", "--frobnicate"], 2, "unknown option");
     assert_fails(&["--kernel", "k", "--cpus", "many"], 2, "--cpus");
     let (code, out) = run_arbor(&["--help"]);
@@ -37,12 +47,24 @@ fn usage_errors() {
 fn bad_vm_shapes() {
     let kit = guest_kit();
     let k = kit.vmlinux.to_str().unwrap();
-    assert_fails(&["--kernel", k, "--cpus", "0"], 2, "--cpus must be at least 1");
+    assert_fails(
+        &["--kernel", k, "--cpus", "0"],
+        2,
+        "--cpus must be at least 1",
+    );
     assert_fails(&["--kernel", k, "--cpus", "255"], 2, "at most 254");
     assert_fails(&["--kernel", k, "--memory", "1M"], 2, "too small");
-    assert_fails(&["--kernel", k, "--memory", "64T"], 2, "more than this host has");
+    assert_fails(
+        &["--kernel", k, "--memory", "64T"],
+        2,
+        "more than this host has",
+    );
     let long = "x".repeat(3000);
-    assert_fails(&["--kernel", k, "--cmdline", &long], 2, "command line is 3000 bytes");
+    assert_fails(
+        &["--kernel", k, "--cmdline", &long],
+        2,
+        "command line is 3000 bytes",
+    );
     assert_fails(
         &["--kernel", k, "--initramfs", "/nonexistent/initrd"],
         2,
@@ -56,16 +78,28 @@ fn bad_vm_shapes() {
 fn garbage_kernel() {
     let g = tmp("garbage");
     std::fs::write(&g, vec![0xa5u8; 64 * 1024]).unwrap();
-    assert_fails(&["--kernel", g.to_str().unwrap()], 1, "neither an ELF vmlinux nor a bzImage");
+    assert_fails(
+        &["--kernel", g.to_str().unwrap()],
+        1,
+        "neither an ELF vmlinux nor a bzImage",
+    );
     let empty = tmp("empty");
     std::fs::write(&empty, b"").unwrap();
-    assert_fails(&["--kernel", empty.to_str().unwrap()], 1, "neither an ELF vmlinux nor a bzImage");
+    assert_fails(
+        &["--kernel", empty.to_str().unwrap()],
+        1,
+        "neither an ELF vmlinux nor a bzImage",
+    );
     // An ELF header with nothing behind it.
     let mut elf = b"\x7fELF\x02\x01\x01".to_vec();
     elf.resize(128, 0);
     let bad_elf = tmp("bad-elf");
     std::fs::write(&bad_elf, elf).unwrap();
-    assert_fails(&["--kernel", bad_elf.to_str().unwrap()], 1, "cannot load kernel");
+    assert_fails(
+        &["--kernel", bad_elf.to_str().unwrap()],
+        1,
+        "cannot load kernel",
+    );
 }
 
 #[test]

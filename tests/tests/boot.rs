@@ -26,7 +26,11 @@ fn check_common_boot(g: &Guest, cpus: u8) {
     g.wait_for("ttyS0 at I/O 0x3f8");
     g.wait_for("Run /init as init process");
     if cpus == 1 {
-        assert!(!g.console().contains("ignored."), "one CPU expected:\n{}", g.console());
+        assert!(
+            !g.console().contains("ignored."),
+            "one CPU expected:\n{}",
+            g.console()
+        );
     }
 }
 
@@ -92,7 +96,13 @@ fn panic_ends_with_reset_status() {
     }
     let kit = guest_kit();
     // No such init: the kernel panics, and panic=-1 turns that into a reboot.
-    let mut g = Guest::boot("panic", &kit.vmlinux, 1, "rdinit=/nonexistent init=/nonexistent", &[]);
+    let mut g = Guest::boot(
+        "panic",
+        &kit.vmlinux,
+        1,
+        "rdinit=/nonexistent init=/nonexistent",
+        &[],
+    );
     g.wait_for("Kernel panic");
     let st = g.wait_exit();
     assert_eq!(st.code(), Some(EXIT_GUEST_RESET), "stderr: {}", g.stderr());

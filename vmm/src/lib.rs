@@ -5,7 +5,7 @@
 //! Embedding, without the HTTP layer:
 //! ```no_run
 //! let cfg = vmm::VmConfig { kernel: "vmlinux".into(), ..Default::default() };
-//! let vm = vmm::Vm::new(cfg).expect("build");
+//! let mut vm = vmm::Vm::new(cfg).expect("build");
 //! let handle = vm.handle();
 //! let events = vm.subscribe();
 //! let running = vm.start().expect("start");

@@ -1,0 +1,589 @@
+#!/usr/bin/python3
+"""Boot benchmark: arbor against QEMU, same kernel, initramfs and command line.
+
+For each VMM, boots the guest kit N times (default 3) and reports the median
+of:
+
+  * init_s:     wall-clock seconds from VMM process start (just before fork)
+                to the serial line "Run /init as init process";
+  * first_s:    seconds from VMM process start to the first kernel line on
+                the serial console ("Linux version");
+  * overhead:   the VMM's own memory, in MiB: peak RSS (VmHWM in
+                /proc/PID/status, read right after "Run /init" is seen, just
+                before the VMM is stopped) minus the resident size of the
+                guest RAM mapping(s) in /proc/PID/smaps at that moment;
+
+and the ratio arbor/QEMU of each. Runs alternate between the VMMs (arbor,
+QEMU, arbor, QEMU, ...) so that load from other users of the machine spreads
+over both. Only one guest runs at a time.
+
+Prints a table, then one final line of JSON. Exits non-zero with a message on
+any failure (timeout, VMM died, guest panicked, guest RAM not found). See
+README.md beside this file for what exactly is measured and the caveats.
+
+Python 3 standard library only.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import selectors
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+MARK_FIRST = b"Linux version"
+MARK_INIT = b"Run /init as init process"
+# Lines after which the boot cannot reach /init.
+MARK_FATAL = (b"Kernel panic",)
+
+MIB = 1 << 20
+
+
+class BenchError(Exception):
+    """A failure that ends the benchmark with a message."""
+
+
+def log(msg):
+    print(f"boot-bench: {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# Arguments and inputs
+# ---------------------------------------------------------------------------
+
+
+def parse_size(s):
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", s, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid size '{s}': expected e.g. 512M or 2G")
+    n = int(m.group(1))
+    shift = {"": 20, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2).upper()]
+    size = n << shift
+    if size == 0 or size % MIB:
+        raise argparse.ArgumentTypeError(f"invalid size '{s}': must be a positive multiple of 1 MiB")
+    return size
+
+
+def positive_int(s):
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{s}' is not an integer")
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"'{s}' must be at least 1")
+    return n
+
+
+def positive_float(s):
+    try:
+        x = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{s}' is not a number")
+    if x <= 0:
+        raise argparse.ArgumentTypeError(f"'{s}' must be positive")
+    return x
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="boot-bench.py",
+        description="Boot the guest kit under arbor and under QEMU and compare time to "
+        "the first kernel line, time to 'Run /init', and VMM memory overhead "
+        "(medians of N runs).",
+        epilog="Timing starts just before the VMM process is started; serial output is "
+        "read from the VMM's standard output as it arrives. See resources/bench/README.md.",
+    )
+    p.add_argument("--runs", type=positive_int, default=3, help="boots per VMM (default 3)")
+    p.add_argument("--kernel", choices=("vmlinux", "bzImage"), default="vmlinux",
+                   help="which kernel image of the guest kit to boot (default vmlinux, PVH entry)")
+    p.add_argument("--cpus", type=positive_int, default=1, help="vCPUs (default 1)")
+    p.add_argument("--memory", type=parse_size, default=512 * MIB, metavar="SIZE",
+                   help="guest memory, e.g. 512M or 1G (default 512M; a plain number is MiB)")
+    p.add_argument("--timeout", type=positive_float, default=180.0, metavar="SECONDS",
+                   help="seconds each boot may take to reach 'Run /init' (default 180)")
+    p.add_argument("--only", choices=("arbor", "qemu"), help="benchmark one VMM only")
+    p.add_argument("--guest-dir", default=os.environ.get("ARBOR_GUEST_DIR") or os.path.join(REPO, "target", "guest"),
+                   help="guest kit directory (default $ARBOR_GUEST_DIR or <repo>/target/guest)")
+    p.add_argument("--arbor", metavar="PATH",
+                   help="arbor binary (default target/release/arbor if it exists, else "
+                   "target/debug/arbor; if neither exists, 'cargo build --release -p vmm' is run)")
+    p.add_argument("--qemu", default="qemu-system-x86_64", metavar="PATH",
+                   help="QEMU binary (default qemu-system-x86_64)")
+    p.add_argument("--qemu-machine", default="q35", metavar="MACHINE",
+                   help="QEMU -machine value (default q35); e.g. microvm or microvm,acpi=on. "
+                   "If a machine other than q35 fails to boot the guest, the failure is "
+                   "reported in the output instead of ending the benchmark")
+    p.add_argument("--qemu-cpu", default="host", metavar="MODEL",
+                   help="QEMU -cpu value (default host: like arbor, the guest sees the CPUID "
+                   "that KVM supports)")
+    p.add_argument("--stop-grace", type=positive_float, default=5.0, metavar="SECONDS",
+                   help="seconds between SIGTERM and SIGKILL when stopping a VMM (default 5)")
+    return p.parse_args(argv)
+
+
+def guest_kit(args):
+    d = args.guest_dir
+    files = {name: os.path.join(d, name) for name in (args.kernel, "initramfs.cpio", "cmdline")}
+    missing = [f for f in files.values() if not os.path.isfile(f)]
+    if missing:
+        raise BenchError(
+            f"guest kit incomplete in {d}: missing {', '.join(missing)} "
+            f"(build it with resources/guest-kit/build.sh)")
+    with open(files["cmdline"]) as f:
+        cmdline = " ".join(f.read().split())
+    if not cmdline:
+        raise BenchError(f"{files['cmdline']} is empty")
+    return files[args.kernel], files["initramfs.cpio"], cmdline
+
+
+def find_arbor(args):
+    if args.arbor:
+        if not (os.path.isfile(args.arbor) and os.access(args.arbor, os.X_OK)):
+            raise BenchError(f"--arbor {args.arbor}: not an executable file")
+        return os.path.abspath(args.arbor)
+    release = os.path.join(REPO, "target", "release", "arbor")
+    debug = os.path.join(REPO, "target", "debug", "arbor")
+    for path in (release, debug):
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            if path == debug:
+                log(f"warning: no release build; using the debug build {debug}")
+            return path
+    log("no arbor binary: running 'cargo build --release -p vmm' (may wait on cargo's lock)")
+    r = subprocess.run(["cargo", "build", "--release", "-p", "vmm"], cwd=REPO)
+    if r.returncode != 0 or not os.path.isfile(release):
+        raise BenchError(f"'cargo build --release -p vmm' failed (status {r.returncode})")
+    return release
+
+
+def find_qemu(args):
+    q = args.qemu
+    if os.sep not in q:
+        for d in os.environ.get("PATH", "").split(os.pathsep):
+            cand = os.path.join(d, q)
+            if os.path.isfile(cand) and os.access(cand, os.X_OK):
+                return cand
+        raise BenchError(f"{q} not found in PATH (Debian: apt-get install qemu-system-x86)")
+    if not (os.path.isfile(q) and os.access(q, os.X_OK)):
+        raise BenchError(f"--qemu {q}: not an executable file")
+    return q
+
+
+# ---------------------------------------------------------------------------
+# /proc readers
+# ---------------------------------------------------------------------------
+
+
+def read_status_kib(pid):
+    """VmHWM, VmRSS, RssAnon, RssFile, RssShmem of PID, in KiB."""
+    want = ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem")
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in want:
+                out[key] = int(rest.split()[0])
+    if "VmHWM" not in out:
+        raise BenchError(f"no VmHWM in /proc/{pid}/status")
+    return out
+
+
+SMAPS_HEADER = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) [0-9a-f]+ \S+ (\d+)\s*(.*)$")
+
+
+def read_smaps(pid):
+    """The mappings of PID: dicts with start, end, perms, inode, path, and the
+    smaps fields in KiB (Size, Rss, Anonymous, ...)."""
+    maps = []
+    cur = None
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            m = SMAPS_HEADER.match(line)
+            if m:
+                cur = {
+                    "start": int(m.group(1), 16),
+                    "end": int(m.group(2), 16),
+                    "perms": m.group(3),
+                    "inode": int(m.group(4)),
+                    "path": m.group(5).strip(),
+                }
+                maps.append(cur)
+                continue
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if cur is not None and len(parts) == 2 and parts[1] == "kB":
+                cur[key] = int(parts[0])
+    return maps
+
+
+def is_anonymous(m):
+    return m["inode"] == 0 and (m["path"] == "" or m["path"].startswith("[anon:"))
+
+
+def guest_ram_mappings(maps, mem_bytes):
+    """Finds the guest RAM in a VMM's mappings.
+
+    Guest RAM is anonymous, private, read-write memory, mapped by both VMMs
+    with one mmap() per RAM region: QEMU maps its whole RAM block ("pc.ram" on
+    q35, "microvm.ram" on microvm) as one anonymous mapping of exactly the RAM
+    size (the PROT_NONE guard page after it is a separate VMA); arbor
+    (vm-memory's GuestMemoryMmap) maps one anonymous region below the 3 GiB
+    PCI hole, and a second one above 4 GiB for more than 3 GiB of RAM.
+
+    In order:
+      1. one anonymous rw-p mapping whose size is exactly the guest memory;
+      2. up to three large (>= 16 MiB) anonymous rw-p mappings whose sizes
+         add up exactly to the guest memory (split RAM);
+      3. the smallest anonymous rw-p mapping less than 64 MiB larger than
+         the guest memory: the kernel merged the RAM mapping with a
+         neighbouring anonymous one; marked approximate.
+    Returns (mappings, method) or raises BenchError listing the candidates.
+    """
+    mem_kib = mem_bytes // 1024
+    anon = [m for m in maps if is_anonymous(m) and m["perms"].startswith("rw") and m["perms"][3] == "p"]
+    exact = [m for m in anon if m.get("Size") == mem_kib]
+    if len(exact) == 1:
+        return exact, "exact"
+    if len(exact) > 1:
+        raise BenchError(
+            f"{len(exact)} anonymous mappings of exactly {mem_kib} KiB; cannot tell which is guest RAM")
+    large = sorted((m for m in anon if m.get("Size", 0) >= 16 * 1024), key=lambda m: -m["Size"])[:12]
+    for k in (2, 3):
+        found = _subset_sum(large, mem_kib, k)
+        if found:
+            return found, f"split-{k}"
+    over = [m for m in anon if mem_kib < m.get("Size", 0) < mem_kib + 64 * 1024]
+    if over:
+        return [min(over, key=lambda m: m["Size"])], "merged-approx"
+    listing = ", ".join(f"{m['start']:x}-{m['end']:x} {m['Size']} KiB rss {m.get('Rss', 0)} KiB"
+                        for m in large) or "none"
+    raise BenchError(
+        f"cannot find the guest RAM ({mem_kib} KiB) among the anonymous mappings; large ones: {listing}")
+
+
+def _subset_sum(maps, target, k, start=0):
+    if k == 0:
+        return [] if target == 0 else None
+    for i in range(start, len(maps)):
+        rest = _subset_sum(maps, target - maps[i]["Size"], k - 1, i + 1)
+        if rest is not None:
+            return [maps[i]] + rest
+    return None
+
+
+def other_guests(own_pid):
+    """PIDs and names of other VMM processes running now (they skew timings)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == own_pid:
+            continue
+        try:
+            with open(f"/proc/{entry}/comm") as f:
+                comm = f.read().strip()
+        except OSError:
+            continue
+        if comm.startswith("qemu-system") or comm == "arbor":
+            found.append(f"{entry}:{comm}")
+    return found
+
+
+def loadavg():
+    try:
+        with open("/proc/loadavg") as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+# ---------------------------------------------------------------------------
+# One boot
+# ---------------------------------------------------------------------------
+
+
+def stop(proc, grace):
+    """SIGTERM, then SIGKILL after GRACE seconds; reaps the process."""
+    if proc.poll() is not None:
+        return
+    try:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    except ProcessLookupError:
+        proc.wait()
+
+
+def tail_lines(data, n=25):
+    text = data.decode("utf-8", "replace").replace("\r", "")
+    lines = [l for l in text.split("\n") if l.strip()]
+    return "\n".join("    | " + l for l in lines[-n:]) or "    | (nothing)"
+
+
+def boot_once(name, argv, mem_bytes, timeout, grace):
+    """Boots one guest; returns a dict of measurements or raises BenchError."""
+    others = other_guests(os.getpid())
+    load = loadavg()
+    console = bytearray()
+    errout = bytearray()
+    t_first = t_init = None
+    fatal = None
+
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, bufsize=0, start_new_session=True)
+    try:
+        sel = selectors.DefaultSelector()
+        for stream in (proc.stdout, proc.stderr):
+            os.set_blocking(stream.fileno(), False)
+            sel.register(stream, selectors.EVENT_READ)
+        open_streams = 2
+        deadline = t0 + timeout
+        while t_init is None:
+            now = time.monotonic()
+            if now >= deadline:
+                raise BenchError(
+                    f"{name}: timeout: no '{MARK_INIT.decode()}' within {timeout:g} s "
+                    f"(first kernel line {'at %.2f s' % t_first if t_first else 'never seen'})\n"
+                    f"  last console lines:\n{tail_lines(console)}"
+                    + (f"\n  stderr:\n{tail_lines(errout, 10)}" if errout.strip() else ""))
+            if open_streams == 0:
+                status = proc.wait()
+                raise BenchError(
+                    f"{name}: the VMM exited with status {status} before '{MARK_INIT.decode()}' "
+                    f"(after {now - t0:.2f} s)\n  last console lines:\n{tail_lines(console)}"
+                    + (f"\n  stderr:\n{tail_lines(errout, 10)}" if errout.strip() else ""))
+            for key, _ in sel.select(timeout=min(1.0, deadline - now)):
+                try:
+                    chunk = os.read(key.fileobj.fileno(), 65536)
+                except BlockingIOError:
+                    continue
+                t = time.monotonic()
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                    open_streams -= 1
+                    continue
+                if key.fileobj is proc.stderr:
+                    errout += chunk
+                    continue
+                # Search only the new bytes plus an overlap for a split marker.
+                from_ = max(0, len(console) - len(MARK_INIT))
+                console += chunk
+                window = bytes(console[from_:])
+                if t_first is None and MARK_FIRST in window:
+                    t_first = t - t0
+                if t_init is None and MARK_INIT in window:
+                    t_init = t - t0
+                for mark in MARK_FATAL:
+                    if fatal is None and mark in window:
+                        fatal = mark.decode()
+            if fatal and t_init is None:
+                # Let the rest of the oops reach the console, then give up.
+                time.sleep(1.0)
+                try:
+                    console += os.read(proc.stdout.fileno(), 65536)
+                except (BlockingIOError, OSError):
+                    pass
+                raise BenchError(
+                    f"{name}: the guest failed ('{fatal}') after {time.monotonic() - t0:.2f} s\n"
+                    f"  last console lines:\n{tail_lines(console, 40)}")
+        if t_first is None:
+            raise BenchError(f"{name}: '{MARK_INIT.decode()}' seen but no '{MARK_FIRST.decode()}' before it")
+
+        # Memory, while the VMM still runs (the guest sits in /init's pause loop).
+        if proc.poll() is not None:
+            raise BenchError(f"{name}: the VMM exited (status {proc.returncode}) right after reaching /init")
+        try:
+            status = read_status_kib(proc.pid)
+            maps = read_smaps(proc.pid)
+        except OSError as e:
+            raise BenchError(f"{name}: reading /proc/{proc.pid}: {e}")
+        ram, method = guest_ram_mappings(maps, mem_bytes)
+        ram_rss_kib = sum(m.get("Rss", 0) for m in ram)
+        overhead_kib = status["VmHWM"] - ram_rss_kib
+        return {
+            "first_s": round(t_first, 3),
+            "init_s": round(t_init, 3),
+            "overhead_mib": round(overhead_kib / 1024, 2),
+            "vm_hwm_mib": round(status["VmHWM"] / 1024, 2),
+            "vm_rss_mib": round(status.get("VmRSS", 0) / 1024, 2),
+            "rss_anon_mib": round(status.get("RssAnon", 0) / 1024, 2),
+            "rss_file_mib": round(status.get("RssFile", 0) / 1024, 2),
+            "guest_ram_rss_mib": round(ram_rss_kib / 1024, 2),
+            "guest_ram_maps": [f"{m['start']:x}-{m['end']:x}" for m in ram],
+            "guest_ram_method": method,
+            "loadavg_at_start": load,
+            "other_vmms_at_start": others,
+        }
+    finally:
+        stop(proc, grace)
+        for stream in (proc.stdout, proc.stderr):
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+
+# ---------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------
+
+
+FIGURES = (
+    ("init_s", "time to 'Run /init'", "s"),
+    ("first_s", "time to first kernel line", "s"),
+    ("overhead_mib", "VMM memory overhead", "MiB"),
+)
+
+
+def summarize(runs):
+    out = {key: statistics.median(r[key] for r in runs) for key, _, _ in FIGURES}
+    for extra in ("vm_hwm_mib", "guest_ram_rss_mib"):
+        out[extra] = statistics.median(r[extra] for r in runs)
+    return out
+
+
+def fmt(v, unit):
+    if v is None:
+        return "-"
+    return f"{v:.2f} {unit}" if unit == "s" else f"{v:.1f} {unit}"
+
+
+def main(argv):
+    args = parse_args(argv)
+    kernel, initramfs, cmdline = guest_kit(args)
+    mem_mib = args.memory // MIB
+    vmms = ["arbor", "qemu"] if args.only is None else [args.only]
+    # Only q35 (the default) must boot; another machine type failing to boot
+    # this guest is reported, not fatal.
+    qemu_must_boot = args.qemu_machine.split(",")[0] == "q35"
+
+    commands = {}
+    if "arbor" in vmms:
+        arbor = find_arbor(args)
+        commands["arbor"] = [arbor, "--kernel", kernel, "--initramfs", initramfs,
+                             "--cmdline", cmdline, "--cpus", str(args.cpus),
+                             "--memory", f"{mem_mib}M"]
+    if "qemu" in vmms:
+        qemu = find_qemu(args)
+        commands["qemu"] = [qemu, "-accel", "kvm", "-machine", args.qemu_machine,
+                            "-cpu", args.qemu_cpu, "-m", f"{mem_mib}M", "-smp", str(args.cpus),
+                            "-nographic", "-nodefaults", "-no-reboot", "-serial", "stdio",
+                            "-kernel", kernel, "-initrd", initramfs, "-append", cmdline]
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        raise BenchError("/dev/kvm is missing or not accessible")
+
+    for name, cmd in commands.items():
+        log(f"{name}: {' '.join(_quote(a) for a in cmd)}")
+
+    results = {name: [] for name in vmms}
+    failed = {}  # VMM -> reason, only for QEMU machines other than q35
+    for i in range(args.runs):
+        for name in vmms:
+            if name in failed:
+                continue
+            label = f"run {i + 1}/{args.runs} {name}"
+            log(f"{label}: booting (timeout {args.timeout:g} s)")
+            try:
+                r = boot_once(name, commands[name], args.memory, args.timeout, args.stop_grace)
+            except BenchError as e:
+                if name == "qemu" and not qemu_must_boot:
+                    failed[name] = f"QEMU -machine {args.qemu_machine} did not boot this guest: {e}"
+                    log(failed[name])
+                    continue
+                raise
+            if r["other_vmms_at_start"]:
+                log(f"{label}: warning: other VMMs were running: {', '.join(r['other_vmms_at_start'])}")
+            if r["guest_ram_method"] != "exact":
+                log(f"{label}: note: guest RAM found by method '{r['guest_ram_method']}': {r['guest_ram_maps']}")
+            log(f"{label}: first line {r['first_s']:.2f} s, /init {r['init_s']:.2f} s, "
+                f"VmHWM {r['vm_hwm_mib']:.1f} MiB - guest RAM {r['guest_ram_rss_mib']:.1f} MiB "
+                f"= overhead {r['overhead_mib']:.1f} MiB")
+            results[name].append(r)
+
+    summary = {name: summarize(rs) for name, rs in results.items() if rs}
+    ratio = None
+    if "arbor" in summary and "qemu" in summary:
+        ratio = {key: (round(summary["arbor"][key] / summary["qemu"][key], 3)
+                       if summary["qemu"][key] else None) for key, _, _ in FIGURES}
+
+    # --- Table ------------------------------------------------------------
+    qlabel = f"QEMU ({args.qemu_machine})"
+    print()
+    print(f"Boot benchmark: {os.path.basename(kernel)} + initramfs.cpio, {args.cpus} vCPU(s), "
+          f"{mem_mib} MiB, median of {args.runs} run(s)")
+    head = f"{'':28} {'arbor':>12} {qlabel:>16} {'arbor/QEMU':>11}"
+    print(head)
+    print("-" * len(head))
+    for key, title, unit in FIGURES:
+        a = summary.get("arbor", {}).get(key)
+        q = summary.get("qemu", {}).get(key)
+        rt = ratio.get(key) if ratio else None
+        print(f"{title:28} {fmt(a, unit):>12} {fmt(q, unit):>16} "
+              f"{(f'{rt:.2f}' if rt is not None else '-'):>11}")
+    for name in vmms:
+        if name in summary:
+            s = summary[name]
+            print(f"  {name}: peak RSS {s['vm_hwm_mib']:.1f} MiB, guest RAM resident "
+                  f"{s['guest_ram_rss_mib']:.1f} MiB (medians); per run /init: "
+                  + ", ".join(f"{r['init_s']:.2f}" for r in results[name]) + " s")
+    for reason in failed.values():
+        print("NOTE: " + reason)
+    print()
+
+    out = {
+        "kernel": kernel,
+        "kernel_sha256": _sha256(kernel),
+        "initramfs": initramfs,
+        "cmdline": cmdline,
+        "cpus": args.cpus,
+        "memory_mib": mem_mib,
+        "runs": args.runs,
+        "timeout_s": args.timeout,
+        "qemu_machine": args.qemu_machine,
+        "commands": commands,
+        "median": summary,
+        "ratio_arbor_over_qemu": ratio,
+        "per_run": results,
+        "failed": failed,
+    }
+    print(json.dumps(out, separators=(",", ":")), flush=True)
+    if not summary:
+        print("boot-bench: error: no VMM booted the guest", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _quote(a):
+    return a if re.fullmatch(r"[\w@%+=:,./-]+", a) else "'" + a.replace("'", "'\\''") + "'"
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGHUP, _on_sigterm)
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except BenchError as e:
+        print(f"boot-bench: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("boot-bench: interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)

@@ -312,6 +312,131 @@ pub fn mcfg(ecam_base: u64, buses: (u8, u8)) -> Vec<u8> {
     out
 }
 
+/// ACPI name of the hotplug slot object for `slot`.
+pub fn slot_name(slot: u8) -> String {
+    format!("S{slot:03X}")
+}
+
+/// ACPI PCI hotplug for the root bus: the register block, one device
+/// object per hotplug slot (`_ADR`, `_SUN`, `_EJ0`), the `PCNT` scan that
+/// notifies slots from the PCIU/PCID bitmaps, and `\_SB_.HPSC`, which the
+/// GED's `_EVT` calls. `slots` are the root-bus slots open to hotplug.
+pub fn pci_hotplug_aml(mmio: u64, slots: &[u8]) -> Vec<u8> {
+    let region = aml::OpRegion::new(
+        "PCST".into(),
+        aml::OpRegionSpace::SystemMemory,
+        &mmio,
+        &16u32,
+    );
+    let field = aml::Field::new(
+        "PCST".into(),
+        aml::FieldAccessType::DWord,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![
+            aml::FieldEntry::Named(*b"PCIU", 32),
+            aml::FieldEntry::Named(*b"PCID", 32),
+            aml::FieldEntry::Named(*b"B0EJ", 32),
+            aml::FieldEntry::Named(*b"BSEL", 32),
+        ],
+    );
+    let mutex = aml::Mutex::new("BLCK".into(), 0);
+    let bsel = aml::Path::new("BSEL");
+    let b0ej = aml::Path::new("B0EJ");
+    let pciu = aml::Path::new("PCIU");
+    let pcid = aml::Path::new("PCID");
+
+    // PCEJ(selector, slot): tell the VMM the guest ejected the slot.
+    let acquire = aml::Acquire::new("BLCK".into(), 0xffff);
+    let release = aml::Release::new("BLCK".into());
+    let set_sel = aml::Store::new(&bsel, &aml::Arg(0));
+    let one = aml::One {};
+    let eject = aml::ShiftLeft::new(&b0ej, &one, &aml::Arg(1));
+    let pcej = aml::Method::new(
+        "PCEJ".into(),
+        2,
+        false,
+        vec![&acquire, &set_sel, &eject, &release],
+    );
+
+    // One device object per slot.
+    let names: Vec<String> = slots.iter().map(|s| slot_name(*s)).collect();
+    let adrs: Vec<u32> = slots.iter().map(|s| u32::from(*s) << 16).collect();
+    let suns: Vec<u32> = slots.iter().map(|s| u32::from(*s)).collect();
+    let name_adrs: Vec<aml::Name> = adrs
+        .iter()
+        .map(|a| aml::Name::new("_ADR".into(), a))
+        .collect();
+    let name_suns: Vec<aml::Name> = suns
+        .iter()
+        .map(|n| aml::Name::new("_SUN".into(), n))
+        .collect();
+    let ej_calls: Vec<aml::MethodCall> = suns
+        .iter()
+        .map(|n| aml::MethodCall::new("PCEJ".into(), vec![&0u8, n]))
+        .collect();
+    let ej0s: Vec<aml::Method> = ej_calls
+        .iter()
+        .map(|c| aml::Method::new("_EJ0".into(), 1, false, vec![c]))
+        .collect();
+    let devices: Vec<aml::Device> = (0..slots.len())
+        .map(|i| {
+            aml::Device::new(
+                names[i].as_str().into(),
+                vec![&name_adrs[i], &name_suns[i], &ej0s[i]],
+            )
+        })
+        .collect();
+
+    // DVNT(bitmap, event): notify every slot whose bit is set.
+    let bits: Vec<u32> = slots.iter().map(|s| 1u32 << s).collect();
+    let masks: Vec<aml::And> = bits
+        .iter()
+        .map(|b| aml::And::new(&aml::Local(0), &aml::Arg(0), b))
+        .collect();
+    let tests: Vec<aml::Equal> = bits
+        .iter()
+        .map(|b| aml::Equal::new(&aml::Local(0), b))
+        .collect();
+    let paths: Vec<aml::Path> = names.iter().map(|n| aml::Path::new(n)).collect();
+    let notifies: Vec<aml::Notify> = paths
+        .iter()
+        .map(|p| aml::Notify::new(p, &aml::Arg(1)))
+        .collect();
+    let ifs: Vec<aml::If> = (0..slots.len())
+        .map(|i| aml::If::new(&tests[i], vec![&notifies[i]]))
+        .collect();
+    let mut dvnt_body: Vec<&dyn Aml> = Vec::new();
+    for i in 0..slots.len() {
+        dvnt_body.push(&masks[i]);
+        dvnt_body.push(&ifs[i]);
+    }
+    let dvnt = aml::Method::new("DVNT".into(), 2, false, dvnt_body);
+
+    // PCNT: scan the root bus (selector 0): device check for new devices,
+    // eject request for devices to remove.
+    let sel0 = aml::Store::new(&bsel, &0u8);
+    let check = aml::MethodCall::new("DVNT".into(), vec![&pciu, &1u8]);
+    let eject_req = aml::MethodCall::new("DVNT".into(), vec![&pcid, &3u8]);
+    let pcnt = aml::Method::new(
+        "PCNT".into(),
+        0,
+        true,
+        vec![&acquire, &sel0, &check, &eject_req, &release],
+    );
+
+    let mut children: Vec<&dyn Aml> = vec![&region, &field, &mutex, &pcej, &dvnt, &pcnt];
+    for d in &devices {
+        children.push(d);
+    }
+    let mut out = Vec::new();
+    aml::Scope::new("\\_SB_.PCI0".into(), children).to_aml_bytes(&mut out);
+    let call = aml::MethodCall::new("\\_SB_.PCI0.PCNT".into(), vec![]);
+    let hpsc = aml::Method::new("HPSC".into(), 0, false, vec![&call]);
+    aml::Scope::new("\\_SB_".into(), vec![&hpsc]).to_aml_bytes(&mut out);
+    out
+}
+
 fn dsdt(body: &[u8]) -> Vec<u8> {
     let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     sdt.append_slice(body);

@@ -40,6 +40,8 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
     /// How long `vm.shutdown` waits for the guest after the power button.
     pub shutdown_grace: Duration,
+    /// How long `vm.remove-device` waits for the guest to release a device.
+    pub remove_timeout: Duration,
     /// Cold-plugged virtio-blk disks, in slot order.
     pub disks: Vec<DiskConfig>,
     /// Cold-plugged virtio-rng devices, after the disks.
@@ -57,6 +59,7 @@ impl Default for VmConfig {
             serial: SerialOutput::Stdout,
             api_socket: None,
             shutdown_grace: Duration::from_secs(5),
+            remove_timeout: Duration::from_secs(10),
             disks: Vec::new(),
             rngs: Vec::new(),
         }
@@ -201,6 +204,19 @@ fn check_file(what: &str, path: &std::path::Path) -> Result<(), ConfigError> {
     }
 }
 
+fn parse_seconds(flag: &str, value: &str) -> Result<Duration, ConfigError> {
+    value
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s >= 0.0 && *s <= 3600.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| {
+            ConfigError(format!(
+                "{flag} '{value}' is not a number of seconds from 0 to 3600"
+            ))
+        })
+}
+
 /// What the command line asks for.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
@@ -224,6 +240,7 @@ usage: arbor --kernel PATH [options]
   --rng [OPTIONS]      virtio-rng device: [id=ID][,pci_path=PATH]; repeatable
   --api-socket PATH    serve the HTTP API on this UNIX socket
   --shutdown-grace S   seconds vm.shutdown waits after the power button (5)
+  --remove-timeout S   seconds vm.remove-device waits for the guest (10)
   --help, --version
 
 exit status: 0 guest powered off, 3 guest rebooted (or reset, e.g. a panic
@@ -264,6 +281,7 @@ where
             "--shutdown-grace",
             "--disk",
             "--rng",
+            "--remove-timeout",
         ];
         if !known.contains(&flag.as_str()) {
             return err(format!("unknown option '{flag}' (see --help)"));
@@ -310,18 +328,8 @@ where
                 }
                 cfg.api_socket = Some(PathBuf::from(value))
             }
-            "--shutdown-grace" => {
-                let secs: f64 = value
-                    .parse()
-                    .ok()
-                    .filter(|s: &f64| s.is_finite() && *s >= 0.0 && *s <= 3600.0)
-                    .ok_or_else(|| {
-                        ConfigError(format!(
-                            "--shutdown-grace '{value}' is not a number of seconds from 0 to 3600"
-                        ))
-                    })?;
-                cfg.shutdown_grace = Duration::from_secs_f64(secs)
-            }
+            "--shutdown-grace" => cfg.shutdown_grace = parse_seconds(&flag, &value)?,
+            "--remove-timeout" => cfg.remove_timeout = parse_seconds(&flag, &value)?,
             "--serial" => {
                 cfg.serial = match value.as_str() {
                     "stdout" => SerialOutput::Stdout,

@@ -12,7 +12,10 @@ use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vm_device::{DeviceMmio, DevicePio};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use devices::acpi::{Ged, GED_EVENT_PCI_HOTPLUG, GED_EVENT_POWER_BUTTON, GED_MMIO_SIZE};
+use devices::acpi::{
+    Ged, PciHotplugController, GED_EVENT_PCI_HOTPLUG, GED_EVENT_POWER_BUTTON, GED_MMIO_SIZE,
+    PCI_HOTPLUG_MMIO_SIZE,
+};
 use devices::legacy::{
     AcpiPmRegisters, BootTimer, Cmos, EventFdTrigger, SerialDevice, ACPI_PM_PORT, BOOT_TIMER_PORT,
     I8042,
@@ -33,6 +36,8 @@ pub const SERIAL_IRQ: u32 = 4;
 pub const GED_IRQ: u32 = 5;
 /// Address of the GED's register block.
 pub const GED_MMIO_START: u64 = PLATFORM_MMIO_START;
+/// Address of the ACPI PCI hotplug register block.
+pub const PCI_HOTPLUG_MMIO_START: u64 = PLATFORM_MMIO_START + 0x1000;
 
 /// Errors creating devices.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +56,8 @@ pub enum DeviceError {
     DuplicateId(String),
     #[error("pci_path '{0}': {1}")]
     BadPath(String, String),
+    #[error("pci_path '{0}' is not a hotplug slot (it was taken at boot)")]
+    NotHotplugSlot(String),
     #[error("{0}")]
     Placement(#[from] PciManagerError),
     #[error("cannot open disk '{0}': {1}")]
@@ -65,6 +72,8 @@ pub enum DeviceError {
 pub struct PlatformEvents {
     pub power_off: EventFd,
     pub reset: EventFd,
+    /// The guest ejected a hotplug slot.
+    pub eject: EventFd,
 }
 
 /// A device the VM has, for `vm.info` and removal.
@@ -101,6 +110,9 @@ pub struct DeviceManager {
     pub records: Vec<DeviceRecord>,
     pub serial: Arc<Mutex<SerialDevice>>,
     pub ged: Arc<Ged>,
+    pub hotplug: Arc<PciHotplugController>,
+    /// Root-bus slots described to the guest as hotplug slots.
+    pub hotplug_slots: Vec<u8>,
     pub events: PlatformEvents,
 }
 
@@ -200,26 +212,50 @@ impl DeviceManager {
             .map_err(DeviceError::Irqfd)?;
         let ged = Ged::new(ged_irq);
         register_mmio(&mut io, GED_MMIO_START, GED_MMIO_SIZE, ged.clone())?;
+        let eject = evt()?;
+        let hotplug = Arc::new(PciHotplugController::new(clone(&eject)?));
+        register_mmio(
+            &mut io,
+            PCI_HOTPLUG_MMIO_START,
+            PCI_HOTPLUG_MMIO_SIZE,
+            hotplug.clone(),
+        )?;
         Ok(DeviceManager {
             io: Arc::new(RwLock::new(io)),
             pci: None,
             records: Vec::new(),
             serial,
             ged,
-            events: PlatformEvents { power_off, reset },
+            hotplug,
+            hotplug_slots: Vec::new(),
+            events: PlatformEvents {
+                power_off,
+                reset,
+                eject,
+            },
         })
     }
 
-    /// DSDT objects of the platform devices: the GED, whose `_EVT` turns
-    /// event bits into notifications, and the power button.
-    pub fn dsdt_aml(&self) -> Vec<u8> {
-        crate::acpi::ged_aml(
+    /// DSDT objects of the platform devices, after the host bridge: the
+    /// root bus's hotplug slots (every slot still free now), the GED, whose
+    /// `_EVT` turns event bits into notifications, and the power button.
+    pub fn dsdt_aml(&mut self) -> Vec<u8> {
+        let used: Vec<u8> = self
+            .records
+            .iter()
+            .filter(|r| r.path.len() == 1)
+            .map(|r| r.path.last().slot)
+            .collect();
+        self.hotplug_slots = (1..32u8).filter(|s| !used.contains(s)).collect();
+        let mut out = crate::acpi::pci_hotplug_aml(PCI_HOTPLUG_MMIO_START, &self.hotplug_slots);
+        out.extend(crate::acpi::ged_aml(
             GED_MMIO_START,
             GED_IRQ,
             GED_EVENT_POWER_BUTTON,
             GED_EVENT_PCI_HOTPLUG,
-            false,
-        )
+            true,
+        ));
+        out
     }
 }
 
@@ -241,7 +277,7 @@ impl DeviceManager {
             .unwrap_or_else(|| prefix.to_string())
     }
 
-    fn choose_path(&self, pci_path: Option<&str>) -> Result<PciPath, DeviceError> {
+    fn choose_path(&self, pci_path: Option<&str>, hotplug: bool) -> Result<PciPath, DeviceError> {
         let pci = self
             .pci
             .as_ref()
@@ -251,16 +287,33 @@ impl DeviceManager {
                 let path: PciPath = p.parse().map_err(|e: pci::PciPathError| {
                     DeviceError::BadPath(p.into(), e.to_string())
                 })?;
-                if path.len() != 1 || path.last().slot == 0 {
+                if path.len() != 1 || path.last().slot == 0 || path.last().function != 0 {
                     return Err(DeviceError::BadPath(
                         p.into(),
-                        "only slots 01-1f of the root bus exist in this topology".into(),
+                        "only slots 01-1f (function 0) of the root bus exist in this topology"
+                            .into(),
                     ));
+                }
+                if hotplug && !self.hotplug_slots.contains(&path.last().slot) {
+                    return Err(DeviceError::NotHotplugSlot(p.into()));
                 }
                 Ok(path)
             }
             None => {
-                let slot = pci.free_root_slot().ok_or(PciManagerError::NoFreeSlot)?;
+                let slot = if hotplug {
+                    self.hotplug_slots
+                        .iter()
+                        .copied()
+                        .find(|s| {
+                            !self
+                                .records
+                                .iter()
+                                .any(|r| r.path.len() == 1 && r.path.last().slot == *s)
+                        })
+                        .ok_or(PciManagerError::NoFreeSlot)?
+                } else {
+                    pci.free_root_slot().ok_or(PciManagerError::NoFreeSlot)?
+                };
                 Ok(PciManager::root_path(slot)?)
             }
         }
@@ -286,7 +339,7 @@ impl DeviceManager {
             Some(id) => id.to_string(),
             None => self.fresh_id(prefix),
         };
-        let path = self.choose_path(pci_path)?;
+        let path = self.choose_path(pci_path, hotplugged)?;
         let pci = self
             .pci
             .clone()
@@ -357,5 +410,23 @@ impl DeviceManager {
             },
             Box::new(Rng::new()),
         )
+    }
+}
+
+impl DeviceManager {
+    /// Detaches and frees the device `id` (slot, BARs, MSI-X routes and
+    /// irqfds, ioeventfds, worker thread, files) and forgets it.
+    pub fn remove(&mut self, id: &str) -> Result<DeviceRecord, DeviceError> {
+        let idx = self
+            .records
+            .iter()
+            .position(|r| r.id == id)
+            .ok_or_else(|| DeviceError::Virtio(format!("no device '{id}'")))?;
+        let pci = self
+            .pci
+            .clone()
+            .ok_or_else(|| DeviceError::Virtio("this VM has no PCI".into()))?;
+        pci.remove(&self.records[idx].path)?;
+        Ok(self.records.remove(idx))
     }
 }

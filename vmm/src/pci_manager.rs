@@ -48,6 +48,7 @@ pub enum PciManagerError {
 struct Placed {
     path: PciPath,
     device: SharedPciDevice,
+    assigned: Vec<pci::BarAssignment>,
     bars: Vec<BarInfo>,
     /// (offset within BAR 0, eventfd) for virtio queue notifications.
     notifiers: Vec<(u64, EventFd)>,
@@ -276,6 +277,7 @@ impl PciManager {
                 Placed {
                     path,
                     device: shared,
+                    assigned,
                     bars,
                     notifiers,
                     mapped: false,
@@ -358,6 +360,23 @@ impl PciManager {
     /// Follows what a configuration write changed.
     pub fn apply(&self, r: ConfigWriteResult) {
         let o = &r.outcome;
+        if o.msix_changed {
+            let mut dev = r.device.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(v) = dev.as_any_mut().downcast_mut::<VirtioPciDevice>() {
+                let m = v.msix();
+                log::info!(
+                    "PCI {}: MSI-X {} ({} vectors{})",
+                    r.bdf,
+                    if m.enabled() { "enabled" } else { "disabled" },
+                    m.num_vectors(),
+                    if m.function_masked() {
+                        ", function masked"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
         if o.bar_changes.is_empty() && o.mem_decode.is_none() && o.io_decode.is_none() {
             return;
         }
@@ -385,6 +404,43 @@ impl PciManager {
             if enabled { "on" } else { "off" },
             p.bars.iter().map(|b| (b.index, b.addr)).collect::<Vec<_>>()
         );
+    }
+
+    /// Detaches the function at `path` and frees what it holds. The device
+    /// is reset (its worker joined) before the last reference goes.
+    pub fn remove(&self, path: &PciPath) -> Result<(), PciManagerError> {
+        let mut p = self
+            .placed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(path)
+            .ok_or_else(|| pci::PciError::NoDevice(path.to_string()))?;
+        self.unmap(&mut p);
+        let detached = self
+            .root
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove_device(path);
+        if let Err(e) = detached {
+            log::warn!("PCI {path}: {e}");
+        }
+        self.allocator
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .release(&p.assigned);
+        {
+            let mut dev = p.device.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(v) = dev.as_any_mut().downcast_mut::<VirtioPciDevice>() {
+                v.reset();
+            }
+        }
+        drop(p);
+        Ok(())
+    }
+
+    /// Number of functions placed (for leak checks).
+    pub fn placed_count(&self) -> usize {
+        self.placed.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     /// The root slot path for slot `s`.

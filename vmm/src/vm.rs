@@ -9,8 +9,10 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use api::types::AddDeviceResponse;
 use api::types::{VmInfo, VmState, VmmPingResponse};
-use api::{ApiError, ApiMessage, ApiReply, ApiRequest, ApiResponse};
+use api::{ApiError, ApiMessage, ApiReply, ApiRequest, ApiResponse, ReplySender};
+use devices::acpi::GED_EVENT_PCI_HOTPLUG;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -20,7 +22,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use devices::acpi::GED_EVENT_POWER_BUTTON;
 
-use crate::device_manager::{DeviceError, DeviceManager};
+use crate::device_manager::{DeviceError, DeviceManager, DeviceRecord};
 use crate::handle::{RunningVm, VmEvent, VmmHandle};
 use crate::interrupts::GsiRouting;
 use crate::pci_manager::PciManager;
@@ -36,6 +38,15 @@ const TOK_VCPU: u64 = 3;
 const TOK_STDIN: u64 = 4;
 const TOK_API: u64 = 5;
 const TOK_SHUTDOWN_TIMER: u64 = 6;
+const TOK_EJECT: u64 = 7;
+
+/// A `vm.remove-device` waiting for the guest to eject the slot.
+struct PendingRemoval {
+    id: String,
+    slot: u8,
+    reply: Option<ReplySender>,
+    deadline: Instant,
+}
 
 /// A built VM.
 pub struct Vm {
@@ -60,6 +71,7 @@ pub struct Vm {
     api_tx: Sender<ApiMessage>,
     api_wake: Arc<EventFd>,
     subscribers: Vec<Sender<VmEvent>>,
+    pending_removals: Vec<PendingRemoval>,
     start: Instant,
 }
 
@@ -167,8 +179,8 @@ impl Vm {
         }
 
         let mut dsdt = acpi::platform_aml();
-        dsdt.extend(devices.dsdt_aml());
         dsdt.extend(acpi::host_bridge_aml(&windows, &[]));
+        dsdt.extend(devices.dsdt_aml());
         let mcfg = acpi::mcfg(layout::PCI_ECAM_START, windows.buses);
         let rsdp = acpi::write_tables(&memory, config.cpus, &dsdt, &[mcfg])?;
         let boot = boot::load(
@@ -217,6 +229,7 @@ impl Vm {
             api_tx,
             api_wake: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(Error::EventLoop)?),
             subscribers: Vec::new(),
+            pending_removals: Vec::new(),
             start,
         })
     }
@@ -368,19 +381,151 @@ impl Vm {
                     }
                 }
             }
-            ApiRequest::VmAddDisk(_) | ApiRequest::VmAddRng(_) => (
-                Err(ApiError::conflict(
-                    "this VM has no hotplug-capable PCI slot",
-                )),
-                None,
-            ),
-            ApiRequest::VmRemoveDevice(r) => (
-                Err(ApiError::not_found(format!("no device with id '{}'", r.id))),
-                None,
-            ),
+            ApiRequest::VmAddDisk(cfg) => {
+                let r = self.devices.add_disk(&cfg, true);
+                (self.hotplugged(r), None)
+            }
+            ApiRequest::VmAddRng(cfg) => {
+                let r = self.devices.add_rng(&cfg, true);
+                (self.hotplugged(r), None)
+            }
+            ApiRequest::VmRemoveDevice(r) => match self.start_removal(&r.id) {
+                Ok(slot) => {
+                    self.pending_removals.push(PendingRemoval {
+                        id: r.id,
+                        slot,
+                        reply: Some(reply),
+                        deadline: Instant::now() + self.config.remove_timeout,
+                    });
+                    return None;
+                }
+                Err(e) => (Err(e), None),
+            },
         };
         let _ = reply.send(answer);
         exit
+    }
+
+    /// Announces a device just placed (or maps the error to the API).
+    fn hotplugged(&mut self, r: std::result::Result<DeviceRecord, DeviceError>) -> ApiReply {
+        let rec = r.map_err(device_error)?;
+        let slot = rec.path.last().slot;
+        self.devices.hotplug.device_added(0, slot);
+        if let Err(e) = self.devices.ged.notify(GED_EVENT_PCI_HOTPLUG) {
+            log::warn!("cannot notify the guest of {}: {e}", rec.id);
+        }
+        log::info!("hot-plugged {} at {}", rec.id, rec.path);
+        self.emit(VmEvent::DeviceAdded {
+            id: rec.id.clone(),
+            pci_path: rec.path.to_string(),
+        });
+        Ok(ApiResponse::DeviceAdded(AddDeviceResponse {
+            id: rec.id,
+            pci_path: rec.path.to_string(),
+        }))
+    }
+
+    /// Asks the guest to release device `id`; returns its slot.
+    fn start_removal(&mut self, id: &str) -> std::result::Result<u8, ApiError> {
+        let rec = self
+            .devices
+            .records
+            .iter()
+            .find(|r| r.id == id)
+            .ok_or_else(|| ApiError::not_found(format!("no device with id '{id}'")))?;
+        if !rec.hotplugged {
+            return Err(ApiError::conflict(format!(
+                "device '{id}' was cold-plugged and is not removable"
+            )));
+        }
+        if self.pending_removals.iter().any(|p| p.id == id) {
+            return Err(ApiError::conflict(format!(
+                "the removal of device '{id}' is already under way"
+            )));
+        }
+        if self.state != VmState::Running {
+            return Err(ApiError::conflict(format!(
+                "the VM is {}; the guest must run to release a device",
+                state_name(self.state)
+            )));
+        }
+        let slot = rec.path.last().slot;
+        self.devices.hotplug.request_removal(0, slot);
+        self.devices
+            .ged
+            .notify(GED_EVENT_PCI_HOTPLUG)
+            .map_err(|e| ApiError::internal(format!("cannot notify the guest: {e}")))?;
+        log::info!("asked the guest to release {id} at {}", rec.path);
+        Ok(slot)
+    }
+
+    /// Frees what the guest ejected and answers the waiting requests.
+    fn handle_ejects(&mut self) {
+        for (sel, slot) in self.devices.hotplug.take_ejects() {
+            if sel != 0 {
+                continue;
+            }
+            let Some(rec) = self
+                .devices
+                .records
+                .iter()
+                .find(|r| r.path.len() == 1 && r.path.last().slot == slot)
+                .cloned()
+            else {
+                continue;
+            };
+            if !rec.hotplugged {
+                log::warn!("the guest ejected cold-plugged {}; keeping it", rec.id);
+                continue;
+            }
+            let result = self.devices.remove(&rec.id);
+            let answer = match &result {
+                Ok(_) => {
+                    log::info!("removed {} from {}", rec.id, rec.path);
+                    Ok(ApiResponse::Empty)
+                }
+                Err(e) => Err(ApiError::internal(format!("cannot free {}: {e}", rec.id))),
+            };
+            if result.is_ok() {
+                self.emit(VmEvent::DeviceRemoved { id: rec.id.clone() });
+            }
+            if let Some(i) = self.pending_removals.iter().position(|p| p.id == rec.id) {
+                let mut p = self.pending_removals.remove(i);
+                if let Some(r) = p.reply.take() {
+                    let _ = r.send(answer);
+                }
+            }
+        }
+    }
+
+    /// Answers removals the guest did not complete in time; the devices
+    /// stay attached and working.
+    fn expire_removals(&mut self) {
+        let now = Instant::now();
+        let (expired, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending_removals)
+            .into_iter()
+            .partition(|p| p.deadline <= now);
+        self.pending_removals = kept;
+        for mut p in expired {
+            self.devices.hotplug.cancel_removal(0, p.slot);
+            log::warn!("the guest did not release {} in time", p.id);
+            if let Some(r) = p.reply.take() {
+                let _ = r.send(Err(ApiError::conflict(format!(
+                    "the guest did not release device '{}' within {:?}; it is still attached, retry later",
+                    p.id, self.config.remove_timeout
+                ))));
+            }
+        }
+    }
+
+    fn loop_timeout_ms(&self) -> i32 {
+        match self.pending_removals.iter().map(|p| p.deadline).min() {
+            None => -1,
+            Some(d) => {
+                let ms = d.saturating_duration_since(Instant::now()).as_millis();
+                ms.clamp(1, i32::MAX as u128) as i32
+            }
+        }
     }
 
     /// Runs the VM until it stops. Blocks the calling thread, which serves
@@ -401,6 +546,7 @@ impl Vm {
         add(self.vcpu_wake.as_raw_fd(), TOK_VCPU).map_err(Error::EventLoop)?;
         add(self.api_wake.as_raw_fd(), TOK_API).map_err(Error::EventLoop)?;
         add(shutdown_timer.as_raw_fd(), TOK_SHUTDOWN_TIMER).map_err(Error::EventLoop)?;
+        add(self.devices.events.eject.as_raw_fd(), TOK_EJECT).map_err(Error::EventLoop)?;
         let stdin = std::io::stdin();
         // SAFETY: isatty only inspects the descriptor.
         let interactive = self.config.serial == SerialOutput::Stdout
@@ -415,7 +561,7 @@ impl Vm {
         self.start_vcpus()?;
         let mut events = vec![EpollEvent::default(); 16];
         let outcome = 'outer: loop {
-            let n = match epoll.wait(-1, &mut events) {
+            let n = match epoll.wait(self.loop_timeout_ms(), &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => break Err(Error::EventLoop(e)),
@@ -454,15 +600,27 @@ impl Vm {
                         break 'outer Ok(ExitReason::Shutdown);
                     }
                     TOK_STDIN => self.forward_stdin(&epoll),
+                    TOK_EJECT => {
+                        let _ = self.devices.events.eject.read();
+                        self.handle_ejects();
+                    }
                     _ => {}
                 }
             }
+            self.expire_removals();
         };
         self.stop_vcpus();
         self.state = VmState::Shutdown;
         if let Ok(reason) = &outcome {
             let r = reason.clone();
             self.emit(VmEvent::Stopped(r));
+        }
+        for mut p in std::mem::take(&mut self.pending_removals) {
+            if let Some(r) = p.reply.take() {
+                let _ = r.send(Err(ApiError::conflict(
+                    "the VM stopped before the guest released the device",
+                )));
+            }
         }
         // Refuse whatever is still queued.
         while let Ok(msg) = self.api_rx.try_recv() {
@@ -499,6 +657,20 @@ impl Vm {
             }
             Err(_) => {}
         }
+    }
+}
+
+/// The API's status for a failed device request.
+fn device_error(e: DeviceError) -> ApiError {
+    use crate::pci_manager::PciManagerError as P;
+    match &e {
+        DeviceError::DuplicateId(_) => ApiError::conflict(e.to_string()),
+        DeviceError::BadPath(..) | DeviceError::Disk(..) => ApiError::bad_request(e.to_string()),
+        DeviceError::NotHotplugSlot(_) => ApiError::conflict(e.to_string()),
+        DeviceError::Placement(P::NoFreeSlot | P::SlotTaken(_) | P::Bars(_)) => {
+            ApiError::conflict(e.to_string())
+        }
+        _ => ApiError::internal(e.to_string()),
     }
 }
 

@@ -144,7 +144,11 @@ fn collect(
 impl Guest {
     /// Starts `arbor` with `args`; `name` tags its echoed console lines.
     pub fn start(name: &str, args: &[String]) -> Guest {
-        let mut child = Command::new(arbor_bin())
+        let mut cmd = Command::new(arbor_bin());
+        if std::env::var_os("ARBOR_LOG").is_none() {
+            cmd.env("ARBOR_LOG", "info");
+        }
+        let mut child = cmd
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -310,4 +314,101 @@ pub fn run_arbor_env(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, Strin
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// A scratch directory for one test, removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        let d = std::env::temp_dir().join(format!("arbor-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("scratch dir");
+        Scratch(d)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A sparse raw disk of `mib` MiB (the guest sees `mib * 2048` sectors).
+pub fn raw_disk(path: &Path, mib: u64) {
+    let f = std::fs::File::create(path).expect("create disk");
+    f.set_len(mib << 20).expect("size disk");
+}
+
+/// A raw disk with an MBR partition table holding two partitions.
+pub fn mbr_disk(path: &Path, mib: u64) {
+    raw_disk(path, mib);
+    let mut child = Command::new("sfdisk")
+        .arg("--quiet")
+        .arg(path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("sfdisk (apt-get install fdisk)");
+    {
+        use std::io::Write;
+        let stdin = child.stdin.as_mut().expect("sfdisk stdin");
+        stdin
+            .write_all(b"label: dos\n,8M,L\n,,L\n")
+            .expect("write sfdisk script");
+    }
+    assert!(child.wait().expect("sfdisk").success(), "sfdisk failed");
+}
+
+/// An ext4 image of `mib` MiB whose root holds `/dev` and the guest kit's
+/// `/init` (taken from the kit's initramfs).
+pub fn ext4_root(path: &Path, mib: u64, scratch: &Scratch) {
+    let kit = guest_kit();
+    let tree = scratch.path("rootfs");
+    std::fs::create_dir_all(tree.join("dev")).expect("rootfs dir");
+    let cpio = std::fs::File::open(&kit.initramfs).expect("open initramfs");
+    let out = Command::new("cpio")
+        .args(["-i", "--quiet", "--no-absolute-filenames", "init"])
+        .current_dir(&tree)
+        .stdin(cpio)
+        .output()
+        .expect("cpio");
+    assert!(
+        out.status.success(),
+        "cpio: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(tree.join("init").exists(), "no /init in the initramfs");
+    run(Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-d"])
+        .arg(&tree)
+        .arg(path)
+        .arg(format!("{mib}M")));
+}
+
+/// A field of `dumpe2fs -h` for an ext4 image.
+pub fn ext4_field(path: &Path, field: &str) -> String {
+    let out = Command::new("dumpe2fs")
+        .arg("-h")
+        .arg(path)
+        .output()
+        .expect("dumpe2fs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| panic!("no '{field}' in dumpe2fs output:\n{text}"))
 }

@@ -1,0 +1,128 @@
+//! PCI and virtio with a real guest: the root complex and cold-plugged
+//! virtio-blk and virtio-rng devices as the guest kernel enumerates and
+//! drives them; reads (a partition table), writes (an ext4 root mounted
+//! read-write) and read-only disks.
+
+use arbor_tests::{
+    ext4_field, ext4_root, guest_kit, kvm_available, mbr_disk, raw_disk, Guest, Scratch,
+};
+
+#[test]
+fn enumeration_and_reads() {
+    if !kvm_available() {
+        return;
+    }
+    let kit = guest_kit();
+    let s = Scratch::new("pci-enum");
+    let plain = s.path("plain.img");
+    let parts = s.path("parts.img");
+    raw_disk(&plain, 96);
+    mbr_disk(&parts, 40);
+    let d1 = format!("path={},serial=vol0,id=data", plain.display());
+    let d2 = format!("path={},readonly=on", parts.display());
+    let mut g = Guest::boot(
+        "pci-enum",
+        &kit.vmlinux,
+        1,
+        "arbor_init=poweroff",
+        &["--disk", &d1, "--disk", &d2, "--rng", "id=entropy"],
+    );
+    // Host bridge, then the devices in the documented slot order: disks
+    // from slot 1 in command-line order, then the rng.
+    g.wait_for("ACPI: MCFG");
+    g.wait_for("PCI: MMCONFIG for domain 0000 [bus 00-ff] at [mem 0xe0000000-0xefffffff]");
+    g.wait_for("OS now controls [PCIeHotplug PME PCIeCapability]");
+    g.wait_for("pci 0000:00:00.0: [8086:29c0] type 00 class 0x060000");
+    g.wait_for("pci 0000:00:01.0: [1af4:1042] type 00 class 0x018000");
+    g.wait_for("pci 0000:00:02.0: [1af4:1042] type 00 class 0x018000");
+    g.wait_for("pci 0000:00:03.0: [1af4:1044] type 00 class 0x00ff00");
+    // The devices have no INTx pin: completing I/O proves MSI-X delivery.
+    g.wait_for("virtio_blk virtio0: [vda] 196608 512-byte logical blocks");
+    g.wait_for("virtio_blk virtio1: [vdb] 81920 512-byte logical blocks");
+    // Reads: the partition table of the second disk.
+    g.wait_for(" vdb: vdb1 vdb2");
+    g.wait_for("reboot: Power down");
+    assert_eq!(g.wait_exit().code(), Some(0), "{}", g.stderr());
+    let log = g.stderr();
+    assert!(
+        log.contains("00:01.0: MSI-X enabled") && log.contains("00:03.0: MSI-X enabled"),
+        "MSI-X not enabled by the guest:\n{log}"
+    );
+}
+
+#[test]
+fn ext4_root_read_write() {
+    if !kvm_available() {
+        return;
+    }
+    let kit = guest_kit();
+    let s = Scratch::new("pci-ext4");
+    let img = s.path("root.img");
+    ext4_root(&img, 32, &s);
+    assert_eq!(ext4_field(&img, "Mount count"), "0");
+    let disk = format!("path={}", img.display());
+    let mut g = Guest::start(
+        "ext4-rw",
+        &[
+            "--kernel".into(),
+            kit.vmlinux.display().to_string(),
+            "--cmdline".into(),
+            format!(
+                "{} root=/dev/vda rw init=/init arbor_init=poweroff",
+                kit.cmdline
+            ),
+            "--disk".into(),
+            disk,
+        ],
+    );
+    g.wait_for("EXT4-fs (vda): mounted filesystem");
+    g.wait_for("Run /init as init process");
+    g.wait_for("reboot: Power down");
+    assert_eq!(g.wait_exit().code(), Some(0), "{}", g.stderr());
+    // The guest's mount wrote the superblock through virtio-blk.
+    assert_eq!(ext4_field(&img, "Mount count"), "1");
+    assert_ne!(ext4_field(&img, "Last mount time"), "n/a");
+}
+
+#[test]
+fn readonly_disk_is_untouched() {
+    if !kvm_available() {
+        return;
+    }
+    let kit = guest_kit();
+    let s = Scratch::new("pci-ro");
+    let img = s.path("root.img");
+    ext4_root(&img, 32, &s);
+    let before = std::fs::read(&img).unwrap();
+    let disk = format!("path={},readonly=on", img.display());
+    let mut g = Guest::start(
+        "ext4-ro",
+        &[
+            "--kernel".into(),
+            kit.vmlinux.display().to_string(),
+            "--cmdline".into(),
+            format!(
+                "{} root=/dev/vda rw init=/init arbor_init=poweroff",
+                kit.cmdline
+            ),
+            "--disk".into(),
+            disk,
+        ],
+    );
+    // The guest sees a read-only disk and mounts it read-only.
+    g.wait_for("EXT4-fs (vda): mounted filesystem");
+    g.wait_for("Run /init as init process");
+    g.wait_for("reboot: Power down");
+    assert_eq!(g.wait_exit().code(), Some(0), "{}", g.stderr());
+    assert!(
+        g.console().contains("write access unavailable")
+            || g.console().contains("readonly")
+            || g.console().contains("read-only"),
+        "guest did not notice the disk is read-only:\n{}",
+        g.console()
+    );
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "read-only disk changed"
+    );
+}

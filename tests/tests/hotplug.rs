@@ -168,6 +168,29 @@ fn root_bus_hotplug() {
     assert!(tail.contains(&format!("pci {bdf}: [1af4:1042]")), "{tail}");
     c.vm_remove_device("a").unwrap();
 
+    // An entropy device hot-plugs the same way.
+    let mark = g.console().len();
+    let rng = c
+        .vm_add_rng(&api::types::RngConfig {
+            id: Some("rng".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    let rng_bdf = bdf_of(&rng.pci_path);
+    wait_count(
+        &g,
+        mark,
+        &format!("pci {rng_bdf}: [1af4:1044] type 00 class 0x00ff00"),
+        1,
+    );
+    wait_count(
+        &g,
+        mark,
+        &format!("virtio-pci {rng_bdf}: enabling device"),
+        1,
+    );
+    c.vm_remove_device("rng").unwrap();
+
     // Add/remove cycles leave descriptors and memory flat.
     let pid = g.pid();
     let run_cycle = |g: &Guest, i: usize| {

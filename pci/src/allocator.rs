@@ -9,6 +9,12 @@
 //!
 //! The allocator records the VMM's placement only: if the guest later moves a BAR (reported as
 //! a [`crate::BarChange`]), the space stays reserved under the original address until freed.
+//!
+//! Behind a PCI-to-PCI bridge the rules differ ([`BarPlacement::BehindBridge`], built with
+//! [`BarAllocator::behind_bridge`]): a bridge forwards memory through a 32-bit
+//! non-prefetchable window and a 64-bit prefetchable window only, so non-prefetchable memory
+//! BARs (64-bit ones included) go to the 32-bit window, and only prefetchable 64-bit BARs go
+//! to the 64-bit window (falling back to the 32-bit one).
 
 use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
 
@@ -33,12 +39,26 @@ pub struct BarAssignment {
     pub size: u64,
 }
 
+/// Which window a memory BAR goes to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BarPlacement {
+    /// Root bus: 64-bit BARs go to the 64-bit window (falling back to the 32-bit one), 32-bit
+    /// BARs to the 32-bit window, whether prefetchable or not.
+    #[default]
+    RootBus,
+    /// Behind a bridge: non-prefetchable memory BARs (even 64-bit ones) go to the 32-bit
+    /// (non-prefetchable) window; prefetchable 64-bit BARs go to the 64-bit (prefetchable)
+    /// window, falling back to the 32-bit one; 32-bit BARs go to the 32-bit window.
+    BehindBridge,
+}
+
 /// Address allocator for BARs.
 #[derive(Debug)]
 pub struct BarAllocator {
     io: Option<AddressAllocator>,
-    mmio32: AddressAllocator,
+    mmio32: Option<AddressAllocator>,
     mmio64: Option<AddressAllocator>,
+    placement: BarPlacement,
 }
 
 fn alloc_err(e: vm_allocator::Error) -> PciError {
@@ -65,9 +85,38 @@ impl BarAllocator {
         }
         Ok(BarAllocator {
             io: io.map(|(b, s)| window(b, s)).transpose()?,
-            mmio32: window(mmio32.0, mmio32.1)?,
+            mmio32: Some(window(mmio32.0, mmio32.1)?),
             mmio64: mmio64.map(|(b, s)| window(b, s)).transpose()?,
+            placement: BarPlacement::RootBus,
         })
+    }
+
+    /// An allocator for the devices behind a bridge ([`BarPlacement::BehindBridge`]). Windows
+    /// are `(base, size)`; absent or empty windows allocate nothing. `mem` (non-prefetchable)
+    /// must lie below 4 GiB.
+    pub fn behind_bridge(
+        io: Option<(u64, u64)>,
+        mem: Option<(u64, u64)>,
+        prefetch: Option<(u64, u64)>,
+    ) -> Result<Self, PciError> {
+        let nonempty = |w: Option<(u64, u64)>| w.filter(|(_, s)| *s > 0);
+        let mem = nonempty(mem);
+        if mem.is_some_and(|(b, s)| b.checked_add(s).is_none_or(|end| end > 1 << 32)) {
+            return Err(PciError::Allocation(
+                "non-prefetchable bridge window above 4 GiB".into(),
+            ));
+        }
+        Ok(BarAllocator {
+            io: nonempty(io).map(|(b, s)| window(b, s)).transpose()?,
+            mmio32: mem.map(|(b, s)| window(b, s)).transpose()?,
+            mmio64: nonempty(prefetch).map(|(b, s)| window(b, s)).transpose()?,
+            placement: BarPlacement::BehindBridge,
+        })
+    }
+
+    /// The placement rules in use.
+    pub fn placement(&self) -> BarPlacement {
+        self.placement
     }
 
     fn footprint(region: BarRegion, size: u64) -> (u64, u64) {
@@ -79,8 +128,20 @@ impl BarAllocator {
         }
     }
 
-    /// Allocate a naturally aligned range for a BAR of `size` bytes in `region`.
+    /// Allocate a naturally aligned range for a non-prefetchable BAR of `size` bytes in
+    /// `region` (see [`BarAllocator::allocate_bar`]).
     pub fn allocate(&mut self, region: BarRegion, size: u64) -> Result<u64, PciError> {
+        self.allocate_bar(region, false, size)
+    }
+
+    /// Allocate a naturally aligned range for a BAR of `size` bytes in `region`, following
+    /// the [`BarPlacement`] rules (prefetchability only matters behind a bridge).
+    pub fn allocate_bar(
+        &mut self,
+        region: BarRegion,
+        prefetchable: bool,
+        size: u64,
+    ) -> Result<u64, PciError> {
         if size == 0 || !size.is_power_of_two() {
             return Err(PciError::Allocation(format!("invalid BAR size {size:#x}")));
         }
@@ -90,16 +151,24 @@ impl BarAllocator {
                 .map(|r| r.start())
                 .map_err(alloc_err)
         };
+        let from32 = |a: Option<&mut AddressAllocator>| match a {
+            Some(a) => from(a),
+            None => Err(PciError::Allocation("no 32-bit memory window".into())),
+        };
+        let use64 = match self.placement {
+            BarPlacement::RootBus => region == BarRegion::Mmio64,
+            BarPlacement::BehindBridge => region == BarRegion::Mmio64 && prefetchable,
+        };
         match region {
             BarRegion::Io => match self.io.as_mut() {
                 Some(io) => from(io),
                 None => Err(PciError::Allocation("no I/O window".into())),
             },
-            BarRegion::Mmio32 => from(&mut self.mmio32),
-            BarRegion::Mmio64 => match self.mmio64.as_mut().map(from) {
+            _ if use64 => match self.mmio64.as_mut().map(from) {
                 Some(Ok(addr)) => Ok(addr),
-                _ => from(&mut self.mmio32),
+                _ => from32(self.mmio32.as_mut()),
             },
+            _ => from32(self.mmio32.as_mut()),
         }
     }
 
@@ -115,7 +184,7 @@ impl BarAllocator {
         let range = RangeInclusive::new(addr, end).map_err(alloc_err)?;
         let pool = match region {
             BarRegion::Io => self.io.as_mut(),
-            _ => [self.mmio64.as_mut(), Some(&mut self.mmio32)]
+            _ => [self.mmio64.as_mut(), self.mmio32.as_mut()]
                 .into_iter()
                 .flatten()
                 .find(|a| a.base() <= addr && end <= a.end()),
@@ -135,7 +204,7 @@ impl BarAllocator {
         let mut done: Vec<BarAssignment> = Vec::new();
         for bar in bars {
             let res = self
-                .allocate(bar.region, bar.size)
+                .allocate_bar(bar.region, bar.prefetchable, bar.size)
                 .and_then(|addr| dev.set_bar_address(bar.index, addr).map(|_| addr));
             match res {
                 Ok(addr) => done.push(BarAssignment {
@@ -199,6 +268,99 @@ mod tests {
         assert!(a.free(BarRegion::Io, 0xc000, 0).is_err());
         assert!(a.free(BarRegion::Mmio32, u64::MAX, 0x1000).is_err());
         assert!(a.allocate(BarRegion::Mmio32, 0x2000_0000).is_err());
+    }
+
+    #[test]
+    fn behind_bridge_placement() {
+        let mem = (0xc000_0000, 0x10_0000);
+        let pref = (0x1_0000_0000, 0x100_0000);
+        let mut a = BarAllocator::behind_bridge(None, Some(mem), Some(pref)).unwrap();
+        assert_eq!(a.placement(), BarPlacement::BehindBridge);
+        let in_mem = |x: u64| (mem.0..mem.0 + mem.1).contains(&x);
+        let in_pref = |x: u64| (pref.0..pref.0 + pref.1).contains(&x);
+        // Non-prefetchable 64-bit BARs go through the non-prefetchable (32-bit) window.
+        assert!(in_mem(
+            a.allocate_bar(BarRegion::Mmio64, false, 0x4000).unwrap()
+        ));
+        assert!(in_mem(a.allocate(BarRegion::Mmio64, 0x4000).unwrap()));
+        // Prefetchable 64-bit BARs go to the prefetchable window.
+        assert!(in_pref(
+            a.allocate_bar(BarRegion::Mmio64, true, 0x10_0000).unwrap()
+        ));
+        // 32-bit BARs stay below 4 GiB even when prefetchable.
+        assert!(in_mem(
+            a.allocate_bar(BarRegion::Mmio32, true, 0x1000).unwrap()
+        ));
+        // Prefetchable falls back to the non-prefetchable window when full.
+        let mut f = BarAllocator::behind_bridge(None, Some(mem), Some((pref.0, 0x1000))).unwrap();
+        assert!(in_pref(
+            f.allocate_bar(BarRegion::Mmio64, true, 0x1000).unwrap()
+        ));
+        assert!(in_mem(
+            f.allocate_bar(BarRegion::Mmio64, true, 0x1000).unwrap()
+        ));
+        assert!(a.allocate_bar(BarRegion::Mmio64, true, 0x100_0000).is_err());
+        assert!(a.allocate(BarRegion::Io, 0x10).is_err());
+        // Windows can be absent.
+        let mut none = BarAllocator::behind_bridge(None, None, Some((0, 0))).unwrap();
+        assert!(none.allocate(BarRegion::Mmio32, 0x1000).is_err());
+        assert!(none.allocate_bar(BarRegion::Mmio64, true, 0x1000).is_err());
+        assert!(BarAllocator::behind_bridge(None, Some((0xfff0_0000, 0x20_0000)), None).is_err());
+        // The root-bus rules are unchanged: 64-bit BARs go high whatever prefetchability.
+        let mut r = BarAllocator::new(None, mem, Some(pref)).unwrap();
+        assert_eq!(r.placement(), BarPlacement::RootBus);
+        assert!(in_pref(
+            r.allocate_bar(BarRegion::Mmio64, false, 0x1000).unwrap()
+        ));
+    }
+
+    #[test]
+    fn place_device_behind_bridge_follows_prefetchability() {
+        use crate::bar::PciBarConfig;
+        use crate::config::{PciConfigParams, PciConfiguration};
+        use crate::device::{BarInfo, ConfigWriteOutcome};
+
+        struct Dev(PciConfiguration);
+        impl PciDevice for Dev {
+            fn read_config_register(&mut self, r: usize) -> u32 {
+                self.0.read_config_register(r)
+            }
+            fn write_config_register(&mut self, r: usize, o: u64, d: &[u8]) -> ConfigWriteOutcome {
+                self.0.write_config_register(r, o, d)
+            }
+            fn bars(&self) -> Vec<BarInfo> {
+                self.0.bars()
+            }
+            fn set_bar_address(&mut self, i: usize, a: u64) -> Result<(), PciError> {
+                self.0.set_bar_address(i, a)
+            }
+            fn read_bar(&mut self, _: usize, _: u64, _: &mut [u8]) {}
+            fn write_bar(&mut self, _: usize, _: u64, _: &[u8]) {}
+            fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+                self
+            }
+        }
+        let mut c = PciConfiguration::new(PciConfigParams::device(1, 2, 0));
+        c.add_bar(PciBarConfig::new(0, 0x4000, BarRegion::Mmio64, false).unwrap())
+            .unwrap();
+        c.add_bar(PciBarConfig::new(2, 0x10_0000, BarRegion::Mmio64, true).unwrap())
+            .unwrap();
+        let mut d = Dev(c);
+        let mut a = BarAllocator::behind_bridge(
+            None,
+            Some((0xc010_0000, 0x10_0000)),
+            Some((0x2_0000_0000, 0x20_0000)),
+        )
+        .unwrap();
+        let placed = a.place_device(&mut d).unwrap();
+        assert_eq!(placed.len(), 2);
+        assert_eq!(placed[0].addr, 0xc010_0000);
+        assert_eq!(placed[1].addr, 0x2_0000_0000);
+        a.release(&placed);
+        assert_eq!(
+            a.allocate(BarRegion::Mmio32, 0x10_0000).unwrap(),
+            0xc010_0000
+        );
     }
 
     #[test]

@@ -75,6 +75,11 @@ pub struct ConfigWriteOutcome {
     /// Capabilities written, as (capability id, offset of the capability). Extended
     /// capability ids are reported as `0x1_0000 | id`.
     pub capabilities_written: Vec<(u32, u16)>,
+    /// PCI Express hot-plug slot (see [`crate::PciePort`]): `Some(powered)` if the guest
+    /// flipped the Power Controller Control bit of Slot Control. `Some(false)` means the
+    /// guest powered the slot off (after a removal request: the removal is complete),
+    /// `Some(true)` that it powered the slot on.
+    pub slot_power: Option<bool>,
 }
 
 impl ConfigWriteOutcome {
@@ -96,6 +101,7 @@ impl ConfigWriteOutcome {
         self.secondary_bus_reset |= other.secondary_bus_reset;
         self.power_state = other.power_state.or(self.power_state);
         self.capabilities_written.extend(other.capabilities_written);
+        self.slot_power = other.slot_power.or(self.slot_power);
     }
 }
 

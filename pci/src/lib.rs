@@ -18,7 +18,11 @@
 //! - [`device`]: the [`PciDevice`] trait and the values describing what a write changed.
 //! - [`bus`]: the bus tree and the root that routes accesses by bus/device/function.
 //! - [`ecam`], [`config_io`]: decoding of MMCONFIG and CF8/CFC accesses.
-//! - [`host_bridge`], [`bridge`]: the host bridge at 00:00.0 and a PCI-to-PCI bridge.
+//! - [`host_bridge`], [`bridge`]: the host bridge at 00:00.0 and a minimal PCI-to-PCI bridge.
+//! - [`port`]: [`PciePort`], the PCI Express root/switch ports and PCI bridges with native
+//!   hot-plug slots and their hot-plug state machine.
+//! - [`topology`]: [`Topology`], the firmware's job for a tree of ports (slots, paths, bus
+//!   numbers, forwarding windows, physical slot numbers) and the creation of the ports.
 //! - [`path`]: [`PciPath`] (slot path from the root bus) and resolvers to guest BDFs.
 //! - [`allocator`]: BAR address allocation from the VMM's PCI windows.
 //! - [`bar_map`]: optional guest address -> (device, BAR, offset) routing that follows
@@ -40,13 +44,15 @@ pub mod msix;
 pub mod path;
 pub mod pcie_cap;
 pub mod pm;
+pub mod port;
+pub mod topology;
 
-pub use allocator::{BarAllocator, BarAssignment};
+pub use allocator::{BarAllocator, BarAssignment, BarPlacement};
 pub use bar::{BarRegion, PciBarConfig};
 pub use bar_map::{AddressSpace, BarMap, BarTarget};
 pub use bridge::PciBridge;
 pub use bus::{ConfigWriteResult, PciBdf, PciBus, PciRoot, SharedPciDevice};
-pub use config::{HeaderType, PciConfigParams, PciConfiguration};
+pub use config::{BridgeWindows, BusNumbers, HeaderType, PciConfigParams, PciConfiguration};
 pub use config_io::PciConfigIo;
 pub use device::{BarChange, BarInfo, ConfigWriteOutcome, PciDevice};
 pub use ecam::EcamAddress;
@@ -57,6 +63,11 @@ pub use msix::{MsixCapability, MsixConfig};
 pub use path::{PciPath, PciPathError, PciSlot};
 pub use pcie_cap::{PcieCapability, PciePortType};
 pub use pm::PmCapability;
+pub use port::{PciePort, PciePortKind, PciePortParams};
+pub use topology::{
+    HostWindows, HotplugMode, PortDevice, PortKind, PortNode, PortSpec, PortWindows, Topology,
+    TopologyError, TopologyOptions,
+};
 
 /// Errors returned by the PCI building blocks.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -121,4 +132,7 @@ pub enum PciError {
     /// Address allocation failed.
     #[error("address allocation failed: {0}")]
     Allocation(String),
+    /// A hot-plug operation on a port without a native hot-plug slot.
+    #[error("the port has no native hot-plug slot")]
+    NoHotplugSlot,
 }

@@ -82,6 +82,10 @@ pub mod slot_status {
 pub mod slot_control {
     /// Attention Button Pressed Enable.
     pub const ATTENTION_BUTTON_ENABLE: u16 = 1 << 0;
+    /// Power Fault Detected Enable.
+    pub const POWER_FAULT_ENABLE: u16 = 1 << 1;
+    /// MRL Sensor Changed Enable.
+    pub const MRL_SENSOR_ENABLE: u16 = 1 << 2;
     /// Presence Detect Changed Enable.
     pub const PRESENCE_DETECT_ENABLE: u16 = 1 << 3;
     /// Command Completed Interrupt Enable.
@@ -98,7 +102,8 @@ pub mod slot_control {
     pub const DLL_STATE_CHANGED_ENABLE: u16 = 1 << 12;
 }
 
-const LNKSTA_DLL_ACTIVE: u16 = 1 << 13;
+/// Link Status: Data Link Layer Link Active.
+pub const LNKSTA_DLL_ACTIVE: u16 = 1 << 13;
 
 /// Device/port type field of the PCI Express Capabilities register.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

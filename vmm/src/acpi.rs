@@ -317,11 +317,95 @@ pub fn slot_name(slot: u8) -> String {
     format!("S{slot:03X}")
 }
 
-/// ACPI PCI hotplug for the root bus: the register block, one device
-/// object per hotplug slot (`_ADR`, `_SUN`, `_EJ0`), the `PCNT` scan that
-/// notifies slots from the PCIU/PCID bitmaps, and `\_SB_.HPSC`, which the
-/// GED's `_EVT` calls. `slots` are the root-bus slots open to hotplug.
-pub fn pci_hotplug_aml(mmio: u64, slots: &[u8]) -> Vec<u8> {
+/// A PCI bus as the DSDT describes it for ACPI hotplug: the bus selector
+/// (when the bus has ACPI hotplug slots), its hotplug slots, and the bridges
+/// on it that lead to further described buses.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AcpiBus {
+    /// BSEL value of this bus; `None` for a bus without ACPI hotplug.
+    pub bsel: Option<u32>,
+    /// Slots of this bus open to ACPI hotplug.
+    pub slots: Vec<u8>,
+    /// (slot, bus behind the bridge in that slot).
+    pub bridges: Vec<(u8, AcpiBus)>,
+}
+
+/// The `_SUN` (slot number shown to the user) of `slot` on bus `bsel`.
+pub fn slot_sun(bsel: u32, slot: u8) -> u32 {
+    bsel * 32 + u32::from(slot)
+}
+
+/// Serialises one bus's objects into `out`, returning the (ACPI path,
+/// bsel) of every bus with hotplug slots in this subtree.
+fn acpi_bus_aml(bus: &AcpiBus, scope: &str, out: &mut Vec<u8>, found: &mut Vec<(String, u32)>) {
+    // Bridges: a device object per bridge, holding its bus's objects.
+    for (slot, child) in &bus.bridges {
+        let path = format!("{scope}.{}", slot_name(*slot));
+        let adr = u32::from(*slot) << 16;
+        let name_adr = aml::Name::new("_ADR".into(), &adr);
+        let mut inner = Vec::new();
+        acpi_bus_aml(child, &path, &mut inner, found);
+        let raw = RawAml(&inner);
+        let dev = aml::Device::new(slot_name(*slot).as_str().into(), vec![&name_adr, &raw]);
+        dev.to_aml_bytes(out);
+    }
+    let Some(bsel) = bus.bsel else {
+        return;
+    };
+    found.push((scope.to_string(), bsel));
+    let slots: Vec<u8> = bus
+        .slots
+        .iter()
+        .copied()
+        .filter(|s| !bus.bridges.iter().any(|(b, _)| b == s))
+        .collect();
+    for slot in &slots {
+        let adr = u32::from(*slot) << 16;
+        let sun = slot_sun(bsel, *slot);
+        let name_adr = aml::Name::new("_ADR".into(), &adr);
+        let name_sun = aml::Name::new("_SUN".into(), &sun);
+        let slot_u32 = u32::from(*slot);
+        let call = aml::MethodCall::new("\\_SB_.PCI0.PCEJ".into(), vec![&bsel, &slot_u32]);
+        let ej0 = aml::Method::new("_EJ0".into(), 1, false, vec![&call]);
+        aml::Device::new(
+            slot_name(*slot).as_str().into(),
+            vec![&name_adr, &name_sun, &ej0],
+        )
+        .to_aml_bytes(out);
+    }
+    // DVNT(bitmap, event): notify every slot of this bus whose bit is set.
+    let bits: Vec<u32> = slots.iter().map(|s| 1u32 << s).collect();
+    let masks: Vec<aml::And> = bits
+        .iter()
+        .map(|b| aml::And::new(&aml::Local(0), &aml::Arg(0), b))
+        .collect();
+    let tests: Vec<aml::Equal> = bits
+        .iter()
+        .map(|b| aml::Equal::new(&aml::Local(0), b))
+        .collect();
+    let names: Vec<String> = slots.iter().map(|s| slot_name(*s)).collect();
+    let paths: Vec<aml::Path> = names.iter().map(|n| aml::Path::new(n)).collect();
+    let notifies: Vec<aml::Notify> = paths
+        .iter()
+        .map(|p| aml::Notify::new(p, &aml::Arg(1)))
+        .collect();
+    let ifs: Vec<aml::If> = (0..slots.len())
+        .map(|i| aml::If::new(&tests[i], vec![&notifies[i]]))
+        .collect();
+    let mut body: Vec<&dyn Aml> = Vec::new();
+    for i in 0..slots.len() {
+        body.push(&masks[i]);
+        body.push(&ifs[i]);
+    }
+    aml::Method::new("DVNT".into(), 2, false, body).to_aml_bytes(out);
+}
+
+/// ACPI PCI hotplug: the register block, the slot objects of every bus
+/// with ACPI hotplug (`_ADR`, `_SUN`, `_EJ0`), bridge objects leading to
+/// them, the `PCNT` scan that walks every bus selector and notifies slots
+/// from the PCIU/PCID bitmaps, and `\_SB_.HPSC`, which the GED's `_EVT`
+/// calls. `root` is the root bus (bus selector 0).
+pub fn pci_hotplug_aml(mmio: u64, root: &AcpiBus) -> Vec<u8> {
     let region = aml::OpRegion::new(
         "PCST".into(),
         aml::OpRegionSpace::SystemMemory,
@@ -359,78 +443,41 @@ pub fn pci_hotplug_aml(mmio: u64, slots: &[u8]) -> Vec<u8> {
         vec![&acquire, &set_sel, &eject, &release],
     );
 
-    // One device object per slot.
-    let names: Vec<String> = slots.iter().map(|s| slot_name(*s)).collect();
-    let adrs: Vec<u32> = slots.iter().map(|s| u32::from(*s) << 16).collect();
-    let suns: Vec<u32> = slots.iter().map(|s| u32::from(*s)).collect();
-    let name_adrs: Vec<aml::Name> = adrs
-        .iter()
-        .map(|a| aml::Name::new("_ADR".into(), a))
-        .collect();
-    let name_suns: Vec<aml::Name> = suns
-        .iter()
-        .map(|n| aml::Name::new("_SUN".into(), n))
-        .collect();
-    let ej_calls: Vec<aml::MethodCall> = suns
-        .iter()
-        .map(|n| aml::MethodCall::new("PCEJ".into(), vec![&0u8, n]))
-        .collect();
-    let ej0s: Vec<aml::Method> = ej_calls
-        .iter()
-        .map(|c| aml::Method::new("_EJ0".into(), 1, false, vec![c]))
-        .collect();
-    let devices: Vec<aml::Device> = (0..slots.len())
-        .map(|i| {
-            aml::Device::new(
-                names[i].as_str().into(),
-                vec![&name_adrs[i], &name_suns[i], &ej0s[i]],
-            )
-        })
-        .collect();
+    let mut objects = Vec::new();
+    let mut buses = Vec::new();
+    acpi_bus_aml(root, "\\_SB_.PCI0", &mut objects, &mut buses);
+    let raw = RawAml(&objects);
 
-    // DVNT(bitmap, event): notify every slot whose bit is set.
-    let bits: Vec<u32> = slots.iter().map(|s| 1u32 << s).collect();
-    let masks: Vec<aml::And> = bits
+    // PCNT: for every bus selector, device check for new devices and eject
+    // request for devices to remove.
+    let sels: Vec<aml::Store> = buses
         .iter()
-        .map(|b| aml::And::new(&aml::Local(0), &aml::Arg(0), b))
+        .map(|(_, b)| aml::Store::new(&bsel, b))
         .collect();
-    let tests: Vec<aml::Equal> = bits
+    let dvnts: Vec<String> = buses.iter().map(|(p, _)| format!("{p}.DVNT")).collect();
+    let checks: Vec<aml::MethodCall> = dvnts
         .iter()
-        .map(|b| aml::Equal::new(&aml::Local(0), b))
+        .map(|d| aml::MethodCall::new(d.as_str().into(), vec![&pciu, &1u8]))
         .collect();
-    let paths: Vec<aml::Path> = names.iter().map(|n| aml::Path::new(n)).collect();
-    let notifies: Vec<aml::Notify> = paths
+    let ejects: Vec<aml::MethodCall> = dvnts
         .iter()
-        .map(|p| aml::Notify::new(p, &aml::Arg(1)))
+        .map(|d| aml::MethodCall::new(d.as_str().into(), vec![&pcid, &3u8]))
         .collect();
-    let ifs: Vec<aml::If> = (0..slots.len())
-        .map(|i| aml::If::new(&tests[i], vec![&notifies[i]]))
-        .collect();
-    let mut dvnt_body: Vec<&dyn Aml> = Vec::new();
-    for i in 0..slots.len() {
-        dvnt_body.push(&masks[i]);
-        dvnt_body.push(&ifs[i]);
+    let mut pcnt_body: Vec<&dyn Aml> = vec![&acquire];
+    for i in 0..buses.len() {
+        pcnt_body.push(&sels[i]);
+        pcnt_body.push(&checks[i]);
+        pcnt_body.push(&ejects[i]);
     }
-    let dvnt = aml::Method::new("DVNT".into(), 2, false, dvnt_body);
+    pcnt_body.push(&release);
+    let pcnt = aml::Method::new("PCNT".into(), 0, true, pcnt_body);
 
-    // PCNT: scan the root bus (selector 0): device check for new devices,
-    // eject request for devices to remove.
-    let sel0 = aml::Store::new(&bsel, &0u8);
-    let check = aml::MethodCall::new("DVNT".into(), vec![&pciu, &1u8]);
-    let eject_req = aml::MethodCall::new("DVNT".into(), vec![&pcid, &3u8]);
-    let pcnt = aml::Method::new(
-        "PCNT".into(),
-        0,
-        true,
-        vec![&acquire, &sel0, &check, &eject_req, &release],
-    );
-
-    let mut children: Vec<&dyn Aml> = vec![&region, &field, &mutex, &pcej, &dvnt, &pcnt];
-    for d in &devices {
-        children.push(d);
-    }
     let mut out = Vec::new();
-    aml::Scope::new("\\_SB_.PCI0".into(), children).to_aml_bytes(&mut out);
+    aml::Scope::new(
+        "\\_SB_.PCI0".into(),
+        vec![&region, &field, &mutex, &pcej, &raw, &pcnt],
+    )
+    .to_aml_bytes(&mut out);
     let call = aml::MethodCall::new("\\_SB_.PCI0.PCNT".into(), vec![]);
     let hpsc = aml::Method::new("HPSC".into(), 0, false, vec![&call]);
     aml::Scope::new("\\_SB_".into(), vec![&hpsc]).to_aml_bytes(&mut out);

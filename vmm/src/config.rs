@@ -6,7 +6,9 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::device_manager::PlaceKind;
 use api::types::{DiskConfig, RngConfig};
+use pci::topology::{HotplugMode, PortKind, PortSpec, Topology, TopologyOptions};
 
 use crate::layout::CMDLINE_MAX_SIZE;
 
@@ -25,6 +27,105 @@ pub enum SerialOutput {
     File(PathBuf),
     /// Discarded.
     Off,
+}
+
+/// One `--pci-port`: a root port, a switch or a PCI-to-PCI bridge.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortConfig {
+    pub id: String,
+    /// `root-port`, `switch` or `pci-bridge`.
+    pub kind: String,
+    /// Parent port id; `None` is the root bus.
+    pub parent: Option<String>,
+    /// `native`, `acpi` or `none`; `None` takes the kind's default.
+    pub hotplug: Option<String>,
+    /// Downstream ports of a switch.
+    pub downstream: Option<u8>,
+    /// Slot on the parent bus (root bus only; PCIe ports have one slot).
+    pub slot: Option<u8>,
+    /// Extra bus numbers to reserve below the port.
+    pub bus_reserve: Option<u8>,
+    /// 32-bit non-prefetchable window to reserve, bytes.
+    pub mem_reserve: Option<u64>,
+    /// 64-bit prefetchable window to reserve, bytes.
+    pub pref64_reserve: Option<u64>,
+    /// I/O window to reserve, bytes (none unless asked).
+    pub io_reserve: Option<u64>,
+}
+
+impl PortConfig {
+    const KEYS: &'static [&'static str] = &[
+        "id",
+        "type",
+        "parent",
+        "hotplug",
+        "downstream",
+        "slot",
+        "bus-reserve",
+        "mem-reserve",
+        "pref64-reserve",
+        "io-reserve",
+    ];
+
+    /// Parses `id=ID,type=root-port|switch|pci-bridge[,parent=ID]
+    /// [,hotplug=native|acpi|none][,downstream=N][,slot=N][,bus-reserve=N]
+    /// [,mem-reserve=SIZE][,pref64-reserve=SIZE][,io-reserve=SIZE]`.
+    pub fn parse(input: &str) -> Result<PortConfig, ConfigError> {
+        let e = |m: String| ConfigError(format!("--pci-port '{input}': {m}"));
+        let o = api::kv::parse(input, Self::KEYS).map_err(|x| e(x.to_string()))?;
+        let id = o.required("id").map_err(|x| e(x.to_string()))?.to_string();
+        let kind = o
+            .required("type")
+            .map_err(|x| e(x.to_string()))?
+            .to_string();
+        if !["root-port", "switch", "pci-bridge"].contains(&kind.as_str()) {
+            return Err(e(format!(
+                "unknown type '{kind}': expected root-port, switch or pci-bridge"
+            )));
+        }
+        let hotplug = o.string("hotplug");
+        if let Some(h) = &hotplug {
+            if !["native", "acpi", "none"].contains(&h.as_str()) {
+                return Err(e(format!("hotplug '{h}': expected native, acpi or none")));
+            }
+        }
+        let num = |k: &str| -> Result<Option<u64>, ConfigError> {
+            match o.get(k) {
+                None => Ok(None),
+                Some(v) => parse_size(v).map(Some).map_err(|x| e(format!("{k}: {x}"))),
+            }
+        };
+        let small = |k: &str, max: u64| -> Result<Option<u8>, ConfigError> {
+            match o.get(k) {
+                None => Ok(None),
+                Some(v) => v
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|n| *n <= max)
+                    .map(|n| Some(n as u8))
+                    .ok_or_else(|| e(format!("{k} '{v}' is not a number from 0 to {max}"))),
+            }
+        };
+        let downstream = small("downstream", 32)?;
+        if downstream.is_some() && kind != "switch" {
+            return Err(e("only a switch has downstream ports".into()));
+        }
+        if let Some(0) = downstream {
+            return Err(e("a switch needs 1 to 32 downstream ports".into()));
+        }
+        Ok(PortConfig {
+            id,
+            kind,
+            parent: o.string("parent"),
+            hotplug,
+            downstream,
+            slot: small("slot", 31)?,
+            bus_reserve: small("bus-reserve", 254)?,
+            mem_reserve: num("mem-reserve")?,
+            pref64_reserve: num("pref64-reserve")?,
+            io_reserve: num("io-reserve")?,
+        })
+    }
 }
 
 /// Everything needed to build and boot a VM.
@@ -46,6 +147,10 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// Cold-plugged virtio-rng devices, after the disks.
     pub rngs: Vec<RngConfig>,
+    /// The PCI topology; empty means the default topology.
+    pub ports: Vec<PortConfig>,
+    /// Where automatically placed hot-plugged devices go first.
+    pub placement_order: Vec<PlaceKind>,
 }
 
 impl Default for VmConfig {
@@ -62,6 +167,8 @@ impl Default for VmConfig {
             remove_timeout: Duration::from_secs(10),
             disks: Vec::new(),
             rngs: Vec::new(),
+            ports: Vec::new(),
+            placement_order: vec![PlaceKind::Native, PlaceKind::Acpi, PlaceKind::Root],
         }
     }
 }
@@ -151,6 +258,7 @@ impl VmConfig {
         if let Some(initramfs) = &self.initramfs {
             check_file("initramfs", initramfs)?;
         }
+        self.topology()?;
         let mut ids: Vec<&str> = Vec::new();
         for d in &self.disks {
             check_disk(&d.path)?;
@@ -172,10 +280,117 @@ impl VmConfig {
                     .map_err(|e| ConfigError(format!("pci_path '{p}': {e}")))?;
             }
             if let Some(port) = port {
-                return err(format!("unknown port '{port}'"));
+                if !self.port_ids().iter().any(|p| p == port) {
+                    return err(format!("unknown port '{port}'"));
+                }
             }
         }
         Ok(())
+    }
+}
+
+/// The topology used when no `--pci-port` is given: eight root ports with
+/// native hotplug (`rp0`-`rp7`, root slots 01-08) and a PCIe-to-PCI bridge
+/// with ACPI hotplug on the root bus (`br0`, slot 09); the root bus keeps
+/// its other slots (ACPI hotplug too).
+pub fn default_ports() -> Vec<PortConfig> {
+    let port = |id: String, kind: &str| PortConfig {
+        id,
+        kind: kind.to_string(),
+        parent: None,
+        hotplug: None,
+        downstream: None,
+        slot: None,
+        bus_reserve: None,
+        mem_reserve: None,
+        pref64_reserve: None,
+        io_reserve: None,
+    };
+    let mut v: Vec<PortConfig> = (0..8)
+        .map(|i| port(format!("rp{i}"), "root-port"))
+        .collect();
+    v.push(port("br0".into(), "pci-bridge"));
+    v
+}
+
+impl PortConfig {
+    /// The `pci` crate's description of this port.
+    pub fn spec(&self) -> Result<PortSpec, ConfigError> {
+        let e = |m: String| ConfigError(format!("--pci-port id={}: {m}", self.id));
+        let mut kind: PortKind = self
+            .kind
+            .parse()
+            .map_err(|x: pci::topology::TopologyError| e(x.to_string()))?;
+        if let PortKind::Switch { downstream } = &mut kind {
+            *downstream = self.downstream.unwrap_or(4);
+        }
+        let hotplug = match &self.hotplug {
+            Some(h) => Some(h.parse::<HotplugMode>().map_err(|x| e(x.to_string()))?),
+            None => None,
+        };
+        Ok(PortSpec {
+            id: self.id.clone(),
+            kind,
+            parent: self.parent.clone(),
+            hotplug,
+            slot: self.slot,
+            bus_reserve: self.bus_reserve,
+            mmio32_reserve: self.mem_reserve,
+            mmio64_reserve: self.pref64_reserve,
+            io_reserve: self.io_reserve,
+            ..Default::default()
+        })
+    }
+}
+
+impl VmConfig {
+    /// The ports: `--pci-port`s, or [`default_ports`] when there are none.
+    pub fn effective_ports(&self) -> Vec<PortConfig> {
+        if self.ports.is_empty() {
+            default_ports()
+        } else {
+            self.ports.clone()
+        }
+    }
+
+    /// Builds the PCI topology (bus numbers, windows, paths): pure, so bad
+    /// topologies are refused before anything is created.
+    pub fn topology(&self) -> Result<Topology, ConfigError> {
+        let specs = self
+            .effective_ports()
+            .iter()
+            .map(PortConfig::spec)
+            .collect::<Result<Vec<_>, _>>()?;
+        let ram_end = crate::layout::ram_ranges(self.memory)
+            .last()
+            .map(|(a, s)| a.0 + s)
+            .unwrap_or(0);
+        let opts = TopologyOptions::new(
+            (1..32).collect(),
+            (
+                crate::layout::PCI_MMIO32_START,
+                crate::layout::PCI_MMIO32_SIZE,
+            ),
+            (
+                crate::layout::pci_mmio64_start(ram_end),
+                crate::layout::PCI_MMIO64_SIZE,
+            ),
+            None,
+        );
+        Topology::build(&specs, &opts).map_err(|e| ConfigError(format!("PCI topology: {e}")))
+    }
+
+    /// Ids of every port the topology will have (switch downstream ports
+    /// included).
+    pub fn port_ids(&self) -> Vec<String> {
+        let mut ids = Vec::new();
+        for p in &self.effective_ports() {
+            ids.push(p.id.clone());
+            for i in 0..p.downstream.unwrap_or(0) {
+                ids.push(format!("{}.{i}", p.id));
+            }
+        }
+        ids
     }
 }
 
@@ -204,6 +419,27 @@ fn check_file(what: &str, path: &std::path::Path) -> Result<(), ConfigError> {
     }
 }
 
+fn parse_order(value: &str) -> Result<Vec<PlaceKind>, ConfigError> {
+    let mut out = Vec::new();
+    for part in value.split(',') {
+        let k = match part.trim() {
+            "native" => PlaceKind::Native,
+            "acpi" => PlaceKind::Acpi,
+            "root" => PlaceKind::Root,
+            other => {
+                return err(format!(
+                    "--hotplug-order: unknown place '{other}' (native, acpi or root)"
+                ))
+            }
+        };
+        if out.contains(&k) {
+            return err(format!("--hotplug-order: '{}' given twice", part.trim()));
+        }
+        out.push(k);
+    }
+    Ok(out)
+}
+
 fn parse_seconds(flag: &str, value: &str) -> Result<Duration, ConfigError> {
     value
         .parse::<f64>()
@@ -220,7 +456,7 @@ fn parse_seconds(flag: &str, value: &str) -> Result<Duration, ConfigError> {
 /// What the command line asks for.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
-    Run(VmConfig),
+    Run(Box<VmConfig>),
     Help,
     Version,
 }
@@ -236,8 +472,14 @@ usage: arbor --kernel PATH [options]
   --memory SIZE        guest memory, e.g. 512M or 2G (default 512M)
   --serial WHERE       stdout (default), off, or file=PATH
   --disk OPTIONS       virtio-blk disk: path=FILE[,readonly=on][,serial=S][,id=ID]
-                       [,pci_path=PATH]; repeatable (slots 01, 02, ... in order)
-  --rng [OPTIONS]      virtio-rng device: [id=ID][,pci_path=PATH]; repeatable
+                       [,port=ID][,pci_path=PATH]; repeatable
+  --rng [OPTIONS]      virtio-rng device: [id=ID][,port=ID][,pci_path=PATH]; repeatable
+  --pci-port OPTIONS   id=ID,type=root-port|switch|pci-bridge[,parent=ID]
+                       [,hotplug=native|acpi|none][,downstream=N][,slot=N]
+                       [,bus-reserve=N][,mem-reserve=SIZE][,pref64-reserve=SIZE]
+                       [,io-reserve=SIZE]; repeatable
+  --hotplug-order LIST automatic placement order of hot-plugged devices, a
+                       permutation of native,acpi,root (default native,acpi,root)
   --api-socket PATH    serve the HTTP API on this UNIX socket
   --shutdown-grace S   seconds vm.shutdown waits after the power button (5)
   --remove-timeout S   seconds vm.remove-device waits for the guest (10)
@@ -282,11 +524,13 @@ where
             "--disk",
             "--rng",
             "--remove-timeout",
+            "--pci-port",
+            "--hotplug-order",
         ];
         if !known.contains(&flag.as_str()) {
             return err(format!("unknown option '{flag}' (see --help)"));
         }
-        let repeatable = flag == "--disk" || flag == "--rng";
+        let repeatable = flag == "--disk" || flag == "--rng" || flag == "--pci-port";
         if seen.contains(&flag) && !repeatable {
             return err(format!("option '{flag}' given twice"));
         }
@@ -330,6 +574,8 @@ where
             }
             "--shutdown-grace" => cfg.shutdown_grace = parse_seconds(&flag, &value)?,
             "--remove-timeout" => cfg.remove_timeout = parse_seconds(&flag, &value)?,
+            "--pci-port" => cfg.ports.push(PortConfig::parse(&value)?),
+            "--hotplug-order" => cfg.placement_order = parse_order(&value)?,
             "--serial" => {
                 cfg.serial = match value.as_str() {
                     "stdout" => SerialOutput::Stdout,
@@ -348,7 +594,7 @@ where
         }
     }
     cfg.kernel = kernel.ok_or_else(|| ConfigError("--kernel is required".into()))?;
-    Ok(Command::Run(cfg))
+    Ok(Command::Run(Box::new(cfg)))
 }
 
 #[cfg(test)]

@@ -72,6 +72,27 @@ pub fn patch_cpuid(cpuid: &mut CpuId, id: u8, count: u8) {
                     e.edx &= !(1 << 28);
                 }
                 e.ecx |= 1 << 31;
+                if std::env::var_os("ARBOR_EXP_NOXSAVE").is_some() {
+                    e.ecx &= (1 << 0)
+                        | (1 << 9)
+                        | (1 << 13)
+                        | (1 << 19)
+                        | (1 << 20)
+                        | (1 << 23)
+                        | (1 << 31)
+                        | (1 << 24);
+                }
+            }
+            7 if std::env::var_os("ARBOR_EXP_NOXSAVE").is_some() => {
+                e.ebx = 0;
+                e.ecx = 0;
+                e.edx = 0;
+            }
+            0xd if std::env::var_os("ARBOR_EXP_NOXSAVE").is_some() => {
+                e.eax = 0;
+                e.ebx = 0;
+                e.ecx = 0;
+                e.edx = 0;
             }
             4 => {
                 // EAX[31:26]: cores per package - 1; [25:14]: threads sharing

@@ -21,8 +21,15 @@ use devices::legacy::{
     I8042,
 };
 
-use api::types::{DeviceInfo, DeviceKind, DiskConfig, RngConfig};
+use std::collections::BTreeMap;
+
+use api::types::{
+    DeviceInfo, DeviceKind, DiskConfig, HotplugMechanism, RngConfig, SlotInfo, TopologyNode,
+    TopologyNodeType,
+};
 use devices::virtio::{Block, BlockConfig, Rng, VirtioDevice, VirtioPciDevice, VirtioPciOptions};
+use pci::topology::HotplugMode;
+use pci::PciePortKind;
 use pci::{PciPath, PciePortType};
 
 use crate::config::SerialOutput;
@@ -56,8 +63,12 @@ pub enum DeviceError {
     DuplicateId(String),
     #[error("pci_path '{0}': {1}")]
     BadPath(String, String),
-    #[error("pci_path '{0}' is not a hotplug slot (it was taken at boot)")]
+    #[error("{0} is not a hotplug slot")]
     NotHotplugSlot(String),
+    #[error("unknown port '{0}'")]
+    UnknownPort(String),
+    #[error("{0}")]
+    NoSlot(String),
     #[error("{0}")]
     Placement(#[from] PciManagerError),
     #[error("cannot open disk '{0}': {1}")]
@@ -82,6 +93,8 @@ pub struct DeviceRecord {
     pub id: String,
     pub kind: DeviceKind,
     pub path: PciPath,
+    /// The port the device sits under; `None` is the root bus.
+    pub port: Option<String>,
     pub hotplugged: bool,
     pub disk: Option<DiskConfig>,
 }
@@ -94,7 +107,7 @@ impl DeviceRecord {
             kind: self.kind,
             pci_path: self.path.to_string(),
             bdf: None,
-            port: None,
+            port: self.port.clone(),
             hotplugged: self.hotplugged,
             path: self.disk.as_ref().map(|d| d.path.clone()),
             readonly: self.disk.as_ref().map(|d| d.readonly),
@@ -113,6 +126,10 @@ pub struct DeviceManager {
     pub hotplug: Arc<PciHotplugController>,
     /// Root-bus slots described to the guest as hotplug slots.
     pub hotplug_slots: Vec<u8>,
+    /// ACPI bus selectors: the root bus (`None`) and ACPI-hotplug ports.
+    pub bsel: BTreeMap<Option<String>, u32>,
+    /// Automatic placement order for hot-plugged devices.
+    pub placement_order: Vec<PlaceKind>,
     pub events: PlatformEvents,
 }
 
@@ -228,6 +245,8 @@ impl DeviceManager {
             ged,
             hotplug,
             hotplug_slots: Vec::new(),
+            bsel: BTreeMap::new(),
+            placement_order: vec![PlaceKind::Native, PlaceKind::Acpi, PlaceKind::Root],
             events: PlatformEvents {
                 power_off,
                 reset,
@@ -237,8 +256,10 @@ impl DeviceManager {
     }
 
     /// DSDT objects of the platform devices, after the host bridge: the
-    /// root bus's hotplug slots (every slot still free now), the GED, whose
-    /// `_EVT` turns event bits into notifications, and the power button.
+    /// ACPI hotplug slots of the root bus (every slot still free now) and
+    /// of the ACPI-hotplug ports, the bridge objects leading to them, the
+    /// GED, whose `_EVT` turns event bits into notifications, and the power
+    /// button. Also fixes the bus selectors the hotplug block uses.
     pub fn dsdt_aml(&mut self) -> Vec<u8> {
         let used: Vec<u8> = self
             .records
@@ -246,8 +267,76 @@ impl DeviceManager {
             .filter(|r| r.path.len() == 1)
             .map(|r| r.path.last().slot)
             .collect();
-        self.hotplug_slots = (1..32u8).filter(|s| !used.contains(s)).collect();
-        let mut out = crate::acpi::pci_hotplug_aml(PCI_HOTPLUG_MMIO_START, &self.hotplug_slots);
+        let port_slots: Vec<u8> = self
+            .pci
+            .as_ref()
+            .map(|p| p.topology().root_slots_used())
+            .unwrap_or_default();
+        self.hotplug_slots = (1..32u8)
+            .filter(|s| !used.contains(s) && !port_slots.contains(s))
+            .collect();
+        self.bsel.clear();
+        self.bsel.insert(None, 0);
+        let mut root = crate::acpi::AcpiBus {
+            bsel: Some(0),
+            slots: self.hotplug_slots.clone(),
+            bridges: Vec::new(),
+        };
+        if let Some(pci) = self.pci.clone() {
+            let topo = pci.topology();
+            let mut next = 1u32;
+            for node in topo.ports() {
+                if node.hotplug == HotplugMode::Acpi {
+                    self.bsel.insert(Some(node.id.clone()), next);
+                    next += 1;
+                }
+            }
+            // Bridge objects for every port on the way to an ACPI bus.
+            fn build(
+                topo: &pci::topology::Topology,
+                parent: Option<&str>,
+                bsel: &BTreeMap<Option<String>, u32>,
+                records: &[DeviceRecord],
+            ) -> Vec<(u8, crate::acpi::AcpiBus)> {
+                let mut out = Vec::new();
+                for node in topo
+                    .ports()
+                    .iter()
+                    .filter(|n| n.parent.as_deref() == parent)
+                {
+                    let children = build(topo, Some(&node.id), bsel, records);
+                    let sel = bsel.get(&Some(node.id.clone())).copied();
+                    let slots: Vec<u8> = if sel.is_some() {
+                        node.device_slots()
+                            .iter()
+                            .copied()
+                            .filter(|s| {
+                                !records.iter().any(|r| {
+                                    r.port.as_deref() == Some(node.id.as_str())
+                                        && r.path.last().slot == *s
+                                })
+                            })
+                            .collect()
+                    } else {
+                        Vec::new()
+                    };
+                    if sel.is_none() && children.is_empty() {
+                        continue;
+                    }
+                    out.push((
+                        node.path.last().slot,
+                        crate::acpi::AcpiBus {
+                            bsel: sel,
+                            slots,
+                            bridges: children,
+                        },
+                    ));
+                }
+                out
+            }
+            root.bridges = build(topo, None, &self.bsel, &self.records);
+        }
+        let mut out = crate::acpi::pci_hotplug_aml(PCI_HOTPLUG_MMIO_START, &root);
         out.extend(crate::acpi::ged_aml(
             GED_MMIO_START,
             GED_IRQ,
@@ -264,9 +353,32 @@ struct NewDevice<'a> {
     id: Option<&'a str>,
     prefix: &'a str,
     kind: DeviceKind,
+    port: Option<&'a str>,
     pci_path: Option<&'a str>,
     hotplugged: bool,
     disk: Option<DiskConfig>,
+}
+
+/// How the guest learns about a device in a given place.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mechanism {
+    /// Native PCIe hotplug on this port.
+    Native(String),
+    /// ACPI hotplug: bus selector and slot.
+    Acpi(u32, u8),
+    /// Cold-plug only.
+    None,
+}
+
+/// Kinds of place, for the automatic placement order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlaceKind {
+    /// Ports with native PCIe hotplug.
+    Native,
+    /// Ports (bridges) with ACPI hotplug.
+    Acpi,
+    /// The root bus's ACPI hotplug slots.
+    Root,
 }
 
 impl DeviceManager {
@@ -277,46 +389,144 @@ impl DeviceManager {
             .unwrap_or_else(|| prefix.to_string())
     }
 
-    fn choose_path(&self, pci_path: Option<&str>, hotplug: bool) -> Result<PciPath, DeviceError> {
-        let pci = self
-            .pci
-            .as_ref()
-            .ok_or_else(|| DeviceError::Virtio("this VM has no PCI".into()))?;
-        match pci_path {
-            Some(p) => {
+    fn pci(&self) -> Result<Arc<PciManager>, DeviceError> {
+        self.pci
+            .clone()
+            .ok_or_else(|| DeviceError::Virtio("this VM has no PCI".into()))
+    }
+
+    /// How the guest is told about a device at `path` under `port`.
+    pub fn mechanism(&self, port: Option<&str>, path: &PciPath) -> Mechanism {
+        let slot = path.last().slot;
+        let Some(pci) = &self.pci else {
+            return Mechanism::None;
+        };
+        match port {
+            None => match self.hotplug_slots.contains(&slot) {
+                true => Mechanism::Acpi(0, slot),
+                false => Mechanism::None,
+            },
+            Some(id) => match pci.topology().port(id).map(|n| n.hotplug) {
+                Some(HotplugMode::Native) => Mechanism::Native(id.to_string()),
+                Some(HotplugMode::Acpi) => match self.bsel.get(&Some(id.to_string())) {
+                    Some(sel) => Mechanism::Acpi(*sel, slot),
+                    None => Mechanism::None,
+                },
+                _ => Mechanism::None,
+            },
+        }
+    }
+
+    fn free_slot_of(&self, pci: &PciManager, port: &str) -> Result<Option<PciPath>, DeviceError> {
+        let node = pci
+            .topology()
+            .port(port)
+            .ok_or_else(|| DeviceError::UnknownPort(port.to_string()))?;
+        Ok(node
+            .device_slots()
+            .iter()
+            .filter_map(|s| node.device_path(*s))
+            .find(|p| !pci.occupied(p)))
+    }
+
+    /// Chooses where a new device goes: an exact `pci_path`, the first free
+    /// slot of `port`, or (neither given) the first free slot in placement
+    /// order. Returns the path and the port it sits under.
+    fn choose(
+        &self,
+        port: Option<&str>,
+        pci_path: Option<&str>,
+        hotplug: bool,
+    ) -> Result<(PciPath, Option<String>), DeviceError> {
+        let pci = self.pci()?;
+        let topo = pci.topology();
+        let (path, under) = match (pci_path, port) {
+            (Some(p), _) => {
                 let path: PciPath = p.parse().map_err(|e: pci::PciPathError| {
                     DeviceError::BadPath(p.into(), e.to_string())
                 })?;
-                if path.len() != 1 || path.last().slot == 0 || path.last().function != 0 {
+                if path.last().function != 0 {
                     return Err(DeviceError::BadPath(
                         p.into(),
-                        "only slots 01-1f (function 0) of the root bus exist in this topology"
-                            .into(),
+                        "multifunction placement is not supported; use function 0".into(),
                     ));
                 }
-                if hotplug && !self.hotplug_slots.contains(&path.last().slot) {
-                    return Err(DeviceError::NotHotplugSlot(p.into()));
+                let node = topo
+                    .check_device_path(&path)
+                    .map_err(|e| DeviceError::BadPath(p.into(), e.to_string()))?;
+                let under = node.map(|n| n.id.clone());
+                if let Some(want) = port {
+                    if under.as_deref() != Some(want) {
+                        return Err(DeviceError::BadPath(
+                            p.into(),
+                            format!("it is not a slot of port '{want}'"),
+                        ));
+                    }
                 }
-                Ok(path)
+                if under.is_none() && path.last().slot == 0 {
+                    return Err(DeviceError::BadPath(
+                        p.into(),
+                        "slot 00 holds the host bridge".into(),
+                    ));
+                }
+                (path, under)
             }
-            None => {
-                let slot = if hotplug {
-                    self.hotplug_slots
-                        .iter()
-                        .copied()
-                        .find(|s| {
-                            !self
-                                .records
-                                .iter()
-                                .any(|r| r.path.len() == 1 && r.path.last().slot == *s)
-                        })
-                        .ok_or(PciManagerError::NoFreeSlot)?
-                } else {
-                    pci.free_root_slot().ok_or(PciManagerError::NoFreeSlot)?
-                };
-                Ok(PciManager::root_path(slot)?)
+            (None, Some(id)) => {
+                let node = topo
+                    .port(id)
+                    .ok_or_else(|| DeviceError::UnknownPort(id.to_string()))?;
+                if node.device_slots().is_empty() {
+                    return Err(DeviceError::NoSlot(format!(
+                        "port '{id}' has no device slot (it holds other ports)"
+                    )));
+                }
+                let path = self.free_slot_of(&pci, id)?.ok_or_else(|| {
+                    DeviceError::NoSlot(format!("every slot of port '{id}' is taken"))
+                })?;
+                (path, Some(id.to_string()))
             }
+            (None, None) if !hotplug => {
+                let slot = pci.free_root_slot().ok_or(PciManagerError::NoFreeSlot)?;
+                (PciManager::root_path(slot)?, None)
+            }
+            (None, None) => {
+                let mut found = None;
+                'order: for kind in &self.placement_order {
+                    match kind {
+                        PlaceKind::Root => {
+                            for s in &self.hotplug_slots {
+                                let p = PciManager::root_path(*s)?;
+                                if !pci.occupied(&p) {
+                                    found = Some((p, None));
+                                    break 'order;
+                                }
+                            }
+                        }
+                        PlaceKind::Native | PlaceKind::Acpi => {
+                            let want = if *kind == PlaceKind::Native {
+                                HotplugMode::Native
+                            } else {
+                                HotplugMode::Acpi
+                            };
+                            for node in topo.ports().iter().filter(|n| n.hotplug == want) {
+                                if let Some(p) = self.free_slot_of(&pci, &node.id)? {
+                                    found = Some((p, Some(node.id.clone())));
+                                    break 'order;
+                                }
+                            }
+                        }
+                    }
+                }
+                found.ok_or(PciManagerError::NoFreeSlot)?
+            }
+        };
+        if pci.occupied(&path) {
+            return Err(PciManagerError::SlotTaken(path.to_string()).into());
         }
+        if hotplug && self.mechanism(under.as_deref(), &path) == Mechanism::None {
+            return Err(DeviceError::NotHotplugSlot(path.to_string()));
+        }
+        Ok((path, under))
     }
 
     fn place(
@@ -328,6 +538,7 @@ impl DeviceManager {
             id,
             prefix,
             kind,
+            port,
             pci_path,
             hotplugged,
             disk,
@@ -339,25 +550,36 @@ impl DeviceManager {
             Some(id) => id.to_string(),
             None => self.fresh_id(prefix),
         };
-        let path = self.choose_path(pci_path, hotplugged)?;
-        let pci = self
-            .pci
-            .clone()
-            .ok_or_else(|| DeviceError::Virtio("this VM has no PCI".into()))?;
+        let (path, under) = self.choose(port, pci_path, hotplugged)?;
+        let pci = self.pci()?;
+        let pcie = match under.as_deref().and_then(|p| pci.topology().port(p)) {
+            None => Some(PciePortType::RootComplexIntegratedEndpoint),
+            Some(node) if node.kind.is_pci_bridge() => None,
+            Some(_) => Some(PciePortType::Endpoint),
+        };
         let vectors = VirtioPciDevice::required_msix_vectors(device.as_ref());
         let msi =
             Arc::new(KvmMsiGroup::new(pci.routing().clone(), vectors).map_err(DeviceError::Msi)?);
         let opts = VirtioPciOptions {
-            pcie: Some(PciePortType::RootComplexIntegratedEndpoint),
+            pcie,
             prefetchable: false,
         };
         let dev = VirtioPciDevice::new(device, pci.memory().clone(), msi, opts)
             .map_err(|e| DeviceError::Virtio(e.to_string()))?;
-        pci.place_virtio(path.clone(), dev)?;
+        pci.place_virtio(path.clone(), under.as_deref(), dev)?;
+        if !hotplugged {
+            if let Some(port) = under.as_deref().and_then(|p| pci.port(p)) {
+                let mut port = port.lock().unwrap_or_else(|e| e.into_inner());
+                if port.has_native_hotplug() {
+                    port.cold_plug(true);
+                }
+            }
+        }
         let rec = DeviceRecord {
             id,
             kind,
             path,
+            port: under,
             hotplugged,
             disk,
         };
@@ -376,6 +598,8 @@ impl DeviceManager {
                 return Err(DeviceError::DuplicateId(id.clone()));
             }
         }
+        // Check the place before opening the file: a bad place changes nothing.
+        self.choose(cfg.port.as_deref(), cfg.pci_path.as_deref(), hotplugged)?;
         let mut bc = BlockConfig::new(&cfg.path);
         bc.read_only = cfg.readonly;
         bc.serial = cfg.serial.clone().unwrap_or_default();
@@ -385,6 +609,7 @@ impl DeviceManager {
                 id: cfg.id.as_deref(),
                 prefix: "disk",
                 kind: DeviceKind::Disk,
+                port: cfg.port.as_deref(),
                 pci_path: cfg.pci_path.as_deref(),
                 hotplugged,
                 disk: Some(cfg.clone()),
@@ -404,6 +629,7 @@ impl DeviceManager {
                 id: cfg.id.as_deref(),
                 prefix: "rng",
                 kind: DeviceKind::Rng,
+                port: cfg.port.as_deref(),
                 pci_path: cfg.pci_path.as_deref(),
                 hotplugged,
                 disk: None,
@@ -411,9 +637,7 @@ impl DeviceManager {
             Box::new(Rng::new()),
         )
     }
-}
 
-impl DeviceManager {
     /// Detaches and frees the device `id` (slot, BARs, MSI-X routes and
     /// irqfds, ioeventfds, worker thread, files) and forgets it.
     pub fn remove(&mut self, id: &str) -> Result<DeviceRecord, DeviceError> {
@@ -422,11 +646,99 @@ impl DeviceManager {
             .iter()
             .position(|r| r.id == id)
             .ok_or_else(|| DeviceError::Virtio(format!("no device '{id}'")))?;
-        let pci = self
-            .pci
-            .clone()
-            .ok_or_else(|| DeviceError::Virtio("this VM has no PCI".into()))?;
+        let pci = self.pci()?;
         pci.remove(&self.records[idx].path)?;
         Ok(self.records.remove(idx))
+    }
+
+    /// The API's view of the topology: the root bus and every port, with
+    /// the bus numbers read back from the bridges and what fills each slot.
+    pub fn topology_info(&self) -> Vec<TopologyNode> {
+        let Some(pci) = &self.pci else {
+            return Vec::new();
+        };
+        let occupant = |path: &PciPath| {
+            self.records
+                .iter()
+                .find(|r| &r.path == path)
+                .map(|r| r.id.clone())
+        };
+        let mut nodes = Vec::new();
+        let mut root_slots: Vec<SlotInfo> = Vec::new();
+        for s in 1..32u8 {
+            let Ok(p) = PciManager::root_path(s) else {
+                continue;
+            };
+            let port_here = pci.topology().port_at_path(&p).map(|n| n.id.clone());
+            let device = occupant(&p).or(port_here);
+            if device.is_some() || self.hotplug_slots.contains(&s) {
+                root_slots.push(SlotInfo {
+                    slot: s,
+                    pci_path: p.to_string(),
+                    device,
+                });
+            }
+        }
+        nodes.push(TopologyNode {
+            id: "root".into(),
+            node_type: TopologyNodeType::RootBus,
+            hotplug: HotplugMechanism::Acpi,
+            pci_path: String::new(),
+            parent: None,
+            secondary_bus: Some(0),
+            subordinate_bus: Some(pci.topology().last_bus()),
+            slots: root_slots,
+        });
+        for node in pci.topology().ports() {
+            let (sec, sub) = pci
+                .port(&node.id)
+                .map(|p| {
+                    let p = p.lock().unwrap_or_else(|e| e.into_inner());
+                    (p.secondary_bus(), p.subordinate_bus())
+                })
+                .unwrap_or((node.secondary_bus, node.subordinate_bus));
+            let slots = node
+                .device_slots()
+                .iter()
+                .filter_map(|s| {
+                    let p = node.device_path(*s)?;
+                    Some(SlotInfo {
+                        slot: *s,
+                        device: occupant(&p),
+                        pci_path: p.to_string(),
+                    })
+                })
+                .chain(node.children.iter().filter_map(|c| {
+                    let child = pci.topology().port(c)?;
+                    Some(SlotInfo {
+                        slot: child.path.last().slot,
+                        pci_path: child.path.to_string(),
+                        device: Some(child.id.clone()),
+                    })
+                }))
+                .collect();
+            nodes.push(TopologyNode {
+                id: node.id.clone(),
+                node_type: match node.kind {
+                    PciePortKind::RootPort => TopologyNodeType::PcieRootPort,
+                    PciePortKind::SwitchUpstream => TopologyNodeType::PcieSwitchUpstreamPort,
+                    PciePortKind::SwitchDownstream => TopologyNodeType::PcieSwitchDownstreamPort,
+                    PciePortKind::PcieToPciBridge | PciePortKind::PciBridge => {
+                        TopologyNodeType::PciBridge
+                    }
+                },
+                hotplug: match node.hotplug {
+                    HotplugMode::Native => HotplugMechanism::PcieNative,
+                    HotplugMode::Acpi => HotplugMechanism::Acpi,
+                    HotplugMode::None => HotplugMechanism::None,
+                },
+                pci_path: node.path.to_string(),
+                parent: Some(node.parent.clone().unwrap_or_else(|| "root".into())),
+                secondary_bus: Some(sec),
+                subordinate_bus: Some(sub),
+                slots,
+            });
+        }
+        nodes
     }
 }

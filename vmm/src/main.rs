@@ -43,7 +43,7 @@ fn main() -> ExitCode {
         }
     };
     let api_socket = cfg.api_socket.clone();
-    let mut vm = match Vm::new(cfg) {
+    let mut vm = match Vm::new(*cfg) {
         Ok(vm) => vm,
         Err(vmm::Error::Config(e)) => {
             eprintln!("arbor: error: {e}");

@@ -12,20 +12,21 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use pci::topology::{PortDevice, Topology};
 use pci::{
-    BarAllocator, BarInfo, BarRegion, ConfigWriteResult, PciConfigIo, PciDevice, PciPath, PciRoot,
-    PciSlot, SharedPciDevice,
+    BarAllocator, BarInfo, BarRegion, ConfigWriteResult, MsiInterruptGroup, PciConfigIo, PciDevice,
+    PciPath, PciRoot, PciSlot, PciePort, SharedPciDevice,
 };
 use vm_device::bus::{
     MmioAddress, MmioAddressOffset, MmioRange, PioAddress, PioAddressOffset, PioRange,
 };
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vm_device::{DeviceMmio, DevicePio};
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use devices::virtio::{GuestMemoryHandle, VirtioPciDevice};
 
-use crate::interrupts::GsiRouting;
+use crate::interrupts::{GsiRouting, KvmMsiGroup};
 
 /// Errors placing or removing PCI devices.
 #[derive(Debug, thiserror::Error)]
@@ -42,11 +43,17 @@ pub enum PciManagerError {
     IoEvent(kvm_ioctls::Error),
     #[error("cannot register the device on the bus: {0:?}")]
     Bus(vm_device::bus::Error),
+    #[error("unknown port '{0}'")]
+    UnknownPort(String),
+    #[error("cannot create the PCI ports: {0}")]
+    Ports(String),
 }
 
 /// One placed PCI function.
 struct Placed {
     path: PciPath,
+    /// The port whose windows hold the BARs; `None` is the root bus.
+    port: Option<String>,
     device: SharedPciDevice,
     assigned: Vec<pci::BarAssignment>,
     bars: Vec<BarInfo>,
@@ -62,9 +69,14 @@ pub struct PciManager {
     io: Arc<RwLock<IoManager>>,
     vm: Arc<VmFd>,
     routing: Arc<GsiRouting>,
-    allocator: Mutex<BarAllocator>,
+    /// BAR allocators: the root bus's (key `None`) and each port's.
+    allocators: Mutex<BTreeMap<Option<String>, BarAllocator>>,
     placed: Mutex<BTreeMap<PciPath, Placed>>,
     memory: GuestMemoryHandle,
+    topology: Topology,
+    ports: BTreeMap<String, PortDevice>,
+    /// Signalled when the guest switches a native hotplug slot's power.
+    slot_power: EventFd,
 }
 
 /// BAR accesses forwarded to the device.
@@ -164,24 +176,83 @@ impl DevicePio for Cf8Handler {
 }
 
 impl PciManager {
-    /// A root complex with a host bridge at 00:00.0, BAR windows as given.
+    /// A root complex with a host bridge at 00:00.0 and the ports of
+    /// `topology` (programmed as firmware leaves them); `allocator` serves
+    /// the root bus. Native hotplug ports get one MSI vector each.
     pub fn new(
         io: Arc<RwLock<IoManager>>,
         vm: Arc<VmFd>,
         routing: Arc<GsiRouting>,
         allocator: BarAllocator,
         memory: GuestMemoryHandle,
-    ) -> Arc<Self> {
-        Arc::new(PciManager {
-            root: RwLock::new(PciRoot::with_host_bridge()),
+        topology: Topology,
+    ) -> Result<Arc<Self>, PciManagerError> {
+        let mut root = PciRoot::with_host_bridge();
+        let mut msi_err = None;
+        let devices = topology
+            .attach(&mut root, &mut |node| {
+                if !node.native_hotplug() {
+                    return None;
+                }
+                match KvmMsiGroup::new(routing.clone(), 1) {
+                    Ok(g) => Some(Arc::new(g) as Arc<dyn MsiInterruptGroup>),
+                    Err(e) => {
+                        msi_err = Some(e);
+                        None
+                    }
+                }
+            })
+            .map_err(PciManagerError::Pci)?;
+        if let Some(e) = msi_err {
+            return Err(PciManagerError::Ports(format!("MSI for a port: {e}")));
+        }
+        let mut allocators = BTreeMap::new();
+        allocators.insert(None, allocator);
+        for node in topology.ports() {
+            if !node.device_slots().is_empty() {
+                let a = node.bar_allocator().map_err(PciManagerError::Pci)?;
+                allocators.insert(Some(node.id.clone()), a);
+            }
+        }
+        let ports = devices.into_iter().map(|d| (d.id.clone(), d)).collect();
+        Ok(Arc::new(PciManager {
+            root: RwLock::new(root),
             cf8: Mutex::new(PciConfigIo::new()),
             io,
             vm,
             routing,
-            allocator: Mutex::new(allocator),
+            allocators: Mutex::new(allocators),
             placed: Mutex::new(BTreeMap::new()),
             memory,
-        })
+            topology,
+            ports,
+            slot_power: EventFd::new(EFD_NONBLOCK)
+                .map_err(|e| PciManagerError::Ports(format!("eventfd: {e}")))?,
+        }))
+    }
+
+    /// The topology the ports were built from.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// The port device `id`.
+    pub fn port(&self, id: &str) -> Option<&Arc<Mutex<PciePort>>> {
+        self.ports.get(id).map(|d| &d.port)
+    }
+
+    /// Readable when the guest switched a native slot's power.
+    pub fn slot_power_event(&self) -> &EventFd {
+        &self.slot_power
+    }
+
+    /// Whether a function sits at `path`.
+    pub fn occupied(&self, path: &PciPath) -> bool {
+        self.root
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .device_at_path(path)
+            .is_some()
     }
 
     /// Registers the ECAM window and the CF8/CFC ports.
@@ -225,8 +296,10 @@ impl PciManager {
     pub fn place_virtio(
         &self,
         path: PciPath,
+        port: Option<&str>,
         mut dev: VirtioPciDevice,
     ) -> Result<(), PciManagerError> {
+        let key = port.map(str::to_string);
         let root_taken = self
             .root
             .read()
@@ -236,21 +309,29 @@ impl PciManager {
         if root_taken {
             return Err(PciManagerError::SlotTaken(path.to_string()));
         }
-        let assigned = self
-            .allocator
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .place_device(&mut dev)
-            .map_err(PciManagerError::Bars)?;
+        let assigned = {
+            let mut allocators = self.allocators.lock().unwrap_or_else(|e| e.into_inner());
+            let a = allocators
+                .get_mut(&key)
+                .ok_or_else(|| PciManagerError::UnknownPort(port.unwrap_or("").to_string()))?;
+            a.place_device(&mut dev).map_err(PciManagerError::Bars)?
+        };
+        let release = |assigned: &[pci::BarAssignment]| {
+            if let Some(a) = self
+                .allocators
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_mut(&key)
+            {
+                a.release(assigned);
+            }
+        };
         let mut notifiers = Vec::new();
         for (off, evt) in dev.ioeventfds() {
             match evt.try_clone() {
                 Ok(e) => notifiers.push((off, e)),
                 Err(_) => {
-                    self.allocator
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .release(&assigned);
+                    release(&assigned);
                     return Err(PciManagerError::Bus(vm_device::bus::Error::InvalidRange));
                 }
             }
@@ -263,10 +344,7 @@ impl PciManager {
             .unwrap_or_else(|e| e.into_inner())
             .add_device(&path, shared.clone());
         if let Err(e) = attached {
-            self.allocator
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .release(&assigned);
+            release(&assigned);
             return Err(e.into());
         }
         self.placed
@@ -276,6 +354,7 @@ impl PciManager {
                 path.clone(),
                 Placed {
                     path,
+                    port: key.clone(),
                     device: shared,
                     assigned,
                     bars,
@@ -360,6 +439,16 @@ impl PciManager {
     /// Follows what a configuration write changed.
     pub fn apply(&self, r: ConfigWriteResult) {
         let o = &r.outcome;
+        if let Some(on) = o.slot_power {
+            log::info!(
+                "PCI {}: slot powered {}",
+                r.bdf,
+                if on { "on" } else { "off" }
+            );
+            if let Err(e) = self.slot_power.write(1) {
+                log::warn!("cannot signal a slot power change: {e}");
+            }
+        }
         if o.msix_changed {
             let mut dev = r.device.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(v) = dev.as_any_mut().downcast_mut::<VirtioPciDevice>() {
@@ -424,10 +513,14 @@ impl PciManager {
         if let Err(e) = detached {
             log::warn!("PCI {path}: {e}");
         }
-        self.allocator
+        if let Some(a) = self
+            .allocators
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .release(&p.assigned);
+            .get_mut(&p.port)
+        {
+            a.release(&p.assigned);
+        }
         {
             let mut dev = p.device.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(v) = dev.as_any_mut().downcast_mut::<VirtioPciDevice>() {

@@ -145,6 +145,27 @@ pub fn spawn(id: u8, vcpu: VcpuFd, ctx: VcpuContext) -> std::io::Result<VcpuHand
     })
 }
 
+/// KVM's description of an internal error exit.
+fn internal_error(vcpu: &mut VcpuFd) -> String {
+    let run = vcpu.get_kvm_run();
+    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is
+    // the union member KVM filled in; it is plain data.
+    let ie = unsafe { run.__bindgen_anon_1.internal };
+    let n = (ie.ndata as usize).min(ie.data.len());
+    let data: Vec<String> = ie.data[..n].iter().map(|d| format!("{d:#x}")).collect();
+    let what = match ie.suberror {
+        1 => "the host could not emulate an instruction",
+        2 => "a simultaneous exception",
+        3 => "delivery of an event failed",
+        _ => "unknown suberror",
+    };
+    format!(
+        "KVM internal error {} ({what}), data [{}]",
+        ie.suberror,
+        data.join(", ")
+    )
+}
+
 fn run(id: u8, mut vcpu: VcpuFd, ctx: VcpuContext, parked: Arc<AtomicBool>) {
     loop {
         if ctx.stop.load(Ordering::Acquire) {
@@ -202,16 +223,14 @@ fn run(id: u8, mut vcpu: VcpuFd, ctx: VcpuContext, parked: Arc<AtomicBool>) {
                 VcpuExit::IrqWindowOpen | VcpuExit::Intr => {}
                 other => {
                     let what = match other {
-                        VcpuExit::InternalError => {
-                            "KVM internal error (the host could not emulate an instruction)"
-                                .to_string()
-                        }
+                        VcpuExit::InternalError => None,
                         VcpuExit::FailEntry(reason, cpu) => {
-                            format!("VM entry failed (reason {reason:#x} on cpu {cpu})")
+                            Some(format!("VM entry failed (reason {reason:#x} on cpu {cpu})"))
                         }
-                        VcpuExit::Exception => "unhandled exception exit".to_string(),
-                        o => format!("unhandled exit {o:?}"),
+                        VcpuExit::Exception => Some("unhandled exception exit".to_string()),
+                        o => Some(format!("unhandled exit {o:?}")),
                     };
+                    let what = what.unwrap_or_else(|| internal_error(&mut vcpu));
                     let msg = format!("vcpu{id}: {what}; {}", describe_registers(&vcpu));
                     ctx.report(VcpuEvent::Error(msg));
                     return;

@@ -22,7 +22,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use devices::acpi::GED_EVENT_POWER_BUTTON;
 
-use crate::device_manager::{DeviceError, DeviceManager, DeviceRecord};
+use crate::device_manager::{DeviceError, DeviceManager, DeviceRecord, Mechanism};
 use crate::handle::{RunningVm, VmEvent, VmmHandle};
 use crate::interrupts::GsiRouting;
 use crate::pci_manager::PciManager;
@@ -39,11 +39,12 @@ const TOK_STDIN: u64 = 4;
 const TOK_API: u64 = 5;
 const TOK_SHUTDOWN_TIMER: u64 = 6;
 const TOK_EJECT: u64 = 7;
+const TOK_SLOT_POWER: u64 = 8;
 
-/// A `vm.remove-device` waiting for the guest to eject the slot.
+/// A `vm.remove-device` waiting for the guest to release the device.
 struct PendingRemoval {
     id: String,
-    slot: u8,
+    mechanism: Mechanism,
     reply: Option<ReplySender>,
     deadline: Instant,
 }
@@ -159,7 +160,9 @@ impl Vm {
             mmio64: (layout::pci_mmio64_start(ram_end), layout::PCI_MMIO64_SIZE),
             buses: (0, 0xff),
         };
-        let allocator = BarAllocator::new(None, windows.mmio32, Some(windows.mmio64))
+        let topology = config.topology()?;
+        let rest = topology.remaining_windows();
+        let allocator = BarAllocator::new(None, rest.mmio32, Some(rest.mmio64))
             .map_err(|e| Error::Device(DeviceError::Virtio(e.to_string())))?;
         let pci = PciManager::new(
             devices.io.clone(),
@@ -167,10 +170,13 @@ impl Vm {
             routing,
             allocator,
             GuestMemoryAtomic::new(memory.clone()),
-        );
+            topology,
+        )
+        .map_err(|e| Error::Device(e.into()))?;
         pci.register_config_access(layout::PCI_ECAM_START, layout::PCI_ECAM_SIZE)
             .map_err(|e| Error::Device(e.into()))?;
         devices.pci = Some(pci);
+        devices.placement_order = config.placement_order.clone();
         for d in &config.disks {
             devices.add_disk(d, false)?;
         }
@@ -339,7 +345,7 @@ impl Vm {
             cpus: Some(u32::from(self.config.cpus)),
             memory: Some(self.config.memory),
             devices: self.devices.records.iter().map(|r| r.info()).collect(),
-            topology: Vec::new(),
+            topology: self.devices.topology_info(),
         }
     }
 
@@ -390,10 +396,10 @@ impl Vm {
                 (self.hotplugged(r), None)
             }
             ApiRequest::VmRemoveDevice(r) => match self.start_removal(&r.id) {
-                Ok(slot) => {
+                Ok(mechanism) => {
                     self.pending_removals.push(PendingRemoval {
                         id: r.id,
-                        slot,
+                        mechanism,
                         reply: Some(reply),
                         deadline: Instant::now() + self.config.remove_timeout,
                     });
@@ -409,10 +415,25 @@ impl Vm {
     /// Announces a device just placed (or maps the error to the API).
     fn hotplugged(&mut self, r: std::result::Result<DeviceRecord, DeviceError>) -> ApiReply {
         let rec = r.map_err(device_error)?;
-        let slot = rec.path.last().slot;
-        self.devices.hotplug.device_added(0, slot);
-        if let Err(e) = self.devices.ged.notify(GED_EVENT_PCI_HOTPLUG) {
-            log::warn!("cannot notify the guest of {}: {e}", rec.id);
+        match self.devices.mechanism(rec.port.as_deref(), &rec.path) {
+            Mechanism::Acpi(sel, slot) => {
+                self.devices.hotplug.device_added(sel, slot);
+                if let Err(e) = self.devices.ged.notify(GED_EVENT_PCI_HOTPLUG) {
+                    log::warn!("cannot notify the guest of {}: {e}", rec.id);
+                }
+            }
+            Mechanism::Native(port) => {
+                if let Some(p) = self.devices.pci.as_ref().and_then(|p| p.port(&port)) {
+                    let r = p
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .card_present(true);
+                    if let Err(e) = r {
+                        log::warn!("cannot signal {} on port {port}: {e}", rec.id);
+                    }
+                }
+            }
+            Mechanism::None => {}
         }
         log::info!("hot-plugged {} at {}", rec.id, rec.path);
         self.emit(VmEvent::DeviceAdded {
@@ -425,8 +446,8 @@ impl Vm {
         }))
     }
 
-    /// Asks the guest to release device `id`; returns its slot.
-    fn start_removal(&mut self, id: &str) -> std::result::Result<u8, ApiError> {
+    /// Asks the guest to release device `id`; returns how.
+    fn start_removal(&mut self, id: &str) -> std::result::Result<Mechanism, ApiError> {
         let rec = self
             .devices
             .records
@@ -449,27 +470,47 @@ impl Vm {
                 state_name(self.state)
             )));
         }
-        let slot = rec.path.last().slot;
-        self.devices.hotplug.request_removal(0, slot);
-        self.devices
-            .ged
-            .notify(GED_EVENT_PCI_HOTPLUG)
-            .map_err(|e| ApiError::internal(format!("cannot notify the guest: {e}")))?;
+        let mechanism = self.devices.mechanism(rec.port.as_deref(), &rec.path);
+        match &mechanism {
+            Mechanism::Acpi(sel, slot) => {
+                self.devices.hotplug.request_removal(*sel, *slot);
+                self.devices
+                    .ged
+                    .notify(GED_EVENT_PCI_HOTPLUG)
+                    .map_err(|e| ApiError::internal(format!("cannot notify the guest: {e}")))?;
+            }
+            Mechanism::Native(port) => {
+                let p = self
+                    .devices
+                    .pci
+                    .as_ref()
+                    .and_then(|p| p.port(port))
+                    .ok_or_else(|| ApiError::internal(format!("port {port} is gone")))?;
+                p.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .card_present(false)
+                    .map_err(|e| ApiError::internal(format!("cannot signal port {port}: {e}")))?;
+            }
+            Mechanism::None => {
+                return Err(ApiError::conflict(format!(
+                    "device '{id}' sits in a slot without hotplug"
+                )))
+            }
+        }
         log::info!("asked the guest to release {id} at {}", rec.path);
-        Ok(slot)
+        Ok(mechanism)
     }
 
     /// Frees what the guest ejected and answers the waiting requests.
     fn handle_ejects(&mut self) {
         for (sel, slot) in self.devices.hotplug.take_ejects() {
-            if sel != 0 {
-                continue;
-            }
             let Some(rec) = self
                 .devices
                 .records
                 .iter()
-                .find(|r| r.path.len() == 1 && r.path.last().slot == slot)
+                .find(|r| {
+                    self.devices.mechanism(r.port.as_deref(), &r.path) == Mechanism::Acpi(sel, slot)
+                })
                 .cloned()
             else {
                 continue;
@@ -478,6 +519,13 @@ impl Vm {
                 log::warn!("the guest ejected cold-plugged {}; keeping it", rec.id);
                 continue;
             }
+            self.finish_removal(&rec);
+        }
+    }
+
+    /// Frees a device the guest released and answers its removal request.
+    fn finish_removal(&mut self, rec: &DeviceRecord) {
+        {
             let result = self.devices.remove(&rec.id);
             let answer = match &result {
                 Ok(_) => {
@@ -498,6 +546,32 @@ impl Vm {
         }
     }
 
+    /// A native slot's power changed: complete the removals whose slot the
+    /// guest has powered off.
+    fn handle_slot_power(&mut self) {
+        let done: Vec<String> = self
+            .pending_removals
+            .iter()
+            .filter_map(|p| match &p.mechanism {
+                Mechanism::Native(port) => {
+                    let pci = self.devices.pci.as_ref()?;
+                    let off = pci
+                        .port(port)?
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .removal_complete();
+                    off.then(|| p.id.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        for id in done {
+            if let Some(rec) = self.devices.records.iter().find(|r| r.id == id).cloned() {
+                self.finish_removal(&rec);
+            }
+        }
+    }
+
     /// Answers removals the guest did not complete in time; the devices
     /// stay attached and working.
     fn expire_removals(&mut self) {
@@ -507,7 +581,19 @@ impl Vm {
             .partition(|p| p.deadline <= now);
         self.pending_removals = kept;
         for mut p in expired {
-            self.devices.hotplug.cancel_removal(0, p.slot);
+            match &p.mechanism {
+                Mechanism::Acpi(sel, slot) => self.devices.hotplug.cancel_removal(*sel, *slot),
+                Mechanism::Native(port) => {
+                    // Put the card back: the guest sees it present again.
+                    if let Some(port) = self.devices.pci.as_ref().and_then(|x| x.port(port)) {
+                        let _ = port
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .card_present(true);
+                    }
+                }
+                Mechanism::None => {}
+            }
             log::warn!("the guest did not release {} in time", p.id);
             if let Some(r) = p.reply.take() {
                 let _ = r.send(Err(ApiError::conflict(format!(
@@ -547,6 +633,9 @@ impl Vm {
         add(self.api_wake.as_raw_fd(), TOK_API).map_err(Error::EventLoop)?;
         add(shutdown_timer.as_raw_fd(), TOK_SHUTDOWN_TIMER).map_err(Error::EventLoop)?;
         add(self.devices.events.eject.as_raw_fd(), TOK_EJECT).map_err(Error::EventLoop)?;
+        if let Some(pci) = &self.devices.pci {
+            add(pci.slot_power_event().as_raw_fd(), TOK_SLOT_POWER).map_err(Error::EventLoop)?;
+        }
         let stdin = std::io::stdin();
         // SAFETY: isatty only inspects the descriptor.
         let interactive = self.config.serial == SerialOutput::Stdout
@@ -603,6 +692,12 @@ impl Vm {
                     TOK_EJECT => {
                         let _ = self.devices.events.eject.read();
                         self.handle_ejects();
+                    }
+                    TOK_SLOT_POWER => {
+                        if let Some(pci) = &self.devices.pci {
+                            let _ = pci.slot_power_event().read();
+                        }
+                        self.handle_slot_power();
                     }
                     _ => {}
                 }
@@ -666,7 +761,10 @@ fn device_error(e: DeviceError) -> ApiError {
     match &e {
         DeviceError::DuplicateId(_) => ApiError::conflict(e.to_string()),
         DeviceError::BadPath(..) | DeviceError::Disk(..) => ApiError::bad_request(e.to_string()),
-        DeviceError::NotHotplugSlot(_) => ApiError::conflict(e.to_string()),
+        DeviceError::NotHotplugSlot(_) | DeviceError::NoSlot(_) => {
+            ApiError::conflict(e.to_string())
+        }
+        DeviceError::UnknownPort(_) => ApiError::not_found(e.to_string()),
         DeviceError::Placement(P::NoFreeSlot | P::SlotTaken(_) | P::Bars(_)) => {
             ApiError::conflict(e.to_string())
         }

@@ -412,3 +412,34 @@ pub fn ext4_field(path: &Path, field: &str) -> String {
         .map(|v| v.trim().to_string())
         .unwrap_or_else(|| panic!("no '{field}' in dumpe2fs output:\n{text}"))
 }
+
+/// The BDF the guest uses for `path`, from the `PCI bridge to [bus NN]`
+/// lines the guest printed for the bridges it enumerated.
+pub fn guest_bdf(path: &str, console: &str) -> String {
+    let p: pci::PciPath = path.parse().expect("PCI path");
+    let map = pci::path::parse_bridge_map(console);
+    pci::path::resolve_with_bridge_map(&p, &map)
+        .unwrap_or_else(|e| {
+            panic!("cannot resolve {path} against the guest's bridges: {e}\n{map:?}")
+        })
+        .to_string()
+}
+
+/// Waits until the console has `n` occurrences of `needle` after byte
+/// offset `from`; returns the console text after `from`.
+pub fn wait_count(g: &Guest, from: usize, needle: &str, n: usize) -> String {
+    let deadline = Instant::now() + timeout();
+    loop {
+        let c = g.console();
+        let tail = c.get(from..).unwrap_or("").to_string();
+        if tail.matches(needle).count() >= n {
+            return tail;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {n} x {needle:?}; console after mark:\n{tail}\nstderr:\n{}",
+            g.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -88,7 +88,14 @@ fn root_bus_hotplug() {
         &kit.vmlinux,
         1,
         "",
-        &["--api-socket", sock.to_str().unwrap(), "--disk", &cold],
+        &[
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--disk",
+            &cold,
+            "--hotplug-order",
+            "root,native,acpi",
+        ],
     );
     g.wait_for("Run /init as init process");
     let c = Client::new(&sock).with_timeout(Duration::from_secs(120));
@@ -119,7 +126,7 @@ fn root_bus_hotplug() {
         c.vm_add_disk(&bad_path).unwrap_err().api_error_kind(),
         Some(ApiErrorKind::BadRequest)
     );
-    bad_path.pci_path = Some("01".into()); // the cold-plugged disk's slot
+    bad_path.pci_path = Some(devices_before[0].pci_path.clone()); // the cold-plugged disk's slot
     assert_eq!(
         c.vm_add_disk(&bad_path).unwrap_err().api_error_kind(),
         Some(ApiErrorKind::Conflict)

@@ -283,8 +283,25 @@ pub fn host_bridge_aml(w: &PciWindows, extra_children: &[u8]) -> Vec<u8> {
         vec![&create1, &if_pcie, &else_other],
     );
 
+    // _DSM(PCI firmware UUID): function 5 answers 0, "keep the boot
+    // configuration": the OS must not move the bus numbers and windows the
+    // VMM gave the bridges (they hold the hotplug reservations).
+    let dsm_uuid = aml::Uuid::new("E5C937D0-3553-4D7A-9117-EA4D19C3434D");
+    let is_pci_fw = aml::Equal::new(&aml::Arg(0), &dsm_uuid);
+    let supported = aml::BufferData::new(vec![0x21]); // functions 0 and 5
+    let ret_supported = aml::Return::new(&supported);
+    let is_query = aml::Equal::new(&aml::Arg(2), &0u8);
+    let if_query = aml::If::new(&is_query, vec![&ret_supported]);
+    let ret_zero = aml::Return::new(&0u8);
+    let is_keep = aml::Equal::new(&aml::Arg(2), &5u8);
+    let if_keep = aml::If::new(&is_keep, vec![&ret_zero]);
+    let if_fw = aml::If::new(&is_pci_fw, vec![&if_query, &if_keep]);
+    let none = aml::BufferData::new(vec![0]);
+    let ret_none = aml::Return::new(&none);
+    let dsm = aml::Method::new("_DSM".into(), 4, false, vec![&if_fw, &ret_none]);
+
     let mut children: Vec<&dyn Aml> = vec![
-        &name_hid, &name_cid, &name_adr, &name_seg, &name_uid, &name_bbn, &name_crs, &osc,
+        &name_hid, &name_cid, &name_adr, &name_seg, &name_uid, &name_bbn, &name_crs, &osc, &dsm,
     ];
     let raw = RawAml(extra_children);
     children.push(&raw);

@@ -5,19 +5,9 @@
 # guest's own view of that device (from its kernel log).
 set -euo pipefail
 
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$REPO"
-log() { printf '\n=== %s\n' "$*" >&2; }
-
-log "host packages"
-"$REPO/resources/install-deps.sh"
-# shellcheck disable=SC1091
-[[ -f $HOME/.cargo/env ]] && . "$HOME/.cargo/env"
-command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
-
-log "guest kit"
-"$REPO/resources/guest-kit/build.sh"
-GUEST=${ARBOR_GUEST_DIR:-$REPO/target/guest}
+# shellcheck source=resources/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+arbor_setup
 
 log "build arbor and arbor-remote"
 cargo build --release --locked -p vmm -p api
@@ -54,19 +44,34 @@ wait_line() { # pattern timeout
 wait_line "Run /init as init process" "${ARBOR_DEMO_TIMEOUT:-300}"
 echo "guest booted: $(grep -F 'Run /init' "$CONSOLE")"
 
-log "hotplug a disk: arbor-remote add-disk"
-answer=$("$REMOTE" --api-socket "$SOCK" add-disk "path=$WORK/disk.img,id=demo-disk,serial=demo")
+log "the default topology (arbor-remote info)"
+"$REMOTE" --api-socket "$SOCK" info |
+	sed -n 's/^ *"id": "\(rp[0-9]*\|br[0-9]*\|root\)".*/\1/p' | tr '\n' ' '
+echo "  (8 root ports with native hotplug, a PCIe-to-PCI bridge with ACPI slots)"
+
+log "hotplug a disk behind the bridge br0: arbor-remote add-disk port=br0"
+answer=$("$REMOTE" --api-socket "$SOCK" add-disk "path=$WORK/disk.img,id=demo-disk,serial=demo,port=br0")
 echo "$answer"
 path=$(printf '%s' "$answer" | sed -n 's/.*"pci_path": *"\([^"]*\)".*/\1/p')
-slot=${path##*/}
-bdf="0000:00:${slot}.0"
-wait_line "81920 512-byte logical blocks" 120
+wait_line "81920 512-byte logical blocks" 180
+
+# Resolve the path as a guest agent would: from bus 00, follow each
+# bridge's secondary bus (here from the guest's "PCI bridge to [bus NN]"
+# lines), then take the device's slot.
+bus=00
+IFS=/ read -r -a elems <<<"$path"
+for ((i = 0; i < ${#elems[@]} - 1; i++)); do
+	bridge="0000:$bus:${elems[i]}.0"
+	bus=$(grep -o "pci $bridge: PCI bridge to \[bus [0-9a-f]*" "$CONSOLE" | tail -n 1 | sed 's/.*bus //')
+	[[ -n $bus ]] || { echo "the guest printed no bus for bridge $bridge" >&2; exit 1; }
+done
+bdf="0000:$bus:${elems[-1]}.0"
 
 log "result"
 echo "PCI path returned by the API : $path"
 echo "BDF it names in this guest   : $bdf"
 echo "the guest's view (kernel log):"
-grep -E "pci $bdf: |virtio-pci $bdf|81920 512-byte" "$CONSOLE" | sed 's/^/    /'
+grep -E "PCI bridge to \[bus $bus\]|pci $bdf: |virtio-pci $bdf|81920 512-byte" "$CONSOLE" | sed 's/^/    /'
 
 log "remove it again: arbor-remote remove-device"
 "$REMOTE" --api-socket "$SOCK" remove-device demo-disk && echo "removed (the guest ejected the slot)"

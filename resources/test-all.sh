@@ -8,18 +8,9 @@
 # default 180), ARBOR_CACHE_DIR (kernel cache, default ~/.cache/arbor).
 set -euo pipefail
 
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$REPO"
-log() { printf '\n=== %s\n' "$*" >&2; }
-
-log "host packages"
-"$REPO/resources/install-deps.sh"
-# shellcheck disable=SC1091
-[[ -f $HOME/.cargo/env ]] && . "$HOME/.cargo/env"
-command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
-
-log "guest kit"
-"$REPO/resources/guest-kit/build.sh"
+# shellcheck source=resources/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+arbor_setup
 
 log "build"
 cargo build --workspace --all-targets --locked

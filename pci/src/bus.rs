@@ -414,9 +414,8 @@ impl PciRoot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bridge::PciBridge;
     use crate::path::{parse_bridge_map, resolve_with_bridge_map};
-    use crate::pcie_cap::{PcieCapability, PciePortType};
+    use crate::port::{PciePort, PciePortKind, PciePortParams};
 
     fn endpoint() -> SharedPciDevice {
         Arc::new(Mutex::new(HostBridge::new()))
@@ -424,12 +423,7 @@ mod tests {
 
     fn bridge() -> SharedPciDevice {
         Arc::new(Mutex::new(
-            PciBridge::new(
-                0x1b36,
-                0x000c,
-                Some(PcieCapability::new(PciePortType::RootPort)),
-            )
-            .unwrap(),
+            PciePort::new(PciePortParams::new(PciePortKind::RootPort), None).unwrap(),
         ))
     }
 

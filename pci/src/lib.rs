@@ -18,7 +18,7 @@
 //! - [`device`]: the [`PciDevice`] trait and the values describing what a write changed.
 //! - [`bus`]: the bus tree and the root that routes accesses by bus/device/function.
 //! - [`ecam`], [`config_io`]: decoding of MMCONFIG and CF8/CFC accesses.
-//! - [`host_bridge`], [`bridge`]: the host bridge at 00:00.0 and a minimal PCI-to-PCI bridge.
+//! - [`host_bridge`]: the host bridge at 00:00.0.
 //! - [`port`]: [`PciePort`], the PCI Express root/switch ports and PCI bridges with native
 //!   hot-plug slots and their hot-plug state machine.
 //! - [`topology`]: [`Topology`], the firmware's job for a tree of ports (slots, paths, bus
@@ -31,7 +31,6 @@
 pub mod allocator;
 pub mod bar;
 pub mod bar_map;
-pub mod bridge;
 pub mod bus;
 pub mod config;
 pub mod config_io;
@@ -50,7 +49,6 @@ pub mod topology;
 pub use allocator::{BarAllocator, BarAssignment, BarPlacement};
 pub use bar::{BarRegion, PciBarConfig};
 pub use bar_map::{AddressSpace, BarMap, BarTarget};
-pub use bridge::PciBridge;
 pub use bus::{ConfigWriteResult, PciBdf, PciBus, PciRoot, SharedPciDevice};
 pub use config::{BridgeWindows, BusNumbers, HeaderType, PciConfigParams, PciConfiguration};
 pub use config_io::PciConfigIo;

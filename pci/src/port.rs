@@ -37,7 +37,8 @@ use std::sync::Arc;
 
 use log::warn;
 
-use crate::bridge::PCI_BRIDGE_CLASS;
+/// Class code of a PCI-to-PCI bridge.
+pub const PCI_BRIDGE_CLASS: u32 = 0x06_0400;
 use crate::config::{
     BridgeWindows, BusNumbers, HeaderType, PciConfigParams, PciConfiguration, CMD_BUS_MASTER,
     CMD_IO_SPACE, CMD_MEMORY_SPACE,

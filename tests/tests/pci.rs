@@ -53,19 +53,13 @@ fn enumeration_and_reads() {
     );
 }
 
-#[test]
-fn ext4_root_read_write() {
-    if !kvm_available() {
-        return;
-    }
+/// Boots with `img` as the ext4 root (`root=/dev/vda rw`), waits for the
+/// mount, `/init` and the power-off, and checks the exit status.
+fn boot_ext4_root(name: &str, img: &std::path::Path, readonly: bool) -> Guest {
     let kit = guest_kit();
-    let s = Scratch::new("pci-ext4");
-    let img = s.path("root.img");
-    ext4_root(&img, 32, &s);
-    assert_eq!(ext4_field(&img, "Mount count"), "0");
-    let disk = format!("path={}", img.display());
+    let ro = if readonly { ",readonly=on" } else { "" };
     let mut g = Guest::start(
-        "ext4-rw",
+        name,
         &[
             "--kernel".into(),
             kit.vmlinux.display().to_string(),
@@ -75,13 +69,26 @@ fn ext4_root_read_write() {
                 kit.cmdline
             ),
             "--disk".into(),
-            disk,
+            format!("path={}{ro}", img.display()),
         ],
     );
     g.wait_for("EXT4-fs (vda): mounted filesystem");
     g.wait_for("Run /init as init process");
     g.wait_for("reboot: Power down");
     assert_eq!(g.wait_exit().code(), Some(0), "{}", g.stderr());
+    g
+}
+
+#[test]
+fn ext4_root_read_write() {
+    if !kvm_available() {
+        return;
+    }
+    let s = Scratch::new("pci-ext4");
+    let img = s.path("root.img");
+    ext4_root(&img, 32, &s);
+    assert_eq!(ext4_field(&img, "Mount count"), "0");
+    boot_ext4_root("ext4-rw", &img, false);
     // The guest's mount wrote the superblock through virtio-blk.
     assert_eq!(ext4_field(&img, "Mount count"), "1");
     assert_ne!(ext4_field(&img, "Last mount time"), "n/a");
@@ -92,31 +99,11 @@ fn readonly_disk_is_untouched() {
     if !kvm_available() {
         return;
     }
-    let kit = guest_kit();
     let s = Scratch::new("pci-ro");
     let img = s.path("root.img");
     ext4_root(&img, 32, &s);
     let before = std::fs::read(&img).unwrap();
-    let disk = format!("path={},readonly=on", img.display());
-    let mut g = Guest::start(
-        "ext4-ro",
-        &[
-            "--kernel".into(),
-            kit.vmlinux.display().to_string(),
-            "--cmdline".into(),
-            format!(
-                "{} root=/dev/vda rw init=/init arbor_init=poweroff",
-                kit.cmdline
-            ),
-            "--disk".into(),
-            disk,
-        ],
-    );
-    // The guest sees a read-only disk and mounts it read-only.
-    g.wait_for("EXT4-fs (vda): mounted filesystem");
-    g.wait_for("Run /init as init process");
-    g.wait_for("reboot: Power down");
-    assert_eq!(g.wait_exit().code(), Some(0), "{}", g.stderr());
+    let g = boot_ext4_root("ext4-ro", &img, true);
     assert!(
         g.console().contains("write access unavailable")
             || g.console().contains("readonly")

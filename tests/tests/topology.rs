@@ -47,7 +47,14 @@ fn tree_cold_and_hot() {
     let kit = guest_kit();
     let s = Scratch::new("topology");
     let sock = s.path("api.sock");
-    let mut args: Vec<String> = vec!["--api-socket".into(), sock.display().to_string()];
+    // ACPI removal behind bridges is slow under emulation with two guests
+    // sharing two cores: give the guest time.
+    let mut args: Vec<String> = vec![
+        "--api-socket".into(),
+        sock.display().to_string(),
+        "--remove-timeout".into(),
+        "60".into(),
+    ];
     for p in PORTS {
         args.push("--pci-port".into());
         args.push(p.to_string());

@@ -72,27 +72,6 @@ pub fn patch_cpuid(cpuid: &mut CpuId, id: u8, count: u8) {
                     e.edx &= !(1 << 28);
                 }
                 e.ecx |= 1 << 31;
-                if std::env::var_os("ARBOR_EXP_NOXSAVE").is_some() {
-                    e.ecx &= (1 << 0)
-                        | (1 << 9)
-                        | (1 << 13)
-                        | (1 << 19)
-                        | (1 << 20)
-                        | (1 << 23)
-                        | (1 << 31)
-                        | (1 << 24);
-                }
-            }
-            7 if std::env::var_os("ARBOR_EXP_NOXSAVE").is_some() => {
-                e.ebx = 0;
-                e.ecx = 0;
-                e.edx = 0;
-            }
-            0xd if std::env::var_os("ARBOR_EXP_NOXSAVE").is_some() => {
-                e.eax = 0;
-                e.ebx = 0;
-                e.ecx = 0;
-                e.edx = 0;
             }
             4 => {
                 // EAX[31:26]: cores per package - 1; [25:14]: threads sharing
@@ -282,6 +261,29 @@ fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), CpuError> {
     Ok(())
 }
 
+/// Writes `gdt` (null, code, data, TSS) and the empty IDT to guest memory
+/// and points the segment registers at them.
+fn load_segments(
+    mem: &GuestMemoryMmap,
+    sregs: &mut kvm_sregs,
+    gdt: &[u64; 4],
+) -> Result<(), CpuError> {
+    write_gdt(mem, gdt)?;
+    let data = segment_from_gdt(gdt[2], 2);
+    sregs.gdt.base = GDT_START.0;
+    sregs.gdt.limit = (gdt.len() * 8 - 1) as u16;
+    sregs.idt.base = IDT_START.0;
+    sregs.idt.limit = 7;
+    sregs.cs = segment_from_gdt(gdt[1], 1);
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = segment_from_gdt(gdt[3], 3);
+    Ok(())
+}
+
 /// Registers and segments for the boot vCPU.
 pub fn setup_boot_registers(
     vcpu: &VcpuFd,
@@ -301,21 +303,7 @@ pub fn setup_boot_registers(
                 gdt_entry(0xc093, 0, 0xfffff), // data
                 gdt_entry(0x008b, 0, 0x67),    // 32-bit TSS
             ];
-            write_gdt(mem, &gdt)?;
-            let code = segment_from_gdt(gdt[1], 1);
-            let data = segment_from_gdt(gdt[2], 2);
-            let tss = segment_from_gdt(gdt[3], 3);
-            sregs.gdt.base = GDT_START.0;
-            sregs.gdt.limit = (gdt.len() * 8 - 1) as u16;
-            sregs.idt.base = IDT_START.0;
-            sregs.idt.limit = 7;
-            sregs.cs = code;
-            sregs.ds = data;
-            sregs.es = data;
-            sregs.fs = data;
-            sregs.gs = data;
-            sregs.ss = data;
-            sregs.tr = tss;
+            load_segments(mem, &mut sregs, &gdt)?;
             sregs.cr0 = X86_CR0_PE | X86_CR0_ET;
             sregs.cr4 = 0;
             sregs.efer = 0;
@@ -329,22 +317,8 @@ pub fn setup_boot_registers(
                 gdt_entry(0xc093, 0, 0xfffff), // data
                 gdt_entry(0x808b, 0, 0xfffff), // TSS
             ];
-            write_gdt(mem, &gdt)?;
+            load_segments(mem, &mut sregs, &gdt)?;
             write_page_tables(mem)?;
-            let code = segment_from_gdt(gdt[1], 1);
-            let data = segment_from_gdt(gdt[2], 2);
-            let tss = segment_from_gdt(gdt[3], 3);
-            sregs.gdt.base = GDT_START.0;
-            sregs.gdt.limit = (gdt.len() * 8 - 1) as u16;
-            sregs.idt.base = IDT_START.0;
-            sregs.idt.limit = 7;
-            sregs.cs = code;
-            sregs.ds = data;
-            sregs.es = data;
-            sregs.fs = data;
-            sregs.gs = data;
-            sregs.ss = data;
-            sregs.tr = tss;
             sregs.cr3 = PML4_START.0;
             sregs.cr4 = X86_CR4_PAE;
             sregs.cr0 = X86_CR0_PE | X86_CR0_PG | X86_CR0_ET;

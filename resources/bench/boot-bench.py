@@ -25,70 +25,34 @@ Python 3 standard library only.
 """
 
 import argparse
-import hashlib
 import json
 import os
 import re
 import selectors
-import signal
 import statistics
 import subprocess
 import sys
 import time
 
-REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+sys.dont_write_bytecode = True  # no __pycache__ beside the scripts
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402
+from benchlib import (  # noqa: E402
+    MIB, BenchError, log, parse_size, positive_int, positive_float,
+    other_guests, loadavg, stop, tail_lines,
+)
+
+benchlib.PROG = "boot-bench"
 
 MARK_FIRST = b"Linux version"
 MARK_INIT = b"Run /init as init process"
 # Lines after which the boot cannot reach /init.
 MARK_FATAL = (b"Kernel panic",)
 
-MIB = 1 << 20
-
-
-class BenchError(Exception):
-    """A failure that ends the benchmark with a message."""
-
-
-def log(msg):
-    print(f"boot-bench: {msg}", file=sys.stderr, flush=True)
-
 
 # ---------------------------------------------------------------------------
 # Arguments and inputs
 # ---------------------------------------------------------------------------
-
-
-def parse_size(s):
-    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", s, re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"invalid size '{s}': expected e.g. 512M or 2G")
-    n = int(m.group(1))
-    shift = {"": 20, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2).upper()]
-    size = n << shift
-    if size == 0 or size % MIB:
-        raise argparse.ArgumentTypeError(f"invalid size '{s}': must be a positive multiple of 1 MiB")
-    return size
-
-
-def positive_int(s):
-    try:
-        n = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{s}' is not an integer")
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"'{s}' must be at least 1")
-    return n
-
-
-def positive_float(s):
-    try:
-        x = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{s}' is not a number")
-    if x <= 0:
-        raise argparse.ArgumentTypeError(f"'{s}' must be positive")
-    return x
 
 
 def parse_args(argv):
@@ -109,8 +73,9 @@ def parse_args(argv):
     p.add_argument("--timeout", type=positive_float, default=180.0, metavar="SECONDS",
                    help="seconds each boot may take to reach 'Run /init' (default 180)")
     p.add_argument("--only", choices=("arbor", "qemu"), help="benchmark one VMM only")
-    p.add_argument("--guest-dir", default=os.environ.get("ARBOR_GUEST_DIR") or os.path.join(REPO, "target", "guest"),
-                   help="guest kit directory (default $ARBOR_GUEST_DIR or <repo>/target/guest)")
+    p.add_argument("--guest-dir", default=benchlib.default_guest_dir(),
+                   help="guest kit directory (default $ARBOR_GUEST_DIR, else <repo>/target/guest, "
+                   "else /tmp/guest if only that exists)")
     p.add_argument("--arbor", metavar="PATH",
                    help="arbor binary (default target/release/arbor if it exists, else "
                    "target/debug/arbor; if neither exists, 'cargo build --release -p vmm' is run)")
@@ -129,50 +94,15 @@ def parse_args(argv):
 
 
 def guest_kit(args):
-    d = args.guest_dir
-    files = {name: os.path.join(d, name) for name in (args.kernel, "initramfs.cpio", "cmdline")}
-    missing = [f for f in files.values() if not os.path.isfile(f)]
-    if missing:
-        raise BenchError(
-            f"guest kit incomplete in {d}: missing {', '.join(missing)} "
-            f"(build it with resources/guest-kit/build.sh)")
-    with open(files["cmdline"]) as f:
-        cmdline = " ".join(f.read().split())
-    if not cmdline:
-        raise BenchError(f"{files['cmdline']} is empty")
-    return files[args.kernel], files["initramfs.cpio"], cmdline
+    return benchlib.guest_kit(args.guest_dir, args.kernel)
 
 
 def find_arbor(args):
-    if args.arbor:
-        if not (os.path.isfile(args.arbor) and os.access(args.arbor, os.X_OK)):
-            raise BenchError(f"--arbor {args.arbor}: not an executable file")
-        return os.path.abspath(args.arbor)
-    release = os.path.join(REPO, "target", "release", "arbor")
-    debug = os.path.join(REPO, "target", "debug", "arbor")
-    for path in (release, debug):
-        if os.path.isfile(path) and os.access(path, os.X_OK):
-            if path == debug:
-                log(f"warning: no release build; using the debug build {debug}")
-            return path
-    log("no arbor binary: running 'cargo build --release -p vmm' (may wait on cargo's lock)")
-    r = subprocess.run(["cargo", "build", "--release", "-p", "vmm"], cwd=REPO)
-    if r.returncode != 0 or not os.path.isfile(release):
-        raise BenchError(f"'cargo build --release -p vmm' failed (status {r.returncode})")
-    return release
+    return benchlib.find_arbor(args.arbor)
 
 
 def find_qemu(args):
-    q = args.qemu
-    if os.sep not in q:
-        for d in os.environ.get("PATH", "").split(os.pathsep):
-            cand = os.path.join(d, q)
-            if os.path.isfile(cand) and os.access(cand, os.X_OK):
-                return cand
-        raise BenchError(f"{q} not found in PATH (Debian: apt-get install qemu-system-x86)")
-    if not (os.path.isfile(q) and os.access(q, os.X_OK)):
-        raise BenchError(f"--qemu {q}: not an executable file")
-    return q
+    return benchlib.find_qemu(args.qemu)
 
 
 # ---------------------------------------------------------------------------
@@ -277,53 +207,9 @@ def _subset_sum(maps, target, k, start=0):
     return None
 
 
-def other_guests(own_pid):
-    """PIDs and names of other VMM processes running now (they skew timings)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == own_pid:
-            continue
-        try:
-            with open(f"/proc/{entry}/comm") as f:
-                comm = f.read().strip()
-        except OSError:
-            continue
-        if comm.startswith("qemu-system") or comm == "arbor":
-            found.append(f"{entry}:{comm}")
-    return found
-
-
-def loadavg():
-    try:
-        with open("/proc/loadavg") as f:
-            return float(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 # ---------------------------------------------------------------------------
 # One boot
 # ---------------------------------------------------------------------------
-
-
-def stop(proc, grace):
-    """SIGTERM, then SIGKILL after GRACE seconds; reaps the process."""
-    if proc.poll() is not None:
-        return
-    try:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    except ProcessLookupError:
-        proc.wait()
-
-
-def tail_lines(data, n=25):
-    text = data.decode("utf-8", "replace").replace("\r", "")
-    lines = [l for l in text.split("\n") if l.strip()]
-    return "\n".join("    | " + l for l in lines[-n:]) or "    | (nothing)"
 
 
 def boot_once(name, argv, mem_bytes, timeout, grace):
@@ -476,11 +362,10 @@ def main(argv):
                             "-cpu", args.qemu_cpu, "-m", f"{mem_mib}M", "-smp", str(args.cpus),
                             "-nographic", "-nodefaults", "-no-reboot", "-serial", "stdio",
                             "-kernel", kernel, "-initrd", initramfs, "-append", cmdline]
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        raise BenchError("/dev/kvm is missing or not accessible")
+    benchlib.check_kvm()
 
     for name, cmd in commands.items():
-        log(f"{name}: {' '.join(_quote(a) for a in cmd)}")
+        log(f"{name}: {' '.join(benchlib.quote(a) for a in cmd)}")
 
     results = {name: [] for name in vmms}
     failed = {}  # VMM -> reason, only for QEMU machines other than q35
@@ -539,7 +424,7 @@ def main(argv):
 
     out = {
         "kernel": kernel,
-        "kernel_sha256": _sha256(kernel),
+        "kernel_sha256": benchlib.sha256(kernel),
         "initramfs": initramfs,
         "cmdline": cmdline,
         "cpus": args.cpus,
@@ -560,30 +445,5 @@ def main(argv):
     return 0
 
 
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _quote(a):
-    return a if re.fullmatch(r"[\w@%+=:,./-]+", a) else "'" + a.replace("'", "'\\''") + "'"
-
-
-def _on_sigterm(signum, frame):
-    raise KeyboardInterrupt
-
-
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    signal.signal(signal.SIGHUP, _on_sigterm)
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except BenchError as e:
-        print(f"boot-bench: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("boot-bench: interrupted", file=sys.stderr, flush=True)
-        sys.exit(130)
+    benchlib.run_main(main)

@@ -1,0 +1,299 @@
+"""Helpers shared by the benchmarks in this directory (boot-bench.py,
+hotplug-bench.py): argument types, the guest kit, finding (and if asked,
+building) arbor and QEMU, stopping a VMM, facts about the machine's load.
+
+Python 3 standard library only. The scripts import it from their own
+directory with bytecode writing off, so no __pycache__ appears in the tree.
+"""
+
+import argparse
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+MIB = 1 << 20
+
+# Set by each script to its own name; prefixes progress and error messages.
+PROG = "bench"
+
+
+class BenchError(Exception):
+    """A failure that ends the benchmark with a message."""
+
+
+def log(msg):
+    print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# Argument types
+# ---------------------------------------------------------------------------
+
+
+def parse_size(s):
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", s, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid size '{s}': expected e.g. 512M or 2G")
+    n = int(m.group(1))
+    shift = {"": 20, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2).upper()]
+    size = n << shift
+    if size == 0 or size % MIB:
+        raise argparse.ArgumentTypeError(f"invalid size '{s}': must be a positive multiple of 1 MiB")
+    return size
+
+
+def positive_int(s):
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{s}' is not an integer")
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"'{s}' must be at least 1")
+    return n
+
+
+def nonnegative_int(s):
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{s}' is not an integer")
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"'{s}' must not be negative")
+    return n
+
+
+def positive_float(s):
+    try:
+        x = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{s}' is not a number")
+    if x <= 0:
+        raise argparse.ArgumentTypeError(f"'{s}' must be positive")
+    return x
+
+
+def nonnegative_float(s):
+    try:
+        x = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{s}' is not a number")
+    if x < 0:
+        raise argparse.ArgumentTypeError(f"'{s}' must not be negative")
+    return x
+
+
+# ---------------------------------------------------------------------------
+# Inputs: guest kit, arbor, QEMU
+# ---------------------------------------------------------------------------
+
+
+def default_guest_dir():
+    """$ARBOR_GUEST_DIR, else <repo>/target/guest, else /tmp/guest if only
+    that one exists."""
+    env = os.environ.get("ARBOR_GUEST_DIR")
+    if env:
+        return env
+    d = os.path.join(REPO, "target", "guest")
+    if not os.path.isdir(d) and os.path.isdir("/tmp/guest"):
+        return "/tmp/guest"
+    return d
+
+
+def guest_kit(guest_dir, kernel_name):
+    """(kernel, initramfs, cmdline) of the guest kit in GUEST_DIR."""
+    files = {name: os.path.join(guest_dir, name) for name in (kernel_name, "initramfs.cpio", "cmdline")}
+    missing = [f for f in files.values() if not os.path.isfile(f)]
+    if missing:
+        raise BenchError(
+            f"guest kit incomplete in {guest_dir}: missing {', '.join(missing)} "
+            f"(build it with resources/guest-kit/build.sh)")
+    with open(files["cmdline"]) as f:
+        cmdline = " ".join(f.read().split())
+    if not cmdline:
+        raise BenchError(f"{files['cmdline']} is empty")
+    return files[kernel_name], files["initramfs.cpio"], cmdline
+
+
+# Where arbor's sources live, for the staleness check.
+_SOURCE_DIRS = ("vmm", "api", "devices", "pci")
+_SOURCE_FILES = ("Cargo.toml", "Cargo.lock")
+
+
+def newest_source(repo=REPO):
+    """(mtime, path) of the newest Rust source or manifest of the VMM's crates."""
+    best = (0.0, None)
+    for name in _SOURCE_FILES:
+        p = os.path.join(repo, name)
+        if os.path.isfile(p):
+            best = max(best, (os.stat(p).st_mtime, p))
+    for d in _SOURCE_DIRS:
+        for root, dirs, files in os.walk(os.path.join(repo, d)):
+            dirs[:] = [x for x in dirs if x not in ("target", ".git")]
+            for f in files:
+                if f.endswith((".rs", ".toml")):
+                    p = os.path.join(root, f)
+                    try:
+                        best = max(best, (os.stat(p).st_mtime, p))
+                    except OSError:
+                        pass
+    return best
+
+
+def cargo_build(packages, attempts=1, wait=60.0):
+    """`cargo build --release -p ...`; on failure (the tree may be mid-edit by
+    others) waits WAIT seconds and tries again, ATTEMPTS times in all."""
+    cmd = ["cargo", "build", "--release"]
+    for p in packages:
+        cmd += ["-p", p]
+    for attempt in range(1, attempts + 1):
+        log(f"running '{' '.join(cmd)}' (attempt {attempt}/{attempts}; may wait on cargo's lock)")
+        r = subprocess.run(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=sys.stderr)
+        if r.returncode == 0:
+            return
+        if attempt < attempts:
+            log(f"build failed (status {r.returncode}); retrying in {wait:g} s")
+            time.sleep(wait)
+    raise BenchError(f"'{' '.join(cmd)}' failed {attempts} time(s)")
+
+
+def find_arbor(explicit, packages=("vmm",), rebuild_stale=False, attempts=1):
+    """The arbor binary to run.
+
+    EXPLICIT (--arbor) is used as given. Otherwise target/release/arbor;
+    with REBUILD_STALE it is (re)built when missing or older than the newest
+    source, else built only when missing (and target/debug/arbor is taken,
+    with a warning, when only that exists)."""
+    if explicit:
+        if not (os.path.isfile(explicit) and os.access(explicit, os.X_OK)):
+            raise BenchError(f"--arbor {explicit}: not an executable file")
+        return os.path.abspath(explicit)
+    release = os.path.join(REPO, "target", "release", "arbor")
+    debug = os.path.join(REPO, "target", "debug", "arbor")
+    if rebuild_stale:
+        have = os.path.isfile(release) and os.access(release, os.X_OK)
+        if have:
+            src_mtime, src = newest_source()
+            if src_mtime <= os.stat(release).st_mtime:
+                return release
+            log(f"{release} is older than {os.path.relpath(src, REPO)}: rebuilding")
+        else:
+            log(f"no {release}: building it")
+        cargo_build(packages, attempts=attempts)
+        if not os.path.isfile(release):
+            raise BenchError(f"the build finished but {release} does not exist")
+        return release
+    for path in (release, debug):
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            if path == debug:
+                log(f"warning: no release build; using the debug build {debug}")
+            return path
+    log("no arbor binary: building it")
+    cargo_build(packages)
+    if not os.path.isfile(release):
+        raise BenchError(f"the build finished but {release} does not exist")
+    return release
+
+
+def find_qemu(q):
+    if os.sep not in q:
+        for d in os.environ.get("PATH", "").split(os.pathsep):
+            cand = os.path.join(d, q)
+            if os.path.isfile(cand) and os.access(cand, os.X_OK):
+                return cand
+        raise BenchError(f"{q} not found in PATH (Debian: apt-get install qemu-system-x86)")
+    if not (os.path.isfile(q) and os.access(q, os.X_OK)):
+        raise BenchError(f"--qemu {q}: not an executable file")
+    return q
+
+
+def check_kvm():
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        raise BenchError("/dev/kvm is missing or not accessible")
+
+
+# ---------------------------------------------------------------------------
+# Processes and the machine
+# ---------------------------------------------------------------------------
+
+
+def other_guests(own_pid):
+    """PIDs and names of other VMM processes running now (they skew timings)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == own_pid:
+            continue
+        try:
+            with open(f"/proc/{entry}/comm") as f:
+                comm = f.read().strip()
+        except OSError:
+            continue
+        if comm.startswith("qemu-system") or comm == "arbor":
+            found.append(f"{entry}:{comm}")
+    return found
+
+
+def loadavg():
+    try:
+        with open("/proc/loadavg") as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def stop(proc, grace):
+    """SIGTERM, then SIGKILL after GRACE seconds; reaps the process."""
+    if proc.poll() is not None:
+        return
+    try:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    except ProcessLookupError:
+        proc.wait()
+
+
+def tail_lines(data, n=25):
+    if isinstance(data, (bytes, bytearray)):
+        data = data.decode("utf-8", "replace")
+    text = data.replace("\r", "")
+    lines = [l for l in text.split("\n") if l.strip()]
+    return "\n".join("    | " + l for l in lines[-n:]) or "    | (nothing)"
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def quote(a):
+    return a if re.fullmatch(r"[\w@%+=:,./-]+", a) else "'" + a.replace("'", "'\\''") + "'"
+
+
+def on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run_main(main):
+    """Runs MAIN(argv) and exits: its status, 1 on BenchError, 130 when
+    interrupted (SIGINT, SIGTERM, SIGHUP)."""
+    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGHUP, on_sigterm)
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except BenchError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)

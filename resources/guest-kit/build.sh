@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The guest kit's one entry point: builds (or takes from the cache) the test
+# guest kernel, builds the initramfs, and puts
+#
+#   vmlinux  bzImage  initramfs.cpio  cmdline
+#
+# into ${ARBOR_GUEST_DIR:-<repo>/target/guest}. Prints the paths at the end.
+# See README.md beside this file. Environment: ARBOR_GUEST_DIR, plus those of
+# build-kernel.sh (ARBOR_CACHE_DIR, ...).
+set -euo pipefail
+
+KIT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_DIR=$(cd "$KIT_DIR/../.." && pwd)
+OUT_DIR=${ARBOR_GUEST_DIR:-$REPO_DIR/target/guest}
+
+log() { printf 'guest-kit: %s\n' "$*" >&2; }
+die() { printf 'guest-kit: ERROR: %s\n' "$*" >&2; exit 1; }
+
+# --- Command line sanity --------------------------------------------------------
+# One line; the kernel keeps only the first 127 characters of clearcpuid= and
+# silently ignores the rest.
+[[ $(wc -l <"$KIT_DIR/cmdline") == 1 ]] || die "cmdline must be exactly one line"
+clearcpuid=$(grep -o 'clearcpuid=[^ ]*' "$KIT_DIR/cmdline" || true)
+clearcpuid=${clearcpuid#clearcpuid=}
+((${#clearcpuid} <= 127)) ||
+	die "clearcpuid= in cmdline is ${#clearcpuid} characters; the kernel reads only 127"
+
+# --- Kernel (cached) ----------------------------------------------------------
+KERNEL_DIR=$("$KIT_DIR/build-kernel.sh" | tail -n1)
+[[ -f $KERNEL_DIR/.complete ]] || die "build-kernel.sh gave no finished kernel ($KERNEL_DIR)"
+
+mkdir -p "$OUT_DIR"
+TMP=$(mktemp -d "$OUT_DIR/.build.XXXXXX")
+trap 'rm -rf "$TMP"' EXIT
+
+# --- /init --------------------------------------------------------------------
+log "assembling /init from init.S"
+gcc -nostdlib -static -no-pie -Wl,--build-id=none -o "$TMP/init" "$KIT_DIR/init.S"
+touch -d @0 "$TMP/init" # gen_init_cpio stores a file's own mtime
+# Must be a static x86-64 executable with no interpreter and no libc.
+elf=$(readelf -hl "$TMP/init")
+[[ $elf == *Machine:*X86-64* ]] || die "/init is not x86-64"
+[[ $elf == *Type:*EXEC* ]] || die "/init is not a static (non-PIE) executable"
+[[ $elf != *INTERP* ]] || die "/init asks for a program interpreter"
+
+# --- initramfs: uncompressed newc cpio ------------------------------------------
+# Written from a list by the kernel's own gen_init_cpio, so /dev/console can be
+# a device node without root rights or mknod on the host. Timestamps are 0 so
+# the archive is reproducible.
+cat >"$TMP/initramfs.list" <<EOF
+dir /dev 0755 0 0
+nod /dev/console 0600 0 0 c 5 1
+file /init $TMP/init 0755 0 0
+EOF
+log "writing initramfs.cpio"
+"$KERNEL_DIR/gen_init_cpio" -t 0 "$TMP/initramfs.list" >"$TMP/initramfs.cpio"
+if command -v cpio >/dev/null; then
+	listing=$(cpio -it --quiet <"$TMP/initramfs.cpio" | sort | tr '\n' ' ')
+	[[ $listing == "dev dev/console init " ]] ||
+		die "initramfs.cpio holds unexpected entries: $listing"
+fi
+
+# --- Place the results ----------------------------------------------------------
+# Copies, not links: cleaning the cache must not break a built tree.
+install -m 0644 "$KERNEL_DIR/vmlinux" "$OUT_DIR/vmlinux"
+install -m 0644 "$KERNEL_DIR/bzImage" "$OUT_DIR/bzImage"
+install -m 0644 "$TMP/initramfs.cpio" "$OUT_DIR/initramfs.cpio"
+install -m 0644 "$KIT_DIR/cmdline" "$OUT_DIR/cmdline"
+install -m 0644 "$KERNEL_DIR/config" "$OUT_DIR/kernel.config.full"
+
+log "guest ready in $OUT_DIR (kernel cache: $KERNEL_DIR)"
+for f in vmlinux bzImage initramfs.cpio cmdline; do
+	echo "$OUT_DIR/$f"
+done

@@ -465,26 +465,33 @@ pub fn pci_hotplug_aml(mmio: u64, root: &AcpiBus) -> Vec<u8> {
     acpi_bus_aml(root, "\\_SB_.PCI0", &mut objects, &mut buses);
     let raw = RawAml(&objects);
 
-    // PCNT: for every bus selector, device check for new devices and eject
-    // request for devices to remove.
-    let sels: Vec<aml::Store> = buses
-        .iter()
-        .map(|(_, b)| aml::Store::new(&bsel, b))
-        .collect();
+    // PCNT: for every bus selector, read both bitmaps (PCIU clears on
+    // read) and notify only when a bit is set: device check for new
+    // devices, eject request for devices to remove. Skipping quiet buses
+    // keeps the interpreter's work small when there are many slots.
+    let sels: Vec<aml::Store> = buses.iter().map(|(_, b)| aml::Store::new(&bsel, b)).collect();
+    let read_up = aml::Store::new(&aml::Local(0), &pciu);
+    let read_down = aml::Store::new(&aml::Local(1), &pcid);
+    let up_set = aml::NotEqual::new(&aml::Local(0), &0u8);
+    let down_set = aml::NotEqual::new(&aml::Local(1), &0u8);
     let dvnts: Vec<String> = buses.iter().map(|(p, _)| format!("{p}.DVNT")).collect();
     let checks: Vec<aml::MethodCall> = dvnts
         .iter()
-        .map(|d| aml::MethodCall::new(d.as_str().into(), vec![&pciu, &1u8]))
+        .map(|d| aml::MethodCall::new(d.as_str().into(), vec![&aml::Local(0), &1u8]))
         .collect();
     let ejects: Vec<aml::MethodCall> = dvnts
         .iter()
-        .map(|d| aml::MethodCall::new(d.as_str().into(), vec![&pcid, &3u8]))
+        .map(|d| aml::MethodCall::new(d.as_str().into(), vec![&aml::Local(1), &3u8]))
         .collect();
+    let if_ups: Vec<aml::If> = checks.iter().map(|c| aml::If::new(&up_set, vec![c])).collect();
+    let if_downs: Vec<aml::If> = ejects.iter().map(|c| aml::If::new(&down_set, vec![c])).collect();
     let mut pcnt_body: Vec<&dyn Aml> = vec![&acquire];
     for i in 0..buses.len() {
         pcnt_body.push(&sels[i]);
-        pcnt_body.push(&checks[i]);
-        pcnt_body.push(&ejects[i]);
+        pcnt_body.push(&read_up);
+        pcnt_body.push(&read_down);
+        pcnt_body.push(&if_ups[i]);
+        pcnt_body.push(&if_downs[i]);
     }
     pcnt_body.push(&release);
     let pcnt = aml::Method::new("PCNT".into(), 0, true, pcnt_body);

@@ -469,7 +469,10 @@ pub fn pci_hotplug_aml(mmio: u64, root: &AcpiBus) -> Vec<u8> {
     // read) and notify only when a bit is set: device check for new
     // devices, eject request for devices to remove. Skipping quiet buses
     // keeps the interpreter's work small when there are many slots.
-    let sels: Vec<aml::Store> = buses.iter().map(|(_, b)| aml::Store::new(&bsel, b)).collect();
+    let sels: Vec<aml::Store> = buses
+        .iter()
+        .map(|(_, b)| aml::Store::new(&bsel, b))
+        .collect();
     let read_up = aml::Store::new(&aml::Local(0), &pciu);
     let read_down = aml::Store::new(&aml::Local(1), &pcid);
     let up_set = aml::NotEqual::new(&aml::Local(0), &0u8);
@@ -483,8 +486,14 @@ pub fn pci_hotplug_aml(mmio: u64, root: &AcpiBus) -> Vec<u8> {
         .iter()
         .map(|d| aml::MethodCall::new(d.as_str().into(), vec![&aml::Local(1), &3u8]))
         .collect();
-    let if_ups: Vec<aml::If> = checks.iter().map(|c| aml::If::new(&up_set, vec![c])).collect();
-    let if_downs: Vec<aml::If> = ejects.iter().map(|c| aml::If::new(&down_set, vec![c])).collect();
+    let if_ups: Vec<aml::If> = checks
+        .iter()
+        .map(|c| aml::If::new(&up_set, vec![c]))
+        .collect();
+    let if_downs: Vec<aml::If> = ejects
+        .iter()
+        .map(|c| aml::If::new(&down_set, vec![c]))
+        .collect();
     let mut pcnt_body: Vec<&dyn Aml> = vec![&acquire];
     for i in 0..buses.len() {
         pcnt_body.push(&sels[i]);

@@ -226,6 +226,13 @@ impl std::fmt::Debug for PciConfiguration {
 }
 
 impl PciConfiguration {
+    /// Sets the interrupt pin (0 none, 1-4 INTA-INTD) after construction.
+    pub fn set_interrupt_pin(&mut self, pin: u8) {
+        let line = self.regs[INTERRUPT_REG] & 0xff;
+        self.regs[INTERRUPT_REG] =
+            (self.regs[INTERRUPT_REG] & !0xffff) | (u32::from(pin.min(4)) << 8) | line;
+    }
+
     /// A fresh configuration space for a function with identity `p`.
     pub fn new(p: PciConfigParams) -> Self {
         let mut c = PciConfiguration {

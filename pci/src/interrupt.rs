@@ -44,6 +44,16 @@ pub trait MsiInterruptGroup: Send + Sync {
     fn notifier(&self, vector: u16) -> Option<&EventFd>;
 }
 
+/// A legacy, level-triggered, shareable INTx line, for guests that do not
+/// enable MSI or MSI-X. The device calls [`IntxInterrupt::assert`] when it
+/// raises its interrupt; the line stays asserted until the guest's EOI, after
+/// which the VMM asserts it again for as long as the device still has the
+/// interrupt pending (its status register not yet read).
+pub trait IntxInterrupt: Send + Sync {
+    /// Assert the line.
+    fn assert(&self) -> io::Result<()>;
+}
+
 /// State recorded per vector by [`RecordingMsiGroup`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RecordedVector {

@@ -55,7 +55,7 @@ pub use config_io::PciConfigIo;
 pub use device::{BarChange, BarInfo, ConfigWriteOutcome, PciDevice};
 pub use ecam::EcamAddress;
 pub use host_bridge::HostBridge;
-pub use interrupt::{MsiInterruptGroup, MsiMessage, RecordingMsiGroup};
+pub use interrupt::{IntxInterrupt, MsiInterruptGroup, MsiMessage, RecordingMsiGroup};
 pub use msi::{MsiCapability, MsiConfig};
 pub use msix::{MsixCapability, MsixConfig};
 pub use path::{PciPath, PciPathError, PciSlot};

@@ -222,4 +222,41 @@ fn root_bus_hotplug() {
     assert_eq!(fds0, fds1, "file descriptors leaked");
     assert!(rss1 <= rss0 + 2048, "RSS grew from {rss0} to {rss1} KiB");
     assert_eq!(c.vm_info().unwrap().devices, devices_before);
+
+    // Parallel requests are serialized: four concurrent adds get four
+    // different slots, and concurrent removals all complete.
+    let paths: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4)
+            .map(|i| {
+                let f = s.path(&format!("par{i}.img"));
+                raw_disk(&f, 50 + i);
+                let c = Client::new(&sock).with_timeout(Duration::from_secs(120));
+                scope.spawn(move || {
+                    c.vm_add_disk(&disk(&f, Some(&format!("par{i}"))))
+                        .unwrap()
+                        .pci_path
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut unique = paths.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 4, "two hotplugs got the same slot: {paths:?}");
+    for i in 0..4u64 {
+        wait_count(
+            &g,
+            0,
+            &format!("{} 512-byte logical blocks", (50 + i) * 2048),
+            1,
+        );
+    }
+    std::thread::scope(|scope| {
+        for i in 0..4 {
+            let c = Client::new(&sock).with_timeout(Duration::from_secs(120));
+            scope.spawn(move || c.vm_remove_device(&format!("par{i}")).unwrap());
+        }
+    });
+    assert_eq!(c.vm_info().unwrap().devices, devices_before);
 }

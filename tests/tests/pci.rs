@@ -116,3 +116,44 @@ fn readonly_disk_is_untouched() {
         "read-only disk changed"
     );
 }
+
+#[test]
+fn intx_when_msi_is_off() {
+    if !kvm_available() {
+        return;
+    }
+    let kit = guest_kit();
+    let s = Scratch::new("pci-intx");
+    let root = s.path("root.img");
+    let deep = s.path("deep.img");
+    mbr_disk(&root, 41);
+    mbr_disk(&deep, 42);
+    // pci=nomsi: the guest drives the devices through INTx, routed by the
+    // root bus's _PRT (and swizzled by the guest behind the bridges).
+    let d1 = format!("path={},readonly=on", root.display());
+    let d2 = format!("path={},readonly=on,port=br0", deep.display());
+    let mut g = Guest::boot(
+        "pci-intx",
+        &kit.vmlinux,
+        1,
+        "pci=nomsi arbor_init=poweroff",
+        &[
+            "--pci-port",
+            "id=rp0,type=root-port",
+            "--pci-port",
+            "id=br0,type=pci-bridge,parent=rp0",
+            "--disk",
+            &d1,
+            "--disk",
+            &d2,
+        ],
+    );
+    g.wait_for("83968 512-byte logical blocks");
+    g.wait_for("86016 512-byte logical blocks");
+    // Reading the partition tables needs completed I/O: interrupts work.
+    g.wait_for(" vda: vda1 vda2");
+    g.wait_for(" vdb: vdb1 vdb2");
+    g.wait_for("reboot: Power down");
+    assert_eq!(g.wait_exit().code(), Some(0), "{}", g.stderr());
+    assert!(!g.stderr().contains("MSI-X enabled"), "{}", g.stderr());
+}

@@ -37,6 +37,7 @@ const PORTS: &[&str] = &[
     "id=br0,type=pci-bridge,parent=rp2",
     "id=br1,type=pci-bridge,parent=br0",
     "id=rp3,type=root-port,hotplug=none",
+    "id=tiny,type=root-port,mem-reserve=0,pref64-reserve=0",
 ];
 
 #[test]
@@ -179,6 +180,13 @@ fn tree_cold_and_hot() {
         Some(api::ApiErrorKind::BadRequest),
         "a path naming a port"
     );
+    // A port whose windows cannot hold the device's BARs refuses it before
+    // anything changes.
+    let e = c
+        .vm_add_disk(&disk_at(&f, "x", Some("tiny"), None))
+        .unwrap_err();
+    assert_eq!(e.api_error_kind(), Some(api::ApiErrorKind::Conflict), "{e}");
+    assert!(e.to_string().contains("BAR"), "{e}");
     assert_eq!(c.vm_info().unwrap().devices.len(), 3);
 }
 

@@ -300,8 +300,31 @@ pub fn host_bridge_aml(w: &PciWindows, extra_children: &[u8]) -> Vec<u8> {
     let ret_none = aml::Return::new(&none);
     let dsm = aml::Method::new("_DSM".into(), 4, false, vec![&if_fw, &ret_none]);
 
+    // _PRT: INTx of every root-bus slot, pins swizzled over the eight
+    // IOAPIC lines 16-23 (devices behind bridges are swizzled by the guest).
+    let prt_entries: Vec<(u32, u8, u32)> = (0..32u32)
+        .flat_map(|slot| {
+            (0..4u8).map(move |pin| {
+                (
+                    (slot << 16) | 0xffff,
+                    pin,
+                    crate::interrupts::INTX_GSI_BASE
+                        + (slot + u32::from(pin)) % crate::interrupts::INTX_LINES,
+                )
+            })
+        })
+        .collect();
+    let prt_packages: Vec<aml::Package> = prt_entries
+        .iter()
+        .map(|(adr, pin, gsi)| aml::Package::new(vec![adr, pin, &0u8, gsi]))
+        .collect();
+    let prt_refs: Vec<&dyn Aml> = prt_packages.iter().map(|p| p as &dyn Aml).collect();
+    let prt = aml::Package::new(prt_refs);
+    let name_prt = aml::Name::new("_PRT".into(), &prt);
+
     let mut children: Vec<&dyn Aml> = vec![
         &name_hid, &name_cid, &name_adr, &name_seg, &name_uid, &name_bbn, &name_crs, &osc, &dsm,
+        &name_prt,
     ];
     let raw = RawAml(extra_children);
     children.push(&raw);

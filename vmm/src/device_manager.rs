@@ -564,8 +564,13 @@ impl DeviceManager {
             pcie,
             prefetchable: false,
         };
-        let dev = VirtioPciDevice::new(device, pci.memory().clone(), msi, opts)
+        let mut dev = VirtioPciDevice::new(device, pci.memory().clone(), msi, opts)
             .map_err(|e| DeviceError::Virtio(e.to_string()))?;
+        let intx = pci
+            .intx()
+            .line(crate::interrupts::intx_gsi(&path), dev.isr())
+            .map_err(DeviceError::Msi)?;
+        dev.set_intx(Arc::new(intx));
         pci.place_virtio(path.clone(), under.as_deref(), dev)?;
         if !hotplugged {
             if let Some(port) = under.as_deref().and_then(|p| pci.port(p)) {

@@ -26,7 +26,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use devices::virtio::{GuestMemoryHandle, VirtioPciDevice};
 
-use crate::interrupts::{GsiRouting, KvmMsiGroup};
+use crate::interrupts::{GsiRouting, IntxManager, KvmMsiGroup};
 
 /// Errors placing or removing PCI devices.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +77,8 @@ pub struct PciManager {
     ports: BTreeMap<String, PortDevice>,
     /// Signalled when the guest switches a native hotplug slot's power.
     slot_power: EventFd,
+    /// Legacy INTx lines, for guests that do not enable MSI-X.
+    intx: Arc<IntxManager>,
 }
 
 /// BAR accesses forwarded to the device.
@@ -215,6 +217,7 @@ impl PciManager {
             }
         }
         let ports = devices.into_iter().map(|d| (d.id.clone(), d)).collect();
+        let vm_for_intx = vm.clone();
         Ok(Arc::new(PciManager {
             root: RwLock::new(root),
             cf8: Mutex::new(PciConfigIo::new()),
@@ -228,7 +231,14 @@ impl PciManager {
             ports,
             slot_power: EventFd::new(EFD_NONBLOCK)
                 .map_err(|e| PciManagerError::Ports(format!("eventfd: {e}")))?,
+            intx: IntxManager::new(vm_for_intx)
+                .map_err(|e| PciManagerError::Ports(format!("INTx: {e}")))?,
         }))
+    }
+
+    /// The INTx lines.
+    pub fn intx(&self) -> &Arc<IntxManager> {
+        &self.intx
     }
 
     /// The topology the ports were built from.

@@ -10,7 +10,7 @@ use std::io;
 use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
 use std::sync::Arc;
 
-use pci::MsixConfig;
+use pci::{IntxInterrupt, MsixConfig};
 
 use super::VIRTIO_MSI_NO_VECTOR;
 
@@ -60,6 +60,8 @@ impl VectorTable {
 /// [`VirtioInterrupt`] for the PCI transport.
 pub struct VirtioPciInterrupt {
     pub(crate) msix: Arc<MsixConfig>,
+    /// The INTx line used while the driver has not enabled MSI-X.
+    pub(crate) intx: Option<Arc<dyn IntxInterrupt>>,
     pub(crate) isr: Arc<AtomicU8>,
     pub(crate) vectors: Arc<VectorTable>,
     pub(crate) config_generation: Arc<AtomicU8>,
@@ -67,6 +69,13 @@ pub struct VirtioPciInterrupt {
 
 impl VirtioPciInterrupt {
     fn trigger(&self, vector: u16) -> io::Result<()> {
+        if !self.msix.enabled() {
+            // Legacy interrupt: the ISR bit is set; raise the line.
+            return match &self.intx {
+                Some(intx) => intx.assert(),
+                None => Ok(()),
+            };
+        }
         if vector == VIRTIO_MSI_NO_VECTOR {
             return Ok(());
         }

@@ -34,9 +34,9 @@ use std::sync::Arc;
 use log::{debug, error, warn};
 use pci::config::RawCapability;
 use pci::{
-    BarInfo, BarRegion, ConfigWriteOutcome, MsiInterruptGroup, MsixCapability, MsixConfig,
-    PciBarConfig, PciConfigParams, PciConfiguration, PciDevice, PciError, PcieCapability,
-    PciePortType, PmCapability,
+    BarInfo, BarRegion, ConfigWriteOutcome, IntxInterrupt, MsiInterruptGroup, MsixCapability,
+    MsixConfig, PciBarConfig, PciConfigParams, PciConfiguration, PciDevice, PciError,
+    PcieCapability, PciePortType, PmCapability,
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddressSpace;
@@ -136,6 +136,7 @@ pub struct VirtioPciDevice {
     queue_evts: Vec<EventFd>,
     mem: GuestMemoryHandle,
     pci_cfg_cap: usize,
+    intx: Option<Arc<dyn IntxInterrupt>>,
 }
 
 impl std::fmt::Debug for VirtioPciDevice {
@@ -257,6 +258,7 @@ impl VirtioPciDevice {
             queue_evts,
             mem,
             pci_cfg_cap,
+            intx: None,
         })
     }
 
@@ -329,9 +331,22 @@ impl VirtioPciDevice {
         self.isr.store(0, Ordering::Release);
     }
 
+    /// Gives the device an INTx line (interrupt pin A), used while the
+    /// driver has not enabled MSI-X. Call before the guest sees the device.
+    pub fn set_intx(&mut self, intx: Arc<dyn IntxInterrupt>) {
+        self.config.set_interrupt_pin(1);
+        self.intx = Some(intx);
+    }
+
+    /// The ISR status (non-zero while a legacy interrupt is pending).
+    pub fn isr(&self) -> Arc<AtomicU8> {
+        self.isr.clone()
+    }
+
     fn interrupt(&self) -> Arc<VirtioPciInterrupt> {
         Arc::new(VirtioPciInterrupt {
             msix: self.msix.clone(),
+            intx: self.intx.clone(),
             isr: self.isr.clone(),
             vectors: self.vectors.clone(),
             config_generation: self.config_generation.clone(),

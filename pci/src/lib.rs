@@ -25,12 +25,9 @@
 //!   numbers, forwarding windows, physical slot numbers) and the creation of the ports.
 //! - [`path`]: [`PciPath`] (slot path from the root bus) and resolvers to guest BDFs.
 //! - [`allocator`]: BAR address allocation from the VMM's PCI windows.
-//! - [`bar_map`]: optional guest address -> (device, BAR, offset) routing that follows
-//!   BAR moves and decode enables.
 
 pub mod allocator;
 pub mod bar;
-pub mod bar_map;
 pub mod bus;
 pub mod config;
 pub mod config_io;
@@ -48,7 +45,6 @@ pub mod topology;
 
 pub use allocator::{BarAllocator, BarAssignment, BarPlacement};
 pub use bar::{BarRegion, PciBarConfig};
-pub use bar_map::{AddressSpace, BarMap, BarTarget};
 pub use bus::{ConfigWriteResult, PciBdf, PciBus, PciRoot, SharedPciDevice};
 pub use config::{BridgeWindows, BusNumbers, HeaderType, PciConfigParams, PciConfiguration};
 pub use config_io::PciConfigIo;

@@ -100,6 +100,8 @@ fn tree_cold_and_hot() {
             dev.pci_path
         );
         assert!(console.contains(&format!("{} 512-byte logical blocks", mib * 2048)));
+        // vm.info's BDF comes from the bridges' registers: the same.
+        assert_eq!(dev.bdf.as_deref(), Some(bdf.as_str()), "{id}");
     }
 
     // Hot-plug into each kind of place, check, remove, re-add.

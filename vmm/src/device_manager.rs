@@ -100,13 +100,13 @@ pub struct DeviceRecord {
 }
 
 impl DeviceRecord {
-    /// The API's view of the device.
-    pub fn info(&self) -> DeviceInfo {
+    /// The API's view of the device; `bdf` as the bridges are programmed.
+    pub fn info(&self, bdf: Option<String>) -> DeviceInfo {
         DeviceInfo {
             id: self.id.clone(),
             kind: self.kind,
             pci_path: self.path.to_string(),
-            bdf: None,
+            bdf,
             port: self.port.clone(),
             hotplugged: self.hotplugged,
             path: self.disk.as_ref().map(|d| d.path.clone()),
@@ -382,6 +382,14 @@ pub enum PlaceKind {
 }
 
 impl DeviceManager {
+    /// Every device as the API describes it.
+    pub fn device_info(&self) -> Vec<DeviceInfo> {
+        self.records
+            .iter()
+            .map(|r| r.info(self.pci.as_ref().and_then(|p| p.bdf_of(&r.path))))
+            .collect()
+    }
+
     fn fresh_id(&self, prefix: &str) -> String {
         (0..)
             .map(|n| format!("{prefix}{n}"))

@@ -256,6 +256,17 @@ impl PciManager {
         &self.slot_power
     }
 
+    /// The BDF the guest currently uses for `path`, from the bus numbers
+    /// programmed into the bridges on the way (`None` while one is not
+    /// configured).
+    pub fn bdf_of(&self, path: &PciPath) -> Option<String> {
+        self.root
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .bdf_of_path(path)
+            .map(|b| b.to_string())
+    }
+
     /// Whether a function sits at `path`.
     pub fn occupied(&self, path: &PciPath) -> bool {
         self.root

@@ -344,7 +344,7 @@ impl Vm {
             state: self.state,
             cpus: Some(u32::from(self.config.cpus)),
             memory: Some(self.config.memory),
-            devices: self.devices.records.iter().map(|r| r.info()).collect(),
+            devices: self.devices.device_info(),
             topology: self.devices.topology_info(),
         }
     }

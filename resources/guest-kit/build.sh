@@ -35,7 +35,7 @@ trap 'rm -rf "$TMP"' EXIT
 
 # --- /init --------------------------------------------------------------------
 log "assembling /init from init.S"
-gcc -nostdlib -static -no-pie -Wl,--build-id=none -o "$TMP/init" "$KIT_DIR/init.S"
+gcc -nostdlib -static -no-pie -s -Wl,--build-id=none -o "$TMP/init" "$KIT_DIR/init.S"
 touch -d @0 "$TMP/init" # gen_init_cpio stores a file's own mtime
 # Must be a static x86-64 executable with no interpreter and no libc.
 elf=$(readelf -hl "$TMP/init")
@@ -61,12 +61,21 @@ if command -v cpio >/dev/null; then
 fi
 
 # --- Place the results ----------------------------------------------------------
-# Copies, not links: cleaning the cache must not break a built tree.
-install -m 0644 "$KERNEL_DIR/vmlinux" "$OUT_DIR/vmlinux"
-install -m 0644 "$KERNEL_DIR/bzImage" "$OUT_DIR/bzImage"
-install -m 0644 "$TMP/initramfs.cpio" "$OUT_DIR/initramfs.cpio"
-install -m 0644 "$KIT_DIR/cmdline" "$OUT_DIR/cmdline"
-install -m 0644 "$KERNEL_DIR/config" "$OUT_DIR/kernel.config.full"
+# Copies, not links: cleaning the cache must not break a built tree. Each file
+# is replaced by a rename, never rewritten in place, so a guest that is
+# booting from the old file meanwhile is not disturbed; unchanged files are
+# left alone.
+place() {
+	local src=$1 dst=$OUT_DIR/$2
+	cmp -s "$src" "$dst" && return 0
+	install -m 0644 "$src" "$TMP/$2.new"
+	mv -f "$TMP/$2.new" "$dst"
+}
+place "$KERNEL_DIR/vmlinux" vmlinux
+place "$KERNEL_DIR/bzImage" bzImage
+place "$TMP/initramfs.cpio" initramfs.cpio
+place "$KIT_DIR/cmdline" cmdline
+place "$KERNEL_DIR/config" kernel.config.full
 
 log "guest ready in $OUT_DIR (kernel cache: $KERNEL_DIR)"
 for f in vmlinux bzImage initramfs.cpio cmdline; do

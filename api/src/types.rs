@@ -291,63 +291,6 @@ pub struct RngConfig {
     pub pci_path: Option<String>,
 }
 
-/// Body of a future `PUT /api/v1/vm.add-net` (not routed yet).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NetConfig {
-    /// Name of an existing host TAP interface.
-    pub tap: String,
-    /// Guest MAC address, `xx:xx:xx:xx:xx:xx`; generated when absent.
-    #[serde(default)]
-    pub mac: Option<String>,
-    /// Device id; generated when absent.
-    #[serde(default)]
-    pub id: Option<String>,
-    /// Topology node to place the device under.
-    #[serde(default)]
-    pub port: Option<String>,
-    /// Exact placement.
-    #[serde(default)]
-    pub pci_path: Option<String>,
-}
-
-/// Body of a future `PUT /api/v1/vm.add-vsock` (not routed yet).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VsockConfig {
-    /// Guest context id (3 or more).
-    pub cid: u32,
-    /// Host UNIX socket path the VMM listens on for host-initiated
-    /// connections.
-    pub socket: String,
-    /// Device id; generated when absent.
-    #[serde(default)]
-    pub id: Option<String>,
-    /// Topology node to place the device under.
-    #[serde(default)]
-    pub port: Option<String>,
-    /// Exact placement.
-    #[serde(default)]
-    pub pci_path: Option<String>,
-}
-
-/// Body of a future `PUT /api/v1/vm.add-device` (VFIO; not routed yet).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VfioConfig {
-    /// Host sysfs path of the device, e.g. `/sys/bus/pci/devices/0000:01:00.0`.
-    pub path: String,
-    /// Device id; generated when absent.
-    #[serde(default)]
-    pub id: Option<String>,
-    /// Topology node to place the device under.
-    #[serde(default)]
-    pub port: Option<String>,
-    /// Exact placement.
-    #[serde(default)]
-    pub pci_path: Option<String>,
-}
-
 /// Body of `PUT /api/v1/vm.remove-device`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -501,109 +444,6 @@ impl RngConfig {
     }
 }
 
-impl NetConfig {
-    /// Keys accepted by [`NetConfig::from_kv`].
-    pub const KV_KEYS: &'static [&'static str] = &["tap", "mac", "id", "port", "pci_path"];
-
-    /// Checks what can be checked without the VM.
-    pub fn validate(&self) -> Result<(), ApiError> {
-        if self.tap.is_empty() || self.tap.len() > MAX_TAP_NAME_LEN {
-            return Err(ApiError::bad_request(format!(
-                "'tap' must be 1 to {MAX_TAP_NAME_LEN} bytes long"
-            )));
-        }
-        if self.tap.contains(['/', '\0']) || self.tap.contains(char::is_whitespace) {
-            return Err(ApiError::bad_request(
-                "'tap' is not a valid network interface name",
-            ));
-        }
-        if let Some(mac) = &self.mac {
-            if !is_mac(mac) {
-                return Err(ApiError::bad_request(
-                    "'mac' must look like 52:54:00:12:34:56",
-                ));
-            }
-        }
-        validate_opt_id("id", &self.id)?;
-        validate_placement(&self.port, &self.pci_path)
-    }
-
-    /// Builds a net configuration from `tap=..,mac=..,id=..,port=..,pci_path=..`.
-    pub fn from_kv(input: &str) -> Result<Self, KvError> {
-        let o = kv::parse(input, Self::KV_KEYS)?;
-        Ok(NetConfig {
-            tap: o.required("tap")?.to_string(),
-            mac: o.string("mac"),
-            id: o.string("id"),
-            port: o.string("port"),
-            pci_path: o.string("pci_path"),
-        })
-    }
-}
-
-fn is_mac(s: &str) -> bool {
-    let parts: Vec<&str> = s.split(':').collect();
-    parts.len() == 6
-        && parts
-            .iter()
-            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
-}
-
-impl VsockConfig {
-    /// Keys accepted by [`VsockConfig::from_kv`].
-    pub const KV_KEYS: &'static [&'static str] = &["cid", "socket", "id", "port", "pci_path"];
-
-    /// Checks what can be checked without the VM.
-    pub fn validate(&self) -> Result<(), ApiError> {
-        // 0-2 are reserved (hypervisor, local, host); u32::MAX is "any".
-        if self.cid < 3 || self.cid == u32::MAX {
-            return Err(ApiError::bad_request(
-                "'cid' must be at least 3 and less than 4294967295",
-            ));
-        }
-        validate_file_path("socket", &self.socket)?;
-        validate_opt_id("id", &self.id)?;
-        validate_placement(&self.port, &self.pci_path)
-    }
-
-    /// Builds a vsock configuration from `cid=..,socket=..,id=..,port=..,pci_path=..`.
-    pub fn from_kv(input: &str) -> Result<Self, KvError> {
-        let o = kv::parse(input, Self::KV_KEYS)?;
-        o.required("cid")?;
-        Ok(VsockConfig {
-            cid: o.parse("cid")?.unwrap_or_default(),
-            socket: o.required("socket")?.to_string(),
-            id: o.string("id"),
-            port: o.string("port"),
-            pci_path: o.string("pci_path"),
-        })
-    }
-}
-
-impl VfioConfig {
-    /// Keys accepted by [`VfioConfig::from_kv`].
-    pub const KV_KEYS: &'static [&'static str] = &["path", "id", "port", "pci_path"];
-
-    /// Checks what can be checked without the VM.
-    pub fn validate(&self) -> Result<(), ApiError> {
-        validate_file_path("path", &self.path)?;
-        validate_opt_id("id", &self.id)?;
-        validate_placement(&self.port, &self.pci_path)
-    }
-
-    /// Builds a VFIO configuration from `path=..,id=..,port=..,pci_path=..`;
-    /// a bare first item is the path.
-    pub fn from_kv(input: &str) -> Result<Self, KvError> {
-        let o = kv::parse_with_positional(input, Self::KV_KEYS, "path")?;
-        Ok(VfioConfig {
-            path: o.required("path")?.to_string(),
-            id: o.string("id"),
-            port: o.string("port"),
-            pci_path: o.string("pci_path"),
-        })
-    }
-}
-
 impl RemoveDeviceRequest {
     /// Checks the id's syntax.
     pub fn validate(&self) -> Result<(), ApiError> {
@@ -684,30 +524,6 @@ mod tests {
             DiskConfig::from_kv("readonly=on").unwrap_err(),
             KvError::MissingKey { key: "path".into() }
         );
-    }
-
-    #[test]
-    fn future_device_types() {
-        let n = NetConfig::from_kv("tap=tap0,mac=52:54:00:AB:cd:01").unwrap();
-        assert!(n.validate().is_ok());
-        let mut bad_mac = n.clone();
-        bad_mac.mac = Some("52:54:00".into());
-        assert!(bad(bad_mac.validate()).contains("mac"));
-        let mut long_tap = n;
-        long_tap.tap = "t".repeat(16);
-        assert!(bad(long_tap.validate()).contains("tap"));
-
-        let v = VsockConfig::from_kv("cid=3,socket=/tmp/v.sock").unwrap();
-        assert!(v.validate().is_ok());
-        let v2 = VsockConfig { cid: 2, ..v };
-        assert!(bad(v2.validate()).contains("cid"));
-        assert!(matches!(
-            VsockConfig::from_kv("cid=x,socket=/s"),
-            Err(KvError::InvalidValue { .. })
-        ));
-
-        let f = VfioConfig::from_kv("/sys/bus/pci/devices/0000:01:00.0,id=gpu").unwrap();
-        assert!(f.validate().is_ok());
     }
 
     #[test]

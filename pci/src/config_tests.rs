@@ -437,7 +437,7 @@ fn pcie_endpoint_registers() {
     c.write_u16_internal(off + regs::DEVSTA, 0x000f);
     w16(&mut c, off + regs::DEVSTA, 0x0005);
     assert_eq!(c.read_u16(off + regs::DEVSTA), 0x000a);
-    // Slot registers are not implemented on an endpoint.
+    // An endpoint has no slot registers.
     w16(&mut c, off + regs::SLTCTL, 0xffff);
     assert_eq!(c.read_u16(off + regs::SLTCTL), 0);
     // Capabilities registers are read-only.

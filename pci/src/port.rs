@@ -264,7 +264,7 @@ impl PciePort {
             irq_line: false,
         };
         if !params.io_window {
-            // Optional I/O window not implemented: base/limit and upper halves read-only 0.
+            // No I/O window unless one was reserved: base/limit and upper halves read as 0.
             port.config.write_u16_internal(IO_BASE_OFF, 0);
             port.config.set_writable_mask(IO_BASE_OFF, &[0, 0]);
             port.config.write_u32_internal(IO_HI_OFF, 0);

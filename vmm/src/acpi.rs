@@ -163,9 +163,9 @@ pub fn platform_aml() -> Vec<u8> {
 
 /// The Generic Event Device and the power button. `_EVT` reads the GED's
 /// event register at `mmio` (reading clears it), notifies the power button
-/// for `power_bit` and, when `hotplug` is set, calls `\_SB_.HPSC` (the
-/// hotplug scan method the PCI tables define) for `hotplug_bit`.
-pub fn ged_aml(mmio: u64, gsi: u32, power_bit: u32, hotplug_bit: u32, hotplug: bool) -> Vec<u8> {
+/// for `power_bit` and calls `\_SB_.HPSC` (the hotplug scan method
+/// `pci_hotplug_aml` defines) for `hotplug_bit`.
+pub fn ged_aml(mmio: u64, gsi: u32, power_bit: u32, hotplug_bit: u32) -> Vec<u8> {
     let mut out = Vec::new();
     let hid = "ACPI0013";
     let name_hid = aml::Name::new("_HID".into(), &hid);
@@ -197,12 +197,12 @@ pub fn ged_aml(mmio: u64, gsi: u32, power_bit: u32, hotplug_bit: u32, hotplug: b
     let hp_set = aml::Equal::new(&aml::Local(2), &hotplug_bit);
     let scan = aml::MethodCall::new("\\_SB_.HPSC".into(), vec![]);
     let if_hp = aml::If::new(&hp_set, vec![&scan]);
-    let mut body: Vec<&dyn Aml> = vec![&read, &power_mask, &if_power];
-    if hotplug {
-        body.push(&hp_mask);
-        body.push(&if_hp);
-    }
-    let evt = aml::Method::new("_EVT".into(), 1, true, body);
+    let evt = aml::Method::new(
+        "_EVT".into(),
+        1,
+        true,
+        vec![&read, &power_mask, &if_power, &hp_mask, &if_hp],
+    );
     let ged = aml::Device::new(
         "GED0".into(),
         vec![&name_hid, &name_uid, &name_crs, &region, &field, &evt],

@@ -220,8 +220,8 @@ pub fn host_memory() -> Option<u64> {
 
 impl VmConfig {
     /// Checks the configuration without touching any host resource beyond
-    /// reading files' metadata.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    /// reading files' metadata; returns the PCI topology it describes.
+    pub fn validate(&self) -> Result<Topology, ConfigError> {
         if self.cpus == 0 {
             return err("--cpus must be at least 1");
         }
@@ -258,7 +258,7 @@ impl VmConfig {
         if let Some(initramfs) = &self.initramfs {
             check_file("initramfs", initramfs)?;
         }
-        self.topology()?;
+        let topology = self.topology()?;
         let mut ids: Vec<&str> = Vec::new();
         for d in &self.disks {
             check_disk(&d.path)?;
@@ -280,12 +280,12 @@ impl VmConfig {
                     .map_err(|e| ConfigError(format!("pci_path '{p}': {e}")))?;
             }
             if let Some(port) = port {
-                if !self.port_ids().iter().any(|p| p == port) {
+                if topology.port(port).is_none() {
                     return err(format!("unknown port '{port}'"));
                 }
             }
         }
-        Ok(())
+        Ok(topology)
     }
 }
 
@@ -361,36 +361,9 @@ impl VmConfig {
             .iter()
             .map(PortConfig::spec)
             .collect::<Result<Vec<_>, _>>()?;
-        let ram_end = crate::layout::ram_ranges(self.memory)
-            .last()
-            .map(|(a, s)| a.0 + s)
-            .unwrap_or(0);
-        let opts = TopologyOptions::new(
-            (1..32).collect(),
-            (
-                crate::layout::PCI_MMIO32_START,
-                crate::layout::PCI_MMIO32_SIZE,
-            ),
-            (
-                crate::layout::pci_mmio64_start(ram_end),
-                crate::layout::PCI_MMIO64_SIZE,
-            ),
-            None,
-        );
+        let (mmio32, mmio64) = crate::layout::pci_windows(self.memory);
+        let opts = TopologyOptions::new((1..32).collect(), mmio32, mmio64, None);
         Topology::build(&specs, &opts).map_err(|e| ConfigError(format!("PCI topology: {e}")))
-    }
-
-    /// Ids of every port the topology will have (switch downstream ports
-    /// included).
-    pub fn port_ids(&self) -> Vec<String> {
-        let mut ids = Vec::new();
-        for p in &self.effective_ports() {
-            ids.push(p.id.clone());
-            for i in 0..p.downstream.unwrap_or(0) {
-                ids.push(format!("{}.{i}", p.id));
-            }
-        }
-        ids
     }
 }
 

@@ -342,7 +342,6 @@ impl DeviceManager {
             GED_IRQ,
             GED_EVENT_POWER_BUTTON,
             GED_EVENT_PCI_HOTPLUG,
-            true,
         ));
         out
     }
@@ -368,6 +367,17 @@ pub enum Mechanism {
     Acpi(u32, u8),
     /// Cold-plug only.
     None,
+}
+
+/// What the guest is told about a hotplug slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotSignal {
+    /// A device appeared.
+    Added,
+    /// The guest should release the device.
+    RemovalRequested,
+    /// The removal request is withdrawn; the device stays.
+    RemovalWithdrawn,
 }
 
 /// Kinds of place, for the automatic placement order.
@@ -422,6 +432,40 @@ impl DeviceManager {
                 },
                 _ => Mechanism::None,
             },
+        }
+    }
+
+    /// Tells the guest about a slot through its hotplug mechanism: the ACPI
+    /// register bitmaps plus a GED event, or the native port's presence.
+    pub fn signal(&self, m: &Mechanism, signal: SlotSignal) -> Result<(), DeviceError> {
+        match m {
+            Mechanism::Acpi(sel, slot) => {
+                match signal {
+                    SlotSignal::Added => self.hotplug.device_added(*sel, *slot),
+                    SlotSignal::RemovalRequested => self.hotplug.request_removal(*sel, *slot),
+                    SlotSignal::RemovalWithdrawn => {
+                        self.hotplug.cancel_removal(*sel, *slot);
+                        return Ok(());
+                    }
+                }
+                self.ged
+                    .notify(GED_EVENT_PCI_HOTPLUG)
+                    .map_err(DeviceError::EventFd)
+            }
+            Mechanism::Native(port) => {
+                let p = self
+                    .pci
+                    .as_ref()
+                    .and_then(|p| p.port(port))
+                    .ok_or_else(|| DeviceError::UnknownPort(port.clone()))?;
+                let present = signal != SlotSignal::RemovalRequested;
+                p.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .card_present(present)
+                    .map(|_| ())
+                    .map_err(|e| DeviceError::Virtio(format!("port {port}: {e}")))
+            }
+            Mechanism::None => Ok(()),
         }
     }
 
@@ -537,10 +581,13 @@ impl DeviceManager {
         Ok((path, under))
     }
 
+    /// Places a new device: checks its id, chooses its slot, and only then
+    /// calls `make` to build it (opening files), so a bad request changes
+    /// nothing.
     fn place(
         &mut self,
         new: NewDevice<'_>,
-        device: Box<dyn VirtioDevice>,
+        make: impl FnOnce() -> Result<Box<dyn VirtioDevice>, DeviceError>,
     ) -> Result<DeviceRecord, DeviceError> {
         let NewDevice {
             id,
@@ -559,6 +606,7 @@ impl DeviceManager {
             None => self.fresh_id(prefix),
         };
         let (path, under) = self.choose(port, pci_path, hotplugged)?;
+        let device = make()?;
         let pci = self.pci()?;
         let pcie = match under.as_deref().and_then(|p| pci.topology().port(p)) {
             None => Some(PciePortType::RootComplexIntegratedEndpoint),
@@ -606,17 +654,9 @@ impl DeviceManager {
         cfg: &DiskConfig,
         hotplugged: bool,
     ) -> Result<DeviceRecord, DeviceError> {
-        if let Some(id) = &cfg.id {
-            if self.records.iter().any(|r| &r.id == id) {
-                return Err(DeviceError::DuplicateId(id.clone()));
-            }
-        }
-        // Check the place before opening the file: a bad place changes nothing.
-        self.choose(cfg.port.as_deref(), cfg.pci_path.as_deref(), hotplugged)?;
         let mut bc = BlockConfig::new(&cfg.path);
         bc.read_only = cfg.readonly;
         bc.serial = cfg.serial.clone().unwrap_or_default();
-        let block = Block::new(&bc).map_err(|e| DeviceError::Disk(cfg.path.clone(), e))?;
         self.place(
             NewDevice {
                 id: cfg.id.as_deref(),
@@ -627,7 +667,10 @@ impl DeviceManager {
                 hotplugged,
                 disk: Some(cfg.clone()),
             },
-            Box::new(block),
+            || {
+                let block = Block::new(&bc).map_err(|e| DeviceError::Disk(cfg.path.clone(), e))?;
+                Ok(Box::new(block) as Box<dyn VirtioDevice>)
+            },
         )
     }
 
@@ -647,7 +690,7 @@ impl DeviceManager {
                 hotplugged,
                 disk: None,
             },
-            Box::new(Rng::new()),
+            || Ok(Box::new(Rng::new()) as Box<dyn VirtioDevice>),
         )
     }
 

@@ -58,6 +58,16 @@ pub fn pci_mmio64_start(ram_end: u64) -> u64 {
     ram_end.max(RAM_64BIT_START).div_ceil(gib) * gib
 }
 
+/// The host bridge's 32-bit and 64-bit windows, as (base, size), for a VM
+/// with `memory` bytes of RAM (the 64-bit window sits above RAM).
+pub fn pci_windows(memory: u64) -> ((u64, u64), (u64, u64)) {
+    let ram_end = ram_ranges(memory).last().map(|(a, s)| a.0 + s).unwrap_or(0);
+    (
+        (PCI_MMIO32_START, PCI_MMIO32_SIZE),
+        (pci_mmio64_start(ram_end), PCI_MMIO64_SIZE),
+    )
+}
+
 /// Guest RAM ranges for `size` bytes of memory: below the 32-bit hole, then
 /// above 4 GiB for what does not fit.
 pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {

@@ -321,13 +321,7 @@ impl PciManager {
         mut dev: VirtioPciDevice,
     ) -> Result<(), PciManagerError> {
         let key = port.map(str::to_string);
-        let root_taken = self
-            .root
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .device_at_path(&path)
-            .is_some();
-        if root_taken {
+        if self.occupied(&path) {
             return Err(PciManagerError::SlotTaken(path.to_string()));
         }
         let assigned = {

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use api::types::AddDeviceResponse;
 use api::types::{VmInfo, VmState, VmmPingResponse};
 use api::{ApiError, ApiMessage, ApiReply, ApiRequest, ApiResponse, ReplySender};
-use devices::acpi::GED_EVENT_PCI_HOTPLUG;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -22,7 +21,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use devices::acpi::GED_EVENT_POWER_BUTTON;
 
-use crate::device_manager::{DeviceError, DeviceManager, DeviceRecord, Mechanism};
+use crate::device_manager::{DeviceError, DeviceManager, DeviceRecord, Mechanism, SlotSignal};
 use crate::handle::{RunningVm, VmEvent, VmmHandle};
 use crate::interrupts::GsiRouting;
 use crate::pci_manager::PciManager;
@@ -146,7 +145,7 @@ impl Vm {
     /// the vCPUs. Nothing runs until [`Vm::run`] or [`Vm::start`].
     pub fn new(config: VmConfig) -> Result<Vm> {
         let start = Instant::now();
-        config.validate()?;
+        let topology = config.validate()?;
         let kvm = open_kvm()?;
         let vm = Arc::new(create_vm(&kvm)?);
         let memory = create_memory(&vm, config.memory)?;
@@ -154,13 +153,12 @@ impl Vm {
 
         // The PCI Express root complex.
         let routing = GsiRouting::new(vm.clone()).map_err(Error::EventLoop)?;
-        let ram_end = memory.last_addr().raw_value() + 1;
+        let (mmio32, mmio64) = layout::pci_windows(config.memory);
         let windows = acpi::PciWindows {
-            mmio32: (layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE),
-            mmio64: (layout::pci_mmio64_start(ram_end), layout::PCI_MMIO64_SIZE),
+            mmio32,
+            mmio64,
             buses: (0, 0xff),
         };
-        let topology = config.topology()?;
         let rest = topology.remaining_windows();
         let allocator = BarAllocator::new(None, rest.mmio32, Some(rest.mmio64))
             .map_err(|e| Error::Device(DeviceError::Virtio(e.to_string())))?;
@@ -415,25 +413,9 @@ impl Vm {
     /// Announces a device just placed (or maps the error to the API).
     fn hotplugged(&mut self, r: std::result::Result<DeviceRecord, DeviceError>) -> ApiReply {
         let rec = r.map_err(device_error)?;
-        match self.devices.mechanism(rec.port.as_deref(), &rec.path) {
-            Mechanism::Acpi(sel, slot) => {
-                self.devices.hotplug.device_added(sel, slot);
-                if let Err(e) = self.devices.ged.notify(GED_EVENT_PCI_HOTPLUG) {
-                    log::warn!("cannot notify the guest of {}: {e}", rec.id);
-                }
-            }
-            Mechanism::Native(port) => {
-                if let Some(p) = self.devices.pci.as_ref().and_then(|p| p.port(&port)) {
-                    let r = p
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .card_present(true);
-                    if let Err(e) = r {
-                        log::warn!("cannot signal {} on port {port}: {e}", rec.id);
-                    }
-                }
-            }
-            Mechanism::None => {}
+        let mechanism = self.devices.mechanism(rec.port.as_deref(), &rec.path);
+        if let Err(e) = self.devices.signal(&mechanism, SlotSignal::Added) {
+            log::warn!("cannot notify the guest of {}: {e}", rec.id);
         }
         log::info!("hot-plugged {} at {}", rec.id, rec.path);
         self.emit(VmEvent::DeviceAdded {
@@ -471,32 +453,14 @@ impl Vm {
             )));
         }
         let mechanism = self.devices.mechanism(rec.port.as_deref(), &rec.path);
-        match &mechanism {
-            Mechanism::Acpi(sel, slot) => {
-                self.devices.hotplug.request_removal(*sel, *slot);
-                self.devices
-                    .ged
-                    .notify(GED_EVENT_PCI_HOTPLUG)
-                    .map_err(|e| ApiError::internal(format!("cannot notify the guest: {e}")))?;
-            }
-            Mechanism::Native(port) => {
-                let p = self
-                    .devices
-                    .pci
-                    .as_ref()
-                    .and_then(|p| p.port(port))
-                    .ok_or_else(|| ApiError::internal(format!("port {port} is gone")))?;
-                p.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .card_present(false)
-                    .map_err(|e| ApiError::internal(format!("cannot signal port {port}: {e}")))?;
-            }
-            Mechanism::None => {
-                return Err(ApiError::conflict(format!(
-                    "device '{id}' sits in a slot without hotplug"
-                )))
-            }
+        if mechanism == Mechanism::None {
+            return Err(ApiError::conflict(format!(
+                "device '{id}' sits in a slot without hotplug"
+            )));
         }
+        self.devices
+            .signal(&mechanism, SlotSignal::RemovalRequested)
+            .map_err(|e| ApiError::internal(format!("cannot notify the guest: {e}")))?;
         log::info!("asked the guest to release {id} at {}", rec.path);
         Ok(mechanism)
     }
@@ -525,23 +489,21 @@ impl Vm {
 
     /// Frees a device the guest released and answers its removal request.
     fn finish_removal(&mut self, rec: &DeviceRecord) {
-        {
-            let result = self.devices.remove(&rec.id);
-            let answer = match &result {
-                Ok(_) => {
-                    log::info!("removed {} from {}", rec.id, rec.path);
-                    Ok(ApiResponse::Empty)
-                }
-                Err(e) => Err(ApiError::internal(format!("cannot free {}: {e}", rec.id))),
-            };
-            if result.is_ok() {
-                self.emit(VmEvent::DeviceRemoved { id: rec.id.clone() });
+        let result = self.devices.remove(&rec.id);
+        let answer = match &result {
+            Ok(_) => {
+                log::info!("removed {} from {}", rec.id, rec.path);
+                Ok(ApiResponse::Empty)
             }
-            if let Some(i) = self.pending_removals.iter().position(|p| p.id == rec.id) {
-                let mut p = self.pending_removals.remove(i);
-                if let Some(r) = p.reply.take() {
-                    let _ = r.send(answer);
-                }
+            Err(e) => Err(ApiError::internal(format!("cannot free {}: {e}", rec.id))),
+        };
+        if result.is_ok() {
+            self.emit(VmEvent::DeviceRemoved { id: rec.id.clone() });
+        }
+        if let Some(i) = self.pending_removals.iter().position(|p| p.id == rec.id) {
+            let mut p = self.pending_removals.remove(i);
+            if let Some(r) = p.reply.take() {
+                let _ = r.send(answer);
             }
         }
     }
@@ -581,18 +543,12 @@ impl Vm {
             .partition(|p| p.deadline <= now);
         self.pending_removals = kept;
         for mut p in expired {
-            match &p.mechanism {
-                Mechanism::Acpi(sel, slot) => self.devices.hotplug.cancel_removal(*sel, *slot),
-                Mechanism::Native(port) => {
-                    // Put the card back: the guest sees it present again.
-                    if let Some(port) = self.devices.pci.as_ref().and_then(|x| x.port(port)) {
-                        let _ = port
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .card_present(true);
-                    }
-                }
-                Mechanism::None => {}
+            // A native card is put back: the guest sees it present again.
+            if let Err(e) = self
+                .devices
+                .signal(&p.mechanism, SlotSignal::RemovalWithdrawn)
+            {
+                log::warn!("cannot withdraw the removal of {}: {e}", p.id);
             }
             log::warn!("the guest did not release {} in time", p.id);
             if let Some(r) = p.reply.take() {

@@ -28,7 +28,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::fallocate::{fallocate, FallocateMode};
 
 use super::chain::{parse_chain, ChainBuffers};
-use super::worker::{QueueHandler, QueueProcessor, Worker};
+use super::worker::{QueueHandler, WorkerSlot};
 use super::{device_type, features, ActivateContext, ActivateError, VirtioDevice};
 
 /// Sector size.
@@ -89,7 +89,7 @@ pub struct Block {
     features: u64,
     config: [u8; BLOCK_CONFIG_LEN],
     queue_sizes: [u16; 1],
-    worker: Option<Worker>,
+    worker: WorkerSlot,
 }
 
 impl Block {
@@ -153,7 +153,7 @@ impl Block {
             features: feats,
             config,
             queue_sizes: [cfg.queue_size],
-            worker: None,
+            worker: WorkerSlot::default(),
         })
     }
 
@@ -413,28 +413,16 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if ctx.queues.len() != 1 {
-            return Err(ActivateError::BadQueues(format!(
-                "virtio-blk needs 1 queue, got {}",
-                ctx.queues.len()
-            )));
-        }
-        let processor = QueueProcessor::new(ctx, self.handler());
-        self.worker = Some(Worker::spawn("virtio-blk", processor)?);
-        Ok(())
+        let handler = self.handler();
+        self.worker.start("virtio-blk", 1, ctx, handler)
     }
 
     fn reset(&mut self) {
-        if let Some(mut w) = self.worker.take() {
-            w.stop();
-        }
+        self.worker.stop();
     }
 
     fn is_active(&self) -> bool {
-        self.worker.is_some()
+        self.worker.is_active()
     }
 }
 

@@ -4,6 +4,7 @@ use std::io::Write;
 
 use super::*;
 use crate::virtio::test_utils::{desc, mem, TestQueue, F_NEXT, F_WRITE};
+use crate::virtio::worker::QueueProcessor;
 use crate::virtio::{ActiveQueue, VirtioInterrupt};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};

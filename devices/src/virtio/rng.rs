@@ -9,7 +9,7 @@ use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryMmap;
 
 use super::chain::parse_chain;
-use super::worker::{QueueHandler, QueueProcessor, Worker};
+use super::worker::{QueueHandler, WorkerSlot};
 use super::{device_type, features, ActivateContext, ActivateError, VirtioDevice};
 
 /// Queue size.
@@ -84,7 +84,7 @@ impl QueueHandler for RngHandler {
 /// The virtio entropy device.
 #[derive(Debug, Default)]
 pub struct Rng {
-    worker: Option<Worker>,
+    worker: WorkerSlot,
 }
 
 impl Rng {
@@ -118,28 +118,16 @@ impl VirtioDevice for Rng {
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if ctx.queues.len() != 1 {
-            return Err(ActivateError::BadQueues(format!(
-                "virtio-rng needs 1 queue, got {}",
-                ctx.queues.len()
-            )));
-        }
-        let processor = QueueProcessor::new(ctx, RngHandler { buf: Vec::new() });
-        self.worker = Some(Worker::spawn("virtio-rng", processor)?);
-        Ok(())
+        let handler = RngHandler { buf: Vec::new() };
+        self.worker.start("virtio-rng", 1, ctx, handler)
     }
 
     fn reset(&mut self) {
-        if let Some(mut w) = self.worker.take() {
-            w.stop();
-        }
+        self.worker.stop();
     }
 
     fn is_active(&self) -> bool {
-        self.worker.is_some()
+        self.worker.is_active()
     }
 }
 
@@ -147,6 +135,7 @@ impl VirtioDevice for Rng {
 mod tests {
     use super::*;
     use crate::virtio::test_utils::{desc, mem, TestQueue, F_NEXT, F_WRITE};
+    use crate::virtio::worker::QueueProcessor;
     use crate::virtio::{ActiveQueue, VirtioInterrupt};
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::Arc;

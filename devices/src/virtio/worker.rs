@@ -23,7 +23,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::features::RING_EVENT_IDX;
-use super::{ActivateContext, ActiveQueue, GuestMemoryHandle, VirtioInterrupt};
+use super::{ActivateContext, ActivateError, ActiveQueue, GuestMemoryHandle, VirtioInterrupt};
 
 const KILL_TOKEN: u64 = u64::MAX;
 
@@ -190,6 +190,47 @@ impl Worker {
                 error!("virtio worker: thread panicked");
             }
         }
+    }
+}
+
+/// The worker of a device: started when the driver activates the device,
+/// stopped (and joined) on reset.
+#[derive(Debug, Default)]
+pub struct WorkerSlot(Option<Worker>);
+
+impl WorkerSlot {
+    /// Starts a thread named `name` serving `handler`, after checking the
+    /// device is not active yet and the driver enabled `queues` queues.
+    pub fn start<H: QueueHandler>(
+        &mut self,
+        name: &str,
+        queues: usize,
+        ctx: ActivateContext,
+        handler: H,
+    ) -> Result<(), ActivateError> {
+        if self.0.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if ctx.queues.len() != queues {
+            return Err(ActivateError::BadQueues(format!(
+                "{name} needs {queues} queue(s), got {}",
+                ctx.queues.len()
+            )));
+        }
+        self.0 = Some(Worker::spawn(name, QueueProcessor::new(ctx, handler))?);
+        Ok(())
+    }
+
+    /// Stops the thread, if any.
+    pub fn stop(&mut self) {
+        if let Some(mut w) = self.0.take() {
+            w.stop();
+        }
+    }
+
+    /// Whether a thread is running.
+    pub fn is_active(&self) -> bool {
+        self.0.is_some()
     }
 }
 

@@ -161,8 +161,17 @@ pub enum HotplugMechanism {
     PcieNative,
     /// ACPI hot-plug (GED/GPE notification and `_EJ0`).
     Acpi,
-    /// The Standard Hot-Plug Controller of a conventional bridge.
-    Shpc,
+}
+
+/// The topology's hotplug mode as the wire names it.
+impl From<pci::HotplugMode> for HotplugMechanism {
+    fn from(m: pci::HotplugMode) -> Self {
+        match m {
+            pci::HotplugMode::Native => HotplugMechanism::PcieNative,
+            pci::HotplugMode::Acpi => HotplugMechanism::Acpi,
+            pci::HotplugMode::None => HotplugMechanism::None,
+        }
+    }
 }
 
 impl HotplugMechanism {
@@ -171,7 +180,6 @@ impl HotplugMechanism {
         HotplugMechanism::None,
         HotplugMechanism::PcieNative,
         HotplugMechanism::Acpi,
-        HotplugMechanism::Shpc,
     ];
 }
 

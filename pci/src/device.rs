@@ -9,8 +9,23 @@
 
 use std::any::Any;
 
+use vmm_sys_util::eventfd::EventFd;
+
 use crate::bar::BarRegion;
+use crate::msix::MsixConfig;
 use crate::PciError;
+
+/// A doorbell the VMM registers as a KVM ioeventfd: a guest write to `offset` within BAR
+/// `bar` signals `fd` without a vCPU exit (virtio queue notifications, for instance).
+#[derive(Debug)]
+pub struct IoEventNotifier<'a> {
+    /// BAR index.
+    pub bar: usize,
+    /// Offset within the BAR.
+    pub offset: u64,
+    /// The descriptor to signal.
+    pub fd: &'a EventFd,
+}
 
 /// A BAR moved (its address as decoded from the registers changed).
 ///
@@ -138,6 +153,24 @@ pub trait PciDevice: Send {
         false
     }
 
-    /// Downcasting support for the VMM.
+    /// Doorbells to register as ioeventfds while the BARs are mapped. The descriptors must
+    /// stay the same for the function's lifetime. None by default.
+    fn ioeventfds(&self) -> Vec<IoEventNotifier<'_>> {
+        Vec::new()
+    }
+
+    /// Stops the function's back end (worker threads, host files in flight) before the
+    /// VMM detaches it: after this returns, the function touches neither guest memory nor
+    /// its interrupts. Nothing by default.
+    fn reset(&mut self) {}
+
+    /// The MSI-X state, for functions that have the capability (the VMM logs it when the
+    /// guest changes it). None by default.
+    fn msix(&self) -> Option<&MsixConfig> {
+        None
+    }
+
+    /// Downcasting support (tests and tools; the VMM itself reaches devices only through
+    /// this trait).
     fn as_any_mut(&mut self) -> &mut dyn Any;
 }

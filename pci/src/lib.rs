@@ -25,6 +25,8 @@
 //!   numbers, forwarding windows, physical slot numbers) and the creation of the ports.
 //! - [`path`]: [`PciPath`] (slot path from the root bus) and resolvers to guest BDFs.
 //! - [`allocator`]: BAR address allocation from the VMM's PCI windows.
+//! - [`placement`]: the hotplug plan ([`HotplugPlan`]: which slots hotplug, by which
+//!   mechanism) and the placement policy ([`placement::choose`]) for new devices.
 
 pub mod allocator;
 pub mod bar;
@@ -39,6 +41,7 @@ pub mod msi;
 pub mod msix;
 pub mod path;
 pub mod pcie_cap;
+pub mod placement;
 pub mod pm;
 pub mod port;
 pub mod topology;
@@ -48,7 +51,7 @@ pub use bar::{BarRegion, PciBarConfig};
 pub use bus::{ConfigWriteResult, PciBdf, PciBus, PciRoot, SharedPciDevice};
 pub use config::{BridgeWindows, BusNumbers, HeaderType, PciConfigParams, PciConfiguration};
 pub use config_io::PciConfigIo;
-pub use device::{BarChange, BarInfo, ConfigWriteOutcome, PciDevice};
+pub use device::{BarChange, BarInfo, ConfigWriteOutcome, IoEventNotifier, PciDevice};
 pub use ecam::EcamAddress;
 pub use host_bridge::HostBridge;
 pub use interrupt::{IntxInterrupt, MsiInterruptGroup, MsiMessage, RecordingMsiGroup};
@@ -56,6 +59,9 @@ pub use msi::{MsiCapability, MsiConfig};
 pub use msix::{MsixCapability, MsixConfig};
 pub use path::{PciPath, PciPathError, PciSlot};
 pub use pcie_cap::{PcieCapability, PciePortType};
+pub use placement::{
+    AcpiHotplugBus, HotplugPlan, Place, PlaceKind, PlaceRequest, PlacementError, SlotMechanism,
+};
 pub use pm::PmCapability;
 pub use port::{PciePort, PciePortKind, PciePortParams};
 pub use topology::{

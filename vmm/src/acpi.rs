@@ -370,6 +370,49 @@ pub struct AcpiBus {
     pub bridges: Vec<(u8, AcpiBus)>,
 }
 
+impl AcpiBus {
+    /// The root bus as `plan` describes it: its ACPI slots, and the
+    /// bridges on the way to every bus with ACPI hotplug slots. Reads the
+    /// plan only; the DSDT never decides which slots hotplug.
+    pub fn from_plan(topology: &pci::Topology, plan: &pci::placement::HotplugPlan) -> AcpiBus {
+        fn below(
+            topology: &pci::Topology,
+            plan: &pci::placement::HotplugPlan,
+            parent: Option<&str>,
+        ) -> Vec<(u8, AcpiBus)> {
+            let mut out = Vec::new();
+            for node in topology
+                .ports()
+                .iter()
+                .filter(|n| n.parent.as_deref() == parent)
+            {
+                let bridges = below(topology, plan, Some(&node.id));
+                let bus = plan
+                    .acpi_buses()
+                    .iter()
+                    .find(|b| b.port.as_deref() == Some(node.id.as_str()));
+                if bus.is_none() && bridges.is_empty() {
+                    continue;
+                }
+                out.push((
+                    node.path.last().slot,
+                    AcpiBus {
+                        bsel: bus.map(|b| b.bsel),
+                        slots: bus.map(|b| b.slots.clone()).unwrap_or_default(),
+                        bridges,
+                    },
+                ));
+            }
+            out
+        }
+        AcpiBus {
+            bsel: Some(0),
+            slots: plan.root_slots().to_vec(),
+            bridges: below(topology, plan, None),
+        }
+    }
+}
+
 /// The `_SUN` (slot number shown to the user) of `slot` on bus `bsel`.
 pub fn slot_sun(bsel: u32, slot: u8) -> u32 {
     bsel * 32 + u32::from(slot)

@@ -6,8 +6,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::device_manager::PlaceKind;
 use api::types::{DiskConfig, RngConfig};
+use pci::placement::PlaceKind;
 use pci::topology::{HotplugMode, PortKind, PortSpec, Topology, TopologyOptions};
 
 use crate::layout::CMDLINE_MAX_SIZE;
@@ -29,103 +29,77 @@ pub enum SerialOutput {
     Off,
 }
 
-/// One `--pci-port`: a root port, a switch or a PCI-to-PCI bridge.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PortConfig {
-    pub id: String,
-    /// `root-port`, `switch` or `pci-bridge`.
-    pub kind: String,
-    /// Parent port id; `None` is the root bus.
-    pub parent: Option<String>,
-    /// `native`, `acpi` or `none`; `None` takes the kind's default.
-    pub hotplug: Option<String>,
-    /// Downstream ports of a switch.
-    pub downstream: Option<u8>,
-    /// Slot on the parent bus (root bus only; PCIe ports have one slot).
-    pub slot: Option<u8>,
-    /// Extra bus numbers to reserve below the port.
-    pub bus_reserve: Option<u8>,
-    /// 32-bit non-prefetchable window to reserve, bytes.
-    pub mem_reserve: Option<u64>,
-    /// 64-bit prefetchable window to reserve, bytes.
-    pub pref64_reserve: Option<u64>,
-    /// I/O window to reserve, bytes (none unless asked).
-    pub io_reserve: Option<u64>,
-}
+const PORT_KEYS: &[&str] = &[
+    "id",
+    "type",
+    "parent",
+    "hotplug",
+    "downstream",
+    "slot",
+    "bus-reserve",
+    "mem-reserve",
+    "pref64-reserve",
+    "io-reserve",
+];
 
-impl PortConfig {
-    const KEYS: &'static [&'static str] = &[
-        "id",
-        "type",
-        "parent",
-        "hotplug",
-        "downstream",
-        "slot",
-        "bus-reserve",
-        "mem-reserve",
-        "pref64-reserve",
-        "io-reserve",
-    ];
-
-    /// Parses `id=ID,type=root-port|switch|pci-bridge[,parent=ID]
-    /// [,hotplug=native|acpi|none][,downstream=N][,slot=N][,bus-reserve=N]
-    /// [,mem-reserve=SIZE][,pref64-reserve=SIZE][,io-reserve=SIZE]`.
-    pub fn parse(input: &str) -> Result<PortConfig, ConfigError> {
-        let e = |m: String| ConfigError(format!("--pci-port '{input}': {m}"));
-        let o = api::kv::parse(input, Self::KEYS).map_err(|x| e(x.to_string()))?;
-        let id = o.required("id").map_err(|x| e(x.to_string()))?.to_string();
-        let kind = o
-            .required("type")
-            .map_err(|x| e(x.to_string()))?
-            .to_string();
-        if !["root-port", "switch", "pci-bridge"].contains(&kind.as_str()) {
-            return Err(e(format!(
-                "unknown type '{kind}': expected root-port, switch or pci-bridge"
-            )));
+/// Parses one `--pci-port` into the topology's typed spec:
+/// `id=ID,type=root-port|switch|pci-bridge[,parent=ID]
+/// [,hotplug=native|acpi|none][,downstream=N][,slot=N][,bus-reserve=N]
+/// [,mem-reserve=SIZE][,pref64-reserve=SIZE][,io-reserve=SIZE]`.
+pub fn parse_port(input: &str) -> Result<PortSpec, ConfigError> {
+    let e = |m: String| ConfigError(format!("--pci-port '{input}': {m}"));
+    let o = api::kv::parse(input, PORT_KEYS).map_err(|x| e(x.to_string()))?;
+    let id = o.required("id").map_err(|x| e(x.to_string()))?.to_string();
+    let kind_name = o.required("type").map_err(|x| e(x.to_string()))?;
+    let mut kind: PortKind = kind_name.parse().map_err(|_| {
+        e(format!(
+            "unknown type '{kind_name}': expected root-port, switch or pci-bridge"
+        ))
+    })?;
+    let hotplug = match o.get("hotplug") {
+        None => None,
+        Some(h) => Some(
+            h.parse::<HotplugMode>()
+                .map_err(|_| e(format!("hotplug '{h}': expected native, acpi or none")))?,
+        ),
+    };
+    let num = |k: &str| -> Result<Option<u64>, ConfigError> {
+        match o.get(k) {
+            None => Ok(None),
+            Some(v) => parse_size(v).map(Some).map_err(|x| e(format!("{k}: {x}"))),
         }
-        let hotplug = o.string("hotplug");
-        if let Some(h) = &hotplug {
-            if !["native", "acpi", "none"].contains(&h.as_str()) {
-                return Err(e(format!("hotplug '{h}': expected native, acpi or none")));
-            }
+    };
+    let small = |k: &str, max: u64| -> Result<Option<u8>, ConfigError> {
+        match o.get(k) {
+            None => Ok(None),
+            Some(v) => v
+                .parse::<u64>()
+                .ok()
+                .filter(|n| *n <= max)
+                .map(|n| Some(n as u8))
+                .ok_or_else(|| e(format!("{k} '{v}' is not a number from 0 to {max}"))),
         }
-        let num = |k: &str| -> Result<Option<u64>, ConfigError> {
-            match o.get(k) {
-                None => Ok(None),
-                Some(v) => parse_size(v).map(Some).map_err(|x| e(format!("{k}: {x}"))),
-            }
-        };
-        let small = |k: &str, max: u64| -> Result<Option<u8>, ConfigError> {
-            match o.get(k) {
-                None => Ok(None),
-                Some(v) => v
-                    .parse::<u64>()
-                    .ok()
-                    .filter(|n| *n <= max)
-                    .map(|n| Some(n as u8))
-                    .ok_or_else(|| e(format!("{k} '{v}' is not a number from 0 to {max}"))),
-            }
-        };
-        let downstream = small("downstream", 32)?;
-        if downstream.is_some() && kind != "switch" {
-            return Err(e("only a switch has downstream ports".into()));
+    };
+    match (small("downstream", 32)?, &mut kind) {
+        (Some(0), PortKind::Switch { .. }) => {
+            return Err(e("a switch needs 1 to 32 downstream ports".into()))
         }
-        if let Some(0) = downstream {
-            return Err(e("a switch needs 1 to 32 downstream ports".into()));
-        }
-        Ok(PortConfig {
-            id,
-            kind,
-            parent: o.string("parent"),
-            hotplug,
-            downstream,
-            slot: small("slot", 31)?,
-            bus_reserve: small("bus-reserve", 254)?,
-            mem_reserve: num("mem-reserve")?,
-            pref64_reserve: num("pref64-reserve")?,
-            io_reserve: num("io-reserve")?,
-        })
+        (Some(n), PortKind::Switch { downstream }) => *downstream = n,
+        (Some(_), _) => return Err(e("only a switch has downstream ports".into())),
+        (None, _) => {}
     }
+    Ok(PortSpec {
+        id,
+        kind,
+        parent: o.string("parent"),
+        hotplug,
+        slot: small("slot", 31)?,
+        bus_reserve: small("bus-reserve", 254)?,
+        mmio32_reserve: num("mem-reserve")?,
+        mmio64_reserve: num("pref64-reserve")?,
+        io_reserve: num("io-reserve")?,
+        ..Default::default()
+    })
 }
 
 /// Everything needed to build and boot a VM.
@@ -148,7 +122,7 @@ pub struct VmConfig {
     /// Cold-plugged virtio-rng devices, after the disks.
     pub rngs: Vec<RngConfig>,
     /// The PCI topology; empty means the default topology.
-    pub ports: Vec<PortConfig>,
+    pub ports: Vec<PortSpec>,
     /// Where automatically placed hot-plugged devices go first.
     pub placement_order: Vec<PlaceKind>,
 }
@@ -168,7 +142,7 @@ impl Default for VmConfig {
             disks: Vec::new(),
             rngs: Vec::new(),
             ports: Vec::new(),
-            placement_order: vec![PlaceKind::Native, PlaceKind::Acpi, PlaceKind::Root],
+            placement_order: PlaceKind::DEFAULT_ORDER.to_vec(),
         }
     }
 }
@@ -293,59 +267,17 @@ impl VmConfig {
 /// native hotplug (`rp0`-`rp7`, root slots 01-08) and a PCIe-to-PCI bridge
 /// with ACPI hotplug on the root bus (`br0`, slot 09); the root bus keeps
 /// its other slots (ACPI hotplug too).
-pub fn default_ports() -> Vec<PortConfig> {
-    let port = |id: String, kind: &str| PortConfig {
-        id,
-        kind: kind.to_string(),
-        parent: None,
-        hotplug: None,
-        downstream: None,
-        slot: None,
-        bus_reserve: None,
-        mem_reserve: None,
-        pref64_reserve: None,
-        io_reserve: None,
-    };
-    let mut v: Vec<PortConfig> = (0..8)
-        .map(|i| port(format!("rp{i}"), "root-port"))
+pub fn default_ports() -> Vec<PortSpec> {
+    let mut v: Vec<PortSpec> = (0..8)
+        .map(|i| PortSpec::new(format!("rp{i}"), PortKind::RootPort))
         .collect();
-    v.push(port("br0".into(), "pci-bridge"));
+    v.push(PortSpec::new("br0", PortKind::PciBridge));
     v
-}
-
-impl PortConfig {
-    /// The `pci` crate's description of this port.
-    pub fn spec(&self) -> Result<PortSpec, ConfigError> {
-        let e = |m: String| ConfigError(format!("--pci-port id={}: {m}", self.id));
-        let mut kind: PortKind = self
-            .kind
-            .parse()
-            .map_err(|x: pci::topology::TopologyError| e(x.to_string()))?;
-        if let PortKind::Switch { downstream } = &mut kind {
-            *downstream = self.downstream.unwrap_or(4);
-        }
-        let hotplug = match &self.hotplug {
-            Some(h) => Some(h.parse::<HotplugMode>().map_err(|x| e(x.to_string()))?),
-            None => None,
-        };
-        Ok(PortSpec {
-            id: self.id.clone(),
-            kind,
-            parent: self.parent.clone(),
-            hotplug,
-            slot: self.slot,
-            bus_reserve: self.bus_reserve,
-            mmio32_reserve: self.mem_reserve,
-            mmio64_reserve: self.pref64_reserve,
-            io_reserve: self.io_reserve,
-            ..Default::default()
-        })
-    }
 }
 
 impl VmConfig {
     /// The ports: `--pci-port`s, or [`default_ports`] when there are none.
-    pub fn effective_ports(&self) -> Vec<PortConfig> {
+    pub fn effective_ports(&self) -> Vec<PortSpec> {
         if self.ports.is_empty() {
             default_ports()
         } else {
@@ -356,11 +288,7 @@ impl VmConfig {
     /// Builds the PCI topology (bus numbers, windows, paths): pure, so bad
     /// topologies are refused before anything is created.
     pub fn topology(&self) -> Result<Topology, ConfigError> {
-        let specs = self
-            .effective_ports()
-            .iter()
-            .map(PortConfig::spec)
-            .collect::<Result<Vec<_>, _>>()?;
+        let specs = self.effective_ports();
         let (mmio32, mmio64) = crate::layout::pci_windows(self.memory);
         let opts = TopologyOptions::new((1..32).collect(), mmio32, mmio64, None);
         Topology::build(&specs, &opts).map_err(|e| ConfigError(format!("PCI topology: {e}")))
@@ -395,16 +323,12 @@ fn check_file(what: &str, path: &std::path::Path) -> Result<(), ConfigError> {
 fn parse_order(value: &str) -> Result<Vec<PlaceKind>, ConfigError> {
     let mut out = Vec::new();
     for part in value.split(',') {
-        let k = match part.trim() {
-            "native" => PlaceKind::Native,
-            "acpi" => PlaceKind::Acpi,
-            "root" => PlaceKind::Root,
-            other => {
-                return err(format!(
-                    "--hotplug-order: unknown place '{other}' (native, acpi or root)"
-                ))
-            }
-        };
+        let k: PlaceKind = part.trim().parse().map_err(|_| {
+            ConfigError(format!(
+                "--hotplug-order: unknown place '{}' (native, acpi or root)",
+                part.trim()
+            ))
+        })?;
         if out.contains(&k) {
             return err(format!("--hotplug-order: '{}' given twice", part.trim()));
         }
@@ -547,7 +471,7 @@ where
             }
             "--shutdown-grace" => cfg.shutdown_grace = parse_seconds(&flag, &value)?,
             "--remove-timeout" => cfg.remove_timeout = parse_seconds(&flag, &value)?,
-            "--pci-port" => cfg.ports.push(PortConfig::parse(&value)?),
+            "--pci-port" => cfg.ports.push(parse_port(&value)?),
             "--hotplug-order" => cfg.placement_order = parse_order(&value)?,
             "--serial" => {
                 cfg.serial = match value.as_str() {

@@ -16,23 +16,25 @@ use devices::acpi::{
     Ged, PciHotplugController, GED_EVENT_PCI_HOTPLUG, GED_EVENT_POWER_BUTTON, GED_MMIO_SIZE,
     PCI_HOTPLUG_MMIO_SIZE,
 };
+use pci::placement::{
+    self, HotplugPlan, PlaceKind, PlaceRequest, PlacementError, SlotMechanism,
+};
 use devices::legacy::{
     AcpiPmRegisters, BootTimer, Cmos, EventFdTrigger, SerialDevice, ACPI_PM_PORT, BOOT_TIMER_PORT,
     I8042,
 };
 
-use std::collections::BTreeMap;
-
 use api::types::{
     DeviceInfo, DeviceKind, DiskConfig, HotplugMechanism, RngConfig, SlotInfo, TopologyNode,
     TopologyNodeType,
 };
+use api::{ApiError, ApiErrorKind};
 use devices::virtio::{Block, BlockConfig, Rng, VirtioDevice, VirtioPciDevice, VirtioPciOptions};
-use pci::topology::HotplugMode;
 use pci::PciePortKind;
-use pci::{PciPath, PciePortType};
+use pci::{PciPath, PciePortType, SharedPciDevice};
 
 use crate::config::SerialOutput;
+use crate::hotplug::CompletionQueue;
 use crate::interrupts::KvmMsiGroup;
 use crate::layout::PLATFORM_MMIO_START;
 use crate::pci_manager::{PciManager, PciManagerError};
@@ -46,45 +48,92 @@ pub const GED_MMIO_START: u64 = PLATFORM_MMIO_START;
 /// Address of the ACPI PCI hotplug register block.
 pub const PCI_HOTPLUG_MMIO_START: u64 = PLATFORM_MMIO_START + 0x1000;
 
-/// Errors creating devices.
+/// Errors creating, placing and removing devices. Each maps to the API's
+/// status in [`DeviceError::api_kind`], exhaustively: a new variant must
+/// say what a client gets.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     #[error("cannot create an eventfd: {0}")]
-    EventFd(std::io::Error),
-    #[error("cannot open serial output '{0}': {1}")]
-    SerialFile(String, std::io::Error),
+    EventFd(#[source] std::io::Error),
+    #[error("cannot open serial output '{path}': {source}")]
+    SerialFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot register an irqfd: {0}")]
-    Irqfd(kvm_ioctls::Error),
+    Irqfd(#[source] kvm_ioctls::Error),
     #[error("cannot register device at port {0:#x}: {1:?}")]
     Register(u16, vm_device::bus::Error),
     #[error("cannot register device at {0:#x}: {1:?}")]
     RegisterMmio(u64, vm_device::bus::Error),
     #[error("device id '{0}' is already in use")]
     DuplicateId(String),
-    #[error("pci_path '{0}': {1}")]
-    BadPath(String, String),
-    #[error("{0} is not a hotplug slot")]
-    NotHotplugSlot(String),
-    #[error("unknown port '{0}'")]
-    UnknownPort(String),
-    #[error("{0}")]
-    NoSlot(String),
-    #[error("{0}")]
-    Placement(#[from] PciManagerError),
-    #[error("cannot open disk '{0}': {1}")]
-    Disk(String, std::io::Error),
-    #[error("cannot set up MSI-X vectors: {0}")]
-    Msi(std::io::Error),
-    #[error("cannot create the virtio device: {0}")]
-    Virtio(String),
+    #[error("no device with id '{0}'")]
+    NoSuchDevice(String),
+    #[error("device '{0}' was cold-plugged and is not removable")]
+    NotRemovable(String),
+    #[error(transparent)]
+    Placement(#[from] PlacementError),
+    #[error(transparent)]
+    Pci(#[from] PciManagerError),
+    #[error("this VM has no PCI root complex")]
+    NoPci,
+    #[error("cannot open disk '{path}': {source}")]
+    Disk {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot set up interrupts: {0}")]
+    Msi(#[source] std::io::Error),
+    #[error("cannot create the virtio transport: {0}")]
+    Virtio(#[source] devices::virtio::VirtioPciError),
+}
+
+impl DeviceError {
+    /// The API's status class for this error: 400 for a request that can
+    /// never succeed as written, 404 for an unknown id or port, 409 for a
+    /// request the VM's current state refuses (slot taken, topology full,
+    /// BARs do not fit), 500 for host failures.
+    pub fn api_kind(&self) -> ApiErrorKind {
+        use ApiErrorKind as K;
+        match self {
+            DeviceError::DuplicateId(_) | DeviceError::NotRemovable(_) => K::Conflict,
+            DeviceError::NoSuchDevice(_) => K::NotFound,
+            DeviceError::Disk { .. } => K::BadRequest,
+            DeviceError::Placement(p) => match p {
+                PlacementError::BadPath { .. } => K::BadRequest,
+                PlacementError::UnknownPort(_) => K::NotFound,
+                PlacementError::NoDeviceSlot(_)
+                | PlacementError::PortFull(_)
+                | PlacementError::NoFreeSlot
+                | PlacementError::SlotTaken(_)
+                | PlacementError::NotHotplugSlot(_) => K::Conflict,
+            },
+            DeviceError::Pci(e) => e.api_kind(),
+            DeviceError::EventFd(_)
+            | DeviceError::SerialFile { .. }
+            | DeviceError::Irqfd(_)
+            | DeviceError::Register(..)
+            | DeviceError::RegisterMmio(..)
+            | DeviceError::NoPci
+            | DeviceError::Msi(_)
+            | DeviceError::Virtio(_) => K::Internal,
+        }
+    }
+}
+
+impl From<DeviceError> for ApiError {
+    fn from(e: DeviceError) -> Self {
+        ApiError::new(e.api_kind(), e.to_string())
+    }
 }
 
 /// Events the platform devices raise for the event loop.
 pub struct PlatformEvents {
     pub power_off: EventFd,
     pub reset: EventFd,
-    /// The guest ejected a hotplug slot.
-    pub eject: EventFd,
 }
 
 /// A device the VM has, for `vm.info` and removal.
@@ -95,6 +144,8 @@ pub struct DeviceRecord {
     pub path: PciPath,
     /// The port the device sits under; `None` is the root bus.
     pub port: Option<String>,
+    /// How the guest hears of changes in its slot.
+    pub mechanism: SlotMechanism,
     pub hotplugged: bool,
     pub disk: Option<DiskConfig>,
 }
@@ -124,10 +175,6 @@ pub struct DeviceManager {
     pub serial: Arc<Mutex<SerialDevice>>,
     pub ged: Arc<Ged>,
     pub hotplug: Arc<PciHotplugController>,
-    /// Root-bus slots described to the guest as hotplug slots.
-    pub hotplug_slots: Vec<u8>,
-    /// ACPI bus selectors: the root bus (`None`) and ACPI-hotplug ports.
-    pub bsel: BTreeMap<Option<String>, u32>,
     /// Automatic placement order for hot-plugged devices.
     pub placement_order: Vec<PlaceKind>,
     pub events: PlatformEvents,
@@ -177,8 +224,14 @@ fn register_pio(
 }
 
 impl DeviceManager {
-    /// Creates the UART, CMOS, i8042, ACPI PM registers and boot timer.
-    pub fn new(vm: &VmFd, serial: &SerialOutput, start: Instant) -> Result<Self, DeviceError> {
+    /// Creates the UART, CMOS, i8042, ACPI PM registers, boot timer, GED
+    /// and ACPI hotplug registers (whose ejects go to `completions`).
+    pub fn new(
+        vm: &VmFd,
+        serial: &SerialOutput,
+        start: Instant,
+        completions: Arc<CompletionQueue>,
+    ) -> Result<Self, DeviceError> {
         let out: Box<dyn Write + Send> = match serial {
             SerialOutput::Stdout => Box::new(Stdout),
             SerialOutput::Off => Box::new(std::io::sink()),
@@ -187,7 +240,10 @@ impl DeviceManager {
                     .create(true)
                     .append(true)
                     .open(p)
-                    .map_err(|e| DeviceError::SerialFile(p.display().to_string(), e))?,
+                    .map_err(|source| DeviceError::SerialFile {
+                        path: p.display().to_string(),
+                        source,
+                    })?,
             ),
         };
         let serial_irq = evt()?;
@@ -229,8 +285,7 @@ impl DeviceManager {
             .map_err(DeviceError::Irqfd)?;
         let ged = Ged::new(ged_irq);
         register_mmio(&mut io, GED_MMIO_START, GED_MMIO_SIZE, ged.clone())?;
-        let eject = evt()?;
-        let hotplug = Arc::new(PciHotplugController::new(clone(&eject)?));
+        let hotplug = Arc::new(PciHotplugController::new(completions));
         register_mmio(
             &mut io,
             PCI_HOTPLUG_MMIO_START,
@@ -244,98 +299,20 @@ impl DeviceManager {
             serial,
             ged,
             hotplug,
-            hotplug_slots: Vec::new(),
-            bsel: BTreeMap::new(),
-            placement_order: vec![PlaceKind::Native, PlaceKind::Acpi, PlaceKind::Root],
-            events: PlatformEvents {
-                power_off,
-                reset,
-                eject,
-            },
+            placement_order: PlaceKind::DEFAULT_ORDER.to_vec(),
+            events: PlatformEvents { power_off, reset },
         })
     }
 
     /// DSDT objects of the platform devices, after the host bridge: the
-    /// ACPI hotplug slots of the root bus (every slot still free now) and
-    /// of the ACPI-hotplug ports, the bridge objects leading to them, the
-    /// GED, whose `_EVT` turns event bits into notifications, and the power
-    /// button. Also fixes the bus selectors the hotplug block uses.
-    pub fn dsdt_aml(&mut self) -> Vec<u8> {
-        let used: Vec<u8> = self
-            .records
-            .iter()
-            .filter(|r| r.path.len() == 1)
-            .map(|r| r.path.last().slot)
-            .collect();
-        let port_slots: Vec<u8> = self
-            .pci
-            .as_ref()
-            .map(|p| p.topology().root_slots_used())
-            .unwrap_or_default();
-        self.hotplug_slots = (1..32u8)
-            .filter(|s| !used.contains(s) && !port_slots.contains(s))
-            .collect();
-        self.bsel.clear();
-        self.bsel.insert(None, 0);
-        let mut root = crate::acpi::AcpiBus {
-            bsel: Some(0),
-            slots: self.hotplug_slots.clone(),
-            bridges: Vec::new(),
+    /// ACPI hotplug slots of `plan` with the bridge objects leading to
+    /// them, the GED, whose `_EVT` turns event bits into notifications,
+    /// and the power button.
+    pub fn dsdt_aml(&self, plan: &HotplugPlan) -> Vec<u8> {
+        let root = match &self.pci {
+            Some(pci) => crate::acpi::AcpiBus::from_plan(pci.topology(), plan),
+            None => crate::acpi::AcpiBus::default(),
         };
-        if let Some(pci) = self.pci.clone() {
-            let topo = pci.topology();
-            let mut next = 1u32;
-            for node in topo.ports() {
-                if node.hotplug == HotplugMode::Acpi {
-                    self.bsel.insert(Some(node.id.clone()), next);
-                    next += 1;
-                }
-            }
-            // Bridge objects for every port on the way to an ACPI bus.
-            fn build(
-                topo: &pci::topology::Topology,
-                parent: Option<&str>,
-                bsel: &BTreeMap<Option<String>, u32>,
-                records: &[DeviceRecord],
-            ) -> Vec<(u8, crate::acpi::AcpiBus)> {
-                let mut out = Vec::new();
-                for node in topo
-                    .ports()
-                    .iter()
-                    .filter(|n| n.parent.as_deref() == parent)
-                {
-                    let children = build(topo, Some(&node.id), bsel, records);
-                    let sel = bsel.get(&Some(node.id.clone())).copied();
-                    let slots: Vec<u8> = if sel.is_some() {
-                        node.device_slots()
-                            .iter()
-                            .copied()
-                            .filter(|s| {
-                                !records.iter().any(|r| {
-                                    r.port.as_deref() == Some(node.id.as_str())
-                                        && r.path.last().slot == *s
-                                })
-                            })
-                            .collect()
-                    } else {
-                        Vec::new()
-                    };
-                    if sel.is_none() && children.is_empty() {
-                        continue;
-                    }
-                    out.push((
-                        node.path.last().slot,
-                        crate::acpi::AcpiBus {
-                            bsel: sel,
-                            slots,
-                            bridges: children,
-                        },
-                    ));
-                }
-                out
-            }
-            root.bridges = build(topo, None, &self.bsel, &self.records);
-        }
         let mut out = crate::acpi::pci_hotplug_aml(PCI_HOTPLUG_MMIO_START, &root);
         out.extend(crate::acpi::ged_aml(
             GED_MMIO_START,
@@ -344,6 +321,15 @@ impl DeviceManager {
             GED_EVENT_PCI_HOTPLUG,
         ));
         out
+    }
+
+    /// Paths of the cold-plugged devices (for the hotplug plan).
+    pub fn cold_paths(&self) -> Vec<PciPath> {
+        self.records
+            .iter()
+            .filter(|r| !r.hotplugged)
+            .map(|r| r.path.clone())
+            .collect()
     }
 }
 
@@ -356,39 +342,6 @@ struct NewDevice<'a> {
     pci_path: Option<&'a str>,
     hotplugged: bool,
     disk: Option<DiskConfig>,
-}
-
-/// How the guest learns about a device in a given place.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Mechanism {
-    /// Native PCIe hotplug on this port.
-    Native(String),
-    /// ACPI hotplug: bus selector and slot.
-    Acpi(u32, u8),
-    /// Cold-plug only.
-    None,
-}
-
-/// What the guest is told about a hotplug slot.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SlotSignal {
-    /// A device appeared.
-    Added,
-    /// The guest should release the device.
-    RemovalRequested,
-    /// The removal request is withdrawn; the device stays.
-    RemovalWithdrawn,
-}
-
-/// Kinds of place, for the automatic placement order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PlaceKind {
-    /// Ports with native PCIe hotplug.
-    Native,
-    /// Ports (bridges) with ACPI hotplug.
-    Acpi,
-    /// The root bus's ACPI hotplug slots.
-    Root,
 }
 
 impl DeviceManager {
@@ -408,177 +361,7 @@ impl DeviceManager {
     }
 
     fn pci(&self) -> Result<Arc<PciManager>, DeviceError> {
-        self.pci
-            .clone()
-            .ok_or_else(|| DeviceError::Virtio("this VM has no PCI".into()))
-    }
-
-    /// How the guest is told about a device at `path` under `port`.
-    pub fn mechanism(&self, port: Option<&str>, path: &PciPath) -> Mechanism {
-        let slot = path.last().slot;
-        let Some(pci) = &self.pci else {
-            return Mechanism::None;
-        };
-        match port {
-            None => match self.hotplug_slots.contains(&slot) {
-                true => Mechanism::Acpi(0, slot),
-                false => Mechanism::None,
-            },
-            Some(id) => match pci.topology().port(id).map(|n| n.hotplug) {
-                Some(HotplugMode::Native) => Mechanism::Native(id.to_string()),
-                Some(HotplugMode::Acpi) => match self.bsel.get(&Some(id.to_string())) {
-                    Some(sel) => Mechanism::Acpi(*sel, slot),
-                    None => Mechanism::None,
-                },
-                _ => Mechanism::None,
-            },
-        }
-    }
-
-    /// Tells the guest about a slot through its hotplug mechanism: the ACPI
-    /// register bitmaps plus a GED event, or the native port's presence.
-    pub fn signal(&self, m: &Mechanism, signal: SlotSignal) -> Result<(), DeviceError> {
-        match m {
-            Mechanism::Acpi(sel, slot) => {
-                match signal {
-                    SlotSignal::Added => self.hotplug.device_added(*sel, *slot),
-                    SlotSignal::RemovalRequested => self.hotplug.request_removal(*sel, *slot),
-                    SlotSignal::RemovalWithdrawn => {
-                        self.hotplug.cancel_removal(*sel, *slot);
-                        return Ok(());
-                    }
-                }
-                self.ged
-                    .notify(GED_EVENT_PCI_HOTPLUG)
-                    .map_err(DeviceError::EventFd)
-            }
-            Mechanism::Native(port) => {
-                let p = self
-                    .pci
-                    .as_ref()
-                    .and_then(|p| p.port(port))
-                    .ok_or_else(|| DeviceError::UnknownPort(port.clone()))?;
-                let present = signal != SlotSignal::RemovalRequested;
-                p.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .card_present(present)
-                    .map(|_| ())
-                    .map_err(|e| DeviceError::Virtio(format!("port {port}: {e}")))
-            }
-            Mechanism::None => Ok(()),
-        }
-    }
-
-    fn free_slot_of(&self, pci: &PciManager, port: &str) -> Result<Option<PciPath>, DeviceError> {
-        let node = pci
-            .topology()
-            .port(port)
-            .ok_or_else(|| DeviceError::UnknownPort(port.to_string()))?;
-        Ok(node
-            .device_slots()
-            .iter()
-            .filter_map(|s| node.device_path(*s))
-            .find(|p| !pci.occupied(p)))
-    }
-
-    /// Chooses where a new device goes: an exact `pci_path`, the first free
-    /// slot of `port`, or (neither given) the first free slot in placement
-    /// order. Returns the path and the port it sits under.
-    fn choose(
-        &self,
-        port: Option<&str>,
-        pci_path: Option<&str>,
-        hotplug: bool,
-    ) -> Result<(PciPath, Option<String>), DeviceError> {
-        let pci = self.pci()?;
-        let topo = pci.topology();
-        let (path, under) = match (pci_path, port) {
-            (Some(p), _) => {
-                let path: PciPath = p.parse().map_err(|e: pci::PciPathError| {
-                    DeviceError::BadPath(p.into(), e.to_string())
-                })?;
-                if path.last().function != 0 {
-                    return Err(DeviceError::BadPath(
-                        p.into(),
-                        "multifunction placement is not supported; use function 0".into(),
-                    ));
-                }
-                let node = topo
-                    .check_device_path(&path)
-                    .map_err(|e| DeviceError::BadPath(p.into(), e.to_string()))?;
-                let under = node.map(|n| n.id.clone());
-                if let Some(want) = port {
-                    if under.as_deref() != Some(want) {
-                        return Err(DeviceError::BadPath(
-                            p.into(),
-                            format!("it is not a slot of port '{want}'"),
-                        ));
-                    }
-                }
-                if under.is_none() && path.last().slot == 0 {
-                    return Err(DeviceError::BadPath(
-                        p.into(),
-                        "slot 00 holds the host bridge".into(),
-                    ));
-                }
-                (path, under)
-            }
-            (None, Some(id)) => {
-                let node = topo
-                    .port(id)
-                    .ok_or_else(|| DeviceError::UnknownPort(id.to_string()))?;
-                if node.device_slots().is_empty() {
-                    return Err(DeviceError::NoSlot(format!(
-                        "port '{id}' has no device slot (it holds other ports)"
-                    )));
-                }
-                let path = self.free_slot_of(&pci, id)?.ok_or_else(|| {
-                    DeviceError::NoSlot(format!("every slot of port '{id}' is taken"))
-                })?;
-                (path, Some(id.to_string()))
-            }
-            (None, None) if !hotplug => {
-                let slot = pci.free_root_slot().ok_or(PciManagerError::NoFreeSlot)?;
-                (PciManager::root_path(slot)?, None)
-            }
-            (None, None) => {
-                let mut found = None;
-                'order: for kind in &self.placement_order {
-                    match kind {
-                        PlaceKind::Root => {
-                            for s in &self.hotplug_slots {
-                                let p = PciManager::root_path(*s)?;
-                                if !pci.occupied(&p) {
-                                    found = Some((p, None));
-                                    break 'order;
-                                }
-                            }
-                        }
-                        PlaceKind::Native | PlaceKind::Acpi => {
-                            let want = if *kind == PlaceKind::Native {
-                                HotplugMode::Native
-                            } else {
-                                HotplugMode::Acpi
-                            };
-                            for node in topo.ports().iter().filter(|n| n.hotplug == want) {
-                                if let Some(p) = self.free_slot_of(&pci, &node.id)? {
-                                    found = Some((p, Some(node.id.clone())));
-                                    break 'order;
-                                }
-                            }
-                        }
-                    }
-                }
-                found.ok_or(PciManagerError::NoFreeSlot)?
-            }
-        };
-        if pci.occupied(&path) {
-            return Err(PciManagerError::SlotTaken(path.to_string()).into());
-        }
-        if hotplug && self.mechanism(under.as_deref(), &path) == Mechanism::None {
-            return Err(DeviceError::NotHotplugSlot(path.to_string()));
-        }
-        Ok((path, under))
+        self.pci.clone().ok_or(DeviceError::NoPci)
     }
 
     /// Places a new device: checks its id, chooses its slot, and only then
@@ -587,6 +370,7 @@ impl DeviceManager {
     fn place(
         &mut self,
         new: NewDevice<'_>,
+        plan: &HotplugPlan,
         make: impl FnOnce() -> Result<Box<dyn VirtioDevice>, DeviceError>,
     ) -> Result<DeviceRecord, DeviceError> {
         let NewDevice {
@@ -605,9 +389,20 @@ impl DeviceManager {
             Some(id) => id.to_string(),
             None => self.fresh_id(prefix),
         };
-        let (path, under) = self.choose(port, pci_path, hotplugged)?;
-        let device = make()?;
         let pci = self.pci()?;
+        let place = placement::choose(
+            pci.topology(),
+            plan,
+            &self.placement_order,
+            &|p| pci.occupied(p),
+            &PlaceRequest {
+                port,
+                pci_path,
+                hotplug: hotplugged,
+            },
+        )?;
+        let (path, under) = (place.path, place.port);
+        let device = make()?;
         let pcie = match under.as_deref().and_then(|p| pci.topology().port(p)) {
             None => Some(PciePortType::RootComplexIntegratedEndpoint),
             Some(node) if node.kind.is_pci_bridge() => None,
@@ -621,13 +416,14 @@ impl DeviceManager {
             prefetchable: false,
         };
         let mut dev = VirtioPciDevice::new(device, pci.memory().clone(), msi, opts)
-            .map_err(|e| DeviceError::Virtio(e.to_string()))?;
+            .map_err(DeviceError::Virtio)?;
         let intx = pci
             .intx()
             .line(crate::interrupts::intx_gsi(&path), dev.isr())
             .map_err(DeviceError::Msi)?;
         dev.set_intx(Arc::new(intx));
-        pci.place_virtio(path.clone(), under.as_deref(), dev)?;
+        let shared: SharedPciDevice = Arc::new(Mutex::new(dev));
+        pci.place(path.clone(), under.as_deref(), shared)?;
         if !hotplugged {
             if let Some(port) = under.as_deref().and_then(|p| pci.port(p)) {
                 let mut port = port.lock().unwrap_or_else(|e| e.into_inner());
@@ -641,6 +437,7 @@ impl DeviceManager {
             kind,
             path,
             port: under,
+            mechanism: place.mechanism,
             hotplugged,
             disk,
         };
@@ -653,6 +450,7 @@ impl DeviceManager {
         &mut self,
         cfg: &DiskConfig,
         hotplugged: bool,
+        plan: &HotplugPlan,
     ) -> Result<DeviceRecord, DeviceError> {
         let mut bc = BlockConfig::new(&cfg.path);
         bc.read_only = cfg.readonly;
@@ -667,8 +465,12 @@ impl DeviceManager {
                 hotplugged,
                 disk: Some(cfg.clone()),
             },
+            plan,
             || {
-                let block = Block::new(&bc).map_err(|e| DeviceError::Disk(cfg.path.clone(), e))?;
+                let block = Block::new(&bc).map_err(|source| DeviceError::Disk {
+                    path: cfg.path.clone(),
+                    source,
+                })?;
                 Ok(Box::new(block) as Box<dyn VirtioDevice>)
             },
         )
@@ -679,6 +481,7 @@ impl DeviceManager {
         &mut self,
         cfg: &RngConfig,
         hotplugged: bool,
+        plan: &HotplugPlan,
     ) -> Result<DeviceRecord, DeviceError> {
         self.place(
             NewDevice {
@@ -690,8 +493,22 @@ impl DeviceManager {
                 hotplugged,
                 disk: None,
             },
+            plan,
             || Ok(Box::new(Rng::new()) as Box<dyn VirtioDevice>),
         )
+    }
+
+    /// The hot-plugged device `id`, which may be removed.
+    pub fn removable(&self, id: &str) -> Result<&DeviceRecord, DeviceError> {
+        let rec = self
+            .records
+            .iter()
+            .find(|r| r.id == id)
+            .ok_or_else(|| DeviceError::NoSuchDevice(id.to_string()))?;
+        if !rec.hotplugged {
+            return Err(DeviceError::NotRemovable(id.to_string()));
+        }
+        Ok(rec)
     }
 
     /// Detaches and frees the device `id` (slot, BARs, MSI-X routes and
@@ -701,7 +518,7 @@ impl DeviceManager {
             .records
             .iter()
             .position(|r| r.id == id)
-            .ok_or_else(|| DeviceError::Virtio(format!("no device '{id}'")))?;
+            .ok_or_else(|| DeviceError::NoSuchDevice(id.to_string()))?;
         let pci = self.pci()?;
         pci.remove(&self.records[idx].path)?;
         Ok(self.records.remove(idx))
@@ -709,7 +526,7 @@ impl DeviceManager {
 
     /// The API's view of the topology: the root bus and every port, with
     /// the bus numbers read back from the bridges and what fills each slot.
-    pub fn topology_info(&self) -> Vec<TopologyNode> {
+    pub fn topology_info(&self, plan: &HotplugPlan) -> Vec<TopologyNode> {
         let Some(pci) = &self.pci else {
             return Vec::new();
         };
@@ -722,12 +539,12 @@ impl DeviceManager {
         let mut nodes = Vec::new();
         let mut root_slots: Vec<SlotInfo> = Vec::new();
         for s in 1..32u8 {
-            let Ok(p) = PciManager::root_path(s) else {
+            let Some(p) = PciManager::root_path(s) else {
                 continue;
             };
             let port_here = pci.topology().port_at_path(&p).map(|n| n.id.clone());
             let device = occupant(&p).or(port_here);
-            if device.is_some() || self.hotplug_slots.contains(&s) {
+            if device.is_some() || plan.root_slots().contains(&s) {
                 root_slots.push(SlotInfo {
                     slot: s,
                     pci_path: p.to_string(),
@@ -783,11 +600,7 @@ impl DeviceManager {
                         TopologyNodeType::PciBridge
                     }
                 },
-                hotplug: match node.hotplug {
-                    HotplugMode::Native => HotplugMechanism::PcieNative,
-                    HotplugMode::Acpi => HotplugMechanism::Acpi,
-                    HotplugMode::None => HotplugMechanism::None,
-                },
+                hotplug: node.hotplug.into(),
                 pci_path: node.path.to_string(),
                 parent: Some(node.parent.clone().unwrap_or_else(|| "root".into())),
                 secondary_bus: Some(sec),

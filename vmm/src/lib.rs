@@ -22,6 +22,7 @@ pub mod config;
 pub mod cpu;
 pub mod device_manager;
 mod handle;
+pub mod hotplug;
 pub mod interrupts;
 pub mod layout;
 pub mod logger;
@@ -78,7 +79,9 @@ pub enum Error {
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
     #[error("event loop failed: {0}")]
-    EventLoop(std::io::Error),
+    EventLoop(#[source] std::io::Error),
+    #[error("event loop failed: {0}")]
+    EventManager(#[source] event_manager::Error),
     #[error("the guest stopped the VM: {0}")]
     Guest(String),
     #[error("the VM was started already")]

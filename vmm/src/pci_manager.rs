@@ -7,6 +7,31 @@
 //! (or `Cf8Handler`) -> `PciRoot::config_write` -> the device -> a
 //! `ConfigWriteOutcome` -> [`PciManager::apply`], which moves the BAR's
 //! MMIO registration and ioeventfds or (un)maps them on decode changes.
+//!
+//! Devices are placed through the [`pci::PciDevice`] trait alone (doorbells,
+//! reset and MSI-X state included), so a virtio transport and a VFIO
+//! function take the same path.
+//!
+//! # Lock order
+//!
+//! `PciManager` holds several locks. Whoever takes more than one takes them
+//! in this order, and never calls out of the manager while holding one:
+//!
+//! 1. `root` (the bus tree: read for configuration cycles, write to attach
+//!    or detach a function);
+//! 2. `cf8` (the CF8 address latch; taken before `root` is read by the CF8
+//!    handler, and never while `root` is held for writing);
+//! 3. `placed` (the placed functions);
+//! 4. the `IoManager` behind `io` (MMIO/PIO registrations), taken inside
+//!    `map`/`unmap` while `placed` is held;
+//! 5. `allocators` (BAR windows), never held with any of the above except
+//!    `placed` during removal;
+//! 6. a device's own mutex, last: taken while `placed` is held to read its
+//!    BARs, never the other way round. Configuration cycles hold `root`
+//!    (read) and then the device; `apply` runs after both are released.
+//!
+//! Exception to rule 2: the CF8 handler takes `cf8` then `root` (read);
+//! nothing takes `root` then `cf8`.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -14,39 +39,68 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use pci::topology::{PortDevice, Topology};
 use pci::{
-    BarAllocator, BarInfo, BarRegion, ConfigWriteResult, MsiInterruptGroup, PciConfigIo, PciDevice,
+    BarAllocator, BarInfo, BarRegion, ConfigWriteResult, MsiInterruptGroup, PciConfigIo,
     PciPath, PciRoot, PciSlot, PciePort, SharedPciDevice,
 };
+
+use crate::hotplug::{Completion, CompletionQueue};
 use vm_device::bus::{
     MmioAddress, MmioAddressOffset, MmioRange, PioAddress, PioAddressOffset, PioRange,
 };
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vm_device::{DeviceMmio, DevicePio};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
-use devices::virtio::{GuestMemoryHandle, VirtioPciDevice};
+use devices::virtio::GuestMemoryHandle;
 
 use crate::interrupts::{GsiRouting, IntxManager, KvmMsiGroup};
 
 /// Errors placing or removing PCI devices.
 #[derive(Debug, thiserror::Error)]
 pub enum PciManagerError {
-    #[error("no free slot on the root bus")]
-    NoFreeSlot,
     #[error("slot {0} is taken")]
-    SlotTaken(String),
-    #[error("PCI: {0}")]
-    Pci(#[from] pci::PciError),
+    SlotTaken(PciPath),
+    #[error("no device at {0}")]
+    NoDevice(PciPath),
+    #[error("cannot attach at {path}: {source}")]
+    Attach {
+        path: PciPath,
+        #[source]
+        source: pci::PciError,
+    },
     #[error("cannot place the device's BARs: {0}")]
-    Bars(pci::PciError),
-    #[error("cannot register an ioeventfd: {0}")]
-    IoEvent(kvm_ioctls::Error),
-    #[error("cannot register the device on the bus: {0:?}")]
+    Bars(#[source] pci::PciError),
+    #[error("cannot duplicate a doorbell descriptor: {0}")]
+    Doorbell(#[source] std::io::Error),
+    #[error("cannot register the configuration space on the bus: {0:?}")]
     Bus(vm_device::bus::Error),
     #[error("unknown port '{0}'")]
     UnknownPort(String),
     #[error("cannot create the PCI ports: {0}")]
-    Ports(String),
+    Ports(#[source] pci::PciError),
+    #[error("cannot give a port its MSI vector: {0}")]
+    PortMsi(#[source] std::io::Error),
+    #[error("cannot set up INTx: {0}")]
+    Intx(#[source] std::io::Error),
+}
+
+impl PciManagerError {
+    /// The API's status class: the guest-visible topology refusing the
+    /// device is a conflict; the rest are host failures.
+    pub fn api_kind(&self) -> api::ApiErrorKind {
+        use api::ApiErrorKind as K;
+        match self {
+            PciManagerError::SlotTaken(_) | PciManagerError::Bars(_) => K::Conflict,
+            PciManagerError::NoDevice(_) => K::NotFound,
+            PciManagerError::Attach { .. }
+            | PciManagerError::Doorbell(_)
+            | PciManagerError::Bus(_)
+            | PciManagerError::UnknownPort(_)
+            | PciManagerError::Ports(_)
+            | PciManagerError::PortMsi(_)
+            | PciManagerError::Intx(_) => K::Internal,
+        }
+    }
 }
 
 /// One placed PCI function.
@@ -57,8 +111,8 @@ struct Placed {
     device: SharedPciDevice,
     assigned: Vec<pci::BarAssignment>,
     bars: Vec<BarInfo>,
-    /// (offset within BAR 0, eventfd) for virtio queue notifications.
-    notifiers: Vec<(u64, EventFd)>,
+    /// Doorbells: (BAR index, offset within the BAR, eventfd).
+    notifiers: Vec<(usize, u64, EventFd)>,
     mapped: bool,
 }
 
@@ -75,8 +129,8 @@ pub struct PciManager {
     memory: GuestMemoryHandle,
     topology: Topology,
     ports: BTreeMap<String, PortDevice>,
-    /// Signalled when the guest switches a native hotplug slot's power.
-    slot_power: EventFd,
+    /// Where slot power changes of native hotplug ports are reported.
+    completions: Arc<CompletionQueue>,
     /// Legacy INTx lines, for guests that do not enable MSI-X.
     intx: Arc<IntxManager>,
 }
@@ -188,6 +242,7 @@ impl PciManager {
         allocator: BarAllocator,
         memory: GuestMemoryHandle,
         topology: Topology,
+        completions: Arc<CompletionQueue>,
     ) -> Result<Arc<Self>, PciManagerError> {
         let mut root = PciRoot::with_host_bridge();
         let mut msi_err = None;
@@ -204,15 +259,15 @@ impl PciManager {
                     }
                 }
             })
-            .map_err(PciManagerError::Pci)?;
+            .map_err(PciManagerError::Ports)?;
         if let Some(e) = msi_err {
-            return Err(PciManagerError::Ports(format!("MSI for a port: {e}")));
+            return Err(PciManagerError::PortMsi(e));
         }
         let mut allocators = BTreeMap::new();
         allocators.insert(None, allocator);
         for node in topology.ports() {
             if !node.device_slots().is_empty() {
-                let a = node.bar_allocator().map_err(PciManagerError::Pci)?;
+                let a = node.bar_allocator().map_err(PciManagerError::Ports)?;
                 allocators.insert(Some(node.id.clone()), a);
             }
         }
@@ -229,10 +284,8 @@ impl PciManager {
             memory,
             topology,
             ports,
-            slot_power: EventFd::new(EFD_NONBLOCK)
-                .map_err(|e| PciManagerError::Ports(format!("eventfd: {e}")))?,
-            intx: IntxManager::new(vm_for_intx)
-                .map_err(|e| PciManagerError::Ports(format!("INTx: {e}")))?,
+            completions,
+            intx: IntxManager::new(vm_for_intx).map_err(PciManagerError::Intx)?,
         }))
     }
 
@@ -251,9 +304,21 @@ impl PciManager {
         self.ports.get(id).map(|d| &d.port)
     }
 
-    /// Readable when the guest switched a native slot's power.
-    pub fn slot_power_event(&self) -> &EventFd {
-        &self.slot_power
+    /// The ports with native hotplug, by id.
+    pub fn native_ports(&self) -> BTreeMap<String, Arc<Mutex<PciePort>>> {
+        self.ports
+            .iter()
+            .filter(|(id, _)| self.topology.port(id).is_some_and(|n| n.native_hotplug()))
+            .map(|(id, d)| (id.clone(), d.port.clone()))
+            .collect()
+    }
+
+    /// The port whose function is `device`, if it is one.
+    fn port_id_of(&self, device: &SharedPciDevice) -> Option<&str> {
+        self.ports
+            .iter()
+            .find(|(_, d)| std::ptr::addr_eq(Arc::as_ptr(&d.shared()), Arc::as_ptr(device)))
+            .map(|(id, _)| id.as_str())
     }
 
     /// The BDF the guest currently uses for `path`, from the bus numbers
@@ -303,33 +368,28 @@ impl PciManager {
         &self.memory
     }
 
-    /// First free slot of the root bus.
-    pub fn free_root_slot(&self) -> Option<u8> {
-        self.root
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .free_root_slot()
-    }
-
-    /// Places `dev` at `path`: assigns its BARs from the windows, attaches
-    /// it to the bus and records its queue notifiers. BARs are mapped when
-    /// the guest enables memory decode. On error nothing changes.
-    pub fn place_virtio(
+    /// Places `dev` at `path` under `port` (`None`: the root bus): assigns
+    /// its BARs from the port's windows, attaches it to the bus and records
+    /// its doorbells. BARs are mapped when the guest enables memory decode.
+    /// On error nothing changes.
+    pub fn place(
         &self,
         path: PciPath,
         port: Option<&str>,
-        mut dev: VirtioPciDevice,
+        device: SharedPciDevice,
     ) -> Result<(), PciManagerError> {
         let key = port.map(str::to_string);
         if self.occupied(&path) {
-            return Err(PciManagerError::SlotTaken(path.to_string()));
+            return Err(PciManagerError::SlotTaken(path));
         }
+        // The device is not on the bus yet: nobody else holds its lock.
+        let mut dev = device.lock().unwrap_or_else(|e| e.into_inner());
         let assigned = {
             let mut allocators = self.allocators.lock().unwrap_or_else(|e| e.into_inner());
             let a = allocators
                 .get_mut(&key)
                 .ok_or_else(|| PciManagerError::UnknownPort(port.unwrap_or("").to_string()))?;
-            a.place_device(&mut dev).map_err(PciManagerError::Bars)?
+            a.place_device(&mut *dev).map_err(PciManagerError::Bars)?
         };
         let release = |assigned: &[pci::BarAssignment]| {
             if let Some(a) = self
@@ -342,25 +402,26 @@ impl PciManager {
             }
         };
         let mut notifiers = Vec::new();
-        for (off, evt) in dev.ioeventfds() {
-            match evt.try_clone() {
-                Ok(e) => notifiers.push((off, e)),
-                Err(_) => {
+        for n in dev.ioeventfds() {
+            match n.fd.try_clone() {
+                Ok(e) => notifiers.push((n.bar, n.offset, e)),
+                Err(e) => {
                     release(&assigned);
-                    return Err(PciManagerError::Bus(vm_device::bus::Error::InvalidRange));
+                    return Err(PciManagerError::Doorbell(e));
                 }
             }
         }
         let bars = dev.bars();
-        let shared: SharedPciDevice = Arc::new(Mutex::new(dev));
+        drop(dev);
+        let shared = device;
         let attached = self
             .root
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .add_device(&path, shared.clone());
-        if let Err(e) = attached {
+        if let Err(source) = attached {
             release(&assigned);
-            return Err(e.into());
+            return Err(PciManagerError::Attach { path, source });
         }
         self.placed
             .lock()
@@ -411,12 +472,9 @@ impl PciManager {
                 );
             }
         }
-        if let Some(bar0) = p.bars.iter().find(|b| b.index == 0 && b.addr != 0) {
-            for (off, evt) in &p.notifiers {
-                let addr = IoEventAddress::Mmio(bar0.addr + off);
-                if let Err(e) = self.vm.register_ioevent(evt, &addr, NoDatamatch) {
-                    log::warn!("PCI {}: cannot register ioeventfd: {e}", p.path);
-                }
+        for (addr, evt) in doorbells(p) {
+            if let Err(e) = self.vm.register_ioevent(evt, &addr, NoDatamatch) {
+                log::warn!("PCI {}: cannot register ioeventfd: {e}", p.path);
             }
         }
         p.mapped = true;
@@ -442,11 +500,8 @@ impl PciManager {
                 }
             }
         }
-        if let Some(bar0) = p.bars.iter().find(|b| b.index == 0 && b.addr != 0) {
-            for (off, evt) in &p.notifiers {
-                let addr = IoEventAddress::Mmio(bar0.addr + off);
-                let _ = self.vm.unregister_ioevent(evt, &addr, NoDatamatch);
-            }
+        for (addr, evt) in doorbells(p) {
+            let _ = self.vm.unregister_ioevent(evt, &addr, NoDatamatch);
         }
         p.mapped = false;
     }
@@ -460,14 +515,17 @@ impl PciManager {
                 r.bdf,
                 if on { "on" } else { "off" }
             );
-            if let Err(e) = self.slot_power.write(1) {
-                log::warn!("cannot signal a slot power change: {e}");
+            match self.port_id_of(&r.device) {
+                Some(port) => self.completions.push(Completion::SlotPower {
+                    port: port.to_string(),
+                    on,
+                }),
+                None => log::warn!("PCI {}: slot power from a function that is no port", r.bdf),
             }
         }
         if o.msix_changed {
-            let mut dev = r.device.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(v) = dev.as_any_mut().downcast_mut::<VirtioPciDevice>() {
-                let m = v.msix();
+            let dev = r.device.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(m) = dev.msix() {
                 log::info!(
                     "PCI {}: MSI-X {} ({} vectors{})",
                     r.bdf,
@@ -518,7 +576,7 @@ impl PciManager {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(path)
-            .ok_or_else(|| pci::PciError::NoDevice(path.to_string()))?;
+            .ok_or_else(|| PciManagerError::NoDevice(path.clone()))?;
         self.unmap(&mut p);
         let detached = self
             .root
@@ -536,12 +594,7 @@ impl PciManager {
         {
             a.release(&p.assigned);
         }
-        {
-            let mut dev = p.device.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(v) = dev.as_any_mut().downcast_mut::<VirtioPciDevice>() {
-                v.reset();
-            }
-        }
+        p.device.lock().unwrap_or_else(|e| e.into_inner()).reset();
         drop(p);
         Ok(())
     }
@@ -551,12 +604,21 @@ impl PciManager {
         self.placed.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    /// The root slot path for slot `s`.
-    pub fn root_path(s: u8) -> Result<PciPath, PciManagerError> {
-        let slot = PciSlot::new(s, 0).map_err(|_| pci::PciError::InvalidDeviceFunction {
-            device: s,
-            function: 0,
-        })?;
-        Ok(PciPath::root(slot))
+    /// The root slot path for slot `s` (1..=31).
+    pub fn root_path(s: u8) -> Option<PciPath> {
+        PciSlot::new(s, 0).ok().map(PciPath::root)
     }
+}
+
+/// The KVM ioeventfd addresses of a placed function's doorbells, for the
+/// BARs that have an address.
+fn doorbells(p: &Placed) -> impl Iterator<Item = (IoEventAddress, &EventFd)> + '_ {
+    p.notifiers.iter().filter_map(|(bar, off, evt)| {
+        let b = p.bars.iter().find(|b| b.index == *bar && b.addr != 0)?;
+        let addr = match b.region {
+            BarRegion::Io => IoEventAddress::Pio(b.addr.checked_add(*off)?),
+            _ => IoEventAddress::Mmio(b.addr.checked_add(*off)?),
+        };
+        Some((addr, evt))
+    })
 }

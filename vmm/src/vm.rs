@@ -1,28 +1,37 @@
 //! The VM: creation (KVM, memory, devices, boot images, vCPUs) and the
-//! event loop that serves the guest's platform events, console input and
-//! requests from the API or an embedder.
+//! event loop that serves the guest's platform events, hotplug
+//! completions, console input and requests from the API or an embedder.
+//!
+//! The loop is an `event-manager` [`EventManager`] with one subscriber per
+//! concern (platform exits, API requests, hotplug, the shutdown timer, the
+//! console), as Firecracker's is. They share the VM's mutable state,
+//! [`VmCore`], behind one mutex that only the loop thread takes (so it is
+//! never contended); a subscriber holds it for one event.
 
+use std::collections::BTreeMap;
 use std::io::Read;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use api::types::AddDeviceResponse;
 use api::types::{VmInfo, VmState, VmmPingResponse};
 use api::{ApiError, ApiMessage, ApiReply, ApiRequest, ApiResponse, ReplySender};
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
 use devices::acpi::GED_EVENT_POWER_BUTTON;
+use pci::placement::HotplugPlan;
 
-use crate::device_manager::{DeviceError, DeviceManager, DeviceRecord, Mechanism, SlotSignal};
+use crate::device_manager::{DeviceError, DeviceManager, DeviceRecord, GED_IRQ};
 use crate::handle::{RunningVm, VmEvent, VmmHandle};
+use crate::hotplug::{self, CompletionQueue, HotplugOwner, Outcome};
 use crate::interrupts::GsiRouting;
 use crate::pci_manager::PciManager;
 use crate::terminal::RawMode;
@@ -30,50 +39,6 @@ use crate::vcpu::{self, VcpuContext, VcpuEvent, VcpuHandle};
 use crate::{acpi, boot, cpu, layout, Error, ExitReason, Result, SerialOutput, VmConfig};
 use pci::BarAllocator;
 use vm_memory::GuestMemoryAtomic;
-
-const TOK_POWER_OFF: u64 = 1;
-const TOK_RESET: u64 = 2;
-const TOK_VCPU: u64 = 3;
-const TOK_STDIN: u64 = 4;
-const TOK_API: u64 = 5;
-const TOK_SHUTDOWN_TIMER: u64 = 6;
-const TOK_EJECT: u64 = 7;
-const TOK_SLOT_POWER: u64 = 8;
-
-/// A `vm.remove-device` waiting for the guest to release the device.
-struct PendingRemoval {
-    id: String,
-    mechanism: Mechanism,
-    reply: Option<ReplySender>,
-    deadline: Instant,
-}
-
-/// A built VM.
-pub struct Vm {
-    config: VmConfig,
-    // Field order matters for drop: vCPUs and devices go before the VM fd
-    // and the guest memory they use.
-    vcpus: Vec<VcpuHandle>,
-    pending_vcpus: Vec<VcpuFd>,
-    devices: DeviceManager,
-    /// Shared with the PCI manager and interrupt routing; dropped after
-    /// the devices and before the guest memory.
-    _vm: Arc<VmFd>,
-    memory: GuestMemoryMmap,
-    _kvm: Kvm,
-    stop: Arc<AtomicBool>,
-    paused: Arc<AtomicBool>,
-    state: VmState,
-    vcpu_events: Receiver<VcpuEvent>,
-    vcpu_events_tx: Sender<VcpuEvent>,
-    vcpu_wake: EventFd,
-    api_rx: Receiver<ApiMessage>,
-    api_tx: Sender<ApiMessage>,
-    api_wake: Arc<EventFd>,
-    subscribers: Vec<Sender<VmEvent>>,
-    pending_removals: Vec<PendingRemoval>,
-    start: Instant,
-}
 
 fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap> {
     let ranges: Vec<_> = layout::ram_ranges(size)
@@ -140,6 +105,46 @@ fn create_vm(kvm: &Kvm) -> Result<VmFd> {
     Ok(vm)
 }
 
+/// The VM's mutable state, shared by the event loop's subscribers.
+struct VmCore {
+    config: VmConfig,
+    // Field order matters for drop: vCPUs and devices go first.
+    vcpus: Vec<VcpuHandle>,
+    pending_vcpus: Vec<VcpuFd>,
+    devices: DeviceManager,
+    hotplug: HotplugOwner,
+    stop: Arc<AtomicBool>,
+    paused: Arc<AtomicBool>,
+    state: VmState,
+    vcpu_events: Receiver<VcpuEvent>,
+    vcpu_events_tx: Sender<VcpuEvent>,
+    vcpu_wake: EventFd,
+    api_rx: Receiver<ApiMessage>,
+    api_wake: Arc<EventFd>,
+    shutdown_timer: TimerFd,
+    subscribers: Vec<Sender<VmEvent>>,
+    /// Removal requests waiting for the guest, by device id.
+    removal_replies: BTreeMap<String, ReplySender>,
+    /// Set when the loop should end.
+    exit: Option<Result<ExitReason>>,
+    start: Instant,
+}
+
+/// A built VM.
+pub struct Vm {
+    config: VmConfig,
+    // Field order matters for drop: the core (vCPUs, devices) goes before
+    // the VM fd and the guest memory they use.
+    core: Arc<Mutex<VmCore>>,
+    /// Shared with the PCI manager and interrupt routing; dropped after
+    /// the devices and before the guest memory.
+    _vm: Arc<VmFd>,
+    memory: GuestMemoryMmap,
+    _kvm: Kvm,
+    api_tx: Sender<ApiMessage>,
+    api_wake: Arc<EventFd>,
+}
+
 impl Vm {
     /// Validates `config`, creates the VM, loads the kernel and prepares
     /// the vCPUs. Nothing runs until [`Vm::run`] or [`Vm::start`].
@@ -149,7 +154,8 @@ impl Vm {
         let kvm = open_kvm()?;
         let vm = Arc::new(create_vm(&kvm)?);
         let memory = create_memory(&vm, config.memory)?;
-        let mut devices = DeviceManager::new(&vm, &config.serial, start)?;
+        let completions = CompletionQueue::new().map_err(Error::EventLoop)?;
+        let mut devices = DeviceManager::new(&vm, &config.serial, start, completions.clone())?;
 
         // The PCI Express root complex.
         let routing = GsiRouting::new(vm.clone()).map_err(Error::EventLoop)?;
@@ -161,7 +167,7 @@ impl Vm {
         };
         let rest = topology.remaining_windows();
         let allocator = BarAllocator::new(None, rest.mmio32, Some(rest.mmio64))
-            .map_err(|e| Error::Device(DeviceError::Virtio(e.to_string())))?;
+            .map_err(|e| Error::Device(crate::pci_manager::PciManagerError::Ports(e).into()))?;
         let pci = PciManager::new(
             devices.io.clone(),
             vm.clone(),
@@ -169,22 +175,27 @@ impl Vm {
             allocator,
             GuestMemoryAtomic::new(memory.clone()),
             topology,
+            completions.clone(),
         )
         .map_err(|e| Error::Device(e.into()))?;
         pci.register_config_access(layout::PCI_ECAM_START, layout::PCI_ECAM_SIZE)
             .map_err(|e| Error::Device(e.into()))?;
-        devices.pci = Some(pci);
+        devices.pci = Some(pci.clone());
         devices.placement_order = config.placement_order.clone();
+        // Cold plug does not depend on the hotplug plan, which is computed
+        // once the cold-plugged devices have their slots.
+        let cold_plan = HotplugPlan::new(pci.topology(), &[]);
         for d in &config.disks {
-            devices.add_disk(d, false)?;
+            devices.add_disk(d, false, &cold_plan)?;
         }
         for r in &config.rngs {
-            devices.add_rng(r, false)?;
+            devices.add_rng(r, false, &cold_plan)?;
         }
+        let plan = HotplugPlan::new(pci.topology(), &devices.cold_paths());
 
         let mut dsdt = acpi::platform_aml();
         dsdt.extend(acpi::host_bridge_aml(&windows, &[]));
-        dsdt.extend(devices.dsdt_aml());
+        dsdt.extend(devices.dsdt_aml(&plan));
         let mcfg = acpi::mcfg(layout::PCI_ECAM_START, windows.buses);
         let rsdp = acpi::write_tables(&memory, config.cpus, &dsdt, &[mcfg])?;
         let boot = boot::load(
@@ -213,16 +224,26 @@ impl Vm {
             pending_vcpus.push(vcpu);
         }
 
+        let vm_for_ready = vm.clone();
+        let hotplug = HotplugOwner::new(
+            plan,
+            devices.ged.clone(),
+            devices.hotplug.clone(),
+            pci.native_ports(),
+            completions,
+            Box::new(move || hotplug::gsi_deliverable(&vm_for_ready, GED_IRQ)),
+        )
+        .map_err(Error::EventLoop)?;
+
         let (tx, rx) = channel();
         let (api_tx, api_rx) = channel();
-        Ok(Vm {
-            config,
+        let api_wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(Error::EventLoop)?);
+        let core = VmCore {
+            config: config.clone(),
             vcpus: Vec::new(),
             pending_vcpus,
             devices,
-            _vm: vm,
-            memory,
-            _kvm: kvm,
+            hotplug,
             stop: Arc::new(AtomicBool::new(false)),
             paused: Arc::new(AtomicBool::new(false)),
             state: VmState::Created,
@@ -230,11 +251,22 @@ impl Vm {
             vcpu_events_tx: tx,
             vcpu_wake: EventFd::new(EFD_NONBLOCK).map_err(Error::EventLoop)?,
             api_rx,
-            api_tx,
-            api_wake: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(Error::EventLoop)?),
+            api_wake: api_wake.clone(),
+            shutdown_timer: TimerFd::new()
+                .map_err(|e| Error::EventLoop(std::io::Error::from_raw_os_error(e.errno())))?,
             subscribers: Vec::new(),
-            pending_removals: Vec::new(),
+            removal_replies: BTreeMap::new(),
+            exit: None,
             start,
+        };
+        Ok(Vm {
+            config,
+            core: Arc::new(Mutex::new(core)),
+            _vm: vm,
+            memory,
+            _kvm: kvm,
+            api_tx,
+            api_wake,
         })
     }
 
@@ -248,7 +280,8 @@ impl Vm {
         &self.memory
     }
 
-    /// A handle for requests (usable once the VM runs).
+    /// A handle for requests. Requests sent before the VM runs are served
+    /// before its first vCPU starts.
     pub fn handle(&self) -> VmmHandle {
         VmmHandle::new(self.api_tx.clone(), self.api_wake.clone())
     }
@@ -256,12 +289,8 @@ impl Vm {
     /// A stream of [`VmEvent`]s.
     pub fn subscribe(&mut self) -> Receiver<VmEvent> {
         let (tx, rx) = channel();
-        self.subscribers.push(tx);
+        lock(&self.core).subscribers.push(tx);
         rx
-    }
-
-    fn emit(&mut self, ev: VmEvent) {
-        self.subscribers.retain(|s| s.send(ev.clone()).is_ok());
     }
 
     /// Runs the VM on a new thread.
@@ -272,6 +301,109 @@ impl Vm {
             .spawn(move || self.run())
             .map_err(Error::Thread)?;
         Ok(RunningVm { thread, handle })
+    }
+
+    /// Runs the VM until it stops. Blocks the calling thread, which serves
+    /// the event loop.
+    pub fn run(&mut self) -> Result<ExitReason> {
+        let mut em: EventManager<Box<dyn MutEventSubscriber>> =
+            EventManager::new().map_err(Error::EventManager)?;
+        let (platform, api, hotplug, timer) = {
+            let c = lock(&self.core);
+            (
+                vec![
+                    c.devices.events.power_off.as_raw_fd(),
+                    c.devices.events.reset.as_raw_fd(),
+                    c.vcpu_wake.as_raw_fd(),
+                ],
+                c.api_wake.as_raw_fd(),
+                vec![c.hotplug.completion_fd(), c.hotplug.timer_fd()],
+                c.shutdown_timer.as_raw_fd(),
+            )
+        };
+        let core = &self.core;
+        em.add_subscriber(Box::new(PlatformSubscriber(Watch::new(core, platform))));
+        em.add_subscriber(Box::new(ApiSubscriber(Watch::new(core, vec![api]))));
+        em.add_subscriber(Box::new(HotplugSubscriber(Watch::new(core, hotplug))));
+        em.add_subscriber(Box::new(ShutdownTimerSubscriber(Watch::new(
+            core,
+            vec![timer],
+        ))));
+        let stdin = std::io::stdin();
+        // SAFETY: isatty only inspects the descriptor.
+        let interactive = self.config.serial == SerialOutput::Stdout
+            && unsafe { libc::isatty(stdin.as_raw_fd()) } == 1;
+        let _raw = if interactive {
+            em.add_subscriber(Box::new(ConsoleSubscriber(Watch::new(
+                core,
+                vec![stdin.as_raw_fd()],
+            ))));
+            RawMode::enter(stdin.as_raw_fd())
+        } else {
+            None
+        };
+
+        {
+            let mut c = lock(core);
+            // Requests sent before the VM ran are served before the first
+            // vCPU starts (an embedder's cold configuration, or an early
+            // hotplug, which the hotplug owner holds for the guest).
+            c.serve_api();
+            if c.exit.is_none() {
+                if let Err(e) = c.start_vcpus() {
+                    c.exit = Some(Err(e));
+                }
+            }
+        }
+        let outcome = loop {
+            if let Some(exit) = lock(core).exit.take() {
+                break exit;
+            }
+            if let Err(e) = em.run() {
+                break Err(Error::EventManager(e));
+            }
+        };
+        drop(em);
+        let mut c = lock(core);
+        c.stop_vcpus();
+        c.state = VmState::Shutdown;
+        if let Ok(reason) = &outcome {
+            c.emit(VmEvent::Stopped(reason.clone()));
+        }
+        for id in c.hotplug.abandon() {
+            if let Some(r) = c.removal_replies.remove(&id) {
+                let _ = r.send(Err(ApiError::conflict(
+                    "the VM stopped before the guest released the device",
+                )));
+            }
+        }
+        for (_, r) in std::mem::take(&mut c.removal_replies) {
+            let _ = r.send(Err(ApiError::conflict("the VM has stopped")));
+        }
+        // Refuse whatever is still queued.
+        while let Ok(msg) = c.api_rx.try_recv() {
+            let _ = msg
+                .reply
+                .send(Err(ApiError::conflict("the VM has stopped")));
+        }
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        outcome
+    }
+}
+
+fn lock(core: &Mutex<VmCore>) -> MutexGuard<'_, VmCore> {
+    core.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl VmCore {
+    fn emit(&mut self, ev: VmEvent) {
+        self.subscribers.retain(|s| s.send(ev.clone()).is_ok());
+    }
+
+    fn finish(&mut self, outcome: Result<ExitReason>) {
+        if self.exit.is_none() {
+            self.exit = Some(outcome);
+        }
     }
 
     fn start_vcpus(&mut self) -> Result<()> {
@@ -343,78 +475,90 @@ impl Vm {
             cpus: Some(u32::from(self.config.cpus)),
             memory: Some(self.config.memory),
             devices: self.devices.device_info(),
-            topology: self.devices.topology_info(),
+            topology: self.devices.topology_info(self.hotplug.plan()),
         }
     }
 
-    /// Answers one request. `Ok(Some(reason))` ends the run loop.
-    fn handle_request(
-        &mut self,
-        msg: ApiMessage,
-        shutdown_timer: &mut TimerFd,
-    ) -> Option<ExitReason> {
+    /// Answers every queued request.
+    fn serve_api(&mut self) {
+        let _ = self.api_wake.read();
+        while self.exit.is_none() {
+            let Ok(msg) = self.api_rx.try_recv() else {
+                break;
+            };
+            self.handle_request(msg);
+        }
+    }
+
+    /// Answers one request (a removal is answered when the guest
+    /// completes it, see [`VmCore::hotplug_outcome`]).
+    fn handle_request(&mut self, msg: ApiMessage) {
         let ApiMessage { request, reply } = msg;
         log::info!("request {}", request.name());
-        let (answer, exit) = match request {
-            ApiRequest::VmmPing => (
-                Ok(ApiResponse::VmmPing(VmmPingResponse {
-                    version: env!("CARGO_PKG_VERSION").to_string(),
-                })),
-                None,
-            ),
-            ApiRequest::VmInfo => (Ok(ApiResponse::VmInfo(self.info())), None),
-            ApiRequest::VmPause => (self.pause(), None),
-            ApiRequest::VmResume => (self.resume(), None),
-            ApiRequest::VmmShutdown => (Ok(ApiResponse::Empty), Some(ExitReason::VmmShutdown)),
-            ApiRequest::VmShutdown => {
-                if self.state == VmState::Paused {
-                    // A paused guest cannot see the button: stop now.
-                    (Ok(ApiResponse::Empty), Some(ExitReason::Shutdown))
-                } else {
-                    let r = self.devices.ged.notify(GED_EVENT_POWER_BUTTON);
-                    let grace = self.config.shutdown_grace.max(Duration::from_millis(1));
-                    let arm = shutdown_timer.reset(grace, None);
-                    match r.and(arm.map_err(|e| std::io::Error::from_raw_os_error(e.errno()))) {
-                        Ok(()) => (Ok(ApiResponse::Empty), None),
-                        Err(e) => (
-                            Err(ApiError::internal(format!(
-                                "cannot press the power button: {e}"
-                            ))),
-                            Some(ExitReason::Shutdown),
-                        ),
-                    }
-                }
+        let answer = match request {
+            ApiRequest::VmmPing => Ok(ApiResponse::VmmPing(VmmPingResponse {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            })),
+            ApiRequest::VmInfo => Ok(ApiResponse::VmInfo(self.info())),
+            ApiRequest::VmPause => self.pause(),
+            ApiRequest::VmResume => self.resume(),
+            ApiRequest::VmmShutdown => {
+                self.finish(Ok(ExitReason::VmmShutdown));
+                Ok(ApiResponse::Empty)
             }
+            ApiRequest::VmShutdown => self.shutdown(),
             ApiRequest::VmAddDisk(cfg) => {
-                let r = self.devices.add_disk(&cfg, true);
-                (self.hotplugged(r), None)
+                let r = self.devices.add_disk(&cfg, true, self.hotplug.plan());
+                self.hotplugged(r)
             }
             ApiRequest::VmAddRng(cfg) => {
-                let r = self.devices.add_rng(&cfg, true);
-                (self.hotplugged(r), None)
+                let r = self.devices.add_rng(&cfg, true, self.hotplug.plan());
+                self.hotplugged(r)
             }
             ApiRequest::VmRemoveDevice(r) => match self.start_removal(&r.id) {
-                Ok(mechanism) => {
-                    self.pending_removals.push(PendingRemoval {
-                        id: r.id,
-                        mechanism,
-                        reply: Some(reply),
-                        deadline: Instant::now() + self.config.remove_timeout,
-                    });
-                    return None;
+                Ok(true) => {
+                    self.removal_replies.insert(r.id, reply);
+                    return;
                 }
-                Err(e) => (Err(e), None),
+                Ok(false) => {
+                    self.release(&r.id);
+                    Ok(ApiResponse::Empty)
+                }
+                Err(e) => Err(e),
             },
         };
         let _ = reply.send(answer);
-        exit
     }
 
-    /// Announces a device just placed (or maps the error to the API).
+    /// `vm.shutdown`: the power button, then a hard stop after the grace
+    /// period.
+    fn shutdown(&mut self) -> ApiReply {
+        if self.state != VmState::Running {
+            // A paused guest cannot see the button: stop now.
+            self.finish(Ok(ExitReason::Shutdown));
+            return Ok(ApiResponse::Empty);
+        }
+        let grace = self.config.shutdown_grace.max(Duration::from_millis(1));
+        let armed = self
+            .shutdown_timer
+            .reset(grace, None)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()));
+        match self.hotplug.power_button().map_err(|e| e.to_string()) {
+            Ok(()) if armed.is_ok() => Ok(ApiResponse::Empty),
+            r => {
+                self.finish(Ok(ExitReason::Shutdown));
+                let why = r.err().unwrap_or_else(|| format!("{:?}", armed.err()));
+                Err(ApiError::internal(format!(
+                    "cannot press the power button: {why}"
+                )))
+            }
+        }
+    }
+
+    /// Announces a device just placed.
     fn hotplugged(&mut self, r: std::result::Result<DeviceRecord, DeviceError>) -> ApiReply {
-        let rec = r.map_err(device_error)?;
-        let mechanism = self.devices.mechanism(rec.port.as_deref(), &rec.path);
-        if let Err(e) = self.devices.signal(&mechanism, SlotSignal::Added) {
+        let rec = r?;
+        if let Err(e) = self.hotplug.announce(&rec.id, &rec.mechanism) {
             log::warn!("cannot notify the guest of {}: {e}", rec.id);
         }
         log::info!("hot-plugged {} at {}", rec.id, rec.path);
@@ -428,262 +572,53 @@ impl Vm {
         }))
     }
 
-    /// Asks the guest to release device `id`; returns how.
-    fn start_removal(&mut self, id: &str) -> std::result::Result<Mechanism, ApiError> {
-        let rec = self
-            .devices
-            .records
-            .iter()
-            .find(|r| r.id == id)
-            .ok_or_else(|| ApiError::not_found(format!("no device with id '{id}'")))?;
-        if !rec.hotplugged {
-            return Err(ApiError::conflict(format!(
-                "device '{id}' was cold-plugged and is not removable"
-            )));
-        }
-        if self.pending_removals.iter().any(|p| p.id == id) {
-            return Err(ApiError::conflict(format!(
-                "the removal of device '{id}' is already under way"
-            )));
-        }
+    /// Asks the guest to release device `id`. `Ok(true)`: wait for the
+    /// guest; `Ok(false)`: the guest never took it, free it now.
+    fn start_removal(&mut self, id: &str) -> std::result::Result<bool, ApiError> {
+        let rec = self.devices.removable(id)?;
         if self.state != VmState::Running {
             return Err(ApiError::conflict(format!(
                 "the VM is {}; the guest must run to release a device",
                 state_name(self.state)
             )));
         }
-        let mechanism = self.devices.mechanism(rec.port.as_deref(), &rec.path);
-        if mechanism == Mechanism::None {
-            return Err(ApiError::conflict(format!(
-                "device '{id}' sits in a slot without hotplug"
-            )));
-        }
-        self.devices
-            .signal(&mechanism, SlotSignal::RemovalRequested)
-            .map_err(|e| ApiError::internal(format!("cannot notify the guest: {e}")))?;
-        log::info!("asked the guest to release {id} at {}", rec.path);
-        Ok(mechanism)
-    }
-
-    /// Frees what the guest ejected and answers the waiting requests.
-    fn handle_ejects(&mut self) {
-        for (sel, slot) in self.devices.hotplug.take_ejects() {
-            let Some(rec) = self
-                .devices
-                .records
-                .iter()
-                .find(|r| {
-                    self.devices.mechanism(r.port.as_deref(), &r.path) == Mechanism::Acpi(sel, slot)
-                })
-                .cloned()
-            else {
-                continue;
-            };
-            if !rec.hotplugged {
-                log::warn!("the guest ejected cold-plugged {}; keeping it", rec.id);
-                continue;
-            }
-            self.finish_removal(&rec);
-        }
+        let (mechanism, path) = (rec.mechanism.clone(), rec.path.clone());
+        let released =
+            self.hotplug
+                .request_removal(id, &mechanism, self.config.remove_timeout)?;
+        log::info!("asked the guest to release {id} at {path}");
+        Ok(!released)
     }
 
     /// Frees a device the guest released and answers its removal request.
-    fn finish_removal(&mut self, rec: &DeviceRecord) {
-        let result = self.devices.remove(&rec.id);
-        let answer = match &result {
-            Ok(_) => {
-                log::info!("removed {} from {}", rec.id, rec.path);
+    fn release(&mut self, id: &str) {
+        let answer = match self.devices.remove(id) {
+            Ok(rec) => {
+                log::info!("removed {id} from {}", rec.path);
+                self.emit(VmEvent::DeviceRemoved { id: id.to_string() });
                 Ok(ApiResponse::Empty)
             }
-            Err(e) => Err(ApiError::internal(format!("cannot free {}: {e}", rec.id))),
+            Err(e) => Err(ApiError::internal(format!("cannot free {id}: {e}"))),
         };
-        if result.is_ok() {
-            self.emit(VmEvent::DeviceRemoved { id: rec.id.clone() });
-        }
-        if let Some(i) = self.pending_removals.iter().position(|p| p.id == rec.id) {
-            let mut p = self.pending_removals.remove(i);
-            if let Some(r) = p.reply.take() {
-                let _ = r.send(answer);
-            }
+        if let Some(r) = self.removal_replies.remove(id) {
+            let _ = r.send(answer);
         }
     }
 
-    /// A native slot's power changed: complete the removals whose slot the
-    /// guest has powered off.
-    fn handle_slot_power(&mut self) {
-        let done: Vec<String> = self
-            .pending_removals
-            .iter()
-            .filter_map(|p| match &p.mechanism {
-                Mechanism::Native(port) => {
-                    let pci = self.devices.pci.as_ref()?;
-                    let off = pci
-                        .port(port)?
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .removal_complete();
-                    off.then(|| p.id.clone())
-                }
-                _ => None,
-            })
-            .collect();
-        for id in done {
-            if let Some(rec) = self.devices.records.iter().find(|r| r.id == id).cloned() {
-                self.finish_removal(&rec);
-            }
-        }
-    }
-
-    /// Answers removals the guest did not complete in time; the devices
-    /// stay attached and working.
-    fn expire_removals(&mut self) {
-        let now = Instant::now();
-        let (expired, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending_removals)
-            .into_iter()
-            .partition(|p| p.deadline <= now);
-        self.pending_removals = kept;
-        for mut p in expired {
-            // A native card is put back: the guest sees it present again.
-            if let Err(e) = self
-                .devices
-                .signal(&p.mechanism, SlotSignal::RemovalWithdrawn)
-            {
-                log::warn!("cannot withdraw the removal of {}: {e}", p.id);
-            }
-            log::warn!("the guest did not release {} in time", p.id);
-            if let Some(r) = p.reply.take() {
-                let _ = r.send(Err(ApiError::conflict(format!(
-                    "the guest did not release device '{}' within {:?}; it is still attached, retry later",
-                    p.id, self.config.remove_timeout
-                ))));
-            }
-        }
-    }
-
-    fn loop_timeout_ms(&self) -> i32 {
-        match self.pending_removals.iter().map(|p| p.deadline).min() {
-            None => -1,
-            Some(d) => {
-                let ms = d.saturating_duration_since(Instant::now()).as_millis();
-                ms.clamp(1, i32::MAX as u128) as i32
-            }
-        }
-    }
-
-    /// Runs the VM until it stops. Blocks the calling thread, which serves
-    /// the event loop.
-    pub fn run(&mut self) -> Result<ExitReason> {
-        let epoll = Epoll::new().map_err(Error::EventLoop)?;
-        let add = |fd: i32, tok: u64| {
-            epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, tok),
-            )
-        };
-        let mut shutdown_timer = TimerFd::new()
-            .map_err(|e| Error::EventLoop(std::io::Error::from_raw_os_error(e.errno())))?;
-        add(self.devices.events.power_off.as_raw_fd(), TOK_POWER_OFF).map_err(Error::EventLoop)?;
-        add(self.devices.events.reset.as_raw_fd(), TOK_RESET).map_err(Error::EventLoop)?;
-        add(self.vcpu_wake.as_raw_fd(), TOK_VCPU).map_err(Error::EventLoop)?;
-        add(self.api_wake.as_raw_fd(), TOK_API).map_err(Error::EventLoop)?;
-        add(shutdown_timer.as_raw_fd(), TOK_SHUTDOWN_TIMER).map_err(Error::EventLoop)?;
-        add(self.devices.events.eject.as_raw_fd(), TOK_EJECT).map_err(Error::EventLoop)?;
-        if let Some(pci) = &self.devices.pci {
-            add(pci.slot_power_event().as_raw_fd(), TOK_SLOT_POWER).map_err(Error::EventLoop)?;
-        }
-        let stdin = std::io::stdin();
-        // SAFETY: isatty only inspects the descriptor.
-        let interactive = self.config.serial == SerialOutput::Stdout
-            && unsafe { libc::isatty(stdin.as_raw_fd()) } == 1;
-        let _raw = if interactive {
-            add(stdin.as_raw_fd(), TOK_STDIN).map_err(Error::EventLoop)?;
-            RawMode::enter(stdin.as_raw_fd())
-        } else {
-            None
-        };
-
-        self.start_vcpus()?;
-        let mut events = vec![EpollEvent::default(); 16];
-        let outcome = 'outer: loop {
-            let n = match epoll.wait(self.loop_timeout_ms(), &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => break Err(Error::EventLoop(e)),
-            };
-            for ev in &events[..n] {
-                match ev.data() {
-                    TOK_POWER_OFF => break 'outer Ok(ExitReason::PowerOff),
-                    TOK_RESET => break 'outer Ok(ExitReason::Reset),
-                    TOK_VCPU => {
-                        let _ = self.vcpu_wake.read();
-                        if let Ok(ev) = self.vcpu_events.try_recv() {
-                            break 'outer match ev {
-                                VcpuEvent::PowerOff => Ok(ExitReason::PowerOff),
-                                VcpuEvent::Reset => Ok(ExitReason::Reset),
-                                VcpuEvent::Error(m) => Err(Error::Guest(m)),
-                            };
-                        }
-                    }
-                    TOK_API => {
-                        let _ = self.api_wake.read();
-                        while let Ok(msg) = self.api_rx.try_recv() {
-                            if let Some(exit) = self.handle_request(msg, &mut shutdown_timer) {
-                                break 'outer Ok(exit);
-                            }
-                        }
-                    }
-                    TOK_SHUTDOWN_TIMER => {
-                        let _ = shutdown_timer.wait();
-                        let seen =
-                            self.devices.ged.take_acknowledged() & GED_EVENT_POWER_BUTTON != 0;
-                        log::warn!(
-                            "the guest did not power off within {:?} of the power button ({}); stopping it",
-                            self.config.shutdown_grace,
-                            if seen { "it read the button event" } else { "it never read the button event" }
-                        );
-                        break 'outer Ok(ExitReason::Shutdown);
-                    }
-                    TOK_STDIN => self.forward_stdin(&epoll),
-                    TOK_EJECT => {
-                        let _ = self.devices.events.eject.read();
-                        self.handle_ejects();
-                    }
-                    TOK_SLOT_POWER => {
-                        if let Some(pci) = &self.devices.pci {
-                            let _ = pci.slot_power_event().read();
-                        }
-                        self.handle_slot_power();
-                    }
-                    _ => {}
+    fn hotplug_outcome(&mut self, o: Outcome) {
+        match o {
+            Outcome::Released { id } => self.release(&id),
+            Outcome::Withdrawn { id, after } => {
+                if let Some(r) = self.removal_replies.remove(&id) {
+                    let _ = r.send(Err(ApiError::conflict(format!(
+                        "the guest did not release device '{id}' within {after:?}; it is still attached, retry later"
+                    ))));
                 }
             }
-            self.expire_removals();
-        };
-        self.stop_vcpus();
-        self.state = VmState::Shutdown;
-        if let Ok(reason) = &outcome {
-            let r = reason.clone();
-            self.emit(VmEvent::Stopped(r));
         }
-        for mut p in std::mem::take(&mut self.pending_removals) {
-            if let Some(r) = p.reply.take() {
-                let _ = r.send(Err(ApiError::conflict(
-                    "the VM stopped before the guest released the device",
-                )));
-            }
-        }
-        // Refuse whatever is still queued.
-        while let Ok(msg) = self.api_rx.try_recv() {
-            let _ = msg
-                .reply
-                .send(Err(ApiError::conflict("the VM has stopped")));
-        }
-        let _ = std::io::Write::flush(&mut std::io::stdout());
-        outcome
     }
 
-    fn forward_stdin(&mut self, epoll: &Epoll) {
+    fn forward_stdin(&mut self) -> bool {
         let stdin = std::io::stdin();
         let mut buf = [0u8; 64];
         let mut serial = self
@@ -693,38 +628,142 @@ impl Vm {
             .unwrap_or_else(|e| e.into_inner());
         let room = serial.fifo_room().min(buf.len());
         if room == 0 {
-            return;
+            return true;
         }
         match stdin.lock().read(&mut buf[..room]) {
-            Ok(0) => {
-                let _ = epoll.ctl(
-                    ControlOperation::Delete,
-                    stdin.as_raw_fd(),
-                    EpollEvent::default(),
-                );
-            }
+            Ok(0) => false,
             Ok(n) => {
                 serial.enqueue_input(&buf[..n]);
+                true
             }
-            Err(_) => {}
+            Err(_) => true,
         }
     }
 }
 
-/// The API's status for a failed device request.
-fn device_error(e: DeviceError) -> ApiError {
-    use crate::pci_manager::PciManagerError as P;
-    match &e {
-        DeviceError::DuplicateId(_) => ApiError::conflict(e.to_string()),
-        DeviceError::BadPath(..) | DeviceError::Disk(..) => ApiError::bad_request(e.to_string()),
-        DeviceError::NotHotplugSlot(_) | DeviceError::NoSlot(_) => {
-            ApiError::conflict(e.to_string())
+/// What every subscriber holds: the shared core and its descriptors.
+struct Watch {
+    core: Arc<Mutex<VmCore>>,
+    fds: Vec<RawFd>,
+}
+
+impl Watch {
+    fn new(core: &Arc<Mutex<VmCore>>, fds: Vec<RawFd>) -> Self {
+        Watch {
+            core: core.clone(),
+            fds,
         }
-        DeviceError::UnknownPort(_) => ApiError::not_found(e.to_string()),
-        DeviceError::Placement(P::NoFreeSlot | P::SlotTaken(_) | P::Bars(_)) => {
-            ApiError::conflict(e.to_string())
+    }
+
+    /// Registers the descriptors; a failure ends the VM.
+    fn init(&self, ops: &mut EventOps) {
+        for fd in &self.fds {
+            if let Err(e) = ops.add(Events::new_raw(*fd, EventSet::IN)) {
+                lock(&self.core).finish(Err(Error::EventManager(e)));
+            }
         }
-        _ => ApiError::internal(e.to_string()),
+    }
+
+    fn core(&self) -> MutexGuard<'_, VmCore> {
+        lock(&self.core)
+    }
+}
+
+/// Guest power-off and reset, and vCPU exits.
+struct PlatformSubscriber(Watch);
+
+impl MutEventSubscriber for PlatformSubscriber {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let mut c = self.0.core();
+        let fd = events.fd();
+        if fd == c.devices.events.power_off.as_raw_fd() {
+            c.finish(Ok(ExitReason::PowerOff));
+        } else if fd == c.devices.events.reset.as_raw_fd() {
+            c.finish(Ok(ExitReason::Reset));
+        } else {
+            let _ = c.vcpu_wake.read();
+            if let Ok(ev) = c.vcpu_events.try_recv() {
+                c.finish(match ev {
+                    VcpuEvent::PowerOff => Ok(ExitReason::PowerOff),
+                    VcpuEvent::Reset => Ok(ExitReason::Reset),
+                    VcpuEvent::Error(m) => Err(Error::Guest(m)),
+                });
+            }
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        self.0.init(ops)
+    }
+}
+
+/// Requests from the API server and embedders.
+struct ApiSubscriber(Watch);
+
+impl MutEventSubscriber for ApiSubscriber {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        self.0.core().serve_api();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        self.0.init(ops)
+    }
+}
+
+/// The hotplug owner's completions and timer.
+struct HotplugSubscriber(Watch);
+
+impl MutEventSubscriber for HotplugSubscriber {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let mut c = self.0.core();
+        for o in c.hotplug.process() {
+            c.hotplug_outcome(o);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        self.0.init(ops)
+    }
+}
+
+/// The end of `vm.shutdown`'s grace period.
+struct ShutdownTimerSubscriber(Watch);
+
+impl MutEventSubscriber for ShutdownTimerSubscriber {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let mut c = self.0.core();
+        let _ = c.shutdown_timer.wait();
+        let seen = c.devices.ged.take_acknowledged() & GED_EVENT_POWER_BUTTON != 0;
+        log::warn!(
+            "the guest did not power off within {:?} of the power button ({}); stopping it",
+            c.config.shutdown_grace,
+            if seen {
+                "it read the button event"
+            } else {
+                "it never read the button event"
+            }
+        );
+        c.finish(Ok(ExitReason::Shutdown));
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        self.0.init(ops)
+    }
+}
+
+/// Terminal input for the guest's UART.
+struct ConsoleSubscriber(Watch);
+
+impl MutEventSubscriber for ConsoleSubscriber {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let open = self.0.core().forward_stdin();
+        if !open || events.event_set().contains(EventSet::HANG_UP) {
+            let _ = ops.remove(events);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        self.0.init(ops)
     }
 }
 
@@ -737,8 +776,9 @@ fn state_name(s: VmState) -> &'static str {
     }
 }
 
+
 impl Drop for Vm {
     fn drop(&mut self) {
-        self.stop_vcpus();
+        lock(&self.core).stop_vcpus();
     }
 }

@@ -9,8 +9,15 @@
 //! | offset | access | meaning                                        |
 //! |--------|--------|------------------------------------------------|
 //! | 0      | R, 4   | pending events, cleared by the read            |
+//!
+//! The interrupt is held until the VMM says the guest can take it
+//! ([`Ged::set_ready`]): an edge raised while the guest's interrupt
+//! controllers are still unprogrammed is lost at best, and at worst arrives
+//! through the reset-state PIC as a CPU exception vector (IRQ 5 is #BR) and
+//! kills the booting guest. Events posted meanwhile stay pending and are
+//! announced by one interrupt when the guest becomes ready.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use vm_device::bus::{MmioAddress, MmioAddressOffset};
@@ -29,22 +36,49 @@ pub struct Ged {
     pending: AtomicU32,
     interrupt: EventFd,
     acknowledged: AtomicU32,
+    ready: AtomicBool,
 }
 
 impl Ged {
-    /// A GED raising `interrupt` (an irqfd) when events are posted.
+    /// A GED raising `interrupt` (an irqfd) when events are posted, once
+    /// the guest is ready for it.
     pub fn new(interrupt: EventFd) -> Arc<Self> {
         Arc::new(Ged {
             pending: AtomicU32::new(0),
             interrupt,
             acknowledged: AtomicU32::new(0),
+            ready: AtomicBool::new(false),
         })
     }
 
-    /// Posts `events` and interrupts the guest.
+    /// Posts `events` and interrupts the guest, or holds the interrupt
+    /// until [`Ged::set_ready`] if the guest cannot take it yet.
     pub fn notify(&self, events: u32) -> std::io::Result<()> {
-        self.pending.fetch_or(events, Ordering::AcqRel);
-        self.interrupt.write(1)
+        self.pending.fetch_or(events, Ordering::SeqCst);
+        if self.ready.load(Ordering::SeqCst) {
+            self.interrupt.write(1)?;
+        }
+        Ok(())
+    }
+
+    /// The guest can take the interrupt from now on: raise it at once if
+    /// events were held.
+    pub fn set_ready(&self) -> std::io::Result<()> {
+        self.ready.store(true, Ordering::SeqCst);
+        if self.pending.load(Ordering::SeqCst) != 0 {
+            self.interrupt.write(1)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the interrupt is enabled (see [`Ged::set_ready`]).
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    /// Whether events wait for the guest to become ready.
+    pub fn holding(&self) -> bool {
+        !self.is_ready() && self.pending.load(Ordering::SeqCst) != 0
     }
 
     /// Events the guest has read (acknowledged) since the last call.
@@ -73,9 +107,35 @@ mod tests {
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     #[test]
+    fn interrupt_held_until_ready() {
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let ged = Ged::new(irq.try_clone().unwrap());
+        assert!(!ged.holding());
+        ged.notify(GED_EVENT_PCI_HOTPLUG).unwrap();
+        ged.notify(GED_EVENT_POWER_BUTTON).unwrap();
+        assert!(
+            irq.read().is_err(),
+            "no interrupt before the guest is ready"
+        );
+        assert!(ged.holding());
+        ged.set_ready().unwrap();
+        assert_eq!(irq.read().unwrap(), 1, "one interrupt for the held events");
+        assert!(!ged.holding());
+        let mut d = [0u8; 4];
+        ged.mmio_read(MmioAddress(0), 0, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 3);
+        // Ready with nothing pending raises nothing.
+        let irq2 = EventFd::new(EFD_NONBLOCK).unwrap();
+        let quiet = Ged::new(irq2.try_clone().unwrap());
+        quiet.set_ready().unwrap();
+        assert!(irq2.read().is_err());
+    }
+
+    #[test]
     fn events_are_read_once() {
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let ged = Ged::new(irq.try_clone().unwrap());
+        ged.set_ready().unwrap();
         ged.notify(GED_EVENT_POWER_BUTTON).unwrap();
         ged.notify(GED_EVENT_PCI_HOTPLUG).unwrap();
         assert_eq!(irq.read().unwrap(), 2);

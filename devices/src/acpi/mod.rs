@@ -5,4 +5,4 @@ mod ged;
 mod pci_hotplug;
 
 pub use ged::{Ged, GED_EVENT_PCI_HOTPLUG, GED_EVENT_POWER_BUTTON, GED_MMIO_SIZE};
-pub use pci_hotplug::{PciHotplugController, PCI_HOTPLUG_MMIO_SIZE};
+pub use pci_hotplug::{EjectSink, PciHotplugController, PCI_HOTPLUG_MMIO_SIZE};

@@ -12,39 +12,45 @@
 //! The VMM posts events with [`PciHotplugController::device_added`] and
 //! [`PciHotplugController::request_removal`], then raises the GED's hotplug
 //! event; the DSDT's scan method walks every selector, reads PCIU and PCID
-//! and notifies the slots. An eject signals `eject_event`; the VMM collects
-//! them with [`PciHotplugController::take_ejects`] and frees the device.
+//! and notifies the slots. Each ejected slot is reported, by selector and
+//! slot, to the [`EjectSink`] the VMM gave the controller.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
+use std::sync::Arc;
 use vm_device::bus::{MmioAddress, MmioAddressOffset};
 use vm_device::DeviceMmio;
-use vmm_sys_util::eventfd::EventFd;
 
 /// Size of the register block.
 pub const PCI_HOTPLUG_MMIO_SIZE: u64 = 0x10;
+
+/// Where the controller reports the guest's ejects (called on a vCPU
+/// thread, with no lock of the controller held).
+pub trait EjectSink: Send + Sync {
+    /// The guest ejected `slot` of the bus with selector `bsel` (`_EJ0`).
+    fn ejected(&self, bsel: u32, slot: u8);
+}
 
 #[derive(Default)]
 struct State {
     select: u32,
     up: BTreeMap<u32, u32>,
     down: BTreeMap<u32, u32>,
-    ejected: Vec<(u32, u8)>,
 }
 
 /// The register block.
 pub struct PciHotplugController {
     state: Mutex<State>,
-    eject_event: EventFd,
+    sink: Arc<dyn EjectSink>,
 }
 
 impl PciHotplugController {
-    /// A controller signalling guest ejects on `eject_event`.
-    pub fn new(eject_event: EventFd) -> Self {
+    /// A controller reporting guest ejects to `sink`.
+    pub fn new(sink: Arc<dyn EjectSink>) -> Self {
         PciHotplugController {
             state: Mutex::new(State::default()),
-            eject_event,
+            sink,
         }
     }
 
@@ -88,11 +94,6 @@ impl PciHotplugController {
                 .get(&sel)
                 .is_some_and(|d| d & (1 << slot) != 0)
     }
-
-    /// The (selector, slot) pairs the guest ejected since the last call.
-    pub fn take_ejects(&self) -> Vec<(u32, u8)> {
-        std::mem::take(&mut self.state().ejected)
-    }
 }
 
 impl DeviceMmio for PciHotplugController {
@@ -121,21 +122,12 @@ impl DeviceMmio for PciHotplugController {
         match offset {
             0x8 => {
                 let sel = s.select;
-                let mut any = false;
-                for slot in 0..32u8 {
-                    if v & (1 << slot) != 0 && s.ejected.len() < 1024 {
-                        s.ejected.push((sel, slot));
-                        any = true;
-                    }
-                }
                 if let Some(d) = s.down.get_mut(&sel) {
                     *d &= !v;
                 }
                 drop(s);
-                if any {
-                    if let Err(e) = self.eject_event.write(1) {
-                        log::warn!("pci hotplug: cannot signal an eject: {e}");
-                    }
+                for slot in (0..32u8).filter(|slot| v & (1 << slot) != 0) {
+                    self.sink.ejected(sel, slot);
                 }
             }
             0xc => s.select = v,
@@ -147,7 +139,21 @@ impl DeviceMmio for PciHotplugController {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(u32, u8)>>);
+
+    impl EjectSink for Recorder {
+        fn ejected(&self, bsel: u32, slot: u8) {
+            self.0.lock().unwrap().push((bsel, slot));
+        }
+    }
+
+    impl Recorder {
+        fn take(&self) -> Vec<(u32, u8)> {
+            std::mem::take(&mut self.0.lock().unwrap())
+        }
+    }
 
     fn read(c: &PciHotplugController, off: u64) -> u32 {
         let mut d = [0u8; 4];
@@ -161,8 +167,8 @@ mod tests {
 
     #[test]
     fn add_remove_eject_cycle() {
-        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
-        let c = PciHotplugController::new(evt.try_clone().unwrap());
+        let rec = Arc::new(Recorder::default());
+        let c = PciHotplugController::new(rec.clone());
         c.device_added(0, 3);
         c.device_added(2, 5);
         assert_eq!(read(&c, 0x0), 1 << 3);
@@ -176,10 +182,17 @@ mod tests {
         assert_eq!(read(&c, 0x4), 1 << 3);
         assert_eq!(read(&c, 0x4), 1 << 3, "PCID stays until ejected");
         write(&c, 0x8, 1 << 3);
-        assert_eq!(evt.read().unwrap(), 1);
-        assert_eq!(c.take_ejects(), vec![(0, 3)]);
+        assert_eq!(rec.take(), vec![(0, 3)]);
         assert_eq!(read(&c, 0x4), 0);
-        assert!(c.take_ejects().is_empty());
+        assert!(rec.take().is_empty());
+        write(&c, 0xc, 2);
+        write(&c, 0x8, (1 << 5) | (1 << 7));
+        assert_eq!(
+            rec.take(),
+            vec![(2, 5), (2, 7)],
+            "ejects name their bus and slot"
+        );
+        write(&c, 0xc, 0);
         c.request_removal(0, 4);
         c.cancel_removal(0, 4);
         assert_eq!(read(&c, 0x4), 0);
@@ -187,8 +200,8 @@ mod tests {
 
     #[test]
     fn hostile_accesses() {
-        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
-        let c = PciHotplugController::new(evt.try_clone().unwrap());
+        let rec = Arc::new(Recorder::default());
+        let c = PciHotplugController::new(rec.clone());
         c.device_added(0, 40);
         c.request_removal(0, 200);
         assert_eq!(read(&c, 0x0), 0);
@@ -196,12 +209,10 @@ mod tests {
         c.mmio_read(MmioAddress(0), 0, &mut b);
         assert_eq!(b, [0, 0]);
         c.mmio_write(MmioAddress(0), 0x8, &[1, 2]);
-        assert!(c.take_ejects().is_empty());
+        assert!(rec.take().is_empty());
         assert_eq!(read(&c, 0x44), 0);
-        // Ejects are bounded however often the guest writes.
-        for _ in 0..100 {
-            write(&c, 0x8, u32::MAX);
-        }
-        assert_eq!(c.take_ejects().len(), 1024);
+        // One write reports at most the 32 slots of a bus.
+        write(&c, 0x8, u32::MAX);
+        assert_eq!(rec.take().len(), 32);
     }
 }

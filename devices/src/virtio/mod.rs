@@ -38,7 +38,7 @@ pub(crate) mod test_utils;
 
 pub use block::{Block, BlockConfig};
 pub use interrupt::VirtioInterrupt;
-pub use pci_transport::{VirtioPciDevice, VirtioPciOptions};
+pub use pci_transport::{VirtioPciDevice, VirtioPciError, VirtioPciOptions};
 pub use rng::Rng;
 
 /// Guest memory as seen by virtio devices (swappable for memory hot-plug).

@@ -34,9 +34,9 @@ use std::sync::Arc;
 use log::{debug, error, warn};
 use pci::config::RawCapability;
 use pci::{
-    BarInfo, BarRegion, ConfigWriteOutcome, IntxInterrupt, MsiInterruptGroup, MsixCapability,
-    MsixConfig, PciBarConfig, PciConfigParams, PciConfiguration, PciDevice, PciError,
-    PcieCapability, PciePortType, PmCapability,
+    BarInfo, BarRegion, ConfigWriteOutcome, IntxInterrupt, IoEventNotifier, MsiInterruptGroup,
+    MsixCapability, MsixConfig, PciBarConfig, PciConfigParams, PciConfiguration, PciDevice,
+    PciError, PcieCapability, PciePortType, PmCapability,
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddressSpace;
@@ -552,6 +552,25 @@ impl PciDevice for VirtioPciDevice {
             return;
         }
         self.bar_write(offset, data);
+    }
+
+    fn ioeventfds(&self) -> Vec<IoEventNotifier<'_>> {
+        VirtioPciDevice::ioeventfds(self)
+            .into_iter()
+            .map(|(offset, fd)| IoEventNotifier {
+                bar: BAR_INDEX,
+                offset,
+                fd,
+            })
+            .collect()
+    }
+
+    fn reset(&mut self) {
+        VirtioPciDevice::reset(self)
+    }
+
+    fn msix(&self) -> Option<&MsixConfig> {
+        Some(self.msix.as_ref())
     }
 
     fn as_any_mut(&mut self) -> &mut dyn Any {

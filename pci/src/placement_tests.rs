@@ -1,0 +1,969 @@
+//! Unit tests for the hotplug plan and the placement policy, on topologies built with
+//! [`Topology::build`].
+
+use std::collections::BTreeSet;
+
+use super::*;
+use crate::bar::{BarRegion, PciBarConfig};
+use crate::config::{PciConfigParams, PciConfiguration};
+use crate::device::{BarInfo, ConfigWriteOutcome, PciDevice};
+use crate::topology::{PortKind, PortSpec, TopologyOptions};
+use crate::PciError;
+
+const MMIO32: (u64, u64) = (0xc000_0000, 0x2000_0000);
+const MMIO64: (u64, u64) = (0x1_0000_0000, 1 << 36);
+
+fn opts() -> TopologyOptions {
+    TopologyOptions::new((1..32).collect(), MMIO32, MMIO64, None)
+}
+
+fn p(s: &str) -> PciPath {
+    s.parse().unwrap()
+}
+
+/// The VMM's default topology: root ports rp0..rp7 (native) and the PCIe-to-PCI bridge
+/// br0 (ACPI) on the root bus.
+fn default_topology() -> Topology {
+    let mut specs: Vec<PortSpec> = (0..8)
+        .map(|i| PortSpec::new(format!("rp{i}"), PortKind::RootPort))
+        .collect();
+    specs.push(PortSpec::new("br0", PortKind::PciBridge));
+    Topology::build(&specs, &opts()).unwrap()
+}
+
+/// Every kind of port: a native root port, a root port holding a switch (native downstream
+/// ports), a root port without hotplug, an ACPI bridge with a bridge with a bridge below
+/// (three levels), and a bridge without hotplug.
+fn mixed_topology() -> Topology {
+    let mut br1 = PortSpec::new("br1", PortKind::PciBridge).with_parent("br0");
+    br1.slot = Some(3);
+    let mut br2 = PortSpec::new("br2", PortKind::PciBridge).with_parent("br1");
+    br2.slot = Some(5);
+    let specs = vec![
+        PortSpec::new("rp0", PortKind::RootPort),
+        PortSpec::new("rp1", PortKind::RootPort),
+        PortSpec::new("sw0", PortKind::Switch { downstream: 2 }).with_parent("rp1"),
+        PortSpec::new("rpn", PortKind::RootPort).with_hotplug(HotplugMode::None),
+        PortSpec::new("br0", PortKind::PciBridge),
+        br1,
+        br2,
+        PortSpec::new("brn", PortKind::PciBridge).with_hotplug(HotplugMode::None),
+    ];
+    Topology::build(&specs, &opts()).unwrap()
+}
+
+/// Occupied paths, as the VMM's bus would report them.
+#[derive(Default)]
+struct Bus(BTreeSet<PciPath>);
+
+impl Bus {
+    fn with(paths: &[&str]) -> Self {
+        Bus(paths.iter().map(|s| p(s)).collect())
+    }
+
+    fn choose(
+        &self,
+        t: &Topology,
+        plan: &HotplugPlan,
+        order: &[PlaceKind],
+        req: PlaceRequest<'_>,
+    ) -> Result<Place, PlacementError> {
+        let occupied = |path: &PciPath| self.0.contains(path);
+        choose(t, plan, order, &occupied, &req)
+    }
+
+    /// Hot-plug with the default order; the chosen place is then occupied.
+    fn hotplug(&mut self, t: &Topology, plan: &HotplugPlan) -> Result<Place, PlacementError> {
+        self.add(t, plan, &PlaceKind::DEFAULT_ORDER, auto(true))
+    }
+
+    fn add(
+        &mut self,
+        t: &Topology,
+        plan: &HotplugPlan,
+        order: &[PlaceKind],
+        req: PlaceRequest<'_>,
+    ) -> Result<Place, PlacementError> {
+        let place = self.choose(t, plan, order, req)?;
+        self.0.insert(place.path.clone());
+        Ok(place)
+    }
+}
+
+fn auto(hotplug: bool) -> PlaceRequest<'static> {
+    PlaceRequest {
+        port: None,
+        pci_path: None,
+        hotplug,
+    }
+}
+
+fn by_port(port: &str, hotplug: bool) -> PlaceRequest<'_> {
+    PlaceRequest {
+        port: Some(port),
+        pci_path: None,
+        hotplug,
+    }
+}
+
+fn by_path(path: &str, hotplug: bool) -> PlaceRequest<'_> {
+    PlaceRequest {
+        port: None,
+        pci_path: Some(path),
+        hotplug,
+    }
+}
+
+fn place(path: &str, port: Option<&str>, mechanism: SlotMechanism) -> Place {
+    Place {
+        path: p(path),
+        port: port.map(str::to_string),
+        mechanism,
+    }
+}
+
+fn native(port: &str) -> SlotMechanism {
+    SlotMechanism::Native {
+        port: port.to_string(),
+    }
+}
+
+fn acpi(bsel: u32, slot: u8) -> SlotMechanism {
+    SlotMechanism::Acpi { bsel, slot }
+}
+
+fn bad_path(err: PlacementError) -> (String, String) {
+    match err {
+        PlacementError::BadPath { path, reason } => (path, reason),
+        e => panic!("expected BadPath, got {e:?}"),
+    }
+}
+
+#[test]
+fn topologies_are_as_the_tests_assume() {
+    let t = default_topology();
+    let paths: Vec<(String, String)> = t
+        .ports()
+        .iter()
+        .map(|n| (n.id.clone(), n.path.to_string()))
+        .collect();
+    let mut want: Vec<(String, String)> = (0..8)
+        .map(|i| (format!("rp{i}"), format!("{:02x}", i + 1)))
+        .collect();
+    want.push(("br0".into(), "09".into()));
+    assert_eq!(paths, want);
+    assert_eq!(
+        t.port("br0").unwrap().device_slots(),
+        (0..32).collect::<Vec<u8>>()
+    );
+
+    let t = mixed_topology();
+    let paths: Vec<(&str, String, HotplugMode)> = t
+        .ports()
+        .iter()
+        .map(|n| (n.id.as_str(), n.path.to_string(), n.hotplug))
+        .collect();
+    use HotplugMode::{Acpi, Native, None as NoHp};
+    assert_eq!(
+        paths,
+        vec![
+            ("rp0", "01".to_string(), Native),
+            ("rp1", "02".to_string(), Native),
+            ("sw0", "02/00".to_string(), NoHp),
+            ("sw0.0", "02/00/00".to_string(), Native),
+            ("sw0.1", "02/00/01".to_string(), Native),
+            ("rpn", "03".to_string(), NoHp),
+            ("br0", "04".to_string(), Acpi),
+            ("br1", "04/03".to_string(), Acpi),
+            ("br2", "04/03/05".to_string(), Acpi),
+            ("brn", "05".to_string(), NoHp),
+        ]
+    );
+}
+
+#[test]
+fn plan_of_the_default_topology() {
+    let t = default_topology();
+    let plan = HotplugPlan::new(&t, &[]);
+    assert_eq!(plan.root_slots(), (10..32).collect::<Vec<u8>>());
+    let natives: Vec<String> = (0..8).map(|i| format!("rp{i}")).collect();
+    assert_eq!(plan.native_ports(), natives);
+    assert_eq!(
+        plan.acpi_buses(),
+        [
+            AcpiHotplugBus {
+                port: None,
+                bsel: 0,
+                slots: (10..32).collect(),
+            },
+            AcpiHotplugBus {
+                port: Some("br0".into()),
+                bsel: 1,
+                slots: (0..32).collect(),
+            },
+        ]
+    );
+    assert_eq!(plan.bsel(None), Some(0));
+    assert_eq!(plan.bsel(Some("br0")), Some(1));
+    assert_eq!(plan.bsel(Some("rp0")), None);
+    assert_eq!(plan.bsel(Some("nope")), None);
+}
+
+#[test]
+fn plan_bsel_numbering_follows_topology_order() {
+    let t = mixed_topology();
+    let plan = HotplugPlan::new(&t, &[]);
+    let buses: Vec<(Option<&str>, u32)> = plan
+        .acpi_buses()
+        .iter()
+        .map(|b| (b.port.as_deref(), b.bsel))
+        .collect();
+    assert_eq!(
+        buses,
+        vec![
+            (None, 0),
+            (Some("br0"), 1),
+            (Some("br1"), 2),
+            (Some("br2"), 3)
+        ]
+    );
+    // Ports without hotplug (rpn, brn) and switch upstream ports have no selector.
+    for id in ["rpn", "brn", "sw0", "rp0"] {
+        assert_eq!(plan.bsel(Some(id)), None, "{id}");
+    }
+    // Every native port, including one holding a switch.
+    assert_eq!(plan.native_ports(), ["rp0", "rp1", "sw0.0", "sw0.1"]);
+    // Root slots: not the five ports' slots.
+    assert_eq!(plan.root_slots(), (6..32).collect::<Vec<u8>>());
+    // A bridge's slots are its open slots: not those of its child bridges.
+    let br0: Vec<u8> = (0..32).filter(|s| *s != 3).collect();
+    let br1: Vec<u8> = (0..32).filter(|s| *s != 5).collect();
+    assert_eq!(plan.acpi_buses()[1].slots, br0);
+    assert_eq!(plan.acpi_buses()[2].slots, br1);
+    assert_eq!(plan.acpi_buses()[3].slots, (0..32).collect::<Vec<u8>>());
+}
+
+#[test]
+fn plan_excludes_cold_plugged_devices() {
+    let t = mixed_topology();
+    // Root slots 6 and 9 (any function), slot 7 of br0, slot 0 of br2, rp0's slot.
+    let cold = [p("06"), p("09.2"), p("04/07"), p("04/03/05/00"), p("01/00")];
+    let plan = HotplugPlan::new(&t, &cold);
+    let root: Vec<u8> = (7..32).filter(|s| *s != 9).collect();
+    assert_eq!(plan.root_slots(), root);
+    let br0: Vec<u8> = (0..32).filter(|s| *s != 3 && *s != 7).collect();
+    assert_eq!(plan.acpi_buses()[1].slots, br0);
+    // br1's slot 7 stays: the cold device at 04/07 is on br0's bus.
+    let br1: Vec<u8> = (0..32).filter(|s| *s != 5).collect();
+    assert_eq!(plan.acpi_buses()[2].slots, br1);
+    assert_eq!(plan.acpi_buses()[3].slots, (1..32).collect::<Vec<u8>>());
+    // A native port keeps its mechanism with a cold-plugged device.
+    assert_eq!(plan.mechanism(Some("rp0"), &p("01/00")), native("rp0"));
+}
+
+#[test]
+fn plan_mechanisms() {
+    let t = mixed_topology();
+    let plan = HotplugPlan::new(&t, &[p("06"), p("04/07")]);
+    // Native: whatever the slot.
+    assert_eq!(plan.mechanism(Some("rp0"), &p("01/00")), native("rp0"));
+    assert_eq!(
+        plan.mechanism(Some("sw0.1"), &p("02/00/01/00")),
+        native("sw0.1")
+    );
+    // ACPI bridges: their plan slots only.
+    assert_eq!(plan.mechanism(Some("br0"), &p("04/00")), acpi(1, 0));
+    assert_eq!(
+        plan.mechanism(Some("br0"), &p("04/07")),
+        SlotMechanism::None
+    );
+    assert_eq!(plan.mechanism(Some("br2"), &p("04/03/05/1f")), acpi(3, 31));
+    // Root bus: its hotplug slots only.
+    assert_eq!(plan.mechanism(None, &p("07")), acpi(0, 7));
+    assert_eq!(plan.mechanism(None, &p("06")), SlotMechanism::None);
+    assert_eq!(plan.mechanism(None, &p("01")), SlotMechanism::None);
+    assert_eq!(plan.mechanism(None, &p("00")), SlotMechanism::None);
+    // No hotplug, no device slot, unknown.
+    assert_eq!(
+        plan.mechanism(Some("rpn"), &p("03/00")),
+        SlotMechanism::None
+    );
+    assert_eq!(
+        plan.mechanism(Some("brn"), &p("05/02")),
+        SlotMechanism::None
+    );
+    assert_eq!(
+        plan.mechanism(Some("sw0"), &p("02/00/00")),
+        SlotMechanism::None
+    );
+    assert_eq!(plan.mechanism(Some("nope"), &p("0a")), SlotMechanism::None);
+}
+
+#[test]
+fn acpi_slot_round_trip() {
+    let t = mixed_topology();
+    let plan = HotplugPlan::new(&t, &[p("06"), p("04/07")]);
+    let mut n = 0;
+    for bus in plan.acpi_buses() {
+        for &slot in &bus.slots {
+            let (port, path) = plan.acpi_slot(&t, bus.bsel, slot).unwrap();
+            assert_eq!(port, bus.port);
+            assert_eq!(path.last(), PciSlot { slot, function: 0 });
+            assert_eq!(
+                plan.mechanism(port.as_deref(), &path),
+                acpi(bus.bsel, slot),
+                "{path}"
+            );
+            // The path is a place the topology accepts, under that port.
+            let under = t.check_device_path(&path).unwrap().map(|n| n.id.clone());
+            assert_eq!(under, port);
+            n += 1;
+        }
+    }
+    assert_eq!(n, 25 + 30 + 31 + 32);
+    assert_eq!(
+        plan.acpi_slot(&t, 3, 4),
+        Some((Some("br2".into()), p("04/03/05/04")))
+    );
+    assert_eq!(plan.acpi_slot(&t, 0, 10), Some((None, p("0a"))));
+    // Not in the plan: cold-plugged, a port's slot, a child bridge's slot, unknown bsel.
+    assert_eq!(plan.acpi_slot(&t, 0, 6), None);
+    assert_eq!(plan.acpi_slot(&t, 0, 1), None);
+    assert_eq!(plan.acpi_slot(&t, 0, 0), None);
+    assert_eq!(plan.acpi_slot(&t, 1, 7), None);
+    assert_eq!(plan.acpi_slot(&t, 1, 3), None);
+    assert_eq!(plan.acpi_slot(&t, 4, 0), None);
+}
+
+#[test]
+fn default_order_native_then_acpi_then_root() {
+    let t = default_topology();
+    let plan = HotplugPlan::new(&t, &[]);
+    let mut bus = Bus::default();
+    for i in 0..8u8 {
+        let id = format!("rp{i}");
+        assert_eq!(
+            bus.hotplug(&t, &plan).unwrap(),
+            place(&format!("{:02x}/00", i + 1), Some(&id), native(&id))
+        );
+    }
+    for s in 0..32u8 {
+        assert_eq!(
+            bus.hotplug(&t, &plan).unwrap(),
+            place(&format!("09/{s:02x}"), Some("br0"), acpi(1, s))
+        );
+    }
+    for s in 10..32u8 {
+        assert_eq!(
+            bus.hotplug(&t, &plan).unwrap(),
+            place(&format!("{s:02x}"), None, acpi(0, s))
+        );
+    }
+    assert_eq!(bus.hotplug(&t, &plan), Err(PlacementError::NoFreeSlot));
+    assert_eq!(bus.0.len(), 8 + 32 + 22);
+}
+
+#[test]
+fn default_order_skips_ports_without_slots_or_hotplug() {
+    let t = mixed_topology();
+    let plan = HotplugPlan::new(&t, &[p("04/00")]);
+    // A cold device at 04/00 (still there).
+    let mut bus = Bus::with(&["04/00"]);
+    let got: Vec<Place> = (0..3).map(|_| bus.hotplug(&t, &plan).unwrap()).collect();
+    assert_eq!(
+        got,
+        vec![
+            place("01/00", Some("rp0"), native("rp0")),
+            place("02/00/00/00", Some("sw0.0"), native("sw0.0")),
+            place("02/00/01/00", Some("sw0.1"), native("sw0.1")),
+        ]
+    );
+    // Then br0 (slot 0 is cold, slot 3 is br1), br1 (slot 5 is br2), br2.
+    let next = bus.hotplug(&t, &plan).unwrap();
+    assert_eq!(next, place("04/01", Some("br0"), acpi(1, 1)));
+    for _ in 0..29 {
+        assert_eq!(bus.hotplug(&t, &plan).unwrap().port.as_deref(), Some("br0"));
+    }
+    assert_eq!(
+        bus.hotplug(&t, &plan).unwrap(),
+        place("04/03/00", Some("br1"), acpi(2, 0))
+    );
+    for _ in 0..30 {
+        assert_eq!(bus.hotplug(&t, &plan).unwrap().port.as_deref(), Some("br1"));
+    }
+    assert_eq!(
+        bus.hotplug(&t, &plan).unwrap(),
+        place("04/03/05/00", Some("br2"), acpi(3, 0))
+    );
+    for _ in 0..31 {
+        assert_eq!(bus.hotplug(&t, &plan).unwrap().port.as_deref(), Some("br2"));
+    }
+    // Then the root bus; never rpn or brn.
+    assert_eq!(
+        bus.hotplug(&t, &plan).unwrap(),
+        place("06", None, acpi(0, 6))
+    );
+    for _ in 0..25 {
+        let got = bus.hotplug(&t, &plan).unwrap();
+        assert_eq!(got.port, None);
+    }
+    assert_eq!(bus.hotplug(&t, &plan), Err(PlacementError::NoFreeSlot));
+    assert!(!bus.0.iter().any(|p| p.to_string().starts_with("03/")));
+    assert!(!bus.0.iter().any(|p| p.to_string().starts_with("05/")));
+}
+
+#[test]
+fn other_orders() {
+    let t = default_topology();
+    let plan = HotplugPlan::new(&t, &[]);
+    let bus = Bus::default();
+    use PlaceKind::{Acpi, Native, Root};
+    let first = |order: &[PlaceKind]| bus.choose(&t, &plan, order, auto(true)).unwrap();
+    assert_eq!(first(&[Root, Native, Acpi]), place("0a", None, acpi(0, 10)));
+    assert_eq!(first(&[Root, Acpi, Native]), place("0a", None, acpi(0, 10)));
+    assert_eq!(
+        first(&[Acpi, Native, Root]),
+        place("09/00", Some("br0"), acpi(1, 0))
+    );
+    assert_eq!(
+        first(&[Acpi, Root, Native]),
+        place("09/00", Some("br0"), acpi(1, 0))
+    );
+    assert_eq!(
+        first(&[Native, Root, Acpi]),
+        place("01/00", Some("rp0"), native("rp0"))
+    );
+
+    // Root first: the root slots fill, then the next kind.
+    let mut bus = Bus::default();
+    for s in 10..32u8 {
+        let got = bus.add(&t, &plan, &[Root, Acpi], auto(true)).unwrap();
+        assert_eq!(got, place(&format!("{s:02x}"), None, acpi(0, s)));
+    }
+    assert_eq!(
+        bus.add(&t, &plan, &[Root, Acpi], auto(true)).unwrap(),
+        place("09/00", Some("br0"), acpi(1, 0))
+    );
+    // A kind left out of the order is never used.
+    assert_eq!(
+        bus.choose(&t, &plan, &[Root], auto(true)),
+        Err(PlacementError::NoFreeSlot)
+    );
+    assert_eq!(
+        bus.choose(&t, &plan, &[], auto(true)),
+        Err(PlacementError::NoFreeSlot)
+    );
+    // Native only.
+    let mut bus = Bus::default();
+    for i in 0..8 {
+        assert_eq!(
+            bus.add(&t, &plan, &[Native], auto(true)).unwrap().port,
+            Some(format!("rp{i}"))
+        );
+    }
+    assert_eq!(
+        bus.choose(&t, &plan, &[Native], auto(true)),
+        Err(PlacementError::NoFreeSlot)
+    );
+    // The order does not matter to cold plug.
+    assert_eq!(
+        bus.choose(&t, &plan, &[Native], auto(false)).unwrap(),
+        place("0a", None, SlotMechanism::None)
+    );
+}
+
+#[test]
+fn automatic_root_hotplug_skips_cold_slots() {
+    let t = default_topology();
+    let plan = HotplugPlan::new(&t, &[p("0a"), p("0c")]);
+    let mut bus = Bus::with(&["0a", "0c"]);
+    let got: Vec<String> = (0..3)
+        .map(|_| {
+            bus.add(&t, &plan, &[PlaceKind::Root], auto(true))
+                .unwrap()
+                .path
+                .to_string()
+        })
+        .collect();
+    assert_eq!(got, ["0b", "0d", "0e"]);
+    // A cold slot freed later is still no hotplug slot.
+    bus.0.remove(&p("0a"));
+    assert_eq!(
+        bus.add(&t, &plan, &[PlaceKind::Root], auto(true))
+            .unwrap()
+            .path,
+        p("0f")
+    );
+}
+
+#[test]
+fn cold_plug_without_a_place_takes_the_first_free_root_slot() {
+    let t = default_topology();
+    // The plan does not matter to cold plug: an empty one, or one with no root slot.
+    let empty = HotplugPlan::new(&t, &[]);
+    let all: Vec<PciPath> = (1..32).map(root_path).collect();
+    let full = HotplugPlan::new(&t, &all);
+    assert!(full.root_slots().is_empty());
+    for plan in [&empty, &full] {
+        let mut bus = Bus::default();
+        assert_eq!(
+            bus.add(&t, plan, &PlaceKind::DEFAULT_ORDER, auto(false))
+                .unwrap(),
+            place("0a", None, SlotMechanism::None)
+        );
+        // Any function occupied makes the slot busy.
+        bus.0.insert(p("0b.3"));
+        assert_eq!(
+            bus.add(&t, plan, &PlaceKind::DEFAULT_ORDER, auto(false))
+                .unwrap()
+                .path,
+            p("0c")
+        );
+        for s in 13..32u8 {
+            assert_eq!(
+                bus.add(&t, plan, &PlaceKind::DEFAULT_ORDER, auto(false))
+                    .unwrap()
+                    .path,
+                root_path(s)
+            );
+        }
+        assert_eq!(
+            bus.choose(&t, plan, &PlaceKind::DEFAULT_ORDER, auto(false)),
+            Err(PlacementError::NoFreeSlot)
+        );
+    }
+    // Without ports every slot but 0 is open.
+    let bare = Topology::build(&[], &opts()).unwrap();
+    let plan = HotplugPlan::new(&bare, &[]);
+    assert_eq!(plan.root_slots(), (1..32).collect::<Vec<u8>>());
+    assert_eq!(plan.acpi_buses().len(), 1);
+    assert_eq!(
+        Bus::default()
+            .choose(&bare, &plan, &[], auto(false))
+            .unwrap()
+            .path,
+        p("01")
+    );
+}
+
+#[test]
+fn by_port_into_every_kind_of_slot() {
+    let t = mixed_topology();
+    let plan = HotplugPlan::new(&t, &[]);
+    let mut bus = Bus::default();
+    let mut add = |port: &str| bus.add(&t, &plan, &[], by_port(port, true));
+    assert_eq!(
+        add("rp0").unwrap(),
+        place("01/00", Some("rp0"), native("rp0"))
+    );
+    assert_eq!(
+        add("sw0.1").unwrap(),
+        place("02/00/01/00", Some("sw0.1"), native("sw0.1"))
+    );
+    assert_eq!(add("br0").unwrap(), place("04/00", Some("br0"), acpi(1, 0)));
+    assert_eq!(add("br0").unwrap(), place("04/01", Some("br0"), acpi(1, 1)));
+    assert_eq!(add("br0").unwrap(), place("04/02", Some("br0"), acpi(1, 2)));
+    // Slot 3 holds br1.
+    assert_eq!(add("br0").unwrap(), place("04/04", Some("br0"), acpi(1, 4)));
+    assert_eq!(
+        add("br1").unwrap(),
+        place("04/03/00", Some("br1"), acpi(2, 0))
+    );
+    assert_eq!(
+        add("br2").unwrap(),
+        place("04/03/05/00", Some("br2"), acpi(3, 0))
+    );
+    assert_eq!(
+        add("br2").unwrap(),
+        place("04/03/05/01", Some("br2"), acpi(3, 1))
+    );
+    // Full ports.
+    assert_eq!(add("rp0"), Err(PlacementError::PortFull("rp0".into())));
+    assert_eq!(add("sw0.1"), Err(PlacementError::PortFull("sw0.1".into())));
+    for _ in 2..32 {
+        add("br2").unwrap();
+    }
+    assert_eq!(add("br2"), Err(PlacementError::PortFull("br2".into())));
+    // Cold plug by port works in ports without hotplug too.
+    let mut bus = Bus::default();
+    assert_eq!(
+        bus.add(&t, &plan, &[], by_port("rpn", false)).unwrap(),
+        place("03/00", Some("rpn"), SlotMechanism::None)
+    );
+    assert_eq!(
+        bus.add(&t, &plan, &[], by_port("brn", false)).unwrap(),
+        place("05/00", Some("brn"), SlotMechanism::None)
+    );
+    assert_eq!(
+        bus.add(&t, &plan, &[], by_port("rp0", false)).unwrap(),
+        place("01/00", Some("rp0"), SlotMechanism::None)
+    );
+    assert_eq!(
+        bus.choose(&t, &plan, &[], by_port("rpn", false)),
+        Err(PlacementError::PortFull("rpn".into()))
+    );
+}
+
+#[test]
+fn by_port_hotplug_prefers_plan_slots() {
+    let t = default_topology();
+    // br0 slot 0 was cold-plugged (so it is not in the plan), and is free now.
+    let plan = HotplugPlan::new(&t, &[p("09/00")]);
+    let bus = Bus::default();
+    assert_eq!(
+        bus.choose(&t, &plan, &[], by_port("br0", true)).unwrap(),
+        place("09/01", Some("br0"), acpi(1, 1))
+    );
+    assert_eq!(
+        bus.choose(&t, &plan, &[], by_port("br0", false)).unwrap(),
+        place("09/00", Some("br0"), SlotMechanism::None)
+    );
+}
+
+#[test]
+fn by_exact_path_into_every_kind_of_slot() {
+    let t = mixed_topology();
+    let plan = HotplugPlan::new(&t, &[]);
+    let bus = Bus::default();
+    let hot = |path: &str, port: Option<&str>| {
+        bus.choose(
+            &t,
+            &plan,
+            &[],
+            PlaceRequest {
+                port,
+                pci_path: Some(path),
+                hotplug: true,
+            },
+        )
+    };
+    assert_eq!(
+        hot("01/00", None).unwrap(),
+        place("01/00", Some("rp0"), native("rp0"))
+    );
+    assert_eq!(
+        hot("2/0/0/0", Some("sw0.0")).unwrap(),
+        place("02/00/00/00", Some("sw0.0"), native("sw0.0"))
+    );
+    assert_eq!(
+        hot("04/1f", Some("br0")).unwrap(),
+        place("04/1f", Some("br0"), acpi(1, 31))
+    );
+    assert_eq!(
+        hot("04/03/02", None).unwrap(),
+        place("04/03/02", Some("br1"), acpi(2, 2))
+    );
+    assert_eq!(
+        hot("04/03/05/0a", Some("br2")).unwrap(),
+        place("04/03/05/0a", Some("br2"), acpi(3, 10))
+    );
+    assert_eq!(hot("1f", None).unwrap(), place("1f", None, acpi(0, 31)));
+    assert_eq!(hot("06", None).unwrap(), place("06", None, acpi(0, 6)));
+    // Cold plug by path: any open slot, no mechanism.
+    let cold = |path: &str| bus.choose(&t, &plan, &[], by_path(path, false));
+    assert_eq!(
+        cold("03/00").unwrap(),
+        place("03/00", Some("rpn"), SlotMechanism::None)
+    );
+    assert_eq!(cold("0a").unwrap(), place("0a", None, SlotMechanism::None));
+    assert_eq!(
+        cold("05/1e").unwrap(),
+        place("05/1e", Some("brn"), SlotMechanism::None)
+    );
+}
+
+#[test]
+fn bad_paths() {
+    let t = mixed_topology();
+    let plan = HotplugPlan::new(&t, &[]);
+    let bus = Bus::default();
+    let req = |port: Option<&'static str>, path: &'static str, hotplug: bool| {
+        bus.choose(
+            &t,
+            &plan,
+            &PlaceKind::DEFAULT_ORDER,
+            PlaceRequest {
+                port,
+                pci_path: Some(path),
+                hotplug,
+            },
+        )
+        .unwrap_err()
+    };
+    for hotplug in [false, true] {
+        // Malformed.
+        for bad in ["", "zz", "01//00", "20", "01/00.8", "123"] {
+            let (path, _) = bad_path(req(None, bad, hotplug));
+            assert_eq!(path, bad);
+        }
+        // Function other than 0.
+        let (_, reason) = bad_path(req(None, "0a.1", hotplug));
+        assert_eq!(
+            reason,
+            "multifunction placement is not supported; use function 0"
+        );
+        let (_, reason) = bad_path(req(Some("br0"), "04/02.7", hotplug));
+        assert!(reason.contains("multifunction"), "{reason}");
+        // Slot 00 of the root bus.
+        let e = req(None, "00", hotplug);
+        assert_eq!(
+            e.to_string(),
+            "pci_path '00': slot 00 holds the host bridge"
+        );
+        // A port's own path, or a slot the port does not open.
+        let (_, reason) = bad_path(req(None, "01", hotplug));
+        assert!(reason.contains("rp0"), "{reason}");
+        let (_, reason) = bad_path(req(None, "04/03", hotplug));
+        assert!(reason.contains("br1"), "{reason}");
+        bad_path(req(None, "01/01", hotplug));
+        bad_path(req(None, "02/00/05", hotplug));
+        bad_path(req(None, "0a/00", hotplug));
+        // The path is not in the named port (even an unknown one).
+        let e = req(Some("rp0"), "02/00/00/00", hotplug);
+        assert_eq!(
+            e.to_string(),
+            "pci_path '02/00/00/00': it is not a slot of port 'rp0'"
+        );
+        let (_, reason) = bad_path(req(Some("rp0"), "0a", hotplug));
+        assert_eq!(reason, "it is not a slot of port 'rp0'");
+        let (_, reason) = bad_path(req(Some("nope"), "01/00", hotplug));
+        assert_eq!(reason, "it is not a slot of port 'nope'");
+        // Checked before slot 00.
+        let (_, reason) = bad_path(req(Some("br0"), "00", hotplug));
+        assert_eq!(reason, "it is not a slot of port 'br0'");
+    }
+}
+
+#[test]
+fn port_errors() {
+    let t = mixed_topology();
+    let plan = HotplugPlan::new(&t, &[]);
+    let bus = Bus::default();
+    for hotplug in [false, true] {
+        let e = |port| {
+            bus.choose(&t, &plan, &[], by_port(port, hotplug))
+                .unwrap_err()
+        };
+        assert_eq!(e("nope"), PlacementError::UnknownPort("nope".into()));
+        assert_eq!(e("nope").to_string(), "unknown port 'nope'");
+        assert_eq!(e("rp1"), PlacementError::NoDeviceSlot("rp1".into()));
+        assert_eq!(e("sw0"), PlacementError::NoDeviceSlot("sw0".into()));
+        assert_eq!(
+            e("sw0").to_string(),
+            "port 'sw0' has no device slot (it holds other ports)"
+        );
+    }
+}
+
+#[test]
+fn taken_and_non_hotplug_slots() {
+    let t = mixed_topology();
+    // 0a was cold-plugged.
+    let plan = HotplugPlan::new(&t, &[p("0a")]);
+    let bus = Bus::with(&["0a", "01/00", "04/02"]);
+    let c = |req| bus.choose(&t, &plan, &[], req);
+    for hotplug in [false, true] {
+        assert_eq!(
+            c(by_path("0a", hotplug)),
+            Err(PlacementError::SlotTaken(p("0a")))
+        );
+        assert_eq!(
+            c(by_path("01/00", hotplug)),
+            Err(PlacementError::SlotTaken(p("01/00")))
+        );
+        assert_eq!(
+            c(PlaceRequest {
+                port: Some("br0"),
+                pci_path: Some("04/02"),
+                hotplug,
+            }),
+            Err(PlacementError::SlotTaken(p("04/02")))
+        );
+    }
+    assert_eq!(
+        PlacementError::SlotTaken(p("04/02")).to_string(),
+        "slot 04/02 is taken"
+    );
+    // A port without hotplug, by port or by path.
+    assert_eq!(
+        c(by_port("rpn", true)),
+        Err(PlacementError::NotHotplugSlot(p("03/00")))
+    );
+    assert_eq!(
+        c(by_path("03/00", true)),
+        Err(PlacementError::NotHotplugSlot(p("03/00")))
+    );
+    assert_eq!(
+        c(by_port("brn", true)),
+        Err(PlacementError::NotHotplugSlot(p("05/00")))
+    );
+    assert_eq!(
+        PlacementError::NotHotplugSlot(p("03/00")).to_string(),
+        "03/00 is not a hotplug slot"
+    );
+    // A cold-plugged root slot, once free, is still not a hotplug slot.
+    let empty = Bus::default();
+    assert_eq!(
+        empty.choose(&t, &plan, &[], by_path("0a", true)),
+        Err(PlacementError::NotHotplugSlot(p("0a")))
+    );
+    assert_eq!(
+        empty.choose(&t, &plan, &[], by_path("0a", false)).unwrap(),
+        place("0a", None, SlotMechanism::None)
+    );
+}
+
+#[test]
+fn a_released_slot_is_reused() {
+    let t = default_topology();
+    let plan = HotplugPlan::new(&t, &[]);
+    let mut bus = Bus::default();
+    assert_eq!(bus.hotplug(&t, &plan).unwrap().path, p("01/00"));
+    assert_eq!(bus.hotplug(&t, &plan).unwrap().path, p("02/00"));
+    assert_eq!(
+        bus.choose(&t, &plan, &[], by_port("rp0", true)),
+        Err(PlacementError::PortFull("rp0".into()))
+    );
+    assert_eq!(
+        bus.choose(&t, &plan, &[], by_path("01/00", true)),
+        Err(PlacementError::SlotTaken(p("01/00")))
+    );
+    // The removal completed: the slot is free again.
+    assert!(bus.0.remove(&p("01/00")));
+    assert_eq!(
+        bus.choose(&t, &plan, &[], by_port("rp0", true)).unwrap(),
+        place("01/00", Some("rp0"), native("rp0"))
+    );
+    assert_eq!(bus.hotplug(&t, &plan).unwrap().path, p("01/00"));
+    // The same for an ACPI slot on the root bus.
+    let mut bus = Bus::default();
+    let root = [PlaceKind::Root];
+    assert_eq!(bus.add(&t, &plan, &root, auto(true)).unwrap().path, p("0a"));
+    assert_eq!(bus.add(&t, &plan, &root, auto(true)).unwrap().path, p("0b"));
+    assert!(bus.0.remove(&p("0a")));
+    assert_eq!(
+        bus.add(&t, &plan, &root, auto(true)).unwrap(),
+        place("0a", None, acpi(0, 10))
+    );
+}
+
+#[test]
+fn place_kind_names() {
+    assert_eq!("native".parse::<PlaceKind>(), Ok(PlaceKind::Native));
+    assert_eq!("acpi".parse::<PlaceKind>(), Ok(PlaceKind::Acpi));
+    assert_eq!("root".parse::<PlaceKind>(), Ok(PlaceKind::Root));
+    let e = "pcie".parse::<PlaceKind>().unwrap_err();
+    assert!(
+        e.contains("'pcie'") && e.contains("native, acpi or root"),
+        "{e}"
+    );
+    assert!("Native".parse::<PlaceKind>().is_err());
+    for k in PlaceKind::DEFAULT_ORDER {
+        assert_eq!(k.to_string().parse::<PlaceKind>(), Ok(k));
+    }
+    assert_eq!(
+        PlaceKind::DEFAULT_ORDER,
+        [PlaceKind::Native, PlaceKind::Acpi, PlaceKind::Root]
+    );
+}
+
+#[test]
+fn error_messages() {
+    let e = PlacementError::NoFreeSlot.to_string();
+    assert!(e.starts_with("no free slot"), "{e}");
+    assert!(e.contains("hotplug slot"), "{e}");
+    assert_eq!(
+        PlacementError::PortFull("rp3".into()).to_string(),
+        "every slot of port 'rp3' is taken"
+    );
+    assert_eq!(
+        PlacementError::BadPath {
+            path: "zz".into(),
+            reason: "why".into()
+        }
+        .to_string(),
+        "pci_path 'zz': why"
+    );
+}
+
+/// A device with the given memory BARs: (index, size, region, prefetchable).
+struct TestDevice(PciConfiguration);
+
+impl TestDevice {
+    fn new(bars: &[(usize, u64, BarRegion, bool)]) -> Self {
+        let mut c = PciConfiguration::new(PciConfigParams::device(0x1af4, 0x1042, 0));
+        for &(index, size, region, prefetchable) in bars {
+            c.add_bar(PciBarConfig::new(index, size, region, prefetchable).unwrap())
+                .unwrap();
+        }
+        TestDevice(c)
+    }
+}
+
+impl PciDevice for TestDevice {
+    fn read_config_register(&mut self, reg: usize) -> u32 {
+        self.0.read_config_register(reg)
+    }
+    fn write_config_register(&mut self, reg: usize, off: u64, data: &[u8]) -> ConfigWriteOutcome {
+        self.0.write_config_register(reg, off, data)
+    }
+    fn bars(&self) -> Vec<BarInfo> {
+        self.0.bars()
+    }
+    fn set_bar_address(&mut self, index: usize, addr: u64) -> Result<(), PciError> {
+        self.0.set_bar_address(index, addr)
+    }
+    fn read_bar(&mut self, _: usize, _: u64, _: &mut [u8]) {}
+    fn write_bar(&mut self, _: usize, _: u64, _: &[u8]) {}
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}
+
+#[test]
+fn windows_that_do_not_fit() {
+    let mut tiny = PortSpec::new("tiny", PortKind::RootPort);
+    tiny.mmio32_reserve = Some(1 << 20);
+    let specs = vec![PortSpec::new("rp0", PortKind::RootPort), tiny];
+    let t = Topology::build(&specs, &opts()).unwrap();
+    let plan = HotplugPlan::new(&t, &[]);
+    // Placement picks the slot; the windows are the allocator's business.
+    let chosen = Bus::default()
+        .choose(&t, &plan, &[], by_port("tiny", true))
+        .unwrap();
+    assert_eq!(chosen, place("02/00", Some("tiny"), native("tiny")));
+
+    // A 2 MiB non-prefetchable BAR does not fit tiny's 1 MiB 32-bit reserve.
+    let big = || TestDevice::new(&[(0, 2 << 20, BarRegion::Mmio32, false)]);
+    let node = t.port("tiny").unwrap();
+    assert_eq!(node.reserve.mmio32.map(|(_, s)| s), Some(1 << 20));
+    let mut a = node.bar_allocator().unwrap();
+    let e = a.place_device(&mut big()).unwrap_err();
+    assert!(matches!(e, PciError::Allocation(_)), "{e:?}");
+    // Nothing stayed allocated: a device that fits still gets the whole reserve.
+    let mut small = TestDevice::new(&[
+        (0, 1 << 20, BarRegion::Mmio32, false),
+        (2, 0x4000, BarRegion::Mmio64, true),
+    ]);
+    let placed = a.place_device(&mut small).unwrap();
+    let (base, size) = node.reserve.mmio32.unwrap();
+    assert_eq!(placed[0].addr, base);
+    assert_eq!(placed[0].size, size);
+    // A 64-bit non-prefetchable BAR behind a bridge needs the 32-bit window too.
+    let mut a = node.bar_allocator().unwrap();
+    assert!(a
+        .place_device(&mut TestDevice::new(&[(
+            0,
+            2 << 20,
+            BarRegion::Mmio64,
+            false
+        )]))
+        .is_err());
+
+    // The default reserve of rp0 holds it.
+    let rp0 = t.port("rp0").unwrap();
+    let mut a = rp0.bar_allocator().unwrap();
+    let placed = a.place_device(&mut big()).unwrap();
+    let (base, size) = rp0.reserve.mmio32.unwrap();
+    assert!(placed[0].addr >= base && placed[0].addr + (2 << 20) <= base + size);
+}

@@ -347,6 +347,32 @@ fn run(cmd: &mut Command) {
     );
 }
 
+/// A disk request for `path` with id `id`, placed by `port` or exact
+/// `pci_path` (neither: by policy).
+pub fn disk_at(
+    path: &Path,
+    id: &str,
+    port: Option<&str>,
+    pci_path: Option<&str>,
+) -> api::types::DiskConfig {
+    api::types::DiskConfig {
+        path: path.display().to_string(),
+        readonly: false,
+        id: Some(id.into()),
+        serial: None,
+        port: port.map(String::from),
+        pci_path: pci_path.map(String::from),
+    }
+}
+
+/// Boots the guest kit's vmlinux (1 vCPU, default topology) with an API
+/// socket at `sock`.
+pub fn boot_with_api(name: &str, sock: &Path) -> Guest {
+    let kit = guest_kit();
+    let sock = sock.display().to_string();
+    Guest::boot(name, &kit.vmlinux, 1, "", &["--api-socket", &sock])
+}
+
 /// A sparse raw disk of `mib` MiB (the guest sees `mib * 2048` sectors).
 pub fn raw_disk(path: &Path, mib: u64) {
     let f = std::fs::File::create(path).expect("create disk");

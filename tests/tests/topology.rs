@@ -10,24 +10,9 @@ use std::time::{Duration, Instant};
 use api::client::Client;
 use api::types::DiskConfig;
 use arbor_tests::{
-    guest_bdf, guest_kit, kvm_available, raw_disk, run_arbor, wait_count, Guest, Scratch,
+    boot_with_api, disk_at, guest_bdf, guest_kit, kvm_available, raw_disk, run_arbor, wait_count,
+    Guest, Scratch,
 };
-
-fn disk_at(
-    path: &std::path::Path,
-    id: &str,
-    port: Option<&str>,
-    pci_path: Option<&str>,
-) -> DiskConfig {
-    DiskConfig {
-        path: path.display().to_string(),
-        readonly: false,
-        id: Some(id.into()),
-        serial: None,
-        port: port.map(String::from),
-        pci_path: pci_path.map(String::from),
-    }
-}
 
 const PORTS: &[&str] = &[
     "id=rp0,type=root-port",
@@ -253,17 +238,10 @@ fn thirty_two_hotplugs() {
     if !kvm_available() {
         return;
     }
-    let kit = guest_kit();
     let s = Scratch::new("scale");
     let sock = s.path("api.sock");
     // The default topology: 8 native root ports, a bridge with ACPI slots.
-    let g = Guest::boot(
-        "scale",
-        &kit.vmlinux,
-        1,
-        "",
-        &["--api-socket", sock.to_str().unwrap()],
-    );
+    let g = boot_with_api("scale", &sock);
     g.wait_for("Run /init as init process");
     let c = Client::new(&sock).with_timeout(Duration::from_secs(120));
     let mut times = Vec::new();

@@ -16,13 +16,11 @@ use devices::acpi::{
     Ged, PciHotplugController, GED_EVENT_PCI_HOTPLUG, GED_EVENT_POWER_BUTTON, GED_MMIO_SIZE,
     PCI_HOTPLUG_MMIO_SIZE,
 };
-use pci::placement::{
-    self, HotplugPlan, PlaceKind, PlaceRequest, PlacementError, SlotMechanism,
-};
 use devices::legacy::{
     AcpiPmRegisters, BootTimer, Cmos, EventFdTrigger, SerialDevice, ACPI_PM_PORT, BOOT_TIMER_PORT,
     I8042,
 };
+use pci::placement::{self, HotplugPlan, PlaceKind, PlaceRequest, PlacementError, SlotMechanism};
 
 use api::types::{
     DeviceInfo, DeviceKind, DiskConfig, HotplugMechanism, RngConfig, SlotInfo, TopologyNode,

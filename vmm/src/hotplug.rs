@@ -305,7 +305,10 @@ impl HotplugOwner {
                     }
                 }
                 Completion::SlotPower { port, on } => {
-                    log::info!("hotplug: port {port} slot powered {}", if on { "on" } else { "off" });
+                    log::info!(
+                        "hotplug: port {port} slot powered {}",
+                        if on { "on" } else { "off" }
+                    );
                     let m = SlotMechanism::Native { port: port.clone() };
                     let pending = self.removals.iter().any(|r| r.mechanism == m);
                     if !on && pending && self.native_released(&port) {

@@ -199,7 +199,10 @@ fn removal_of_a_native_card_the_guest_never_powered_is_immediate() {
     power_on(&r);
     r.owner.request_removal("m", &native(), LONG).unwrap();
     power_off(&r);
-    assert_eq!(r.owner.process(), vec![Outcome::Released { id: "m".into() }]);
+    assert_eq!(
+        r.owner.process(),
+        vec![Outcome::Released { id: "m".into() }]
+    );
 }
 
 #[test]
@@ -223,7 +226,10 @@ fn removals_the_guest_ignores_are_withdrawn_at_their_deadline() {
     assert!(!r.acpi.removal_pending(1, 5));
     // A later eject (the guest was slow) still releases the device.
     eject(&r.acpi, 1, 5);
-    assert_eq!(r.owner.process(), vec![Outcome::Released { id: "a".into() }]);
+    assert_eq!(
+        r.owner.process(),
+        vec![Outcome::Released { id: "a".into() }]
+    );
 }
 
 #[test]
@@ -231,14 +237,27 @@ fn ged_events_are_held_until_the_guest_is_ready() {
     let mut r = rig(false);
     r.owner.announce("a", &acpi(3)).unwrap();
     r.owner.power_button().unwrap();
-    assert!(r.ged_irq.read().is_err(), "held while the guest cannot take it");
+    assert!(
+        r.ged_irq.read().is_err(),
+        "held while the guest cannot take it"
+    );
     assert!(r.owner.process().is_empty());
     assert!(r.ged_irq.read().is_err());
-    assert!(r.owner.timer.is_armed().unwrap(), "the readiness poll is armed");
+    assert!(
+        r.owner.timer.is_armed().unwrap(),
+        "the readiness poll is armed"
+    );
     r.ready.store(true, Ordering::SeqCst);
     r.owner.process();
-    assert_eq!(r.ged_irq.read().unwrap(), 1, "raised once the guest is ready");
-    assert!(!r.owner.timer.is_armed().unwrap(), "nothing left to wait for");
+    assert_eq!(
+        r.ged_irq.read().unwrap(),
+        1,
+        "raised once the guest is ready"
+    );
+    assert!(
+        !r.owner.timer.is_armed().unwrap(),
+        "nothing left to wait for"
+    );
     // From now on events go straight through.
     r.owner.announce("b", &acpi(4)).unwrap();
     assert_eq!(r.ged_irq.read().unwrap(), 1);
@@ -250,7 +269,10 @@ fn guest_initiated_ejects() {
     r.owner.announce("a", &acpi(3)).unwrap();
     // The guest ejects an occupied slot by itself: the device is released.
     eject(&r.acpi, 1, 3);
-    assert_eq!(r.owner.process(), vec![Outcome::Released { id: "a".into() }]);
+    assert_eq!(
+        r.owner.process(),
+        vec![Outcome::Released { id: "a".into() }]
+    );
     // Empty slots and unknown buses release nothing.
     eject(&r.acpi, 1, 3);
     eject(&r.acpi, 7, 9);
@@ -277,7 +299,12 @@ fn refusals() {
     assert_eq!(e.api_kind(), api::ApiErrorKind::Conflict);
     let e = r
         .owner
-        .announce("p", &SlotMechanism::Native { port: "nope".into() })
+        .announce(
+            "p",
+            &SlotMechanism::Native {
+                port: "nope".into(),
+            },
+        )
         .unwrap_err();
     assert_eq!(e.api_kind(), api::ApiErrorKind::Internal);
     assert_eq!(r.owner.abandon(), vec!["a".to_string()]);

@@ -39,8 +39,8 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use pci::topology::{PortDevice, Topology};
 use pci::{
-    BarAllocator, BarInfo, BarRegion, ConfigWriteResult, MsiInterruptGroup, PciConfigIo,
-    PciPath, PciRoot, PciSlot, PciePort, SharedPciDevice,
+    BarAllocator, BarInfo, BarRegion, ConfigWriteResult, MsiInterruptGroup, PciConfigIo, PciPath,
+    PciRoot, PciSlot, PciePort, SharedPciDevice,
 };
 
 use crate::hotplug::{Completion, CompletionQueue};

@@ -583,9 +583,9 @@ impl VmCore {
             )));
         }
         let (mechanism, path) = (rec.mechanism.clone(), rec.path.clone());
-        let released =
-            self.hotplug
-                .request_removal(id, &mechanism, self.config.remove_timeout)?;
+        let released = self
+            .hotplug
+            .request_removal(id, &mechanism, self.config.remove_timeout)?;
         log::info!("asked the guest to release {id} at {path}");
         Ok(!released)
     }
@@ -775,7 +775,6 @@ fn state_name(s: VmState) -> &'static str {
         VmState::Shutdown => "shut down",
     }
 }
-
 
 impl Drop for Vm {
     fn drop(&mut self) {

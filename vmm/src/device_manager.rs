@@ -624,7 +624,7 @@ impl DeviceManager {
             .map_err(|e| DeviceError::Virtio(e.to_string()))?;
         let intx = pci
             .intx()
-            .line(crate::interrupts::intx_gsi(&path), dev.isr())
+            .line(pci::intx::intx_gsi(&path), dev.isr())
             .map_err(DeviceError::Msi)?;
         dev.set_intx(Arc::new(intx));
         pci.place_virtio(path.clone(), under.as_deref(), dev)?;

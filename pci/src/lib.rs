@@ -15,6 +15,8 @@
 //! - [`pcie_cap`]: the PCI Express capability (endpoints, root ports, switch ports, bridges).
 //! - [`pm`]: the power management capability.
 //! - [`interrupt`]: the [`MsiInterruptGroup`] trait the VMM implements (GSI routing + irqfd).
+//! - [`intx`]: INTx routing (bridge swizzle and the root bus's lines), shared by the VMM's
+//!   interrupt wiring and its `_PRT`.
 //! - [`device`]: the [`PciDevice`] trait and the values describing what a write changed.
 //! - [`bus`]: the bus tree and the root that routes accesses by bus/device/function.
 //! - [`ecam`], [`config_io`]: decoding of MMCONFIG and CF8/CFC accesses.
@@ -37,6 +39,7 @@ pub mod device;
 pub mod ecam;
 pub mod host_bridge;
 pub mod interrupt;
+pub mod intx;
 pub mod msi;
 pub mod msix;
 pub mod path;

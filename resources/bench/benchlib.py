@@ -1,5 +1,5 @@
 """Helpers shared by the benchmarks in this directory (boot-bench.py,
-hotplug-bench.py): argument types, the guest kit, finding (and if asked,
+hotplug-bench.py, pause-bench.py): argument types, the guest kit, finding (and if asked,
 building) arbor and QEMU, stopping a VMM, facts about the machine's load.
 
 Python 3 standard library only. The scripts import it from their own

@@ -302,14 +302,13 @@ pub fn host_bridge_aml(w: &PciWindows, extra_children: &[u8]) -> Vec<u8> {
 
     // _PRT: INTx of every root-bus slot, pins swizzled over the eight
     // IOAPIC lines 16-23 (devices behind bridges are swizzled by the guest).
-    let prt_entries: Vec<(u32, u8, u32)> = (0..32u32)
+    let prt_entries: Vec<(u32, u8, u32)> = (0..32u8)
         .flat_map(|slot| {
             (0..4u8).map(move |pin| {
                 (
-                    (slot << 16) | 0xffff,
+                    (u32::from(slot) << 16) | 0xffff,
                     pin,
-                    crate::interrupts::INTX_GSI_BASE
-                        + (slot + u32::from(pin)) % crate::interrupts::INTX_LINES,
+                    pci::intx::root_intx_gsi(slot, pin),
                 )
             })
         })

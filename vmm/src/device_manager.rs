@@ -417,7 +417,7 @@ impl DeviceManager {
             .map_err(DeviceError::Virtio)?;
         let intx = pci
             .intx()
-            .line(crate::interrupts::intx_gsi(&path), dev.isr())
+            .line(pci::intx::intx_gsi(&path), dev.isr())
             .map_err(DeviceError::Msi)?;
         dev.set_intx(Arc::new(intx));
         let shared: SharedPciDevice = Arc::new(Mutex::new(dev));

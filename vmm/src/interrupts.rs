@@ -196,24 +196,6 @@ impl Drop for KvmMsiGroup {
     }
 }
 
-/// First GSI of the PCI INTx lines (IOAPIC pins 16-23).
-pub const INTX_GSI_BASE: u32 = 16;
-/// Number of PCI INTx lines.
-pub const INTX_LINES: u32 = 8;
-
-/// The GSI the guest expects for INTA of the device at `path`: the pin is
-/// swizzled through every bridge (`(pin + slot) % 4`), and the root bus's
-/// `_PRT` maps (slot, pin) to `16 + (slot + pin) % 8`.
-pub fn intx_gsi(path: &pci::PciPath) -> u32 {
-    let slots = path.slots();
-    let mut pin = 0u32; // INTA
-    for s in slots.iter().skip(1).rev() {
-        pin = (pin + u32::from(s.slot)) % 4;
-    }
-    let root = slots.first().map(|s| u32::from(s.slot)).unwrap_or(0);
-    INTX_GSI_BASE + (root + pin) % INTX_LINES
-}
-
 struct IntxEntry {
     gsi: u32,
     irqfd: EventFd,
@@ -221,16 +203,29 @@ struct IntxEntry {
     pending: Arc<std::sync::atomic::AtomicU8>,
 }
 
+/// What the resample thread and the lines' owners share. The thread holds
+/// this, not the [`IntxManager`], so that it can block without a timeout and
+/// the manager still drops (its `Drop` signals `control`).
+struct IntxShared {
+    /// The resample fds of every line, plus `control`.
+    epoll: vmm_sys_util::epoll::Epoll,
+    entries: Mutex<BTreeMap<u64, IntxEntry>>,
+    /// Control eventfd: written to stop the thread.
+    control: EventFd,
+}
+
 /// Level-triggered INTx through KVM irqfds with resample: the device
 /// asserts by writing its irqfd; after the guest's EOI KVM lowers the line
 /// and signals the resample fd, and a small thread asserts again while the
-/// device's status says the interrupt is still pending.
+/// device's status says the interrupt is still pending. The thread sleeps in
+/// `epoll_wait` on the resample fds and costs nothing while no line is
+/// resampled. Lines are added to and removed from the epoll set directly
+/// (`epoll_ctl` takes effect on a concurrent `epoll_wait`), so the control
+/// eventfd only carries the stop request.
 pub struct IntxManager {
     vm: Arc<VmFd>,
-    epoll: vmm_sys_util::epoll::Epoll,
-    entries: Mutex<BTreeMap<u64, IntxEntry>>,
+    shared: Arc<IntxShared>,
     next: std::sync::atomic::AtomicU64,
-    stop: EventFd,
 }
 
 /// One device's INTx line.
@@ -252,49 +247,54 @@ impl Drop for KvmIntx {
     }
 }
 
-const STOP_TOKEN: u64 = u64::MAX;
+const CONTROL_TOKEN: u64 = u64::MAX;
 
 impl IntxManager {
     /// Starts the resample thread.
     pub fn new(vm: Arc<VmFd>) -> io::Result<Arc<Self>> {
         use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
         let epoll = Epoll::new()?;
-        let stop = EventFd::new(EFD_NONBLOCK)?;
+        let control = EventFd::new(EFD_NONBLOCK)?;
         epoll.ctl(
             ControlOperation::Add,
-            std::os::fd::AsRawFd::as_raw_fd(&stop),
-            EpollEvent::new(EventSet::IN, STOP_TOKEN),
+            std::os::fd::AsRawFd::as_raw_fd(&control),
+            EpollEvent::new(EventSet::IN, CONTROL_TOKEN),
         )?;
-        let m = Arc::new(IntxManager {
-            vm,
+        let shared = Arc::new(IntxShared {
             epoll,
             entries: Mutex::new(BTreeMap::new()),
-            next: std::sync::atomic::AtomicU64::new(0),
-            stop,
+            control,
         });
-        let weak = Arc::downgrade(&m);
+        let thread_shared = shared.clone();
         std::thread::Builder::new()
             .name("arbor-intx".into())
-            .spawn(move || Self::run(weak))?;
-        Ok(m)
+            .spawn(move || Self::run(&thread_shared))?;
+        Ok(Arc::new(IntxManager {
+            vm,
+            shared,
+            next: std::sync::atomic::AtomicU64::new(0),
+        }))
     }
 
-    fn run(weak: std::sync::Weak<IntxManager>) {
+    fn run(shared: &IntxShared) {
         use std::sync::atomic::Ordering;
         use vmm_sys_util::epoll::EpollEvent;
         let mut events = vec![EpollEvent::default(); 16];
         loop {
-            let Some(m) = weak.upgrade() else { return };
-            let n = match m.epoll.wait(100, &mut events) {
+            // No timeout: a resample fd or the control fd wakes us.
+            let n = match shared.epoll.wait(-1, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return,
-            };
-            for ev in &events[..n] {
-                if ev.data() == STOP_TOKEN {
+                Err(e) => {
+                    log::error!("INTx resample thread: epoll_wait: {e}");
                     return;
                 }
-                let entries = m.entries.lock().unwrap_or_else(|e| e.into_inner());
+            };
+            for ev in &events[..n] {
+                if ev.data() == CONTROL_TOKEN {
+                    return;
+                }
+                let entries = shared.entries.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(e) = entries.get(&ev.data()) {
                     let _ = e.resample.read();
                     if e.pending.load(Ordering::Acquire) != 0 {
@@ -319,16 +319,18 @@ impl IntxManager {
             .register_irqfd_with_resample(&irqfd, &resample, gsi)
             .map_err(errno_to_io)?;
         let token = self.next.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        if let Err(e) = self.epoll.ctl(
-            ControlOperation::Add,
-            std::os::fd::AsRawFd::as_raw_fd(&resample),
-            EpollEvent::new(EventSet::IN, token),
-        ) {
-            let _ = self.vm.unregister_irqfd(&irqfd, gsi);
-            return Err(e);
-        }
-        let device_fd = irqfd.try_clone()?;
-        self.entries
+        let device_fd = match irqfd.try_clone() {
+            Ok(fd) => fd,
+            Err(e) => {
+                let _ = self.vm.unregister_irqfd(&irqfd, gsi);
+                return Err(e);
+            }
+        };
+        let resample_fd = std::os::fd::AsRawFd::as_raw_fd(&resample);
+        // Into the table first, so that the thread finds the entry as soon
+        // as the resample fd is in its epoll set.
+        self.shared
+            .entries
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(
@@ -340,6 +342,14 @@ impl IntxManager {
                     pending,
                 },
             );
+        if let Err(e) = self.shared.epoll.ctl(
+            ControlOperation::Add,
+            resample_fd,
+            EpollEvent::new(EventSet::IN, token),
+        ) {
+            self.remove(token);
+            return Err(e);
+        }
         Ok(KvmIntx {
             manager: self.clone(),
             token,
@@ -349,17 +359,24 @@ impl IntxManager {
 
     fn remove(&self, token: u64) {
         use vmm_sys_util::epoll::{ControlOperation, EpollEvent};
-        if let Some(e) = self
-            .entries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&token)
-        {
-            let _ = self.epoll.ctl(
-                ControlOperation::Delete,
-                std::os::fd::AsRawFd::as_raw_fd(&e.resample),
-                EpollEvent::default(),
-            );
+        let entry = {
+            let mut entries = self
+                .shared
+                .entries
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            // Out of the epoll set before out of the table, so that the
+            // thread is never woken for a line it cannot find.
+            if let Some(e) = entries.get(&token) {
+                let _ = self.shared.epoll.ctl(
+                    ControlOperation::Delete,
+                    std::os::fd::AsRawFd::as_raw_fd(&e.resample),
+                    EpollEvent::default(),
+                );
+            }
+            entries.remove(&token)
+        };
+        if let Some(e) = entry {
             let _ = self.vm.unregister_irqfd(&e.irqfd, e.gsi);
         }
     }
@@ -367,25 +384,6 @@ impl IntxManager {
 
 impl Drop for IntxManager {
     fn drop(&mut self) {
-        let _ = self.stop.write(1);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn intx_swizzle() {
-        let p = |s: &str| s.parse::<pci::PciPath>().unwrap();
-        // Root bus: slot s, INTA -> 16 + s % 8.
-        assert_eq!(intx_gsi(&p("03")), 19);
-        assert_eq!(intx_gsi(&p("0a")), 18);
-        // Behind the bridge in root slot 1, device slot 0: pin A.
-        assert_eq!(intx_gsi(&p("01/00")), 17);
-        // Device slot 2 behind bridge in root slot 9: pin C -> (9 + 2) % 8.
-        assert_eq!(intx_gsi(&p("09/02")), 16 + 3);
-        // Two levels: (0 + 1) then + 0 = pin B at root slot 3.
-        assert_eq!(intx_gsi(&p("03/00/01")), 16 + 4);
+        let _ = self.shared.control.write(1);
     }
 }

@@ -1,14 +1,23 @@
 //! vCPU threads: each runs `KVM_RUN` in a loop and dispatches port and MMIO
 //! exits to the VMM's buses. Exits that end the VM (shutdown, reset, an
 //! exit the VMM cannot handle) are reported to the event loop.
+//!
+//! Kicks: to make a vCPU notice its pause or stop flag, the VMM sets the
+//! flag and sends the thread the kick signal once. The signal's handler sets
+//! `immediate_exit` in the thread's `kvm_run` (found through a thread-local
+//! pointer), so `KVM_RUN` returns `EINTR` whether the signal arrives while
+//! the guest runs or just before `KVM_RUN` is entered; the run loop clears
+//! `immediate_exit` and checks its flags. A paused vCPU waits on a condition
+//! variable, which the VMM notifies on resume and on stop.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{kvm_run, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_device::bus::{MmioAddress, PioAddress};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
@@ -34,12 +43,102 @@ pub fn kick_signal() -> i32 {
     SIGRTMIN()
 }
 
-extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+thread_local! {
+    /// The `kvm_run` area of the vCPU this thread runs; null on every other
+    /// thread, and once the vCPU thread is done with its `VcpuFd`.
+    /// Const-initialised and without a destructor, so reading it from a
+    /// signal handler allocates nothing and cannot fail.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
 
-/// Installs the (empty) handler for the kick signal; once per process.
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN
+        .try_with(|p| p.get())
+        .unwrap_or(std::ptr::null_mut());
+    if !run.is_null() {
+        // SAFETY: a non-null pointer is this thread's vCPU's `kvm_run`
+        // mapping, set by `RunAreaGuard::new` and cleared by its `Drop`
+        // before the `VcpuFd` (and with it the mapping) goes away; the
+        // handler runs on this thread, so the mapping is alive. The byte
+        // is shared with the kernel (like the rest of `kvm_run`), hence the
+        // volatile write through a raw place, without making a reference.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
+
+/// Installs the handler for the kick signal; once per process (later calls
+/// return the first call's result).
 pub fn install_kick_handler() -> std::io::Result<()> {
-    register_signal_handler(kick_signal(), noop_handler)
-        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    static INSTALLED: OnceLock<Result<(), i32>> = OnceLock::new();
+    let installed = *INSTALLED.get_or_init(|| {
+        register_signal_handler(kick_signal(), kick_handler).map_err(|e| e.errno())
+    });
+    installed.map_err(std::io::Error::from_raw_os_error)
+}
+
+/// Publishes a vCPU's `kvm_run` to the kick handler for as long as it lives.
+struct RunAreaGuard;
+
+impl RunAreaGuard {
+    fn new(vcpu: &mut VcpuFd) -> Self {
+        let run: *mut kvm_run = vcpu.get_kvm_run();
+        KVM_RUN.with(|p| p.set(run));
+        RunAreaGuard
+    }
+}
+
+impl Drop for RunAreaGuard {
+    fn drop(&mut self) {
+        KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
+    }
+}
+
+/// Where a vCPU thread is, as its handle sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RunState {
+    /// Running (or about to run) the guest.
+    Running,
+    /// Waiting for the pause flag to clear.
+    Parked,
+    /// The thread has left its run loop.
+    Exited,
+}
+
+/// The condition variable a vCPU thread and its handle share: the thread
+/// waits on it while paused, the handle while waiting for the thread to
+/// park.
+struct Parking {
+    state: Mutex<RunState>,
+    cond: Condvar,
+}
+
+impl Parking {
+    fn lock(&self) -> MutexGuard<'_, RunState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets the state and wakes every waiter.
+    fn set(&self, state: RunState) {
+        *self.lock() = state;
+        self.cond.notify_all();
+    }
+
+    /// Wakes the thread if it waits (the caller changed a flag first).
+    fn notify(&self) {
+        // Taking the lock orders this after the thread's flag check: the
+        // thread checks its flags and starts waiting with the lock held.
+        drop(self.lock());
+        self.cond.notify_all();
+    }
+}
+
+/// Marks the thread exited (and wakes its handle) however `run` returns.
+struct ExitGuard(Arc<Parking>);
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        self.0.set(RunState::Exited);
+    }
 }
 
 /// Shared state a vCPU thread needs.
@@ -87,45 +186,54 @@ impl VcpuContext {
 pub struct VcpuHandle {
     pub id: u8,
     thread: Option<JoinHandle<()>>,
-    parked: Arc<AtomicBool>,
+    parking: Arc<Parking>,
 }
+
+/// How long `wait_paused` waits for a vCPU to park before giving up.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl VcpuHandle {
     /// Kicks the vCPU out of `KVM_RUN` and waits (bounded) until it has
     /// parked; the caller has set the pause flag.
     pub fn wait_paused(&self) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(2);
-        while !self.parked.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
-            self.kick();
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        if !self.parked.load(Ordering::Acquire) {
-            log::warn!("vcpu{} did not pause within 2 s", self.id);
+        self.kick();
+        let state = self.parking.lock();
+        let (state, _) = self
+            .parking
+            .cond
+            .wait_timeout_while(state, PAUSE_TIMEOUT, |s| *s == RunState::Running)
+            .unwrap_or_else(|e| e.into_inner());
+        if *state == RunState::Running {
+            log::warn!(
+                "vcpu{} did not pause within {} s",
+                self.id,
+                PAUSE_TIMEOUT.as_secs()
+            );
         }
     }
 
     /// Wakes a parked vCPU (after the pause flag is cleared).
     pub fn unpark(&self) {
-        if let Some(t) = &self.thread {
-            t.thread().unpark();
-        }
+        self.parking.notify();
     }
 
-    /// Interrupts `KVM_RUN` so the thread notices the stop or pause flag.
+    /// Interrupts `KVM_RUN` (or a wait) so the thread notices the stop or
+    /// pause flag; the caller has set the flag. One kick is enough: see the
+    /// module's documentation.
     pub fn kick(&self) {
+        self.parking.notify();
         if let Some(t) = &self.thread {
-            let _ = t.kill(kick_signal());
+            if !t.is_finished() {
+                let _ = t.kill(kick_signal());
+            }
         }
     }
 
-    /// Kicks until the thread exits, then joins it. The caller has set the
-    /// stop flag.
+    /// Kicks the thread once, then joins it. The caller has set the stop
+    /// flag.
     pub fn join(&mut self) {
+        self.kick();
         if let Some(t) = self.thread.take() {
-            while !t.is_finished() {
-                let _ = t.kill(kick_signal());
-                std::thread::sleep(Duration::from_millis(2));
-            }
             let _ = t.join();
         }
     }
@@ -133,15 +241,21 @@ impl VcpuHandle {
 
 /// Starts vCPU `id` on its own thread.
 pub fn spawn(id: u8, vcpu: VcpuFd, ctx: VcpuContext) -> std::io::Result<VcpuHandle> {
-    let parked = Arc::new(AtomicBool::new(false));
-    let p = parked.clone();
+    let parking = Arc::new(Parking {
+        state: Mutex::new(RunState::Running),
+        cond: Condvar::new(),
+    });
+    let p = parking.clone();
     let thread = std::thread::Builder::new()
         .name(format!("vcpu{id}"))
-        .spawn(move || run(id, vcpu, ctx, p))?;
+        .spawn(move || {
+            let _exited = ExitGuard(p.clone());
+            run(id, vcpu, &ctx, &p);
+        })?;
     Ok(VcpuHandle {
         id,
         thread: Some(thread),
-        parked,
+        parking,
     })
 }
 
@@ -166,17 +280,38 @@ fn internal_error(vcpu: &mut VcpuFd) -> String {
     )
 }
 
-fn run(id: u8, mut vcpu: VcpuFd, ctx: VcpuContext, parked: Arc<AtomicBool>) {
+/// Parks the vCPU thread while the pause flag is set (and stop is not).
+fn park(ctx: &VcpuContext, parking: &Parking) {
+    let mut state = parking.lock();
+    *state = RunState::Parked;
+    parking.cond.notify_all();
+    while ctx.paused.load(Ordering::Acquire) && !ctx.stop.load(Ordering::Acquire) {
+        state = parking.cond.wait(state).unwrap_or_else(|e| e.into_inner());
+    }
+    *state = RunState::Running;
+}
+
+/// After a `HLT` exit (no in-kernel LAPIC): waits up to 10 ms for a kick;
+/// a kick (pause, stop) ends the wait at once.
+fn halt(ctx: &VcpuContext, parking: &Parking) {
+    let state = parking.lock();
+    let _ = parking
+        .cond
+        .wait_timeout_while(state, Duration::from_millis(10), |_| {
+            !ctx.paused.load(Ordering::Acquire) && !ctx.stop.load(Ordering::Acquire)
+        });
+}
+
+fn run(id: u8, mut vcpu: VcpuFd, ctx: &VcpuContext, parking: &Parking) {
+    // From here on a kick sets `immediate_exit`. Dropped at the end of this
+    // function, before `vcpu`, which was declared (as a parameter) earlier.
+    let _run_area = RunAreaGuard::new(&mut vcpu);
     loop {
         if ctx.stop.load(Ordering::Acquire) {
             return;
         }
         if ctx.paused.load(Ordering::Acquire) {
-            parked.store(true, Ordering::Release);
-            while ctx.paused.load(Ordering::Acquire) && !ctx.stop.load(Ordering::Acquire) {
-                std::thread::park_timeout(Duration::from_millis(50));
-            }
-            parked.store(false, Ordering::Release);
+            park(ctx, parking);
             continue;
         }
         match vcpu.run() {
@@ -202,8 +337,9 @@ fn run(id: u8, mut vcpu: VcpuFd, ctx: VcpuContext, parked: Arc<AtomicBool>) {
                     None => log::debug!("vcpu{id}: unhandled MMIO write at {addr:#x}"),
                 },
                 VcpuExit::Hlt => {
-                    // Only reached without an in-kernel LAPIC; wait to be kicked.
-                    std::thread::park_timeout(Duration::from_millis(10));
+                    // Only reached without an in-kernel LAPIC: wait briefly
+                    // (a kick ends the wait) before running the guest on.
+                    halt(ctx, parking);
                 }
                 VcpuExit::Shutdown => {
                     ctx.report(VcpuEvent::Reset);
@@ -237,7 +373,12 @@ fn run(id: u8, mut vcpu: VcpuFd, ctx: VcpuContext, parked: Arc<AtomicBool>) {
                 }
             },
             Err(e) => match e.errno() {
-                libc::EINTR | libc::EAGAIN => {}
+                libc::EINTR => {
+                    // Kicked (or another signal): clear the kick, then the
+                    // loop checks the flags.
+                    vcpu.set_kvm_immediate_exit(0);
+                }
+                libc::EAGAIN => {}
                 _ => {
                     let msg = format!(
                         "vcpu{id}: KVM_RUN failed: {e}; {}",
@@ -248,5 +389,82 @@ fn run(id: u8, mut vcpu: VcpuFd, ctx: VcpuContext, parked: Arc<AtomicBool>) {
                 }
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::kvm_userspace_memory_region;
+    use kvm_ioctls::Kvm;
+    use std::time::Instant;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+    fn state(h: &VcpuHandle) -> RunState {
+        *h.parking.lock()
+    }
+
+    /// A real-mode vCPU spinning on `jmp $` is paused, resumed and stopped
+    /// with one kick each time.
+    #[test]
+    fn one_kick_pauses_resumes_and_stops() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let Ok(kvm) = Kvm::new() else {
+            eprintln!("no /dev/kvm: skipped");
+            return;
+        };
+        let vm = kvm.create_vm().unwrap();
+        mem.write_slice(&[0xeb, 0xfe], GuestAddress(0x1000))
+            .unwrap(); // jmp $
+        let host = mem.get_host_address(GuestAddress(0)).unwrap();
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            guest_phys_addr: 0,
+            memory_size: 0x10000,
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: `mem` maps these 64 KiB and outlives `vm` (declared
+        // before it, so dropped after it).
+        unsafe { vm.set_user_memory_region(region) }.unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        let mut sregs = vcpu.get_sregs().unwrap();
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        vcpu.set_sregs(&sregs).unwrap();
+        let mut regs = vcpu.get_regs().unwrap();
+        regs.rip = 0x1000;
+        regs.rflags = 2;
+        vcpu.set_regs(&regs).unwrap();
+
+        install_kick_handler().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let paused = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let ctx = VcpuContext {
+            io: Arc::new(RwLock::new(IoManager::new())),
+            stop: stop.clone(),
+            paused: paused.clone(),
+            events: tx,
+            wake: EventFd::new(0).unwrap(),
+        };
+        let mut h = spawn(0, vcpu, ctx).unwrap();
+        for _ in 0..20 {
+            std::thread::sleep(Duration::from_millis(5)); // back in KVM_RUN
+            paused.store(true, Ordering::Release);
+            let t = Instant::now();
+            h.wait_paused();
+            assert_eq!(state(&h), RunState::Parked);
+            assert!(t.elapsed() < PAUSE_TIMEOUT, "took {:?}", t.elapsed());
+            paused.store(false, Ordering::Release);
+            h.unpark();
+        }
+        // Stop while paused, then while running.
+        paused.store(true, Ordering::Release);
+        h.wait_paused();
+        stop.store(true, Ordering::Release);
+        h.join();
+        assert!(rx.try_recv().is_err(), "a stopped vCPU reports nothing");
+        assert_eq!(state(&h), RunState::Exited);
     }
 }

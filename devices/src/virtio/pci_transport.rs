@@ -74,6 +74,11 @@ const REGION_SIZE: u64 = 0x1000;
 /// Maximum number of MSI-X vectors (table region size / entry size).
 pub const MAX_MSIX_VECTORS: u16 = 0x2000 / 16;
 
+/// Offset, within BAR 0, of the notification address of queue `queue`.
+fn notify_offset(queue: u64) -> u64 {
+    NOTIFY_OFFSET + queue * u64::from(NOTIFY_OFF_MULTIPLIER)
+}
+
 const VIRTIO_CAP_ID: u8 = 0x09;
 const CAP_COMMON: u8 = 1;
 const CAP_NOTIFY: u8 = 2;
@@ -269,8 +274,7 @@ impl VirtioPciDevice {
 
     /// Offset, within BAR 0, of the notification address of `queue`.
     pub fn queue_notify_offset(&self, queue: u16) -> Option<u64> {
-        (usize::from(queue) < self.num_queues())
-            .then(|| NOTIFY_OFFSET + u64::from(queue) * u64::from(NOTIFY_OFF_MULTIPLIER))
+        (usize::from(queue) < self.num_queues()).then(|| notify_offset(u64::from(queue)))
     }
 
     /// The notification EventFd of `queue` (stable for the transport's lifetime).
@@ -283,12 +287,7 @@ impl VirtioPciDevice {
         self.queue_evts
             .iter()
             .enumerate()
-            .map(|(i, e)| {
-                (
-                    NOTIFY_OFFSET + i as u64 * u64::from(NOTIFY_OFF_MULTIPLIER),
-                    e,
-                )
-            })
+            .map(|(i, e)| (notify_offset(i as u64), e))
             .collect()
     }
 

@@ -1,0 +1,395 @@
+#!/usr/bin/python3
+"""Pause/resume benchmark: how long arbor takes to pause and resume a guest.
+
+Boots the guest kit under arbor (2 vCPUs by default) with an API socket,
+waits for the guest's 'Run /init' line on the console, then pauses and
+resumes the VM N times in a row (default 100) over one keep-alive
+connection to the API socket: `PUT /api/v1/vm.pause` (answered once every
+vCPU has parked), then `PUT /api/v1/vm.resume`. Each request's round trip is
+timed; prints n, median, p99, min and max of each (ms), the load average,
+and whether every pause answered in under the limit (default 50 ms). Ends
+with one line of JSON. Exits non-zero with a message on any failure (a boot
+that timed out, a request that did not answer 204). See README.md beside
+this file.
+
+Python 3 standard library only.
+"""
+
+import argparse
+import http.client
+import json
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+sys.dont_write_bytecode = True  # no __pycache__ beside the scripts
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402
+from benchlib import (  # noqa: E402
+    MIB, BenchError, log, nonnegative_float, parse_size, positive_float, positive_int, quote,
+    tail_lines,
+)
+
+benchlib.PROG = "pause-bench"
+
+MARK_INIT = "Run /init as init process"
+MARK_FATAL = ("Kernel panic",)
+
+
+# ---------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="pause-bench.py",
+        description="Boot the guest kit under arbor and time N pause/resume round trips "
+        "through the API socket.",
+        epilog="Times are wall-clock, taken with time.monotonic() around each request on an "
+        "open keep-alive connection. See resources/bench/README.md.",
+    )
+    p.add_argument("--cycles", type=positive_int, default=100,
+                   help="pause/resume pairs (default 100)")
+    p.add_argument("--limit-ms", type=positive_float, default=50.0, metavar="MS",
+                   help="a pause should answer in under this (default 50)")
+    p.add_argument("--cpus", type=positive_int, default=2, help="vCPUs (default 2)")
+    p.add_argument("--memory", type=parse_size, default=512 * MIB, metavar="SIZE",
+                   help="guest memory, e.g. 512M (default 512M; a plain number is MiB)")
+    p.add_argument("--kernel", choices=("vmlinux", "bzImage"), default="vmlinux",
+                   help="which kernel image of the guest kit to boot (default vmlinux, PVH entry)")
+    p.add_argument("--timeout", type=positive_float, default=180.0, metavar="SECONDS",
+                   help="seconds the guest may take to reach 'Run /init' (default 180)")
+    p.add_argument("--op-timeout", type=positive_float, default=30.0, metavar="SECONDS",
+                   help="seconds a request may take, and the wait for the API socket (default 30)")
+    p.add_argument("--settle", type=nonnegative_float, default=1.0, metavar="SECONDS",
+                   help="after 'Run /init', wait until the console has been quiet this long "
+                   "(capped at --op-timeout; default 1)")
+    p.add_argument("--guest-dir", default=benchlib.default_guest_dir(),
+                   help="guest kit directory (default $ARBOR_GUEST_DIR, else <repo>/target/guest, "
+                   "else /tmp/guest if only that exists)")
+    p.add_argument("--arbor", metavar="PATH",
+                   help="arbor binary (default target/release/arbor, built with 'cargo build "
+                   "--release -p vmm -p api' when missing or older than the sources)")
+    p.add_argument("--no-build", action="store_true",
+                   help="use target/release/arbor even if it is older than the sources")
+    p.add_argument("--arbor-args", default="", metavar="STRING",
+                   help="extra arbor options, split like a shell would")
+    p.add_argument("--stop-grace", type=positive_float, default=5.0, metavar="SECONDS",
+                   help="seconds arbor gets to exit after being asked to (default 5)")
+    args = p.parse_args(argv)
+    try:
+        args.arbor_extra = shlex.split(args.arbor_args)
+    except ValueError as e:
+        p.error(f"--arbor-args: {e}")
+    return args
+
+
+# ---------------------------------------------------------------------------
+# arbor
+# ---------------------------------------------------------------------------
+
+
+class Console:
+    """Reads a pipe in a thread and keeps its lines, each with the
+    time.monotonic() at which it arrived."""
+
+    def __init__(self, pipe):
+        self.lines = []  # (t, text)
+        self.raw = bytearray()
+        self.eof = False
+        self.cond = threading.Condition()
+        self._pipe = pipe
+        self._partial = b""
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        fd = self._pipe.fileno()
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                chunk = b""
+            t = time.monotonic()
+            with self.cond:
+                if not chunk:
+                    if self._partial:
+                        self.lines.append((t, self._partial.decode("utf-8", "replace")))
+                    self.eof = True
+                    self.cond.notify_all()
+                    return
+                self.raw += chunk
+                parts = (self._partial + chunk).split(b"\n")
+                self._partial = parts.pop()
+                for part in parts:
+                    self.lines.append((t, part.rstrip(b"\r").decode("utf-8", "replace")))
+                self.cond.notify_all()
+
+    def text(self):
+        with self.cond:
+            return bytes(self.raw)
+
+    def wait_for(self, needle, deadline):
+        """Time of the first line containing NEEDLE; raises BenchError-worthy
+        strings via (kind, line): ("timeout"|"eof"|"fatal", line)."""
+        i = 0
+        with self.cond:
+            while True:
+                while i < len(self.lines):
+                    t, line = self.lines[i]
+                    if needle in line:
+                        return t
+                    for f in MARK_FATAL:
+                        if f in line:
+                            raise _Wait("fatal", line)
+                    i += 1
+                if self.eof:
+                    raise _Wait("eof", None)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise _Wait("timeout", None)
+                self.cond.wait(min(remaining, 1.0))
+
+    def wait_quiet(self, quiet, deadline):
+        with self.cond:
+            while True:
+                last = self.lines[-1][0] if self.lines else 0.0
+                now = time.monotonic()
+                if now - last >= quiet or now >= deadline or self.eof:
+                    return
+                self.cond.wait(min(quiet - (now - last), deadline - now))
+
+
+class _Wait(Exception):
+    def __init__(self, kind, line):
+        super().__init__(kind)
+        self.kind = kind
+        self.line = line
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over a UNIX socket."""
+
+    def __init__(self, path, timeout):
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        try:
+            s.connect(self.unix_path)
+        except OSError:
+            s.close()
+            raise
+        self.sock = s
+
+
+class Arbor:
+    def __init__(self, binary, kit, workdir, opts):
+        kernel, initramfs, cmdline = kit
+        self.opts = opts
+        self.sock = os.path.join(workdir, "arbor-api.sock")
+        self.argv = [binary, "--kernel", kernel, "--initramfs", initramfs, "--cmdline", cmdline,
+                     "--cpus", str(opts.cpus), "--memory", f"{opts.memory // MIB}M",
+                     "--api-socket", self.sock] + opts.arbor_extra
+        self.proc = None
+        self.console = None
+        self.stderr = None
+
+    def fail(self, what):
+        status = self.proc.poll() if self.proc else None
+        msg = f"arbor: {what}"
+        if status is not None:
+            msg += f" (arbor exited with status {status})"
+        msg += f"\n  last console lines:\n{tail_lines(self.console.text() if self.console else b'')}"
+        err = self.stderr.text() if self.stderr else b""
+        if err.strip():
+            msg += f"\n  stderr:\n{tail_lines(err, 15)}"
+        return BenchError(msg)
+
+    def boot(self):
+        """Starts arbor and waits for 'Run /init'; returns seconds to it."""
+        t_start = time.monotonic()
+        try:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, bufsize=0, start_new_session=True)
+        except OSError as e:
+            raise BenchError(f"cannot start {self.argv[0]}: {e}")
+        self.console = Console(self.proc.stdout)
+        self.stderr = Console(self.proc.stderr)
+        deadline = t_start + self.opts.op_timeout
+        while not os.path.exists(self.sock):
+            if self.proc.poll() is not None:
+                time.sleep(0.2)
+                raise self.fail("exited before creating its API socket")
+            if time.monotonic() > deadline:
+                raise self.fail(f"no API socket {self.sock} after {self.opts.op_timeout:g} s")
+            time.sleep(0.01)
+        try:
+            t = self.console.wait_for(MARK_INIT, t_start + self.opts.timeout)
+        except _Wait as w:
+            if w.kind == "timeout":
+                raise self.fail(f"timeout: no '{MARK_INIT}' within {self.opts.timeout:g} s")
+            if w.kind == "eof":
+                raise self.fail(f"the console closed before '{MARK_INIT}'")
+            time.sleep(1.0)  # let the rest of the oops arrive
+            raise self.fail(f"the guest failed ('{w.line}') before '{MARK_INIT}'")
+        if self.opts.settle > 0:
+            self.console.wait_quiet(self.opts.settle, time.monotonic() + self.opts.op_timeout)
+        return t - t_start
+
+    def request(self, conn, method, path):
+        """One request on CONN; returns milliseconds from sending to the
+        whole answer, which must be 204."""
+        t0 = time.monotonic()
+        try:
+            conn.request(method, path)
+            r = conn.getresponse()
+            payload = r.read()
+        except (OSError, http.client.HTTPException) as e:
+            raise self.fail(f"{method} {path}: {type(e).__name__}: {e}")
+        t1 = time.monotonic()
+        if r.status != 204:
+            raise self.fail(f"{method} {path} answered HTTP {r.status} (expected 204): "
+                            f"{payload.decode('utf-8', 'replace').strip()}")
+        return (t1 - t0) * 1e3
+
+    def cycles(self, n):
+        conn = UnixHTTPConnection(self.sock, self.opts.op_timeout)
+        try:
+            conn.connect()
+        except OSError as e:
+            raise self.fail(f"cannot connect to the API socket {self.sock}: {e}")
+        pauses, resumes = [], []
+        try:
+            for _ in range(n):
+                pauses.append(self.request(conn, "PUT", "/api/v1/vm.pause"))
+                resumes.append(self.request(conn, "PUT", "/api/v1/vm.resume"))
+        finally:
+            conn.close()
+        return pauses, resumes
+
+    def stop(self):
+        if self.proc is None:
+            return
+        try:
+            if self.proc.poll() is None:
+                conn = UnixHTTPConnection(self.sock, self.opts.stop_grace)
+                try:
+                    conn.request("PUT", "/api/v1/vmm.shutdown")
+                    conn.getresponse().read()
+                    self.proc.wait(timeout=self.opts.stop_grace)
+                except Exception:
+                    pass
+                finally:
+                    conn.close()
+            benchlib.stop(self.proc, self.opts.stop_grace)
+        finally:
+            for s in (self.proc.stdout, self.proc.stderr):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+
+# ---------------------------------------------------------------------------
+# Statistics and output
+# ---------------------------------------------------------------------------
+
+
+def percentile(sorted_xs, q):
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if len(sorted_xs) == 1:
+        return sorted_xs[0]
+    pos = q * (len(sorted_xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_xs) - 1)
+    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
+
+
+def describe(xs):
+    xs = sorted(xs)
+    r = lambda v: round(v, 3)  # noqa: E731
+    return {"n": len(xs), "median": r(percentile(xs, 0.5)), "p99": r(percentile(xs, 0.99)),
+            "min": r(xs[0]), "max": r(xs[-1])}
+
+
+def main(argv):
+    args = parse_args(argv)
+    kit = benchlib.guest_kit(args.guest_dir, args.kernel)
+    benchlib.check_kvm()
+    binary = benchlib.find_arbor(args.arbor, packages=("vmm", "api"),
+                                 rebuild_stale=not args.no_build, attempts=10)
+    others = benchlib.other_guests(os.getpid())
+    if others:
+        log(f"warning: other VMMs are running: {', '.join(others)}")
+    workdir = tempfile.mkdtemp(prefix="pause-bench.")
+    vm = Arbor(binary, kit, workdir, args)
+    log(" ".join(quote(a) for a in vm.argv))
+    try:
+        log(f"booting (timeout {args.timeout:g} s)")
+        boot_s = vm.boot()
+        log(f"'Run /init' after {boot_s:.1f} s; {args.cycles} pause/resume cycles")
+        load_start = benchlib.loadavg()
+        pauses, resumes = vm.cycles(args.cycles)
+        load_end = benchlib.loadavg()
+    finally:
+        vm.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    stats = {"pause_ms": describe(pauses), "resume_ms": describe(resumes)}
+    slow = [round(x, 3) for x in pauses if x >= args.limit_ms]
+    ok = not slow
+    print()
+    print(f"Pause/resume benchmark: {args.kernel} + initramfs.cpio, {args.cpus} vCPU(s), "
+          f"{args.memory // MIB} MiB; {args.cycles} cycle(s); times in ms")
+    head = f"  {'':18} {'n':>5} {'median':>10} {'p99':>10} {'min':>10} {'max':>10}"
+    print(head)
+    print("  " + "-" * (len(head) - 2))
+    for key, title in (("pause_ms", "PUT vm.pause"), ("resume_ms", "PUT vm.resume")):
+        s = stats[key]
+        print(f"  {title:18} {s['n']:>5} {s['median']:>10.2f} {s['p99']:>10.2f} "
+              f"{s['min']:>10.2f} {s['max']:>10.2f}")
+    print(f"  load average (1 min): {load_start} at start, {load_end} at end")
+    if ok:
+        print(f"  every pause answered in under {args.limit_ms:g} ms: yes")
+    else:
+        print(f"  every pause answered in under {args.limit_ms:g} ms: NO "
+              f"({len(slow)} of {len(pauses)} took longer)")
+    print()
+    kernel, initramfs, cmdline = kit
+    out = {
+        "arbor": binary,
+        "kernel": kernel,
+        "kernel_sha256": benchlib.sha256(kernel),
+        "initramfs": initramfs,
+        "cmdline": cmdline,
+        "cpus": args.cpus,
+        "memory_mib": args.memory // MIB,
+        "cycles": args.cycles,
+        "unit": "ms",
+        "stats": stats,
+        "limit_ms": args.limit_ms,
+        "all_pauses_under_limit": ok,
+        "slow_pauses_ms": slow,
+        "boot_s": round(boot_s, 3),
+        "loadavg_at_start": load_start,
+        "loadavg_at_end": load_end,
+        "other_vmms_at_start": others,
+        "command": vm.argv,
+        "pause_ms": [round(x, 3) for x in pauses],
+        "resume_ms": [round(x, 3) for x in resumes],
+    }
+    print(json.dumps(out, separators=(",", ":")), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    benchlib.run_main(main)

@@ -86,7 +86,7 @@ impl FromStr for PciBdf {
 
     /// Parses `DDDD:BB:SS.F` (domain must be 0) or `BB:SS.F`, hex.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || PciError::NoDevice(format!("malformed BDF '{s}'"));
+        let bad = || PciError::BadBdf(s.to_string());
         let hex = |t: &str, max_len: usize| -> Result<u32, PciError> {
             if t.is_empty() || t.len() > max_len || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(bad());

@@ -132,6 +132,9 @@ pub enum PciError {
     /// Nothing at the given location.
     #[error("no device at {0}")]
     NoDevice(String),
+    /// A BDF string that is not `[DDDD:]BB:SS.F` in hex (domain 0).
+    #[error("malformed BDF '{0}': expected [0000:]BB:SS.F in hex")]
+    BadBdf(String),
     /// Address allocation failed.
     #[error("address allocation failed: {0}")]
     Allocation(String),

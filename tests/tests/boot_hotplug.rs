@@ -76,7 +76,7 @@ fn hotplug_before_the_first_vcpu_and_after_init() {
     let mut replies = Vec::new();
     for (i, (port, path)) in PLACES.iter().enumerate() {
         let f = s.path(&format!("pre{i}.img"));
-        raw_disk_at(&f, 2 + i as u64);
+        raw_disk(&f, 2 + i as u64);
         let (msg, rx) = ApiMessage::new(ApiRequest::VmAddDisk(disk_at(
             &f,
             &format!("pre{i}"),
@@ -101,7 +101,7 @@ fn hotplug_before_the_first_vcpu_and_after_init() {
     // After /init, once more on every mechanism.
     for (i, (port, path)) in PLACES.iter().enumerate() {
         let f = s.path(&format!("late{i}.img"));
-        raw_disk_at(&f, 12 + i as u64);
+        raw_disk(&f, 12 + i as u64);
         let port = port.map(|p| if p == "rp0" { "rp1" } else { p });
         let path = path.map(|_| "0b");
         handle
@@ -127,7 +127,7 @@ fn hotplug_during_early_boot_and_while_paused() {
     let c = Client::new(&sock).with_timeout(Duration::from_secs(120));
     for (i, (port, path)) in PLACES.iter().enumerate() {
         let f = s.path(&format!("early{i}.img"));
-        raw_disk_at(&f, 4 + i as u64);
+        raw_disk(&f, 4 + i as u64);
         c.vm_add_disk(&disk_at(&f, &format!("early{i}"), *port, *path))
             .unwrap_or_else(|e| panic!("early add {i}: {e}"));
     }
@@ -135,7 +135,7 @@ fn hotplug_during_early_boot_and_while_paused() {
     c.vm_pause().expect("pause");
     for (i, (port, path)) in PLACES.iter().enumerate() {
         let f = s.path(&format!("paused{i}.img"));
-        raw_disk_at(&f, 8 + i as u64);
+        raw_disk(&f, 8 + i as u64);
         let port = port.map(|p| if p == "rp0" { "rp1" } else { p });
         let path = path.map(|_| "0b");
         c.vm_add_disk(&disk_at(&f, &format!("paused{i}"), port, path))

@@ -39,6 +39,21 @@ fn fd_count(pid: u32) -> usize {
         .count()
 }
 
+/// The descriptor count once it stops changing: the server side of the
+/// last API connection closes only when the server sees the client's end.
+fn settled_fd_count(pid: u32) -> usize {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut last = fd_count(pid);
+    let mut same = 0;
+    while same < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        let n = fd_count(pid);
+        same = if n == last { same + 1 } else { 0 };
+        last = n;
+    }
+    last
+}
+
 fn rss_kib(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     s.lines()
@@ -209,12 +224,12 @@ fn root_bus_hotplug() {
     };
     // Warm up allocations (thread stacks, maps) before measuring.
     run_cycle(&g, 0);
-    let (fds0, rss0) = (fd_count(pid), rss_kib(pid));
+    let (fds0, rss0) = (settled_fd_count(pid), rss_kib(pid));
     let start = std::time::Instant::now();
     for i in 1..=20 {
         run_cycle(&g, i);
     }
-    let (fds1, rss1) = (fd_count(pid), rss_kib(pid));
+    let (fds1, rss1) = (settled_fd_count(pid), rss_kib(pid));
     eprintln!(
         "20 add/remove cycles in {:?}: fds {fds0} -> {fds1}, RSS {rss0} -> {rss1} KiB",
         start.elapsed()

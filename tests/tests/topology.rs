@@ -8,7 +8,6 @@
 use std::time::{Duration, Instant};
 
 use api::client::Client;
-use api::types::DiskConfig;
 use arbor_tests::{
     boot_with_api, disk_at, guest_bdf, guest_kit, kvm_available, raw_disk, run_arbor, wait_count,
     Guest, Scratch,

@@ -8,11 +8,14 @@ directory with bytecode writing off, so no __pycache__ appears in the tree.
 
 import argparse
 import hashlib
+import http.client
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
@@ -297,3 +300,116 @@ def run_main(main):
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
+
+
+# ---------------------------------------------------------------------------
+# Reading a VMM's output, talking to its API
+# ---------------------------------------------------------------------------
+
+
+class Stream:
+    """Reads a pipe in a thread and keeps its complete lines, each with the
+    time.monotonic() at which the chunk completing it arrived."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.lines = []  # (t, text)
+        self.raw = bytearray()
+        self.eof = False
+        self.cond = threading.Condition()
+        self._partial = b""
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        fd = self.pipe.fileno()
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                chunk = b""
+            t = time.monotonic()
+            with self.cond:
+                if not chunk:
+                    if self._partial:
+                        self.lines.append((t, self._partial.decode("utf-8", "replace")))
+                    self.eof = True
+                    self.cond.notify_all()
+                    return
+                self.raw += chunk
+                parts = (self._partial + chunk).split(b"\n")
+                self._partial = parts.pop()
+                for part in parts:
+                    self.lines.append((t, part.rstrip(b"\r").decode("utf-8", "replace")))
+                self.cond.notify_all()
+
+    def mark(self):
+        with self.cond:
+            return len(self.lines)
+
+    def text(self):
+        with self.cond:
+            return bytes(self.raw)
+
+    def wait_for(self, match, start, deadline, fatal=("Kernel panic",)):
+        """Waits for the first line from index START on for which MATCH(line)
+        is true. Returns (index, time, line, MATCH's value), or raises
+        StreamTimeout, StreamEof or StreamFatal(line)."""
+        i = start
+        with self.cond:
+            while True:
+                while i < len(self.lines):
+                    t, line = self.lines[i]
+                    m = match(line)
+                    if m:
+                        return i, t, line, m
+                    for f in fatal:
+                        if f in line:
+                            raise StreamFatal(line)
+                    i += 1
+                if self.eof:
+                    raise StreamEof()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise StreamTimeout()
+                self.cond.wait(min(remaining, 1.0))
+
+    def wait_quiet(self, quiet, deadline):
+        """Waits until no line has arrived for QUIET seconds (or DEADLINE)."""
+        with self.cond:
+            while True:
+                last = self.lines[-1][0] if self.lines else 0.0
+                now = time.monotonic()
+                if now - last >= quiet or now >= deadline or self.eof:
+                    return
+                self.cond.wait(min(quiet - (now - last), deadline - now))
+
+
+class StreamTimeout(Exception):
+    """No matching line before the deadline."""
+
+
+class StreamEof(Exception):
+    """The stream closed first."""
+
+
+class StreamFatal(Exception):
+    """A fatal line (a guest panic) arrived first; args[0] is the line."""
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over a UNIX socket."""
+
+    def __init__(self, path, timeout):
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        try:
+            s.connect(self.unix_path)
+        except OSError:
+            s.close()
+            raise
+        self.sock = s

@@ -164,117 +164,11 @@ def parse_args(argv):
 # ---------------------------------------------------------------------------
 
 
-class Stream:
-    """Reads a pipe in a thread and keeps its complete lines, each with the
-    time.monotonic() at which the chunk completing it arrived."""
-
-    def __init__(self, pipe):
-        self.pipe = pipe
-        self.lines = []  # (t, text)
-        self.raw = bytearray()
-        self.eof = False
-        self.cond = threading.Condition()
-        self._partial = b""
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        fd = self.pipe.fileno()
-        while True:
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:
-                chunk = b""
-            t = time.monotonic()
-            with self.cond:
-                if not chunk:
-                    if self._partial:
-                        self.lines.append((t, self._partial.decode("utf-8", "replace")))
-                    self.eof = True
-                    self.cond.notify_all()
-                    return
-                self.raw += chunk
-                parts = (self._partial + chunk).split(b"\n")
-                self._partial = parts.pop()
-                for part in parts:
-                    self.lines.append((t, part.rstrip(b"\r").decode("utf-8", "replace")))
-                self.cond.notify_all()
-
-    def mark(self):
-        with self.cond:
-            return len(self.lines)
-
-    def text(self):
-        with self.cond:
-            return bytes(self.raw)
-
-    def wait_for(self, match, start, deadline, fatal=MARK_FATAL):
-        """Waits for the first line from index START on for which MATCH(line)
-        is true. Returns (index, time, line, MATCH's value), or raises
-        _Timeout, _Eof or _Fatal(line)."""
-        i = start
-        with self.cond:
-            while True:
-                while i < len(self.lines):
-                    t, line = self.lines[i]
-                    m = match(line)
-                    if m:
-                        return i, t, line, m
-                    for f in fatal:
-                        if f in line:
-                            raise _Fatal(line)
-                    i += 1
-                if self.eof:
-                    raise _Eof()
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise _Timeout()
-                self.cond.wait(min(remaining, 1.0))
-
-    def wait_quiet(self, quiet, deadline):
-        """Waits until no line has arrived for QUIET seconds (or DEADLINE)."""
-        with self.cond:
-            while True:
-                last = self.lines[-1][0] if self.lines else 0.0
-                now = time.monotonic()
-                if now - last >= quiet or now >= deadline or self.eof:
-                    return
-                self.cond.wait(min(quiet - (now - last), deadline - now))
-
-
-class _Timeout(Exception):
-    pass
-
-
-class _Eof(Exception):
-    pass
-
-
-class _Fatal(Exception):
-    pass
 
 
 # ---------------------------------------------------------------------------
 # VMMs
 # ---------------------------------------------------------------------------
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """http.client over a UNIX socket."""
-
-    def __init__(self, path, timeout):
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        try:
-            s.connect(self.unix_path)
-        except OSError:
-            s.close()
-            raise
-        self.sock = s
 
 
 class Guest:
@@ -296,8 +190,8 @@ class Guest:
                                          stderr=subprocess.PIPE, bufsize=0, start_new_session=True)
         except OSError as e:
             raise BenchError(f"{self.name}: cannot start {self.argv[0]}: {e}")
-        self.console = Stream(self.proc.stdout)
-        self.stderr = Stream(self.proc.stderr)
+        self.console = benchlib.Stream(self.proc.stdout)
+        self.stderr = benchlib.Stream(self.proc.stderr)
 
     def fail(self, what):
         """A BenchError for WHAT, with the console's and stderr's last lines."""
@@ -315,11 +209,11 @@ class Guest:
         deadline = time.monotonic() + timeout
         try:
             return self.console.wait_for(match, start, deadline)
-        except _Timeout:
+        except benchlib.StreamTimeout:
             raise self.fail(f"timeout: no {what} within {timeout:g} s")
-        except _Eof:
+        except benchlib.StreamEof:
             raise self.fail(f"the console closed before {what}")
-        except _Fatal as e:
+        except benchlib.StreamFatal as e:
             time.sleep(1.0)  # let the rest of the oops arrive
             raise self.fail(f"the guest failed ('{e}') while waiting for {what}")
 
@@ -416,7 +310,7 @@ class ArborVM(Guest):
             time.sleep(0.01)
 
     def connection(self):
-        c = UnixHTTPConnection(self.sock, self.opts.op_timeout)
+        c = benchlib.UnixHTTPConnection(self.sock, self.opts.op_timeout)
         try:
             c.connect()
         except OSError as e:
@@ -455,7 +349,7 @@ class ArborVM(Guest):
             conn.close()
         for _ in range(n):
             t0 = time.monotonic()
-            conn = UnixHTTPConnection(self.sock, self.opts.op_timeout)
+            conn = benchlib.UnixHTTPConnection(self.sock, self.opts.op_timeout)
             try:
                 _, t1, st, body = self.http(conn, "GET", "/api/v1/vmm.ping")
             finally:
@@ -541,7 +435,7 @@ class ArborVM(Guest):
         return {"port": port, "hotplug": hotplug}
 
     def ask_exit(self):
-        conn = UnixHTTPConnection(self.sock, self.opts.stop_grace)
+        conn = benchlib.UnixHTTPConnection(self.sock, self.opts.stop_grace)
         try:
             conn.request("PUT", "/api/v1/vmm.shutdown")
             conn.getresponse().read()

@@ -21,11 +21,9 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 sys.dont_write_bytecode = True  # no __pycache__ beside the scripts
@@ -96,101 +94,6 @@ def parse_args(argv):
 # ---------------------------------------------------------------------------
 
 
-class Console:
-    """Reads a pipe in a thread and keeps its lines, each with the
-    time.monotonic() at which it arrived."""
-
-    def __init__(self, pipe):
-        self.lines = []  # (t, text)
-        self.raw = bytearray()
-        self.eof = False
-        self.cond = threading.Condition()
-        self._pipe = pipe
-        self._partial = b""
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self):
-        fd = self._pipe.fileno()
-        while True:
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:
-                chunk = b""
-            t = time.monotonic()
-            with self.cond:
-                if not chunk:
-                    if self._partial:
-                        self.lines.append((t, self._partial.decode("utf-8", "replace")))
-                    self.eof = True
-                    self.cond.notify_all()
-                    return
-                self.raw += chunk
-                parts = (self._partial + chunk).split(b"\n")
-                self._partial = parts.pop()
-                for part in parts:
-                    self.lines.append((t, part.rstrip(b"\r").decode("utf-8", "replace")))
-                self.cond.notify_all()
-
-    def text(self):
-        with self.cond:
-            return bytes(self.raw)
-
-    def wait_for(self, needle, deadline):
-        """Time of the first line containing NEEDLE; raises BenchError-worthy
-        strings via (kind, line): ("timeout"|"eof"|"fatal", line)."""
-        i = 0
-        with self.cond:
-            while True:
-                while i < len(self.lines):
-                    t, line = self.lines[i]
-                    if needle in line:
-                        return t
-                    for f in MARK_FATAL:
-                        if f in line:
-                            raise _Wait("fatal", line)
-                    i += 1
-                if self.eof:
-                    raise _Wait("eof", None)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise _Wait("timeout", None)
-                self.cond.wait(min(remaining, 1.0))
-
-    def wait_quiet(self, quiet, deadline):
-        with self.cond:
-            while True:
-                last = self.lines[-1][0] if self.lines else 0.0
-                now = time.monotonic()
-                if now - last >= quiet or now >= deadline or self.eof:
-                    return
-                self.cond.wait(min(quiet - (now - last), deadline - now))
-
-
-class _Wait(Exception):
-    def __init__(self, kind, line):
-        super().__init__(kind)
-        self.kind = kind
-        self.line = line
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """http.client over a UNIX socket."""
-
-    def __init__(self, path, timeout):
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        try:
-            s.connect(self.unix_path)
-        except OSError:
-            s.close()
-            raise
-        self.sock = s
-
-
 class Arbor:
     def __init__(self, binary, kit, workdir, opts):
         kernel, initramfs, cmdline = kit
@@ -222,8 +125,8 @@ class Arbor:
                                          stderr=subprocess.PIPE, bufsize=0, start_new_session=True)
         except OSError as e:
             raise BenchError(f"cannot start {self.argv[0]}: {e}")
-        self.console = Console(self.proc.stdout)
-        self.stderr = Console(self.proc.stderr)
+        self.console = benchlib.Stream(self.proc.stdout)
+        self.stderr = benchlib.Stream(self.proc.stderr)
         deadline = t_start + self.opts.op_timeout
         while not os.path.exists(self.sock):
             if self.proc.poll() is not None:
@@ -233,14 +136,15 @@ class Arbor:
                 raise self.fail(f"no API socket {self.sock} after {self.opts.op_timeout:g} s")
             time.sleep(0.01)
         try:
-            t = self.console.wait_for(MARK_INIT, t_start + self.opts.timeout)
-        except _Wait as w:
-            if w.kind == "timeout":
-                raise self.fail(f"timeout: no '{MARK_INIT}' within {self.opts.timeout:g} s")
-            if w.kind == "eof":
-                raise self.fail(f"the console closed before '{MARK_INIT}'")
+            _, t, _, _ = self.console.wait_for(lambda line: MARK_INIT in line, 0,
+                                               t_start + self.opts.timeout, MARK_FATAL)
+        except benchlib.StreamTimeout:
+            raise self.fail(f"timeout: no '{MARK_INIT}' within {self.opts.timeout:g} s")
+        except benchlib.StreamEof:
+            raise self.fail(f"the console closed before '{MARK_INIT}'")
+        except benchlib.StreamFatal as e:
             time.sleep(1.0)  # let the rest of the oops arrive
-            raise self.fail(f"the guest failed ('{w.line}') before '{MARK_INIT}'")
+            raise self.fail(f"the guest failed ('{e.args[0]}') before '{MARK_INIT}'")
         if self.opts.settle > 0:
             self.console.wait_quiet(self.opts.settle, time.monotonic() + self.opts.op_timeout)
         return t - t_start
@@ -262,7 +166,7 @@ class Arbor:
         return (t1 - t0) * 1e3
 
     def cycles(self, n):
-        conn = UnixHTTPConnection(self.sock, self.opts.op_timeout)
+        conn = benchlib.UnixHTTPConnection(self.sock, self.opts.op_timeout)
         try:
             conn.connect()
         except OSError as e:
@@ -281,7 +185,7 @@ class Arbor:
             return
         try:
             if self.proc.poll() is None:
-                conn = UnixHTTPConnection(self.sock, self.opts.stop_grace)
+                conn = benchlib.UnixHTTPConnection(self.sock, self.opts.stop_grace)
                 try:
                     conn.request("PUT", "/api/v1/vmm.shutdown")
                     conn.getresponse().read()

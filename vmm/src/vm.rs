@@ -345,9 +345,11 @@ impl Vm {
 
         {
             let mut c = lock(core);
-            // Requests sent before the VM ran are served before the first
-            // vCPU starts (an embedder's cold configuration, or an early
-            // hotplug, which the hotplug owner holds for the guest).
+            // The VM runs from here on. Requests sent before are served
+            // before the first vCPU starts (an early hotplug is held by the
+            // hotplug owner until the guest can take it; a pause parks the
+            // vCPUs before their first instruction).
+            c.state = VmState::Running;
             c.serve_api();
             if c.exit.is_none() {
                 if let Err(e) = c.start_vcpus() {
@@ -422,7 +424,6 @@ impl VmCore {
             self.vcpus
                 .push(vcpu::spawn(id as u8, fd, ctx).map_err(Error::Thread)?);
         }
-        self.state = VmState::Running;
         log::info!(
             "{} vCPU(s) started {} us after VMM start",
             self.vcpus.len(),

@@ -540,17 +540,17 @@ impl VmCore {
             return Ok(ApiResponse::Empty);
         }
         let grace = self.config.shutdown_grace.max(Duration::from_millis(1));
-        let armed = self
+        let pressed = self
             .shutdown_timer
             .reset(grace, None)
-            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()));
-        match self.hotplug.power_button().map_err(|e| e.to_string()) {
-            Ok(()) if armed.is_ok() => Ok(ApiResponse::Empty),
-            r => {
+            .map_err(|e| format!("cannot arm the grace timer: {e}"))
+            .and_then(|()| self.hotplug.power_button().map_err(|e| e.to_string()));
+        match pressed {
+            Ok(()) => Ok(ApiResponse::Empty),
+            Err(why) => {
                 self.finish(Ok(ExitReason::Shutdown));
-                let why = r.err().unwrap_or_else(|| format!("{:?}", armed.err()));
                 Err(ApiError::internal(format!(
-                    "cannot press the power button: {why}"
+                    "cannot press the power button ({why}); the VM is stopped"
                 )))
             }
         }

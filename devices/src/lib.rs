@@ -4,4 +4,5 @@
 
 pub mod acpi;
 pub mod legacy;
+pub mod log_limit;
 pub mod virtio;

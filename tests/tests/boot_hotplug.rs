@@ -65,7 +65,7 @@ fn hotplug_before_the_first_vcpu_and_after_init() {
         kernel: kit.vmlinux.clone(),
         initramfs: Some(kit.initramfs.clone()),
         cmdline: kit.cmdline.clone(),
-        serial: vmm::SerialOutput::File(console.clone()),
+        serial: vmm::SerialOutput::file(console.clone()),
         ..Default::default()
     };
     let vm = vmm::Vm::new(cfg).expect("build VM");

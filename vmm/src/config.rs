@@ -17,14 +17,32 @@ pub const MAX_VCPUS: u8 = 254;
 /// Least memory a VM may have.
 pub const MIN_MEMORY: u64 = 8 << 20;
 
+/// Default bound of console output appended to a `--serial file=PATH`.
+pub const DEFAULT_SERIAL_FILE_MAX: u64 = 16 << 20;
+
+impl SerialOutput {
+    /// Console output to `path`, bounded by [`DEFAULT_SERIAL_FILE_MAX`].
+    pub fn file(path: impl Into<PathBuf>) -> Self {
+        SerialOutput::File {
+            path: path.into(),
+            max: DEFAULT_SERIAL_FILE_MAX,
+        }
+    }
+}
+
 /// Where the guest's serial console goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SerialOutput {
     /// The VMM's standard output; input comes from standard input when it is
     /// a terminal.
     Stdout,
-    /// Appended to a file.
-    File(PathBuf),
+    /// Appended to a file, at most `max` bytes (the rest is dropped).
+    File {
+        /// The file (created if missing).
+        path: PathBuf,
+        /// Most bytes this VM appends to it ([`DEFAULT_SERIAL_FILE_MAX`] unless set).
+        max: u64,
+    },
     /// Discarded.
     Off,
 }
@@ -320,6 +338,31 @@ fn check_file(what: &str, path: &std::path::Path) -> Result<(), ConfigError> {
     }
 }
 
+/// Parses `--serial`: `stdout`, `off` (or `null`), or `file=PATH[,max=SIZE]` (a path with
+/// commas is quoted: `file="/a,b.log"`).
+pub fn parse_serial(value: &str) -> Result<SerialOutput, ConfigError> {
+    match value {
+        "stdout" => return Ok(SerialOutput::Stdout),
+        "off" | "null" => return Ok(SerialOutput::Off),
+        _ => {}
+    }
+    let e = |m: String| {
+        ConfigError(format!(
+            "--serial '{value}': {m} (expected stdout, off or file=PATH[,max=SIZE])"
+        ))
+    };
+    let o = api::kv::parse(value, &["file", "max"]).map_err(|x| e(x.to_string()))?;
+    let path = o.required("file").map_err(|x| e(x.to_string()))?;
+    let max = match o.get("max") {
+        Some(m) => parse_size(m).map_err(|x| e(x.0))?,
+        None => DEFAULT_SERIAL_FILE_MAX,
+    };
+    Ok(SerialOutput::File {
+        path: PathBuf::from(path),
+        max,
+    })
+}
+
 fn parse_order(value: &str) -> Result<Vec<PlaceKind>, ConfigError> {
     let mut out = Vec::new();
     for part in value.split(',') {
@@ -367,7 +410,7 @@ usage: arbor --kernel PATH [options]
   --cmdline STRING     kernel command line (default: console=ttyS0)
   --cpus N             number of vCPUs, 1-254 (default 1)
   --memory SIZE        guest memory, e.g. 512M or 2G (default 512M)
-  --serial WHERE       stdout (default), off, or file=PATH
+  --serial WHERE       stdout (default), off, or file=PATH[,max=SIZE] (default max 16M)
   --disk OPTIONS       virtio-blk disk: path=FILE[,readonly=on][,serial=S][,id=ID]
                        [,port=ID][,pci_path=PATH]; repeatable
   --rng [OPTIONS]      virtio-rng device: [id=ID][,port=ID][,pci_path=PATH]; repeatable
@@ -473,20 +516,7 @@ where
             "--remove-timeout" => cfg.remove_timeout = parse_seconds(&flag, &value)?,
             "--pci-port" => cfg.ports.push(parse_port(&value)?),
             "--hotplug-order" => cfg.placement_order = parse_order(&value)?,
-            "--serial" => {
-                cfg.serial = match value.as_str() {
-                    "stdout" => SerialOutput::Stdout,
-                    "off" | "null" => SerialOutput::Off,
-                    v => match v.strip_prefix("file=") {
-                        Some(p) if !p.is_empty() => SerialOutput::File(PathBuf::from(p)),
-                        _ => {
-                            return err(format!(
-                                "--serial '{value}': expected stdout, off or file=PATH"
-                            ))
-                        }
-                    },
-                }
-            }
+            "--serial" => cfg.serial = parse_serial(&value)?,
             _ => unreachable!("flag checked against the known list"),
         }
     }
@@ -497,6 +527,44 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn serial_option() {
+        assert_eq!(parse_serial("stdout").unwrap(), SerialOutput::Stdout);
+        assert_eq!(parse_serial("off").unwrap(), SerialOutput::Off);
+        assert_eq!(parse_serial("null").unwrap(), SerialOutput::Off);
+        assert_eq!(
+            parse_serial("file=/tmp/c.log").unwrap(),
+            SerialOutput::File {
+                path: "/tmp/c.log".into(),
+                max: DEFAULT_SERIAL_FILE_MAX
+            }
+        );
+        assert_eq!(
+            parse_serial("file=/tmp/c.log,max=64K").unwrap(),
+            SerialOutput::File {
+                path: "/tmp/c.log".into(),
+                max: 64 << 10
+            }
+        );
+        assert_eq!(
+            parse_serial("file=\"/tmp/a,b\",max=0").unwrap(),
+            SerialOutput::File {
+                path: "/tmp/a,b".into(),
+                max: 0
+            }
+        );
+        for bad in [
+            "",
+            "tty",
+            "file=",
+            "max=1M",
+            "file=/x,max=lots",
+            "file=/x,size=1",
+        ] {
+            assert!(parse_serial(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn sizes() {
@@ -531,7 +599,7 @@ mod tests {
         assert_eq!(c.initramfs, Some(PathBuf::from("i")));
         assert_eq!(c.cpus, 2);
         assert_eq!(c.memory, 1 << 30);
-        assert_eq!(c.serial, SerialOutput::File("/tmp/x".into()));
+        assert_eq!(c.serial, SerialOutput::file("/tmp/x"));
         assert_eq!(c.cmdline, "a b");
         assert_eq!(parse_args(["--help"]).unwrap(), Command::Help);
     }

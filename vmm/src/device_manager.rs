@@ -198,6 +198,57 @@ impl Write for Stdout {
     }
 }
 
+/// Passes at most `max` bytes to `inner`, then drops the rest (saying so once in the log):
+/// the guest decides how much console output there is, the host's disk does not grow
+/// without bound. Dropped bytes are reported as written, so the UART sees no error.
+struct LimitedWriter<W> {
+    inner: W,
+    left: u64,
+    max: u64,
+    name: String,
+}
+
+impl<W: Write> LimitedWriter<W> {
+    fn new(inner: W, max: u64, name: String) -> Self {
+        LimitedWriter {
+            inner,
+            left: max,
+            max,
+            name,
+        }
+    }
+}
+
+impl<W: Write> Write for LimitedWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self.left == 0 {
+            return Ok(buf.len());
+        }
+        let n = usize::try_from(self.left)
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        let written = self.inner.write(&buf[..n])?;
+        self.left -= written as u64;
+        if self.left == 0 {
+            log::warn!(
+                "serial: {} reached its limit of {} bytes; further console output is dropped",
+                self.name,
+                self.max
+            );
+            // The rest of this buffer is dropped as well.
+            return Ok(buf.len());
+        }
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 fn register_mmio(
     io: &mut IoManager,
     base: u64,
@@ -233,16 +284,18 @@ impl DeviceManager {
         let out: Box<dyn Write + Send> = match serial {
             SerialOutput::Stdout => Box::new(Stdout),
             SerialOutput::Off => Box::new(std::io::sink()),
-            SerialOutput::File(p) => Box::new(
+            SerialOutput::File { path, max } => Box::new(LimitedWriter::new(
                 OpenOptions::new()
                     .create(true)
                     .append(true)
-                    .open(p)
+                    .open(path)
                     .map_err(|source| DeviceError::SerialFile {
-                        path: p.display().to_string(),
+                        path: path.display().to_string(),
                         source,
                     })?,
-            ),
+                *max,
+                path.display().to_string(),
+            )),
         };
         let serial_irq = evt()?;
         vm.register_irqfd(&serial_irq, SERIAL_IRQ)
@@ -607,5 +660,29 @@ impl DeviceManager {
             });
         }
         nodes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_file_output_is_bounded() {
+        let mut w = LimitedWriter::new(Vec::new(), 10, "test".into());
+        w.write_all(b"hello ").unwrap();
+        // Crosses the limit: the first 4 bytes pass, the rest is dropped.
+        w.write_all(b"world!!").unwrap();
+        assert_eq!(w.write(b"more").unwrap(), 4);
+        for _ in 0..1000 {
+            w.write_all(b"flood\n").unwrap();
+        }
+        w.flush().unwrap();
+        assert_eq!(w.inner, b"hello worl");
+        assert_eq!(w.write(b"").unwrap(), 0);
+        // A limit of 0 drops everything.
+        let mut z = LimitedWriter::new(Vec::new(), 0, "z".into());
+        z.write_all(b"abc").unwrap();
+        assert!(z.inner.is_empty());
     }
 }

@@ -464,7 +464,7 @@ impl PciManager {
                     .and_then(|range| io.register_mmio(range, handler)),
             };
             if let Err(e) = r {
-                log::warn!(
+                devices::guest_warn!(
                     "PCI {}: cannot map BAR {} at {:#x}: {e:?}",
                     p.path,
                     bar.index,
@@ -474,7 +474,7 @@ impl PciManager {
         }
         for (addr, evt) in doorbells(p) {
             if let Err(e) = self.vm.register_ioevent(evt, &addr, NoDatamatch) {
-                log::warn!("PCI {}: cannot register ioeventfd: {e}", p.path);
+                devices::guest_warn!("PCI {}: cannot register ioeventfd: {e}", p.path);
             }
         }
         p.mapped = true;
@@ -510,7 +510,7 @@ impl PciManager {
     pub fn apply(&self, r: ConfigWriteResult) {
         let o = &r.outcome;
         if let Some(on) = o.slot_power {
-            log::info!(
+            devices::guest_info!(
                 "PCI {}: slot powered {}",
                 r.bdf,
                 if on { "on" } else { "off" }
@@ -520,13 +520,18 @@ impl PciManager {
                     port: port.to_string(),
                     on,
                 }),
-                None => log::warn!("PCI {}: slot power from a function that is no port", r.bdf),
+                None => {
+                    devices::guest_warn!(
+                        "PCI {}: slot power from a function that is no port",
+                        r.bdf
+                    )
+                }
             }
         }
         if o.msix_changed {
             let dev = r.device.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(m) = dev.msix() {
-                log::info!(
+                devices::guest_info!(
                     "PCI {}: MSI-X {} ({} vectors{})",
                     r.bdf,
                     if m.enabled() { "enabled" } else { "disabled" },

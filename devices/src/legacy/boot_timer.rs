@@ -45,7 +45,7 @@ impl MutDevicePio for BootTimer {
         if self.marks.len() < 256 {
             self.marks.push((data[0], us));
         }
-        log::info!("boot milestone {:#04x} at {} us", data[0], us);
+        crate::guest_info!("boot milestone {:#04x} at {} us", data[0], us);
     }
 }
 

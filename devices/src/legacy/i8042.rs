@@ -36,7 +36,7 @@ impl MutDevicePio for I8042 {
             return;
         }
         if let Err(e) = self.inner.write(offset as u8, data[0]) {
-            log::warn!("i8042: failed to signal reset: {e:?}");
+            crate::guest_warn!("i8042: failed to signal reset: {e:?}");
         }
     }
 }

@@ -65,7 +65,7 @@ impl MutDevicePio for AcpiPmRegisters {
             _ => Ok(()),
         };
         if let Err(e) = result {
-            log::warn!("acpi pm: failed to signal the VMM: {e}");
+            crate::guest_warn!("acpi pm: failed to signal the VMM: {e}");
         }
     }
 }

@@ -29,7 +29,7 @@ impl SerialDevice {
         match self.serial.enqueue_raw_bytes(input) {
             Ok(n) => n,
             Err(e) => {
-                log::warn!("serial: failed to queue input: {e:?}");
+                crate::guest_warn!("serial: failed to queue input: {e:?}");
                 0
             }
         }
@@ -55,7 +55,8 @@ impl MutDevicePio for SerialDevice {
             return;
         }
         if let Err(e) = self.serial.write(offset as u8, data[0]) {
-            log::warn!("serial: write failed: {e:?}");
+            // Once per guest byte when the output fails: rate-limited.
+            crate::guest_warn!("serial: write failed: {e:?}");
         }
         if offset == 0 {
             // Keep the console responsive: push each line out as it completes.
@@ -82,6 +83,52 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    /// Counts the log records whose message starts with a given prefix (the logger is
+    /// process-wide; other tests' lines do not match the prefix).
+    struct CountingLogger;
+    static SERIAL_FAILURES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    impl log::Log for CountingLogger {
+        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+            true
+        }
+        fn log(&self, r: &log::Record<'_>) {
+            if r.args().to_string().starts_with("serial: write failed") {
+                SERIAL_FAILURES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        fn flush(&self) {}
+    }
+
+    struct Broken;
+    impl Write for Broken {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::Error::other("console gone"))
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Err(std::io::Error::other("console gone"))
+        }
+    }
+
+    #[test]
+    fn failing_output_is_logged_rate_limited() {
+        static LOGGER: CountingLogger = CountingLogger;
+        let _ = log::set_logger(&LOGGER);
+        log::set_max_level(log::LevelFilter::Trace);
+        let evt = EventFd::new(0).unwrap();
+        let mut dev = SerialDevice::new(EventFdTrigger::new(evt), Box::new(Broken));
+        let start = std::time::Instant::now();
+        for _ in 0..20_000 {
+            dev.pio_write(PioAddress(0x3f8), 0, b"x");
+        }
+        let secs = start.elapsed().as_secs() as usize + 1;
+        let lines = SERIAL_FAILURES.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(lines >= 1, "the first failure is logged");
+        assert!(
+            lines <= secs * crate::log_limit::LINES_PER_SEC as usize,
+            "{lines} lines for 20000 failed bytes in {secs} s"
+        );
     }
 
     #[test]

@@ -9,6 +9,14 @@
 //! IOERR. A read-only disk advertises VIRTIO_BLK_F_RO and fails writes with IOERR. Data is
 //! copied through a bounded bounce buffer with positional I/O (`pread`/`pwrite`), so guest
 //! buffer sizes never translate into host allocations larger than [`IO_CHUNK`].
+//!
+//! The limits advertised in the configuration space are enforced: a request with more than
+//! `seg_max` data buffers (plus the header and status descriptors) or a buffer larger than
+//! `size_max` ([`SIZE_MAX`]) completes with IOERR, so a request moves at most
+//! `seg_max * size_max` bytes. That work is done in slices of [`IO_CHUNK`] bytes with the
+//! worker's stop signal checked between slices (and between discard ranges), so a reset,
+//! removal or shutdown waits for at most one slice; the request cut short is abandoned
+//! without a completion (see [`worker`](super::worker)).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -16,7 +24,6 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use log::warn;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR,
@@ -28,8 +35,9 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::fallocate::{fallocate, FallocateMode};
 
 use super::chain::{parse_chain, ChainBuffers};
-use super::worker::{QueueHandler, WorkerSlot};
+use super::worker::{QueueHandler, StopSignal, WorkerSlot};
 use super::{device_type, features, ActivateContext, ActivateError, VirtioDevice};
+use crate::guest_warn;
 
 /// Sector size.
 pub const SECTOR_SIZE: u64 = 512;
@@ -131,8 +139,7 @@ impl Block {
             |off: usize, bytes: &[u8]| config[off..off + bytes.len()].copy_from_slice(bytes);
         put(0x00, &sectors.to_le_bytes());
         put(0x08, &SIZE_MAX.to_le_bytes());
-        // Two descriptors are taken by the header and the status.
-        put(0x0c, &u32::from(cfg.queue_size - 2).to_le_bytes());
+        put(0x0c, &seg_max(cfg.queue_size).to_le_bytes());
         put(0x14, &(SECTOR_SIZE as u32).to_le_bytes());
         put(0x22, &1u16.to_le_bytes());
         if discard {
@@ -170,8 +177,29 @@ impl Block {
             discard: self.discard,
             serial: self.serial,
             max_descs: usize::from(self.queue_sizes[0]) * 4,
+            max_segments: seg_max(self.queue_sizes[0]) as usize + 2,
             buf: Vec::new(),
         }
+    }
+}
+
+/// Advertised `seg_max`: data buffers per request. Two more descriptors are taken by the
+/// header and the status.
+fn seg_max(queue_size: u16) -> u32 {
+    u32::from(queue_size).saturating_sub(2).max(1)
+}
+
+/// Why a request did not finish.
+enum Cut {
+    /// Host I/O or guest memory error: IOERR.
+    Io(io::Error),
+    /// The worker is stopping: abandon the request.
+    Stopped,
+}
+
+impl From<io::Error> for Cut {
+    fn from(e: io::Error) -> Self {
+        Cut::Io(e)
     }
 }
 
@@ -182,7 +210,10 @@ struct BlockHandler {
     read_only: bool,
     discard: bool,
     serial: [u8; ID_LEN],
+    /// Descriptors walked before a chain is rejected as malformed (no status written).
     max_descs: usize,
+    /// Non-empty buffers accepted per request (`seg_max` + header + status).
+    max_segments: usize,
     buf: Vec<u8>,
 }
 
@@ -208,9 +239,13 @@ impl BlockHandler {
         bufs: &ChainBuffers,
         off: u64,
         len: u64,
-    ) -> io::Result<()> {
+        stop: &StopSignal,
+    ) -> Result<(), Cut> {
         let mut pos = 0u64;
         while pos < len {
+            if stop.is_raised() {
+                return Err(Cut::Stopped);
+            }
             let n = ((len - pos) as usize).min(IO_CHUNK);
             self.buf.resize(n, 0);
             self.disk.read_exact_at(&mut self.buf[..n], off + pos)?;
@@ -227,9 +262,13 @@ impl BlockHandler {
         bufs: &ChainBuffers,
         off: u64,
         len: u64,
-    ) -> io::Result<()> {
+        stop: &StopSignal,
+    ) -> Result<(), Cut> {
         let mut pos = 0u64;
         while pos < len {
+            if stop.is_raised() {
+                return Err(Cut::Stopped);
+            }
             let n = ((len - pos) as usize).min(IO_CHUNK);
             self.buf.resize(n, 0);
             bufs.read_at(mem, HEADER_LEN + pos, &mut self.buf[..n])
@@ -240,51 +279,79 @@ impl BlockHandler {
         Ok(())
     }
 
-    fn discard(&mut self, mem: &GuestMemoryMmap, bufs: &ChainBuffers, len: u64) -> Status {
+    fn discard(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        bufs: &ChainBuffers,
+        len: u64,
+        stop: &StopSignal,
+    ) -> Option<Status> {
+        Some(match self.discard_ranges(mem, bufs, len, stop)? {
+            Ok(()) => S_OK,
+            Err(st) => st,
+        })
+    }
+
+    /// `None` when stopped; otherwise the failing status, if any.
+    fn discard_ranges(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        bufs: &ChainBuffers,
+        len: u64,
+        stop: &StopSignal,
+    ) -> Option<Result<(), Status>> {
         if len == 0
             || !len.is_multiple_of(DISCARD_SEG_LEN)
             || len / DISCARD_SEG_LEN > u64::from(MAX_DISCARD_SEG)
         {
-            return S_IOERR;
+            return Some(Err(S_IOERR));
         }
         for i in 0..len / DISCARD_SEG_LEN {
+            if stop.is_raised() {
+                return None;
+            }
             let mut seg = [0u8; DISCARD_SEG_LEN as usize];
             if bufs
                 .read_at(mem, HEADER_LEN + i * DISCARD_SEG_LEN, &mut seg)
                 .is_err()
             {
-                return S_IOERR;
+                return Some(Err(S_IOERR));
             }
             let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap_or_default());
             let num = u32::from_le_bytes(seg[8..12].try_into().unwrap_or_default());
             let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or_default());
             if flags & !DISCARD_FLAG_UNMAP != 0 {
-                return S_UNSUPP;
+                return Some(Err(S_UNSUPP));
             }
             if num > MAX_DISCARD_SECTORS {
-                return S_IOERR;
+                return Some(Err(S_IOERR));
             }
             let bytes = u64::from(num) * SECTOR_SIZE;
             let Some(off) = self.byte_range(sector, bytes) else {
-                return S_IOERR;
+                return Some(Err(S_IOERR));
             };
             if bytes == 0 {
                 continue;
             }
             if let Err(e) = fallocate(&*self.disk, FallocateMode::PunchHole, true, off, bytes) {
-                warn!("virtio-blk: discard failed: {e}");
-                return S_IOERR;
+                guest_warn!("virtio-blk: discard failed: {e}");
+                return Some(Err(S_IOERR));
             }
         }
-        S_OK
+        Some(Ok(()))
     }
 
     /// Execute a request; returns the status and the number of data bytes written into the
-    /// chain (excluding the status byte).
-    fn execute(&mut self, mem: &GuestMemoryMmap, bufs: &ChainBuffers) -> (Status, u64) {
+    /// chain (excluding the status byte), or `None` if the worker is stopping.
+    fn execute(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        bufs: &ChainBuffers,
+        stop: &StopSignal,
+    ) -> Option<(Status, u64)> {
         let mut hdr = [0u8; HEADER_LEN as usize];
         if bufs.read_at(mem, 0, &mut hdr).is_err() {
-            return (S_IOERR, 0);
+            return Some((S_IOERR, 0));
         }
         let req = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
         let mut sector_bytes = [0u8; 8];
@@ -293,30 +360,32 @@ impl BlockHandler {
         // Status is the last writable byte; data-in is everything before it.
         let data_in = bufs.writable_len().saturating_sub(1);
         let data_out = bufs.readable_len().saturating_sub(HEADER_LEN);
-        match req {
+        Some(match req {
             VIRTIO_BLK_T_IN => {
                 let Some(off) = self.byte_range(sector, data_in) else {
-                    return (S_IOERR, 0);
+                    return Some((S_IOERR, 0));
                 };
-                match self.read(mem, bufs, off, data_in) {
+                match self.read(mem, bufs, off, data_in, stop) {
                     Ok(()) => (S_OK, data_in),
-                    Err(e) => {
-                        warn!("virtio-blk: read at sector {sector} failed: {e}");
+                    Err(Cut::Stopped) => return None,
+                    Err(Cut::Io(e)) => {
+                        guest_warn!("virtio-blk: read at sector {sector} failed: {e}");
                         (S_IOERR, 0)
                     }
                 }
             }
             VIRTIO_BLK_T_OUT => {
                 if self.read_only {
-                    return (S_IOERR, 0);
+                    return Some((S_IOERR, 0));
                 }
                 let Some(off) = self.byte_range(sector, data_out) else {
-                    return (S_IOERR, 0);
+                    return Some((S_IOERR, 0));
                 };
-                match self.write(mem, bufs, off, data_out) {
+                match self.write(mem, bufs, off, data_out, stop) {
                     Ok(()) => (S_OK, 0),
-                    Err(e) => {
-                        warn!("virtio-blk: write at sector {sector} failed: {e}");
+                    Err(Cut::Stopped) => return None,
+                    Err(Cut::Io(e)) => {
+                        guest_warn!("virtio-blk: write at sector {sector} failed: {e}");
                         (S_IOERR, 0)
                     }
                 }
@@ -324,43 +393,54 @@ impl BlockHandler {
             VIRTIO_BLK_T_FLUSH => match self.disk.sync_data() {
                 Ok(()) => (S_OK, 0),
                 Err(e) => {
-                    warn!("virtio-blk: flush failed: {e}");
+                    guest_warn!("virtio-blk: flush failed: {e}");
                     (S_IOERR, 0)
                 }
             },
             VIRTIO_BLK_T_GET_ID => {
                 let n = (data_in as usize).min(ID_LEN);
                 if n == 0 {
-                    return (S_IOERR, 0);
+                    return Some((S_IOERR, 0));
                 }
                 match bufs.write_at(mem, 0, &self.serial[..n]) {
                     Ok(()) => (S_OK, n as u64),
                     Err(_) => (S_IOERR, 0),
                 }
             }
-            VIRTIO_BLK_T_DISCARD if self.discard => (self.discard(mem, bufs, data_out), 0),
+            VIRTIO_BLK_T_DISCARD if self.discard => (self.discard(mem, bufs, data_out, stop)?, 0),
             _ => (S_UNSUPP, 0),
-        }
+        })
     }
 
-    fn handle(&mut self, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
+    fn handle(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        stop: &StopSignal,
+    ) -> Option<u32> {
         let bufs = match parse_chain(mem, chain, self.max_descs) {
             Ok(b) => b,
             Err(e) => {
-                warn!("virtio-blk: bad descriptor chain: {e}");
-                return 0;
+                guest_warn!("virtio-blk: bad descriptor chain: {e}");
+                return Some(0);
             }
         };
         let Some(status_off) = bufs.writable_len().checked_sub(1) else {
-            warn!("virtio-blk: request without a status byte");
-            return 0;
+            guest_warn!("virtio-blk: request without a status byte");
+            return Some(0);
         };
-        let (status, written) = self.execute(mem, &bufs);
+        let (status, written) = match bufs.check_limits(self.max_segments, SIZE_MAX) {
+            Ok(()) => self.execute(mem, &bufs, stop)?,
+            Err(e) => {
+                guest_warn!("virtio-blk: request refused: {e}");
+                (S_IOERR, 0)
+            }
+        };
         if bufs.write_at(mem, status_off, &[status]).is_err() {
-            return 0;
+            return Some(0);
         }
         // Bounded by the chain length, which is below 4 GiB.
-        (written + 1) as u32
+        Some((written + 1) as u32)
     }
 }
 
@@ -370,8 +450,9 @@ impl QueueHandler for BlockHandler {
         _queue: usize,
         mem: &GuestMemoryMmap,
         chain: DescriptorChain<&GuestMemoryMmap>,
-    ) -> u32 {
-        self.handle(mem, chain)
+        stop: &StopSignal,
+    ) -> Option<u32> {
+        self.handle(mem, chain, stop)
     }
 }
 

@@ -3,7 +3,7 @@
 use std::io::Write;
 
 use super::*;
-use crate::virtio::test_utils::{desc, mem, TestQueue, F_NEXT, F_WRITE};
+use crate::virtio::test_utils::{desc, mem, TestQueue, F_INDIRECT, F_NEXT, F_WRITE};
 use crate::virtio::worker::QueueProcessor;
 use crate::virtio::{ActiveQueue, VirtioInterrupt};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
@@ -413,4 +413,149 @@ fn random_descriptor_tables() {
         }
         p.process_queue(0);
     }
+}
+
+#[test]
+fn more_buffers_than_seg_max_is_refused_with_ioerr() {
+    let m = mem();
+    // A queue of 4 advertises seg_max 2.
+    let (_t, b) = disk(16, |c| c.queue_size = 4);
+    let mut seg = [0u8; 4];
+    b.read_config(0x0c, &mut seg);
+    assert_eq!(u32::from_le_bytes(seg), 2);
+    let q = TestQueue::new(0x1000, 16);
+    let mut p = processor(&b, &m, &q);
+    hdr(&m, HDR, VIRTIO_BLK_T_IN, 0);
+    // seg_max data buffers: served.
+    q.add_chain(
+        &m,
+        &[
+            (HDR, 16, false),
+            (DATA, 512, true),
+            (DATA + 0x1000, 512, true),
+            (STATUS, 1, true),
+        ],
+    );
+    // seg_max + 1 data buffers: refused with IOERR (the status byte is still written).
+    q.add_chain(
+        &m,
+        &[
+            (HDR, 16, false),
+            (DATA, 512, true),
+            (DATA + 0x1000, 512, true),
+            (DATA + 0x2000, 512, true),
+            (STATUS + 1, 1, true),
+        ],
+    );
+    m.write_slice(&[0xaa; 512], GuestAddress(DATA + 0x2000))
+        .unwrap();
+    assert_eq!(p.process_queue(0), 2);
+    assert_eq!(status(&m, STATUS), S_OK);
+    assert_eq!(q.used_elem(&m, 0).1, 1025);
+    assert_eq!(status(&m, STATUS + 1), S_IOERR);
+    assert_eq!(q.used_elem(&m, 1).1, 1);
+    // Nothing was read into the refused request's extra buffer.
+    assert_eq!(status(&m, DATA + 0x2000), 0xaa);
+}
+
+#[test]
+fn buffer_larger_than_size_max_is_refused_with_ioerr() {
+    let m = mem();
+    let len = SIZE_MAX + 512;
+    let (t, b) = disk(len as usize / 512, |_| {});
+    let before = file_bytes(&t);
+    let q = TestQueue::new(0x1000, 16);
+    let mut p = processor(&b, &m, &q);
+    hdr(&m, HDR, VIRTIO_BLK_T_IN, 0);
+    q.add_chain(
+        &m,
+        &[(HDR, 16, false), (0x40_0000, len, true), (STATUS, 1, true)],
+    );
+    hdr(&m, HDR + 0x100, VIRTIO_BLK_T_OUT, 0);
+    q.add_chain(
+        &m,
+        &[
+            (HDR + 0x100, 16, false),
+            (0x40_0000, len, false),
+            (STATUS + 1, 1, true),
+        ],
+    );
+    // Exactly size_max: served.
+    q.add_chain(
+        &m,
+        &[
+            (HDR, 16, false),
+            (0x40_0000, SIZE_MAX, true),
+            (STATUS + 2, 1, true),
+        ],
+    );
+    assert_eq!(p.process_queue(0), 3);
+    assert_eq!(status(&m, STATUS), S_IOERR);
+    assert_eq!(q.used_elem(&m, 0).1, 1);
+    assert_eq!(status(&m, STATUS + 1), S_IOERR);
+    assert_eq!(status(&m, STATUS + 2), S_OK);
+    assert_eq!(q.used_elem(&m, 2).1, SIZE_MAX + 1);
+    assert_eq!(file_bytes(&t), before);
+}
+
+/// Reset while the worker is busy with the largest requests the device accepts (seg_max
+/// buffers of size_max bytes each, all over the same guest buffer, reading a sparse disk):
+/// the reset waits for one bounded slice, not for the queued gigabytes.
+#[test]
+fn reset_during_huge_requests_is_bounded() {
+    const CHAINS: u16 = 64;
+    let t = TempFile::new().unwrap();
+    t.as_file().set_len(1 << 30).unwrap();
+    let mut b = Block::new(&BlockConfig::new(t.as_path())).unwrap();
+    let m = mem();
+    let q = TestQueue::new(0x1000, BLOCK_QUEUE_SIZE);
+    // One indirect table shared by every chain: header, seg_max data buffers, status.
+    let segs = seg_max(BLOCK_QUEUE_SIZE) as u16;
+    let table = TestQueue::new(0x8_0000, BLOCK_QUEUE_SIZE);
+    hdr(&m, HDR, VIRTIO_BLK_T_IN, 0);
+    table.write_desc(&m, 0, desc(HDR, 16, F_NEXT, 1));
+    for i in 1..=segs {
+        table.write_desc(&m, i, desc(DATA, SIZE_MAX, F_NEXT | F_WRITE, i + 1));
+    }
+    table.write_desc(&m, segs + 1, desc(STATUS, 1, F_WRITE, 0));
+    let table_len = 16 * (u32::from(segs) + 2);
+    for i in 0..CHAINS {
+        q.write_desc(&m, i, desc(0x8_0000, table_len, F_INDIRECT, 0));
+        q.push_avail(&m, i);
+    }
+    m.write_slice(&[0xff; 64], GuestAddress(DATA)).unwrap();
+    let queued = u64::from(CHAINS) * u64::from(segs) * u64::from(SIZE_MAX);
+    b.activate(ActivateContext {
+        mem: GuestMemoryAtomic::new(m.clone()),
+        interrupt: Arc::new(NoInterrupt),
+        queues: vec![ActiveQueue {
+            index: 0,
+            queue: q.queue(),
+            event: EventFd::new(EFD_NONBLOCK).unwrap(),
+        }],
+        acked_features: b.features(),
+    })
+    .unwrap();
+    // Wait until the worker is copying (the sparse disk reads as zeros).
+    let waiting = std::time::Instant::now();
+    while m.read_obj::<u8>(GuestAddress(DATA)).unwrap() != 0 {
+        assert!(waiting.elapsed().as_secs() < 10, "worker never started");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let start = std::time::Instant::now();
+    b.reset();
+    let took = start.elapsed();
+    let done = q.used_idx(&m);
+    eprintln!(
+        "reset with {} MiB of reads queued took {took:?}; {done} of {CHAINS} chains completed",
+        queued >> 20
+    );
+    assert!(!b.is_active());
+    assert!(
+        took < std::time::Duration::from_secs(2),
+        "reset took {took:?}"
+    );
+    // The request in progress was abandoned, not completed.
+    assert!(done < CHAINS);
 }

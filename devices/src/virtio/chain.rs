@@ -44,6 +44,22 @@ pub enum ChainError {
     /// The buffers add up to more than 4 GiB.
     #[error("descriptor chain larger than 4 GiB")]
     TooBig,
+    /// More buffers than the device advertises (virtio-blk `seg_max`).
+    #[error("request has {count} buffers, more than the {max} the device accepts")]
+    TooManySegments {
+        /// Non-empty buffers in the chain.
+        count: usize,
+        /// Most the device accepts.
+        max: usize,
+    },
+    /// A buffer larger than the device advertises (virtio-blk `size_max`).
+    #[error("buffer of {len} bytes is larger than the {max} the device accepts")]
+    SegmentTooBig {
+        /// Buffer length.
+        len: u32,
+        /// Largest the device accepts.
+        max: u32,
+    },
     /// Access outside the readable/writable area, or a guest memory error.
     #[error("access of {len} bytes at offset {offset} outside the chain buffers")]
     OutOfBounds {
@@ -177,6 +193,34 @@ impl ChainBuffers {
     /// Total device-writable bytes.
     pub fn writable_len(&self) -> u64 {
         self.writable_len
+    }
+
+    /// Check the limits a device advertises: at most `max_segments` non-empty buffers, none
+    /// larger than `max_segment_len` bytes.
+    pub fn check_limits(
+        &self,
+        max_segments: usize,
+        max_segment_len: u32,
+    ) -> Result<(), ChainError> {
+        let count = self.readable.len() + self.writable.len();
+        if count > max_segments {
+            return Err(ChainError::TooManySegments {
+                count,
+                max: max_segments,
+            });
+        }
+        match self
+            .readable
+            .iter()
+            .chain(&self.writable)
+            .find(|s| s.len > max_segment_len)
+        {
+            Some(s) => Err(ChainError::SegmentTooBig {
+                len: s.len,
+                max: max_segment_len,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Device-readable segments.
@@ -320,6 +364,29 @@ mod tests {
         q.write_desc(&m, 9, desc(0x10000, u32::MAX, F_NEXT, 10));
         q.write_desc(&m, 10, desc(0x10000, u32::MAX, 0, 0));
         assert!(parse_head(&m, &q, 9, 1024).is_err());
+    }
+
+    #[test]
+    fn advertised_limits() {
+        let m = mem();
+        let q = TestQueue::new(0x1000, 16);
+        q.write_desc(&m, 0, desc(0x10000, 16, F_NEXT, 1));
+        q.write_desc(&m, 1, desc(0x20000, 0, F_NEXT, 2)); // empty: not a segment
+        q.write_desc(&m, 2, desc(0x20000, 4096, F_NEXT | F_WRITE, 3));
+        q.write_desc(&m, 3, desc(0x30000, 1, F_WRITE, 0));
+        let b = parse_head(&m, &q, 0, 16).unwrap();
+        assert_eq!(b.check_limits(3, 4096), Ok(()));
+        assert_eq!(
+            b.check_limits(2, 4096),
+            Err(ChainError::TooManySegments { count: 3, max: 2 })
+        );
+        assert_eq!(
+            b.check_limits(3, 4095),
+            Err(ChainError::SegmentTooBig {
+                len: 4096,
+                max: 4095
+            })
+        );
     }
 
     #[test]

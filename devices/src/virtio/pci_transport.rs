@@ -31,7 +31,7 @@ use std::any::Any;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
-use log::{debug, error, warn};
+use log::debug;
 use pci::config::RawCapability;
 use pci::{
     BarInfo, BarRegion, ConfigWriteOutcome, IntxInterrupt, IoEventNotifier, MsiInterruptGroup,
@@ -353,10 +353,10 @@ impl VirtioPciDevice {
     }
 
     fn fail(&mut self, why: &str) {
-        error!("virtio-pci: device needs reset: {why}");
+        crate::guest_error!("virtio-pci: device needs reset: {why}");
         self.common.set_needs_reset();
         if let Err(e) = self.interrupt().signal_config_change() {
-            warn!("virtio-pci: cannot signal config change: {e}");
+            crate::guest_warn!("virtio-pci: cannot signal config change: {e}");
         }
     }
 
@@ -464,7 +464,7 @@ impl VirtioPciDevice {
                 if off.is_multiple_of(u64::from(NOTIFY_OFF_MULTIPLIER)) {
                     if let Some(evt) = self.queue_evts.get(q as usize) {
                         if let Err(e) = evt.write(1) {
-                            error!("virtio-pci: notify queue {q}: {e}");
+                            crate::guest_error!("virtio-pci: notify queue {q}: {e}");
                         }
                     }
                 }

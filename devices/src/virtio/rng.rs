@@ -4,13 +4,13 @@
 //! more); the used length tells the driver how much was written. Device-readable
 //! descriptors are ignored; a malformed chain is returned with length 0.
 
-use log::warn;
 use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryMmap;
 
 use super::chain::parse_chain;
-use super::worker::{QueueHandler, WorkerSlot};
+use super::worker::{QueueHandler, StopSignal, WorkerSlot};
 use super::{device_type, features, ActivateContext, ActivateError, VirtioDevice};
+use crate::guest_warn;
 
 /// Queue size.
 pub const RNG_QUEUE_SIZE: u16 = 256;
@@ -47,7 +47,7 @@ impl RngHandler {
         let bufs = match parse_chain(mem, chain, MAX_DESCRIPTORS) {
             Ok(b) => b,
             Err(e) => {
-                warn!("virtio-rng: bad descriptor chain: {e}");
+                guest_warn!("virtio-rng: bad descriptor chain: {e}");
                 return 0;
             }
         };
@@ -57,13 +57,13 @@ impl RngHandler {
         }
         self.buf.resize(len, 0);
         if let Err(e) = fill_random(&mut self.buf) {
-            warn!("virtio-rng: getrandom failed: {e}");
+            guest_warn!("virtio-rng: getrandom failed: {e}");
             return 0;
         }
         match bufs.write_at(mem, 0, &self.buf) {
             Ok(()) => len as u32,
             Err(e) => {
-                warn!("virtio-rng: cannot write guest buffer: {e}");
+                guest_warn!("virtio-rng: cannot write guest buffer: {e}");
                 0
             }
         }
@@ -76,8 +76,10 @@ impl QueueHandler for RngHandler {
         _queue: usize,
         mem: &GuestMemoryMmap,
         chain: DescriptorChain<&GuestMemoryMmap>,
-    ) -> u32 {
-        self.handle(mem, chain)
+        _stop: &StopSignal,
+    ) -> Option<u32> {
+        // At most MAX_BYTES_PER_REQUEST bytes per chain: no slicing needed.
+        Some(self.handle(mem, chain))
     }
 }
 

@@ -10,13 +10,23 @@
 //! queue (then re-arms itself through the queue EventFd so the kill event is never starved),
 //! and a queue whose available index is inconsistent stops being polled until the next
 //! notification instead of spinning.
+//!
+//! Stopping takes bounded time whatever the guest queued: [`Worker::stop`] raises a
+//! [`StopSignal`] before waking the thread, the processor checks it before each chain, and
+//! handlers check it between the bounded slices of a large request (virtio-blk copies at most
+//! [`IO_CHUNK`](super::block::IO_CHUNK) bytes between checks). A chain cut short this way is
+//! abandoned, not completed: the worker is only stopped on reset, removal or shutdown, and
+//! after a reset the device must not touch the queues again (virtio 1.2, 2.4.1: "the device
+//! MUST NOT send notifications or interact with the queues after indicating completion of
+//! the reset"), so no status byte or used entry is written for it.
 
 use std::io;
 use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use log::{debug, error, warn};
+use log::{debug, error};
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -27,16 +37,37 @@ use super::{ActivateContext, ActivateError, ActiveQueue, GuestMemoryHandle, Virt
 
 const KILL_TOKEN: u64 = u64::MAX;
 
+/// Raised when the worker must stop; checked between chains and between the slices of a
+/// large request.
+#[derive(Clone, Debug, Default)]
+pub struct StopSignal(Arc<AtomicBool>);
+
+impl StopSignal {
+    /// Ask the work to stop.
+    pub fn raise(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a stop was asked for.
+    pub fn is_raised(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
 /// Device-specific request handling.
 pub trait QueueHandler: Send + 'static {
     /// Handle one chain popped from queue `queue` (index into the activated queues) and
-    /// return the number of bytes written into the chain's device-writable buffers.
+    /// return the number of bytes written into the chain's device-writable buffers, or
+    /// `None` if the work was abandoned because `stop` was raised (nothing is returned to
+    /// the guest then; see the module docs). Handlers check `stop` between bounded slices
+    /// of work.
     fn process_chain(
         &mut self,
         queue: usize,
         mem: &GuestMemoryMmap,
         chain: DescriptorChain<&GuestMemoryMmap>,
-    ) -> u32;
+        stop: &StopSignal,
+    ) -> Option<u32>;
 }
 
 /// The queues of an active device and the loop that services them.
@@ -45,6 +76,7 @@ pub struct QueueProcessor<H> {
     queues: Vec<ActiveQueue>,
     interrupt: Arc<dyn VirtioInterrupt>,
     handler: H,
+    stop: StopSignal,
 }
 
 impl<H: QueueHandler> QueueProcessor<H> {
@@ -60,7 +92,13 @@ impl<H: QueueHandler> QueueProcessor<H> {
             queues,
             interrupt: ctx.interrupt,
             handler,
+            stop: StopSignal::default(),
         }
+    }
+
+    /// The signal that makes [`process_queue`](Self::process_queue) give up early.
+    pub fn stop_signal(&self) -> &StopSignal {
+        &self.stop
     }
 
     /// The device-specific handler.
@@ -90,19 +128,31 @@ impl<H: QueueHandler> QueueProcessor<H> {
                 debug!("virtio: queue {i}: cannot disable notifications: {e}");
             }
             let mut popped = 0usize;
-            while let Some(chain) = q.pop_descriptor_chain(mem) {
+            loop {
+                if self.stop.is_raised() {
+                    // Stopping for a reset: leave the rest of the queue alone.
+                    break 'rounds;
+                }
+                let Some(chain) = q.pop_descriptor_chain(mem) else {
+                    break;
+                };
                 popped += 1;
                 let head = chain.head_index();
-                let len = self.handler.process_chain(i, mem, chain);
+                let Some(len) = self.handler.process_chain(i, mem, chain, &self.stop) else {
+                    // Abandoned on a stop request: not returned to the guest.
+                    break 'rounds;
+                };
                 match q.add_used(mem, head, len) {
                     Ok(()) => used_any = true,
-                    Err(e) => warn!("virtio: queue {i}: cannot return chain {head}: {e}"),
+                    Err(e) => {
+                        crate::guest_warn!("virtio: queue {i}: cannot return chain {head}: {e}")
+                    }
                 }
                 handled += 1;
                 if handled >= budget {
                     // Come back through the event loop so a kill request is not starved.
                     if let Err(e) = aq.event.write(1) {
-                        error!("virtio: queue {i}: cannot re-arm: {e}");
+                        crate::guest_error!("virtio: queue {i}: cannot re-arm: {e}");
                     }
                     break 'rounds;
                 }
@@ -120,7 +170,7 @@ impl<H: QueueHandler> QueueProcessor<H> {
         }
         if used_any && q.needs_notification(mem).unwrap_or(true) {
             if let Err(e) = self.interrupt.signal_used_queue(aq.index) {
-                error!("virtio: queue {i}: interrupt failed: {e}");
+                crate::guest_error!("virtio: queue {i}: interrupt failed: {e}");
             }
         }
         handled
@@ -130,6 +180,7 @@ impl<H: QueueHandler> QueueProcessor<H> {
 /// A running worker thread.
 pub struct Worker {
     kill: EventFd,
+    stop: StopSignal,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -148,6 +199,7 @@ impl Worker {
         mut processor: QueueProcessor<H>,
     ) -> io::Result<Self> {
         let kill = EventFd::new(EFD_NONBLOCK)?;
+        let stop = processor.stop.clone();
         let thread_kill = kill.try_clone()?;
         let epoll = Epoll::new()?;
         for (i, q) in processor.queues.iter().enumerate() {
@@ -171,6 +223,7 @@ impl Worker {
             })?;
         Ok(Worker {
             kill,
+            stop,
             thread: Some(thread),
         })
     }
@@ -180,9 +233,11 @@ impl Worker {
         self.thread.is_some()
     }
 
-    /// Ask the thread to exit and wait for it. Idempotent.
+    /// Ask the thread to exit and wait for it; bounded in time whatever the guest queued
+    /// (the thread checks the stop signal between bounded slices of work). Idempotent.
     pub fn stop(&mut self) {
         if let Some(t) = self.thread.take() {
+            self.stop.raise();
             if let Err(e) = self.kill.write(1) {
                 error!("virtio worker: cannot signal exit: {e}");
             }
@@ -244,6 +299,9 @@ fn run<H: QueueHandler>(epoll: &Epoll, processor: &mut QueueProcessor<H>) {
     // Requests queued before activation (or before this thread started) have no pending
     // notification of their own.
     for i in 0..processor.num_queues() {
+        if processor.stop.is_raised() {
+            return;
+        }
         processor.process_queue(i);
     }
     let mut events = vec![EpollEvent::default(); processor.num_queues() + 1];
@@ -258,7 +316,7 @@ fn run<H: QueueHandler>(epoll: &Epoll, processor: &mut QueueProcessor<H>) {
         };
         for ev in &events[..n] {
             let token = ev.data();
-            if token == KILL_TOKEN {
+            if token == KILL_TOKEN || processor.stop.is_raised() {
                 return;
             }
             let i = token as usize;

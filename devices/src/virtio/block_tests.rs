@@ -559,3 +559,24 @@ fn reset_during_huge_requests_is_bounded() {
     // The request in progress was abandoned, not completed.
     assert!(done < CHAINS);
 }
+
+#[test]
+fn raised_stop_signal_leaves_the_queue_alone() {
+    let m = mem();
+    let (t, b) = disk(8, |_| {});
+    let before = file_bytes(&t);
+    let q = TestQueue::new(0x1000, 16);
+    let mut p = processor(&b, &m, &q);
+    hdr(&m, HDR, VIRTIO_BLK_T_OUT, 0);
+    q.add_chain(
+        &m,
+        &[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)],
+    );
+    m.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
+    p.stop_signal().raise();
+    assert_eq!(p.process_queue(0), 0);
+    // No completion, no status byte, no disk write after the stop.
+    assert_eq!(q.used_idx(&m), 0);
+    assert_eq!(status(&m, STATUS), 0xee);
+    assert_eq!(file_bytes(&t), before);
+}

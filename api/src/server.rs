@@ -582,13 +582,17 @@ async fn serve_connection(
         // An error means the server is gone: close as well.
         let _ = closing.wait_for(|c| *c).await;
     };
+    // Eviction first: an evicted connection must not start a request (the
+    // accept loop and the connections share one thread, so it was idle
+    // when it was chosen).
     tokio::select! {
+        biased;
+        () = evict.evict.notified() => {}
         res = conn.as_mut() => {
             if let Err(e) = res {
                 log::debug!("API connection ended with an error: {e}");
             }
         }
-        () = evict.evict.notified() => {}
         () = closed => {
             conn.as_mut().graceful_shutdown();
             if let Err(e) = conn.await {
@@ -779,6 +783,35 @@ mod tests {
             Err(RouteError::NotFound)
         );
         assert_eq!(Endpoint::VmAddDisk.name(), "vm.add-disk");
+    }
+
+    #[test]
+    fn admission_evicts_the_oldest_idle_connection() {
+        let mut reg = Registry::default();
+        let slots: Vec<_> = (0..3).map(|_| reg.admit(3).unwrap()).collect();
+        // The oldest is busy: the next oldest idle one makes room.
+        let _busy = Busy::new(&slots[0].1);
+        let (id, _) = reg.admit(3).unwrap();
+        assert_eq!(id, 3);
+        let open: Vec<u64> = reg.open.keys().copied().collect();
+        assert_eq!(open, [0, 2, 3]);
+        // The evicted connection is told at once (the permit is stored).
+        let evicted = Arc::clone(&slots[1].1);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(1), evicted.evict.notified())
+                .await
+                .unwrap()
+        });
+        // Every connection busy: no room, nothing evicted.
+        let _b2 = Busy::new(&slots[2].1);
+        let all: Vec<_> = reg.open.values().cloned().collect();
+        let _b3 = Busy::new(&all[2]);
+        assert!(reg.admit(3).is_none());
+        assert_eq!(reg.open.len(), 3);
     }
 
     #[test]

@@ -17,21 +17,38 @@
 //! [`ROUTES`] is the single source of truth for paths and methods: the
 //! router uses it, and a test checks `openapi.json` against it.
 //!
+//! Limits, so that clients cannot hold the API or the VMM's descriptors:
+//!
+//! - at most [`MAX_CONNECTIONS`] connections are open at once. A connection
+//!   beyond the cap is accepted, then the oldest connection that has no
+//!   request in progress (idle keep-alive, or still sending its headers) is
+//!   closed to make room; if every connection has a request in progress,
+//!   the new one is closed at once;
+//! - a request's headers must arrive within [`HEADER_READ_TIMEOUT`] (hyper's
+//!   `header_read_timeout`, which also closes idle keep-alive connections
+//!   after that time), and its body within [`BODY_READ_TIMEOUT`] of the
+//!   headers, or it is answered 408 and the connection closed;
+//! - while fewer than [`FD_RESERVE`] descriptors are left under
+//!   `RLIMIT_NOFILE`, new connections are accepted and closed at once, so
+//!   the VMM keeps descriptors for itself (disks, eventfds, hot-plug).
+//!
 //! Dropping the [`ApiServerHandle`] (or calling
 //! [`ApiServerHandle::shutdown`]) stops accepting, lets requests in flight
 //! finish for up to [`SHUTDOWN_GRACE`], joins the thread and removes the
 //! socket.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -39,7 +56,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -55,6 +72,14 @@ pub const MAX_BODY_SIZE: usize = 64 * 1024;
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// How long a client may take to send a request's headers.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send a request's body once its headers
+/// have arrived.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most connections open at once.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Descriptors kept free for the VMM: below this many left under
+/// `RLIMIT_NOFILE`, new API connections are closed at once.
+pub const FD_RESERVE: u64 = 64;
 
 /// Every operation the API offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -393,7 +418,24 @@ async fn handle(req: Request<Incoming>, ctx: &Context) -> HttpResponse {
             return resp;
         }
     };
-    let body = match Limited::new(req.into_body(), MAX_BODY_SIZE).collect().await {
+    let collect = Limited::new(req.into_body(), MAX_BODY_SIZE).collect();
+    let body = match tokio::time::timeout(BODY_READ_TIMEOUT, collect).await {
+        Err(_) => {
+            log::warn!("API {method} {path}: the body did not arrive in time; closing");
+            let mut resp = error_response(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {} s",
+                    BODY_READ_TIMEOUT.as_secs()
+                ),
+            );
+            resp.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+            return resp;
+        }
+        Ok(body) => body,
+    };
+    let body = match body {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
             return error_response(
@@ -419,15 +461,116 @@ async fn handle(req: Request<Incoming>, ctx: &Context) -> HttpResponse {
     resp
 }
 
-/// Serves one connection until it ends or the server closes.
+/// One open connection, as the accept loop sees it.
+#[derive(Default)]
+struct Slot {
+    /// Requests in progress (handler running: body, VMM, answer).
+    busy: AtomicUsize,
+    /// Closes the connection to make room for a new one.
+    evict: Notify,
+}
+
+/// The open connections, oldest first.
+#[derive(Default)]
+struct Registry {
+    next: u64,
+    open: BTreeMap<u64, Arc<Slot>>,
+}
+
+type SharedRegistry = Arc<Mutex<Registry>>;
+
+fn lock(registry: &SharedRegistry) -> std::sync::MutexGuard<'_, Registry> {
+    // The registry stays consistent whatever panicked while holding it.
+    registry.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Registry {
+    /// Makes room for one more connection: under the cap there is room;
+    /// at the cap the oldest idle connection is evicted; with none idle
+    /// there is no room.
+    fn admit(&mut self, max: usize) -> Option<(u64, Arc<Slot>)> {
+        while self.open.len() >= max {
+            let idle = self
+                .open
+                .iter()
+                .find(|(_, s)| s.busy.load(Ordering::SeqCst) == 0)
+                .map(|(id, _)| *id)?;
+            if let Some(slot) = self.open.remove(&idle) {
+                log::debug!("closing an idle API connection to make room");
+                slot.evict.notify_one();
+            }
+        }
+        let id = self.next;
+        self.next += 1;
+        let slot = Arc::new(Slot::default());
+        self.open.insert(id, Arc::clone(&slot));
+        Some((id, slot))
+    }
+}
+
+/// Removes a connection from the registry when its task ends.
+struct Registered {
+    registry: SharedRegistry,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        lock(&self.registry).open.remove(&self.id);
+    }
+}
+
+/// Marks a request in progress on its connection.
+struct Busy(Arc<Slot>);
+
+impl Busy {
+    fn new(slot: &Arc<Slot>) -> Busy {
+        slot.busy.fetch_add(1, Ordering::SeqCst);
+        Busy(Arc::clone(slot))
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Descriptors left under the soft `RLIMIT_NOFILE`, counted from
+/// `/proc/self/fd`; `None` when unlimited or unknown.
+fn descriptors_left() -> Option<u64> {
+    // SAFETY: rlimit is plain old data; all-zeroes is a valid value.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: getrlimit(2) writes into the rlimit we pass; checked.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } < 0
+        || lim.rlim_cur == libc::RLIM_INFINITY
+    {
+        return None;
+    }
+    // The directory's own descriptor is listed too: count it as used.
+    let open = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
+    Some(lim.rlim_cur.saturating_sub(open))
+}
+
+/// Serves one connection until it ends, the server closes, or it is
+/// evicted to make room.
 async fn serve_connection(
     stream: UnixStream,
     ctx: Arc<Context>,
     mut closing: watch::Receiver<bool>,
+    slot: Arc<Slot>,
+    registered: Registered,
 ) {
+    let _registered = registered;
+    let evict = Arc::clone(&slot);
     let service = service_fn(move |req| {
         let ctx = Arc::clone(&ctx);
-        async move { Ok::<_, Infallible>(handle(req, &ctx).await) }
+        let busy = Busy::new(&slot);
+        async move {
+            let resp = handle(req, &ctx).await;
+            drop(busy);
+            Ok::<_, Infallible>(resp)
+        }
     });
     let mut builder = http1::Builder::new();
     builder
@@ -439,7 +582,12 @@ async fn serve_connection(
         // An error means the server is gone: close as well.
         let _ = closing.wait_for(|c| *c).await;
     };
+    // Eviction first: an evicted connection must not start a request (the
+    // accept loop and the connections share one thread, so it was idle
+    // when it was chosen).
     tokio::select! {
+        biased;
+        () = evict.evict.notified() => {}
         res = conn.as_mut() => {
             if let Err(e) = res {
                 log::debug!("API connection ended with an error: {e}");
@@ -459,16 +607,50 @@ async fn serve_connection(
 async fn serve(listener: UnixListener, ctx: Arc<Context>, mut stop: oneshot::Receiver<()>) {
     let (closing_tx, closing_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
+    let registry = SharedRegistry::default();
+    // Whether the last connection was refused (to log once per episode).
+    let mut refusing = false;
     loop {
+        while connections.try_join_next().is_some() {}
         tokio::select! {
             _ = &mut stop => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
+                    if descriptors_left().is_some_and(|left| left < FD_RESERVE) {
+                        if !refusing {
+                            log::warn!(
+                                "fewer than {FD_RESERVE} descriptors left: refusing API connections"
+                            );
+                        }
+                        refusing = true;
+                        drop(stream);
+                        continue;
+                    }
+                    let admitted = lock(&registry).admit(MAX_CONNECTIONS);
+                    let Some((id, slot)) = admitted else {
+                        if !refusing {
+                            log::warn!(
+                                "{MAX_CONNECTIONS} API requests in progress: refusing connections"
+                            );
+                        }
+                        refusing = true;
+                        drop(stream);
+                        continue;
+                    };
+                    refusing = false;
+                    let registered = Registered {
+                        registry: Arc::clone(&registry),
+                        id,
+                    };
                     connections.spawn(serve_connection(
                         stream,
                         Arc::clone(&ctx),
                         closing_rx.clone(),
+                        slot,
+                        registered,
                     ));
+                    // Let an evicted connection close before the next accept.
+                    tokio::task::yield_now().await;
                 }
                 Err(e) => {
                     log::warn!("cannot accept an API connection: {e}");
@@ -477,7 +659,6 @@ async fn serve(listener: UnixListener, ctx: Arc<Context>, mut stop: oneshot::Rec
                 }
             },
         }
-        while connections.try_join_next().is_some() {}
     }
     drop(listener);
     let _ = closing_tx.send(true);
@@ -602,6 +783,35 @@ mod tests {
             Err(RouteError::NotFound)
         );
         assert_eq!(Endpoint::VmAddDisk.name(), "vm.add-disk");
+    }
+
+    #[test]
+    fn admission_evicts_the_oldest_idle_connection() {
+        let mut reg = Registry::default();
+        let slots: Vec<_> = (0..3).map(|_| reg.admit(3).unwrap()).collect();
+        // The oldest is busy: the next oldest idle one makes room.
+        let _busy = Busy::new(&slots[0].1);
+        let (id, _) = reg.admit(3).unwrap();
+        assert_eq!(id, 3);
+        let open: Vec<u64> = reg.open.keys().copied().collect();
+        assert_eq!(open, [0, 2, 3]);
+        // The evicted connection is told at once (the permit is stored).
+        let evicted = Arc::clone(&slots[1].1);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(1), evicted.evict.notified())
+                .await
+                .unwrap()
+        });
+        // Every connection busy: no room, nothing evicted.
+        let _b2 = Busy::new(&slots[2].1);
+        let all: Vec<_> = reg.open.values().cloned().collect();
+        let _b3 = Busy::new(&all[2]);
+        assert!(reg.admit(3).is_none());
+        assert_eq!(reg.open.len(), 3);
     }
 
     #[test]

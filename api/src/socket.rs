@@ -1,7 +1,10 @@
 //! Creation and removal of the API's UNIX socket.
 //!
-//! - The socket file is created with mode 0600: the mode is set between
-//!   `bind(2)` and `listen(2)`, so nobody can connect while it is wider.
+//! - The socket file is created with mode 0600: the mode is given to the
+//!   socket's descriptor (`fchmod(2)`) before `bind(2)`, which creates the
+//!   file with it (less the umask), so the file is never wider and no path
+//!   is ever passed to `chmod(2)`: a symbolic link planted at the path
+//!   between `bind` and a `chmod` cannot redirect the mode change.
 //! - A socket file left by a dead process (connecting to it fails with
 //!   `ECONNREFUSED`) is unlinked and replaced.
 //! - A socket some live process is listening on is refused, as is any path
@@ -12,7 +15,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
@@ -154,6 +157,13 @@ pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile), SocketError> {
     // SAFETY: `raw` is a freshly created descriptor nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
 
+    // The mode of the file bind() creates is the socket inode's mode less
+    // the umask: set it on the descriptor, never through the path.
+    // SAFETY: fchmod(2) on a descriptor we own; the result is checked.
+    if unsafe { libc::fchmod(fd.as_raw_fd(), SOCKET_MODE as libc::mode_t) } < 0 {
+        return Err(io_err("set the mode of", path)(io::Error::last_os_error()));
+    }
+
     // SAFETY: `addr` is a valid sockaddr_un and `addr_len` covers the family
     // and the NUL-terminated path inside it.
     let rc = unsafe {
@@ -173,9 +183,13 @@ pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile), SocketError> {
     }
     // From here on the file is ours: remove it on any failure.
     let remove_on_error = RemoveOnError(path);
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))
-        .map_err(io_err("set permissions on", path))?;
+    #[cfg(test)]
+    tests::after_bind(path);
+    // lstat(2): a symbolic link now at the path is reported, not followed.
     let md = std::fs::symlink_metadata(path).map_err(io_err("inspect", path))?;
+    if !md.file_type().is_socket() {
+        return Err(SocketError::NotASocket(path.to_path_buf()));
+    }
 
     // SAFETY: listen(2) on a descriptor we own; the result is checked.
     if unsafe { libc::listen(fd.as_raw_fd(), 128) } < 0 {
@@ -194,14 +208,36 @@ struct RemoveOnError<'a>(&'a Path);
 
 impl Drop for RemoveOnError<'_> {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(self.0);
+        // Only a socket: whatever else is there now is not ours.
+        if let Ok(md) = std::fs::symlink_metadata(self.0) {
+            if md.file_type().is_socket() {
+                let _ = std::fs::remove_file(self.0);
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::RefCell;
+    use std::os::unix::fs::PermissionsExt;
     use vmm_sys_util::tempdir::TempDir;
+
+    type Hook = Box<dyn Fn(&Path)>;
+
+    thread_local! {
+        /// Run by `bind` right after `bind(2)`, on the binding thread only.
+        static AFTER_BIND: RefCell<Option<Hook>> = const { RefCell::new(None) };
+    }
+
+    pub(super) fn after_bind(path: &Path) {
+        AFTER_BIND.with(|h| {
+            if let Some(hook) = h.borrow().as_ref() {
+                hook(path);
+            }
+        });
+    }
 
     fn tmp() -> TempDir {
         TempDir::new_with_prefix("/tmp/arbor-api-sock-").unwrap()
@@ -263,5 +299,54 @@ mod tests {
         std::fs::write(&path, b"other").unwrap();
         drop(file);
         assert_eq!(std::fs::read(&path).unwrap(), b"other");
+    }
+
+    #[test]
+    fn mode_is_not_set_through_a_planted_symlink() {
+        let dir = tmp();
+        let path = dir.as_path().join("api.sock");
+        let victim = dir.as_path().join("victim");
+        std::fs::write(&victim, b"secret").unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o644)).unwrap();
+        // Right after bind(2), someone swaps the new socket for a symbolic
+        // link to another file of ours.
+        let target = victim.clone();
+        AFTER_BIND.with(|h| {
+            *h.borrow_mut() = Some(Box::new(move |p: &Path| {
+                std::fs::remove_file(p).unwrap();
+                std::os::unix::fs::symlink(&target, p).unwrap();
+            }))
+        });
+        let res = bind(&path);
+        AFTER_BIND.with(|h| *h.borrow_mut() = None);
+        let mode = std::fs::metadata(&victim).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644, "the mode change followed the planted link");
+        assert!(matches!(res, Err(SocketError::NotASocket(_))), "{res:?}");
+        // The link is left alone (it is not ours), and so is its target.
+        assert!(std::fs::symlink_metadata(&path)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"secret");
+    }
+
+    #[test]
+    fn the_file_is_never_wider_than_0600() {
+        let dir = tmp();
+        let path = dir.as_path().join("api.sock");
+        let seen = std::rc::Rc::new(RefCell::new(0));
+        let s = seen.clone();
+        AFTER_BIND.with(|h| {
+            *h.borrow_mut() = Some(Box::new(move |p: &Path| {
+                *s.borrow_mut() =
+                    std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777;
+            }))
+        });
+        let res = bind(&path);
+        AFTER_BIND.with(|h| *h.borrow_mut() = None);
+        let (listener, file) = res.unwrap();
+        assert_eq!(*seen.borrow(), 0o600, "mode right after bind(2)");
+        drop(listener);
+        drop(file);
     }
 }

@@ -3,8 +3,9 @@
 
 mod common;
 
+use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -484,4 +485,99 @@ fn non_socket_path_is_refused() {
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "data");
     let e = start_server(dir.as_path(), tx, EventFd::new(0).unwrap()).unwrap_err();
     assert!(matches!(e, ServerError::Socket(SocketError::NotASocket(_))));
+}
+
+/// Reads what the server sends until it closes the connection or `limit`
+/// passes; `None` if the connection was still open at `limit`.
+fn read_until_closed(stream: &mut UnixStream, limit: Duration) -> Option<(Vec<u8>, Duration)> {
+    let start = Instant::now();
+    stream.set_read_timeout(Some(limit)).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return Some((got, start.elapsed())),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {
+                return Some((got, start.elapsed()))
+            }
+            Err(_) => return None,
+        }
+        if start.elapsed() >= limit {
+            return None;
+        }
+    }
+}
+
+#[test]
+fn a_partial_body_is_cut_off_within_the_bound() {
+    let f = Fixture::new();
+    let mut s = UnixStream::connect(f.socket_path()).unwrap();
+    // Headers promise 100 bytes; only the start of the body ever comes.
+    s.write_all(
+        b"PUT /api/v1/vm.add-disk HTTP/1.1\r\nHost: localhost\r\n\
+          Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"path\": ",
+    )
+    .unwrap();
+    let bound = api::server::BODY_READ_TIMEOUT;
+    let (answer, took) = read_until_closed(&mut s, bound + Duration::from_secs(5))
+        .expect("the connection was still open after the body timeout");
+    assert!(took >= bound - Duration::from_millis(500), "{took:?}");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("did not arrive within"), "{answer}");
+    // Nothing reached the VMM, and it still answers.
+    assert_eq!(f.vm.lock().unwrap().info.devices.len(), 1);
+    assert_eq!(f.client().vmm_ping().unwrap().version, FAKE_VERSION);
+}
+
+#[test]
+fn idle_connections_are_capped_and_do_not_block_requests() {
+    let f = Fixture::new();
+    // A request in progress is never closed to make room.
+    let client = f.client();
+    let slow = std::thread::spawn(move || {
+        client
+            .vm_add_disk(&DiskConfig {
+                path: "/slow".into(),
+                ..Default::default()
+            })
+            .unwrap_err()
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let mut idle: Vec<UnixStream> = (0..200)
+        .map(|_| UnixStream::connect(f.socket_path()).unwrap())
+        .collect();
+    // Let the server drain the listen backlog (a full backlog refuses any
+    // connect, whatever the server does).
+    std::thread::sleep(Duration::from_millis(300));
+    // A well-formed request is answered at once, without waiting for the
+    // idle connections' header timeout.
+    let start = Instant::now();
+    assert_eq!(f.client().vmm_ping().unwrap().version, FAKE_VERSION);
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(2), "ping took {took:?}");
+    let e = slow.join().unwrap();
+    assert_eq!(e.api_error_kind(), Some(ApiErrorKind::Conflict), "{e}");
+
+    // The server keeps at most MAX_CONNECTIONS of them: the others were
+    // closed (oldest first) well before the header timeout.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut open = 0;
+    for s in &mut idle {
+        s.set_nonblocking(true).unwrap();
+        let mut b = [0u8; 1];
+        match s.read(&mut b) {
+            Err(e) if e.kind() == ErrorKind::WouldBlock => open += 1,
+            _ => {}
+        }
+    }
+    assert!(
+        open <= api::server::MAX_CONNECTIONS,
+        "{open} idle connections still open"
+    );
+    assert!(
+        open > 0,
+        "the newest idle connections should have been kept"
+    );
 }

@@ -264,7 +264,10 @@ pub struct ErrorBody {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
-    /// Host path of the backing file or block device.
+    /// Host path of the backing regular file or block device: not empty, a
+    /// whole number of 512-byte sectors. Absolute in API requests (the
+    /// VMM's working directory is not the client's); `--disk` also takes a
+    /// relative one, from the VMM's working directory.
     pub path: String,
     /// Open read-only and advertise `VIRTIO_BLK_F_RO`.
     #[serde(default)]
@@ -400,6 +403,12 @@ impl DiskConfig {
     /// Checks what can be checked without the VM.
     pub fn validate(&self) -> Result<(), ApiError> {
         validate_file_path("path", &self.path)?;
+        if !self.path.starts_with('/') {
+            return Err(ApiError::bad_request(format!(
+                "'path' must be absolute, not '{}': the VMM's working directory is not the client's",
+                self.path
+            )));
+        }
         validate_opt_id("id", &self.id)?;
         if let Some(serial) = &self.serial {
             if serial.len() > MAX_SERIAL_LEN {
@@ -512,6 +521,10 @@ mod tests {
         d.pci_path = Some("00:02.0 /0".into());
         assert!(bad(d.validate()).contains("pci_path"));
         d.pci_path = None;
+        d.path = "img".into();
+        assert!(bad(d.validate()).contains("'path' must be absolute, not 'img'"));
+        d.path = "./img".into();
+        assert!(bad(d.validate()).contains("must be absolute"));
         d.path = String::new();
         assert_eq!(bad(d.validate()), "'path' must not be empty");
     }

@@ -84,6 +84,15 @@ fn add_and_remove() {
         ],
     ));
     assert_eq!(v["pci_path"], "00:04.0/00.0");
+    // A relative path is made absolute from the client's directory.
+    let out = Command::new(BIN)
+        .arg("--api-socket")
+        .arg(&f.socket)
+        .args(["add-disk", "rel.raw", "id=rel"])
+        .current_dir("/tmp")
+        .output()
+        .unwrap();
+    assert_eq!(stdout_json(&out)["id"], "rel");
     let v = stdout_json(&remote(&f.socket, &["add-rng", "id=r0"]));
     assert_eq!(v["id"], "r0");
     let v = stdout_json(&remote(&f.socket, &["add-rng"]));
@@ -95,6 +104,8 @@ fn add_and_remove() {
         assert_eq!(d1.readonly, Some(true));
         assert_eq!(d1.serial.as_deref(), Some("S-1"));
         assert_eq!(d1.path.as_deref(), Some("/images/d.raw"));
+        let rel = vm.info.devices.iter().find(|d| d.id == "rel").unwrap();
+        assert_eq!(rel.path.as_deref(), Some("/tmp/rel.raw"));
     }
 
     // Both spellings of remove-device; success prints nothing.

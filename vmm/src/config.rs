@@ -253,7 +253,7 @@ impl VmConfig {
         let topology = self.topology()?;
         let mut ids: Vec<&str> = Vec::new();
         for d in &self.disks {
-            check_disk(&d.path)?;
+            check_disk(&d.path, d.readonly)?;
         }
         let given = self
             .disks
@@ -313,17 +313,16 @@ impl VmConfig {
     }
 }
 
-fn check_disk(path: &str) -> Result<(), ConfigError> {
-    use std::os::unix::fs::FileTypeExt;
+/// Opens the disk the way the device will (without blocking, refusing
+/// what cannot be a disk), so a bad `--disk` is a configuration error. A
+/// relative path is taken from the VMM's working directory.
+fn check_disk(path: &str, read_only: bool) -> Result<(), ConfigError> {
     if path.is_empty() {
         return err("a disk needs a path");
     }
-    match std::fs::metadata(path) {
-        Ok(m) if m.is_file() || m.file_type().is_block_device() => Ok(()),
-        Ok(_) => err(format!(
-            "disk '{path}' is not a regular file or block device"
-        )),
-        Err(e) => err(format!("cannot open disk '{path}': {e}")),
+    match devices::virtio::block::open_disk(std::path::Path::new(path), read_only) {
+        Ok(_) => Ok(()),
+        Err(e) => err(format!("cannot use disk '{path}': {e}")),
     }
 }
 
@@ -664,6 +663,53 @@ mod tests {
         for c in cases {
             assert!(c.validate().is_err(), "{c:?}");
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn disks_that_cannot_be_disks() {
+        let dir = std::env::temp_dir().join(format!("arbor-cfg-disk-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let k = dir.join("k");
+        std::fs::write(&k, b"x").unwrap();
+        let good = dir.join("good.img");
+        std::fs::write(&good, [0u8; 1024]).unwrap();
+        let empty = dir.join("empty.img");
+        std::fs::write(&empty, b"").unwrap();
+        let odd = dir.join("odd.img");
+        std::fs::write(&odd, [0u8; 1000]).unwrap();
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo reads a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let with = |path: &std::path::Path, readonly: bool| VmConfig {
+            kernel: k.clone(),
+            disks: vec![DiskConfig {
+                path: path.display().to_string(),
+                readonly,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert!(with(&good, false).validate().is_ok());
+        assert!(with(&good, true).validate().is_ok());
+        for (path, ro, want) in [
+            (&dir, true, "a directory"),
+            (&fifo, true, "a FIFO"),
+            (&fifo, false, "a FIFO"),
+            (&empty, false, "empty"),
+            (&odd, true, "(1000 bytes) is not a multiple of 512"),
+            (&dir.join("missing"), false, "No such file"),
+        ] {
+            let e = with(path, ro).validate().unwrap_err().to_string();
+            assert!(e.contains("cannot use disk") && e.contains(want), "{e}");
+        }
+        let e = with(std::path::Path::new("/dev/null"), true)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a character device"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -77,12 +77,17 @@ pub enum DeviceError {
     Pci(#[from] PciManagerError),
     #[error("this VM has no PCI root complex")]
     NoPci,
-    #[error("cannot open disk '{path}': {source}")]
+    #[error("cannot use disk '{path}': {source}")]
     Disk {
         path: String,
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "disk path '{0}' is relative: give an absolute path (the VMM's working \
+         directory is not the client's)"
+    )]
+    RelativeDiskPath(String),
     #[error("cannot set up interrupts: {0}")]
     Msi(#[source] std::io::Error),
     #[error("cannot create the virtio transport: {0}")]
@@ -99,7 +104,7 @@ impl DeviceError {
         match self {
             DeviceError::DuplicateId(_) | DeviceError::NotRemovable(_) => K::Conflict,
             DeviceError::NoSuchDevice(_) => K::NotFound,
-            DeviceError::Disk { .. } => K::BadRequest,
+            DeviceError::Disk { .. } | DeviceError::RelativeDiskPath(_) => K::BadRequest,
             DeviceError::Placement(p) => match p {
                 PlacementError::BadPath { .. } => K::BadRequest,
                 PlacementError::UnknownPort(_) => K::NotFound,
@@ -496,13 +501,17 @@ impl DeviceManager {
         Ok(rec)
     }
 
-    /// Adds a virtio-blk disk.
+    /// Adds a virtio-blk disk. A hot-plugged disk (a request from a client,
+    /// whose working directory is not ours) needs an absolute path.
     pub fn add_disk(
         &mut self,
         cfg: &DiskConfig,
         hotplugged: bool,
         plan: &HotplugPlan,
     ) -> Result<DeviceRecord, DeviceError> {
+        if hotplugged && !std::path::Path::new(&cfg.path).is_absolute() {
+            return Err(DeviceError::RelativeDiskPath(cfg.path.clone()));
+        }
         let mut bc = BlockConfig::new(&cfg.path);
         bc.read_only = cfg.readonly;
         bc.serial = cfg.serial.clone().unwrap_or_default();

@@ -51,6 +51,19 @@ fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap> {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
             .map_err(|e| Error::Memory(size >> 20, e.to_string()))?;
+        // Guest RAM stays out of the VMM's core dumps: it is large and holds
+        // the guest's secrets.
+        // SAFETY: madvise only sets a flag on the pages of this live mapping
+        // (`host`, `region.len()` bytes, owned by `mem`); no memory is touched.
+        if unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_DONTDUMP) } != 0 {
+            return Err(Error::Memory(
+                size >> 20,
+                format!(
+                    "madvise(MADV_DONTDUMP): {}",
+                    std::io::Error::last_os_error()
+                ),
+            ));
+        }
         let r = kvm_userspace_memory_region {
             slot: slot as u32,
             guest_phys_addr: region.start_addr().raw_value(),

@@ -31,7 +31,8 @@ Commands:
   ping                       check the VMM answers; prints its version
   info                       print the VM's state, devices and PCI topology
   add-disk path=FILE[,readonly=on|off][,id=ID][,serial=SERIAL][,port=PORT][,pci_path=PATH]
-                             hot-plug a virtio-blk disk (a bare first value is the path)
+                             hot-plug a virtio-blk disk (a bare first value is the path;
+                             a relative path is made absolute from this directory)
   add-rng [id=ID][,port=PORT][,pci_path=PATH]
                              hot-plug a virtio-rng device
   remove-device ID | id=ID   hot-unplug a device
@@ -124,7 +125,18 @@ fn parse_args(args: Vec<String>) -> Result<Parsed, String> {
         "shutdown" => no_options(Endpoint::VmShutdown)?,
         "shutdown-vmm" => no_options(Endpoint::VmmShutdown)?,
         "add-disk" => {
-            let config = DiskConfig::from_kv(&opts).map_err(|e| kv_error(&command, e))?;
+            let mut config = DiskConfig::from_kv(&opts).map_err(|e| kv_error(&command, e))?;
+            // The VMM refuses relative paths (its working directory is not
+            // ours): name the file the user means.
+            if !config.path.is_empty() && !config.path.starts_with('/') {
+                let abs = std::path::absolute(&config.path).map_err(|e| {
+                    usage_error(format!("cannot make '{}' absolute: {e}", config.path))
+                })?;
+                config.path = abs
+                    .to_str()
+                    .ok_or_else(|| usage_error(format!("'{}' is not UTF-8", abs.display())))?
+                    .to_string();
+            }
             (Endpoint::VmAddDisk, Some(to_json(&config)?))
         }
         "add-rng" => {

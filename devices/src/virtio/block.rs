@@ -4,11 +4,13 @@
 //! sector), data buffers (device-readable for writes/discard, device-writable for reads and
 //! GET_ID) and a final device-writable status byte; the header and status may straddle
 //! descriptors. Supported requests: IN, OUT, FLUSH, GET_ID (the 20-byte serial) and DISCARD
-//! (hole punching, when the disk is writable). Capacity is the file size in 512-byte
-//! sectors; requests must be whole sectors inside the disk, otherwise they complete with
-//! IOERR. A read-only disk advertises VIRTIO_BLK_F_RO and fails writes with IOERR. Data is
-//! copied through a bounded bounce buffer with positional I/O (`pread`/`pwrite`), so guest
-//! buffer sizes never translate into host allocations larger than [`IO_CHUNK`].
+//! (hole punching, when the disk is writable). The image is a regular file or block
+//! device, not empty and a whole number of 512-byte sectors, opened without blocking
+//! ([`open_disk`]); capacity is its size in sectors. Requests must be whole sectors inside
+//! the disk, otherwise they complete with IOERR. A read-only disk advertises
+//! VIRTIO_BLK_F_RO and fails writes with IOERR. Data is copied through a bounded bounce
+//! buffer with positional I/O (`pread`/`pwrite`), so guest buffer sizes never translate
+//! into host allocations larger than [`IO_CHUNK`].
 //!
 //! The limits advertised in the configuration space are enforced: a request with more than
 //! `seg_max` data buffers (plus the header and status descriptors) or a buffer larger than
@@ -18,10 +20,11 @@
 //! removal or shutdown waits for at most one slice; the request cut short is abandoned
 //! without a completion (see [`worker`](super::worker)).
 
-use std::fs::{File, OpenOptions};
+use std::fs::{File, Metadata, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{
@@ -100,19 +103,96 @@ pub struct Block {
     worker: WorkerSlot,
 }
 
+/// What a file is, for messages about files that cannot be disks.
+fn file_kind(m: &Metadata) -> &'static str {
+    let t = m.file_type();
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() {
+        "a character device"
+    } else {
+        "a file of another type"
+    }
+}
+
+fn invalid(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, msg)
+}
+
+/// Refuses anything but a regular file or a block device.
+fn check_kind(m: &Metadata) -> io::Result<()> {
+    let t = m.file_type();
+    if t.is_file() || t.is_block_device() {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "it is {}, not a regular file or block device",
+            file_kind(m)
+        )))
+    }
+}
+
+/// Refuses a disk of `size` bytes that is empty or not whole sectors.
+fn check_size(size: u64) -> io::Result<()> {
+    if size == 0 {
+        Err(invalid("it is empty".to_string()))
+    } else if !size.is_multiple_of(SECTOR_SIZE) {
+        Err(invalid(format!(
+            "its size ({size} bytes) is not a multiple of {SECTOR_SIZE}"
+        )))
+    } else {
+        Ok(())
+    }
+}
+
+/// Opens a disk image (read-only or read-write) without ever blocking, and
+/// checks it: only a regular file or a block device, not empty, a whole
+/// number of 512-byte sectors. The path is looked at with `stat` first, so
+/// FIFOs, sockets and character devices are refused without being opened;
+/// the file is then opened with `O_NONBLOCK` (an `open` of a FIFO would
+/// otherwise wait for a writer), checked again with `fstat` (the path may
+/// have changed in between), and `O_NONBLOCK` is cleared for the device's
+/// I/O. The size is where `lseek(SEEK_END)` lands, which for a block device
+/// is its size in bytes (the value `BLKGETSIZE64` answers).
+pub fn open_disk(path: &Path, read_only: bool) -> io::Result<File> {
+    check_kind(&std::fs::metadata(path)?)?;
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(path)?;
+    check_kind(&file.metadata()?)?;
+    check_size(file.seek(SeekFrom::End(0))?)?;
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GETFL on a descriptor `file` owns; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: F_SETFL on a descriptor `file` owns, with an integer argument.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
 impl Block {
-    /// Open `cfg.path` and build the device.
+    /// Open `cfg.path` with [`open_disk`] and build the device.
     pub fn new(cfg: &BlockConfig) -> io::Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!cfg.read_only)
-            .open(&cfg.path)?;
+        let file = open_disk(&cfg.path, cfg.read_only)?;
         Self::from_file(file, cfg)
     }
 
     /// Build the device on an already open file (`cfg.path` is ignored).
+    /// An empty file, or one that is not a whole number of sectors, is
+    /// refused.
     pub fn from_file(mut file: File, cfg: &BlockConfig) -> io::Result<Self> {
         let size = file.seek(SeekFrom::End(0))?;
+        check_size(size)?;
         let sectors = size / SECTOR_SIZE;
         if !cfg.queue_size.is_power_of_two() || cfg.queue_size < 4 {
             return Err(io::Error::new(

@@ -91,19 +91,132 @@ fn config_space_and_features() {
     let (_t, ro) = disk(1, |c| c.read_only = true);
     assert_ne!(ro.features() & (1 << VIRTIO_BLK_F_RO), 0);
     assert_eq!(ro.features() & (1 << VIRTIO_BLK_F_DISCARD), 0);
-    // A file whose size is not a multiple of 512 exposes whole sectors only.
     let t = TempFile::new().unwrap();
-    t.as_file().write_all(&[0u8; 1000]).unwrap();
-    assert_eq!(
-        Block::new(&BlockConfig::new(t.as_path()))
-            .unwrap()
-            .capacity(),
-        1
-    );
+    t.as_file().write_all(&[0u8; 1024]).unwrap();
     let mut bad = BlockConfig::new(t.as_path());
     bad.queue_size = 100;
     assert!(Block::new(&bad).is_err());
     assert!(Block::new(&BlockConfig::new("/nonexistent/arbor")).is_err());
+}
+
+/// The message of `Block::new`'s error for a read-only disk at `path`.
+fn refused(path: &std::path::Path, read_only: bool) -> String {
+    let mut c = BlockConfig::new(path);
+    c.read_only = read_only;
+    let e = Block::new(&c).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+    e.to_string()
+}
+
+struct TempDir(PathBuf);
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let d = std::env::temp_dir().join(format!("arbor-blk-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        TempDir(d)
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn mkfifo(path: &std::path::Path) {
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+}
+
+#[test]
+fn fifo_is_refused_at_once() {
+    let d = TempDir::new("fifo");
+    let fifo = d.0.join("fifo");
+    mkfifo(&fifo);
+    // Without a writer, open(O_RDONLY) on a FIFO would wait forever: run
+    // the opens on a thread and bound the wait.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = fifo.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send((refused(&path, true), refused(&path, false)));
+    });
+    let (ro, rw) = rx
+        .recv_timeout(std::time::Duration::from_secs(5))
+        .expect("opening a FIFO as a disk blocked");
+    assert_eq!(ro, "it is a FIFO, not a regular file or block device");
+    assert_eq!(rw, ro);
+    // Even if the path becomes a FIFO after the first check, the open does
+    // not block and the fstat check refuses it.
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    assert!(check_kind(&file.metadata().unwrap()).is_err());
+}
+
+#[test]
+fn directories_devices_and_sockets_are_refused() {
+    let d = TempDir::new("kinds");
+    assert_eq!(
+        refused(&d.0, true),
+        "it is a directory, not a regular file or block device"
+    );
+    assert_eq!(
+        refused(std::path::Path::new("/dev/null"), true),
+        "it is a character device, not a regular file or block device"
+    );
+    let sock = d.0.join("sock");
+    let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    assert_eq!(
+        refused(&sock, true),
+        "it is a socket, not a regular file or block device"
+    );
+}
+
+#[test]
+fn empty_and_partial_sector_files_are_refused() {
+    let t = TempFile::new().unwrap();
+    assert_eq!(refused(t.as_path(), false), "it is empty");
+    assert_eq!(refused(t.as_path(), true), "it is empty");
+    t.as_file().write_all(&[0u8; 1000]).unwrap();
+    assert_eq!(
+        refused(t.as_path(), true),
+        "its size (1000 bytes) is not a multiple of 512"
+    );
+    // from_file checks the size too.
+    let f = File::open(t.as_path()).unwrap();
+    assert!(Block::from_file(f, &BlockConfig::new(t.as_path())).is_err());
+    t.as_file().write_all(&[0u8; 24]).unwrap();
+    assert_eq!(
+        Block::new(&BlockConfig::new(t.as_path()))
+            .unwrap()
+            .capacity(),
+        2
+    );
+}
+
+#[test]
+fn opened_disk_is_blocking_and_close_on_exec() {
+    let t = TempFile::new().unwrap();
+    t.as_file().write_all(&[0u8; 512]).unwrap();
+    for ro in [true, false] {
+        let f = open_disk(t.as_path(), ro).unwrap();
+        // SAFETY: F_GETFL/F_GETFD on a descriptor `f` owns.
+        let (fl, fd) = unsafe {
+            (
+                libc::fcntl(f.as_raw_fd(), libc::F_GETFL),
+                libc::fcntl(f.as_raw_fd(), libc::F_GETFD),
+            )
+        };
+        assert_eq!(fl & libc::O_NONBLOCK, 0);
+        assert_ne!(fd & libc::FD_CLOEXEC, 0);
+        assert_eq!(
+            fl & libc::O_ACCMODE,
+            if ro { libc::O_RDONLY } else { libc::O_RDWR }
+        );
+    }
 }
 
 #[test]

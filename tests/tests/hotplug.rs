@@ -110,6 +110,9 @@ fn root_bus_hotplug() {
             &cold,
             "--hotplug-order",
             "root,native,acpi",
+            // ACPI removal is slow under emulation on a loaded machine.
+            "--remove-timeout",
+            "60",
         ],
     );
     g.wait_for("Run /init as init process");

@@ -413,3 +413,27 @@ class UnixHTTPConnection(http.client.HTTPConnection):
             s.close()
             raise
         self.sock = s
+
+
+# ---------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------
+
+
+def percentile(sorted_xs, q):
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if len(sorted_xs) == 1:
+        return sorted_xs[0]
+    pos = q * (len(sorted_xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_xs) - 1)
+    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
+
+
+def describe(xs):
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    r = lambda v: round(v, 3)  # noqa: E731
+    return {"n": len(xs), "median": r(percentile(xs, 0.5)), "p99": r(percentile(xs, 0.99)),
+            "min": r(xs[0]), "max": r(xs[-1])}

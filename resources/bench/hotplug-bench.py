@@ -640,25 +640,6 @@ class QemuVM(Guest):
 # ---------------------------------------------------------------------------
 
 
-def percentile(sorted_xs, q):
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if len(sorted_xs) == 1:
-        return sorted_xs[0]
-    pos = q * (len(sorted_xs) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_xs) - 1)
-    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
-
-
-def describe(xs):
-    xs = sorted(x for x in xs if x is not None)
-    if not xs:
-        return None
-    r = lambda v: round(v, 3)  # noqa: E731
-    return {"n": len(xs), "median": r(percentile(xs, 0.5)), "p99": r(percentile(xs, 0.99)),
-            "min": r(xs[0]), "max": r(xs[-1])}
-
-
 METRICS = (
     ("ping_ms", "API ping round trip (arbor: GET vmm.ping, keep-alive; QEMU: QMP query-version)"),
     ("ping_newconn_ms", "API ping on a new connection each time (connect + GET vmm.ping)"),
@@ -734,7 +715,7 @@ def run_vm(vm, args, workdir):
     for key in ("add_req_ms", "device_add_ms", "pci_ms", "disk_ms", "remove_ms", "remove_req_ms"):
         if any(key in c for c in measured):
             samples[key] = [c.get(key) for c in measured]
-    stats = {k: describe(v) for k, v in samples.items()}
+    stats = {k: benchlib.describe(v) for k, v in samples.items()}
     missing_pci = sum(1 for c in measured if c["pci_ms"] is None)
     placements = sorted({(c["port"], c["hotplug"]) for c in cycles if "port" in c}, key=str)
     if missing_pci:

@@ -208,23 +208,6 @@ class Arbor:
 # ---------------------------------------------------------------------------
 
 
-def percentile(sorted_xs, q):
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if len(sorted_xs) == 1:
-        return sorted_xs[0]
-    pos = q * (len(sorted_xs) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_xs) - 1)
-    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
-
-
-def describe(xs):
-    xs = sorted(xs)
-    r = lambda v: round(v, 3)  # noqa: E731
-    return {"n": len(xs), "median": r(percentile(xs, 0.5)), "p99": r(percentile(xs, 0.99)),
-            "min": r(xs[0]), "max": r(xs[-1])}
-
-
 def main(argv):
     args = parse_args(argv)
     kit = benchlib.guest_kit(args.guest_dir, args.kernel)
@@ -248,7 +231,7 @@ def main(argv):
         vm.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    stats = {"pause_ms": describe(pauses), "resume_ms": describe(resumes)}
+    stats = {"pause_ms": benchlib.describe(pauses), "resume_ms": benchlib.describe(resumes)}
     slow = [round(x, 3) for x in pauses if x >= args.limit_ms]
     ok = not slow
     print()

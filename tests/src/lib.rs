@@ -373,6 +373,32 @@ pub fn boot_with_api(name: &str, sock: &Path) -> Guest {
     Guest::boot(name, &kit.vmlinux, 1, "", &["--api-socket", &sock])
 }
 
+/// A configuration booting the guest kit's vmlinux in-process (the
+/// embedding API), console to `serial`.
+pub fn kit_vm_config(serial: vmm::SerialOutput) -> vmm::VmConfig {
+    let kit = guest_kit();
+    vmm::VmConfig {
+        kernel: kit.vmlinux,
+        initramfs: Some(kit.initramfs),
+        cmdline: kit.cmdline,
+        serial,
+        ..Default::default()
+    }
+}
+
+/// Waits (bounded by [`timeout`]) until the API socket `p` exists.
+pub fn wait_for_socket(p: &Path) {
+    let deadline = Instant::now() + timeout();
+    while !p.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "socket {} never appeared",
+            p.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A sparse raw disk of `mib` MiB (the guest sees `mib * 2048` sectors).
 pub fn raw_disk(path: &Path, mib: u64) {
     let f = std::fs::File::create(path).expect("create disk");

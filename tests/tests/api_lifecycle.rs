@@ -106,14 +106,7 @@ fn embedding_api() {
     if !kvm_available() {
         return;
     }
-    let kit = guest_kit();
-    let cfg = vmm::VmConfig {
-        kernel: kit.vmlinux.clone(),
-        initramfs: Some(kit.initramfs.clone()),
-        cmdline: kit.cmdline.clone(),
-        serial: vmm::SerialOutput::Off,
-        ..Default::default()
-    };
+    let cfg = arbor_tests::kit_vm_config(vmm::SerialOutput::Off);
     let mut vm = vmm::Vm::new(cfg).expect("build VM");
     let events = vm.subscribe();
     let handle = vm.handle();

@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 
 use api::client::Client;
 use api::{ApiMessage, ApiRequest, ApiResponse};
-use arbor_tests::{
-    boot_with_api, disk_at, guest_kit, kvm_available, raw_disk, timeout, wait_count, Scratch,
-};
+use arbor_tests::{boot_with_api, disk_at, kvm_available, raw_disk, timeout, wait_count, Scratch};
 
 /// The three mechanisms of the default topology: (port, pci_path).
 const PLACES: [(Option<&str>, Option<&str>); 3] = [
@@ -58,16 +56,9 @@ fn hotplug_before_the_first_vcpu_and_after_init() {
     if !kvm_available() {
         return;
     }
-    let kit = guest_kit();
     let s = Scratch::new("boot-hotplug-early");
     let console = s.path("console.log");
-    let cfg = vmm::VmConfig {
-        kernel: kit.vmlinux.clone(),
-        initramfs: Some(kit.initramfs.clone()),
-        cmdline: kit.cmdline.clone(),
-        serial: vmm::SerialOutput::file(console.clone()),
-        ..Default::default()
-    };
+    let cfg = arbor_tests::kit_vm_config(vmm::SerialOutput::file(console.clone()));
     let vm = vmm::Vm::new(cfg).expect("build VM");
     let handle = vm.handle();
     // Queue one add per mechanism before the VM runs: they are served

@@ -12,24 +12,12 @@ use std::time::{Duration, Instant};
 use api::client::Client;
 use api::types::{DiskConfig, VmState};
 use api::ApiErrorKind;
-use arbor_tests::{guest_kit, kvm_available, run_arbor, Guest, Scratch};
+use arbor_tests::{guest_kit, kvm_available, run_arbor, wait_for_socket, Guest, Scratch};
 
 fn mkfifo(path: &Path) {
     let c = CString::new(path.to_str().expect("UTF-8 path")).expect("no NUL");
     // SAFETY: mkfifo reads a NUL-terminated path that outlives the call.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
-}
-
-fn wait_for_socket(p: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !p.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "socket {} never appeared",
-            p.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn disk(path: &str, readonly: bool) -> DiskConfig {
@@ -176,13 +164,7 @@ fn bad_disks_are_refused_and_guest_ram_is_not_dumped() {
     let up = "../".repeat(cwd.components().count().saturating_sub(1));
     let relative = format!("{up}{}", good.display().to_string().trim_start_matches('/'));
     assert!(Path::new(&relative).exists(), "{relative}");
-    let cfg = vmm::VmConfig {
-        kernel: kit.vmlinux.clone(),
-        initramfs: Some(kit.initramfs.clone()),
-        cmdline: kit.cmdline.clone(),
-        serial: vmm::SerialOutput::Off,
-        ..Default::default()
-    };
+    let cfg = arbor_tests::kit_vm_config(vmm::SerialOutput::Off);
     let vm = vmm::Vm::new(cfg).expect("build VM");
     let handle = vm.handle();
     let running = vm.start().expect("start");

@@ -7,25 +7,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use arbor_tests::{guest_kit, kvm_available, Guest};
+use arbor_tests::{guest_kit, kvm_available, wait_for_socket, Guest};
 
 /// One guest at a time.
 static ONE_GUEST: Mutex<()> = Mutex::new(());
 
 fn socket_path(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("arbor-{name}-{}.sock", std::process::id()))
-}
-
-fn wait_for_socket(p: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !p.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "socket {} never appeared",
-            p.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn send(g: &Guest, sig: libc::c_int) {

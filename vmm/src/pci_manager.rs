@@ -113,7 +113,21 @@ struct Placed {
     bars: Vec<BarInfo>,
     /// Doorbells: (BAR index, offset within the BAR, eventfd).
     notifiers: Vec<(usize, u64, EventFd)>,
+    /// Whether the BARs should be mapped (memory decode on).
     mapped: bool,
+    /// What `map` actually registered: only these are deregistered, so a
+    /// BAR the guest moved onto another device's range (ECAM, another
+    /// BAR), which could not be registered there, never takes the other
+    /// device's registration with it when it moves again.
+    registered: Vec<Registered>,
+}
+
+/// One registration a placed function holds on the buses or in KVM.
+enum Registered {
+    Pio(u16),
+    Mmio(u64),
+    /// An ioeventfd: its address and the index of its notifier.
+    Doorbell(IoEventAddress, usize),
 }
 
 /// The VMM's PCI state.
@@ -436,6 +450,7 @@ impl PciManager {
                     bars,
                     notifiers,
                     mapped: false,
+                    registered: Vec::new(),
                 },
             );
         Ok(())
@@ -446,6 +461,7 @@ impl PciManager {
             return;
         }
         let mut io = self.io.write().unwrap_or_else(|e| e.into_inner());
+        let mut live = Vec::new();
         for bar in &p.bars {
             if bar.addr == 0 {
                 continue;
@@ -457,24 +473,40 @@ impl PciManager {
             let r = match bar.region {
                 BarRegion::Io => match (u16::try_from(bar.addr), u16::try_from(bar.size)) {
                     (Ok(a), Ok(s)) => PioRange::new(PioAddress(a), s)
-                        .and_then(|range| io.register_pio(range, handler)),
+                        .and_then(|range| io.register_pio(range, handler))
+                        .map(|()| Registered::Pio(a)),
                     _ => Err(vm_device::bus::Error::InvalidRange),
                 },
                 _ => MmioRange::new(MmioAddress(bar.addr), bar.size)
-                    .and_then(|range| io.register_mmio(range, handler)),
+                    .and_then(|range| io.register_mmio(range, handler))
+                    .map(|()| Registered::Mmio(bar.addr)),
             };
-            if let Err(e) = r {
-                devices::guest_warn!(
+            match r {
+                Ok(reg) => {
+                    p.registered.push(reg);
+                    live.push(bar.index);
+                }
+                Err(e) => devices::guest_warn!(
                     "PCI {}: cannot map BAR {} at {:#x}: {e:?}",
                     p.path,
                     bar.index,
                     bar.addr
-                );
+                ),
             }
         }
-        for (addr, evt) in doorbells(p) {
-            if let Err(e) = self.vm.register_ioevent(evt, &addr, NoDatamatch) {
-                devices::guest_warn!("PCI {}: cannot register ioeventfd: {e}", p.path);
+        // Doorbells only inside BARs that are really ours here: an
+        // ioeventfd over another device's range would swallow its writes.
+        let bells: Vec<_> = doorbells(p)
+            .filter(|(_, bar, _)| live.contains(bar))
+            .map(|(addr, _, i)| (addr, i))
+            .collect();
+        for (addr, i) in bells {
+            let Some((_, _, evt)) = p.notifiers.get(i) else {
+                continue;
+            };
+            match self.vm.register_ioevent(evt, &addr, NoDatamatch) {
+                Ok(()) => p.registered.push(Registered::Doorbell(addr, i)),
+                Err(e) => devices::guest_warn!("PCI {}: cannot register ioeventfd: {e}", p.path),
             }
         }
         p.mapped = true;
@@ -485,23 +517,20 @@ impl PciManager {
             return;
         }
         let mut io = self.io.write().unwrap_or_else(|e| e.into_inner());
-        for bar in &p.bars {
-            if bar.addr == 0 {
-                continue;
-            }
-            match bar.region {
-                BarRegion::Io => {
-                    if let Ok(a) = u16::try_from(bar.addr) {
-                        io.deregister_pio(PioAddress(a));
+        for reg in p.registered.drain(..) {
+            match reg {
+                Registered::Pio(a) => {
+                    io.deregister_pio(PioAddress(a));
+                }
+                Registered::Mmio(a) => {
+                    io.deregister_mmio(MmioAddress(a));
+                }
+                Registered::Doorbell(addr, i) => {
+                    if let Some((_, _, evt)) = p.notifiers.get(i) {
+                        let _ = self.vm.unregister_ioevent(evt, &addr, NoDatamatch);
                     }
                 }
-                _ => {
-                    io.deregister_mmio(MmioAddress(bar.addr));
-                }
             }
-        }
-        for (addr, evt) in doorbells(p) {
-            let _ = self.vm.unregister_ioevent(evt, &addr, NoDatamatch);
         }
         p.mapped = false;
     }
@@ -616,14 +645,21 @@ impl PciManager {
 }
 
 /// The KVM ioeventfd addresses of a placed function's doorbells, for the
-/// BARs that have an address.
-fn doorbells(p: &Placed) -> impl Iterator<Item = (IoEventAddress, &EventFd)> + '_ {
-    p.notifiers.iter().filter_map(|(bar, off, evt)| {
-        let b = p.bars.iter().find(|b| b.index == *bar && b.addr != 0)?;
-        let addr = match b.region {
-            BarRegion::Io => IoEventAddress::Pio(b.addr.checked_add(*off)?),
-            _ => IoEventAddress::Mmio(b.addr.checked_add(*off)?),
-        };
-        Some((addr, evt))
-    })
+/// BARs that have an address: (address, BAR index, notifier index).
+fn doorbells(p: &Placed) -> impl Iterator<Item = (IoEventAddress, usize, usize)> + '_ {
+    p.notifiers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (bar, off, _))| {
+            let b = p.bars.iter().find(|b| b.index == *bar && b.addr != 0)?;
+            let addr = match b.region {
+                BarRegion::Io => IoEventAddress::Pio(b.addr.checked_add(*off)?),
+                _ => IoEventAddress::Mmio(b.addr.checked_add(*off)?),
+            };
+            Some((addr, *bar, i))
+        })
 }
+
+#[cfg(test)]
+#[path = "pci_manager_tests.rs"]
+mod tests;

@@ -164,6 +164,16 @@ pub trait PciDevice: Send {
     /// its interrupts. Nothing by default.
     fn reset(&mut self) {}
 
+    /// The VM is pausing: stop the back end's work (no request completes while paused)
+    /// and wait, at most `timeout`, until it has stopped. Returns whether it did. Nothing
+    /// to stop by default.
+    fn pause(&mut self, _timeout: std::time::Duration) -> bool {
+        true
+    }
+
+    /// The VM resumes: undo [`PciDevice::pause`].
+    fn resume(&mut self) {}
+
     /// The MSI-X state, for functions that have the capability (the VMM logs it when the
     /// guest changes it). None by default.
     fn msix(&self) -> Option<&MsixConfig> {

@@ -101,6 +101,11 @@ fn hotplug_before_the_first_vcpu_and_after_init() {
     }
     let want: Vec<String> = (0..3).map(|i| probed(12 + i)).collect();
     wait_file(&console, &want);
+    // Pausing quiesces the six active disks' workers too, and resumes them.
+    for _ in 0..3 {
+        handle.pause().expect("pause with active disks");
+        handle.resume().expect("resume");
+    }
     handle.stop().expect("stop");
     assert_eq!(running.wait().expect("run"), vmm::ExitReason::VmmShutdown);
 }

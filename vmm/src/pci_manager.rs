@@ -633,6 +633,31 @@ impl PciManager {
         Ok(())
     }
 
+    /// Pauses every placed function's back end (see [`pci::PciDevice::pause`]),
+    /// waiting at most `timeout` for each; returns the paths of those that
+    /// did not stop in time.
+    pub fn pause_devices(&self, timeout: std::time::Duration) -> Vec<PciPath> {
+        let placed = self.placed.lock().unwrap_or_else(|e| e.into_inner());
+        placed
+            .values()
+            .filter(|p| {
+                !p.device
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .pause(timeout)
+            })
+            .map(|p| p.path.clone())
+            .collect()
+    }
+
+    /// Resumes every placed function's back end.
+    pub fn resume_devices(&self) {
+        let placed = self.placed.lock().unwrap_or_else(|e| e.into_inner());
+        for p in placed.values() {
+            p.device.lock().unwrap_or_else(|e| e.into_inner()).resume();
+        }
+    }
+
     /// Number of functions placed (for leak checks).
     pub fn placed_count(&self) -> usize {
         self.placed.lock().unwrap_or_else(|e| e.into_inner()).len()

@@ -83,8 +83,11 @@ fn rig() -> Option<Rig> {
     vm.create_irq_chip().unwrap();
     let routing = GsiRouting::new(vm.clone()).unwrap();
     let (mmio32, mmio64) = pci_windows(512 << 20);
-    let topo = Topology::build(&[], &TopologyOptions::new((1..32).collect(), mmio32, mmio64, None))
-        .unwrap();
+    let topo = Topology::build(
+        &[],
+        &TopologyOptions::new((1..32).collect(), mmio32, mmio64, None),
+    )
+    .unwrap();
     let rest = topo.remaining_windows();
     let allocator = BarAllocator::new(None, rest.mmio32, Some(rest.mmio64)).unwrap();
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
@@ -145,8 +148,7 @@ fn a_bar_moved_over_other_ranges_never_unmaps_them() {
         return;
     };
     for slot in [1u8, 2] {
-        r.pm
-            .place(PciManager::root_path(slot).unwrap(), None, Fake::shared())
+        r.pm.place(PciManager::root_path(slot).unwrap(), None, Fake::shared())
             .unwrap();
         // The guest enables memory decode.
         r.write(u64::from(slot), 0x4, &[0x02, 0x00]);

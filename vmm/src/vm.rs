@@ -118,6 +118,9 @@ fn create_vm(kvm: &Kvm) -> Result<VmFd> {
     Ok(vm)
 }
 
+/// How long `vm.pause` waits for each device's request in progress.
+const DEVICE_PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The VM's mutable state, shared by the event loop's subscribers.
 struct VmCore {
     config: VmConfig,
@@ -465,7 +468,29 @@ impl VmCore {
             v.wait_paused();
         }
         self.state = VmState::Paused;
+        // Device back ends too: no queued request completes while paused.
+        let busy = match &self.devices.pci {
+            Some(pci) => pci.pause_devices(DEVICE_PAUSE_TIMEOUT),
+            None => Vec::new(),
+        };
+        if !busy.is_empty() {
+            let names: Vec<String> = busy.iter().map(|p| self.device_name(p)).collect();
+            return Err(ApiError::internal(format!(
+                "the vCPUs are paused, but device(s) {} did not stop within {:?}; they stop after their request in progress",
+                names.join(", "),
+                DEVICE_PAUSE_TIMEOUT
+            )));
+        }
         Ok(ApiResponse::Empty)
+    }
+
+    /// A device's id (or its path if it has none) for messages.
+    fn device_name(&self, path: &pci::PciPath) -> String {
+        self.devices
+            .records
+            .iter()
+            .find(|r| &r.path == path)
+            .map_or_else(|| path.to_string(), |r| r.id.clone())
     }
 
     fn resume(&mut self) -> ApiReply {
@@ -474,6 +499,9 @@ impl VmCore {
                 "the VM is {}, not paused",
                 state_name(self.state)
             )));
+        }
+        if let Some(pci) = &self.devices.pci {
+            pci.resume_devices();
         }
         self.paused.store(false, Ordering::Release);
         for v in &self.vcpus {

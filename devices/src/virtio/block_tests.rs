@@ -693,3 +693,59 @@ fn raised_stop_signal_leaves_the_queue_alone() {
     assert_eq!(status(&m, STATUS), 0xee);
     assert_eq!(file_bytes(&t), before);
 }
+
+#[test]
+fn no_request_completes_while_paused() {
+    let (_t, mut b) = disk(8, |_| {});
+    let m = mem();
+    let q = TestQueue::new(0x1000, 16);
+    let event = EventFd::new(EFD_NONBLOCK).unwrap();
+    let notify = event.try_clone().unwrap();
+    b.activate(ActivateContext {
+        mem: GuestMemoryAtomic::new(m.clone()),
+        interrupt: Arc::new(NoInterrupt),
+        queues: vec![ActiveQueue {
+            index: 0,
+            queue: q.queue(),
+            event,
+        }],
+        acked_features: b.features(),
+    })
+    .unwrap();
+    let paused = std::time::Instant::now();
+    assert!(
+        b.pause(std::time::Duration::from_secs(2)),
+        "the idle worker parks"
+    );
+    assert!(paused.elapsed() < std::time::Duration::from_secs(2));
+    // The guest queues a read and notifies: nothing completes while paused.
+    hdr(&m, HDR, VIRTIO_BLK_T_IN, 0);
+    q.add_chain(
+        &m,
+        &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)],
+    );
+    notify.write(1).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(q.used_idx(&m), 0, "a request completed while paused");
+    // Resumed, the request completes.
+    b.resume();
+    let resumed = std::time::Instant::now();
+    while q.used_idx(&m) == 0 {
+        assert!(
+            resumed.elapsed().as_secs() < 10,
+            "no completion after resume"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert_eq!(status(&m, STATUS), VIRTIO_BLK_S_OK as u8);
+    // Pausing twice, resuming, and a reset while paused all return.
+    assert!(b.pause(std::time::Duration::from_secs(2)));
+    assert!(b.pause(std::time::Duration::from_secs(2)));
+    let start = std::time::Instant::now();
+    b.reset();
+    assert!(start.elapsed() < std::time::Duration::from_secs(2));
+    assert!(!b.is_active());
+    // A device without a worker pauses at once.
+    assert!(b.pause(std::time::Duration::from_millis(1)));
+    b.resume();
+}

@@ -152,6 +152,16 @@ pub trait VirtioDevice: Send {
     /// Whether the device is currently active.
     fn is_active(&self) -> bool;
 
+    /// Stop taking requests (the VM is paused) and wait, at most `timeout`, until no
+    /// request is in progress. Returns whether that happened in time. Nothing to stop by
+    /// default.
+    fn pause(&mut self, _timeout: std::time::Duration) -> bool {
+        true
+    }
+
+    /// Take requests again after [`VirtioDevice::pause`].
+    fn resume(&mut self) {}
+
     /// PCI class code for the transport (base << 16 | sub << 8 | prog-if).
     fn pci_class(&self) -> u32 {
         match self.device_type() {

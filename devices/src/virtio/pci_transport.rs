@@ -568,6 +568,14 @@ impl PciDevice for VirtioPciDevice {
         VirtioPciDevice::reset(self)
     }
 
+    fn pause(&mut self, timeout: std::time::Duration) -> bool {
+        self.device.pause(timeout)
+    }
+
+    fn resume(&mut self) {
+        self.device.resume()
+    }
+
     fn msix(&self) -> Option<&MsixConfig> {
         Some(self.msix.as_ref())
     }

@@ -131,6 +131,14 @@ impl VirtioDevice for Rng {
     fn is_active(&self) -> bool {
         self.worker.is_active()
     }
+
+    fn pause(&mut self, timeout: std::time::Duration) -> bool {
+        self.worker.pause(timeout)
+    }
+
+    fn resume(&mut self) {
+        self.worker.resume()
+    }
 }
 
 #[cfg(test)]

@@ -19,12 +19,18 @@
 //! after a reset the device must not touch the queues again (virtio 1.2, 2.4.1: "the device
 //! MUST NOT send notifications or interact with the queues after indicating completion of
 //! the reset"), so no status byte or used entry is written for it.
+//!
+//! Pausing (the VM's `vm.pause`) parks the thread at a [`PauseGate`] between requests:
+//! [`Worker::pause`] closes the gate, wakes the thread and waits until it has parked (a
+//! request in progress finishes first), so no queued request completes while the VM is
+//! paused; [`Worker::resume`] opens the gate again.
 
 use std::io;
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use log::{debug, error};
 use virtio_queue::{DescriptorChain, QueueT};
@@ -36,6 +42,72 @@ use super::features::RING_EVENT_IDX;
 use super::{ActivateContext, ActivateError, ActiveQueue, GuestMemoryHandle, VirtioInterrupt};
 
 const KILL_TOKEN: u64 = u64::MAX;
+const PAUSE_TOKEN: u64 = u64::MAX - 1;
+
+#[derive(Debug, Default)]
+struct GateState {
+    closed: bool,
+    parked: bool,
+}
+
+/// Where a worker parks between requests while its device is paused.
+#[derive(Clone, Debug, Default)]
+pub struct PauseGate(Arc<(Mutex<GateState>, Condvar)>);
+
+impl PauseGate {
+    fn state(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.0 .0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the gate is closed (the worker must park).
+    pub fn is_closed(&self) -> bool {
+        self.state().closed
+    }
+
+    fn close(&self) {
+        self.state().closed = true;
+    }
+
+    fn open(&self) {
+        self.state().closed = false;
+        self.0 .1.notify_all();
+    }
+
+    /// Wakes a parked worker so it sees a stop.
+    fn wake(&self) {
+        self.0 .1.notify_all();
+    }
+
+    /// Worker side: park while the gate is closed (and no stop was asked).
+    fn park(&self, stop: &StopSignal) {
+        let mut st = self.state();
+        while st.closed && !stop.is_raised() {
+            st.parked = true;
+            self.0 .1.notify_all();
+            st = self.0 .1.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st.parked = false;
+    }
+
+    /// VMM side: wait until the worker has parked, at most `timeout`.
+    fn wait_parked(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.state();
+        while !st.parked {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            st = self
+                .0
+                 .1
+                .wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+}
 
 /// Raised when the worker must stop; checked between chains and between the slices of a
 /// large request.
@@ -77,6 +149,7 @@ pub struct QueueProcessor<H> {
     interrupt: Arc<dyn VirtioInterrupt>,
     handler: H,
     stop: StopSignal,
+    gate: PauseGate,
 }
 
 impl<H: QueueHandler> QueueProcessor<H> {
@@ -93,7 +166,13 @@ impl<H: QueueHandler> QueueProcessor<H> {
             interrupt: ctx.interrupt,
             handler,
             stop: StopSignal::default(),
+            gate: PauseGate::default(),
         }
+    }
+
+    /// The gate [`process_queue`](Self::process_queue) parks at while paused.
+    pub fn pause_gate(&self) -> &PauseGate {
+        &self.gate
     }
 
     /// The signal that makes [`process_queue`](Self::process_queue) give up early.
@@ -129,6 +208,8 @@ impl<H: QueueHandler> QueueProcessor<H> {
             }
             let mut popped = 0usize;
             loop {
+                // Paused: no request is taken (so none completes) until resumed.
+                self.gate.park(&self.stop);
                 if self.stop.is_raised() {
                     // Stopping for a reset: leave the rest of the queue alone.
                     break 'rounds;
@@ -180,7 +261,9 @@ impl<H: QueueHandler> QueueProcessor<H> {
 /// A running worker thread.
 pub struct Worker {
     kill: EventFd,
+    pause: EventFd,
     stop: StopSignal,
+    gate: PauseGate,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -199,8 +282,11 @@ impl Worker {
         mut processor: QueueProcessor<H>,
     ) -> io::Result<Self> {
         let kill = EventFd::new(EFD_NONBLOCK)?;
+        let pause = EventFd::new(EFD_NONBLOCK)?;
         let stop = processor.stop.clone();
+        let gate = processor.gate.clone();
         let thread_kill = kill.try_clone()?;
+        let thread_pause = pause.try_clone()?;
         let epoll = Epoll::new()?;
         for (i, q) in processor.queues.iter().enumerate() {
             epoll.ctl(
@@ -214,18 +300,44 @@ impl Worker {
             thread_kill.as_raw_fd(),
             EpollEvent::new(EventSet::IN, KILL_TOKEN),
         )?;
+        epoll.ctl(
+            ControlOperation::Add,
+            thread_pause.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, PAUSE_TOKEN),
+        )?;
         let thread = std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
-                // Keep the kill fd alive for as long as it is registered.
+                // Keep the kill and pause fds alive while they are registered.
                 let _kill = thread_kill;
-                run(&epoll, &mut processor);
+                run(&epoll, &mut processor, &thread_pause);
             })?;
         Ok(Worker {
             kill,
+            pause,
             stop,
+            gate,
             thread: Some(thread),
         })
+    }
+
+    /// Parks the thread between requests and waits, at most `timeout`,
+    /// until it has (a request in progress finishes first). Returns whether
+    /// it parked in time; it parks anyway as soon as it can.
+    pub fn pause(&self, timeout: Duration) -> bool {
+        if self.thread.is_none() {
+            return true;
+        }
+        self.gate.close();
+        if let Err(e) = self.pause.write(1) {
+            error!("virtio worker: cannot signal a pause: {e}");
+        }
+        self.gate.wait_parked(timeout)
+    }
+
+    /// Lets a paused thread go on.
+    pub fn resume(&self) {
+        self.gate.open();
     }
 
     /// Whether the thread has not been stopped.
@@ -238,6 +350,7 @@ impl Worker {
     pub fn stop(&mut self) {
         if let Some(t) = self.thread.take() {
             self.stop.raise();
+            self.gate.wake();
             if let Err(e) = self.kill.write(1) {
                 error!("virtio worker: cannot signal exit: {e}");
             }
@@ -287,6 +400,19 @@ impl WorkerSlot {
     pub fn is_active(&self) -> bool {
         self.0.is_some()
     }
+
+    /// Parks the thread between requests (see [`Worker::pause`]); true when
+    /// there is none or it parked within `timeout`.
+    pub fn pause(&self, timeout: Duration) -> bool {
+        self.0.as_ref().is_none_or(|w| w.pause(timeout))
+    }
+
+    /// Lets a paused thread go on.
+    pub fn resume(&self) {
+        if let Some(w) = &self.0 {
+            w.resume();
+        }
+    }
 }
 
 impl Drop for Worker {
@@ -295,7 +421,7 @@ impl Drop for Worker {
     }
 }
 
-fn run<H: QueueHandler>(epoll: &Epoll, processor: &mut QueueProcessor<H>) {
+fn run<H: QueueHandler>(epoll: &Epoll, processor: &mut QueueProcessor<H>, pause: &EventFd) {
     // Requests queued before activation (or before this thread started) have no pending
     // notification of their own.
     for i in 0..processor.num_queues() {
@@ -304,7 +430,7 @@ fn run<H: QueueHandler>(epoll: &Epoll, processor: &mut QueueProcessor<H>) {
         }
         processor.process_queue(i);
     }
-    let mut events = vec![EpollEvent::default(); processor.num_queues() + 1];
+    let mut events = vec![EpollEvent::default(); processor.num_queues() + 2];
     loop {
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
@@ -318,6 +444,11 @@ fn run<H: QueueHandler>(epoll: &Epoll, processor: &mut QueueProcessor<H>) {
             let token = ev.data();
             if token == KILL_TOKEN || processor.stop.is_raised() {
                 return;
+            }
+            if token == PAUSE_TOKEN {
+                let _ = pause.read();
+                processor.gate.park(&processor.stop);
+                continue;
             }
             let i = token as usize;
             if let Some(q) = processor.queues.get(i) {

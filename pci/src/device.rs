@@ -164,6 +164,13 @@ pub trait PciDevice: Send {
     /// its interrupts. Nothing by default.
     fn reset(&mut self) {}
 
+    /// Whether the guest has read this function's identity (vendor and device id) since it
+    /// was placed. A function the guest never enumerated has no driver, so the VMM may
+    /// remove it without the guest's cooperation. `true` (the cautious answer) by default.
+    fn enumerated(&self) -> bool {
+        true
+    }
+
     /// The VM is pausing: stop the back end's work (no request completes while paused)
     /// and wait, at most `timeout`, until it has stopped. Returns whether it did. Nothing
     /// to stop by default.

@@ -101,6 +101,21 @@ fn hotplug_before_the_first_vcpu_and_after_init() {
     }
     let want: Vec<String> = (0..3).map(|i| probed(12 + i)).collect();
     wait_file(&console, &want);
+    // Add and remove at once on every mechanism: whichever comes first, the
+    // guest taking the device or the removal, the removal completes.
+    for (i, (port, path)) in PLACES.iter().enumerate() {
+        let f = s.path(&format!("flash{i}.img"));
+        raw_disk(&f, 20 + i as u64);
+        let port = port.map(|p| if p == "rp0" { "rp2" } else { p });
+        let path = path.map(|_| "0c");
+        handle
+            .add_disk(disk_at(&f, &format!("flash{i}"), port, path))
+            .unwrap_or_else(|e| panic!("flash add {i}: {e:?}"));
+        handle
+            .remove_device(&format!("flash{i}"))
+            .unwrap_or_else(|e| panic!("flash removal {i}: {e:?}"));
+    }
+    assert_eq!(handle.info().expect("info").devices.len(), 6);
     // Pausing quiesces the six active disks' workers too, and resumes them.
     for _ in 0..3 {
         handle.pause().expect("pause with active disks");
@@ -127,6 +142,23 @@ fn hotplug_during_early_boot_and_while_paused() {
         c.vm_add_disk(&disk_at(&f, &format!("early{i}"), *port, *path))
             .unwrap_or_else(|e| panic!("early add {i}: {e}"));
     }
+    // Removed before the guest ever enumerated them: released at once, and
+    // the guest never sees them.
+    for (i, (port, path)) in PLACES.iter().enumerate() {
+        let f = s.path(&format!("gone{i}.img"));
+        raw_disk(&f, 16 + i as u64);
+        let port = port.map(|p| if p == "rp0" { "rp2" } else { p });
+        let path = path.map(|_| "0c");
+        c.vm_add_disk(&disk_at(&f, &format!("gone{i}"), port, path))
+            .unwrap_or_else(|e| panic!("add {i}: {e}"));
+        let t = std::time::Instant::now();
+        c.vm_remove_device(&format!("gone{i}"))
+            .unwrap_or_else(|e| panic!("removal {i} before enumeration: {e}"));
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "removal {i} waited for the guest"
+        );
+    }
     // Paused early in boot, then resumed.
     c.vm_pause().expect("pause");
     for (i, (port, path)) in PLACES.iter().enumerate() {
@@ -144,6 +176,12 @@ fn hotplug_during_early_boot_and_while_paused() {
     }
     g.wait_for("Run /init as init process");
     assert_alive(&g.console(), &g.stderr());
+    for mib in [16u64, 17, 18] {
+        assert!(
+            !g.console().contains(&probed(mib)),
+            "the guest saw a disk removed before it enumerated it ({mib} MiB)"
+        );
+    }
     // Every device is where the API said, and the guest still runs.
     let info = c.vm_info().expect("info");
     assert_eq!(info.devices.len(), 6);

@@ -241,19 +241,32 @@ impl HotplugOwner {
     /// Asks the guest to release device `id`; it is released when the
     /// guest completes (an [`Outcome::Released`] from [`HotplugOwner::process`])
     /// or withdrawn at `timeout`. Returns `true` if the guest had never
-    /// taken the device (a native slot it never powered on), which is then
-    /// released at once.
+    /// taken the device, which is then released at once: `enumerated` is
+    /// false (the guest never read the function's identity, whatever the
+    /// mechanism; the announcement is taken back), or its native slot was
+    /// never powered on. Both orders of add and removal work.
     pub fn request_removal(
         &mut self,
         id: &str,
         mechanism: &SlotMechanism,
         timeout: Duration,
+        enumerated: bool,
     ) -> Result<bool, HotplugError> {
         if *mechanism == SlotMechanism::None {
             return Err(HotplugError::NoHotplug(id.to_string()));
         }
         if self.removing(id) {
             return Err(HotplugError::AlreadyRemoving(id.to_string()));
+        }
+        if !enumerated {
+            match mechanism {
+                SlotMechanism::Acpi { bsel, slot } => {
+                    self.acpi.withdraw_add(*bsel, *slot);
+                }
+                _ => self.signal(mechanism, Signal::RemovalRequested)?,
+            }
+            self.occupants.remove(mechanism);
+            return Ok(true);
         }
         self.signal(mechanism, Signal::RemovalRequested)?;
         if let SlotMechanism::Native { port } = mechanism {

@@ -130,8 +130,8 @@ fn two_removals_on_different_mechanisms_complete_independently() {
     power_on(&r);
     assert!(r.owner.process().is_empty());
 
-    assert!(!r.owner.request_removal("n", &native(), LONG).unwrap());
-    assert!(!r.owner.request_removal("a", &acpi(3), LONG).unwrap());
+    assert!(!r.owner.request_removal("n", &native(), LONG, true).unwrap());
+    assert!(!r.owner.request_removal("a", &acpi(3), LONG, true).unwrap());
     assert!(r.owner.removing("n") && r.owner.removing("a"));
     assert!(r.acpi.removal_pending(1, 3));
 
@@ -156,8 +156,10 @@ fn two_removals_on_different_mechanisms_complete_independently() {
     r.owner.announce("a2", &acpi(4)).unwrap();
     power_on(&r);
     r.owner.process();
-    r.owner.request_removal("a2", &acpi(4), LONG).unwrap();
-    r.owner.request_removal("n2", &native(), LONG).unwrap();
+    r.owner.request_removal("a2", &acpi(4), LONG, true).unwrap();
+    r.owner
+        .request_removal("n2", &native(), LONG, true)
+        .unwrap();
     power_off(&r);
     eject(&r.acpi, 1, 4);
     let mut out = r.owner.process();
@@ -192,12 +194,12 @@ fn removal_of_a_native_card_the_guest_never_powered_is_immediate() {
     let mut r = rig(true);
     r.owner.announce("n", &native()).unwrap();
     // The guest has not powered the slot on (it is still booting).
-    assert!(r.owner.request_removal("n", &native(), LONG).unwrap());
+    assert!(r.owner.request_removal("n", &native(), LONG, true).unwrap());
     assert!(!r.owner.removing("n"));
     // The slot is free for the next device.
     r.owner.announce("m", &native()).unwrap();
     power_on(&r);
-    r.owner.request_removal("m", &native(), LONG).unwrap();
+    r.owner.request_removal("m", &native(), LONG, true).unwrap();
     power_off(&r);
     assert_eq!(
         r.owner.process(),
@@ -213,8 +215,10 @@ fn removals_the_guest_ignores_are_withdrawn_at_their_deadline() {
     power_on(&r);
     r.owner.process();
     let short = Duration::from_millis(1);
-    r.owner.request_removal("n", &native(), short).unwrap();
-    r.owner.request_removal("a", &acpi(5), short).unwrap();
+    r.owner
+        .request_removal("n", &native(), short, true)
+        .unwrap();
+    r.owner.request_removal("a", &acpi(5), short, true).unwrap();
     std::thread::sleep(Duration::from_millis(5));
     let out = r.owner.process();
     assert_eq!(out.len(), 2);
@@ -288,13 +292,16 @@ fn refusals() {
     ));
     assert!(matches!(
         r.owner
-            .request_removal("x", &SlotMechanism::None, LONG)
+            .request_removal("x", &SlotMechanism::None, LONG, true)
             .unwrap_err(),
         HotplugError::NoHotplug(_)
     ));
     r.owner.announce("a", &acpi(3)).unwrap();
-    r.owner.request_removal("a", &acpi(3), LONG).unwrap();
-    let e = r.owner.request_removal("a", &acpi(3), LONG).unwrap_err();
+    r.owner.request_removal("a", &acpi(3), LONG, true).unwrap();
+    let e = r
+        .owner
+        .request_removal("a", &acpi(3), LONG, true)
+        .unwrap_err();
     assert!(matches!(e, HotplugError::AlreadyRemoving(_)));
     assert_eq!(e.api_kind(), api::ApiErrorKind::Conflict);
     let e = r
@@ -318,4 +325,36 @@ fn the_completion_queue_is_bounded() {
     }
     assert_eq!(q.drain().len(), MAX_QUEUED);
     assert!(q.drain().is_empty());
+}
+
+#[test]
+fn a_device_the_guest_never_enumerated_is_released_at_once_on_every_mechanism() {
+    let mut r = rig(false);
+    // ACPI: announced while the GED holds events; the guest never looked.
+    r.owner.announce("a", &acpi(6)).unwrap();
+    assert!(r.owner.request_removal("a", &acpi(6), LONG, false).unwrap());
+    assert!(!r.owner.removing("a"));
+    // The announcement is taken back: once the guest is ready it reads no
+    // new device in that slot, and no removal request either.
+    r.ready.store(true, Ordering::SeqCst);
+    r.owner.process();
+    assert!(!r.acpi.removal_pending(1, 6));
+    r.acpi.mmio_write(MmioAddress(0), 0xc, &1u32.to_le_bytes());
+    let mut pciu = [0u8; 4];
+    r.acpi.mmio_read(MmioAddress(0), 0x0, &mut pciu);
+    assert_eq!(u32::from_le_bytes(pciu) & (1 << 6), 0);
+    // Native, even with the slot powered (the guest powers on before it
+    // reads the device's identity): the card is reported gone at once.
+    r.owner.announce("n", &native()).unwrap();
+    power_on(&r);
+    r.owner.process();
+    assert!(r
+        .owner
+        .request_removal("n", &native(), LONG, false)
+        .unwrap());
+    assert!(!r.port.lock().unwrap().presence());
+    // Both slots take new devices.
+    r.owner.announce("a2", &acpi(6)).unwrap();
+    r.owner.announce("n2", &native()).unwrap();
+    assert!(r.port.lock().unwrap().presence());
 }

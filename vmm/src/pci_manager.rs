@@ -633,6 +633,18 @@ impl PciManager {
         Ok(())
     }
 
+    /// Whether the guest has enumerated the function at `path` (see
+    /// [`pci::PciDevice::enumerated`]); `true` when unsure.
+    pub fn enumerated(&self, path: &PciPath) -> bool {
+        let placed = self.placed.lock().unwrap_or_else(|e| e.into_inner());
+        placed.get(path).is_none_or(|p| {
+            p.device
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .enumerated()
+        })
+    }
+
     /// Pauses every placed function's back end (see [`pci::PciDevice::pause`]),
     /// waiting at most `timeout` for each; returns the paths of those that
     /// did not stop in time.

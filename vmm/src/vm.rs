@@ -625,10 +625,19 @@ impl VmCore {
             )));
         }
         let (mechanism, path) = (rec.mechanism.clone(), rec.path.clone());
-        let released = self
-            .hotplug
-            .request_removal(id, &mechanism, self.config.remove_timeout)?;
-        log::info!("asked the guest to release {id} at {path}");
+        let enumerated = self
+            .devices
+            .pci
+            .as_ref()
+            .is_none_or(|pci| pci.enumerated(&path));
+        let released =
+            self.hotplug
+                .request_removal(id, &mechanism, self.config.remove_timeout, enumerated)?;
+        if released {
+            log::info!("{id} at {path} was never taken by the guest: released at once");
+        } else {
+            log::info!("asked the guest to release {id} at {path}");
+        }
         Ok(!released)
     }
 

@@ -69,6 +69,21 @@ impl PciHotplugController {
         }
     }
 
+    /// Take back an announcement the guest has not read yet (the device left
+    /// before the guest looked). Returns whether it was still pending.
+    pub fn withdraw_add(&self, sel: u32, slot: u8) -> bool {
+        if slot >= 32 {
+            return false;
+        }
+        let mut s = self.state();
+        let Some(up) = s.up.get_mut(&sel) else {
+            return false;
+        };
+        let pending = *up & (1 << slot) != 0;
+        *up &= !(1 << slot);
+        pending
+    }
+
     /// Ask the guest to release the device in `slot` of `sel`.
     pub fn request_removal(&self, sel: u32, slot: u8) {
         if slot < 32 {

@@ -142,6 +142,8 @@ pub struct VirtioPciDevice {
     mem: GuestMemoryHandle,
     pci_cfg_cap: usize,
     intx: Option<Arc<dyn IntxInterrupt>>,
+    /// The guest read the identity register (it enumerated the function).
+    enumerated: bool,
 }
 
 impl std::fmt::Debug for VirtioPciDevice {
@@ -264,6 +266,7 @@ impl VirtioPciDevice {
             mem,
             pci_cfg_cap,
             intx: None,
+            enumerated: false,
         })
     }
 
@@ -504,6 +507,9 @@ impl Drop for VirtioPciDevice {
 
 impl PciDevice for VirtioPciDevice {
     fn read_config_register(&mut self, reg_idx: usize) -> u32 {
+        if reg_idx == 0 {
+            self.enumerated = true;
+        }
         if reg_idx == self.pci_cfg_data_reg() {
             if let Some((offset, len)) = self.pci_cfg_target() {
                 let mut b = [0u8; 4];
@@ -570,6 +576,10 @@ impl PciDevice for VirtioPciDevice {
 
     fn pause(&mut self, timeout: std::time::Duration) -> bool {
         self.device.pause(timeout)
+    }
+
+    fn enumerated(&self) -> bool {
+        self.enumerated
     }
 
     fn resume(&mut self) {

@@ -5,10 +5,11 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # The guest kit's own list (kernel build), plus the tools tests use:
 # e2fsprogs (mke2fs -d for ext4 images), fdisk (sfdisk for partition
-# tables), curl (API examples).
+# tables), curl (API examples), qemu-utils (qemu-io, for the image locking
+# test's check that Arbor and QEMU exclude each other).
 "$REPO/resources/guest-kit/install-deps.sh"
 extra=()
-for pkg in e2fsprogs fdisk curl; do
+for pkg in e2fsprogs fdisk curl qemu-utils; do
 	status=$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)
 	[[ $status == "install ok installed" ]] || extra+=("$pkg")
 done

@@ -261,7 +261,7 @@ pub struct ErrorBody {
 // ---------------------------------------------------------------------------
 
 /// Body of `PUT /api/v1/vm.add-disk` (and the `--disk` option).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
     /// Host path of the backing regular file or block device: not empty, a
@@ -272,6 +272,12 @@ pub struct DiskConfig {
     /// Open read-only and advertise `VIRTIO_BLK_F_RO`.
     #[serde(default)]
     pub readonly: bool,
+    /// Lock the image as QEMU does (OFD byte-range locks at its lock
+    /// bytes), so a writer excludes every other user, in this VM, another
+    /// Arbor or a QEMU, while readers share; `false` (`lock=off`) neither
+    /// locks nor checks.
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub lock: bool,
     /// Device id; generated when absent.
     #[serde(default)]
     pub id: Option<String>,
@@ -284,6 +290,28 @@ pub struct DiskConfig {
     /// Exact placement.
     #[serde(default)]
     pub pci_path: Option<String>,
+}
+
+impl Default for DiskConfig {
+    fn default() -> Self {
+        DiskConfig {
+            path: String::new(),
+            readonly: false,
+            lock: true,
+            id: None,
+            serial: None,
+            port: None,
+            pci_path: None,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 /// Body of `PUT /api/v1/vm.add-rng`; every field is optional, and an empty
@@ -397,8 +425,9 @@ fn validate_file_path(field: &str, path: &str) -> Result<(), ApiError> {
 
 impl DiskConfig {
     /// Keys accepted by [`DiskConfig::from_kv`].
-    pub const KV_KEYS: &'static [&'static str] =
-        &["path", "readonly", "id", "serial", "port", "pci_path"];
+    pub const KV_KEYS: &'static [&'static str] = &[
+        "path", "readonly", "id", "serial", "port", "pci_path", "lock",
+    ];
 
     /// Checks what can be checked without the VM.
     pub fn validate(&self) -> Result<(), ApiError> {
@@ -426,12 +455,14 @@ impl DiskConfig {
     }
 
     /// Builds a disk configuration from `path=..,readonly=on|off,id=..,
-    /// serial=..,port=..,pci_path=..`; a bare first item is the path.
+    /// serial=..,port=..,pci_path=..,lock=on|off`; a bare first item is the
+    /// path.
     pub fn from_kv(input: &str) -> Result<Self, KvError> {
         let o = kv::parse_with_positional(input, Self::KV_KEYS, "path")?;
         Ok(DiskConfig {
             path: o.required("path")?.to_string(),
             readonly: o.bool("readonly")?.unwrap_or(false),
+            lock: o.bool("lock")?.unwrap_or(true),
             id: o.string("id"),
             serial: o.string("serial"),
             port: o.string("port"),
@@ -538,9 +569,13 @@ mod tests {
         assert_eq!(d.serial.as_deref(), Some("SN"));
         assert_eq!(d.port.as_deref(), Some("rp1"));
         assert_eq!(d.pci_path, None);
+        assert!(d.lock);
         let d = DiskConfig::from_kv("/y.raw").unwrap();
         assert_eq!(d.path, "/y.raw");
         assert!(!d.readonly);
+        assert!(d.lock);
+        assert!(!DiskConfig::from_kv("/y.raw,lock=off").unwrap().lock);
+        assert!(DiskConfig::from_kv("/y.raw,lock=on").unwrap().lock);
         assert_eq!(
             DiskConfig::from_kv("readonly=on").unwrap_err(),
             KvError::MissingKey { key: "path".into() }

@@ -142,6 +142,7 @@ fn schemas_match_the_wire_types() {
         &DiskConfig {
             path: "/a".into(),
             readonly: true,
+            lock: false,
             id: s(),
             serial: s(),
             port: s(),

@@ -358,6 +358,7 @@ pub fn disk_at(
     api::types::DiskConfig {
         path: path.display().to_string(),
         readonly: false,
+        lock: true,
         id: Some(id.into()),
         serial: None,
         port: port.map(String::from),

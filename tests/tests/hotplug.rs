@@ -18,6 +18,7 @@ fn disk(path: &std::path::Path, id: Option<&str>) -> DiskConfig {
     DiskConfig {
         path: path.display().to_string(),
         readonly: false,
+        lock: true,
         id: id.map(String::from),
         serial: None,
         port: None,

@@ -252,8 +252,11 @@ impl VmConfig {
         }
         let topology = self.topology()?;
         let mut ids: Vec<&str> = Vec::new();
+        // The checked disks stay open (and locked) until every one is
+        // checked, so the same image given twice read-write is refused here.
+        let mut _opened = Vec::new();
         for d in &self.disks {
-            check_disk(&d.path, d.readonly)?;
+            _opened.push(check_disk(&d.path, d.readonly, d.lock)?);
         }
         let given = self
             .disks
@@ -314,16 +317,22 @@ impl VmConfig {
 }
 
 /// Opens the disk the way the device will (without blocking, refusing
-/// what cannot be a disk), so a bad `--disk` is a configuration error. A
-/// relative path is taken from the VMM's working directory.
-fn check_disk(path: &str, read_only: bool) -> Result<(), ConfigError> {
+/// what cannot be a disk, and taking its image locks unless `lock` is
+/// off), so a bad `--disk` or an image in use is a configuration error. A
+/// relative path is taken from the VMM's working directory. The open file
+/// holds the locks until it is dropped.
+fn check_disk(path: &str, read_only: bool, lock: bool) -> Result<std::fs::File, ConfigError> {
+    use devices::virtio::block::{lock_disk, open_disk};
     if path.is_empty() {
         return err("a disk needs a path");
     }
-    match devices::virtio::block::open_disk(std::path::Path::new(path), read_only) {
-        Ok(_) => Ok(()),
-        Err(e) => err(format!("cannot use disk '{path}': {e}")),
-    }
+    let opened = open_disk(std::path::Path::new(path), read_only).and_then(|f| {
+        if lock {
+            lock_disk(&f, read_only)?;
+        }
+        Ok(f)
+    });
+    opened.map_err(|e| ConfigError(format!("cannot use disk '{path}': {e}")))
 }
 
 fn check_file(what: &str, path: &std::path::Path) -> Result<(), ConfigError> {
@@ -411,7 +420,8 @@ usage: arbor --kernel PATH [options]
   --memory SIZE        guest memory, e.g. 512M or 2G (default 512M)
   --serial WHERE       stdout (default), off, or file=PATH[,max=SIZE] (default max 16M)
   --disk OPTIONS       virtio-blk disk: path=FILE[,readonly=on][,serial=S][,id=ID]
-                       [,port=ID][,pci_path=PATH]; repeatable
+                       [,port=ID][,pci_path=PATH][,lock=off]; repeatable. The
+                       image is locked as QEMU locks it (lock=off: not at all)
   --rng [OPTIONS]      virtio-rng device: [id=ID][,port=ID][,pci_path=PATH]; repeatable
   --pci-port OPTIONS   id=ID,type=root-port|switch|pci-bridge[,parent=ID]
                        [,hotplug=native|acpi|none][,downstream=N][,slot=N]

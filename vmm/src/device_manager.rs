@@ -83,6 +83,12 @@ pub enum DeviceError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot use disk '{path}': {source}")]
+    DiskInUse {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(
         "disk path '{0}' is relative: give an absolute path (the VMM's working \
          directory is not the client's)"
@@ -102,7 +108,9 @@ impl DeviceError {
     pub fn api_kind(&self) -> ApiErrorKind {
         use ApiErrorKind as K;
         match self {
-            DeviceError::DuplicateId(_) | DeviceError::NotRemovable(_) => K::Conflict,
+            DeviceError::DuplicateId(_)
+            | DeviceError::NotRemovable(_)
+            | DeviceError::DiskInUse { .. } => K::Conflict,
             DeviceError::NoSuchDevice(_) => K::NotFound,
             DeviceError::Disk { .. } | DeviceError::RelativeDiskPath(_) => K::BadRequest,
             DeviceError::Placement(p) => match p {
@@ -514,6 +522,7 @@ impl DeviceManager {
         }
         let mut bc = BlockConfig::new(&cfg.path);
         bc.read_only = cfg.readonly;
+        bc.lock = cfg.lock;
         bc.serial = cfg.serial.clone().unwrap_or_default();
         self.place(
             NewDevice {
@@ -527,9 +536,13 @@ impl DeviceManager {
             },
             plan,
             || {
-                let block = Block::new(&bc).map_err(|source| DeviceError::Disk {
-                    path: cfg.path.clone(),
-                    source,
+                let block = Block::new(&bc).map_err(|source| {
+                    let path = cfg.path.clone();
+                    if source.kind() == std::io::ErrorKind::ResourceBusy {
+                        DeviceError::DiskInUse { path, source }
+                    } else {
+                        DeviceError::Disk { path, source }
+                    }
                 })?;
                 Ok(Box::new(block) as Box<dyn VirtioDevice>)
             },

@@ -30,7 +30,7 @@ Usage: arbor-remote --api-socket PATH <command> [key=value,...]
 Commands:
   ping                       check the VMM answers; prints its version
   info                       print the VM's state, devices and PCI topology
-  add-disk path=FILE[,readonly=on|off][,id=ID][,serial=SERIAL][,port=PORT][,pci_path=PATH]
+  add-disk path=FILE[,readonly=on|off][,id=ID][,serial=SERIAL][,port=PORT][,pci_path=PATH][,lock=on|off]
                              hot-plug a virtio-blk disk (a bare first value is the path;
                              a relative path is made absolute from this directory)
   add-rng [id=ID][,port=PORT][,pci_path=PATH]

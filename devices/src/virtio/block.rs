@@ -74,6 +74,9 @@ pub struct BlockConfig {
     pub queue_size: u16,
     /// Offer DISCARD (ignored for read-only disks).
     pub discard: bool,
+    /// Take QEMU-compatible image locks ([`lock_disk`]); `false` is
+    /// `lock=off`.
+    pub lock: bool,
 }
 
 impl BlockConfig {
@@ -85,6 +88,7 @@ impl BlockConfig {
             serial: String::new(),
             queue_size: BLOCK_QUEUE_SIZE,
             discard: true,
+            lock: true,
         }
     }
 }
@@ -180,10 +184,149 @@ pub fn open_disk(path: &Path, read_only: bool) -> io::Result<File> {
     Ok(file)
 }
 
+// Image locking, compatible with QEMU's `file` driver (block/file-posix.c).
+//
+// QEMU describes what a user of an image does with permission bits and
+// publishes them as one-byte OFD read (shared) locks on the image itself:
+// a user holding permission bit `i` locks byte `LOCK_PERM_BASE + i`, and a
+// user that does not let others have it locks byte `LOCK_SHARED_BASE + i`.
+// Before using a permission, a user tests (`F_OFD_GETLK` with a write lock,
+// which conflicts with anyone's read lock) that nobody forbids it; before
+// forbidding one, that nobody holds it. Locks are taken first and tested
+// second, so two users racing both see each other. OFD locks belong to the
+// open file description: the lock lives exactly as long as the `File`, and
+// two opens in one process exclude each other like two processes do.
+const LOCK_PERM_BASE: i64 = 100;
+const LOCK_SHARED_BASE: i64 = 200;
+/// QEMU's `BLK_PERM_*` bits, by bit index (resize is bit 3), with the names
+/// its messages use.
+const PERM_CONSISTENT_READ: u32 = 0;
+const PERM_WRITE: u32 = 1;
+const PERM_WRITE_UNCHANGED: u32 = 2;
+const PERM_NAMES: [&str; 4] = ["consistent read", "write", "write unchanged", "resize"];
+
+/// The permissions an Arbor disk holds and those it lets others hold, as
+/// QEMU's bit masks. Like a QEMU guest device without `share-rw=on`, both
+/// a read-write and a read-only disk need a consistent view, so neither
+/// lets others write or resize; only a read-write disk holds `write`. So
+/// read-only users share, and a writer excludes every other user (and any
+/// user excludes a writer), reader or writer, in either order.
+fn disk_perms(read_only: bool) -> (u32, u32) {
+    let mut held = 1 << PERM_CONSISTENT_READ;
+    if !read_only {
+        held |= 1 << PERM_WRITE;
+    }
+    let shared = (1 << PERM_CONSISTENT_READ) | (1 << PERM_WRITE_UNCHANGED);
+    (held, shared)
+}
+
+fn ofd_lock(file: &File, cmd: libc::c_int, kind: libc::c_int, byte: i64) -> io::Result<i32> {
+    // SAFETY: an all-zero `flock` is valid (OFD locks require l_pid == 0).
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = byte;
+    fl.l_len = 1;
+    // SAFETY: F_OFD_SETLK/F_OFD_GETLK on a descriptor `file` owns, with a
+    // pointer to a live, initialized `flock` the call may update.
+    if unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut fl) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(i32::from(fl.l_type))
+}
+
+fn in_use(msg: String) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ResourceBusy,
+        format!(
+            "{msg}: the image is in use (by another disk of this VM, another Arbor or a \
+             QEMU); lock=off skips this check"
+        ),
+    )
+}
+
+/// Locks an open image the way QEMU does (see above) for a read-write or
+/// read-only disk, and refuses with `ErrorKind::ResourceBusy` an image
+/// another user holds in a conflicting way. The locks go with `file`.
+pub fn lock_disk(file: &File, read_only: bool) -> io::Result<()> {
+    let (held, shared) = disk_perms(read_only);
+    let lock_err = |e: io::Error| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot lock the image ({e}); lock=off skips locking"),
+        )
+    };
+    for bit in 0..PERM_NAMES.len() as u32 {
+        if held & (1 << bit) != 0 {
+            ofd_lock(
+                file,
+                libc::F_OFD_SETLK,
+                libc::F_RDLCK,
+                LOCK_PERM_BASE + i64::from(bit),
+            )
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::EAGAIN) | Some(libc::EACCES) => in_use(format!(
+                    "cannot take the \"{}\" lock",
+                    PERM_NAMES[bit as usize]
+                )),
+                _ => lock_err(e),
+            })?;
+        }
+        if shared & (1 << bit) == 0 {
+            ofd_lock(
+                file,
+                libc::F_OFD_SETLK,
+                libc::F_RDLCK,
+                LOCK_SHARED_BASE + i64::from(bit),
+            )
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::EAGAIN) | Some(libc::EACCES) => in_use(format!(
+                    "cannot take the shared \"{}\" lock",
+                    PERM_NAMES[bit as usize]
+                )),
+                _ => lock_err(e),
+            })?;
+        }
+    }
+    for bit in 0..PERM_NAMES.len() as u32 {
+        let name = PERM_NAMES[bit as usize];
+        if held & (1 << bit) != 0 {
+            let t = ofd_lock(
+                file,
+                libc::F_OFD_GETLK,
+                libc::F_WRLCK,
+                LOCK_SHARED_BASE + i64::from(bit),
+            )
+            .map_err(lock_err)?;
+            if t != libc::F_UNLCK {
+                return Err(in_use(format!("cannot get the \"{name}\" lock")));
+            }
+        }
+        if shared & (1 << bit) == 0 {
+            let t = ofd_lock(
+                file,
+                libc::F_OFD_GETLK,
+                libc::F_WRLCK,
+                LOCK_PERM_BASE + i64::from(bit),
+            )
+            .map_err(lock_err)?;
+            if t != libc::F_UNLCK {
+                return Err(in_use(format!("cannot get the shared \"{name}\" lock")));
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Block {
-    /// Open `cfg.path` with [`open_disk`] and build the device.
+    /// Open `cfg.path` with [`open_disk`], lock it with [`lock_disk`]
+    /// unless `cfg.lock` is off, and build the device. The locks live as
+    /// long as the device's file.
     pub fn new(cfg: &BlockConfig) -> io::Result<Self> {
         let file = open_disk(&cfg.path, cfg.read_only)?;
+        if cfg.lock {
+            lock_disk(&file, cfg.read_only)?;
+        }
         Self::from_file(file, cfg)
     }
 

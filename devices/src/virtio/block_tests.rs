@@ -749,3 +749,90 @@ fn no_request_completes_while_paused() {
     assert!(b.pause(std::time::Duration::from_millis(1)));
     b.resume();
 }
+
+fn image() -> TempFile {
+    let t = TempFile::new().unwrap();
+    t.as_file().write_all(&[0u8; 4096]).unwrap();
+    t
+}
+
+fn cfg(t: &TempFile, read_only: bool, lock: bool) -> BlockConfig {
+    let mut c = BlockConfig::new(t.as_path());
+    c.read_only = read_only;
+    c.lock = lock;
+    c
+}
+
+#[test]
+fn second_writer_is_refused_and_freed_on_drop() {
+    let t = image();
+    let first = Block::new(&cfg(&t, false, true)).unwrap();
+    let e = Block::new(&cfg(&t, false, true)).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::ResourceBusy, "{e}");
+    assert!(e.to_string().contains("in use"), "{e}");
+    assert!(e.to_string().contains("lock=off"), "{e}");
+    drop(first);
+    // The locks went with the first file: the image is free again.
+    Block::new(&cfg(&t, false, true)).unwrap();
+}
+
+#[test]
+fn readers_share() {
+    let t = image();
+    let a = Block::new(&cfg(&t, true, true)).unwrap();
+    let b = Block::new(&cfg(&t, true, true)).unwrap();
+    drop((a, b));
+}
+
+#[test]
+fn reader_and_writer_exclude_each_other_in_either_order() {
+    // As with QEMU's defaults, a reader needs a consistent view and so
+    // forbids writers: a writer then a reader, or a reader then a writer,
+    // is refused.
+    let t = image();
+    let w = Block::new(&cfg(&t, false, true)).unwrap();
+    let e = Block::new(&cfg(&t, true, true)).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::ResourceBusy, "{e}");
+    drop(w);
+    let r = Block::new(&cfg(&t, true, true)).unwrap();
+    let e = Block::new(&cfg(&t, false, true)).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::ResourceBusy, "{e}");
+    drop(r);
+}
+
+#[test]
+fn lock_off_bypasses_and_takes_no_locks() {
+    let t = image();
+    let _w = Block::new(&cfg(&t, false, true)).unwrap();
+    // lock=off neither checks nor locks...
+    let unlocked = Block::new(&cfg(&t, false, false)).unwrap();
+    drop(_w);
+    // ...so once the locked writer is gone, a locked writer gets in while
+    // the unlocked one is still open.
+    Block::new(&cfg(&t, false, true)).unwrap();
+    drop(unlocked);
+}
+
+#[test]
+fn lock_bytes_are_qemus() {
+    // A writer holds "consistent read" and "write" (bytes 100, 101) and
+    // forbids "write" and "resize" (bytes 201, 203); a reader the same
+    // without byte 101. Another description tests them.
+    let t = image();
+    let probe = std::fs::File::open(t.as_path()).unwrap();
+    let locked = |byte: i64| {
+        ofd_lock(&probe, libc::F_OFD_GETLK, libc::F_WRLCK, byte).unwrap() != libc::F_UNLCK
+    };
+    let all = [100, 101, 102, 103, 200, 201, 202, 203];
+    for (ro, want) in [
+        (false, vec![100, 101, 201, 203]),
+        (true, vec![100, 201, 203]),
+    ] {
+        let f = open_disk(t.as_path(), ro).unwrap();
+        lock_disk(&f, ro).unwrap();
+        let got: Vec<i64> = all.iter().copied().filter(|&b| locked(b)).collect();
+        assert_eq!(got, want, "read_only={ro}");
+        drop(f);
+        assert!(all.iter().all(|&b| !locked(b)));
+    }
+}

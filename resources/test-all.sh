@@ -2,10 +2,11 @@
 # The whole test suite, from a fresh Debian machine: installs what is
 # missing, builds the guest kit (kernel cached outside the checkout), builds
 # the workspace, checks formatting and lints, and runs every test, booting
-# real guests at most two at a time.
+# real guests at most two at a time, then runs each fuzz target briefly.
 #
 # Environment: ARBOR_TEST_TIMEOUT (seconds per wait on a guest log line,
-# default 180), ARBOR_CACHE_DIR (kernel cache, default ~/.cache/arbor).
+# default 180), ARBOR_CACHE_DIR (kernel cache, default ~/.cache/arbor),
+# ARBOR_FUZZ (0: no fuzzing), ARBOR_FUZZ_SECONDS (per target, default 15).
 set -euo pipefail
 
 # shellcheck source=resources/lib.sh
@@ -19,6 +20,14 @@ log "format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+# Each fuzz target briefly (nightly toolchain; one build of all targets,
+# then ARBOR_FUZZ_SECONDS per target). ARBOR_FUZZ=0 skips it.
+if [[ ${ARBOR_FUZZ:-1} != 0 ]]; then
+	log "fuzz"
+	"$REPO/resources/fuzz.sh" "${ARBOR_FUZZ_SECONDS:-15}"
+fi
+
+# The cargo tests last, so their summary closes the output.
 log "tests"
 # Guest-booting tests keep a core busy each: two at a time.
 RUST_TEST_THREADS=${RUST_TEST_THREADS:-2} cargo test --workspace --locked

@@ -392,7 +392,10 @@ impl Block {
         self.disk_bytes / SECTOR_SIZE
     }
 
-    fn handler(&self) -> BlockHandler {
+    /// The request handler a worker would run for this disk; exposed so
+    /// that tests and fuzz targets can drive a `QueueProcessor` directly,
+    /// without a worker thread.
+    pub fn handler(&self) -> BlockHandler {
         BlockHandler {
             disk: self.disk.clone(),
             disk_bytes: self.disk_bytes,
@@ -427,7 +430,7 @@ impl From<io::Error> for Cut {
 }
 
 /// Request execution on the worker thread.
-struct BlockHandler {
+pub struct BlockHandler {
     disk: Arc<File>,
     disk_bytes: u64,
     read_only: bool,

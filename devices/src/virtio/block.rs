@@ -256,63 +256,41 @@ pub fn lock_disk(file: &File, read_only: bool) -> io::Result<()> {
             format!("cannot lock the image ({e}); lock=off skips locking"),
         )
     };
-    for bit in 0..PERM_NAMES.len() as u32 {
-        if held & (1 << bit) != 0 {
-            ofd_lock(
-                file,
-                libc::F_OFD_SETLK,
-                libc::F_RDLCK,
+    // Every lock this disk takes: (byte, the byte a conflicting user
+    // locks, what to call it). Its permissions at 100+bit; what it refuses
+    // others at 200+bit. All are taken first, then tested, so two users
+    // racing to open the image both see each other.
+    let locks: Vec<(i64, i64, String)> = (0..PERM_NAMES.len() as u32)
+        .flat_map(|bit| {
+            let name = PERM_NAMES[bit as usize];
+            let (perm, refuse) = (
                 LOCK_PERM_BASE + i64::from(bit),
-            )
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::EAGAIN) | Some(libc::EACCES) => in_use(format!(
-                    "cannot take the \"{}\" lock",
-                    PERM_NAMES[bit as usize]
-                )),
-                _ => lock_err(e),
-            })?;
-        }
-        if shared & (1 << bit) == 0 {
-            ofd_lock(
-                file,
-                libc::F_OFD_SETLK,
-                libc::F_RDLCK,
                 LOCK_SHARED_BASE + i64::from(bit),
-            )
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::EAGAIN) | Some(libc::EACCES) => in_use(format!(
-                    "cannot take the shared \"{}\" lock",
-                    PERM_NAMES[bit as usize]
-                )),
+            );
+            let mut v = Vec::new();
+            if held & (1 << bit) != 0 {
+                v.push((perm, refuse, format!("\"{name}\" lock")));
+            }
+            if shared & (1 << bit) == 0 {
+                v.push((refuse, perm, format!("shared \"{name}\" lock")));
+            }
+            v
+        })
+        .collect();
+    for (byte, _, what) in &locks {
+        ofd_lock(file, libc::F_OFD_SETLK, libc::F_RDLCK, *byte).map_err(|e| {
+            match e.raw_os_error() {
+                Some(libc::EAGAIN) | Some(libc::EACCES) => {
+                    in_use(format!("cannot take the {what}"))
+                }
                 _ => lock_err(e),
-            })?;
-        }
+            }
+        })?;
     }
-    for bit in 0..PERM_NAMES.len() as u32 {
-        let name = PERM_NAMES[bit as usize];
-        if held & (1 << bit) != 0 {
-            let t = ofd_lock(
-                file,
-                libc::F_OFD_GETLK,
-                libc::F_WRLCK,
-                LOCK_SHARED_BASE + i64::from(bit),
-            )
-            .map_err(lock_err)?;
-            if t != libc::F_UNLCK {
-                return Err(in_use(format!("cannot get the \"{name}\" lock")));
-            }
-        }
-        if shared & (1 << bit) == 0 {
-            let t = ofd_lock(
-                file,
-                libc::F_OFD_GETLK,
-                libc::F_WRLCK,
-                LOCK_PERM_BASE + i64::from(bit),
-            )
-            .map_err(lock_err)?;
-            if t != libc::F_UNLCK {
-                return Err(in_use(format!("cannot get the shared \"{name}\" lock")));
-            }
+    for (_, conflict, what) in &locks {
+        let t = ofd_lock(file, libc::F_OFD_GETLK, libc::F_WRLCK, *conflict).map_err(lock_err)?;
+        if t != libc::F_UNLCK {
+            return Err(in_use(format!("cannot get the {what}")));
         }
     }
     Ok(())

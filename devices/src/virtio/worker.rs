@@ -59,11 +59,6 @@ impl PauseGate {
         self.0 .0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether the gate is closed (the worker must park).
-    pub fn is_closed(&self) -> bool {
-        self.state().closed
-    }
-
     fn close(&self) {
         self.state().closed = true;
     }

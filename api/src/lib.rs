@@ -30,7 +30,10 @@ pub use message::{
     ApiError, ApiErrorKind, ApiMessage, ApiReply, ApiRequest, ApiResponse, ReplyReceiver,
     ReplySender,
 };
-pub use server::{start_server, ApiServerHandle, Endpoint, Route, ServerError, API_PREFIX, ROUTES};
+pub use server::{
+    set_thread_hook, start_server, ApiServerHandle, Endpoint, Route, ServerError, API_PREFIX,
+    ROUTES,
+};
 pub use socket::SocketError;
 
 /// The OpenAPI 3 description of the API (the contents of `openapi.json`).

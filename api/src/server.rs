@@ -738,6 +738,9 @@ pub fn start_server(
         .spawn(move || {
             // Dropped last: the socket disappears once nothing listens on it.
             let _socket_file = socket_file;
+            if let Some(hook) = THREAD_HOOK.get() {
+                hook();
+            }
             runtime.block_on(serve(listener, ctx, stop_rx));
             drop(runtime);
         })
@@ -748,6 +751,16 @@ pub fn start_server(
         stop: Some(stop_tx),
         thread: Some(thread),
     })
+}
+
+/// A function the API thread runs first, once its runtime is built (the
+/// VMM installs its seccomp filter there). Process-wide; none by default.
+static THREAD_HOOK: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Sets the hook run first by API threads started from now on. Only the
+/// first call has an effect.
+pub fn set_thread_hook(hook: fn()) {
+    let _ = THREAD_HOOK.set(hook);
 }
 
 #[cfg(test)]

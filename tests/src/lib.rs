@@ -144,7 +144,13 @@ fn collect(
 impl Guest {
     /// Starts `arbor` with `args`; `name` tags its echoed console lines.
     pub fn start(name: &str, args: &[String]) -> Guest {
+        Guest::start_env(name, args, &[])
+    }
+
+    /// Starts `arbor` with `args` and extra environment variables.
+    pub fn start_env(name: &str, args: &[String], env: &[(&str, &str)]) -> Guest {
         let mut cmd = Command::new(arbor_bin());
+        cmd.envs(env.iter().copied());
         if std::env::var_os("ARBOR_LOG").is_none() {
             cmd.env("ARBOR_LOG", "info");
         }

@@ -143,6 +143,11 @@ pub struct VmConfig {
     pub ports: Vec<PortSpec>,
     /// Where automatically placed hot-plugged devices go first.
     pub placement_order: Vec<PlaceKind>,
+    /// Seccomp filters for Arbor's threads (process-wide; see
+    /// `vmm::seccomp`). `VmConfig::default()` says `Off`, because an
+    /// embedder's own threads are not covered and its process may need
+    /// calls the lists do not allow; the `arbor` binary defaults to `On`.
+    pub seccomp: crate::seccomp::SeccompMode,
 }
 
 impl Default for VmConfig {
@@ -161,6 +166,7 @@ impl Default for VmConfig {
             rngs: Vec::new(),
             ports: Vec::new(),
             placement_order: PlaceKind::DEFAULT_ORDER.to_vec(),
+            seccomp: crate::seccomp::SeccompMode::Off,
         }
     }
 }
@@ -432,6 +438,8 @@ usage: arbor --kernel PATH [options]
   --api-socket PATH    serve the HTTP API on this UNIX socket
   --shutdown-grace S   seconds vm.shutdown waits after the power button (5)
   --remove-timeout S   seconds vm.remove-device waits for the guest (10)
+  --seccomp MODE       on (default): a system call outside a thread's allow
+                       list kills arbor (SIGSYS); log: only logged; off
   --help, --version
 
 exit status: 0 guest powered off, 3 guest rebooted (or reset, e.g. a panic
@@ -444,7 +452,10 @@ where
     I: IntoIterator<Item = S>,
     S: Into<String>,
 {
-    let mut cfg = VmConfig::default();
+    let mut cfg = VmConfig {
+        seccomp: crate::seccomp::SeccompMode::On,
+        ..VmConfig::default()
+    };
     let mut kernel = None;
     let mut it = args.into_iter().map(Into::into).peekable();
     let mut seen: Vec<String> = Vec::new();
@@ -475,6 +486,7 @@ where
             "--remove-timeout",
             "--pci-port",
             "--hotplug-order",
+            "--seccomp",
         ];
         if !known.contains(&flag.as_str()) {
             return err(format!("unknown option '{flag}' (see --help)"));
@@ -526,6 +538,11 @@ where
             "--pci-port" => cfg.ports.push(parse_port(&value)?),
             "--hotplug-order" => cfg.placement_order = parse_order(&value)?,
             "--serial" => cfg.serial = parse_serial(&value)?,
+            "--seccomp" => {
+                cfg.seccomp = value
+                    .parse()
+                    .map_err(|e| ConfigError(format!("--seccomp: {e}")))?
+            }
             _ => unreachable!("flag checked against the known list"),
         }
     }

@@ -280,6 +280,7 @@ impl IntxManager {
         use std::sync::atomic::Ordering;
         use vmm_sys_util::epoll::EpollEvent;
         let mut events = vec![EpollEvent::default(); 16];
+        crate::seccomp::install(crate::seccomp::ThreadKind::Intx);
         loop {
             // No timeout: a resample fd or the control fd wakes us.
             let n = match shared.epoll.wait(-1, &mut events) {

@@ -27,6 +27,7 @@ pub mod interrupts;
 pub mod layout;
 pub mod logger;
 pub mod pci_manager;
+pub mod seccomp;
 mod terminal;
 pub mod vcpu;
 mod vm;
@@ -34,6 +35,7 @@ mod vm;
 pub use api::types::{DiskConfig, RngConfig, VmInfo};
 pub use config::{ConfigError, SerialOutput, VmConfig};
 pub use handle::{RunningVm, VmEvent, VmmHandle};
+pub use seccomp::SeccompMode;
 pub use vm::Vm;
 
 /// Why a VM stopped running.

@@ -125,6 +125,7 @@ fn spawn_signal_thread(
     std::thread::Builder::new()
         .name("arbor-signals".into())
         .spawn(move || {
+            vmm::seccomp::install(vmm::seccomp::ThreadKind::Signals);
             let mut received = 0u32;
             loop {
                 let mut sig: libc::c_int = 0;

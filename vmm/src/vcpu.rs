@@ -306,6 +306,7 @@ fn run(id: u8, mut vcpu: VcpuFd, ctx: &VcpuContext, parking: &Parking) {
     // From here on a kick sets `immediate_exit`. Dropped at the end of this
     // function, before `vcpu`, which was declared (as a parameter) earlier.
     let _run_area = RunAreaGuard::new(&mut vcpu);
+    crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu);
     loop {
         if ctx.stop.load(Ordering::Acquire) {
             return;

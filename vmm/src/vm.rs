@@ -167,6 +167,9 @@ impl Vm {
     pub fn new(config: VmConfig) -> Result<Vm> {
         let start = Instant::now();
         let topology = config.validate()?;
+        // Before any thread starts: each reads the mode when it installs
+        // its filter.
+        crate::seccomp::set_mode(config.seccomp);
         let kvm = open_kvm()?;
         let vm = Arc::new(create_vm(&kvm)?);
         let memory = create_memory(&vm, config.memory)?;
@@ -373,6 +376,8 @@ impl Vm {
                 }
             }
         }
+        // Setup done: the vCPUs run (they install their own filters).
+        crate::seccomp::install(crate::seccomp::ThreadKind::EventLoop);
         let outcome = loop {
             if let Some(exit) = lock(core).exit.take() {
                 break exit;

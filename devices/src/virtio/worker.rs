@@ -305,6 +305,7 @@ impl Worker {
             .spawn(move || {
                 // Keep the kill and pause fds alive while they are registered.
                 let _kill = thread_kill;
+                run_thread_hook();
                 run(&epoll, &mut processor, &thread_pause);
             })?;
         Ok(Worker {
@@ -452,5 +453,21 @@ fn run<H: QueueHandler>(epoll: &Epoll, processor: &mut QueueProcessor<H>, pause:
                 processor.process_queue(i);
             }
         }
+    }
+}
+
+/// A function every worker thread runs first, once its setup is done (the
+/// VMM installs its seccomp filter there). Process-wide; none by default.
+static THREAD_HOOK: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Sets the hook run first by every worker thread started from now on.
+/// Only the first call has an effect.
+pub fn set_thread_hook(hook: fn()) {
+    let _ = THREAD_HOOK.set(hook);
+}
+
+fn run_thread_hook() {
+    if let Some(hook) = THREAD_HOOK.get() {
+        hook();
     }
 }

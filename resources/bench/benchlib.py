@@ -9,6 +9,7 @@ directory with bytecode writing off, so no __pycache__ appears in the tree.
 import argparse
 import hashlib
 import http.client
+import json
 import os
 import re
 import signal
@@ -413,6 +414,215 @@ class UnixHTTPConnection(http.client.HTTPConnection):
             s.close()
             raise
         self.sock = s
+
+
+# ---------------------------------------------------------------------------
+# arbor with the guest kit
+# ---------------------------------------------------------------------------
+
+
+class ArborVm:
+    """arbor booting the guest kit with an API socket. OPTS carries cpus, memory,
+    arbor_extra (extra arguments), timeout (to 'Run /init'), op_timeout
+    (requests, the socket's appearance), settle and stop_grace."""
+
+    MARK_INIT = "Run /init as init process"
+    MARK_FATAL = ("Kernel panic",)
+
+    def __init__(self, binary, kit, workdir, opts):
+        kernel, initramfs, cmdline = kit
+        self.opts = opts
+        self.sock = os.path.join(workdir, "arbor-api.sock")
+        self.argv = [binary, "--kernel", kernel, "--initramfs", initramfs, "--cmdline", cmdline,
+                     "--cpus", str(opts.cpus), "--memory", f"{opts.memory // MIB}M",
+                     "--api-socket", self.sock] + opts.arbor_extra
+        self.proc = None
+        self.console = None
+        self.stderr = None
+
+    def fail(self, what):
+        status = self.proc.poll() if self.proc else None
+        msg = f"arbor: {what}"
+        if status is not None:
+            msg += f" (arbor exited with status {status})"
+        msg += f"\n  last console lines:\n{tail_lines(self.console.text() if self.console else b'')}"
+        err = self.stderr.text() if self.stderr else b""
+        if err.strip():
+            msg += f"\n  stderr:\n{tail_lines(err, 15)}"
+        return BenchError(msg)
+
+    def boot(self):
+        """Starts arbor and waits for 'Run /init'; returns seconds to it."""
+        t_start = time.monotonic()
+        try:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, bufsize=0, start_new_session=True)
+        except OSError as e:
+            raise BenchError(f"cannot start {self.argv[0]}: {e}")
+        self.console = Stream(self.proc.stdout)
+        self.stderr = Stream(self.proc.stderr)
+        deadline = t_start + self.opts.op_timeout
+        while not os.path.exists(self.sock):
+            if self.proc.poll() is not None:
+                time.sleep(0.2)
+                raise self.fail("exited before creating its API socket")
+            if time.monotonic() > deadline:
+                raise self.fail(f"no API socket {self.sock} after {self.opts.op_timeout:g} s")
+            time.sleep(0.01)
+        try:
+            _, t, _, _ = self.console.wait_for(lambda line: self.MARK_INIT in line, 0,
+                                               t_start + self.opts.timeout, self.MARK_FATAL)
+        except StreamTimeout:
+            raise self.fail(f"timeout: no '{self.MARK_INIT}' within {self.opts.timeout:g} s")
+        except StreamEof:
+            raise self.fail(f"the console closed before '{self.MARK_INIT}'")
+        except StreamFatal as e:
+            time.sleep(1.0)  # let the rest of the oops arrive
+            raise self.fail(f"the guest failed ('{e.args[0]}') before '{self.MARK_INIT}'")
+        if self.opts.settle > 0:
+            self.console.wait_quiet(self.opts.settle, time.monotonic() + self.opts.op_timeout)
+        return t - t_start
+
+    def connect(self):
+        """A keep-alive connection to the API socket."""
+        conn = UnixHTTPConnection(self.sock, self.opts.op_timeout)
+        try:
+            conn.connect()
+        except OSError as e:
+            raise self.fail(f"cannot connect to the API socket {self.sock}: {e}")
+        return conn
+
+    def request(self, conn, method, path, body=None, expect=(204,)):
+        """One request on CONN; returns (milliseconds from sending to the
+        whole answer, the answer's body). The status must be in EXPECT."""
+        headers = {}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers = {"Content-Type": "application/json"}
+        t0 = time.monotonic()
+        try:
+            conn.request(method, path, body=data, headers=headers)
+            r = conn.getresponse()
+            payload = r.read()
+        except (OSError, http.client.HTTPException) as e:
+            raise self.fail(f"{method} {path}: {type(e).__name__}: {e}")
+        t1 = time.monotonic()
+        if r.status not in expect:
+            raise self.fail(f"{method} {path} answered HTTP {r.status} (expected "
+                            f"{' or '.join(map(str, expect))}): "
+                            f"{payload.decode('utf-8', 'replace').strip()}")
+        return (t1 - t0) * 1e3, payload
+
+    def stop(self):
+        if self.proc is None:
+            return
+        try:
+            if self.proc.poll() is None:
+                conn = UnixHTTPConnection(self.sock, self.opts.stop_grace)
+                try:
+                    conn.request("PUT", "/api/v1/vmm.shutdown")
+                    conn.getresponse().read()
+                    self.proc.wait(timeout=self.opts.stop_grace)
+                except Exception:
+                    pass
+                finally:
+                    conn.close()
+            stop(self.proc, self.opts.stop_grace)
+        finally:
+            for s in (self.proc.stdout, self.proc.stderr):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+
+# ---------------------------------------------------------------------------
+# A VMM's memory
+# ---------------------------------------------------------------------------
+
+
+SMAPS_HEADER = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) [0-9a-f]+ \S+ (\d+)\s*(.*)$")
+
+
+def read_smaps(pid):
+    """The mappings of PID: dicts with start, end, perms, inode, path, and the
+    smaps fields in KiB (Size, Rss, Anonymous, ...)."""
+    maps = []
+    cur = None
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            m = SMAPS_HEADER.match(line)
+            if m:
+                cur = {
+                    "start": int(m.group(1), 16),
+                    "end": int(m.group(2), 16),
+                    "perms": m.group(3),
+                    "inode": int(m.group(4)),
+                    "path": m.group(5).strip(),
+                }
+                maps.append(cur)
+                continue
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if cur is not None and len(parts) == 2 and parts[1] == "kB":
+                cur[key] = int(parts[0])
+    return maps
+
+
+def is_anonymous(m):
+    return m["inode"] == 0 and (m["path"] == "" or m["path"].startswith("[anon:"))
+
+
+def guest_ram_mappings(maps, mem_bytes):
+    """Finds the guest RAM in a VMM's mappings.
+
+    Guest RAM is anonymous, private, read-write memory, mapped by both VMMs
+    with one mmap() per RAM region: QEMU maps its whole RAM block ("pc.ram" on
+    q35, "microvm.ram" on microvm) as one anonymous mapping of exactly the RAM
+    size (the PROT_NONE guard page after it is a separate VMA); arbor
+    (vm-memory's GuestMemoryMmap) maps one anonymous region below the 3 GiB
+    PCI hole, and a second one above 4 GiB for more than 3 GiB of RAM.
+
+    In order:
+      1. one anonymous rw-p mapping whose size is exactly the guest memory;
+      2. up to three large (>= 16 MiB) anonymous rw-p mappings whose sizes
+         add up exactly to the guest memory (split RAM);
+      3. the smallest anonymous rw-p mapping less than 64 MiB larger than
+         the guest memory: the kernel merged the RAM mapping with a
+         neighbouring anonymous one; marked approximate.
+    Returns (mappings, method) or raises BenchError listing the candidates.
+    """
+    mem_kib = mem_bytes // 1024
+    anon = [m for m in maps if is_anonymous(m) and m["perms"].startswith("rw") and m["perms"][3] == "p"]
+    exact = [m for m in anon if m.get("Size") == mem_kib]
+    if len(exact) == 1:
+        return exact, "exact"
+    if len(exact) > 1:
+        raise BenchError(
+            f"{len(exact)} anonymous mappings of exactly {mem_kib} KiB; cannot tell which is guest RAM")
+    large = sorted((m for m in anon if m.get("Size", 0) >= 16 * 1024), key=lambda m: -m["Size"])[:12]
+    for k in (2, 3):
+        found = _subset_sum(large, mem_kib, k)
+        if found:
+            return found, f"split-{k}"
+    over = [m for m in anon if mem_kib < m.get("Size", 0) < mem_kib + 64 * 1024]
+    if over:
+        return [min(over, key=lambda m: m["Size"])], "merged-approx"
+    listing = ", ".join(f"{m['start']:x}-{m['end']:x} {m['Size']} KiB rss {m.get('Rss', 0)} KiB"
+                        for m in large) or "none"
+    raise BenchError(
+        f"cannot find the guest RAM ({mem_kib} KiB) among the anonymous mappings; large ones: {listing}")
+
+
+def _subset_sum(maps, target, k, start=0):
+    if k == 0:
+        return [] if target == 0 else None
+    for i in range(start, len(maps)):
+        rest = _subset_sum(maps, target - maps[i]["Size"], k - 1, i + 1)
+        if rest is not None:
+            return [maps[i]] + rest
+    return None
 
 
 # ---------------------------------------------------------------------------

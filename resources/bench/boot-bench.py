@@ -27,7 +27,6 @@ Python 3 standard library only.
 import argparse
 import json
 import os
-import re
 import selectors
 import statistics
 import subprocess
@@ -39,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
 from benchlib import (  # noqa: E402
     MIB, BenchError, log, parse_size, positive_int, positive_float,
-    other_guests, loadavg, stop, tail_lines,
+    other_guests, loadavg, stop, tail_lines, read_smaps, guest_ram_mappings,
 )
 
 benchlib.PROG = "boot-bench"
@@ -122,89 +121,6 @@ def read_status_kib(pid):
     if "VmHWM" not in out:
         raise BenchError(f"no VmHWM in /proc/{pid}/status")
     return out
-
-
-SMAPS_HEADER = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) [0-9a-f]+ \S+ (\d+)\s*(.*)$")
-
-
-def read_smaps(pid):
-    """The mappings of PID: dicts with start, end, perms, inode, path, and the
-    smaps fields in KiB (Size, Rss, Anonymous, ...)."""
-    maps = []
-    cur = None
-    with open(f"/proc/{pid}/smaps") as f:
-        for line in f:
-            m = SMAPS_HEADER.match(line)
-            if m:
-                cur = {
-                    "start": int(m.group(1), 16),
-                    "end": int(m.group(2), 16),
-                    "perms": m.group(3),
-                    "inode": int(m.group(4)),
-                    "path": m.group(5).strip(),
-                }
-                maps.append(cur)
-                continue
-            key, _, rest = line.partition(":")
-            parts = rest.split()
-            if cur is not None and len(parts) == 2 and parts[1] == "kB":
-                cur[key] = int(parts[0])
-    return maps
-
-
-def is_anonymous(m):
-    return m["inode"] == 0 and (m["path"] == "" or m["path"].startswith("[anon:"))
-
-
-def guest_ram_mappings(maps, mem_bytes):
-    """Finds the guest RAM in a VMM's mappings.
-
-    Guest RAM is anonymous, private, read-write memory, mapped by both VMMs
-    with one mmap() per RAM region: QEMU maps its whole RAM block ("pc.ram" on
-    q35, "microvm.ram" on microvm) as one anonymous mapping of exactly the RAM
-    size (the PROT_NONE guard page after it is a separate VMA); arbor
-    (vm-memory's GuestMemoryMmap) maps one anonymous region below the 3 GiB
-    PCI hole, and a second one above 4 GiB for more than 3 GiB of RAM.
-
-    In order:
-      1. one anonymous rw-p mapping whose size is exactly the guest memory;
-      2. up to three large (>= 16 MiB) anonymous rw-p mappings whose sizes
-         add up exactly to the guest memory (split RAM);
-      3. the smallest anonymous rw-p mapping less than 64 MiB larger than
-         the guest memory: the kernel merged the RAM mapping with a
-         neighbouring anonymous one; marked approximate.
-    Returns (mappings, method) or raises BenchError listing the candidates.
-    """
-    mem_kib = mem_bytes // 1024
-    anon = [m for m in maps if is_anonymous(m) and m["perms"].startswith("rw") and m["perms"][3] == "p"]
-    exact = [m for m in anon if m.get("Size") == mem_kib]
-    if len(exact) == 1:
-        return exact, "exact"
-    if len(exact) > 1:
-        raise BenchError(
-            f"{len(exact)} anonymous mappings of exactly {mem_kib} KiB; cannot tell which is guest RAM")
-    large = sorted((m for m in anon if m.get("Size", 0) >= 16 * 1024), key=lambda m: -m["Size"])[:12]
-    for k in (2, 3):
-        found = _subset_sum(large, mem_kib, k)
-        if found:
-            return found, f"split-{k}"
-    over = [m for m in anon if mem_kib < m.get("Size", 0) < mem_kib + 64 * 1024]
-    if over:
-        return [min(over, key=lambda m: m["Size"])], "merged-approx"
-    listing = ", ".join(f"{m['start']:x}-{m['end']:x} {m['Size']} KiB rss {m.get('Rss', 0)} KiB"
-                        for m in large) or "none"
-    raise BenchError(
-        f"cannot find the guest RAM ({mem_kib} KiB) among the anonymous mappings; large ones: {listing}")
-
-
-def _subset_sum(maps, target, k, start=0):
-    if k == 0:
-        return [] if target == 0 else None
-    for i in range(start, len(maps)):
-        rest = _subset_sum(maps, target - maps[i]["Size"], k - 1, i + 1)
-        if rest is not None:
-            return [maps[i]] + rest
-    return None
 
 
 # ---------------------------------------------------------------------------

@@ -16,29 +16,21 @@ Python 3 standard library only.
 """
 
 import argparse
-import http.client
 import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 
 sys.dont_write_bytecode = True  # no __pycache__ beside the scripts
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
 from benchlib import (  # noqa: E402
-    MIB, BenchError, log, nonnegative_float, parse_size, positive_float, positive_int, quote,
-    tail_lines,
+    MIB, log, nonnegative_float, parse_size, positive_float, positive_int, quote,
 )
 
 benchlib.PROG = "pause-bench"
-
-MARK_INIT = "Run /init as init process"
-MARK_FATAL = ("Kernel panic",)
-
 
 # ---------------------------------------------------------------------------
 # Arguments
@@ -94,113 +86,17 @@ def parse_args(argv):
 # ---------------------------------------------------------------------------
 
 
-class Arbor:
-    def __init__(self, binary, kit, workdir, opts):
-        kernel, initramfs, cmdline = kit
-        self.opts = opts
-        self.sock = os.path.join(workdir, "arbor-api.sock")
-        self.argv = [binary, "--kernel", kernel, "--initramfs", initramfs, "--cmdline", cmdline,
-                     "--cpus", str(opts.cpus), "--memory", f"{opts.memory // MIB}M",
-                     "--api-socket", self.sock] + opts.arbor_extra
-        self.proc = None
-        self.console = None
-        self.stderr = None
-
-    def fail(self, what):
-        status = self.proc.poll() if self.proc else None
-        msg = f"arbor: {what}"
-        if status is not None:
-            msg += f" (arbor exited with status {status})"
-        msg += f"\n  last console lines:\n{tail_lines(self.console.text() if self.console else b'')}"
-        err = self.stderr.text() if self.stderr else b""
-        if err.strip():
-            msg += f"\n  stderr:\n{tail_lines(err, 15)}"
-        return BenchError(msg)
-
-    def boot(self):
-        """Starts arbor and waits for 'Run /init'; returns seconds to it."""
-        t_start = time.monotonic()
-        try:
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, bufsize=0, start_new_session=True)
-        except OSError as e:
-            raise BenchError(f"cannot start {self.argv[0]}: {e}")
-        self.console = benchlib.Stream(self.proc.stdout)
-        self.stderr = benchlib.Stream(self.proc.stderr)
-        deadline = t_start + self.opts.op_timeout
-        while not os.path.exists(self.sock):
-            if self.proc.poll() is not None:
-                time.sleep(0.2)
-                raise self.fail("exited before creating its API socket")
-            if time.monotonic() > deadline:
-                raise self.fail(f"no API socket {self.sock} after {self.opts.op_timeout:g} s")
-            time.sleep(0.01)
-        try:
-            _, t, _, _ = self.console.wait_for(lambda line: MARK_INIT in line, 0,
-                                               t_start + self.opts.timeout, MARK_FATAL)
-        except benchlib.StreamTimeout:
-            raise self.fail(f"timeout: no '{MARK_INIT}' within {self.opts.timeout:g} s")
-        except benchlib.StreamEof:
-            raise self.fail(f"the console closed before '{MARK_INIT}'")
-        except benchlib.StreamFatal as e:
-            time.sleep(1.0)  # let the rest of the oops arrive
-            raise self.fail(f"the guest failed ('{e.args[0]}') before '{MARK_INIT}'")
-        if self.opts.settle > 0:
-            self.console.wait_quiet(self.opts.settle, time.monotonic() + self.opts.op_timeout)
-        return t - t_start
-
-    def request(self, conn, method, path):
-        """One request on CONN; returns milliseconds from sending to the
-        whole answer, which must be 204."""
-        t0 = time.monotonic()
-        try:
-            conn.request(method, path)
-            r = conn.getresponse()
-            payload = r.read()
-        except (OSError, http.client.HTTPException) as e:
-            raise self.fail(f"{method} {path}: {type(e).__name__}: {e}")
-        t1 = time.monotonic()
-        if r.status != 204:
-            raise self.fail(f"{method} {path} answered HTTP {r.status} (expected 204): "
-                            f"{payload.decode('utf-8', 'replace').strip()}")
-        return (t1 - t0) * 1e3
-
+class Arbor(benchlib.ArborVm):
     def cycles(self, n):
-        conn = benchlib.UnixHTTPConnection(self.sock, self.opts.op_timeout)
-        try:
-            conn.connect()
-        except OSError as e:
-            raise self.fail(f"cannot connect to the API socket {self.sock}: {e}")
+        conn = self.connect()
         pauses, resumes = [], []
         try:
             for _ in range(n):
-                pauses.append(self.request(conn, "PUT", "/api/v1/vm.pause"))
-                resumes.append(self.request(conn, "PUT", "/api/v1/vm.resume"))
+                pauses.append(self.request(conn, "PUT", "/api/v1/vm.pause")[0])
+                resumes.append(self.request(conn, "PUT", "/api/v1/vm.resume")[0])
         finally:
             conn.close()
         return pauses, resumes
-
-    def stop(self):
-        if self.proc is None:
-            return
-        try:
-            if self.proc.poll() is None:
-                conn = benchlib.UnixHTTPConnection(self.sock, self.opts.stop_grace)
-                try:
-                    conn.request("PUT", "/api/v1/vmm.shutdown")
-                    conn.getresponse().read()
-                    self.proc.wait(timeout=self.opts.stop_grace)
-                except Exception:
-                    pass
-                finally:
-                    conn.close()
-            benchlib.stop(self.proc, self.opts.stop_grace)
-        finally:
-            for s in (self.proc.stdout, self.proc.stderr):
-                try:
-                    s.close()
-                except OSError:
-                    pass
 
 
 # ---------------------------------------------------------------------------

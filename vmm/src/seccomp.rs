@@ -26,7 +26,10 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 
 /// Whether and how filters are installed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -58,18 +61,41 @@ pub enum ThreadKind {
     Vcpu,
     EventLoop,
     Api,
+    /// A virtio-blk back end's worker.
+    BlockWorker,
+    /// Any other device worker (virtio-rng: `getrandom`, in the base list).
     Worker,
     Intx,
     Signals,
 }
 
 impl ThreadKind {
+    /// The kind of a device worker thread named `thread` (the device kind).
+    pub fn of_worker(thread: &str) -> ThreadKind {
+        match thread {
+            "virtio-blk" => ThreadKind::BlockWorker,
+            _ => ThreadKind::Worker,
+        }
+    }
+
+    /// Every kind.
+    pub const ALL: [ThreadKind; 7] = [
+        ThreadKind::Vcpu,
+        ThreadKind::EventLoop,
+        ThreadKind::Api,
+        ThreadKind::BlockWorker,
+        ThreadKind::Worker,
+        ThreadKind::Intx,
+        ThreadKind::Signals,
+    ];
+
     /// The name used by `ARBOR_SECCOMP_SELFTEST`.
     pub fn name(self) -> &'static str {
         match self {
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::EventLoop => "event-loop",
             ThreadKind::Api => "api",
+            ThreadKind::BlockWorker => "blk-worker",
             ThreadKind::Worker => "worker",
             ThreadKind::Intx => "intx",
             ThreadKind::Signals => "signals",
@@ -90,7 +116,7 @@ pub fn set_mode(mode: SeccompMode) {
         Ordering::Release,
     );
     if mode != SeccompMode::Off {
-        devices::virtio::worker::set_thread_hook(|| install(ThreadKind::Worker));
+        devices::virtio::worker::set_thread_hook(|name| install(ThreadKind::of_worker(name)));
         api::set_thread_hook(|| install(ThreadKind::Api));
     }
 }
@@ -163,9 +189,6 @@ const BASE: &[i64] = &[
     libc::SYS_rseq,
     libc::SYS_set_robust_list,
     libc::SYS_prctl,
-    // Threads: glibc's pthread_create (clone3, falling back to clone).
-    libc::SYS_clone,
-    libc::SYS_clone3,
 ];
 
 /// Block I/O done by device workers (and inherited from vCPU threads).
@@ -190,25 +213,23 @@ pub fn extra_rules(kind: ThreadKind) -> Vec<i64> {
             v.push(libc::SYS_seccomp);
             v
         }
-        ThreadKind::Worker => BLOCK_IO.to_vec(),
-        // Hotplug opens and checks disks, stops the API server (which
-        // removes its socket), kicks vCPUs, restores the terminal.
+        ThreadKind::BlockWorker => BLOCK_IO.to_vec(),
+        ThreadKind::Worker => vec![],
+        // Hotplug opens, checks and locks disks (OFD locks are `fcntl`),
+        // stops the API server (which removes its socket), kicks vCPUs
+        // (`tgkill`), restores the terminal (`ioctl`).
         ThreadKind::EventLoop => {
             let mut v = BLOCK_IO.to_vec();
             v.extend_from_slice(&[
-                libc::SYS_flock,
-                libc::SYS_ftruncate,
+                // The API socket, removed when the server stops.
                 libc::SYS_unlinkat,
+                // Path checks (canonicalising a disk's path).
+                libc::SYS_readlink,
                 libc::SYS_readlinkat,
-                libc::SYS_pipe2,
-                libc::SYS_kill,
-                libc::SYS_getrusage,
-                libc::SYS_membarrier,
-                libc::SYS_munlock,
-                libc::SYS_mlock,
-                libc::SYS_sched_setaffinity,
                 libc::SYS_getcwd,
-                libc::SYS_wait4,
+                // vCPU threads it starts later (a VM created again in the
+                // same process) install their own filters on top.
+                libc::SYS_seccomp,
             ]);
             v
         }
@@ -231,17 +252,51 @@ pub fn extra_rules(kind: ThreadKind) -> Vec<i64> {
         ThreadKind::Intx => vec![],
         // sigwait; `arbor-signal-req` threads (started here) call the
         // embedding handle.
-        ThreadKind::Signals => vec![libc::SYS_rt_sigtimedwait, libc::SYS_kill],
+        ThreadKind::Signals => vec![libc::SYS_rt_sigtimedwait],
     }
 }
 
 /// The allow list of `kind`, as `seccompiler` rules.
+///
+/// `clone` is allowed only with `CLONE_THREAD` (new threads, never new
+/// processes). `clone3` passes its flags in memory a filter cannot read, so
+/// it is allowed here and answered `ENOSYS` by the second filter
+/// ([`no_clone3`]); glibc's `pthread_create` then falls back to `clone`.
 pub fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
-    BASE.iter()
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BASE
+        .iter()
         .copied()
         .chain(extra_rules(kind))
         .map(|nr| (nr, Vec::new()))
-        .collect()
+        .collect();
+    let thread = libc::CLONE_THREAD as u64;
+    if let Ok(cond) = SeccompCondition::new(
+        0,
+        SeccompCmpArgLen::Qword,
+        SeccompCmpOp::MaskedEq(thread),
+        thread,
+    ) {
+        if let Ok(rule) = SeccompRule::new(vec![cond]) {
+            rules.insert(libc::SYS_clone, vec![rule]);
+        }
+    }
+    rules.insert(libc::SYS_clone3, Vec::new());
+    rules
+}
+
+/// The second filter every thread installs: `clone3` fails with `ENOSYS`,
+/// everything else is left to the first filter.
+fn no_clone3() -> Result<BpfProgram, seccompiler::Error> {
+    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(seccompiler::Error::Backend)?;
+    let rules = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
+    let f = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        arch,
+    )
+    .map_err(seccompiler::Error::Backend)?;
+    f.try_into().map_err(seccompiler::Error::Backend)
 }
 
 /// The compiled filter of `kind`.
@@ -263,27 +318,36 @@ const SELFTEST_SYSCALL: i64 = libc::SYS_getpgrp;
 /// mode. A failure is logged; the thread keeps running unfiltered only if
 /// the kernel refused the filter.
 ///
-/// Test hook: if the environment variable `ARBOR_SECCOMP_SELFTEST` names
-/// `kind`, the thread makes a forbidden call right after. Only the process
+/// Test hook: if the environment variable `ARBOR_SECCOMP_SELFTEST` (a
+/// comma-separated list of kinds) names `kind`, the thread makes a
+/// forbidden call right after. Only the process
 /// environment can set it, never the guest or the API.
 pub fn install(kind: ThreadKind) {
     let mode = mode();
     if mode == SeccompMode::Off {
         return;
     }
-    let selftest = std::env::var("ARBOR_SECCOMP_SELFTEST").is_ok_and(|v| v == kind.name());
-    let prog = match filter(kind, mode) {
-        Ok(p) => p,
-        Err(e) => {
+    let selftest = std::env::var("ARBOR_SECCOMP_SELFTEST")
+        .is_ok_and(|v| v.split(',').any(|k| k == kind.name()));
+    // The clone3 filter first: the thread's own list may not allow
+    // `seccomp` itself.
+    let progs = match (no_clone3(), filter(kind, mode)) {
+        (Ok(p), Ok(q)) => [p, q],
+        (Err(e), _) | (_, Err(e)) => {
             log::error!("seccomp filter for {}: {e}", kind.name());
             return;
         }
     };
-    if let Err(e) = seccompiler::apply_filter(&prog) {
-        log::error!("cannot install the seccomp filter for {}: {e}", kind.name());
-        return;
+    for prog in &progs {
+        if let Err(e) = seccompiler::apply_filter(prog) {
+            log::error!("cannot install the seccomp filter for {}: {e}", kind.name());
+            return;
+        }
     }
     if selftest {
+        // Tells a test the filters are in: a kill after this line comes
+        // from the forbidden call, not from installing them.
+        eprintln!("arbor: seccomp selftest ({}) installed", kind.name());
         // SAFETY: getpgrp takes no arguments and touches no memory.
         let pgrp = unsafe { libc::syscall(SELFTEST_SYSCALL) };
         eprintln!("arbor: seccomp selftest ({}) survived: {pgrp}", kind.name());
@@ -296,20 +360,19 @@ mod tests {
 
     #[test]
     fn every_filter_compiles_and_omits_the_selftest_call() {
-        for kind in [
-            ThreadKind::Vcpu,
-            ThreadKind::EventLoop,
-            ThreadKind::Api,
-            ThreadKind::Worker,
-            ThreadKind::Intx,
-            ThreadKind::Signals,
-        ] {
+        for kind in ThreadKind::ALL {
             assert!(!rules(kind).contains_key(&SELFTEST_SYSCALL));
             assert!(!rules(kind).contains_key(&libc::SYS_execve));
             filter(kind, SeccompMode::On).unwrap();
             filter(kind, SeccompMode::Log).unwrap();
+            // clone only for threads.
+            assert_eq!(rules(kind)[&libc::SYS_clone].len(), 1);
         }
+        no_clone3().unwrap();
         assert!(!rules(ThreadKind::Vcpu).contains_key(&libc::SYS_socket));
+        assert!(!rules(ThreadKind::Worker).contains_key(&libc::SYS_pwritev2));
+        assert_eq!(ThreadKind::of_worker("virtio-blk"), ThreadKind::BlockWorker);
+        assert_eq!(ThreadKind::of_worker("virtio-rng"), ThreadKind::Worker);
     }
 
     #[test]

@@ -300,12 +300,13 @@ impl Worker {
             thread_pause.as_raw_fd(),
             EpollEvent::new(EventSet::IN, PAUSE_TOKEN),
         )?;
+        let thread_name = name.to_string();
         let thread = std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
                 // Keep the kill and pause fds alive while they are registered.
                 let _kill = thread_kill;
-                run_thread_hook();
+                run_thread_hook(&thread_name);
                 run(&epoll, &mut processor, &thread_pause);
             })?;
         Ok(Worker {
@@ -456,18 +457,19 @@ fn run<H: QueueHandler>(epoll: &Epoll, processor: &mut QueueProcessor<H>, pause:
     }
 }
 
-/// A function every worker thread runs first, once its setup is done (the
-/// VMM installs its seccomp filter there). Process-wide; none by default.
-static THREAD_HOOK: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+/// A function every worker thread runs first, once its setup is done, with
+/// the thread's name (the device kind, e.g. `virtio-blk`): the VMM installs
+/// that back end's seccomp filter there. Process-wide; none by default.
+static THREAD_HOOK: std::sync::OnceLock<fn(&str)> = std::sync::OnceLock::new();
 
 /// Sets the hook run first by every worker thread started from now on.
 /// Only the first call has an effect.
-pub fn set_thread_hook(hook: fn()) {
+pub fn set_thread_hook(hook: fn(&str)) {
     let _ = THREAD_HOOK.set(hook);
 }
 
-fn run_thread_hook() {
+fn run_thread_hook(name: &str) {
     if let Some(hook) = THREAD_HOOK.get() {
-        hook();
+        hook(name);
     }
 }

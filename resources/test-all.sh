@@ -6,7 +6,9 @@
 #
 # Environment: ARBOR_TEST_TIMEOUT (seconds per wait on a guest log line,
 # default 180), ARBOR_CACHE_DIR (kernel cache, default ~/.cache/arbor),
-# ARBOR_FUZZ (0: no fuzzing), ARBOR_FUZZ_SECONDS (per target, default 15).
+# ARBOR_FUZZ (0: no fuzzing), ARBOR_FUZZ_SECONDS (per target, default 15),
+# ARBOR_SCHEMATHESIS (0: no API schema check), ARBOR_SCHEMATHESIS_SECONDS
+# (its time budget, default 30).
 set -euo pipefail
 
 # shellcheck source=resources/lib.sh
@@ -25,6 +27,22 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 if [[ ${ARBOR_FUZZ:-1} != 0 ]]; then
 	log "fuzz"
 	"$REPO/resources/fuzz.sh" "${ARBOR_FUZZ_SECONDS:-15}"
+fi
+
+# schemathesis (PyPI, pinned, in a virtual environment kept beside the
+# kernel cache) against api/openapi.json and a running guest: no 5xx, no
+# answer that contradicts the document. ARBOR_SCHEMATHESIS=0 skips it.
+if [[ ${ARBOR_SCHEMATHESIS:-1} != 0 ]]; then
+	log "API schema check (schemathesis)"
+	venv=${ARBOR_CACHE_DIR:-$HOME/.cache/arbor}/schemathesis-4.32.5
+	if [[ ! -x $venv/bin/schemathesis ]]; then
+		rm -rf "$venv"
+		python3 -m venv "$venv"
+		"$venv/bin/pip" install -q schemathesis==4.32.5
+	fi
+	"$REPO/resources/bench/api-schema-check.py" --arbor "$REPO/target/debug/arbor" \
+		--schemathesis "$venv/bin/schemathesis" \
+		--max-time "${ARBOR_SCHEMATHESIS_SECONDS:-30}" --timeout "${ARBOR_TEST_TIMEOUT:-180}"
 fi
 
 # The cargo tests last, so their summary closes the output.

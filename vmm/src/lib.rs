@@ -19,6 +19,7 @@
 pub mod acpi;
 pub mod boot;
 pub mod config;
+pub mod confine;
 pub mod cpu;
 pub mod device_manager;
 mod handle;
@@ -34,7 +35,7 @@ mod vm;
 pub use api::types::{DiskConfig, RngConfig, VmInfo};
 pub use config::{ConfigError, SerialOutput, VmConfig};
 pub use handle::{RunningVm, VmEvent, VmmHandle};
-pub use vm::Vm;
+pub use vm::{kvm_device_path, Vm};
 
 /// Why a VM stopped running.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -512,7 +512,15 @@ pub fn apply(cfg: &VmConfig, kvm: &Path) -> Result<Applied, ConfineError> {
                 })?;
         }
     }
-    let rules = landlock_rules(cfg, kvm, &cfg.allow_paths);
+    let mut rules = landlock_rules(cfg, kvm, &cfg.allow_paths);
+    if let Ok(exe) = std::env::current_exe() {
+        // A panic's backtrace reads the executable's symbols.
+        rules.push(Rule {
+            path: exe,
+            access: AccessFs::ReadFile.into(),
+            what: "arbor executable",
+        });
+    }
     let landlock = restrict(&rules, opts.no_new_privs, opts.landlock)?;
     match landlock {
         LandlockOutcome::Full => log::info!("Landlock: confined to {} paths", rules.len()),
@@ -751,7 +759,24 @@ mod tests {
                         .map(|_| ())
                         .map_err(|e| e.raw_os_error())
                 };
-                (outcome, open(&a, false), open(&o, true), open(&o, false))
+                // What the VMM reads after confinement still reads.
+                let fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count());
+                let mem = std::fs::read_to_string("/proc/meminfo").map(|s| s.len());
+                let cpus = std::fs::read_to_string("/sys/devices/system/cpu/online");
+                let host = crate::config::host_memory();
+                assert!(fds.as_ref().is_ok_and(|n| *n > 0), "/proc/self/fd: {fds:?}");
+                assert!(mem.as_ref().is_ok_and(|n| *n > 0), "/proc/meminfo: {mem:?}");
+                assert!(cpus.is_ok(), "cpu/online: {cpus:?}");
+                assert!(host.is_some());
+                // And what it does not need is refused (where Landlock is).
+                let etc = std::fs::read_to_string("/etc/hostname").map_err(|e| e.raw_os_error());
+                (
+                    outcome,
+                    open(&a, false),
+                    open(&o, true),
+                    open(&o, false),
+                    etc,
+                )
             })
             .join()
             .unwrap()
@@ -766,6 +791,9 @@ mod tests {
                 assert_eq!(result.1, Ok(()), "inside the allowed directory");
                 assert_eq!(result.2, Err(Some(libc::EACCES)), "outside, read-only");
                 assert_eq!(result.3, Err(Some(libc::EACCES)), "outside, read-write");
+                if Path::new("/etc/hostname").exists() {
+                    assert_eq!(result.4, Err(Some(libc::EACCES)), "/etc/hostname");
+                }
             }
         }
         // This thread was never confined.

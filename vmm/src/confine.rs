@@ -717,6 +717,22 @@ mod tests {
         assert!(rules.iter().any(|r| r.path == Path::new(".")));
     }
 
+    /// A test runs on a thread of the harness: with two threads or more,
+    /// `apply` refuses before it changes anything (a thread started
+    /// earlier would escape the confinement).
+    #[test]
+    fn apply_refuses_when_other_threads_exist() {
+        let cfg = VmConfig::default();
+        match apply(&cfg, Path::new("/dev/kvm")) {
+            Err(ConfineError::Threads(n)) => assert!(n >= 2),
+            other => panic!("{other:?}"),
+        }
+        // Nothing was changed: this thread may still read anything.
+        assert!(std::fs::read_dir("/").is_ok());
+        let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+        assert!(status.contains("NoNewPrivs:\t0"), "{status}");
+    }
+
     #[test]
     fn options_parse() {
         assert_eq!(parse_landlock("on").unwrap(), LandlockMode::On);

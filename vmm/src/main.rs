@@ -9,6 +9,10 @@
 //! and removes the API socket. A second one stops the VM at once; arbor
 //! then exits with 128 + the signal's number (130 for SIGINT, 143 for
 //! SIGTERM).
+//!
+//! Before the VM is created, while it is still the only thread, arbor
+//! confines itself (`vmm::confine::apply`: Landlock, no-new-privs, the
+//! capability drop), so every thread it starts is confined.
 
 use std::io;
 use std::process::ExitCode;

@@ -27,7 +27,7 @@ truncate -s 40M "$WORK/disk.img" # 81920 sectors: easy to spot in the guest log
 log "boot the test guest (serial console in $CONSOLE)"
 "$ARBOR" --kernel "$GUEST/vmlinux" --initramfs "$GUEST/initramfs.cpio" \
 	--cmdline "$(cat "$GUEST/cmdline")" --cpus 1 --memory 512M \
-	--api-socket "$SOCK" >"$CONSOLE" 2>"$WORK/arbor.err" </dev/null &
+	--api-socket "$SOCK" --allow-path "$WORK" >"$CONSOLE" 2>"$WORK/arbor.err" </dev/null &
 PID=$!
 wait_line() { # pattern timeout
 	local deadline=$((SECONDS + $2))

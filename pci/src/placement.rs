@@ -18,7 +18,7 @@ use std::str::FromStr;
 
 use crate::bus::{NUM_FUNCTIONS, NUM_SLOTS};
 use crate::path::{PciPath, PciSlot};
-use crate::topology::{HotplugMode, PortNode, Topology};
+use crate::topology::{HotplugMode, PortNode, Topology, ROOT_BUS_ID};
 
 /// How the guest hears that a slot's occupant changed.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -421,15 +421,24 @@ pub fn choose(
 ) -> Result<Place, PlacementError> {
     let (path, port) = match (req.pci_path, req.port) {
         (Some(text), want) => exact_path(topology, text, want)?,
-        (None, Some(id)) => (
+        (None, Some(ROOT_BUS_ID)) if req.hotplug => {
+            let slot = plan
+                .root_slots()
+                .iter()
+                .copied()
+                .find(|s| !occupied(&root_path(*s)))
+                .ok_or_else(|| PlacementError::PortFull(ROOT_BUS_ID.to_string()))?;
+            (root_path(slot), None)
+        }
+        (None, Some(id)) if id != ROOT_BUS_ID => (
             slot_of_port(topology, plan, occupied, id, req.hotplug)?,
             Some(id.to_string()),
         ),
-        (None, None) if !req.hotplug => {
+        (None, _) if !req.hotplug => {
             let slot = free_root_slot(topology, occupied).ok_or(PlacementError::NoFreeSlot)?;
             (root_path(slot), None)
         }
-        (None, None) => {
+        (None, _) => {
             automatic(topology, plan, order, occupied).ok_or(PlacementError::NoFreeSlot)?
         }
     };

@@ -967,3 +967,48 @@ fn windows_that_do_not_fit() {
     let (base, size) = rp0.reserve.mmio32.unwrap();
     assert!(placed[0].addr >= base && placed[0].addr + (2 << 20) <= base + size);
 }
+
+#[test]
+fn the_root_bus_by_its_id() {
+    let t = mixed_topology();
+    let plan = HotplugPlan::new(&t, &[]);
+    let first = plan.root_slots()[0];
+    let mut bus = Bus::default();
+    // Hot-plug: the first root slot with ACPI hotplug; cold: the first free slot.
+    let hot = bus.add(&t, &plan, &[], by_port(ROOT_BUS_ID, true)).unwrap();
+    assert_eq!(
+        hot.path,
+        PciPath::root(PciSlot {
+            slot: first,
+            function: 0
+        })
+    );
+    assert_eq!(hot.port, None);
+    assert!(matches!(hot.mechanism, SlotMechanism::Acpi { bsel: 0, .. }));
+    let next = bus.add(&t, &plan, &[], by_port(ROOT_BUS_ID, true)).unwrap();
+    assert_eq!(next.path.last().slot, plan.root_slots()[1]);
+    let cold = Bus::default()
+        .choose(&t, &plan, &[], by_port(ROOT_BUS_ID, false))
+        .unwrap();
+    assert_eq!(cold.port, None);
+    assert_eq!(cold.mechanism, SlotMechanism::None);
+    // Every root slot taken: the root bus is full.
+    let mut full = Bus::default();
+    for s in plan.root_slots() {
+        full.0.insert(PciPath::root(PciSlot {
+            slot: *s,
+            function: 0,
+        }));
+    }
+    assert_eq!(
+        full.choose(&t, &plan, &[], by_port(ROOT_BUS_ID, true))
+            .unwrap_err(),
+        PlacementError::PortFull(ROOT_BUS_ID.into())
+    );
+    // No port may take the root bus's id.
+    let specs = vec![PortSpec::new(ROOT_BUS_ID, PortKind::RootPort)];
+    assert_eq!(
+        Topology::build(&specs, &opts()).unwrap_err().to_string(),
+        "port id 'root' is reserved for the root bus"
+    );
+}

@@ -361,6 +361,10 @@ impl PortDevice {
 }
 
 /// Errors of [`Topology::build`] and the topology queries.
+/// The id of the root bus: `vm.info` names it, add requests take it as `port`; no port may
+/// use it.
+pub const ROOT_BUS_ID: &str = "root";
+
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TopologyError {
     /// Unknown port type name.
@@ -374,6 +378,9 @@ pub enum TopologyError {
         "invalid port id '{0}': an id must be non-empty and contain no ',', '=', '/' or whitespace"
     )]
     BadId(String),
+    /// The id the root bus has (`vm.info`, `port` in add requests).
+    #[error("port id '{0}' is reserved for the root bus")]
+    ReservedId(String),
     /// Two ports with the same id.
     #[error("port id '{0}' is used more than once (a switch 'sw' also defines the ids 'sw.0', 'sw.1', ...)")]
     DuplicateId(String),
@@ -804,6 +811,9 @@ impl Topology {
                     .any(|c| c.is_whitespace() || matches!(c, ',' | '=' | '/'))
             {
                 return Err(TopologyError::BadId(s.id.clone()));
+            }
+            if s.id == ROOT_BUS_ID {
+                return Err(TopologyError::ReservedId(s.id.clone()));
             }
             if let Some(psn) = s.physical_slot {
                 if psn > MAX_PHYSICAL_SLOT {

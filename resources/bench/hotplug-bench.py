@@ -295,7 +295,9 @@ class ArborVM(Guest):
         self.sock = os.path.join(workdir, f"{name}-api.sock")
         argv = [binary, "--kernel", kernel, "--initramfs", initramfs, "--cmdline", cmdline,
                 "--cpus", str(opts.cpus), "--memory", f"{opts.memory // MIB}M",
-                "--api-socket", self.sock] + opts.arbor_extra
+                "--api-socket", self.sock,
+                # The disks are created in workdir; arbor opens only what it may.
+                "--allow-path", workdir] + opts.arbor_extra
         super().__init__(name, argv, opts)
         self.port = port
 

@@ -143,16 +143,23 @@ fn collect(
 
 impl Guest {
     /// Starts `arbor` with `args`; `name` tags its echoed console lines.
+    /// Unless `args` has an `--allow-path`, the system's temporary
+    /// directory (where [`Scratch`] directories live) is allowed, so tests
+    /// may hot-plug their scratch files.
     pub fn start(name: &str, args: &[String]) -> Guest {
         Guest::start_env(name, args, &[])
     }
 
-    /// Starts `arbor` with `args` and extra environment variables.
+    /// Like [`Guest::start`], with extra environment variables.
     pub fn start_env(name: &str, args: &[String], env: &[(&str, &str)]) -> Guest {
         let mut cmd = Command::new(arbor_bin());
         cmd.envs(env.iter().copied());
         if std::env::var_os("ARBOR_LOG").is_none() {
             cmd.env("ARBOR_LOG", "info");
+        }
+        cmd.envs(env.iter().copied());
+        if !args.iter().any(|a| a.starts_with("--allow-path")) {
+            cmd.arg("--allow-path").arg(std::env::temp_dir());
         }
         let mut child = cmd
             .args(args)

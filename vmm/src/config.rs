@@ -148,6 +148,16 @@ pub struct VmConfig {
     /// embedder's own threads are not covered and its process may need
     /// calls the lists do not allow; the `arbor` binary defaults to `On`.
     pub seccomp: crate::seccomp::SeccompMode,
+    /// Directories whose files API clients may name (`--allow-path`).
+    pub allow_paths: Vec<PathBuf>,
+    /// Whether the VMM checks the paths API clients name against
+    /// [`crate::confine::PathPolicy`] (the files this configuration names
+    /// and `allow_paths`). `arbor` always checks; the default (off) is for
+    /// embedders whose callers are trusted.
+    pub check_paths: bool,
+    /// Process protections `arbor` applies before creating the VM
+    /// ([`crate::confine::apply`]; `Vm::new` does not apply them).
+    pub confine: crate::confine::Options,
 }
 
 impl Default for VmConfig {
@@ -167,6 +177,9 @@ impl Default for VmConfig {
             ports: Vec::new(),
             placement_order: PlaceKind::DEFAULT_ORDER.to_vec(),
             seccomp: crate::seccomp::SeccompMode::Off,
+            allow_paths: Vec::new(),
+            check_paths: false,
+            confine: crate::confine::Options::default(),
         }
     }
 }
@@ -255,6 +268,13 @@ impl VmConfig {
         check_file("kernel", &self.kernel)?;
         if let Some(initramfs) = &self.initramfs {
             check_file("initramfs", initramfs)?;
+        }
+        for d in &self.allow_paths {
+            match std::fs::metadata(d) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => return err(format!("--allow-path '{}' is not a directory", d.display())),
+                Err(e) => return err(format!("--allow-path '{}': {e}", d.display())),
+            }
         }
         let topology = self.topology()?;
         let mut ids: Vec<&str> = Vec::new();
@@ -440,6 +460,16 @@ usage: arbor --kernel PATH [options]
   --remove-timeout S   seconds vm.remove-device waits for the guest (10)
   --seccomp MODE       on (default): a system call outside a thread's allow
                        list kills arbor (SIGSYS); log: only logged; off
+  --allow-path DIR     API clients may name files under DIR (vm.add-disk);
+                       repeatable. Without it they may name only the files
+                       this command line names
+  --landlock MODE      on (default: confine the process to the files named
+                       here and the --allow-path directories where the
+                       kernel has Landlock, warn where not), require
+                       (refuse to start without Landlock), off
+  --no-new-privs on|off  PR_SET_NO_NEW_PRIVS (default on)
+  --capabilities drop|keep  drop every capability but CAP_DAC_OVERRIDE
+                       before creating the VM (default drop)
   --help, --version
 
 exit status: 0 guest powered off, 3 guest rebooted (or reset, e.g. a panic
@@ -487,11 +517,16 @@ where
             "--pci-port",
             "--hotplug-order",
             "--seccomp",
+            "--allow-path",
+            "--landlock",
+            "--no-new-privs",
+            "--capabilities",
         ];
         if !known.contains(&flag.as_str()) {
             return err(format!("unknown option '{flag}' (see --help)"));
         }
-        let repeatable = flag == "--disk" || flag == "--rng" || flag == "--pci-port";
+        let repeatable =
+            flag == "--disk" || flag == "--rng" || flag == "--pci-port" || flag == "--allow-path";
         if seen.contains(&flag) && !repeatable {
             return err(format!("option '{flag}' given twice"));
         }
@@ -543,10 +578,24 @@ where
                     .parse()
                     .map_err(|e| ConfigError(format!("--seccomp: {e}")))?
             }
+            "--allow-path" => {
+                if value.is_empty() {
+                    return err("--allow-path needs a directory");
+                }
+                cfg.allow_paths.push(PathBuf::from(value))
+            }
+            "--landlock" => cfg.confine.landlock = crate::confine::parse_landlock(&value)?,
+            "--no-new-privs" => {
+                cfg.confine.no_new_privs = crate::confine::parse_on_off(&flag, &value)?
+            }
+            "--capabilities" => {
+                cfg.confine.drop_capabilities = crate::confine::parse_capabilities(&value)?
+            }
             _ => unreachable!("flag checked against the known list"),
         }
     }
     cfg.kernel = kernel.ok_or_else(|| ConfigError("--kernel is required".into()))?;
+    cfg.check_paths = true;
     Ok(Command::Run(Box::new(cfg)))
 }
 
@@ -628,6 +677,72 @@ mod tests {
         assert_eq!(c.serial, SerialOutput::file("/tmp/x"));
         assert_eq!(c.cmdline, "a b");
         assert_eq!(parse_args(["--help"]).unwrap(), Command::Help);
+    }
+
+    #[test]
+    fn confinement_args() {
+        use crate::confine::LandlockMode;
+        let Command::Run(c) = parse_args(["--kernel", "k"]).unwrap() else {
+            panic!()
+        };
+        assert!(c.check_paths, "arbor always checks API paths");
+        assert!(c.allow_paths.is_empty());
+        assert_eq!(c.confine, crate::confine::Options::default());
+        assert_eq!(c.confine.landlock, LandlockMode::On);
+        assert!(c.confine.no_new_privs && c.confine.drop_capabilities);
+        let Command::Run(c) = parse_args([
+            "--kernel",
+            "k",
+            "--allow-path",
+            "/a",
+            "--allow-path=/b",
+            "--landlock=off",
+            "--no-new-privs",
+            "off",
+            "--capabilities=keep",
+        ])
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            c.allow_paths,
+            vec![PathBuf::from("/a"), PathBuf::from("/b")]
+        );
+        assert_eq!(c.confine.landlock, LandlockMode::Off);
+        assert!(!c.confine.no_new_privs && !c.confine.drop_capabilities);
+        for bad in [
+            vec!["--kernel", "k", "--allow-path", ""],
+            vec!["--kernel", "k", "--landlock=maybe"],
+            vec!["--kernel", "k", "--landlock=on", "--landlock=off"],
+            vec!["--kernel", "k", "--no-new-privs=yes"],
+            vec!["--kernel", "k", "--capabilities=none"],
+        ] {
+            assert!(parse_args(bad.clone()).is_err(), "{bad:?}");
+        }
+        // An allowed directory must be one.
+        assert!(VmConfig::default().allow_paths.is_empty());
+        assert!(!VmConfig::default().check_paths);
+        let dir = std::env::temp_dir().join(format!("arbor-cfg-allow-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let k = dir.join("k");
+        std::fs::write(&k, b"x").unwrap();
+        let with = |p: PathBuf| VmConfig {
+            kernel: k.clone(),
+            allow_paths: vec![p],
+            ..Default::default()
+        };
+        assert!(with(dir.clone()).validate().is_ok());
+        let e = with(k.clone()).validate().unwrap_err().to_string();
+        assert!(e.contains("not a directory"), "{e}");
+        let e = with(dir.join("missing"))
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--allow-path") && e.contains("No such file"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -94,6 +94,8 @@ pub enum DeviceError {
          directory is not the client's)"
     )]
     RelativeDiskPath(String),
+    #[error("cannot use disk: {0}")]
+    PathNotAllowed(#[source] crate::confine::PathRefused),
     #[error("cannot set up interrupts: {0}")]
     Msi(#[source] std::io::Error),
     #[error("cannot create the virtio transport: {0}")]
@@ -112,7 +114,9 @@ impl DeviceError {
             | DeviceError::NotRemovable(_)
             | DeviceError::DiskInUse { .. } => K::Conflict,
             DeviceError::NoSuchDevice(_) => K::NotFound,
-            DeviceError::Disk { .. } | DeviceError::RelativeDiskPath(_) => K::BadRequest,
+            DeviceError::Disk { .. }
+            | DeviceError::RelativeDiskPath(_)
+            | DeviceError::PathNotAllowed(_) => K::BadRequest,
             DeviceError::Placement(p) => match p {
                 PlacementError::BadPath { .. } => K::BadRequest,
                 PlacementError::UnknownPort(_) => K::NotFound,
@@ -188,6 +192,8 @@ pub struct DeviceManager {
     pub hotplug: Arc<PciHotplugController>,
     /// Automatic placement order for hot-plugged devices.
     pub placement_order: Vec<PlaceKind>,
+    /// Which paths a hot-plug request may name; `None`: any.
+    pub path_policy: Option<crate::confine::PathPolicy>,
     pub events: PlatformEvents,
 }
 
@@ -364,6 +370,7 @@ impl DeviceManager {
             ged,
             hotplug,
             placement_order: PlaceKind::DEFAULT_ORDER.to_vec(),
+            path_policy: None,
             events: PlatformEvents { power_off, reset },
         })
     }
@@ -510,7 +517,9 @@ impl DeviceManager {
     }
 
     /// Adds a virtio-blk disk. A hot-plugged disk (a request from a client,
-    /// whose working directory is not ours) needs an absolute path.
+    /// whose working directory is not ours) needs an absolute path, and one
+    /// the [`crate::confine::PathPolicy`] allows when there is one; the
+    /// canonical path it checked is the one opened.
     pub fn add_disk(
         &mut self,
         cfg: &DiskConfig,
@@ -521,6 +530,18 @@ impl DeviceManager {
             return Err(DeviceError::RelativeDiskPath(cfg.path.clone()));
         }
         let mut bc = BlockConfig::new(&cfg.path);
+        if let (true, Some(policy)) = (hotplugged, &self.path_policy) {
+            match policy.check(&cfg.path) {
+                Ok(Ok(canonical)) => bc.path = canonical,
+                Ok(Err(source)) => {
+                    return Err(DeviceError::Disk {
+                        path: cfg.path.clone(),
+                        source,
+                    })
+                }
+                Err(refused) => return Err(DeviceError::PathNotAllowed(refused)),
+            }
+        }
         bc.read_only = cfg.readonly;
         bc.lock = cfg.lock;
         bc.serial = cfg.serial.clone().unwrap_or_default();

@@ -19,6 +19,7 @@
 pub mod acpi;
 pub mod boot;
 pub mod config;
+pub mod confine;
 pub mod cpu;
 pub mod device_manager;
 mod handle;
@@ -36,7 +37,7 @@ pub use api::types::{DiskConfig, RngConfig, VmInfo};
 pub use config::{ConfigError, SerialOutput, VmConfig};
 pub use handle::{RunningVm, VmEvent, VmmHandle};
 pub use seccomp::SeccompMode;
-pub use vm::Vm;
+pub use vm::{kvm_device_path, Vm};
 
 /// Why a VM stopped running.
 #[derive(Debug, Clone, PartialEq, Eq)]

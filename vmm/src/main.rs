@@ -9,6 +9,10 @@
 //! and removes the API socket. A second one stops the VM at once; arbor
 //! then exits with 128 + the signal's number (130 for SIGINT, 143 for
 //! SIGTERM).
+//!
+//! Before the VM is created, while it is still the only thread, arbor
+//! confines itself (`vmm::confine::apply`: Landlock, no-new-privs, the
+//! capability drop), so every thread it starts is confined.
 
 use std::io;
 use std::process::ExitCode;
@@ -187,6 +191,23 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    let mut cfg = cfg;
+    // Still the only thread: Landlock, no-new-privs and the capability
+    // drop are per thread, and every thread started from here on (the
+    // INTx thread in Vm::new, the signal thread, the API thread, vCPUs,
+    // device workers) inherits them.
+    let kvm = vmm::kvm_device_path();
+    if let Err(e) = vmm::confine::apply(&cfg, std::path::Path::new(&kvm)) {
+        eprintln!("arbor: error: {e}");
+        return ExitCode::from(EXIT_ERROR);
+    }
+    if vmm::confine::selftest_skips_path_check() {
+        log::warn!(
+            "{}: the VMM's own path check is off (test hook)",
+            vmm::confine::SELFTEST_ENV
+        );
+        cfg.check_paths = false;
+    }
     let api_socket = cfg.api_socket.clone();
     let mut vm = match Vm::new(*cfg) {
         Ok(vm) => vm,

@@ -79,9 +79,14 @@ fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap> {
     Ok(mem)
 }
 
-/// Opens the KVM device: `/dev/kvm`, or the path in `ARBOR_KVM_DEVICE`.
+/// The KVM device: `/dev/kvm`, or the path in `ARBOR_KVM_DEVICE`.
+pub fn kvm_device_path() -> String {
+    std::env::var("ARBOR_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".to_string())
+}
+
+/// Opens the KVM device ([`kvm_device_path`]).
 fn open_kvm() -> Result<Kvm> {
-    let path = std::env::var("ARBOR_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".to_string());
+    let path = kvm_device_path();
     let c = std::ffi::CString::new(path.clone())
         .map_err(|_| Error::OpenKvm(path.clone(), kvm_ioctls::Error::new(libc::EINVAL)))?;
     Kvm::new_with_path(&c).map_err(|e| Error::OpenKvm(path, e))
@@ -201,6 +206,9 @@ impl Vm {
             .map_err(|e| Error::Device(e.into()))?;
         devices.pci = Some(pci.clone());
         devices.placement_order = config.placement_order.clone();
+        devices.path_policy = config
+            .check_paths
+            .then(|| crate::confine::PathPolicy::for_config(&config, &config.allow_paths));
         // Cold plug does not depend on the hotplug plan, which is computed
         // once the cold-plugged devices have their slots.
         let cold_plan = HotplugPlan::new(pci.topology(), &[]);

@@ -25,15 +25,18 @@ mod handle;
 pub mod hotplug;
 pub mod interrupts;
 pub mod layout;
+mod lifecycle;
 pub mod logger;
 pub mod pci_manager;
 mod terminal;
 pub mod vcpu;
 mod vm;
 
+pub use api::events::EventBus;
 pub use api::types::{DiskConfig, RngConfig, VmInfo};
-pub use config::{ConfigError, SerialOutput, VmConfig};
-pub use handle::{RunningVm, VmEvent, VmmHandle};
+pub use config::{ConfigError, EventMonitor, SerialOutput, VmConfig};
+pub use handle::{RunningVm, StopReason, Subscription, VmEvent, VmEventKind, VmmHandle};
+pub use lifecycle::Vmm;
 pub use vm::Vm;
 
 /// Why a VM stopped running.

@@ -14,6 +14,10 @@
 //!    block the runtime, and turns it into 200 (JSON), 204 (no body) or an
 //!    error status with `{"error": "..."}`.
 //!
+//! `GET vm.events` is the exception: the API thread answers it itself with
+//! a kept-open stream of the [`crate::events::EventBus`] given to
+//! [`start_server_with_events`] (one follower task per connection).
+//!
 //! [`ROUTES`] is the single source of truth for paths and methods: the
 //! router uses it, and a test checks `openapi.json` against it.
 //!

@@ -453,7 +453,10 @@ with panic=-1), 1 VMM error, 2 usage error.
 ";
 
 /// The options of a VM configuration: `--NAME` on the command line,
-/// `"NAME"` in the JSON of `vm.create` and `--print-config`.
+/// `"NAME"` in the JSON of `vm.create` and `--print-config`. A new VM
+/// option is added here and in [`apply_option`] (and printed by
+/// [`VmConfig::to_json`]): it is then a `vm.create` field as well, with
+/// the same parsing and messages.
 pub const VM_OPTIONS: &[&str] = &[
     "kernel",
     "initramfs",

@@ -439,9 +439,9 @@ impl Vm {
             if c.state != VmState::Created {
                 let why = format!("the VM is {}; only a created VM boots", c.state.describe());
                 if let Some(r) = c.boot_reply.take() {
-                    let _ = r.send(Err(ApiError::conflict(why.clone())));
+                    let _ = r.send(Err(ApiError::conflict(why)));
                 }
-                return Err(Error::Guest(why));
+                return Err(Error::AlreadyStarted);
             }
             c.state = VmState::Running;
             c.serve_api();

@@ -347,7 +347,7 @@ impl EventStream {
                 chunked = true;
             }
             if let Some(v) = lower.strip_prefix("content-length:") {
-                length = v.trim().parse().unwrap_or(0);
+                length = v.trim().parse::<usize>().unwrap_or(0).min(1 << 20);
             }
         }
         if status != 200 {

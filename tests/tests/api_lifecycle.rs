@@ -124,10 +124,15 @@ fn embedding_api() {
             break;
         }
     }
+    // Requests sent before the loop runs are served before the vCPUs
+    // start: on a busy host all of them may be, and the VM then stops
+    // before it boots.
+    let booted = kinds.iter().position(|k| *k == vmm::VmEventKind::Booted);
+    assert!(booted.is_none_or(|b| b + 1 < kinds.len()), "{kinds:?}");
+    kinds.retain(|k| *k != vmm::VmEventKind::Booted);
     assert_eq!(
         kinds,
         [
-            vmm::VmEventKind::Booted,
             vmm::VmEventKind::Paused,
             vmm::VmEventKind::Resumed,
             vmm::VmEventKind::Stopped {

@@ -276,8 +276,23 @@ fn created_and_booted_over_the_api() {
     assert_eq!(c.vm_info().unwrap().state, VmState::NotCreated);
     let again = c.vm_create(&config).expect("vm.create again");
     assert_eq!(again, created);
+    // A created VM takes a hot-plugged device before it boots.
+    let early = c
+        .vm_add_disk(&disk_at(&hot, "early", None, None))
+        .expect("hot-plug into a created VM");
+    assert_eq!(c.vm_info().unwrap().devices.len(), 3);
     c.vm_delete().expect("vm.delete again");
-    expect_events(&mut events, &["deleted", "created", "deleted"]);
+    let tail = expect_events(
+        &mut events,
+        &["deleted", "created", "device-added", "deleted"],
+    );
+    assert_eq!(
+        tail[2].kind,
+        VmEventKind::DeviceAdded {
+            id: "early".into(),
+            pci_path: early.pci_path
+        }
+    );
 
     c.vmm_shutdown().expect("vmm.shutdown");
     let end = expect_events(&mut events, &["vmm-exit"]);
@@ -311,6 +326,7 @@ fn created_and_booted_over_the_api() {
         "stopped",
         "deleted",
         "created",
+        "device-added",
         "deleted",
         "vmm-exit",
     ];

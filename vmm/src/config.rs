@@ -1186,6 +1186,15 @@ mod json_tests {
                 vec!["--disk", &format!("path={},port=nowhere", f.p("good.img"))],
                 "unknown port 'nowhere'",
             ),
+            (
+                vec![
+                    "--disk",
+                    &format!("path={}", f.p("good.img")),
+                    "--disk",
+                    &format!("path={},readonly=on", f.p("good.img")),
+                ],
+                "in use",
+            ),
             (vec!["--rng", "pci_path=zz/zz"], "pci_path 'zz/zz'"),
             (
                 vec!["--rng", "colour=red"],

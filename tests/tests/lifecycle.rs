@@ -419,3 +419,57 @@ fn sigterm_without_a_vm() {
     assert_eq!(g.wait_exit().code(), Some(0), "{}", g.stderr());
     assert!(!sock.exists(), "socket left behind");
 }
+
+/// `--event-monitor fd=N` writes the stream to an inherited descriptor.
+#[test]
+fn event_monitor_on_an_inherited_descriptor() {
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
+    use std::os::unix::process::CommandExt;
+    let s = Scratch::new("lifecycle-monitor-fd");
+    let sock = s.path("api.sock");
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe(2) writes two descriptors into the array we own.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let (read_end, write_end) = (fds[0], fds[1]);
+    let mut cmd = Command::new(arbor_bin());
+    cmd.args([
+        "--api-socket",
+        sock.to_str().unwrap(),
+        "--event-monitor",
+        "fd=7",
+    ])
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null());
+    // SAFETY: between fork and exec, only async-signal-safe dup2(2) runs,
+    // on descriptors this process owns.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(write_end, 7) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("spawn arbor");
+    // SAFETY: the write end is ours; the child has its own copy as fd 7.
+    unsafe { libc::close(write_end) };
+    wait_for_socket(&sock);
+    let c = Client::new(&sock).with_timeout(Duration::from_secs(30));
+    conflict(c.vm_boot(), "not created");
+    c.vmm_shutdown().expect("vmm.shutdown");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    // SAFETY: the read end is ours and is closed once, by the File.
+    let mut pipe = unsafe { std::fs::File::from_raw_fd(read_end) };
+    let mut text = String::new();
+    pipe.read_to_string(&mut text).unwrap();
+    let events: Vec<VmEvent> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON event per line"))
+        .collect();
+    assert_eq!(
+        events.iter().map(|e| e.kind.clone()).collect::<Vec<_>>(),
+        [VmEventKind::VmmExit { status: 0 }],
+        "{text}"
+    );
+}

@@ -261,6 +261,178 @@ impl Client {
     pub fn vm_shutdown(&self) -> Result<(), ClientError> {
         self.call_empty(Endpoint::VmShutdown)?.success()
     }
+
+    /// `PUT vm.create` with the whole configuration (the JSON that
+    /// `arbor --print-config` prints); answers the new VM's `vm.info`.
+    pub fn vm_create(&self, config: &serde_json::Value) -> Result<VmInfo, ClientError> {
+        self.call(Endpoint::VmCreate, Some(config))?.json()
+    }
+
+    /// `PUT vm.boot`.
+    pub fn vm_boot(&self) -> Result<(), ClientError> {
+        self.call_empty(Endpoint::VmBoot)?.success()
+    }
+
+    /// `PUT vm.delete`.
+    pub fn vm_delete(&self) -> Result<(), ClientError> {
+        self.call_empty(Endpoint::VmDelete)?.success()
+    }
+
+    /// `GET vm.events`: follows the event stream on a connection of its
+    /// own (the client's timeout applies to each read).
+    pub fn vm_events(&self) -> Result<EventStream, ClientError> {
+        EventStream::open(&self.socket, self.timeout)
+    }
+}
+
+/// A followed `GET vm.events` stream, read line by line (blocking).
+pub struct EventStream {
+    reader: io::BufReader<std::os::unix::net::UnixStream>,
+    /// Bytes of the current chunk not read yet.
+    chunk_left: usize,
+    pending: Vec<u8>,
+    ended: bool,
+}
+
+fn io_error(socket: &Path, e: io::Error) -> ClientError {
+    ClientError::Connect {
+        path: socket.to_path_buf(),
+        source: e,
+    }
+}
+
+impl EventStream {
+    fn open(socket: &Path, timeout: Option<Duration>) -> Result<EventStream, ClientError> {
+        use std::io::{BufRead, Write};
+        let mut stream =
+            std::os::unix::net::UnixStream::connect(socket).map_err(|e| io_error(socket, e))?;
+        stream
+            .set_read_timeout(timeout)
+            .map_err(|e| io_error(socket, e))?;
+        stream
+            .write_all(
+                format!(
+                    "GET {} HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                    Endpoint::VmEvents.path()
+                )
+                .as_bytes(),
+            )
+            .map_err(|e| io_error(socket, e))?;
+        let mut reader = io::BufReader::new(stream);
+        let mut status_line = String::new();
+        reader
+            .read_line(&mut status_line)
+            .map_err(|e| io_error(socket, e))?;
+        let status: u16 = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| ClientError::Decode {
+                status: 0,
+                reason: format!("bad status line '{}'", status_line.trim()),
+            })?;
+        let mut chunked = false;
+        let mut length = 0usize;
+        loop {
+            let mut line = String::new();
+            let n = reader
+                .read_line(&mut line)
+                .map_err(|e| io_error(socket, e))?;
+            let line = line.trim_end();
+            if n == 0 || line.is_empty() {
+                break;
+            }
+            let lower = line.to_ascii_lowercase();
+            if lower.starts_with("transfer-encoding:") && lower.contains("chunked") {
+                chunked = true;
+            }
+            if let Some(v) = lower.strip_prefix("content-length:") {
+                length = v.trim().parse::<usize>().unwrap_or(0).min(1 << 20);
+            }
+        }
+        if status != 200 {
+            let mut body = vec![0u8; length];
+            let _ = std::io::Read::read_exact(&mut reader, &mut body);
+            let message = serde_json::from_slice::<ErrorBody>(&body)
+                .map(|b| b.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+            return Err(ClientError::Api { status, message });
+        }
+        if !chunked {
+            return Err(ClientError::Decode {
+                status,
+                reason: "the event stream is not chunked".into(),
+            });
+        }
+        Ok(EventStream {
+            reader,
+            chunk_left: 0,
+            pending: Vec::new(),
+            ended: false,
+        })
+    }
+
+    /// Reads more of the chunked body into `pending`; false at its end.
+    fn fill(&mut self) -> io::Result<bool> {
+        use std::io::{BufRead, Read};
+        if self.ended {
+            return Ok(false);
+        }
+        if self.chunk_left == 0 {
+            let mut size = String::new();
+            if self.reader.read_line(&mut size)? == 0 {
+                self.ended = true;
+                return Ok(false);
+            }
+            let size = size.trim();
+            if size.is_empty() {
+                // The CRLF closing the previous chunk.
+                return Ok(true);
+            }
+            let hex = size.split(';').next().unwrap_or("");
+            self.chunk_left = usize::from_str_radix(hex, 16)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad chunk size"))?;
+            if self.chunk_left == 0 {
+                self.ended = true;
+                return Ok(false);
+            }
+        }
+        let mut buf = vec![0u8; self.chunk_left.min(8192)];
+        let n = self.reader.read(&mut buf)?;
+        if n == 0 {
+            self.ended = true;
+            return Ok(false);
+        }
+        self.chunk_left -= n;
+        self.pending.extend_from_slice(&buf[..n]);
+        Ok(true)
+    }
+
+    /// The next line of the stream (without its newline); `None` once the
+    /// stream has ended. A read timeout is an error.
+    pub fn next_line(&mut self) -> io::Result<Option<String>> {
+        loop {
+            if let Some(pos) = self.pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.pending.drain(..=pos).collect();
+                return Ok(Some(
+                    String::from_utf8_lossy(&line[..line.len() - 1]).into_owned(),
+                ));
+            }
+            if !self.fill()? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// The next event; `None` once the stream has ended.
+    pub fn next_event(&mut self) -> io::Result<Option<crate::events::VmEvent>> {
+        match self.next_line()? {
+            None => Ok(None),
+            Some(line) => serde_json::from_str(&line)
+                .map(Some)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
+        }
+    }
 }
 
 /// One HTTP/1.1 exchange over a fresh connection.

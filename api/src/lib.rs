@@ -12,6 +12,8 @@
 //! - [`socket`]: creation (mode 0600, stale-socket replacement) and removal
 //!   of the socket file.
 //! - [`client`]: a blocking client with one function per endpoint.
+//! - [`events`]: [`events::VmEvent`] and the bus that fans the event
+//!   stream out to followers without blocking the VMM.
 //! - [`kv`]: the `key=value,key=value` option parser shared with the `arbor`
 //!   command line.
 //!
@@ -19,6 +21,7 @@
 //! test keeps it in step with [`ROUTES`].
 
 pub mod client;
+pub mod events;
 pub mod kv;
 pub mod message;
 pub mod server;
@@ -31,8 +34,8 @@ pub use message::{
     ReplySender,
 };
 pub use server::{
-    set_thread_hook, start_server, ApiServerHandle, Endpoint, Route, ServerError, API_PREFIX,
-    ROUTES,
+    set_thread_hook, start_server, start_server_with_events, ApiServerHandle, Endpoint, Route,
+    ServerError, API_PREFIX, ROUTES,
 };
 pub use socket::SocketError;
 

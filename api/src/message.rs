@@ -49,6 +49,17 @@ pub enum ApiRequest {
     /// `PUT vm.remove-device`: answer [`ApiResponse::Empty`] once the device
     /// is gone; 404 for an unknown id.
     VmRemoveDevice(RemoveDeviceRequest),
+    /// `PUT vm.create`: the whole VM configuration, a JSON object the VMM
+    /// parses as its command line (`vmm::VmConfig::from_json`); answer
+    /// [`ApiResponse::VmInfo`] of the created VM; 400 for a bad
+    /// configuration, 409 when a VM exists.
+    VmCreate(Box<serde_json::Value>),
+    /// `PUT vm.boot`: answer [`ApiResponse::Empty`] once the vCPUs run; 409
+    /// unless the VM is created.
+    VmBoot,
+    /// `PUT vm.delete`: answer [`ApiResponse::Empty`] once the VM is gone;
+    /// 409 unless it is created or shut down.
+    VmDelete,
 }
 
 impl ApiRequest {
@@ -64,6 +75,9 @@ impl ApiRequest {
             ApiRequest::VmAddDisk(_) => "vm.add-disk",
             ApiRequest::VmAddRng(_) => "vm.add-rng",
             ApiRequest::VmRemoveDevice(_) => "vm.remove-device",
+            ApiRequest::VmCreate(_) => "vm.create",
+            ApiRequest::VmBoot => "vm.boot",
+            ApiRequest::VmDelete => "vm.delete",
         }
     }
 }

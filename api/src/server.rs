@@ -14,6 +14,10 @@
 //!    block the runtime, and turns it into 200 (JSON), 204 (no body) or an
 //!    error status with `{"error": "..."}`.
 //!
+//! `GET vm.events` is the exception: the API thread answers it itself with
+//! a kept-open stream of the [`crate::events::EventBus`] given to
+//! [`start_server_with_events`] (one follower task per connection).
+//!
 //! [`ROUTES`] is the single source of truth for paths and methods: the
 //! router uses it, and a test checks `openapi.json` against it.
 //!
@@ -60,6 +64,7 @@ use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::events::EventBus;
 use crate::message::{ApiError, ApiMessage, ApiReply, ApiRequest, ApiResponse};
 use crate::socket::{self, SocketError};
 use crate::types::{DiskConfig, EmptyRequest, ErrorBody, RemoveDeviceRequest, RngConfig};
@@ -102,6 +107,14 @@ pub enum Endpoint {
     VmResume,
     /// `PUT /api/v1/vm.shutdown`
     VmShutdown,
+    /// `PUT /api/v1/vm.create`
+    VmCreate,
+    /// `PUT /api/v1/vm.boot`
+    VmBoot,
+    /// `PUT /api/v1/vm.delete`
+    VmDelete,
+    /// `GET /api/v1/vm.events`: served by the API thread itself.
+    VmEvents,
 }
 
 /// One entry of the route table.
@@ -134,6 +147,10 @@ pub const ROUTES: &[Route] = &[
     route(Endpoint::VmPause),
     route(Endpoint::VmResume),
     route(Endpoint::VmShutdown),
+    route(Endpoint::VmCreate),
+    route(Endpoint::VmBoot),
+    route(Endpoint::VmDelete),
+    route(Endpoint::VmEvents),
 ];
 
 impl Endpoint {
@@ -148,6 +165,10 @@ impl Endpoint {
         Endpoint::VmPause,
         Endpoint::VmResume,
         Endpoint::VmShutdown,
+        Endpoint::VmCreate,
+        Endpoint::VmBoot,
+        Endpoint::VmDelete,
+        Endpoint::VmEvents,
     ];
 
     /// The full path, starting with [`API_PREFIX`].
@@ -162,13 +183,17 @@ impl Endpoint {
             Endpoint::VmPause => "/api/v1/vm.pause",
             Endpoint::VmResume => "/api/v1/vm.resume",
             Endpoint::VmShutdown => "/api/v1/vm.shutdown",
+            Endpoint::VmCreate => "/api/v1/vm.create",
+            Endpoint::VmBoot => "/api/v1/vm.boot",
+            Endpoint::VmDelete => "/api/v1/vm.delete",
+            Endpoint::VmEvents => "/api/v1/vm.events",
         }
     }
 
     /// The method: GET for queries, PUT for everything else.
     pub const fn method(self) -> Method {
         match self {
-            Endpoint::VmmPing | Endpoint::VmInfo => Method::GET,
+            Endpoint::VmmPing | Endpoint::VmInfo | Endpoint::VmEvents => Method::GET,
             _ => Method::PUT,
         }
     }
@@ -186,7 +211,8 @@ impl Endpoint {
     pub fn accepts(self, response: &ApiResponse) -> bool {
         match self {
             Endpoint::VmmPing => matches!(response, ApiResponse::VmmPing(_)),
-            Endpoint::VmInfo => matches!(response, ApiResponse::VmInfo(_)),
+            Endpoint::VmInfo | Endpoint::VmCreate => matches!(response, ApiResponse::VmInfo(_)),
+            Endpoint::VmEvents => false,
             Endpoint::VmAddDisk | Endpoint::VmAddRng => {
                 matches!(response, ApiResponse::DeviceAdded(_))
             }
@@ -194,6 +220,8 @@ impl Endpoint {
             | Endpoint::VmPause
             | Endpoint::VmResume
             | Endpoint::VmShutdown
+            | Endpoint::VmBoot
+            | Endpoint::VmDelete
             | Endpoint::VmRemoveDevice => matches!(response, ApiResponse::Empty),
         }
     }
@@ -207,6 +235,18 @@ impl Endpoint {
             Endpoint::VmPause => no_body(self, body).map(|()| ApiRequest::VmPause)?,
             Endpoint::VmResume => no_body(self, body).map(|()| ApiRequest::VmResume)?,
             Endpoint::VmShutdown => no_body(self, body).map(|()| ApiRequest::VmShutdown)?,
+            Endpoint::VmBoot => no_body(self, body).map(|()| ApiRequest::VmBoot)?,
+            Endpoint::VmDelete => no_body(self, body).map(|()| ApiRequest::VmDelete)?,
+            Endpoint::VmEvents => {
+                no_body(self, body)?;
+                return Err(ApiError::internal(
+                    "vm.events is a stream served by the API thread, not a request",
+                ));
+            }
+            Endpoint::VmCreate => {
+                let value: serde_json::Value = json_body(self, body, false)?;
+                ApiRequest::VmCreate(Box::new(value))
+            }
             Endpoint::VmAddDisk => {
                 let config: DiskConfig = json_body(self, body, false)?;
                 config.validate()?;
@@ -314,6 +354,7 @@ pub enum ServerError {
 struct Context {
     sender: Sender<ApiMessage>,
     wake: EventFd,
+    events: Option<EventBus>,
 }
 
 impl Context {
@@ -337,10 +378,67 @@ impl Context {
     }
 }
 
-type HttpResponse = Response<Full<Bytes>>;
+/// The body of an event stream: lines handed over by the follower task.
+pub struct EventBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for EventBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|line| line.map(|b| Ok(hyper::body::Frame::data(b))))
+    }
+}
+
+/// An answer's body: whole, or an event stream.
+type ApiBody = http_body_util::Either<Full<Bytes>, EventBody>;
+
+type HttpResponse = Response<ApiBody>;
+
+/// Lines in flight between a follower task and its connection; beyond
+/// them, events wait in the follower's queue (see [`crate::events`]).
+const STREAM_LINES_IN_FLIGHT: usize = 16;
+
+/// `GET vm.events`: a kept-open answer of newline-delimited JSON events.
+/// A task follows the bus and hands lines to the body; when the client does
+/// not read, the body is not polled, the task waits, and the bus drops the
+/// events this follower cannot hold (counted, and reported to it).
+fn events_response(ctx: &Context) -> HttpResponse {
+    let Some(bus) = &ctx.events else {
+        return error_response(StatusCode::NOT_FOUND, "this server has no event stream");
+    };
+    let sub = bus.subscribe();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(STREAM_LINES_IN_FLIGHT);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = tx.closed() => break,
+                ev = sub.next() => match ev {
+                    Some(e) => {
+                        if tx.send(Bytes::from(e.to_line())).await.is_err() {
+                            break;
+                        }
+                    }
+                    None => break,
+                },
+            }
+        }
+    });
+    let mut resp = Response::new(http_body_util::Either::Right(EventBody(rx)));
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    resp
+}
 
 fn bytes_response(status: StatusCode, body: Vec<u8>) -> HttpResponse {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    let mut resp = Response::new(http_body_util::Either::Left(Full::new(Bytes::from(body))));
     *resp.status_mut() = status;
     if status != StatusCode::NO_CONTENT {
         resp.headers_mut()
@@ -450,6 +548,12 @@ async fn handle(req: Request<Incoming>, ctx: &Context) -> HttpResponse {
             )
         }
     };
+    if endpoint == Endpoint::VmEvents {
+        if let Err(e) = no_body(endpoint, &body) {
+            return api_error_response(e);
+        }
+        return events_response(ctx);
+    }
     let request = match endpoint.parse_request(&body) {
         Ok(request) => request,
         Err(e) => return api_error_response(e),
@@ -721,6 +825,18 @@ pub fn start_server(
     sender: Sender<ApiMessage>,
     wake: EventFd,
 ) -> Result<ApiServerHandle, ServerError> {
+    start_server_with_events(path, sender, wake, None)
+}
+
+/// [`start_server`], with `GET vm.events` following `events` (without a
+/// bus, that endpoint answers 404). Close the bus before dropping the
+/// handle, so that event streams end and shutdown does not wait for them.
+pub fn start_server_with_events(
+    path: impl AsRef<Path>,
+    sender: Sender<ApiMessage>,
+    wake: EventFd,
+    events: Option<EventBus>,
+) -> Result<ApiServerHandle, ServerError> {
     let path = path.as_ref();
     let (std_listener, socket_file) = socket::bind(path)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -731,7 +847,11 @@ pub fn start_server(
         let _guard = runtime.enter();
         UnixListener::from_std(std_listener).map_err(ServerError::Runtime)?
     };
-    let ctx = Arc::new(Context { sender, wake });
+    let ctx = Arc::new(Context {
+        sender,
+        wake,
+        events,
+    });
     let (stop_tx, stop_rx) = oneshot::channel();
     let thread = std::thread::Builder::new()
         .name("arbor-api".to_string())

@@ -45,7 +45,11 @@ pub struct VmmPingResponse {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum VmState {
-    /// Built but not yet started.
+    /// No VM: `arbor --api-socket` without `--kernel`, before `vm.create`
+    /// or after `vm.delete`.
+    #[serde(rename = "not-created")]
+    NotCreated,
+    /// Built (`vm.create`) but not yet booted.
     Created,
     /// vCPUs are running.
     Running,
@@ -56,8 +60,22 @@ pub enum VmState {
 }
 
 impl VmState {
+    /// The state in words, for messages ("the VM is not created").
+    pub fn describe(self) -> &'static str {
+        match self {
+            VmState::NotCreated => "not created",
+            VmState::Created => "created",
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Shutdown => "shut down",
+        }
+    }
+}
+
+impl VmState {
     /// Every state, in declaration order.
     pub const ALL: &'static [VmState] = &[
+        VmState::NotCreated,
         VmState::Created,
         VmState::Running,
         VmState::Paused,

@@ -208,6 +208,29 @@ fn schemas_match_the_wire_types() {
     check_enum(&doc, "TopologyNodeType", TopologyNodeType::ALL);
     check_enum(&doc, "HotplugMechanism", HotplugMechanism::ALL);
 
+    // The event stream's lines.
+    let ev = api::events::VmEvent {
+        timestamp_us: 1,
+        kind: api::events::VmEventKind::Stopped {
+            reason: api::events::StopReason::Error,
+            error: s(),
+        },
+    };
+    let props: BTreeSet<String> = schema(&doc, "VmEvent")["properties"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    for k in keys_of(&ev) {
+        assert!(props.contains(&k), "VmEvent lacks {k}");
+    }
+    let names: Vec<Value> = schema(&doc, "VmEventName")["enum"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert!(names.contains(&serde_json::to_value(&ev).unwrap()["event"]));
+
     // Request schemas are closed, as the server rejects unknown fields.
     for name in ["DiskConfig", "RngConfig", "RemoveDeviceRequest"] {
         assert_eq!(schema(&doc, name)["additionalProperties"], false, "{name}");

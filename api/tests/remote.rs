@@ -224,3 +224,38 @@ fn socket_option_equals_form() {
         .unwrap();
     assert_eq!(stdout_json(&out)["version"], FAKE_VERSION);
 }
+
+#[test]
+fn create_boot_delete_events() {
+    let f = Fixture::new();
+    let s = &f.socket;
+    let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+    let good = dir.as_path().join("vm.json");
+    std::fs::write(&good, br#"{"kernel": "/k", "cpus": 2}"#).unwrap();
+    let bad = dir.as_path().join("bad.json");
+    std::fs::write(&bad, b"{kernel").unwrap();
+    let good_s = good.to_str().unwrap();
+    for (args, needle) in [
+        (vec!["create"], "create takes one argument"),
+        (
+            vec!["create", "/nonexistent/vm.json"],
+            "cannot read '/nonexistent/vm.json'",
+        ),
+        (vec!["create", bad.to_str().unwrap()], "is not JSON"),
+        (vec!["create", good_s, good_s], "create takes one argument"),
+        (vec!["boot", "now"], "boot takes no options"),
+        (vec!["events", "x=1"], "events takes no options"),
+    ] {
+        let err = stderr_error(&remote(s, &args), 2);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    // The fake VMM has a running VM: the life-cycle requests reach it and
+    // are refused as a real one would refuse them.
+    assert!(api_error(&remote(s, &["create", good_s])).contains("running"));
+    assert!(api_error(&remote(s, &["boot"])).contains("running"));
+    assert!(api_error(&remote(s, &["delete"])).contains("running"));
+    // The fake server has no event stream: an API error, exit 1.
+    let out = remote(s, &["events"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no event stream"));
+}

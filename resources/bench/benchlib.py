@@ -435,7 +435,9 @@ class ArborVm:
         self.sock = os.path.join(workdir, "arbor-api.sock")
         self.argv = [binary, "--kernel", kernel, "--initramfs", initramfs, "--cmdline", cmdline,
                      "--cpus", str(opts.cpus), "--memory", f"{opts.memory // MIB}M",
-                     "--api-socket", self.sock] + opts.arbor_extra
+                     "--api-socket", self.sock,
+                     # Files the benchmark hot-plugs live in WORKDIR.
+                     "--allow-path", workdir] + opts.arbor_extra
         self.proc = None
         self.console = None
         self.stderr = None

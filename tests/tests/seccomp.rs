@@ -21,6 +21,7 @@ const KINDS: &[&str] = &[
     "worker",
     "intx",
     "signals",
+    "monitor",
 ];
 
 fn socket_path(name: &str) -> PathBuf {
@@ -33,6 +34,7 @@ fn start(kind: &str, mode: &str, scratch: &Scratch) -> Guest {
     let disk = scratch.path("disk.img");
     raw_disk(&disk, 3);
     let disk = format!("path={}", disk.display());
+    let events = format!("path={}", scratch.path("events.jsonl").display());
     let sock = socket_path(kind);
     let _ = std::fs::remove_file(&sock);
     let args: Vec<String> = [
@@ -49,6 +51,9 @@ fn start(kind: &str, mode: &str, scratch: &Scratch) -> Guest {
         "id=entropy",
         "--disk",
         &disk,
+        // So the event-monitor thread starts.
+        "--event-monitor",
+        &events,
         "--api-socket",
         sock.to_str().unwrap(),
         "--seccomp",

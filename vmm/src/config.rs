@@ -120,7 +120,61 @@ pub fn parse_port(input: &str) -> Result<PortSpec, ConfigError> {
     })
 }
 
-/// Everything needed to build and boot a VM.
+/// What the `arbor` process decides for every VM it builds, whatever the
+/// configuration's source: set from its command line, never from
+/// `vm.create` (an API client cannot widen what it may reach).
+#[derive(Clone, Debug, Default)]
+pub struct ProcessPolicy {
+    /// Seccomp mode of every VM's threads.
+    pub seccomp: crate::seccomp::SeccompMode,
+    /// The `--allow-path` directories.
+    pub allow_paths: Vec<PathBuf>,
+    /// The paths API clients may name (the command line's files and the
+    /// `--allow-path` directories); `None`: unchecked (embedders).
+    pub paths: Option<crate::confine::PathPolicy>,
+}
+
+impl ProcessPolicy {
+    /// The policy the command line `cfg` sets.
+    pub fn from_command_line(cfg: &VmConfig) -> ProcessPolicy {
+        ProcessPolicy {
+            seccomp: cfg.seccomp,
+            allow_paths: cfg.allow_paths.clone(),
+            paths: cfg
+                .check_paths
+                .then(|| crate::confine::PathPolicy::for_config(cfg, &cfg.allow_paths)),
+        }
+    }
+
+    /// Applies the policy to a configuration an API client sent
+    /// (`vm.create`): the process's seccomp mode and allowed directories,
+    /// and every file it names (kernel, initramfs, disks, console file)
+    /// must be one the process may use, else the error names it.
+    pub fn admit(&self, mut cfg: VmConfig) -> Result<VmConfig, ConfigError> {
+        cfg.seccomp = self.seccomp;
+        cfg.allow_paths = self.allow_paths.clone();
+        cfg.check_paths = self.paths.is_some();
+        if let Some(policy) = &self.paths {
+            let mut named: Vec<(&str, String)> = vec![("kernel", path_text(&cfg.kernel))];
+            named.extend(cfg.initramfs.iter().map(|p| ("initramfs", path_text(p))));
+            named.extend(cfg.disks.iter().map(|d| ("disk", d.path.clone())));
+            if let SerialOutput::File { path, .. } = &cfg.serial {
+                named.push(("serial", path_text(path)));
+            }
+            for (field, path) in named {
+                if let Err(refused) = policy.check(&path) {
+                    return err(format!("{field}: {refused}"));
+                }
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+fn path_text(p: &std::path::Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmConfig {
     pub kernel: PathBuf,
@@ -158,6 +212,8 @@ pub struct VmConfig {
     /// Process protections `arbor` applies before creating the VM
     /// ([`crate::confine::apply`]; `Vm::new` does not apply them).
     pub confine: crate::confine::Options,
+    /// Where the `arbor` process writes its event stream (`--event-monitor`).
+    pub event_monitor: Option<EventMonitor>,
 }
 
 impl Default for VmConfig {
@@ -180,6 +236,7 @@ impl Default for VmConfig {
             allow_paths: Vec::new(),
             check_paths: false,
             confine: crate::confine::Options::default(),
+            event_monitor: None,
         }
     }
 }
@@ -430,7 +487,13 @@ fn parse_seconds(flag: &str, value: &str) -> Result<Duration, ConfigError> {
 /// What the command line asks for.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
+    /// Build and boot the VM the options describe.
     Run(Box<VmConfig>),
+    /// No VM yet: serve the API (`--api-socket` without `--kernel`) until
+    /// `vm.create` brings one; only the process options are set.
+    Serve(Box<VmConfig>),
+    /// Print the configuration's JSON (`--print-config`) and exit.
+    PrintConfig(Box<VmConfig>),
     Help,
     Version,
 }
@@ -438,6 +501,8 @@ pub enum Command {
 /// The `arbor --help` text.
 pub const USAGE: &str = "\
 usage: arbor --kernel PATH [options]
+       arbor --api-socket PATH [--event-monitor ...]   (the VM comes by vm.create)
+       arbor --kernel PATH [options] --print-config    (print the configuration's JSON)
 
   --kernel PATH        guest kernel: ELF vmlinux (PVH entry) or bzImage
   --initramfs PATH     initial ramdisk
@@ -456,6 +521,9 @@ usage: arbor --kernel PATH [options]
   --hotplug-order LIST automatic placement order of hot-plugged devices, a
                        permutation of native,acpi,root (default native,acpi,root)
   --api-socket PATH    serve the HTTP API on this UNIX socket
+  --event-monitor path=FILE|fd=N
+                       write the event stream (newline-delimited JSON) there
+  --print-config       print the VM configuration as vm.create's JSON and exit
   --shutdown-grace S   seconds vm.shutdown waits after the power button (5)
   --remove-timeout S   seconds vm.remove-device waits for the guest (10)
   --seccomp MODE       on (default): a system call outside a thread's allow
@@ -476,6 +544,76 @@ exit status: 0 guest powered off, 3 guest rebooted (or reset, e.g. a panic
 with panic=-1), 1 VMM error, 2 usage error.
 ";
 
+/// The options of a VM configuration: `--NAME` on the command line,
+/// `"NAME"` in the JSON of `vm.create` and `--print-config`. A new VM
+/// option is added here and in [`apply_option`] (and printed by
+/// [`VmConfig::to_json`]): it is then a `vm.create` field as well, with
+/// the same parsing and messages.
+pub const VM_OPTIONS: &[&str] = &[
+    "kernel",
+    "initramfs",
+    "cmdline",
+    "cpus",
+    "memory",
+    "serial",
+    "disk",
+    "rng",
+    "pci-port",
+    "hotplug-order",
+    "shutdown-grace",
+    "remove-timeout",
+];
+
+/// Options that may be given more than once (arrays in JSON).
+const REPEATABLE: &[&str] = &["disk", "rng", "pci-port", "allow-path"];
+
+/// Options of the `arbor` process rather than of a VM: command line only.
+pub const PROCESS_OPTIONS: &[&str] = &[
+    "api-socket",
+    "event-monitor",
+    "print-config",
+    "seccomp",
+    "allow-path",
+    "landlock",
+    "no-new-privs",
+    "capabilities",
+];
+
+/// Applies one VM option (`name` without `--`) given as its command-line
+/// text. The command line and `vm.create` both come here, so a value means
+/// the same and is refused with the same message either way.
+fn apply_option(cfg: &mut VmConfig, name: &str, value: String) -> Result<(), ConfigError> {
+    match name {
+        "kernel" => cfg.kernel = PathBuf::from(value),
+        "initramfs" => cfg.initramfs = Some(PathBuf::from(value)),
+        "cmdline" => cfg.cmdline = value,
+        "cpus" => {
+            cfg.cpus = value.parse().map_err(|_| {
+                ConfigError(format!("--cpus '{value}' is not a number from 1 to 254"))
+            })?
+        }
+        "memory" => cfg.memory = parse_size(&value)?,
+        "disk" => cfg
+            .disks
+            .push(DiskConfig::from_kv(&value).map_err(|e| ConfigError(format!("--disk: {e}")))?),
+        "rng" => {
+            let r = if value.is_empty() {
+                RngConfig::default()
+            } else {
+                RngConfig::from_kv(&value).map_err(|e| ConfigError(format!("--rng: {e}")))?
+            };
+            cfg.rngs.push(r)
+        }
+        "shutdown-grace" => cfg.shutdown_grace = parse_seconds("--shutdown-grace", &value)?,
+        "remove-timeout" => cfg.remove_timeout = parse_seconds("--remove-timeout", &value)?,
+        "pci-port" => cfg.ports.push(parse_port(&value)?),
+        "hotplug-order" => cfg.placement_order = parse_order(&value)?,
+        "serial" => cfg.serial = parse_serial(&value)?,
+        other => return err(format!("unknown option '--{other}' (see --help)")),
+    }
+    Ok(())
+}
+
 /// Parses `arbor`'s arguments (without the program name).
 pub fn parse_args<I, S>(args: I) -> Result<Command, ConfigError>
 where
@@ -486,9 +624,9 @@ where
         seccomp: crate::seccomp::SeccompMode::On,
         ..VmConfig::default()
     };
-    let mut kernel = None;
     let mut it = args.into_iter().map(Into::into).peekable();
     let mut seen: Vec<String> = Vec::new();
+    let mut print_config = false;
     while let Some(arg) = it.next() {
         let (flag, inline) = match arg.split_once('=') {
             Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
@@ -499,38 +637,23 @@ where
             "--version" | "-V" => return Ok(Command::Version),
             _ => {}
         }
-        if !flag.starts_with("--") {
+        let Some(name) = flag.strip_prefix("--") else {
             return err(format!("unexpected argument '{arg}' (see --help)"));
-        }
-        let known = [
-            "--kernel",
-            "--initramfs",
-            "--cmdline",
-            "--cpus",
-            "--memory",
-            "--serial",
-            "--api-socket",
-            "--shutdown-grace",
-            "--disk",
-            "--rng",
-            "--remove-timeout",
-            "--pci-port",
-            "--hotplug-order",
-            "--seccomp",
-            "--allow-path",
-            "--landlock",
-            "--no-new-privs",
-            "--capabilities",
-        ];
-        if !known.contains(&flag.as_str()) {
+        };
+        if !VM_OPTIONS.contains(&name) && !PROCESS_OPTIONS.contains(&name) {
             return err(format!("unknown option '{flag}' (see --help)"));
         }
-        let repeatable =
-            flag == "--disk" || flag == "--rng" || flag == "--pci-port" || flag == "--allow-path";
-        if seen.contains(&flag) && !repeatable {
+        if seen.contains(&flag) && !REPEATABLE.contains(&name) {
             return err(format!("option '{flag}' given twice"));
         }
         seen.push(flag.clone());
+        if name == "print-config" {
+            if inline.is_some() {
+                return err("--print-config takes no value");
+            }
+            print_config = true;
+            continue;
+        }
         let value = match inline {
             Some(v) => v,
             None if flag == "--rng" => match it.peek() {
@@ -541,62 +664,316 @@ where
                 .next()
                 .ok_or_else(|| ConfigError(format!("option '{flag}' needs a value")))?,
         };
-        match flag.as_str() {
-            "--kernel" => kernel = Some(PathBuf::from(value)),
-            "--initramfs" => cfg.initramfs = Some(PathBuf::from(value)),
-            "--cmdline" => cfg.cmdline = value,
-            "--cpus" => {
-                cfg.cpus = value.parse().map_err(|_| {
-                    ConfigError(format!("--cpus '{value}' is not a number from 1 to 254"))
-                })?
-            }
-            "--memory" => cfg.memory = parse_size(&value)?,
-            "--disk" => cfg.disks.push(
-                DiskConfig::from_kv(&value).map_err(|e| ConfigError(format!("--disk: {e}")))?,
-            ),
-            "--rng" => {
-                let r = if value.is_empty() {
-                    RngConfig::default()
-                } else {
-                    RngConfig::from_kv(&value).map_err(|e| ConfigError(format!("--rng: {e}")))?
-                };
-                cfg.rngs.push(r)
-            }
-            "--api-socket" => {
+        match name {
+            "api-socket" => {
                 if value.is_empty() {
                     return err("--api-socket needs a path");
                 }
                 cfg.api_socket = Some(PathBuf::from(value))
             }
-            "--shutdown-grace" => cfg.shutdown_grace = parse_seconds(&flag, &value)?,
-            "--remove-timeout" => cfg.remove_timeout = parse_seconds(&flag, &value)?,
-            "--pci-port" => cfg.ports.push(parse_port(&value)?),
-            "--hotplug-order" => cfg.placement_order = parse_order(&value)?,
-            "--serial" => cfg.serial = parse_serial(&value)?,
-            "--seccomp" => {
+            "seccomp" => {
                 cfg.seccomp = value
                     .parse()
                     .map_err(|e| ConfigError(format!("--seccomp: {e}")))?
             }
-            "--allow-path" => {
+            "allow-path" => {
                 if value.is_empty() {
                     return err("--allow-path needs a directory");
                 }
                 cfg.allow_paths.push(PathBuf::from(value))
             }
-            "--landlock" => cfg.confine.landlock = crate::confine::parse_landlock(&value)?,
-            "--no-new-privs" => {
+            "landlock" => cfg.confine.landlock = crate::confine::parse_landlock(&value)?,
+            "no-new-privs" => {
                 cfg.confine.no_new_privs = crate::confine::parse_on_off(&flag, &value)?
             }
-            "--capabilities" => {
+            "capabilities" => {
                 cfg.confine.drop_capabilities = crate::confine::parse_capabilities(&value)?
             }
-            _ => unreachable!("flag checked against the known list"),
+            "event-monitor" => cfg.event_monitor = Some(parse_event_monitor(&value)?),
+            _ => apply_option(&mut cfg, name, value)?,
         }
     }
-    cfg.kernel = kernel.ok_or_else(|| ConfigError("--kernel is required".into()))?;
+    let vm_options = seen
+        .iter()
+        .any(|f| VM_OPTIONS.contains(&&f[2..]) && f != "--kernel");
+    // API clients' paths are always checked by `arbor`.
     cfg.check_paths = true;
+    if cfg.kernel.as_os_str().is_empty() {
+        // `arbor --api-socket PATH` alone: the VM comes later, by vm.create.
+        if cfg.api_socket.is_some() && !vm_options && !print_config {
+            return Ok(Command::Serve(Box::new(cfg)));
+        }
+        return err("--kernel is required");
+    }
+    if print_config {
+        return Ok(Command::PrintConfig(Box::new(cfg)));
+    }
     Ok(Command::Run(Box::new(cfg)))
+}
+
+/// Where `--event-monitor` writes the event stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventMonitor {
+    /// A file, created or appended to.
+    Path(PathBuf),
+    /// A descriptor inherited from the parent.
+    Fd(i32),
+}
+
+/// Parses `--event-monitor path=FILE|fd=N`.
+pub fn parse_event_monitor(value: &str) -> Result<EventMonitor, ConfigError> {
+    let e = |m: String| {
+        ConfigError(format!(
+            "--event-monitor '{value}': {m} (expected path=FILE or fd=N)"
+        ))
+    };
+    let o = api::kv::parse(value, &["path", "fd"]).map_err(|x| e(x.to_string()))?;
+    match (o.get("path"), o.get("fd")) {
+        (Some(p), None) => Ok(EventMonitor::Path(PathBuf::from(p))),
+        (None, Some(fd)) => fd
+            .parse::<i32>()
+            .ok()
+            .filter(|n| *n >= 0)
+            .map(EventMonitor::Fd)
+            .ok_or_else(|| e(format!("fd '{fd}' is not a descriptor number"))),
+        _ => Err(e("give exactly one of path and fd".into())),
+    }
+}
+
+/// A value in an option string: quoted when it holds a comma.
+fn kv_value(v: &str) -> String {
+    if v.contains(',') || v.starts_with('"') {
+        format!("\"{v}\"")
+    } else {
+        v.to_string()
+    }
+}
+
+/// A size as the command line writes it: `512M`, `2G`, or bytes.
+fn size_text(n: u64) -> String {
+    for (shift, suffix) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
+        if n != 0 && n.is_multiple_of(1u64 << shift) {
+            return format!("{}{suffix}", n >> shift);
+        }
+    }
+    n.to_string()
+}
+
+/// The command-line text of a JSON scalar, for [`apply_option`].
+fn scalar_text(name: &str, v: &serde_json::Value) -> Result<String, ConfigError> {
+    match v {
+        serde_json::Value::String(s) => Ok(s.clone()),
+        serde_json::Value::Number(n) => Ok(n.to_string()),
+        serde_json::Value::Array(items) if name == "hotplug-order" => {
+            let parts: Result<Vec<String>, ConfigError> =
+                items.iter().map(|i| scalar_text(name, i)).collect();
+            Ok(parts?.join(","))
+        }
+        _ => err(format!("'{name}' must be a string or a number")),
+    }
+}
+
+/// The option-string text of a JSON object of `key: value` pairs
+/// (`{"id": "rp0", "type": "root-port"}` is `id=rp0,type=root-port`).
+fn object_text(
+    name: &str,
+    o: &serde_json::Map<String, serde_json::Value>,
+) -> Result<String, ConfigError> {
+    let mut parts = Vec::new();
+    // In the order the command line documents the keys, so messages that
+    // quote the option read the same.
+    let mut entries: Vec<(&String, &serde_json::Value)> = o.iter().collect();
+    entries.sort_by_key(|(k, _)| PORT_KEYS.iter().position(|p| p == k).unwrap_or(usize::MAX));
+    for (k, v) in entries {
+        if v.is_null() {
+            continue;
+        }
+        let text = match v {
+            serde_json::Value::Bool(b) => if *b { "on" } else { "off" }.to_string(),
+            other => scalar_text(&format!("{name}.{k}"), other)?,
+        };
+        parts.push(format!("{k}={}", kv_value(&text)));
+    }
+    Ok(parts.join(","))
+}
+
+impl VmConfig {
+    /// Builds a configuration from the JSON of `vm.create` (or of
+    /// `--print-config`): an object with one field per command-line
+    /// option, named as the option without `--`, through the same parsing
+    /// as the command line. A repeatable option is an array; `disk` and
+    /// `rng` items are objects with the fields of `vm.add-disk` and
+    /// `vm.add-rng` (or option strings), `pci-port` items objects with the
+    /// keys of `--pci-port` (or option strings). Nothing is checked against
+    /// the host here: see [`VmConfig::validate`].
+    pub fn from_json(v: &serde_json::Value) -> Result<VmConfig, ConfigError> {
+        let obj = v
+            .as_object()
+            .ok_or_else(|| ConfigError("the configuration must be a JSON object".into()))?;
+        let mut cfg = VmConfig::default();
+        for (name, value) in obj {
+            if PROCESS_OPTIONS.contains(&name.as_str()) {
+                return err(format!(
+                    "'{name}' is an option of the arbor process (its command line), not of a VM"
+                ));
+            }
+            if !VM_OPTIONS.contains(&name.as_str()) {
+                return err(format!(
+                    "unknown field '{name}' (the fields are the command-line options: {})",
+                    VM_OPTIONS.join(", ")
+                ));
+            }
+            if value.is_null() {
+                continue;
+            }
+            if !REPEATABLE.contains(&name.as_str()) {
+                apply_option(&mut cfg, name, scalar_text(name, value)?)?;
+                continue;
+            }
+            let items = value
+                .as_array()
+                .ok_or_else(|| ConfigError(format!("'{name}' must be an array")))?;
+            for item in items {
+                match (name.as_str(), item) {
+                    (_, serde_json::Value::String(s)) => apply_option(&mut cfg, name, s.clone())?,
+                    ("disk", serde_json::Value::Object(_)) => cfg.disks.push(
+                        serde_json::from_value(item.clone())
+                            .map_err(|e| ConfigError(format!("--disk: {e}")))?,
+                    ),
+                    ("rng", serde_json::Value::Object(_)) => cfg.rngs.push(
+                        serde_json::from_value(item.clone())
+                            .map_err(|e| ConfigError(format!("--rng: {e}")))?,
+                    ),
+                    (_, serde_json::Value::Object(o)) => {
+                        apply_option(&mut cfg, name, object_text(name, o)?)?
+                    }
+                    _ => return err(format!("each '{name}' must be an object or a string")),
+                }
+            }
+        }
+        if cfg.kernel.as_os_str().is_empty() {
+            return err("--kernel is required");
+        }
+        Ok(cfg)
+    }
+
+    /// The JSON this configuration is (what `--print-config` prints and
+    /// `vm.create` takes): every VM option with its value, defaults
+    /// included; process options (`api-socket`, `event-monitor`) are left
+    /// out. [`VmConfig::from_json`] gives the same configuration back.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::{json, Map, Value};
+        let mut o = Map::new();
+        o.insert("kernel".into(), json!(self.kernel.display().to_string()));
+        if let Some(i) = &self.initramfs {
+            o.insert("initramfs".into(), json!(i.display().to_string()));
+        }
+        o.insert("cmdline".into(), json!(self.cmdline));
+        o.insert("cpus".into(), json!(self.cpus));
+        o.insert("memory".into(), json!(size_text(self.memory)));
+        let serial = match &self.serial {
+            SerialOutput::Stdout => "stdout".to_string(),
+            SerialOutput::Off => "off".to_string(),
+            SerialOutput::File { path, max } => format!(
+                "file={},max={}",
+                kv_value(&path.display().to_string()),
+                size_text(*max)
+            ),
+        };
+        o.insert("serial".into(), json!(serial));
+        // Fields left at their default (null) are left out.
+        let object = |v: serde_json::Result<Value>| match v {
+            Ok(Value::Object(mut m)) => {
+                m.retain(|_, v| !v.is_null());
+                Value::Object(m)
+            }
+            Ok(other) => other,
+            Err(_) => Value::Null,
+        };
+        let disks: Vec<Value> = self
+            .disks
+            .iter()
+            .map(|d| object(serde_json::to_value(d)))
+            .collect();
+        o.insert("disk".into(), Value::Array(disks));
+        let rngs: Vec<Value> = self
+            .rngs
+            .iter()
+            .map(|r| object(serde_json::to_value(r)))
+            .collect();
+        o.insert("rng".into(), Value::Array(rngs));
+        let ports: Vec<Value> = self.ports.iter().map(port_json).collect();
+        o.insert("pci-port".into(), Value::Array(ports));
+        let order: Vec<String> = self.placement_order.iter().map(|k| k.to_string()).collect();
+        o.insert("hotplug-order".into(), json!(order.join(",")));
+        o.insert(
+            "shutdown-grace".into(),
+            json!(self.shutdown_grace.as_secs_f64()),
+        );
+        o.insert(
+            "remove-timeout".into(),
+            json!(self.remove_timeout.as_secs_f64()),
+        );
+        Value::Object(o)
+    }
+}
+
+impl VmConfig {
+    /// Makes every host path absolute from the working directory (what
+    /// `--print-config` prints, so that the JSON means the same files to a
+    /// VMM started elsewhere).
+    pub fn absolutize(&mut self) {
+        let abs = |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        if !self.kernel.as_os_str().is_empty() {
+            self.kernel = abs(&self.kernel);
+        }
+        if let Some(i) = &self.initramfs {
+            self.initramfs = Some(abs(i));
+        }
+        if let SerialOutput::File { path, .. } = &mut self.serial {
+            *path = abs(path);
+        }
+        for d in &mut self.disks {
+            if !d.path.is_empty() {
+                if let Some(p) = abs(std::path::Path::new(&d.path)).to_str() {
+                    d.path = p.to_string();
+                }
+            }
+        }
+    }
+}
+
+/// A `--pci-port` as a JSON object with the option's keys.
+fn port_json(p: &PortSpec) -> serde_json::Value {
+    use serde_json::json;
+    let mut o = serde_json::Map::new();
+    o.insert("id".into(), json!(p.id));
+    o.insert("type".into(), json!(p.kind.to_string()));
+    if let Some(parent) = &p.parent {
+        o.insert("parent".into(), json!(parent));
+    }
+    if let Some(h) = p.hotplug {
+        o.insert("hotplug".into(), json!(h.to_string()));
+    }
+    if let PortKind::Switch { downstream } = p.kind {
+        o.insert("downstream".into(), json!(downstream));
+    }
+    if let Some(s) = p.slot {
+        o.insert("slot".into(), json!(s));
+    }
+    if let Some(b) = p.bus_reserve {
+        o.insert("bus-reserve".into(), json!(b));
+    }
+    for (k, v) in [
+        ("mem-reserve", p.mmio32_reserve),
+        ("pref64-reserve", p.mmio64_reserve),
+        ("io-reserve", p.io_reserve),
+    ] {
+        if let Some(v) = v {
+            o.insert(k.into(), json!(size_text(v)));
+        }
+    }
+    serde_json::Value::Object(o)
 }
 
 #[cfg(test)]
@@ -853,5 +1230,462 @@ mod tests {
             .to_string();
         assert!(e.contains("a character device"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// The command line and `vm.create` refuse the same inputs with the same
+/// messages: every refusal of a command-line test here has a JSON twin.
+#[cfg(test)]
+mod json_tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    /// Parse, then validate, as `arbor` does before building anything.
+    fn cli(args: &[String]) -> Result<VmConfig, String> {
+        match parse_args(args.iter().cloned()).map_err(|e| e.0)? {
+            Command::Run(c) => c.validate().map(|_| *c).map_err(|e| e.0),
+            other => Err(format!("unexpected {other:?}")),
+        }
+    }
+
+    /// What `vm.create` does with a body before building anything.
+    fn create(v: &Value) -> Result<VmConfig, String> {
+        let c = VmConfig::from_json(v).map_err(|e| e.0)?;
+        c.validate().map(|_| c).map_err(|e| e.0)
+    }
+
+    /// The JSON twin of a command line: `--NAME VALUE` is `"NAME": "VALUE"`,
+    /// repeatable options are arrays of their option strings.
+    fn twin(args: &[String]) -> Value {
+        let mut o = serde_json::Map::new();
+        let mut it = args.iter();
+        while let Some(flag) = it.next() {
+            let name = flag.trim_start_matches("--").to_string();
+            let value = it.next().cloned().unwrap_or_default();
+            if REPEATABLE.contains(&name.as_str()) {
+                o.entry(name)
+                    .or_insert_with(|| Value::Array(Vec::new()))
+                    .as_array_mut()
+                    .unwrap()
+                    .push(Value::String(value));
+            } else {
+                o.insert(name, Value::String(value));
+            }
+        }
+        Value::Object(o)
+    }
+
+    struct Files {
+        dir: PathBuf,
+    }
+
+    impl Files {
+        fn new(tag: &str) -> Files {
+            let dir =
+                std::env::temp_dir().join(format!("arbor-cfg-json-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("k"), b"x").unwrap();
+            std::fs::write(dir.join("good.img"), [0u8; 1024]).unwrap();
+            std::fs::write(dir.join("empty.img"), b"").unwrap();
+            std::fs::write(dir.join("odd.img"), [0u8; 1000]).unwrap();
+            let fifo = std::ffi::CString::new(dir.join("fifo").to_str().unwrap()).unwrap();
+            // SAFETY: mkfifo reads a NUL-terminated path that outlives the call.
+            assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+            Files { dir }
+        }
+
+        fn p(&self, name: &str) -> String {
+            self.dir.join(name).display().to_string()
+        }
+    }
+
+    impl Drop for Files {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    #[test]
+    fn every_refusal_has_a_vm_create_twin() {
+        let f = Files::new("every_refusa");
+        let k = f.p("k");
+        let dir = f.dir.display().to_string();
+        let long = "x".repeat(3000);
+        // (options after --kernel k, part of the expected message)
+        let cases: Vec<(Vec<String>, &str)> = vec![
+            (
+                vec!["--cpus", "x"],
+                "--cpus 'x' is not a number from 1 to 254",
+            ),
+            (vec!["--cpus", "300"], "--cpus '300' is not a number"),
+            (vec!["--cpus", "0"], "--cpus must be at least 1"),
+            (vec!["--cpus", "255"], "--cpus must be at most 254"),
+            (vec!["--memory", "1M"], "too small"),
+            (vec!["--memory", "4M"], "too small"),
+            (vec!["--memory", "64T"], "more than this host has"),
+            (vec!["--memory", "12Q"], "unknown suffix"),
+            (vec!["--memory", "lots"], "invalid size"),
+            (vec!["--cmdline", &long], "command line is 3000 bytes"),
+            (
+                vec!["--initramfs", "/nonexistent/initrd"],
+                "cannot open initramfs",
+            ),
+            (vec!["--initramfs", &dir], "is not a regular file"),
+            (vec!["--serial", "tty"], "--serial 'tty'"),
+            (vec!["--serial", "file=/x,max=lots"], "--serial"),
+            (vec!["--disk", &format!("path={dir}")], "a directory"),
+            (
+                vec!["--disk", &format!("path={},readonly=on", f.p("fifo"))],
+                "a FIFO",
+            ),
+            (
+                vec!["--disk", &format!("path={}", f.p("empty.img"))],
+                "empty",
+            ),
+            (
+                vec!["--disk", &format!("path={}", f.p("odd.img"))],
+                "not a multiple of 512",
+            ),
+            (
+                vec!["--disk", &format!("path={}", f.p("missing"))],
+                "No such file",
+            ),
+            (
+                vec!["--disk", "path=/dev/null,readonly=on"],
+                "a character device",
+            ),
+            (
+                vec!["--disk", "path=/x,ro=on"],
+                "--disk: unknown option 'ro'",
+            ),
+            (
+                vec!["--disk", "readonly=on"],
+                "--disk: missing required option 'path'",
+            ),
+            (
+                vec![
+                    "--disk",
+                    &format!("path={},id=a", f.p("good.img")),
+                    "--rng",
+                    "id=a",
+                ],
+                "device id 'a' is used twice",
+            ),
+            (
+                vec!["--disk", &format!("path={},port=nowhere", f.p("good.img"))],
+                "unknown port 'nowhere'",
+            ),
+            (
+                vec![
+                    "--disk",
+                    &format!("path={}", f.p("good.img")),
+                    "--disk",
+                    &format!("path={},readonly=on", f.p("good.img")),
+                ],
+                "in use",
+            ),
+            (vec!["--rng", "pci_path=zz/zz"], "pci_path 'zz/zz'"),
+            (
+                vec!["--rng", "colour=red"],
+                "--rng: unknown option 'colour'",
+            ),
+            (
+                vec!["--pci-port", "id=a,type=root-port,parent=ghost"],
+                "ghost",
+            ),
+            (
+                vec![
+                    "--pci-port",
+                    "id=a,type=pci-bridge,parent=b",
+                    "--pci-port",
+                    "id=b,type=pci-bridge,parent=a",
+                ],
+                "cycle",
+            ),
+            (
+                vec![
+                    "--pci-port",
+                    "id=a,type=root-port",
+                    "--pci-port",
+                    "id=b,type=pci-bridge,parent=a",
+                    "--pci-port",
+                    "id=c,type=pci-bridge,parent=a",
+                ],
+                "PCI topology",
+            ),
+            (
+                vec![
+                    "--pci-port",
+                    "id=a,type=root-port",
+                    "--pci-port",
+                    "id=a,type=root-port",
+                ],
+                "PCI topology",
+            ),
+            (
+                vec![
+                    "--pci-port",
+                    "id=a,type=root-port",
+                    "--pci-port",
+                    "id=b,type=pci-bridge,parent=a,bus-reserve=254",
+                    "--pci-port",
+                    "id=c,type=pci-bridge,parent=b",
+                ],
+                "bus",
+            ),
+            (
+                vec!["--pci-port", "id=a,type=switch,downstream=0"],
+                "downstream",
+            ),
+            (vec!["--pci-port", "id=a,type=hub"], "unknown type 'hub'"),
+            (
+                vec!["--pci-port", "id=a,type=pci-bridge,hotplug=native"],
+                "native",
+            ),
+            (
+                vec!["--pci-port", "id=a,type=root-port,slot=99"],
+                "slot '99'",
+            ),
+            (
+                vec!["--hotplug-order", "native,sideways"],
+                "unknown place 'sideways'",
+            ),
+            (vec!["--hotplug-order", "acpi,acpi"], "'acpi' given twice"),
+            (vec!["--shutdown-grace", "-1"], "--shutdown-grace '-1'"),
+            (
+                vec!["--remove-timeout", "forever"],
+                "--remove-timeout 'forever'",
+            ),
+        ]
+        .into_iter()
+        .map(|(a, m)| (a.into_iter().map(String::from).collect(), m))
+        .collect();
+        for (opts, want) in &cases {
+            let mut args = vec!["--kernel".to_string(), k.clone()];
+            args.extend(opts.iter().cloned());
+            let on_cli = cli(&args).expect_err(want);
+            assert!(on_cli.contains(want), "{args:?}: {on_cli}");
+            let body = twin(&args);
+            let on_api = create(&body).expect_err(want);
+            assert_eq!(on_api, on_cli, "{body}");
+        }
+        // Kernels.
+        for (kernel, want) in [
+            ("/nonexistent/vmlinux", "cannot open kernel"),
+            (dir.as_str(), "is not a regular file"),
+        ] {
+            let args = vec!["--kernel".to_string(), kernel.to_string()];
+            let on_cli = cli(&args).unwrap_err();
+            assert!(on_cli.contains(want), "{on_cli}");
+            assert_eq!(create(&twin(&args)).unwrap_err(), on_cli);
+        }
+        assert_eq!(
+            parse_args(Vec::<String>::new()).unwrap_err().0,
+            VmConfig::from_json(&json!({})).unwrap_err().0
+        );
+    }
+
+    #[test]
+    fn typed_json_values_mean_the_same() {
+        let f = Files::new("typed_json_v");
+        let k = f.p("k");
+        // Numbers for numbers, objects for devices and ports, arrays for
+        // the order: the same values, the same messages.
+        for (field, value, args) in [
+            ("cpus", json!(0), vec!["--cpus", "0"]),
+            ("cpus", json!(300), vec!["--cpus", "300"]),
+            ("memory", json!(1024), vec!["--memory", "1024"]),
+            (
+                "shutdown-grace",
+                json!(-1.5),
+                vec!["--shutdown-grace", "-1.5"],
+            ),
+            (
+                "pci-port",
+                json!([{"id": "a", "type": "root-port", "parent": "ghost"}]),
+                vec!["--pci-port", "id=a,type=root-port,parent=ghost"],
+            ),
+            (
+                "pci-port",
+                json!([{"id": "a", "type": "switch", "downstream": 0}]),
+                vec!["--pci-port", "id=a,type=switch,downstream=0"],
+            ),
+            (
+                "hotplug-order",
+                json!(["acpi", "acpi"]),
+                vec!["--hotplug-order", "acpi,acpi"],
+            ),
+        ] {
+            let mut cli_args = vec!["--kernel".to_string(), k.clone()];
+            cli_args.extend(args.iter().map(|s| s.to_string()));
+            let on_cli = cli(&cli_args).unwrap_err();
+            let body = json!({"kernel": k, field: value});
+            assert_eq!(create(&body).unwrap_err(), on_cli, "{body}");
+        }
+        let disk = json!({"kernel": k, "disk": [{"path": f.p("odd.img"), "readonly": true}]});
+        let on_cli = cli(&[
+            "--kernel".into(),
+            k.clone(),
+            "--disk".into(),
+            format!("path={},readonly=on", f.p("odd.img")),
+        ])
+        .unwrap_err();
+        assert_eq!(create(&disk).unwrap_err(), on_cli);
+        // What only JSON can get wrong names the field.
+        for (body, want) in [
+            (json!([1]), "must be a JSON object"),
+            (json!({"kernel": k, "cpu": 1}), "unknown field 'cpu'"),
+            (
+                json!({"kernel": k, "api-socket": "/s"}),
+                "'api-socket' is an option of the arbor process",
+            ),
+            (
+                json!({"kernel": k, "disk": {"path": "/x"}}),
+                "'disk' must be an array",
+            ),
+            (
+                json!({"kernel": k, "cpus": true}),
+                "'cpus' must be a string or a number",
+            ),
+            (
+                json!({"kernel": k, "disk": [{"path": "/x", "ro": true}]}),
+                "--disk: unknown field `ro`",
+            ),
+        ] {
+            let e = VmConfig::from_json(&body).unwrap_err().0;
+            assert!(e.contains(want), "{body}: {e}");
+        }
+    }
+
+    #[test]
+    fn print_config_round_trips() {
+        let f = Files::new("print_config");
+        let args: Vec<String> = [
+            "--kernel",
+            &f.p("k"),
+            "--initramfs",
+            &f.p("k"),
+            "--cmdline",
+            "console=ttyS0 a=b,c",
+            "--cpus",
+            "3",
+            "--memory",
+            "1536M",
+            "--serial",
+            "file=\"/tmp/a,b.log\",max=64K",
+            "--disk",
+            &format!(
+                "path={},readonly=on,serial=S1,id=d0,pci_path=05,lock=off",
+                f.p("good.img")
+            ),
+            "--rng",
+            "id=r0,port=rp1",
+            "--rng",
+            "--pci-port",
+            "id=rp0,type=root-port,hotplug=native,mem-reserve=16M",
+            "--pci-port",
+            "id=sw0,type=switch,parent=rp0,downstream=3,bus-reserve=4",
+            "--pci-port",
+            "id=br0,type=pci-bridge,slot=7,io-reserve=4K,pref64-reserve=1G",
+            "--hotplug-order",
+            "root,acpi",
+            "--shutdown-grace",
+            "2.5",
+            "--remove-timeout",
+            "30",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let Command::Run(c) = parse_args(args.clone()).unwrap() else {
+            panic!()
+        };
+        let json = c.to_json();
+        // Process options (seccomp, allowed paths) come from the process's
+        // policy, not from the JSON.
+        let policy = ProcessPolicy::from_command_line(&c);
+        let back = policy.admit(VmConfig::from_json(&json).unwrap()).unwrap();
+        assert_eq!(back, *c, "{json:#}");
+        // And through its text, as `--print-config` prints it.
+        let text = serde_json::to_string_pretty(&json).unwrap();
+        let again = VmConfig::from_json(&serde_json::from_str(&text).unwrap()).unwrap();
+        assert_eq!(policy.admit(again).unwrap(), *c);
+        let mut args = args;
+        args.push("--print-config".into());
+        assert!(matches!(parse_args(args).unwrap(), Command::PrintConfig(_)));
+    }
+
+    #[test]
+    fn vm_create_is_held_to_the_process_policy() {
+        let f = Files::new("policy");
+        let allowed = std::path::PathBuf::from(f.p("k"))
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        let cli = parse_args([
+            "--api-socket".to_string(),
+            "/tmp/p.sock".into(),
+            "--allow-path".into(),
+            allowed.display().to_string(),
+        ])
+        .unwrap();
+        let Command::Serve(cli) = cli else { panic!() };
+        let policy = ProcessPolicy::from_command_line(&cli);
+        // Inside the allowed directory: admitted, with the process's modes.
+        let ok = policy
+            .admit(VmConfig::from_json(&json!({"kernel": f.p("k")})).unwrap())
+            .unwrap();
+        assert_eq!(ok.seccomp, crate::seccomp::SeccompMode::On);
+        assert!(ok.check_paths);
+        assert_eq!(ok.allow_paths, vec![allowed.clone()]);
+        // Each named file outside it is refused, naming the field.
+        for (body, field) in [
+            (json!({"kernel": "/etc/hostname"}), "kernel"),
+            (
+                json!({"kernel": f.p("k"), "initramfs": "/etc/hostname"}),
+                "initramfs",
+            ),
+            (
+                json!({"kernel": f.p("k"), "disk": [{"path": "/etc/shadow"}]}),
+                "disk",
+            ),
+            (
+                json!({"kernel": f.p("k"), "serial": "file=/etc/x.log"}),
+                "serial",
+            ),
+        ] {
+            let e = policy
+                .admit(VmConfig::from_json(&body).unwrap())
+                .unwrap_err()
+                .0;
+            assert!(e.starts_with(&format!("{field}: path '/etc/")), "{e}");
+            assert!(e.contains("--allow-path"), "{e}");
+        }
+        // Embedders: no policy, nothing checked or changed.
+        let free = ProcessPolicy::default()
+            .admit(VmConfig::from_json(&json!({"kernel": "/etc/hostname"})).unwrap())
+            .unwrap();
+        assert!(!free.check_paths);
+    }
+
+    #[test]
+    fn api_socket_alone_serves_without_a_vm() {
+        let c = parse_args(["--api-socket", "/tmp/s.sock"]).unwrap();
+        assert!(matches!(c, Command::Serve(_)), "{c:?}");
+        let c = parse_args(["--api-socket", "/tmp/s", "--event-monitor", "fd=3"]).unwrap();
+        let Command::Serve(c) = c else { panic!() };
+        assert_eq!(c.event_monitor, Some(EventMonitor::Fd(3)));
+        // VM options without a kernel still need one.
+        let e = parse_args(["--api-socket", "/tmp/s", "--cpus", "2"]).unwrap_err();
+        assert_eq!(e.0, "--kernel is required");
+        for bad in ["", "fd=x", "fd=-1", "path=/a,fd=3", "file=/a"] {
+            let e = parse_event_monitor(bad).unwrap_err();
+            assert!(e.0.starts_with("--event-monitor"), "{bad}: {e}");
+        }
+        assert_eq!(
+            parse_event_monitor("path=/tmp/ev").unwrap(),
+            EventMonitor::Path("/tmp/ev".into())
+        );
     }
 }

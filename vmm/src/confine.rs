@@ -168,7 +168,7 @@ impl PathPolicy {
         PathPolicy { files, dirs }
     }
 
-    /// The policy for `cfg`: its disks, kernel and initramfs as files and
+    /// The policy for `cfg`: its disks, kernel, initramfs and console file as files and
     /// its `--allow-path` directories, resolved from the VMM's working
     /// directory. Names that cannot be resolved are left out (they cannot
     /// be opened either).
@@ -181,6 +181,13 @@ impl PathPolicy {
             .chain(cfg.initramfs.iter().cloned())
             .filter(|p| !p.as_os_str().is_empty())
             .filter_map(|p| std::fs::canonicalize(p).ok())
+            // The console file may not exist yet: its path as written.
+            .chain(match &cfg.serial {
+                crate::SerialOutput::File { path, .. } => {
+                    std::fs::canonicalize(path).ok().or_else(|| lexical(path))
+                }
+                _ => None,
+            })
             .collect();
         let dirs = dirs
             .iter()

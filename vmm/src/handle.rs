@@ -1,6 +1,6 @@
 //! The embedding API: a cloneable [`VmmHandle`] that sends requests to a
 //! running VM's event loop (the same channel the HTTP server uses), a
-//! stream of [`VmEvent`]s, and [`RunningVm`] to wait for the end.
+//! stream of [`VmEvent`]s (the same type as the API's event stream), and [`RunningVm`] to wait for the end.
 
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
@@ -12,16 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::{Error, ExitReason, Result};
 
-/// Something that happened to a VM, for embedders.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VmEvent {
-    /// A device was added (cold- or hot-plugged) at `pci_path`.
-    DeviceAdded { id: String, pci_path: String },
-    /// A device was removed and its resources freed.
-    DeviceRemoved { id: String },
-    /// The VM stopped.
-    Stopped(ExitReason),
-}
+pub use api::events::{StopReason, Subscription, VmEvent, VmEventKind};
 
 /// Sends requests to a VM's event loop. Cheap to clone; usable from any
 /// thread except the event loop's own.
@@ -115,6 +106,25 @@ impl VmmHandle {
     /// Stops the VM at once.
     pub fn stop(&self) -> std::result::Result<(), ApiError> {
         self.expect_empty(ApiRequest::VmmShutdown)
+    }
+
+    /// `vm.create`: builds a VM from the JSON of [`crate::VmConfig::to_json`]
+    /// (served by a [`crate::Vmm`]); answers its `vm.info`.
+    pub fn create(&self, config: serde_json::Value) -> std::result::Result<VmInfo, ApiError> {
+        match self.request(ApiRequest::VmCreate(Box::new(config)))? {
+            ApiResponse::VmInfo(i) => Ok(i),
+            other => Err(ApiError::internal(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    /// `vm.boot`: starts the created VM's vCPUs.
+    pub fn boot(&self) -> std::result::Result<(), ApiError> {
+        self.expect_empty(ApiRequest::VmBoot)
+    }
+
+    /// `vm.delete`: tears a created or stopped VM down.
+    pub fn delete(&self) -> std::result::Result<(), ApiError> {
+        self.expect_empty(ApiRequest::VmDelete)
     }
 }
 

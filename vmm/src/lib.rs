@@ -26,6 +26,7 @@ mod handle;
 pub mod hotplug;
 pub mod interrupts;
 pub mod layout;
+mod lifecycle;
 pub mod logger;
 pub mod pci_manager;
 pub mod seccomp;
@@ -33,9 +34,11 @@ mod terminal;
 pub mod vcpu;
 mod vm;
 
+pub use api::events::EventBus;
 pub use api::types::{DiskConfig, RngConfig, VmInfo};
-pub use config::{ConfigError, SerialOutput, VmConfig};
-pub use handle::{RunningVm, VmEvent, VmmHandle};
+pub use config::{ConfigError, EventMonitor, ProcessPolicy, SerialOutput, VmConfig};
+pub use handle::{RunningVm, StopReason, Subscription, VmEvent, VmEventKind, VmmHandle};
+pub use lifecycle::Vmm;
 pub use seccomp::SeccompMode;
 pub use vm::{kvm_device_path, Vm};
 

@@ -19,8 +19,9 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 
+use vmm::config::EventMonitor;
 use vmm::config::{parse_args, Command, USAGE};
-use vmm::{ExitReason, Vm, VmmHandle};
+use vmm::{EventBus, ExitReason, VmEventKind, Vmm, VmmHandle};
 
 /// Exit status when the guest reboots or resets.
 const EXIT_GUEST_RESET: u8 = 3;
@@ -119,12 +120,35 @@ fn request_in_background(
     }
 }
 
+/// The first signal: `vm.shutdown`. Without `--kernel` (the VMM outlives
+/// its VM), the VMM then stops once no VM runs, as `arbor --kernel` does
+/// when its VM stops.
+fn shut_down(h: &VmmHandle, serve_only: bool) -> Result<(), api::ApiError> {
+    match h.shutdown() {
+        Ok(()) => {}
+        // No VM running: nothing to power off.
+        Err(e) if e.kind == api::ApiErrorKind::Conflict && serve_only => {}
+        Err(e) => return Err(e),
+    }
+    if !serve_only {
+        return Ok(());
+    }
+    while matches!(
+        h.info()?.state,
+        api::types::VmState::Running | api::types::VmState::Paused
+    ) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    h.stop()
+}
+
 /// Starts the thread that turns SIGTERM/SIGINT into `vm.shutdown` (first)
 /// and an immediate stop (second); records the second signal in `forced`.
 fn spawn_signal_thread(
     set: libc::sigset_t,
     handle: VmmHandle,
     forced: Arc<AtomicI32>,
+    serve_only: bool,
 ) -> io::Result<()> {
     std::thread::Builder::new()
         .name("arbor-signals".into())
@@ -152,7 +176,7 @@ fn spawn_signal_thread(
                          grace period; another SIGTERM or SIGINT stops it at once)"
                     );
                     let h = handle.clone();
-                    request_in_background("shut the VM down", move || h.shutdown());
+                    request_in_background("shut the VM down", move || shut_down(&h, serve_only));
                 } else {
                     eprintln!("arbor: {name} received again: stopping the VM at once");
                     forced.store(sig, Ordering::SeqCst);
@@ -162,6 +186,64 @@ fn spawn_signal_thread(
             }
         })
         .map(|_| ())
+}
+
+/// Starts the thread that writes the event stream to `--event-monitor`'s
+/// file or descriptor. It follows the bus like any API client (a slow
+/// reader of a pipe loses events, counted in a `dropped` event, and never
+/// holds the VMM up); the receiver tells when it has written the last event.
+fn start_event_monitor(
+    target: &EventMonitor,
+    bus: &EventBus,
+) -> io::Result<std::sync::mpsc::Receiver<()>> {
+    use std::io::Write;
+    let mut out: std::fs::File = match target {
+        EventMonitor::Path(p) => std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)?,
+        EventMonitor::Fd(fd) => {
+            // SAFETY: F_GETFD only reads the descriptor's flags.
+            if unsafe { libc::fcntl(*fd, libc::F_GETFD) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: the user handed this open descriptor (checked above)
+            // to arbor for the event stream; nothing else in the process
+            // uses or closes it.
+            unsafe { std::os::fd::FromRawFd::from_raw_fd(*fd) }
+        }
+    };
+    let sub = bus.subscribe();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("arbor-events".into())
+        .spawn(move || {
+            vmm::seccomp::install(vmm::seccomp::ThreadKind::EventMonitor);
+            while let Some(ev) = sub.recv() {
+                if let Err(e) = out.write_all(ev.to_line().as_bytes()) {
+                    log::warn!("event monitor: cannot write: {e}; no more events are written");
+                    break;
+                }
+            }
+            let _ = done_tx.send(());
+        })?;
+    Ok(done_rx)
+}
+
+/// How long the exit waits for the event monitor to write the last events.
+const MONITOR_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Ends the process: the `vmm-exit` event, the end of every event stream,
+/// and the monitor's last write.
+fn exit_with(code: u8, bus: &EventBus, monitor: Option<std::sync::mpsc::Receiver<()>>) -> ExitCode {
+    bus.emit(VmEventKind::VmmExit {
+        status: i32::from(code),
+    });
+    bus.close();
+    if let Some(done) = monitor {
+        let _ = done.recv_timeout(MONITOR_FLUSH);
+    }
+    ExitCode::from(code)
 }
 
 fn main() -> ExitCode {
@@ -176,8 +258,20 @@ fn main() -> ExitCode {
     };
     vmm::logger::init();
     raise_fd_limit();
-    let cfg = match parse_args(std::env::args().skip(1)) {
-        Ok(Command::Run(cfg)) => cfg,
+    let (cfg, serve_only) = match parse_args(std::env::args().skip(1)) {
+        Ok(Command::Run(cfg)) => (cfg, false),
+        Ok(Command::Serve(cfg)) => (cfg, true),
+        Ok(Command::PrintConfig(mut cfg)) => {
+            cfg.absolutize();
+            match serde_json::to_string_pretty(&cfg.to_json()) {
+                Ok(text) => println!("{text}"),
+                Err(e) => {
+                    eprintln!("arbor: error: cannot print the configuration: {e}");
+                    return ExitCode::from(EXIT_ERROR);
+                }
+            }
+            return ExitCode::SUCCESS;
+        }
         Ok(Command::Help) => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -208,33 +302,58 @@ fn main() -> ExitCode {
         );
         cfg.check_paths = false;
     }
+    // Before any thread starts: the API, signal and event-monitor threads
+    // install their filters in this mode, as every VM's threads will.
+    vmm::seccomp::set_mode(cfg.seccomp);
     let api_socket = cfg.api_socket.clone();
-    let mut vm = match Vm::new(*cfg) {
-        Ok(vm) => vm,
-        Err(vmm::Error::Config(e)) => {
-            eprintln!("arbor: error: {e}");
-            return ExitCode::from(EXIT_USAGE);
-        }
+    let mut vmm = match Vmm::new() {
+        Ok(v) => v,
         Err(e) => {
             print_chain(&e);
             return ExitCode::from(EXIT_ERROR);
         }
     };
+    vmm.set_policy(vmm::ProcessPolicy::from_command_line(&cfg));
+    let bus = vmm.events();
+    let monitor = match &cfg.event_monitor {
+        Some(target) => match start_event_monitor(target, &bus) {
+            Ok(done) => Some(done),
+            Err(e) => {
+                eprintln!("arbor: error: --event-monitor: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+        None => None,
+    };
+    if !serve_only {
+        match vmm.create(*cfg) {
+            Ok(_) => {}
+            Err(vmm::Error::Config(e)) => {
+                eprintln!("arbor: error: {e}");
+                return exit_with(EXIT_USAGE, &bus, monitor);
+            }
+            Err(e) => {
+                print_chain(&e);
+                return exit_with(EXIT_ERROR, &bus, monitor);
+            }
+        }
+    }
     // Signals pending since the start are taken from here on.
     let forced = Arc::new(AtomicI32::new(0));
-    if let Err(e) = spawn_signal_thread(signals, vm.handle(), Arc::clone(&forced)) {
+    if let Err(e) = spawn_signal_thread(signals, vmm.handle(), Arc::clone(&forced), serve_only) {
         eprintln!("arbor: error: cannot start the signal thread: {e}");
-        return ExitCode::from(EXIT_ERROR);
+        return exit_with(EXIT_ERROR, &bus, monitor);
     }
-    // The API server is a thin client of the VM's request channel.
-    let _server = match api_socket {
+    // The API server is a thin client of the VMM's request channel.
+    let server = match api_socket {
         Some(path) => {
             let started =
-                vm.handle()
+                vmm.handle()
                     .channel()
                     .map_err(|e| e.to_string())
                     .and_then(|(tx, wake)| {
-                        api::start_server(&path, tx, wake).map_err(|e| e.to_string())
+                        api::start_server_with_events(&path, tx, wake, Some(bus.clone()))
+                            .map_err(|e| e.to_string())
                     });
             match started {
                 Ok(s) => Some(s),
@@ -243,29 +362,31 @@ fn main() -> ExitCode {
                         "arbor: error: cannot serve the API on {}: {e}",
                         path.display()
                     );
-                    return ExitCode::from(EXIT_ERROR);
+                    return exit_with(EXIT_ERROR, &bus, monitor);
                 }
             }
         }
         None => None,
     };
-    match vm.run() {
+    let outcome = if serve_only { vmm.serve() } else { vmm.run() };
+    vmm.refuse_queued();
+    let code = match outcome {
         Ok(ExitReason::PowerOff) => {
             eprintln!("arbor: guest powered off");
-            ExitCode::SUCCESS
+            0
         }
         Ok(ExitReason::Reset) => {
             eprintln!("arbor: guest reset (reboot or panic); exit status {EXIT_GUEST_RESET}");
-            ExitCode::from(EXIT_GUEST_RESET)
+            EXIT_GUEST_RESET
         }
         Ok(ExitReason::Shutdown) => {
             eprintln!("arbor: VM shut down on request");
-            ExitCode::SUCCESS
+            0
         }
         Ok(ExitReason::VmmShutdown) => match forced.load(Ordering::SeqCst) {
             0 => {
                 eprintln!("arbor: VMM stopped on request");
-                ExitCode::SUCCESS
+                0
             }
             sig => {
                 let status = 128 + sig as u8;
@@ -273,12 +394,16 @@ fn main() -> ExitCode {
                     "arbor: VM stopped at once on a second {}; exit status {status}",
                     signal_name(sig)
                 );
-                ExitCode::from(status)
+                status
             }
         },
         Err(e) => {
             print_chain(&e);
-            ExitCode::from(EXIT_ERROR)
+            EXIT_ERROR
         }
-    }
+    };
+    let exit = exit_with(code, &bus, monitor);
+    // Event streams have ended: the server stops without waiting for them.
+    drop(server);
+    exit
 }

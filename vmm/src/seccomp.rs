@@ -67,6 +67,8 @@ pub enum ThreadKind {
     Worker,
     Intx,
     Signals,
+    /// The `--event-monitor` writer: writes to a descriptor it holds.
+    EventMonitor,
 }
 
 impl ThreadKind {
@@ -79,7 +81,7 @@ impl ThreadKind {
     }
 
     /// Every kind.
-    pub const ALL: [ThreadKind; 7] = [
+    pub const ALL: [ThreadKind; 8] = [
         ThreadKind::Vcpu,
         ThreadKind::EventLoop,
         ThreadKind::Api,
@@ -87,6 +89,7 @@ impl ThreadKind {
         ThreadKind::Worker,
         ThreadKind::Intx,
         ThreadKind::Signals,
+        ThreadKind::EventMonitor,
     ];
 
     /// The name used by `ARBOR_SECCOMP_SELFTEST`.
@@ -99,6 +102,7 @@ impl ThreadKind {
             ThreadKind::Worker => "worker",
             ThreadKind::Intx => "intx",
             ThreadKind::Signals => "signals",
+            ThreadKind::EventMonitor => "monitor",
         }
     }
 }
@@ -249,7 +253,7 @@ pub fn extra_rules(kind: ThreadKind) -> Vec<i64> {
             libc::SYS_unlinkat,
             libc::SYS_unlink,
         ],
-        ThreadKind::Intx => vec![],
+        ThreadKind::Intx | ThreadKind::EventMonitor => vec![],
         // sigwait; `arbor-signal-req` threads (started here) call the
         // embedding handle.
         ThreadKind::Signals => vec![libc::SYS_rt_sigtimedwait],

@@ -16,6 +16,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use api::events::{EventBus, StopReason, Subscription, VmEventKind};
 use api::types::AddDeviceResponse;
 use api::types::{VmInfo, VmState, VmmPingResponse};
 use api::{ApiError, ApiMessage, ApiReply, ApiRequest, ApiResponse, ReplySender};
@@ -30,7 +31,7 @@ use devices::acpi::GED_EVENT_POWER_BUTTON;
 use pci::placement::HotplugPlan;
 
 use crate::device_manager::{DeviceError, DeviceManager, DeviceRecord, GED_IRQ};
-use crate::handle::{RunningVm, VmEvent, VmmHandle};
+use crate::handle::{RunningVm, VmmHandle};
 use crate::hotplug::{self, CompletionQueue, HotplugOwner, Outcome};
 use crate::interrupts::GsiRouting;
 use crate::pci_manager::PciManager;
@@ -140,15 +141,49 @@ struct VmCore {
     vcpu_events: Receiver<VcpuEvent>,
     vcpu_events_tx: Sender<VcpuEvent>,
     vcpu_wake: EventFd,
-    api_rx: Receiver<ApiMessage>,
+    api_rx: SharedReceiver,
     api_wake: Arc<EventFd>,
     shutdown_timer: TimerFd,
-    subscribers: Vec<Sender<VmEvent>>,
+    events: EventBus,
     /// Removal requests waiting for the guest, by device id.
     removal_replies: BTreeMap<String, ReplySender>,
+    /// When each removal in progress was asked for, and where the device is.
+    removals: BTreeMap<String, (Instant, String)>,
+    /// `vm.boot`'s answer, sent once the vCPUs run.
+    boot_reply: Option<ReplySender>,
     /// Set when the loop should end.
     exit: Option<Result<ExitReason>>,
     start: Instant,
+}
+
+/// The receiving end of the request channel, shared between the VMM's
+/// lifecycle loop ([`crate::Vmm`]) and the VM's event loop; only one of
+/// them reads at a time.
+pub(crate) type SharedReceiver = Arc<Mutex<Receiver<ApiMessage>>>;
+
+/// The request channel and event bus a VM is built with.
+pub(crate) struct Link {
+    pub tx: Sender<ApiMessage>,
+    pub rx: SharedReceiver,
+    pub wake: Arc<EventFd>,
+    pub events: EventBus,
+    /// Whether requests still queued when the VM stops are refused (the
+    /// VM owns the channel) or left for the lifecycle loop.
+    pub refuse_after_stop: bool,
+}
+
+impl Link {
+    /// A channel and bus of the VM's own.
+    fn new() -> Result<Link> {
+        let (tx, rx) = channel();
+        Ok(Link {
+            tx,
+            rx: Arc::new(Mutex::new(rx)),
+            wake: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(Error::EventLoop)?),
+            events: EventBus::new(),
+            refuse_after_stop: true,
+        })
+    }
 }
 
 /// A built VM.
@@ -164,12 +199,18 @@ pub struct Vm {
     _kvm: Kvm,
     api_tx: Sender<ApiMessage>,
     api_wake: Arc<EventFd>,
+    refuse_after_stop: bool,
 }
 
 impl Vm {
     /// Validates `config`, creates the VM, loads the kernel and prepares
     /// the vCPUs. Nothing runs until [`Vm::run`] or [`Vm::start`].
     pub fn new(config: VmConfig) -> Result<Vm> {
+        Vm::build(config, Link::new()?)
+    }
+
+    /// [`Vm::new`] on a given request channel and event bus.
+    pub(crate) fn build(config: VmConfig, link: Link) -> Result<Vm> {
         let start = Instant::now();
         let topology = config.validate()?;
         // Before any thread starts: each reads the mode when it installs
@@ -263,8 +304,13 @@ impl Vm {
         .map_err(Error::EventLoop)?;
 
         let (tx, rx) = channel();
-        let (api_tx, api_rx) = channel();
-        let api_wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(Error::EventLoop)?);
+        let Link {
+            tx: api_tx,
+            rx: api_rx,
+            wake: api_wake,
+            events,
+            refuse_after_stop,
+        } = link;
         let core = VmCore {
             config: config.clone(),
             vcpus: Vec::new(),
@@ -281,11 +327,14 @@ impl Vm {
             api_wake: api_wake.clone(),
             shutdown_timer: TimerFd::new()
                 .map_err(|e| Error::EventLoop(std::io::Error::from_raw_os_error(e.errno())))?,
-            subscribers: Vec::new(),
+            events,
             removal_replies: BTreeMap::new(),
+            removals: BTreeMap::new(),
+            boot_reply: None,
             exit: None,
             start,
         };
+        core.events.emit(VmEventKind::Created);
         Ok(Vm {
             config,
             core: Arc::new(Mutex::new(core)),
@@ -294,7 +343,31 @@ impl Vm {
             _kvm: kvm,
             api_tx,
             api_wake,
+            refuse_after_stop,
         })
+    }
+
+    /// The VM's `vm.info`.
+    pub fn info(&self) -> VmInfo {
+        lock(&self.core).info()
+    }
+
+    /// The VM's life-cycle state.
+    pub fn state(&self) -> VmState {
+        lock(&self.core).state
+    }
+
+    /// Answers one request while the VM's event loop is not running
+    /// (created, or stopped).
+    pub(crate) fn serve_request(&self, msg: ApiMessage) {
+        lock(&self.core).handle_request(msg)
+    }
+
+    /// Runs the VM (see [`Vm::run`]), answering `reply` (`vm.boot`) once its
+    /// vCPUs run, or with the error that kept them from starting.
+    pub(crate) fn boot(&mut self, reply: ReplySender) -> Result<ExitReason> {
+        lock(&self.core).boot_reply = Some(reply);
+        self.run()
     }
 
     /// The configuration this VM was built from.
@@ -313,11 +386,9 @@ impl Vm {
         VmmHandle::new(self.api_tx.clone(), self.api_wake.clone())
     }
 
-    /// A stream of [`VmEvent`]s.
-    pub fn subscribe(&mut self) -> Receiver<VmEvent> {
-        let (tx, rx) = channel();
-        lock(&self.core).subscribers.push(tx);
-        rx
+    /// A new follower of the VM's events (see [`api::events`]).
+    pub fn subscribe(&mut self) -> Subscription {
+        lock(&self.core).events.subscribe()
     }
 
     /// Runs the VM on a new thread.
@@ -376,12 +447,30 @@ impl Vm {
             // before the first vCPU starts (an early hotplug is held by the
             // hotplug owner until the guest can take it; a pause parks the
             // vCPUs before their first instruction).
+            if c.state != VmState::Created {
+                let why = format!("the VM is {}; only a created VM boots", c.state.describe());
+                if let Some(r) = c.boot_reply.take() {
+                    let _ = r.send(Err(ApiError::conflict(why)));
+                }
+                return Err(Error::AlreadyStarted);
+            }
             c.state = VmState::Running;
             c.serve_api();
             if c.exit.is_none() {
                 if let Err(e) = c.start_vcpus() {
                     c.exit = Some(Err(e));
                 }
+            }
+            let booted = match &c.exit {
+                None => {
+                    c.events.emit(VmEventKind::Booted);
+                    Ok(ApiResponse::Empty)
+                }
+                Some(Err(e)) => Err(ApiError::internal(format!("cannot boot the VM: {e}"))),
+                Some(Ok(_)) => Err(ApiError::conflict("the VM was stopped before it booted")),
+            };
+            if let Some(r) = c.boot_reply.take() {
+                let _ = r.send(booted);
             }
         }
         // Setup done: the vCPUs run (they install their own filters).
@@ -398,9 +487,21 @@ impl Vm {
         let mut c = lock(core);
         c.stop_vcpus();
         c.state = VmState::Shutdown;
-        if let Ok(reason) = &outcome {
-            c.emit(VmEvent::Stopped(reason.clone()));
-        }
+        let (reason, error) = match &outcome {
+            Ok(ExitReason::PowerOff) => {
+                c.events.emit(VmEventKind::PowerOff);
+                (StopReason::PowerOff, None)
+            }
+            Ok(ExitReason::Reset) => {
+                c.events.emit(VmEventKind::Reboot);
+                (StopReason::Reboot, None)
+            }
+            Ok(ExitReason::Shutdown) => (StopReason::Shutdown, None),
+            Ok(ExitReason::VmmShutdown) => (StopReason::VmmShutdown, None),
+            Err(e) => (StopReason::Error, Some(e.to_string())),
+        };
+        c.events.emit(VmEventKind::Stopped { reason, error });
+        c.removals.clear();
         for id in c.hotplug.abandon() {
             if let Some(r) = c.removal_replies.remove(&id) {
                 let _ = r.send(Err(ApiError::conflict(
@@ -411,11 +512,16 @@ impl Vm {
         for (_, r) in std::mem::take(&mut c.removal_replies) {
             let _ = r.send(Err(ApiError::conflict("the VM has stopped")));
         }
-        // Refuse whatever is still queued.
-        while let Ok(msg) = c.api_rx.try_recv() {
-            let _ = msg
-                .reply
-                .send(Err(ApiError::conflict("the VM has stopped")));
+        // Refuse whatever is still queued, unless the lifecycle loop
+        // takes over the channel.
+        if self.refuse_after_stop {
+            let rx = c.api_rx.clone();
+            let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
+            while let Ok(msg) = rx.try_recv() {
+                let _ = msg
+                    .reply
+                    .send(Err(ApiError::conflict("the VM has stopped")));
+            }
         }
         let _ = std::io::Write::flush(&mut std::io::stdout());
         outcome
@@ -427,10 +533,6 @@ fn lock(core: &Mutex<VmCore>) -> MutexGuard<'_, VmCore> {
 }
 
 impl VmCore {
-    fn emit(&mut self, ev: VmEvent) {
-        self.subscribers.retain(|s| s.send(ev.clone()).is_ok());
-    }
-
     fn finish(&mut self, outcome: Result<ExitReason>) {
         if self.exit.is_none() {
             self.exit = Some(outcome);
@@ -481,6 +583,7 @@ impl VmCore {
             v.wait_paused();
         }
         self.state = VmState::Paused;
+        self.events.emit(VmEventKind::Paused);
         // Device back ends too: no queued request completes while paused.
         let busy = match &self.devices.pci {
             Some(pci) => pci.pause_devices(DEVICE_PAUSE_TIMEOUT),
@@ -521,6 +624,7 @@ impl VmCore {
             v.unpark();
         }
         self.state = VmState::Running;
+        self.events.emit(VmEventKind::Resumed);
         Ok(ApiResponse::Empty)
     }
 
@@ -538,7 +642,12 @@ impl VmCore {
     fn serve_api(&mut self) {
         let _ = self.api_wake.read();
         while self.exit.is_none() {
-            let Ok(msg) = self.api_rx.try_recv() else {
+            let next = self
+                .api_rx
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .try_recv();
+            let Ok(msg) = next else {
                 break;
             };
             self.handle_request(msg);
@@ -550,6 +659,10 @@ impl VmCore {
     fn handle_request(&mut self, msg: ApiMessage) {
         let ApiMessage { request, reply } = msg;
         log::info!("request {}", request.name());
+        if let Some(refused) = self.refuse_in_state(&request) {
+            let _ = reply.send(Err(refused));
+            return;
+        }
         let answer = match request {
             ApiRequest::VmmPing => Ok(ApiResponse::VmmPing(VmmPingResponse {
                 version: env!("CARGO_PKG_VERSION").to_string(),
@@ -562,6 +675,10 @@ impl VmCore {
                 Ok(ApiResponse::Empty)
             }
             ApiRequest::VmShutdown => self.shutdown(),
+            // Refused above: the lifecycle loop serves these when they apply.
+            ApiRequest::VmCreate(_) | ApiRequest::VmBoot | ApiRequest::VmDelete => Err(
+                ApiError::conflict(format!("the VM is {}", self.state.describe())),
+            ),
             ApiRequest::VmAddDisk(cfg) => {
                 let r = self.devices.add_disk(&cfg, true, self.hotplug.plan());
                 self.hotplugged(r)
@@ -585,6 +702,29 @@ impl VmCore {
         let _ = reply.send(answer);
     }
 
+    /// The 409 for a request the VM's state does not allow, if any.
+    fn refuse_in_state(&self, request: &ApiRequest) -> Option<ApiError> {
+        let state = self.state.describe();
+        let why = match (request, self.state) {
+            (ApiRequest::VmCreate(_), _) => {
+                format!("a VM exists (it is {state}); vm.delete it before creating another")
+            }
+            (ApiRequest::VmBoot, _) => format!("the VM is {state}; only a created VM boots"),
+            (ApiRequest::VmDelete, _) => format!(
+                "the VM is {state}; vm.delete needs a created or shut-down VM (vm.shutdown it first)"
+            ),
+            (ApiRequest::VmShutdown, VmState::Created | VmState::Shutdown) => {
+                format!("the VM is {state}, not running")
+            }
+            (
+                ApiRequest::VmAddDisk(_) | ApiRequest::VmAddRng(_),
+                VmState::Shutdown | VmState::NotCreated,
+            ) => format!("the VM is {state}; devices are added to a created or running VM"),
+            _ => return None,
+        };
+        Some(ApiError::conflict(why))
+    }
+
     /// `vm.shutdown`: the power button, then a hard stop after the grace
     /// period.
     fn shutdown(&mut self) -> ApiReply {
@@ -600,7 +740,10 @@ impl VmCore {
             .map_err(|e| format!("cannot arm the grace timer: {e}"))
             .and_then(|()| self.hotplug.power_button().map_err(|e| e.to_string()));
         match pressed {
-            Ok(()) => Ok(ApiResponse::Empty),
+            Ok(()) => {
+                self.events.emit(VmEventKind::ShutdownRequested);
+                Ok(ApiResponse::Empty)
+            }
             Err(why) => {
                 self.finish(Ok(ExitReason::Shutdown));
                 Err(ApiError::internal(format!(
@@ -617,7 +760,7 @@ impl VmCore {
             log::warn!("cannot notify the guest of {}: {e}", rec.id);
         }
         log::info!("hot-plugged {} at {}", rec.id, rec.path);
-        self.emit(VmEvent::DeviceAdded {
+        self.events.emit(VmEventKind::DeviceAdded {
             id: rec.id.clone(),
             pci_path: rec.path.to_string(),
         });
@@ -646,6 +789,12 @@ impl VmCore {
         let released =
             self.hotplug
                 .request_removal(id, &mechanism, self.config.remove_timeout, enumerated)?;
+        self.removals
+            .insert(id.to_string(), (Instant::now(), path.to_string()));
+        self.events.emit(VmEventKind::DeviceRemovalRequested {
+            id: id.to_string(),
+            pci_path: path.to_string(),
+        });
         if released {
             log::info!("{id} at {path} was never taken by the guest: released at once");
         } else {
@@ -659,7 +808,15 @@ impl VmCore {
         let answer = match self.devices.remove(id) {
             Ok(rec) => {
                 log::info!("removed {id} from {}", rec.path);
-                self.emit(VmEvent::DeviceRemoved { id: id.to_string() });
+                let after_ms = self
+                    .removals
+                    .remove(id)
+                    .map_or(0, |(t, _)| t.elapsed().as_millis() as u64);
+                self.events.emit(VmEventKind::DeviceReleased {
+                    id: id.to_string(),
+                    pci_path: rec.path.to_string(),
+                    after_ms,
+                });
                 Ok(ApiResponse::Empty)
             }
             Err(e) => Err(ApiError::internal(format!("cannot free {id}: {e}"))),
@@ -673,6 +830,15 @@ impl VmCore {
         match o {
             Outcome::Released { id } => self.release(&id),
             Outcome::Withdrawn { id, after } => {
+                let pci_path = self
+                    .removals
+                    .remove(&id)
+                    .map_or_else(String::new, |(_, p)| p);
+                self.events.emit(VmEventKind::DeviceRemovalWithdrawn {
+                    id: id.clone(),
+                    pci_path,
+                    after_ms: after.as_millis() as u64,
+                });
                 if let Some(r) = self.removal_replies.remove(&id) {
                     let _ = r.send(Err(ApiError::conflict(format!(
                         "the guest did not release device '{id}' within {after:?}; it is still attached, retry later"
@@ -832,12 +998,7 @@ impl MutEventSubscriber for ConsoleSubscriber {
 }
 
 fn state_name(s: VmState) -> &'static str {
-    match s {
-        VmState::Created => "created",
-        VmState::Running => "running",
-        VmState::Paused => "paused",
-        VmState::Shutdown => "shut down",
-    }
+    s.describe()
 }
 
 impl Drop for Vm {

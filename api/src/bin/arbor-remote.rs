@@ -30,6 +30,12 @@ Usage: arbor-remote --api-socket PATH <command> [key=value,...]
 Commands:
   ping                       check the VMM answers; prints its version
   info                       print the VM's state, devices and PCI topology
+  create FILE.json           create the VM from its whole configuration (the JSON
+                             `arbor ... --print-config` prints); prints its info
+  boot                       boot the created VM
+  delete                     tear a created or shut-down VM down
+  events                     follow the event stream: one JSON event per line,
+                             until the VMM exits
   add-disk path=FILE[,readonly=on|off][,id=ID][,serial=SERIAL][,port=PORT][,pci_path=PATH][,lock=on|off]
                              hot-plug a virtio-blk disk (a bare first value is the path;
                              a relative path is made absolute from this directory)
@@ -124,6 +130,21 @@ fn parse_args(args: Vec<String>) -> Result<Parsed, String> {
         "resume" => no_options(Endpoint::VmResume)?,
         "shutdown" => no_options(Endpoint::VmShutdown)?,
         "shutdown-vmm" => no_options(Endpoint::VmmShutdown)?,
+        "boot" => no_options(Endpoint::VmBoot)?,
+        "delete" => no_options(Endpoint::VmDelete)?,
+        "events" => no_options(Endpoint::VmEvents)?,
+        "create" => {
+            let [file] = options.as_slice() else {
+                return Err(usage_error(
+                    "create takes one argument: the configuration file",
+                ));
+            };
+            let text = std::fs::read(file)
+                .map_err(|e| usage_error(format!("cannot read '{file}': {e}")))?;
+            let value: serde_json::Value = serde_json::from_slice(&text)
+                .map_err(|e| usage_error(format!("'{file}' is not JSON: {e}")))?;
+            (Endpoint::VmCreate, Some(to_json(&value)?))
+        }
         "add-disk" => {
             let mut config = DiskConfig::from_kv(&opts).map_err(|e| kv_error(&command, e))?;
             // The VMM refuses relative paths (its working directory is not
@@ -172,8 +193,41 @@ fn print_json_or_text(body: &[u8], to_stderr: bool) {
     }
 }
 
+/// `events`: prints each event line as it comes, until the stream ends.
+fn follow(client: &Client) -> ExitCode {
+    use std::io::Write;
+    let mut stream = match client.vm_events() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("arbor-remote: {e}");
+            return ExitCode::from(match e {
+                ClientError::Api { .. } => EXIT_API_ERROR,
+                _ => EXIT_CONNECTION,
+            });
+        }
+    };
+    let mut out = std::io::stdout();
+    loop {
+        match stream.next_line() {
+            Ok(Some(line)) => {
+                if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+                    return ExitCode::SUCCESS;
+                }
+            }
+            Ok(None) => return ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("arbor-remote: the event stream broke: {e}");
+                return ExitCode::from(EXIT_CONNECTION);
+            }
+        }
+    }
+}
+
 fn run(inv: Invocation) -> ExitCode {
     let client = Client::new(&inv.socket);
+    if inv.endpoint == Endpoint::VmEvents {
+        return follow(&client);
+    }
     let response = match client.request(inv.endpoint.method(), inv.endpoint.path(), inv.body) {
         Ok(r) => r,
         Err(e) => {

@@ -173,6 +173,9 @@ impl FakeVm {
                 self.vmm_shutdown_requested = true;
                 Ok(ApiResponse::Empty)
             }
+            ApiRequest::VmCreate(_) | ApiRequest::VmBoot | ApiRequest::VmDelete => Err(
+                ApiError::conflict(format!("the VM is {}", self.info.state.describe())),
+            ),
             ApiRequest::VmAddDisk(d) => {
                 if d.path == "/fail" {
                     return Err(ApiError::internal("cannot open /fail: I/O error"));

@@ -18,7 +18,6 @@ library otherwise. See README.md beside this file.
 import argparse
 import json
 import os
-import shlex
 import shutil
 import socket
 import subprocess

@@ -12,6 +12,7 @@ import http.client
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -419,6 +420,48 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 # ---------------------------------------------------------------------------
 # arbor with the guest kit
 # ---------------------------------------------------------------------------
+
+
+def parse_arbor_vm_args(p, argv, cpus, op_timeout):
+    """Adds the options of a benchmark that boots the guest kit under arbor
+    (what ArborVm reads) to the parser P, parses ARGV and returns the
+    arguments, with arbor_extra split from --arbor-args."""
+    p.add_argument("--cpus", type=positive_int, default=cpus, help=f"vCPUs (default {cpus})")
+    p.add_argument("--memory", type=parse_size, default=512 * MIB, metavar="SIZE",
+                   help="guest memory, e.g. 512M (default 512M; a plain number is MiB)")
+    p.add_argument("--kernel", choices=("vmlinux", "bzImage"), default="vmlinux",
+                   help="which kernel image of the guest kit to boot (default vmlinux, PVH entry)")
+    p.add_argument("--timeout", type=positive_float, default=180.0, metavar="SECONDS",
+                   help="seconds the guest may take to reach 'Run /init' (default 180)")
+    p.add_argument("--op-timeout", type=positive_float, default=op_timeout, metavar="SECONDS",
+                   help="seconds a request (or a wait the benchmark makes on the guest) may take, "
+                   f"and the wait for the API socket (default {op_timeout:g})")
+    p.add_argument("--settle", type=nonnegative_float, default=1.0, metavar="SECONDS",
+                   help="after 'Run /init', wait until the console has been quiet this long "
+                   "(capped at --op-timeout; default 1)")
+    p.add_argument("--guest-dir", default=default_guest_dir(),
+                   help="guest kit directory (default $ARBOR_GUEST_DIR, else <repo>/target/guest, "
+                   "else /tmp/guest if only that exists)")
+    p.add_argument("--arbor", metavar="PATH",
+                   help="arbor binary (default target/release/arbor, built with 'cargo build "
+                   "--release -p vmm -p api' when missing or older than the sources)")
+    p.add_argument("--no-build", action="store_true",
+                   help="use target/release/arbor even if it is older than the sources")
+    p.add_argument("--arbor-args", default="", metavar="STRING",
+                   help="extra arbor options, split like a shell would")
+    p.add_argument("--stop-grace", type=positive_float, default=5.0, metavar="SECONDS",
+                   help="seconds arbor gets to exit after being asked to (default 5)")
+    args = p.parse_args(argv)
+    try:
+        args.arbor_extra = shlex.split(args.arbor_args)
+    except ValueError as e:
+        p.error(f"--arbor-args: {e}")
+    args = p.parse_args(argv)
+    try:
+        args.arbor_extra = shlex.split(args.arbor_args)
+    except ValueError as e:
+        p.error(f"--arbor-args: {e}")
+    return args
 
 
 class ArborVm:

@@ -18,7 +18,6 @@ Python 3 standard library only.
 import argparse
 import json
 import os
-import shlex
 import shutil
 import sys
 import tempfile
@@ -27,7 +26,7 @@ sys.dont_write_bytecode = True  # no __pycache__ beside the scripts
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
 from benchlib import (  # noqa: E402
-    MIB, log, nonnegative_float, parse_size, positive_float, positive_int, quote,
+    MIB, log, positive_float, positive_int, quote,
 )
 
 benchlib.PROG = "pause-bench"
@@ -49,36 +48,7 @@ def parse_args(argv):
                    help="pause/resume pairs (default 100)")
     p.add_argument("--limit-ms", type=positive_float, default=50.0, metavar="MS",
                    help="a pause should answer in under this (default 50)")
-    p.add_argument("--cpus", type=positive_int, default=2, help="vCPUs (default 2)")
-    p.add_argument("--memory", type=parse_size, default=512 * MIB, metavar="SIZE",
-                   help="guest memory, e.g. 512M (default 512M; a plain number is MiB)")
-    p.add_argument("--kernel", choices=("vmlinux", "bzImage"), default="vmlinux",
-                   help="which kernel image of the guest kit to boot (default vmlinux, PVH entry)")
-    p.add_argument("--timeout", type=positive_float, default=180.0, metavar="SECONDS",
-                   help="seconds the guest may take to reach 'Run /init' (default 180)")
-    p.add_argument("--op-timeout", type=positive_float, default=30.0, metavar="SECONDS",
-                   help="seconds a request may take, and the wait for the API socket (default 30)")
-    p.add_argument("--settle", type=nonnegative_float, default=1.0, metavar="SECONDS",
-                   help="after 'Run /init', wait until the console has been quiet this long "
-                   "(capped at --op-timeout; default 1)")
-    p.add_argument("--guest-dir", default=benchlib.default_guest_dir(),
-                   help="guest kit directory (default $ARBOR_GUEST_DIR, else <repo>/target/guest, "
-                   "else /tmp/guest if only that exists)")
-    p.add_argument("--arbor", metavar="PATH",
-                   help="arbor binary (default target/release/arbor, built with 'cargo build "
-                   "--release -p vmm -p api' when missing or older than the sources)")
-    p.add_argument("--no-build", action="store_true",
-                   help="use target/release/arbor even if it is older than the sources")
-    p.add_argument("--arbor-args", default="", metavar="STRING",
-                   help="extra arbor options, split like a shell would")
-    p.add_argument("--stop-grace", type=positive_float, default=5.0, metavar="SECONDS",
-                   help="seconds arbor gets to exit after being asked to (default 5)")
-    args = p.parse_args(argv)
-    try:
-        args.arbor_extra = shlex.split(args.arbor_args)
-    except ValueError as e:
-        p.error(f"--arbor-args: {e}")
-    return args
+    return benchlib.parse_arbor_vm_args(p, argv, cpus=2, op_timeout=30.0)
 
 
 # ---------------------------------------------------------------------------

@@ -30,7 +30,6 @@ import http.client
 import json
 import os
 import re
-import shlex
 import shutil
 import sys
 import tempfile
@@ -41,8 +40,7 @@ sys.dont_write_bytecode = True  # no __pycache__ beside the scripts
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
 from benchlib import (  # noqa: E402
-    MIB, BenchError, log, nonnegative_float, nonnegative_int, parse_size, positive_float,
-    positive_int, quote,
+    MIB, BenchError, log, nonnegative_int, positive_int, quote,
 )
 
 benchlib.PROG = "storm-bench"
@@ -82,33 +80,7 @@ def parse_args(argv):
                    help="requests per client in each storm (default 10)")
     p.add_argument("--pollers", type=nonnegative_int, default=4,
                    help="background clients polling vm.info during the cycles (default 4)")
-    p.add_argument("--cpus", type=positive_int, default=1, help="vCPUs (default 1)")
-    p.add_argument("--memory", type=parse_size, default=512 * MIB, metavar="SIZE",
-                   help="guest memory (default 512M)")
-    p.add_argument("--kernel", choices=("vmlinux", "bzImage"), default="vmlinux",
-                   help="kernel image of the guest kit (default vmlinux)")
-    p.add_argument("--timeout", type=positive_float, default=180.0, metavar="SECONDS",
-                   help="seconds the guest may take to reach 'Run /init' (default 180)")
-    p.add_argument("--op-timeout", type=positive_float, default=60.0, metavar="SECONDS",
-                   help="seconds a request, or the guest's enumeration of a device, may take "
-                   "(default 60)")
-    p.add_argument("--settle", type=nonnegative_float, default=1.0, metavar="SECONDS",
-                   help="after 'Run /init', wait until the console is quiet this long (default 1)")
-    p.add_argument("--guest-dir", default=benchlib.default_guest_dir(),
-                   help="guest kit directory (default $ARBOR_GUEST_DIR, else <repo>/target/guest)")
-    p.add_argument("--arbor", metavar="PATH",
-                   help="arbor binary (default target/release/arbor, built when missing or stale)")
-    p.add_argument("--no-build", action="store_true",
-                   help="use target/release/arbor even if it is older than the sources")
-    p.add_argument("--arbor-args", default="", metavar="STRING",
-                   help="extra arbor options, split like a shell would")
-    p.add_argument("--stop-grace", type=positive_float, default=5.0, metavar="SECONDS",
-                   help="seconds arbor gets to exit after being asked to (default 5)")
-    args = p.parse_args(argv)
-    try:
-        args.arbor_extra = shlex.split(args.arbor_args)
-    except ValueError as e:
-        p.error(f"--arbor-args: {e}")
+    args = benchlib.parse_arbor_vm_args(p, argv, cpus=1, op_timeout=60.0)
     for spec in TOPOLOGY:
         args.arbor_extra += ["--pci-port", spec]
     # A busy emulated guest may take longer than the default 10 s to release.

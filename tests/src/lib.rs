@@ -68,11 +68,16 @@ pub struct GuestKit {
     pub cmdline: String,
 }
 
-/// Finds the guest kit in `ARBOR_GUEST_DIR` or `<repo>/target/guest`.
-pub fn guest_kit() -> GuestKit {
-    let dir = std::env::var("ARBOR_GUEST_DIR")
+/// The guest kit's directory: `ARBOR_GUEST_DIR` or `<repo>/target/guest`.
+pub fn guest_dir() -> PathBuf {
+    std::env::var("ARBOR_GUEST_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| repo_root().join("target/guest"));
+        .unwrap_or_else(|_| repo_root().join("target/guest"))
+}
+
+/// Finds the guest kit in [`guest_dir`].
+pub fn guest_kit() -> GuestKit {
+    let dir = guest_dir();
     let kit = GuestKit {
         vmlinux: dir.join("vmlinux"),
         bzimage: dir.join("bzImage"),
@@ -144,8 +149,9 @@ fn collect(
 impl Guest {
     /// Starts `arbor` with `args`; `name` tags its echoed console lines.
     /// Unless `args` has an `--allow-path`, the system's temporary
-    /// directory (where [`Scratch`] directories live) is allowed, so tests
-    /// may hot-plug their scratch files.
+    /// directory (where [`Scratch`] directories live) and the guest kit's
+    /// directory are allowed, so tests may hot-plug their scratch files and
+    /// create VMs over the API.
     pub fn start(name: &str, args: &[String]) -> Guest {
         Guest::start_env(name, args, &[])
     }
@@ -153,13 +159,17 @@ impl Guest {
     /// Like [`Guest::start`], with extra environment variables.
     pub fn start_env(name: &str, args: &[String], env: &[(&str, &str)]) -> Guest {
         let mut cmd = Command::new(arbor_bin());
-        cmd.envs(env.iter().copied());
         if std::env::var_os("ARBOR_LOG").is_none() {
             cmd.env("ARBOR_LOG", "info");
         }
         cmd.envs(env.iter().copied());
         if !args.iter().any(|a| a.starts_with("--allow-path")) {
             cmd.arg("--allow-path").arg(std::env::temp_dir());
+            // A VM created over the API names the kit's files.
+            let kit = guest_dir();
+            if kit.is_dir() {
+                cmd.arg("--allow-path").arg(kit);
+            }
         }
         let mut child = cmd
             .args(args)

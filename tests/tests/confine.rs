@@ -211,6 +211,8 @@ fn paths_outside_allowed_dirs_are_refused_and_threads_are_confined() {
             "--landlock=off",
             "--no-new-privs=off",
             "--capabilities=keep",
+            // Installing a seccomp filter sets no-new-privs too.
+            "--seccomp=off",
             "--serial",
             "off",
         ],

@@ -227,10 +227,13 @@ pub fn extra_rules(kind: ThreadKind) -> Vec<i64> {
             v.extend_from_slice(&[
                 // The API socket, removed when the server stops.
                 libc::SYS_unlinkat,
-                // Path checks (canonicalising a disk's path).
+                // Path checks (canonicalising a disk's path, access(2)).
                 libc::SYS_readlink,
                 libc::SYS_readlinkat,
                 libc::SYS_getcwd,
+                libc::SYS_access,
+                libc::SYS_faccessat,
+                libc::SYS_faccessat2,
                 // vCPU threads it starts later (a VM created again in the
                 // same process) install their own filters on top.
                 libc::SYS_seccomp,

@@ -350,14 +350,22 @@ impl Vm {
         ))));
         let stdin = std::io::stdin();
         // SAFETY: isatty only inspects the descriptor.
-        let interactive = self.config.serial == SerialOutput::Stdout
-            && unsafe { libc::isatty(stdin.as_raw_fd()) } == 1;
-        let _raw = if interactive {
+        let tty = unsafe { libc::isatty(stdin.as_raw_fd()) } == 1;
+        // Guest input comes from a terminal, or from a pipe or socket (a
+        // program driving the guest's shell, as the tests do); never from a
+        // regular file or /dev/null.
+        let input = self.config.serial == SerialOutput::Stdout
+            && (tty || stdin_is_stream(stdin.as_raw_fd()));
+        let _raw = if input {
             em.add_subscriber(Box::new(ConsoleSubscriber(Watch::new(
                 core,
                 vec![stdin.as_raw_fd()],
             ))));
-            RawMode::enter(stdin.as_raw_fd())
+            if tty {
+                RawMode::enter(stdin.as_raw_fd())
+            } else {
+                None
+            }
         } else {
             None
         };
@@ -807,7 +815,19 @@ impl MutEventSubscriber for ShutdownTimerSubscriber {
     }
 }
 
-/// Terminal input for the guest's UART.
+/// Whether `fd` is a pipe or a socket.
+fn stdin_is_stream(fd: RawFd) -> bool {
+    // SAFETY: `st` is plain data that fstat fills for the descriptor.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid, writable stat buffer.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return false;
+    }
+    let kind = st.st_mode & libc::S_IFMT;
+    kind == libc::S_IFIFO || kind == libc::S_IFSOCK
+}
+
+/// Terminal (or pipe) input for the guest's UART.
 struct ConsoleSubscriber(Watch);
 
 impl MutEventSubscriber for ConsoleSubscriber {

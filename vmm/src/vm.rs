@@ -9,7 +9,6 @@
 //! never contended); a subscriber holds it for one event.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -683,7 +682,7 @@ impl VmCore {
     }
 
     fn forward_stdin(&mut self) -> bool {
-        let stdin = std::io::stdin();
+        let stdin = std::io::stdin().as_raw_fd();
         let mut buf = [0u8; 64];
         let mut serial = self
             .devices
@@ -694,13 +693,21 @@ impl VmCore {
         if room == 0 {
             return true;
         }
-        match stdin.lock().read(&mut buf[..room]) {
-            Ok(0) => false,
-            Ok(n) => {
-                serial.enqueue_input(&buf[..n]);
+        // Straight from the descriptor, not through std's buffered Stdin:
+        // that would pull everything the pipe holds into its own buffer and
+        // hand out only `room` bytes, and with the pipe then empty epoll
+        // would not wake us for the rest (a long command line sent at once
+        // stayed stuck until the next input).
+        // SAFETY: `buf` is valid for writes of `room` bytes; the descriptor
+        // is stdin, open for the process's life.
+        let n = unsafe { libc::read(stdin, buf.as_mut_ptr().cast(), room) };
+        match n {
+            0 => false,
+            n if n > 0 => {
+                serial.enqueue_input(&buf[..n as usize]);
                 true
             }
-            Err(_) => true,
+            _ => true,
         }
     }
 }

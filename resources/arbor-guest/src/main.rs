@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! arbor-guest resolve PCI_PATH              bdf=, sysfs=, driver=, block=, sectors= lines
-//! arbor-guest wait-device PCI_PATH SECONDS  waits for the function and its drivers, then as resolve
+//! arbor-guest wait-device PCI_PATH SECONDS  waits until the function is probed, then as resolve
 //! arbor-guest blk-write DEV SEED BYTES      writes the pattern of SEED (O_DIRECT), fsyncs
 //! arbor-guest blk-verify DEV SEED BYTES     reads back (O_DIRECT) and compares with the pattern
 //! ```
@@ -126,13 +126,26 @@ fn resolve(path: &str) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Ready: the function exists, a driver is bound to it, and to each of its
-/// virtio devices (for a disk, the block device exists from then on).
+/// Whether `dir` has a non-empty subdirectory `sub`.
+fn has_entries(dir: &Path, sub: &str) -> bool {
+    fs::read_dir(dir.join(sub)).is_ok_and(|mut rd| rd.next().is_some())
+}
+
+/// Ready: the function exists and a driver is bound to it; for virtio-pci,
+/// its virtio device exists with a driver bound, and for virtio_blk the
+/// block device exists. (The kernel links `driver` before it calls the
+/// driver's probe, so a bound driver alone does not mean probing is done.)
 fn ready(p: &PciPath) -> Option<PathBuf> {
     let dir = resolve_sysfs(p, Path::new(DEVICES)).ok()?;
-    driver(&dir)?;
-    for v in virtio_children(&dir) {
-        driver(&v)?;
+    let drv = driver(&dir)?;
+    let children = virtio_children(&dir);
+    if drv == "virtio-pci" && children.is_empty() {
+        return None;
+    }
+    for v in children {
+        if driver(&v)? == "virtio_blk" && !has_entries(&v, "block") {
+            return None;
+        }
     }
     Some(dir)
 }

@@ -241,8 +241,12 @@ impl Guest {
     /// Waits until the user-space guest's shell on ttyS0 is up; returns the
     /// time since `arbor` started. Input sent before that is lost (the
     /// guest's UART driver drops what arrived before the tty was opened).
+    /// Bounded by twice [`timeout`]: a boot to user space takes a kernel
+    /// boot plus busybox init's start (measured here: 30 s more on a loaded
+    /// machine).
     pub fn wait_shell(&self) -> Duration {
-        self.wait_for(SHELL_READY);
+        self.wait_for_any_within(&["Run /init as init process"], timeout());
+        self.wait_for_any_within(&[SHELL_READY], timeout());
         self.elapsed()
     }
 
@@ -363,7 +367,12 @@ impl Guest {
     /// Waits until the console contains one of `needles`; returns which and
     /// the line it is on.
     pub fn wait_for_any(&self, needles: &[&str]) -> (usize, String) {
-        let deadline = Instant::now() + timeout();
+        self.wait_for_any_within(needles, timeout())
+    }
+
+    /// [`Guest::wait_for_any`] with an explicit bound.
+    fn wait_for_any_within(&self, needles: &[&str], limit: Duration) -> (usize, String) {
+        let deadline = Instant::now() + limit;
         let (m, c) = &*self.log;
         let mut log = m.lock().unwrap();
         loop {

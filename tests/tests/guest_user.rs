@@ -331,3 +331,66 @@ fn user_space_reboot_exits_3() {
     let status = g.wait_exit();
     assert_eq!(status.code(), Some(3), "{}", g.stderr());
 }
+
+/// The guest renumbers the buses (`pci=assign-busses` with 4 bus numbers
+/// kept for each hotplug bridge, so the numbers differ from the VMM's):
+/// the same `pci_path`s still resolve, in the guest, to the disks, cold-
+/// and hot-plugged, and `vm.info` reads the new numbers back.
+#[test]
+fn user_space_paths_survive_renumbering() {
+    if !kvm_available() {
+        return;
+    }
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let s = Scratch::new("guest-renumber");
+    let sock = s.path("api.sock");
+    let sock_arg = sock.display().to_string();
+    let mut args: Vec<String> = vec!["--api-socket".into(), sock_arg];
+    for p in PORTS {
+        args.push("--pci-port".into());
+        args.push(p.to_string());
+    }
+    let cold = [(22u64, "cold-sw", "sw0.1"), (23, "cold-br1", "br1")];
+    for (mib, id, port) in cold {
+        let f = s.path(&format!("{id}.img"));
+        raw_disk(&f, mib);
+        args.push("--disk".into());
+        args.push(format!("path={},id={id},port={port}", f.display()));
+    }
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let g = Guest::boot_user("guest-renumber", 1, "pci=assign-busses,hpbussize=4", &argv);
+    wait_for_socket(&sock);
+    let c = Client::new(&sock).with_timeout(Duration::from_secs(120));
+    g.wait_shell();
+    let check = |id: &str, mib: u64| -> String {
+        let info = c.vm_info().unwrap();
+        let dev = info.devices.iter().find(|d| d.id == id).unwrap();
+        let (st, out) = g.run(&format!("arbor-guest wait-device {} 120", dev.pci_path));
+        assert_eq!(st, 0, "{id}: {out}");
+        let bdf = kv(&out, "bdf").unwrap_or("?").to_string();
+        assert_eq!(
+            kv(&out, "sectors"),
+            Some(((mib << 20) / 512).to_string().as_str()),
+            "{id} at {}: {out}",
+            dev.pci_path
+        );
+        assert_eq!(dev.bdf.as_deref(), Some(bdf.as_str()), "{id}: vm.info");
+        eprintln!("renumbered guest: {id} at {} -> {bdf}", dev.pci_path);
+        bdf
+    };
+    let mut bdfs = Vec::new();
+    for (mib, id, _) in cold {
+        bdfs.push(check(id, mib));
+    }
+    // Without renumbering the disk behind br1 is on bus 08 (the VMM's
+    // numbering, depth first, one bus per bridge).
+    assert_ne!(
+        bdfs[1], "0000:08:00.0",
+        "the guest did not renumber: pci=assign-busses had no effect"
+    );
+    let f = s.path("hot.img");
+    raw_disk(&f, 24);
+    c.vm_add_disk(&disk_at(&f, "hot", Some("br1"), None))
+        .expect("hot-plug after renumbering");
+    check("hot", 24);
+}

@@ -12,7 +12,8 @@
 //! checks the image; the host writes, the guest checks), a read-only disk
 //! refuses the guest's writes, a disk held open in the guest is removed,
 //! and `poweroff` in the guest ends `arbor` with status 0. A second boot
-//! checks `reboot` (status 3).
+//! checks `reboot` (status 3), a third that paths still resolve after the
+//! guest renumbered its buses. The three tests take one guest at a time.
 //!
 //! Timings are printed (`--nocapture`): boot to the first user command, the
 //! cost of one `guest.run` round trip, hotplug to driver bound as seen by

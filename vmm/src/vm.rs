@@ -681,7 +681,9 @@ impl VmCore {
         }
     }
 
-    fn forward_stdin(&mut self) -> bool {
+    /// Moves what fits of the pending stdin input into the UART's receive
+    /// FIFO.
+    fn forward_stdin(&mut self) -> StdinState {
         let stdin = std::io::stdin().as_raw_fd();
         let mut buf = [0u8; 64];
         let mut serial = self
@@ -691,7 +693,7 @@ impl VmCore {
             .unwrap_or_else(|e| e.into_inner());
         let room = serial.fifo_room().min(buf.len());
         if room == 0 {
-            return true;
+            return StdinState::FifoFull;
         }
         // Straight from the descriptor, not through std's buffered Stdin:
         // that would pull everything the pipe holds into its own buffer and
@@ -702,12 +704,12 @@ impl VmCore {
         // is stdin, open for the process's life.
         let n = unsafe { libc::read(stdin, buf.as_mut_ptr().cast(), room) };
         match n {
-            0 => false,
+            0 => StdinState::Closed,
             n if n > 0 => {
                 serial.enqueue_input(&buf[..n as usize]);
-                true
+                StdinState::Open
             }
-            _ => true,
+            _ => StdinState::Open,
         }
     }
 }
@@ -837,11 +839,26 @@ fn stdin_is_stream(fd: RawFd) -> bool {
 /// Terminal (or pipe) input for the guest's UART.
 struct ConsoleSubscriber(Watch);
 
+/// What [`VmCore::forward_stdin`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StdinState {
+    Open,
+    /// End of input: stop watching stdin.
+    Closed,
+    /// The guest has not read the FIFO yet; input is left waiting.
+    FifoFull,
+}
+
 impl MutEventSubscriber for ConsoleSubscriber {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let open = self.0.core().forward_stdin();
-        if !open || events.event_set().contains(EventSet::HANG_UP) {
+        let state = self.0.core().forward_stdin();
+        if state == StdinState::Closed || events.event_set().contains(EventSet::HANG_UP) {
             let _ = ops.remove(events);
+        } else if state == StdinState::FifoFull {
+            // stdin stays readable (level-triggered) until the guest drains
+            // the FIFO: poll at most once a millisecond instead of spinning,
+            // with no lock held so the vCPU can read the UART meanwhile.
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
     }
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Build Arbor's test-guest kernel (vmlinux with a PVH entry note, and an LZ4
 # bzImage) from Debian's linux-source-6.1 package, with kernel.config and the
-# patches int3-selftest.patch, fpu-drop-fwait.patch and int80-reboot.patch
-# from this directory (README.md says why each is needed).
+# patches int3-selftest.patch, fpu-drop-fwait.patch, int80-reboot.patch and
+# syscall-fault.patch from this directory (README.md says why each is needed).
 #
 # The build happens in a cache directory outside the checkout:
 #   ${ARBOR_CACHE_DIR:-$HOME/.cache/arbor}/kernel-<hash>
@@ -23,7 +23,8 @@ CACHE_ROOT=${ARBOR_CACHE_DIR:-${HOME:?HOME is not set}/.cache/arbor}
 SRC_PKG=linux-source-6.1
 SRC_TARBALL=${ARBOR_LINUX_SOURCE:-/usr/src/${SRC_PKG}.tar.xz}
 CONFIG_FRAGMENT=$KIT_DIR/kernel.config
-PATCHES=("$KIT_DIR/int3-selftest.patch" "$KIT_DIR/fpu-drop-fwait.patch" "$KIT_DIR/int80-reboot.patch")
+PATCHES=("$KIT_DIR/int3-selftest.patch" "$KIT_DIR/fpu-drop-fwait.patch" "$KIT_DIR/int80-reboot.patch"
+	"$KIT_DIR/syscall-fault.patch")
 JOBS=${ARBOR_KERNEL_JOBS:-$(($(nproc) + 1))}
 
 log() { printf 'build-kernel: %s\n' "$*" >&2; }
@@ -109,6 +110,8 @@ grep -q '^	if (0)$' "$TREE/arch/x86/kernel/alternative.c" ||
 	die "fwait is still in fpu__drop() after patching"
 grep -q 'emulated_int80_reboot(regs);' "$TREE/arch/x86/kernel/traps.c" ||
 	die "int \$0x80 reboot emulation is not in place after patching"
+grep -q 'if (arbor_emulated_syscall(regs, error_code, address))' "$TREE/arch/x86/mm/fault.c" ||
+	die "syscall page-fault emulation is not in place after patching"
 
 # --- Configuration ----------------------------------------------------------
 MAKE=(make -C "$TREE" KBUILD_BUILD_USER=arbor KBUILD_BUILD_HOST=guest-kit)

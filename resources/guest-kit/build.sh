@@ -3,6 +3,7 @@
 # guest kernel, builds the initramfs, and puts
 #
 #   vmlinux  bzImage  initramfs.cpio  cmdline
+#   initramfs-user.cpio  arbor-guest     (guest user space; needs busybox-static)
 #
 # into ${ARBOR_GUEST_DIR:-<repo>/target/guest}. Prints the paths at the end.
 # See README.md beside this file. Environment: ARBOR_GUEST_DIR, plus those of
@@ -60,6 +61,62 @@ if command -v cpio >/dev/null; then
 		die "initramfs.cpio holds unexpected entries: $listing"
 fi
 
+# --- initramfs-user.cpio: busybox, arbor-guest and a shell on ttyS0 -------------
+# Optional second initramfs for tests that run programs in the guest (needs
+# syscall-fault.patch, in every kit kernel). Skipped with a warning when
+# busybox-static or cargo is missing, so kernel-log tests keep working.
+build_user_initramfs() {
+	local busybox=${ARBOR_BUSYBOX:-/bin/busybox}
+	if [[ ! -x $busybox ]] || ! readelf -l "$busybox" >/dev/null 2>&1 ||
+		readelf -l "$busybox" | grep -q INTERP; then
+		log "WARNING: no static busybox at $busybox (install-deps.sh installs busybox-static):" \
+			"initramfs-user.cpio not built"
+		return 1
+	fi
+	command -v cargo >/dev/null || {
+		log "WARNING: cargo not found: initramfs-user.cpio not built"
+		return 1
+	}
+	log "building arbor-guest (static, baseline x86-64)"
+	"$KIT_DIR/build-arbor-guest.sh" "$TMP/arbor-guest" || return 1
+
+	# busybox init runs /etc/inittab: mount the pseudo file systems, then a
+	# shell on ttyS0 without echo (the host drives it; see README.md).
+	cat >"$TMP/inittab" <<'INITTAB'
+::sysinit:/bin/mount -t proc proc /proc
+::sysinit:/bin/mount -t sysfs sysfs /sys
+::sysinit:/bin/mount -t devtmpfs devtmpfs /dev
+::sysinit:/bin/mount -t tmpfs tmpfs /tmp
+ttyS0::respawn:/bin/sh -c 'stty -echo; echo arbor-guest: shell on ttyS0; exec /bin/sh'
+::shutdown:/bin/sync
+INITTAB
+	touch -d @0 "$TMP/inittab"
+	{
+		echo "dir /dev 0755 0 0"
+		echo "nod /dev/console 0600 0 0 c 5 1"
+		local d
+		for d in proc sys tmp etc bin sbin usr usr/bin usr/sbin; do
+			echo "dir /$d 0755 0 0"
+		done
+		echo "file /bin/busybox $busybox 0755 0 0"
+		echo "file /bin/arbor-guest $TMP/arbor-guest 0755 0 0"
+		echo "file /etc/inittab $TMP/inittab 0644 0 0"
+		echo "slink /init /bin/busybox 0777 0 0"
+		# One link per applet (busybox --list-full: bin/sh, sbin/init, ...).
+		local a
+		"$busybox" --list-full | sort | while read -r a; do
+			[[ $a == bin/busybox || $a == linuxrc ]] && continue
+			echo "slink /$a /bin/busybox 0777 0 0"
+		done
+	} >"$TMP/initramfs-user.list"
+	log "writing initramfs-user.cpio"
+	"$KERNEL_DIR/gen_init_cpio" -t 0 "$TMP/initramfs-user.list" >"$TMP/initramfs-user.cpio"
+}
+USER_CPIO=0
+if build_user_initramfs; then
+	USER_CPIO=1
+fi
+
 # --- Place the results ----------------------------------------------------------
 # Copies, not links: cleaning the cache must not break a built tree. Each file
 # is replaced by a rename, never rewritten in place, so a guest that is
@@ -76,8 +133,13 @@ place "$KERNEL_DIR/bzImage" bzImage
 place "$TMP/initramfs.cpio" initramfs.cpio
 place "$KIT_DIR/cmdline" cmdline
 place "$KERNEL_DIR/config" kernel.config.full
+if ((USER_CPIO)); then
+	place "$TMP/initramfs-user.cpio" initramfs-user.cpio
+	place "$TMP/arbor-guest" arbor-guest
+fi
 
 log "guest ready in $OUT_DIR (kernel cache: $KERNEL_DIR)"
 for f in vmlinux bzImage initramfs.cpio cmdline; do
 	echo "$OUT_DIR/$f"
 done
+((USER_CPIO == 0)) || echo "$OUT_DIR/initramfs-user.cpio"

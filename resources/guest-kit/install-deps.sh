@@ -17,6 +17,7 @@ PACKAGES=(
 	patch            # to apply int3-selftest.patch
 	cpio             # to list the initramfs it writes
 	util-linux       # flock
+	busybox-static   # the user-space guest's shell and tools (initramfs-user.cpio)
 )
 
 case ${1:-} in

@@ -1,14 +1,17 @@
 //! Helpers for Arbor's integration tests: find the `arbor` binary and the
-//! guest kit, start a VM, and wait on lines of the guest's serial log.
+//! guest kit, start a VM, and wait on lines of the guest's serial log; with
+//! the kit's user-space initramfs, run shell commands in the guest
+//! ([`Guest::run`]).
 //!
 //! Timeouts: guests on this project's development machines run under an
 //! emulated KVM and need tens of seconds to boot; on hardware KVM they boot
 //! in well under a second. Every wait is bounded by `ARBOR_TEST_TIMEOUT`
 //! seconds (default 180), never by a fixed sleep.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -65,6 +68,9 @@ pub struct GuestKit {
     pub vmlinux: PathBuf,
     pub bzimage: PathBuf,
     pub initramfs: PathBuf,
+    /// Busybox, `arbor-guest` and a shell on ttyS0 (may be missing: see
+    /// [`user_initramfs`]).
+    pub initramfs_user: PathBuf,
     pub cmdline: String,
 }
 
@@ -82,6 +88,7 @@ pub fn guest_kit() -> GuestKit {
         vmlinux: dir.join("vmlinux"),
         bzimage: dir.join("bzImage"),
         initramfs: dir.join("initramfs.cpio"),
+        initramfs_user: dir.join("initramfs-user.cpio"),
         cmdline: std::fs::read_to_string(dir.join("cmdline"))
             .unwrap_or_else(|e| {
                 panic!(
@@ -108,6 +115,17 @@ struct Log {
     closed: bool,
 }
 
+/// The kit's user-space initramfs; panics with how to build it if missing.
+pub fn user_initramfs() -> PathBuf {
+    let p = guest_kit().initramfs_user;
+    assert!(
+        p.exists(),
+        "{} missing: run resources/guest-kit/install-deps.sh (busybox-static), then build.sh",
+        p.display()
+    );
+    p
+}
+
 /// A running `arbor` whose stdout (the guest console) is collected.
 pub struct Guest {
     child: Child,
@@ -115,7 +133,14 @@ pub struct Guest {
     stderr: Arc<(Mutex<Log>, Condvar)>,
     started: Instant,
     name: String,
+    /// The guest's serial input (user-space guests only).
+    stdin: Mutex<Option<ChildStdin>>,
+    /// Commands sent by [`Guest::run`], for unique markers.
+    runs: AtomicU64,
 }
+
+/// The line the user-space initramfs prints when its shell on ttyS0 is up.
+pub const SHELL_READY: &str = "arbor-guest: shell on ttyS0";
 
 fn collect(
     stream: impl std::io::Read + Send + 'static,
@@ -158,6 +183,10 @@ impl Guest {
 
     /// Like [`Guest::start`], with extra environment variables.
     pub fn start_env(name: &str, args: &[String], env: &[(&str, &str)]) -> Guest {
+        Guest::spawn(name, args, env, false)
+    }
+
+    fn spawn(name: &str, args: &[String], env: &[(&str, &str)], input: bool) -> Guest {
         let mut cmd = Command::new(arbor_bin());
         if std::env::var_os("ARBOR_LOG").is_none() {
             cmd.env("ARBOR_LOG", "info");
@@ -173,11 +202,12 @@ impl Guest {
         }
         let mut child = cmd
             .args(args)
-            .stdin(Stdio::null())
+            .stdin(if input { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn arbor");
+        let stdin = child.stdin.take();
         let log = Arc::new((Mutex::new(Log::default()), Condvar::new()));
         let stderr = Arc::new((Mutex::new(Log::default()), Condvar::new()));
         let echo = std::env::var("ARBOR_TEST_ECHO")
@@ -195,6 +225,121 @@ impl Guest {
             stderr,
             started: Instant::now(),
             name: name.to_string(),
+            stdin: Mutex::new(stdin),
+            runs: AtomicU64::new(0),
+        }
+    }
+
+    /// Boots the kit's vmlinux with the user-space initramfs
+    /// (`initramfs-user.cpio`: busybox, `arbor-guest`, a shell on ttyS0),
+    /// `cpus` vCPUs, 512 MiB, the kit's command line plus `extra_cmdline`,
+    /// and `extra` arguments; the guest's serial input is connected so that
+    /// [`Guest::run`] works. Does not wait: see [`Guest::wait_shell`].
+    pub fn boot_user(name: &str, cpus: u8, extra_cmdline: &str, extra: &[&str]) -> Guest {
+        let kit = guest_kit();
+        let mut args: Vec<String> = vec![
+            "--kernel".into(),
+            kit.vmlinux.display().to_string(),
+            "--initramfs".into(),
+            user_initramfs().display().to_string(),
+            "--cmdline".into(),
+            format!("{} {}", kit.cmdline, extra_cmdline)
+                .trim()
+                .to_string(),
+            "--cpus".into(),
+            cpus.to_string(),
+            "--memory".into(),
+            "512M".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Guest::spawn(name, &args, &[], true)
+    }
+
+    /// Waits until the user-space guest's shell on ttyS0 is up; returns the
+    /// time since `arbor` started. Input sent before that is lost (the
+    /// guest's UART driver drops what arrived before the tty was opened).
+    /// Bounded by twice [`timeout`]: a boot to user space takes a kernel
+    /// boot plus busybox init's start (measured here: 30 s more on a loaded
+    /// machine).
+    pub fn wait_shell(&self) -> Duration {
+        self.wait_for_any_within(&["Run /init as init process"], timeout());
+        self.wait_for_any_within(&[SHELL_READY], timeout());
+        self.elapsed()
+    }
+
+    /// Runs `cmd` (one shell command line) in a user-space guest through
+    /// the shell on its serial console and returns its exit status and its
+    /// output (stdout and stderr together). Panics on timeout
+    /// ([`timeout`]) or when the VMM exits; see [`Guest::try_run`].
+    pub fn run(&self, cmd: &str) -> (i32, String) {
+        self.try_run(cmd, timeout())
+            .unwrap_or_else(|e| panic!("[{}] {e}", self.name))
+    }
+
+    /// Like [`Guest::run`] with an explicit time limit, returning an error
+    /// (with the console's tail) instead of panicking.
+    ///
+    /// The command runs as `{ CMD
+    /// } 2>&1` between two `echo`s of markers unique to this call; the
+    /// markers are split by quotes in what is sent (`AR''BOR-...`), so only
+    /// the shell's output, never an echo of the input, can match them.
+    /// Kernel messages printed on the console meanwhile are part of the
+    /// output. After a timeout the command may still be running in the
+    /// guest.
+    pub fn try_run(&self, cmd: &str, limit: Duration) -> Result<(i32, String), String> {
+        let n = self.runs.fetch_add(1, Ordering::Relaxed);
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let tag = format!("{:x}-{n}-{nonce:x}", self.child.id());
+        let begin = format!("ARBOR-B-{tag}\n");
+        let end = format!("ARBOR-E-{tag}-");
+        let line = format!("echo AR''BOR-B-{tag}; {{ {cmd}\n}} 2>&1; echo AR''BOR-E-{tag}-$?\n");
+        let mark = self.log.0.lock().unwrap().text.len();
+        {
+            let mut input = self.stdin.lock().unwrap();
+            let w = input
+                .as_mut()
+                .ok_or("this guest has no serial input (boot it with Guest::boot_user)")?;
+            w.write_all(line.as_bytes())
+                .and_then(|_| w.flush())
+                .map_err(|e| format!("writing to the guest's console: {e}"))?;
+        }
+        let deadline = Instant::now() + limit;
+        let (m, c) = &*self.log;
+        let mut log = m.lock().unwrap();
+        loop {
+            let tail = log.text.get(mark..).unwrap_or("");
+            if let Some(b) = tail.find(&begin) {
+                let out_start = b + begin.len();
+                if let Some(e) = tail[out_start..].find(&end) {
+                    let rest = &tail[out_start + e + end.len()..];
+                    if let Some(nl) = rest.find('\n') {
+                        let status = rest[..nl]
+                            .trim()
+                            .parse::<i32>()
+                            .map_err(|_| format!("bad status {:?} for {cmd:?}", &rest[..nl]))?;
+                        let out = tail[out_start..out_start + e].to_string();
+                        return Ok((status, out));
+                    }
+                }
+            }
+            let now = Instant::now();
+            if log.closed || now >= deadline {
+                let why = if log.closed {
+                    "arbor exited"
+                } else {
+                    "timed out"
+                };
+                let tail = tail.to_string();
+                drop(log);
+                return Err(format!(
+                    "{why} after {limit:?} running {cmd:?}\n--- console since the command ---\n{tail}\n--- stderr ---\n{}",
+                    self.stderr()
+                ));
+            }
+            log = c.wait_timeout(log, deadline - now).unwrap().0;
         }
     }
 
@@ -239,7 +384,12 @@ impl Guest {
     /// Waits until the console contains one of `needles`; returns which and
     /// the line it is on.
     pub fn wait_for_any(&self, needles: &[&str]) -> (usize, String) {
-        let deadline = Instant::now() + timeout();
+        self.wait_for_any_within(needles, timeout())
+    }
+
+    /// [`Guest::wait_for_any`] with an explicit bound.
+    fn wait_for_any_within(&self, needles: &[&str], limit: Duration) -> (usize, String) {
+        let deadline = Instant::now() + limit;
         let (m, c) = &*self.log;
         let mut log = m.lock().unwrap();
         loop {

@@ -9,7 +9,6 @@
 //! never contended); a subscriber holds it for one event.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -429,14 +428,22 @@ impl Vm {
         ))));
         let stdin = std::io::stdin();
         // SAFETY: isatty only inspects the descriptor.
-        let interactive = self.config.serial == SerialOutput::Stdout
-            && unsafe { libc::isatty(stdin.as_raw_fd()) } == 1;
-        let _raw = if interactive {
+        let tty = unsafe { libc::isatty(stdin.as_raw_fd()) } == 1;
+        // Guest input comes from a terminal, or from a pipe or socket (a
+        // program driving the guest's shell, as the tests do); never from a
+        // regular file or /dev/null.
+        let input = self.config.serial == SerialOutput::Stdout
+            && (tty || stdin_is_stream(stdin.as_raw_fd()));
+        let _raw = if input {
             em.add_subscriber(Box::new(ConsoleSubscriber(Watch::new(
                 core,
                 vec![stdin.as_raw_fd()],
             ))));
-            RawMode::enter(stdin.as_raw_fd())
+            if tty {
+                RawMode::enter(stdin.as_raw_fd())
+            } else {
+                None
+            }
         } else {
             None
         };
@@ -848,8 +855,10 @@ impl VmCore {
         }
     }
 
-    fn forward_stdin(&mut self) -> bool {
-        let stdin = std::io::stdin();
+    /// Moves what fits of the pending stdin input into the UART's receive
+    /// FIFO.
+    fn forward_stdin(&mut self) -> StdinState {
+        let stdin = std::io::stdin().as_raw_fd();
         let mut buf = [0u8; 64];
         let mut serial = self
             .devices
@@ -858,15 +867,23 @@ impl VmCore {
             .unwrap_or_else(|e| e.into_inner());
         let room = serial.fifo_room().min(buf.len());
         if room == 0 {
-            return true;
+            return StdinState::FifoFull;
         }
-        match stdin.lock().read(&mut buf[..room]) {
-            Ok(0) => false,
-            Ok(n) => {
-                serial.enqueue_input(&buf[..n]);
-                true
+        // Straight from the descriptor, not through std's buffered Stdin:
+        // that would pull everything the pipe holds into its own buffer and
+        // hand out only `room` bytes, and with the pipe then empty epoll
+        // would not wake us for the rest (a long command line sent at once
+        // stayed stuck until the next input).
+        // SAFETY: `buf` is valid for writes of `room` bytes; the descriptor
+        // is stdin, open for the process's life.
+        let n = unsafe { libc::read(stdin, buf.as_mut_ptr().cast(), room) };
+        match n {
+            0 => StdinState::Closed,
+            n if n > 0 => {
+                serial.enqueue_input(&buf[..n as usize]);
+                StdinState::Open
             }
-            Err(_) => true,
+            _ => StdinState::Open,
         }
     }
 }
@@ -981,14 +998,41 @@ impl MutEventSubscriber for ShutdownTimerSubscriber {
     }
 }
 
-/// Terminal input for the guest's UART.
+/// Whether `fd` is a pipe or a socket.
+fn stdin_is_stream(fd: RawFd) -> bool {
+    // SAFETY: `st` is plain data that fstat fills for the descriptor.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid, writable stat buffer.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return false;
+    }
+    let kind = st.st_mode & libc::S_IFMT;
+    kind == libc::S_IFIFO || kind == libc::S_IFSOCK
+}
+
+/// Terminal (or pipe) input for the guest's UART.
 struct ConsoleSubscriber(Watch);
+
+/// What [`VmCore::forward_stdin`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StdinState {
+    Open,
+    /// End of input: stop watching stdin.
+    Closed,
+    /// The guest has not read the FIFO yet; input is left waiting.
+    FifoFull,
+}
 
 impl MutEventSubscriber for ConsoleSubscriber {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let open = self.0.core().forward_stdin();
-        if !open || events.event_set().contains(EventSet::HANG_UP) {
+        let state = self.0.core().forward_stdin();
+        if state == StdinState::Closed || events.event_set().contains(EventSet::HANG_UP) {
             let _ = ops.remove(events);
+        } else if state == StdinState::FifoFull {
+            // stdin stays readable (level-triggered) until the guest drains
+            // the FIFO: poll at most once a millisecond instead of spinning,
+            // with no lock held so the vCPU can read the UART meanwhile.
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
     }
 

@@ -1,0 +1,267 @@
+//! `arbor-guest`: the program Arbor's test guest carries (in
+//! `initramfs-user.cpio`). It does inside the guest what a sandbox runtime's
+//! agent does with the answers of Arbor's API: turn a `pci_path` into the
+//! device the guest sees, wait for its driver, and use the disk.
+//!
+//! ```text
+//! arbor-guest resolve PCI_PATH              bdf=, sysfs=, driver=, block=, sectors= lines
+//! arbor-guest wait-device PCI_PATH SECONDS  waits until the function is probed, then as resolve
+//! arbor-guest blk-write DEV SEED BYTES      writes the pattern of SEED (O_DIRECT), fsyncs
+//! arbor-guest blk-verify DEV SEED BYTES     reads back (O_DIRECT) and compares with the pattern
+//! ```
+//!
+//! Exit status: 0 success, 1 failure (message on stderr), 2 bad usage.
+//! `BYTES` takes a `K` or `M` suffix and must be a multiple of 4096.
+//!
+//! Built statically (`-C target-feature=+crt-static`) by the guest kit for
+//! the baseline x86-64 CPU: no instruction the emulated KVM of the
+//! project's machines cannot run (see resources/guest-kit/README.md).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use arbor_guest::{fill, Checksum};
+use pci::path::resolve_sysfs;
+use pci::PciPath;
+
+const DEVICES: &str = "/sys/bus/pci/devices";
+/// Bytes per O_DIRECT request.
+const CHUNK: usize = 256 << 10;
+/// O_DIRECT buffer alignment (covers 512- and 4096-byte logical blocks).
+const ALIGN: usize = 4096;
+
+const USAGE: &str = "usage: arbor-guest resolve PCI_PATH
+       arbor-guest wait-device PCI_PATH SECONDS
+       arbor-guest blk-write DEV SEED BYTES
+       arbor-guest blk-verify DEV SEED BYTES";
+
+enum Failure {
+    Usage(String),
+    Failed(String),
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let result = match argv.as_slice() {
+        ["resolve", path] => resolve(path),
+        ["wait-device", path, secs] => wait_device(path, secs),
+        ["blk-write", dev, seed, bytes] => blk(dev, seed, bytes, true),
+        ["blk-verify", dev, seed, bytes] => blk(dev, seed, bytes, false),
+        _ => Err(Failure::Usage(USAGE.into())),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(m)) => {
+            eprintln!("arbor-guest: {m}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Failed(m)) => {
+            eprintln!("arbor-guest: {m}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn parse_path(s: &str) -> Result<PciPath, Failure> {
+    PciPath::from_str(s).map_err(|e| Failure::Usage(format!("bad PCI path '{s}': {e}")))
+}
+
+/// The name of the driver bound to the sysfs device `dir`, if any.
+fn driver(dir: &Path) -> Option<String> {
+    let link = fs::read_link(dir.join("driver")).ok()?;
+    link.file_name().map(|n| n.to_string_lossy().into_owned())
+}
+
+/// The virtio devices (`virtioN`) under the PCI function `dir`.
+fn virtio_children(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with("virtio"))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Prints what the guest has at `dir`: BDF, sysfs path, drivers, disks.
+fn describe(dir: &Path) {
+    let bdf = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    println!("bdf={bdf}");
+    let real = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    println!("sysfs={}", real.display());
+    println!("driver={}", driver(dir).unwrap_or_else(|| "-".into()));
+    for v in virtio_children(dir) {
+        if let Some(d) = driver(&v) {
+            println!("virtio-driver={d}");
+        }
+        let Ok(rd) = fs::read_dir(v.join("block")) else {
+            continue;
+        };
+        for e in rd.filter_map(Result::ok) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let sectors = fs::read_to_string(e.path().join("size")).unwrap_or_default();
+            println!("block={name}");
+            println!("sectors={}", sectors.trim());
+        }
+    }
+}
+
+fn resolve(path: &str) -> Result<(), Failure> {
+    let p = parse_path(path)?;
+    let dir = resolve_sysfs(&p, Path::new(DEVICES))
+        .map_err(|e| Failure::Failed(format!("{path}: {e}")))?;
+    describe(&dir);
+    Ok(())
+}
+
+/// Whether `dir` has a non-empty subdirectory `sub`.
+fn has_entries(dir: &Path, sub: &str) -> bool {
+    fs::read_dir(dir.join(sub)).is_ok_and(|mut rd| rd.next().is_some())
+}
+
+/// Ready: the function exists and a driver is bound to it; for virtio-pci,
+/// its virtio device exists with a driver bound, and for virtio_blk the
+/// block device exists. (The kernel links `driver` before it calls the
+/// driver's probe, so a bound driver alone does not mean probing is done.)
+fn ready(p: &PciPath) -> Option<PathBuf> {
+    let dir = resolve_sysfs(p, Path::new(DEVICES)).ok()?;
+    let drv = driver(&dir)?;
+    let children = virtio_children(&dir);
+    if drv == "virtio-pci" && children.is_empty() {
+        return None;
+    }
+    for v in children {
+        if driver(&v)? == "virtio_blk" && !has_entries(&v, "block") {
+            return None;
+        }
+    }
+    Some(dir)
+}
+
+fn wait_device(path: &str, secs: &str) -> Result<(), Failure> {
+    let p = parse_path(path)?;
+    let secs: f64 = secs
+        .parse()
+        .map_err(|_| Failure::Usage(format!("bad timeout '{secs}' (seconds)")))?;
+    let start = Instant::now();
+    let limit = Duration::from_secs_f64(secs.max(0.0));
+    loop {
+        if let Some(dir) = ready(&p) {
+            describe(&dir);
+            println!("waited_ms={}", start.elapsed().as_millis());
+            return Ok(());
+        }
+        if start.elapsed() >= limit {
+            let why = match resolve_sysfs(&p, Path::new(DEVICES)) {
+                Err(e) => e.to_string(),
+                Ok(dir) => format!("{} has no driver bound", dir.display()),
+            };
+            return Err(Failure::Failed(format!(
+                "{path} not ready after {secs} s: {why}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn parse_bytes(s: &str) -> Result<u64, Failure> {
+    let (num, mult) = match s.as_bytes().last() {
+        Some(b'K' | b'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some(b'M' | b'm') => (&s[..s.len() - 1], 1u64 << 20),
+        _ => (s, 1),
+    };
+    let n = num
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| Failure::Usage(format!("bad byte count '{s}'")))?;
+    if n == 0 || n % ALIGN as u64 != 0 {
+        return Err(Failure::Usage(format!(
+            "byte count {n} must be a positive multiple of {ALIGN}"
+        )));
+    }
+    Ok(n)
+}
+
+fn parse_seed(s: &str) -> Result<u64, Failure> {
+    let r = match s.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    r.map_err(|_| Failure::Usage(format!("bad seed '{s}'")))
+}
+
+/// A buffer of `len` bytes aligned for O_DIRECT, inside `storage`.
+fn aligned(storage: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    storage.resize(len + ALIGN, 0);
+    let off = storage.as_ptr().align_offset(ALIGN);
+    &mut storage[off..off + len]
+}
+
+fn blk(dev: &str, seed: &str, bytes: &str, write: bool) -> Result<(), Failure> {
+    let seed = parse_seed(seed)?;
+    let total = parse_bytes(bytes)?;
+    let fail = |what: &str, e: std::io::Error| Failure::Failed(format!("{dev}: {what}: {e}"));
+    let mut f: File = OpenOptions::new()
+        .read(!write)
+        .write(write)
+        .custom_flags(libc::O_DIRECT)
+        .open(dev)
+        .map_err(|e| fail("open", e))?;
+    let mut storage = Vec::new();
+    let buf = aligned(&mut storage, CHUNK);
+    let mut expect = vec![0u8; CHUNK];
+    let mut sum = Checksum::default();
+    let start = Instant::now();
+    let mut done = 0u64;
+    while done < total {
+        let n = (total - done).min(CHUNK as u64) as usize;
+        if write {
+            fill(seed, done, &mut buf[..n]);
+            f.write_all(&buf[..n])
+                .map_err(|e| fail(&format!("write at {done}"), e))?;
+            sum.update(&buf[..n]);
+        } else {
+            f.read_exact(&mut buf[..n])
+                .map_err(|e| fail(&format!("read at {done}"), e))?;
+            fill(seed, done, &mut expect[..n]);
+            if buf[..n] != expect[..n] {
+                let at = buf[..n]
+                    .iter()
+                    .zip(&expect[..n])
+                    .position(|(a, b)| a != b)
+                    .unwrap_or(0);
+                return Err(Failure::Failed(format!(
+                    "{dev}: mismatch at byte {} (seed {seed})",
+                    done + at as u64
+                )));
+            }
+            sum.update(&buf[..n]);
+        }
+        done += n as u64;
+    }
+    if write {
+        f.sync_all().map_err(|e| fail("fsync", e))?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!("bytes={total}");
+    println!("checksum={:#018x}", sum.value());
+    println!("ms={}", (secs * 1000.0) as u64);
+    println!(
+        "mb_per_s={:.2}",
+        total as f64 / (1 << 20) as f64 / secs.max(1e-9)
+    );
+    Ok(())
+}

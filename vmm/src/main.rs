@@ -192,16 +192,14 @@ fn spawn_signal_thread(
 /// file or descriptor. It follows the bus like any API client (a slow
 /// reader of a pipe loses events, counted in a `dropped` event, and never
 /// holds the VMM up); the receiver tells when it has written the last event.
-fn start_event_monitor(
-    target: &EventMonitor,
-    bus: &EventBus,
-) -> io::Result<std::sync::mpsc::Receiver<()>> {
-    use std::io::Write;
-    let mut out: std::fs::File = match target {
+/// Opens the `--event-monitor` target: before the process confines itself
+/// (Landlock would refuse to create the file afterwards).
+fn open_event_monitor(target: &EventMonitor) -> io::Result<std::fs::File> {
+    match target {
         EventMonitor::Path(p) => std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(p)?,
+            .open(p),
         EventMonitor::Fd(fd) => {
             // SAFETY: F_GETFD only reads the descriptor's flags.
             if unsafe { libc::fcntl(*fd, libc::F_GETFD) } < 0 {
@@ -210,9 +208,17 @@ fn start_event_monitor(
             // SAFETY: the user handed this open descriptor (checked above)
             // to arbor for the event stream; nothing else in the process
             // uses or closes it.
-            unsafe { std::os::fd::FromRawFd::from_raw_fd(*fd) }
+            Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(*fd) })
         }
-    };
+    }
+}
+
+/// Writes the event stream of `bus` to `out` from a thread of its own.
+fn start_event_monitor(
+    mut out: std::fs::File,
+    bus: &EventBus,
+) -> io::Result<std::sync::mpsc::Receiver<()>> {
+    use std::io::Write;
     let sub = bus.subscribe();
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
@@ -290,6 +296,14 @@ fn main() -> ExitCode {
     // drop are per thread, and every thread started from here on (the
     // INTx thread in Vm::new, the signal thread, the API thread, vCPUs,
     // device workers) inherits them.
+    let monitor_file = match cfg.event_monitor.as_ref().map(open_event_monitor) {
+        None => None,
+        Some(Ok(file)) => Some(file),
+        Some(Err(e)) => {
+            eprintln!("arbor: error: --event-monitor: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
     let kvm = vmm::kvm_device_path();
     if let Err(e) = vmm::confine::apply(&cfg, std::path::Path::new(&kvm)) {
         eprintln!("arbor: error: {e}");
@@ -315,8 +329,8 @@ fn main() -> ExitCode {
     };
     vmm.set_policy(vmm::ProcessPolicy::from_command_line(&cfg));
     let bus = vmm.events();
-    let monitor = match &cfg.event_monitor {
-        Some(target) => match start_event_monitor(target, &bus) {
+    let monitor = match monitor_file {
+        Some(file) => match start_event_monitor(file, &bus) {
             Ok(done) => Some(done),
             Err(e) => {
                 eprintln!("arbor: error: --event-monitor: {e}");

@@ -22,6 +22,9 @@ use std::path::{Path, PathBuf};
 /// Mode of the socket file.
 pub const SOCKET_MODE: u32 = 0o600;
 
+/// The listening socket's backlog.
+pub const LISTEN_BACKLOG: i32 = 1024;
+
 /// Why the API socket could not be created.
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
@@ -191,8 +194,11 @@ pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile), SocketError> {
         return Err(SocketError::NotASocket(path.to_path_buf()));
     }
 
+    // A deep backlog: hundreds of clients connecting at once wait to be
+    // accepted instead of failing with EAGAIN (the kernel caps it at
+    // net.core.somaxconn).
     // SAFETY: listen(2) on a descriptor we own; the result is checked.
-    if unsafe { libc::listen(fd.as_raw_fd(), 128) } < 0 {
+    if unsafe { libc::listen(fd.as_raw_fd(), LISTEN_BACKLOG) } < 0 {
         return Err(io_err("listen on", path)(io::Error::last_os_error()));
     }
     std::mem::forget(remove_on_error);

@@ -145,10 +145,12 @@ def storm(sock, clients, requests, timeout):
                         failures.append(f"GET {path}: HTTP {r.status}")
             except (OSError, http.client.HTTPException) as e:
                 # A connection evicted or refused at the cap is closed
-                # without an answer.
+                # without an answer; one beyond the backlog is refused.
                 with lock:
+                    # EAGAIN: the listen backlog is full (connect on a
+                    # UNIX socket does not wait when a timeout is set).
                     if isinstance(e, (ConnectionResetError, http.client.RemoteDisconnected,
-                                      BrokenPipeError)):
+                                      BrokenPipeError, BlockingIOError)):
                         refused[0] += 1
                     else:
                         failures.append(f"GET {path}: {type(e).__name__}: {e}")
@@ -363,7 +365,8 @@ def main(argv):
     for label, v in by_place.items():
         print(row(f"add, {label}", v["add_ms"]))
         print(row(f"remove, {label}", v["remove_ms"]))
-    print(f"  refused at the connection cap: {refused0} (storm 1), {refused1} (storm 2)")
+    print(f"  refused (connection cap or full backlog): {refused0} (storm 1), "
+          f"{refused1} (storm 2)")
     print(f"  load average (1 min): {load_start} at start, {load_end} at end")
     if failures:
         print(f"  FAILURES: {len(failures)}; first: {failures[:5]}")

@@ -171,6 +171,34 @@ fn collect(
     });
 }
 
+/// `arbor` arguments booting `kernel` with `initramfs`, the kit's command
+/// line plus `extra_cmdline`, `cpus` vCPUs, 512 MiB, then `extra`.
+fn kit_args(
+    kernel: &Path,
+    initramfs: &Path,
+    cpus: u8,
+    extra_cmdline: &str,
+    extra: &[&str],
+) -> Vec<String> {
+    let kit = guest_kit();
+    let mut args: Vec<String> = vec![
+        "--kernel".into(),
+        kernel.display().to_string(),
+        "--initramfs".into(),
+        initramfs.display().to_string(),
+        "--cmdline".into(),
+        format!("{} {}", kit.cmdline, extra_cmdline)
+            .trim()
+            .to_string(),
+        "--cpus".into(),
+        cpus.to_string(),
+        "--memory".into(),
+        "512M".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
 impl Guest {
     /// Starts `arbor` with `args`; `name` tags its echoed console lines.
     /// Unless `args` has an `--allow-path`, the system's temporary
@@ -237,21 +265,7 @@ impl Guest {
     /// [`Guest::run`] works. Does not wait: see [`Guest::wait_shell`].
     pub fn boot_user(name: &str, cpus: u8, extra_cmdline: &str, extra: &[&str]) -> Guest {
         let kit = guest_kit();
-        let mut args: Vec<String> = vec![
-            "--kernel".into(),
-            kit.vmlinux.display().to_string(),
-            "--initramfs".into(),
-            user_initramfs().display().to_string(),
-            "--cmdline".into(),
-            format!("{} {}", kit.cmdline, extra_cmdline)
-                .trim()
-                .to_string(),
-            "--cpus".into(),
-            cpus.to_string(),
-            "--memory".into(),
-            "512M".into(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
+        let args = kit_args(&kit.vmlinux, &user_initramfs(), cpus, extra_cmdline, extra);
         Guest::spawn(name, &args, &[], true)
     }
 
@@ -347,21 +361,7 @@ impl Guest {
     /// `extra_cmdline`, and `extra` arguments.
     pub fn boot(name: &str, kernel: &Path, cpus: u8, extra_cmdline: &str, extra: &[&str]) -> Guest {
         let kit = guest_kit();
-        let mut args: Vec<String> = vec![
-            "--kernel".into(),
-            kernel.display().to_string(),
-            "--initramfs".into(),
-            kit.initramfs.display().to_string(),
-            "--cmdline".into(),
-            format!("{} {}", kit.cmdline, extra_cmdline)
-                .trim()
-                .to_string(),
-            "--cpus".into(),
-            cpus.to_string(),
-            "--memory".into(),
-            "512M".into(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
+        let args = kit_args(kernel, &kit.initramfs, cpus, extra_cmdline, extra);
         Guest::start(name, &args)
     }
 

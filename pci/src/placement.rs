@@ -364,6 +364,17 @@ fn slot_of_port(
     Ok(first)
 }
 
+/// The first free root-bus slot with ACPI hotplug.
+fn free_hotplug_root_path(
+    plan: &HotplugPlan,
+    occupied: &dyn Fn(&PciPath) -> bool,
+) -> Option<PciPath> {
+    plan.root_slots()
+        .iter()
+        .map(|s| root_path(*s))
+        .find(|p| !occupied(p))
+}
+
 /// The first free hotplug slot in `order`.
 fn automatic(
     topology: &Topology,
@@ -373,12 +384,7 @@ fn automatic(
 ) -> Option<(PciPath, Option<String>)> {
     for kind in order {
         let found = match kind {
-            PlaceKind::Root => plan
-                .root_slots()
-                .iter()
-                .map(|s| root_path(*s))
-                .find(|p| !occupied(p))
-                .map(|p| (p, None)),
+            PlaceKind::Root => free_hotplug_root_path(plan, occupied).map(|p| (p, None)),
             PlaceKind::Native => plan.native_ports().iter().find_map(|id| {
                 let node = topology.port(id)?;
                 let path = free_paths(node, node.device_slots(), occupied).next()?;
@@ -421,15 +427,11 @@ pub fn choose(
 ) -> Result<Place, PlacementError> {
     let (path, port) = match (req.pci_path, req.port) {
         (Some(text), want) => exact_path(topology, text, want)?,
-        (None, Some(ROOT_BUS_ID)) if req.hotplug => {
-            let slot = plan
-                .root_slots()
-                .iter()
-                .copied()
-                .find(|s| !occupied(&root_path(*s)))
-                .ok_or_else(|| PlacementError::PortFull(ROOT_BUS_ID.to_string()))?;
-            (root_path(slot), None)
-        }
+        (None, Some(ROOT_BUS_ID)) if req.hotplug => (
+            free_hotplug_root_path(plan, occupied)
+                .ok_or_else(|| PlacementError::PortFull(ROOT_BUS_ID.to_string()))?,
+            None,
+        ),
         (None, Some(id)) if id != ROOT_BUS_ID => (
             slot_of_port(topology, plan, occupied, id, req.hotplug)?,
             Some(id.to_string()),

@@ -278,6 +278,16 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
         .ok_or_else(|| ConfigError(format!("invalid size '{s}': too large")))
 }
 
+/// Parses a guest memory size: like [`parse_size`], except that a plain
+/// number is MiB, as QEMU reads `-m 512`.
+pub fn parse_memory(s: &str) -> Result<u64, ConfigError> {
+    let t = s.trim();
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        return parse_size(&format!("{t}M"));
+    }
+    parse_size(s)
+}
+
 /// Total memory of the host, from /proc/meminfo.
 pub fn host_memory() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -508,7 +518,7 @@ usage: arbor --kernel PATH [options]
   --initramfs PATH     initial ramdisk
   --cmdline STRING     kernel command line (default: console=ttyS0)
   --cpus N             number of vCPUs, 1-254 (default 1)
-  --memory SIZE        guest memory, e.g. 512M or 2G (default 512M)
+  --memory SIZE        guest memory, e.g. 512M or 2G; a plain number is MiB (default 512M)
   --serial WHERE       stdout (default), off, or file=PATH[,max=SIZE] (default max 16M)
   --disk OPTIONS       virtio-blk disk: path=FILE[,readonly=on][,serial=S][,id=ID]
                        [,port=ID][,pci_path=PATH][,lock=off]; repeatable. The
@@ -592,7 +602,7 @@ fn apply_option(cfg: &mut VmConfig, name: &str, value: String) -> Result<(), Con
                 ConfigError(format!("--cpus '{value}' is not a number from 1 to 254"))
             })?
         }
-        "memory" => cfg.memory = parse_size(&value)?,
+        "memory" => cfg.memory = parse_memory(&value)?,
         "disk" => cfg
             .disks
             .push(DiskConfig::from_kv(&value).map_err(|e| ConfigError(format!("--disk: {e}")))?),
@@ -756,7 +766,8 @@ fn size_text(n: u64) -> String {
             return format!("{}{suffix}", n >> shift);
         }
     }
-    n.to_string()
+    // With a unit: a plain number is MiB for --memory.
+    format!("{n}B")
 }
 
 /// The command-line text of a JSON scalar, for [`apply_option`].
@@ -1028,6 +1039,12 @@ mod tests {
         assert!(parse_size("12Q").is_err());
         assert!(parse_size("-1M").is_err());
         assert!(parse_size("99999999999999T").is_err());
+        // Guest memory: a plain number is MiB, as for QEMU's -m.
+        assert_eq!(parse_memory("512").unwrap(), 512 << 20);
+        assert_eq!(parse_memory(" 1G").unwrap(), 1 << 30);
+        assert_eq!(parse_memory("4096B").unwrap(), 4096);
+        assert!(parse_memory("").is_err());
+        assert!(parse_memory("99999999999999999").is_err());
     }
 
     #[test]
@@ -1495,7 +1512,7 @@ mod json_tests {
         for (field, value, args) in [
             ("cpus", json!(0), vec!["--cpus", "0"]),
             ("cpus", json!(300), vec!["--cpus", "300"]),
-            ("memory", json!(1024), vec!["--memory", "1024"]),
+            ("memory", json!(1), vec!["--memory", "1"]),
             (
                 "shutdown-grace",
                 json!(-1.5),

@@ -150,6 +150,12 @@ fn root_bus_hotplug() {
         c.vm_add_disk(&bad_path).unwrap_err().api_error_kind(),
         Some(ApiErrorKind::Conflict)
     );
+    // A device id may not be a port's id (or the root bus's): vm.info lists both.
+    for port_id in ["br0", "root"] {
+        let e = c.vm_add_disk(&disk(&a, Some(port_id))).unwrap_err();
+        assert_eq!(e.api_error_kind(), Some(ApiErrorKind::BadRequest), "{e}");
+        assert!(e.to_string().contains("id of a PCI port"), "{e}");
+    }
     assert_eq!(c.vm_info().unwrap().devices, devices_before);
 
     // Add: the answer's path names the BDF where the guest finds the disk.

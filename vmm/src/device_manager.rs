@@ -67,6 +67,10 @@ pub enum DeviceError {
     RegisterMmio(u64, vm_device::bus::Error),
     #[error("device id '{0}' is already in use")]
     DuplicateId(String),
+    /// A device id that names a PCI port or the root bus: `vm.info` lists
+    /// ports and devices by id, so they share one namespace.
+    #[error("device id '{0}' is the id of a PCI port (or of the root bus); choose another")]
+    IdIsPort(String),
     #[error("no device with id '{0}'")]
     NoSuchDevice(String),
     #[error("device '{0}' was cold-plugged and is not removable")]
@@ -115,6 +119,7 @@ impl DeviceError {
             | DeviceError::DiskInUse { .. } => K::Conflict,
             DeviceError::NoSuchDevice(_) => K::NotFound,
             DeviceError::Disk { .. }
+            | DeviceError::IdIsPort(_)
             | DeviceError::RelativeDiskPath(_)
             | DeviceError::PathNotAllowed(_) => K::BadRequest,
             DeviceError::Placement(p) => match p {
@@ -427,8 +432,17 @@ impl DeviceManager {
     fn fresh_id(&self, prefix: &str) -> String {
         (0..)
             .map(|n| format!("{prefix}{n}"))
-            .find(|id| !self.records.iter().any(|r| &r.id == id))
+            .find(|id| !self.records.iter().any(|r| &r.id == id) && !self.is_port_id(id))
             .unwrap_or_else(|| prefix.to_string())
+    }
+
+    /// Whether `id` names a PCI port or the root bus.
+    fn is_port_id(&self, id: &str) -> bool {
+        id == pci::topology::ROOT_BUS_ID
+            || self
+                .pci
+                .as_ref()
+                .is_some_and(|p| p.topology().port(id).is_some())
     }
 
     fn pci(&self) -> Result<Arc<PciManager>, DeviceError> {
@@ -457,6 +471,7 @@ impl DeviceManager {
             Some(id) if self.records.iter().any(|r| r.id == id) => {
                 return Err(DeviceError::DuplicateId(id.to_string()))
             }
+            Some(id) if self.is_port_id(id) => return Err(DeviceError::IdIsPort(id.to_string())),
             Some(id) => id.to_string(),
             None => self.fresh_id(prefix),
         };

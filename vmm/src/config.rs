@@ -552,6 +552,12 @@ usage: arbor --kernel PATH [options]
 
 exit status: 0 guest powered off, 3 guest rebooted (or reset, e.g. a panic
 with panic=-1), 1 VMM error, 2 usage error.
+
+environment:
+  ARBOR_LOG            log level on standard error: error, warn (default),
+                       info, debug, trace or off, in any case. info shows
+                       where devices were placed, hotplug requests and how
+                       long the guest took, and guest power events
 ";
 
 /// The options of a VM configuration: `--NAME` on the command line,

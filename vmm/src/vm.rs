@@ -253,10 +253,12 @@ impl Vm {
         // once the cold-plugged devices have their slots.
         let cold_plan = HotplugPlan::new(pci.topology(), &[]);
         for d in &config.disks {
-            devices.add_disk(d, false, &cold_plan)?;
+            let rec = devices.add_disk(d, false, &cold_plan)?;
+            log::info!("disk {} ({}) at {}", rec.id, d.path, rec.path);
         }
         for r in &config.rngs {
-            devices.add_rng(r, false, &cold_plan)?;
+            let rec = devices.add_rng(r, false, &cold_plan)?;
+            log::info!("rng {} at {}", rec.id, rec.path);
         }
         let plan = HotplugPlan::new(pci.topology(), &devices.cold_paths());
 
@@ -814,11 +816,14 @@ impl VmCore {
     fn release(&mut self, id: &str) {
         let answer = match self.devices.remove(id) {
             Ok(rec) => {
-                log::info!("removed {id} from {}", rec.path);
                 let after_ms = self
                     .removals
                     .remove(id)
                     .map_or(0, |(t, _)| t.elapsed().as_millis() as u64);
+                log::info!(
+                    "removed {id} from {}: the guest took {after_ms} ms",
+                    rec.path
+                );
                 self.events.emit(VmEventKind::DeviceReleased {
                     id: id.to_string(),
                     pci_path: rec.path.to_string(),
@@ -924,8 +929,10 @@ impl MutEventSubscriber for PlatformSubscriber {
         let mut c = self.0.core();
         let fd = events.fd();
         if fd == c.devices.events.power_off.as_raw_fd() {
+            log::info!("the guest powered off");
             c.finish(Ok(ExitReason::PowerOff));
         } else if fd == c.devices.events.reset.as_raw_fd() {
+            log::info!("the guest asked for a reset");
             c.finish(Ok(ExitReason::Reset));
         } else {
             let _ = c.vcpu_wake.read();

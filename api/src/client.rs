@@ -43,6 +43,9 @@ pub enum ClientError {
         #[source]
         source: io::Error,
     },
+    /// The path exists but is not a UNIX socket (a directory, a file...).
+    #[error("'{path}' is {what}, not a UNIX socket: give the path arbor's --api-socket named")]
+    NotASocket { path: PathBuf, what: &'static str },
     /// The client's runtime could not be created.
     #[error("cannot create the client runtime: {0}")]
     Runtime(#[source] io::Error),
@@ -295,9 +298,34 @@ pub struct EventStream {
 }
 
 fn io_error(socket: &Path, e: io::Error) -> ClientError {
+    connect_error(socket, e)
+}
+
+/// Why connecting to `socket` failed: says so when the path is not a
+/// socket at all (connect(2) only answers "Connection refused" then).
+fn connect_error(socket: &Path, source: io::Error) -> ClientError {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(m) = std::fs::metadata(socket) {
+        let t = m.file_type();
+        let what = if t.is_dir() {
+            Some("a directory")
+        } else if t.is_file() {
+            Some("a regular file")
+        } else if t.is_socket() {
+            None
+        } else {
+            Some("not a file arbor creates")
+        };
+        if let Some(what) = what {
+            return ClientError::NotASocket {
+                path: socket.to_path_buf(),
+                what,
+            };
+        }
+    }
     ClientError::Connect {
         path: socket.to_path_buf(),
-        source: e,
+        source,
     }
 }
 
@@ -442,10 +470,7 @@ async fn exchange(
 ) -> Result<RawResponse, ClientError> {
     let stream = UnixStream::connect(socket)
         .await
-        .map_err(|source| ClientError::Connect {
-            path: socket.to_path_buf(),
-            source,
-        })?;
+        .map_err(|source| connect_error(socket, source))?;
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     let driver = tokio::spawn(async move {

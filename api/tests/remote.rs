@@ -108,10 +108,15 @@ fn add_and_remove() {
         assert_eq!(rel.path.as_deref(), Some("/tmp/rel.raw"));
     }
 
-    // Both spellings of remove-device; success prints nothing.
+    // Both spellings of remove-device; success says what went and how long it took.
     let out = remote(&f.socket, &["remove-device", "d1"]);
     assert!(out.status.success());
-    assert!(out.stdout.is_empty());
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.starts_with("removed d1: the guest released it after ")
+            && said.trim_end().ends_with(" ms"),
+        "{said}"
+    );
     let out = remote(&f.socket, &["remove-device", "id=r0"]);
     assert!(out.status.success());
 
@@ -212,6 +217,17 @@ fn connection_failure_exits_3() {
     drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
     let err = stderr_error(&remote(&stale, &["info"]), 3);
     assert!(err.contains("cannot connect"), "{err}");
+
+    // A directory or a regular file: said so, not "Connection refused".
+    let err = stderr_error(&remote(dir.as_path(), &["ping"]), 3);
+    assert!(err.contains("is a directory, not a UNIX socket"), "{err}");
+    let file = dir.as_path().join("plain");
+    std::fs::write(&file, b"x").unwrap();
+    let err = stderr_error(&remote(&file, &["ping"]), 3);
+    assert!(
+        err.contains("is a regular file, not a UNIX socket"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -223,11 +223,22 @@ fn follow(client: &Client) -> ExitCode {
     }
 }
 
+/// The id in a `vm.remove-device` body.
+fn removal_id(body: &[u8]) -> Option<String> {
+    serde_json::from_slice::<RemoveDeviceRequest>(body)
+        .ok()
+        .map(|r| r.id)
+}
+
 fn run(inv: Invocation) -> ExitCode {
     let client = Client::new(&inv.socket);
     if inv.endpoint == Endpoint::VmEvents {
         return follow(&client);
     }
+    let removing = (inv.endpoint == Endpoint::VmRemoveDevice)
+        .then(|| inv.body.as_deref().and_then(removal_id))
+        .flatten();
+    let started = std::time::Instant::now();
     let response = match client.request(inv.endpoint.method(), inv.endpoint.path(), inv.body) {
         Ok(r) => r,
         Err(e) => {
@@ -241,6 +252,13 @@ fn run(inv: Invocation) -> ExitCode {
     if response.is_success() {
         if !response.body.is_empty() {
             print_json_or_text(&response.body, false);
+        }
+        if let Some(id) = removing {
+            // The VMM answers once the guest has released the device.
+            println!(
+                "removed {id}: the guest released it after {} ms",
+                started.elapsed().as_millis()
+            );
         }
         ExitCode::SUCCESS
     } else {

@@ -34,7 +34,7 @@ use crate::handle::{RunningVm, VmmHandle};
 use crate::hotplug::{self, CompletionQueue, HotplugOwner, Outcome};
 use crate::interrupts::GsiRouting;
 use crate::pci_manager::PciManager;
-use crate::terminal::RawMode;
+use crate::terminal::{ConsoleEscape, EscapeAction, RawMode};
 use crate::vcpu::{self, VcpuContext, VcpuEvent, VcpuHandle};
 use crate::{acpi, boot, cpu, layout, Error, ExitReason, Result, SerialOutput, VmConfig};
 use pci::BarAllocator;
@@ -153,6 +153,8 @@ struct VmCore {
     /// Set when the loop should end.
     exit: Option<Result<ExitReason>>,
     start: Instant,
+    /// The console's escape keys, when stdin is a terminal.
+    escape: Option<ConsoleEscape>,
 }
 
 /// The receiving end of the request channel, shared between the VMM's
@@ -333,6 +335,7 @@ impl Vm {
             removals: BTreeMap::new(),
             boot_reply: None,
             exit: None,
+            escape: None,
             start,
         };
         core.events.emit(VmEventKind::Created);
@@ -442,6 +445,7 @@ impl Vm {
                 vec![stdin.as_raw_fd()],
             ))));
             if tty {
+                lock(core).escape = Some(ConsoleEscape::default());
                 RawMode::enter(stdin.as_raw_fd())
             } else {
                 None
@@ -870,7 +874,10 @@ impl VmCore {
             .serial
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let room = serial.fifo_room().min(buf.len());
+        // With escape keys, a read may give the guest one byte more than it
+        // holds (a Ctrl-A held back from the previous read, then released).
+        let spare = usize::from(self.escape.is_some());
+        let room = serial.fifo_room().saturating_sub(spare).min(buf.len());
         if room == 0 {
             return StdinState::FifoFull;
         }
@@ -882,14 +889,29 @@ impl VmCore {
         // SAFETY: `buf` is valid for writes of `room` bytes; the descriptor
         // is stdin, open for the process's life.
         let n = unsafe { libc::read(stdin, buf.as_mut_ptr().cast(), room) };
-        match n {
-            0 => StdinState::Closed,
-            n if n > 0 => {
-                serial.enqueue_input(&buf[..n as usize]);
-                StdinState::Open
-            }
-            _ => StdinState::Open,
+        if n == 0 {
+            return StdinState::Closed;
         }
+        let Ok(n) = usize::try_from(n) else {
+            return StdinState::Open;
+        };
+        let Some(escape) = self.escape.as_mut() else {
+            serial.enqueue_input(&buf[..n]);
+            return StdinState::Open;
+        };
+        let mut guest = Vec::with_capacity(n + 1);
+        let action = escape.filter(&buf[..n], &mut guest);
+        serial.enqueue_input(&guest);
+        drop(serial);
+        match action {
+            Some(EscapeAction::Quit) => {
+                eprint!("\r\narbor: Ctrl-A x: stopping the VM\r\n");
+                self.finish(Ok(ExitReason::VmmShutdown));
+            }
+            Some(EscapeAction::Help) => eprint!("{}", crate::terminal::ESCAPE_HELP),
+            None => {}
+        }
+        StdinState::Open
     }
 }
 

@@ -276,14 +276,14 @@ fn internal_error(vcpu: &mut VcpuFd) -> String {
     let hint = if ie.suberror == 1 {
         // Seen when a kernel booted without the kit's command line touches
         // a CPU feature that an emulated KVM cannot emulate.
-        " (this usually means the guest kernel used a CPU feature this host's KVM cannot \
-         emulate: boot it with the kernel command line its kit provides, e.g. the guest \
-         kit's cmdline file, which turns such features off)"
+        "; this usually means the guest kernel used a CPU feature this host's KVM cannot \
+         emulate: boot it with the kernel command line its kit provides (the guest kit's \
+         cmdline file), which turns such features off"
     } else {
         ""
     };
     format!(
-        "KVM internal error {} ({what}){hint}, data [{}]",
+        "KVM internal error {} ({what}{hint}), data [{}]",
         ie.suberror,
         data.join(", ")
     )

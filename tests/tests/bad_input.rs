@@ -54,6 +54,25 @@ fn bad_vm_shapes() {
     );
     assert_fails(&["--kernel", k, "--cpus", "255"], 2, "at most 254");
     assert_fails(&["--kernel", k, "--memory", "1M"], 2, "too small");
+    assert_fails(&["--kernel", k, "--memory", "1"], 2, "too small"); // 1 MiB
+                                                                     // Two 32-port switches with the default reserves: a configuration that
+                                                                     // does not fit (it was exit 1, "underflow").
+    assert_fails(
+        &[
+            "--kernel",
+            k,
+            "--pci-port",
+            "id=rpa,type=root-port",
+            "--pci-port",
+            "id=s0,type=switch,parent=rpa,downstream=32",
+            "--pci-port",
+            "id=rpb,type=root-port",
+            "--pci-port",
+            "id=s1,type=switch,parent=rpb,downstream=32",
+        ],
+        2,
+        "leaving nothing for devices on the root bus: use fewer ports or lower their mem-reserve=",
+    );
     assert_fails(
         &["--kernel", k, "--memory", "64T"],
         2,

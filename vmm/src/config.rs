@@ -405,7 +405,39 @@ impl VmConfig {
         let specs = self.effective_ports();
         let (mmio32, mmio64) = crate::layout::pci_windows(self.memory);
         let opts = TopologyOptions::new((1..32).collect(), mmio32, mmio64, None);
-        Topology::build(&specs, &opts).map_err(|e| ConfigError(format!("PCI topology: {e}")))
+        let topo = Topology::build(&specs, &opts)
+            .map_err(|e| ConfigError(format!("PCI topology: {e}")))?;
+        // The ports' windows are carved from the top of the host windows;
+        // devices on the root bus need what is left.
+        let rest = topo.remaining_windows();
+        for (name, host, left, option, default) in [
+            (
+                "32-bit",
+                mmio32.1,
+                rest.mmio32.1,
+                "mem-reserve",
+                opts.default_mmio32_reserve,
+            ),
+            (
+                "64-bit",
+                mmio64.1,
+                rest.mmio64.1,
+                "pref64-reserve",
+                opts.default_mmio64_reserve,
+            ),
+        ] {
+            if left == 0 && !topo.is_empty() {
+                return err(format!(
+                    "PCI topology: the ports' windows take all {} MiB of the host's {name} \
+                     MMIO window (each port with hotplug slots reserves {option}, {} MiB by \
+                     default), leaving nothing for devices on the root bus: use fewer ports \
+                     or lower their {option}=",
+                    host >> 20,
+                    default >> 20
+                ));
+            }
+        }
+        Ok(topo)
     }
 }
 

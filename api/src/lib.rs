@@ -34,8 +34,8 @@ pub use message::{
     ReplySender,
 };
 pub use server::{
-    set_thread_hook, start_server, start_server_with_events, ApiServerHandle, Endpoint, Route,
-    ServerError, API_PREFIX, ROUTES,
+    set_thread_hook, start_server, start_server_with_events, start_server_with_options,
+    ApiServerHandle, Endpoint, Route, ServerError, ServerOptions, API_PREFIX, ROUTES,
 };
 pub use socket::SocketError;
 

@@ -355,6 +355,8 @@ struct Context {
     sender: Sender<ApiMessage>,
     wake: EventFd,
     events: Option<EventBus>,
+    /// Answer `vmm.ping` here with this version (see [`ServerOptions`]).
+    ping_version: Option<String>,
 }
 
 impl Context {
@@ -553,6 +555,16 @@ async fn handle(req: Request<Incoming>, ctx: &Context) -> HttpResponse {
             return api_error_response(e);
         }
         return events_response(ctx);
+    }
+    if let (Endpoint::VmmPing, Some(version)) = (endpoint, &ctx.ping_version) {
+        // Answered here, not by the VMM's loop: the API serves from the
+        // VMM's first milliseconds, while the VM is still being built.
+        if let Err(e) = no_body(endpoint, &body) {
+            return api_error_response(e);
+        }
+        return json_response(&crate::types::VmmPingResponse {
+            version: version.clone(),
+        });
     }
     let request = match endpoint.parse_request(&body) {
         Ok(request) => request,
@@ -837,6 +849,41 @@ pub fn start_server_with_events(
     wake: EventFd,
     events: Option<EventBus>,
 ) -> Result<ApiServerHandle, ServerError> {
+    start_server_with_options(
+        path,
+        sender,
+        wake,
+        ServerOptions {
+            events,
+            ping_version: None,
+        },
+    )
+}
+
+/// What the server does beyond handing requests to the VMM.
+#[derive(Default)]
+pub struct ServerOptions {
+    /// `GET vm.events` follows this bus (without one, that endpoint
+    /// answers 404).
+    pub events: Option<EventBus>,
+    /// With a version, the server answers `vmm.ping` itself, so the API
+    /// answers while the VMM is still building the VM (the answer then
+    /// says the process serves its API; `vm.info` tells about the VM).
+    /// Without, `vmm.ping` goes to the VMM like every request.
+    pub ping_version: Option<String>,
+}
+
+/// [`start_server`] with [`ServerOptions`].
+pub fn start_server_with_options(
+    path: impl AsRef<Path>,
+    sender: Sender<ApiMessage>,
+    wake: EventFd,
+    options: ServerOptions,
+) -> Result<ApiServerHandle, ServerError> {
+    let ServerOptions {
+        events,
+        ping_version,
+    } = options;
     let path = path.as_ref();
     let (std_listener, socket_file) = socket::bind(path)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -851,6 +898,7 @@ pub fn start_server_with_events(
         sender,
         wake,
         events,
+        ping_version,
     });
     let (stop_tx, stop_rx) = oneshot::channel();
     let thread = std::thread::Builder::new()

@@ -410,6 +410,34 @@ fn vmm_gone_is_500() {
 }
 
 #[test]
+fn ping_answered_by_the_server_while_the_vmm_is_busy() {
+    let dir = common::temp_dir();
+    let path = dir.as_path().join("api.sock");
+    let (tx, rx) = mpsc::channel();
+    let options = api::ServerOptions {
+        events: None,
+        ping_version: Some("9.9.9".into()),
+    };
+    let server =
+        api::start_server_with_options(&path, tx, EventFd::new(0).unwrap(), options).unwrap();
+    // Nobody reads the channel (the VMM is still building the VM): ping
+    // answers all the same, and only ping.
+    let c = Client::new(&path).with_timeout(Duration::from_secs(2));
+    assert_eq!(c.vmm_ping().unwrap().version, "9.9.9");
+    let r = raw_on(&path, Method::GET, "/api/v1/vmm.ping", "{\"x\":1}");
+    assert_eq!(r.status, 400);
+    assert!(matches!(c.vm_info(), Err(ClientError::Timeout(_))));
+    drop(rx);
+    server.shutdown();
+}
+
+fn raw_on(path: &std::path::Path, method: Method, endpoint: &str, body: &str) -> RawResponse {
+    Client::new(path)
+        .request(method, endpoint, Some(body.as_bytes().to_vec()))
+        .unwrap()
+}
+
+#[test]
 fn socket_is_0600_and_removed_on_shutdown() {
     let mut f = Fixture::new();
     let md = std::fs::symlink_metadata(f.socket_path()).unwrap();

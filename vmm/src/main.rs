@@ -339,26 +339,9 @@ fn main() -> ExitCode {
         },
         None => None,
     };
-    if !serve_only {
-        match vmm.create(*cfg) {
-            Ok(_) => {}
-            Err(vmm::Error::Config(e)) => {
-                eprintln!("arbor: error: {e}");
-                return exit_with(EXIT_USAGE, &bus, monitor);
-            }
-            Err(e) => {
-                print_chain(&e);
-                return exit_with(EXIT_ERROR, &bus, monitor);
-            }
-        }
-    }
-    // Signals pending since the start are taken from here on.
-    let forced = Arc::new(AtomicI32::new(0));
-    if let Err(e) = spawn_signal_thread(signals, vmm.handle(), Arc::clone(&forced), serve_only) {
-        eprintln!("arbor: error: cannot start the signal thread: {e}");
-        return exit_with(EXIT_ERROR, &bus, monitor);
-    }
-    // The API server is a thin client of the VMM's request channel.
+    // The API server is a thin client of the VMM's request channel. It
+    // starts before the VM is built: vmm.ping answers at once, and other
+    // requests wait in the channel until the VMM's loop runs.
     let server = match api_socket {
         Some(path) => {
             let started =
@@ -366,7 +349,11 @@ fn main() -> ExitCode {
                     .channel()
                     .map_err(|e| e.to_string())
                     .and_then(|(tx, wake)| {
-                        api::start_server_with_events(&path, tx, wake, Some(bus.clone()))
+                        let options = api::ServerOptions {
+                            events: Some(bus.clone()),
+                            ping_version: Some(env!("CARGO_PKG_VERSION").to_string()),
+                        };
+                        api::start_server_with_options(&path, tx, wake, options)
                             .map_err(|e| e.to_string())
                     });
             match started {
@@ -382,6 +369,31 @@ fn main() -> ExitCode {
         }
         None => None,
     };
+    if !serve_only {
+        let failed = match vmm.create(*cfg) {
+            Ok(_) => None,
+            Err(vmm::Error::Config(e)) => {
+                eprintln!("arbor: error: {e}");
+                Some(EXIT_USAGE)
+            }
+            Err(e) => {
+                print_chain(&e);
+                Some(EXIT_ERROR)
+            }
+        };
+        if let Some(code) = failed {
+            // Requests that came while the VM was being built get an answer.
+            vmm.refuse_queued();
+            drop(server);
+            return exit_with(code, &bus, monitor);
+        }
+    }
+    // Signals pending since the start are taken from here on.
+    let forced = Arc::new(AtomicI32::new(0));
+    if let Err(e) = spawn_signal_thread(signals, vmm.handle(), Arc::clone(&forced), serve_only) {
+        eprintln!("arbor: error: cannot start the signal thread: {e}");
+        return exit_with(EXIT_ERROR, &bus, monitor);
+    }
     let outcome = if serve_only { vmm.serve() } else { vmm.run() };
     vmm.refuse_queued();
     let code = match outcome {

@@ -8,6 +8,7 @@
 # into ${ARBOR_GUEST_DIR:-<repo>/target/guest}. Prints the paths at the end.
 # See README.md beside this file. Environment: ARBOR_GUEST_DIR, plus those of
 # build-kernel.sh (ARBOR_CACHE_DIR, ...).
+[[ ${1:-} != --help ]] || { sed -n '2,/^set -euo pipefail/{/^#/{s/^# \{0,1\}//;p;};}' "$0"; exit 0; }
 set -euo pipefail
 
 KIT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

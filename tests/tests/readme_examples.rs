@@ -76,8 +76,8 @@ fn parse() -> (Vec<Example>, Vec<String>) {
     let mut examples = Vec::new();
     let mut problems = Vec::new();
     for &doc in DOCS {
-        let text = std::fs::read_to_string(repo_root().join(doc))
-            .unwrap_or_else(|e| panic!("{doc}: {e}"));
+        let text =
+            std::fs::read_to_string(repo_root().join(doc)).unwrap_or_else(|e| panic!("{doc}: {e}"));
         let lines: Vec<&str> = text.lines().collect();
         let mut i = 0;
         let mut pending: Option<(usize, String, Option<Kind>)> = None;
@@ -99,7 +99,9 @@ fn parse() -> (Vec<Example>, Vec<String>) {
                     ));
                 }
                 if let Some((at, name, _)) = &pending {
-                    problems.push(format!("{doc}:{at}: marker `{name}` is not followed by a shell block"));
+                    problems.push(format!(
+                        "{doc}:{at}: marker `{name}` is not followed by a shell block"
+                    ));
                 }
                 pending = Some((i + 1, words.first().unwrap_or(&"").to_string(), kind));
                 i += 1;
@@ -145,12 +147,16 @@ fn parse() -> (Vec<Example>, Vec<String>) {
             }
             if pending.is_some() && !l.trim().is_empty() {
                 let (at, name, _) = pending.take().unwrap();
-                problems.push(format!("{doc}:{at}: marker `{name}` is not followed by a shell block"));
+                problems.push(format!(
+                    "{doc}:{at}: marker `{name}` is not followed by a shell block"
+                ));
             }
             i += 1;
         }
         if let Some((at, name, _)) = pending {
-            problems.push(format!("{doc}:{at}: marker `{name}` is not followed by a shell block"));
+            problems.push(format!(
+                "{doc}:{at}: marker `{name}` is not followed by a shell block"
+            ));
         }
     }
     let mut names: Vec<&str> = examples.iter().map(|e| e.name.as_str()).collect();
@@ -204,7 +210,11 @@ fn scripts_named(script: &str) -> Vec<String> {
 #[test]
 fn every_shell_example_is_marked_and_checked() {
     let (examples, problems) = parse();
-    assert!(problems.is_empty(), "README examples:\n{}", problems.join("\n"));
+    assert!(
+        problems.is_empty(),
+        "README examples:\n{}",
+        problems.join("\n")
+    );
     let count = |k| examples.iter().filter(|e| e.kind == k).count();
     eprintln!(
         "README examples: {} run, {} serve, {} vm, {} slow",
@@ -232,7 +242,10 @@ fn every_shell_example_is_marked_and_checked() {
         for s in scripts_named(&e.script) {
             let path = repo_root().join(&s);
             if !path.is_file() {
-                failures.push(format!("{}:{} `{}`: {s} does not exist", e.doc, e.line, e.name));
+                failures.push(format!(
+                    "{}:{} `{}`: {s} does not exist",
+                    e.doc, e.line, e.name
+                ));
                 continue;
             }
             let out = Command::new(&path)
@@ -280,7 +293,11 @@ struct Running {
 fn spawn(e: &Example, s: &Scratch, bin_dir: &Path, n: usize) -> Running {
     let out = s.path(&format!(".example-{n}.out"));
     let err = s.path(&format!(".example-{n}.err"));
-    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     let child = Command::new("bash")
         .args(["-euo", "pipefail", "-c", &e.script])
         .current_dir(&s.0)
@@ -329,7 +346,10 @@ impl Running {
         let _ = self.child.wait();
         let (out, err) = self.output();
         let Some(status) = status else {
-            panic!("{}: still running after {limit:?}\n{out}\n{err}", self.label)
+            panic!(
+                "{}: still running after {limit:?}\n{out}\n{err}",
+                self.label
+            )
         };
         assert!(status.success(), "{}: {status}\n{out}\n{err}", self.label);
         assert!(
@@ -338,7 +358,11 @@ impl Running {
             self.label
         );
         for p in promises {
-            assert!(out.contains(p.as_str()), "{}: output lacks `{p}`:\n{out}\n{err}", self.label);
+            assert!(
+                out.contains(p.as_str()),
+                "{}: output lacks `{p}`:\n{out}\n{err}",
+                self.label
+            );
         }
         out
     }
@@ -355,7 +379,9 @@ fn group_members(pgid: i32) -> Vec<(i32, String)> {
             continue;
         };
         // pid (comm) state ppid pgrp ...
-        let Some(close) = stat.rfind(')') else { continue };
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
         let comm = stat[stat.find('(').map_or(0, |o| o + 1)..close].to_string();
         let rest: Vec<&str> = stat[close + 1..].split_whitespace().collect();
         if rest.get(2).and_then(|g| g.parse::<i32>().ok()) == Some(pgid) && rest[0] != "Z" {
@@ -419,7 +445,8 @@ fn runnable_examples_run_as_written() {
                             break;
                         }
                         assert!(
-                            Instant::now() < deadline && group_members(r.child.id() as i32).len() > 0,
+                            Instant::now() < deadline
+                                && !group_members(r.child.id() as i32).is_empty(),
                             "{}: no socket {} and guest /init\n{out}\n{err}",
                             r.label,
                             sock.display()
@@ -464,10 +491,21 @@ fn check_specific(e: &Example, s: &Scratch, _out: &str) {
                 v["event"].as_str().unwrap().to_string()
             })
             .collect();
-        assert_eq!(names.first().map(String::as_str), Some("created"), "{events}");
+        assert_eq!(
+            names.first().map(String::as_str),
+            Some("created"),
+            "{events}"
+        );
         assert!(names.iter().any(|n| n == "booted"), "{events}");
-        assert_eq!(names.last().map(String::as_str), Some("vmm-exit"), "{events}");
+        assert_eq!(
+            names.last().map(String::as_str),
+            Some("vmm-exit"),
+            "{events}"
+        );
         let stream = std::fs::read_to_string(s.path("stream.log")).expect("stream.log");
-        assert!(stream.trim_end().ends_with('}') && stream.contains("vmm-exit"), "{stream}");
+        assert!(
+            stream.trim_end().ends_with('}') && stream.contains("vmm-exit"),
+            "{stream}"
+        );
     }
 }

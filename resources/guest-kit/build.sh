@@ -72,7 +72,7 @@ kernel_progress() {
 		log "still building the kernel: $n of ~$total steps, $((now - t0)) s so far$rate_left"
 	done
 }
-kernel_progress &
+kernel_progress >/dev/null &
 PROGRESS_PID=$!
 KERNEL_DIR=$("$KIT_DIR/build-kernel.sh" | tail -n1) || {
 	kill "$PROGRESS_PID" 2>/dev/null

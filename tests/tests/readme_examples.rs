@@ -73,11 +73,21 @@ struct Example {
 /// Parses every document; returns the examples and the problems found
 /// (unmarked shell blocks, fences without a language, bad markers).
 fn parse() -> (Vec<Example>, Vec<String>) {
+    let docs: Vec<(&'static str, String)> = DOCS
+        .iter()
+        .map(|&doc| {
+            let text = std::fs::read_to_string(repo_root().join(doc))
+                .unwrap_or_else(|e| panic!("{doc}: {e}"));
+            (doc, text)
+        })
+        .collect();
+    parse_texts(&docs)
+}
+
+fn parse_texts(docs: &[(&'static str, String)]) -> (Vec<Example>, Vec<String>) {
     let mut examples = Vec::new();
     let mut problems = Vec::new();
-    for &doc in DOCS {
-        let text =
-            std::fs::read_to_string(repo_root().join(doc)).unwrap_or_else(|e| panic!("{doc}: {e}"));
+    for &(doc, ref text) in docs {
         let lines: Vec<&str> = text.lines().collect();
         let mut i = 0;
         let mut pending: Option<(usize, String, Option<Kind>)> = None;
@@ -203,6 +213,36 @@ fn scripts_named(script: &str) -> Vec<String> {
     out.sort();
     out.dedup();
     out
+}
+
+/// The checker refuses what would let the docs drift: an unmarked shell
+/// block, a bare fence, an unknown kind, a marker on a non-shell block, a
+/// `vm` example without a `serve` one, a name used twice.
+#[test]
+fn the_checker_refuses_unmarked_blocks() {
+    let bad = |text: &str| parse_texts(&[("T.md", text.to_string())]).1;
+    assert!(bad("<!-- example: a run -->\n```sh\ntrue\n```\n```text\nout\n```\n").is_empty());
+    assert_eq!(bad("x\n```sh\ntrue\n```\n").len(), 1);
+    assert_eq!(bad("```\ntrue\n```\n").len(), 1);
+    assert_eq!(bad("<!-- example: a fast -->\n```sh\ntrue\n```\n").len(), 1);
+    assert_eq!(bad("<!-- example: a run -->\n```json\n{}\n```\n").len(), 1);
+    assert_eq!(
+        bad("<!-- example: a run -->\ntext\n```sh\ntrue\n```\n").len(),
+        2
+    );
+    assert_eq!(bad("<!-- example: a vm -->\n```sh\ntrue\n```\n").len(), 1);
+    assert_eq!(
+        bad("<!-- example: a run -->\n```sh\ntrue\n```\n<!-- example: a slow -->\n```bash\ntrue\n```\n").len(),
+        1
+    );
+    let (ex, _) = parse_texts(&[(
+        "T.md",
+        "<!-- example: a run -->\n\n```sh\necho hi # => hi\n```\n".into(),
+    )]);
+    assert_eq!(
+        (ex.len(), ex[0].kind, promised(&ex[0].script)),
+        (1, Kind::Run, vec!["hi".to_string()])
+    );
 }
 
 /// The shell examples are all marked, parse, and name only scripts that

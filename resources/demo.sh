@@ -3,6 +3,7 @@
 # the guest kit and arbor, boot the test guest with an API socket, hotplug a
 # disk through the API, and print the PCI path the API returned next to the
 # guest's own view of that device (from its kernel log).
+[[ ${1:-} != --help ]] || { sed -n '2,/^set -euo pipefail/{/^#/{s/^# \{0,1\}//;p;};}' "$0"; exit 0; }
 set -euo pipefail
 
 # shellcheck source=resources/lib.sh

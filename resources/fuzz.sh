@@ -12,6 +12,7 @@
 # Usage: resources/fuzz.sh [SECONDS]
 # Environment: ARBOR_FUZZ_JOBS (cargo build jobs, default 2),
 # CARGO_TARGET_DIR (default fuzz/target).
+[[ ${1:-} != --help ]] || { sed -n '2,/^set -euo pipefail/{/^#/{s/^# \{0,1\}//;p;};}' "$0"; exit 0; }
 set -euo pipefail
 
 SECONDS_PER_TARGET=${1:-20}

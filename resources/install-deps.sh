@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Debian packages Arbor's build, tests and demo need; installs only what is
-# missing (no network needed when everything is there).
+# missing (no network needed when everything is there). Waits for another
+# installation's package manager lock up to ARBOR_APT_LOCK_TIMEOUT seconds
+# (default 600).
+[[ ${1:-} != --help ]] || { sed -n '2,/^set -euo pipefail/{/^#/{s/^# \{0,1\}//;p;};}' "$0"; exit 0; }
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # The guest kit's own list (kernel build), plus the tools tests use:
@@ -9,6 +12,25 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # test's check that Arbor and QEMU exclude each other), python3-venv (the
 # virtual environment test-all.sh installs schemathesis into).
 "$REPO/resources/guest-kit/install-deps.sh"
+# Another apt-get or dpkg running (another checkout's install, unattended
+# upgrades) holds the package manager's locks: wait for them, bounded,
+# with a message, instead of failing at once.
+APT_LOCKS=(/var/lib/dpkg/lock-frontend /var/lib/dpkg/lock /var/lib/apt/lists/lock)
+APT_WAIT=${ARBOR_APT_LOCK_TIMEOUT:-600}
+wait_apt_lock() {
+	local start=$SECONDS said=0
+	command -v fuser >/dev/null || return 0
+	while fuser "${APT_LOCKS[@]}" >/dev/null 2>&1; do
+		if ((SECONDS - start >= APT_WAIT)); then
+			printf 'install-deps: ERROR: the package manager is still busy after %s s (see: fuser -v %s)\n' \
+				"$APT_WAIT" "${APT_LOCKS[*]}" >&2
+			exit 1
+		fi
+		((said)) || printf 'install-deps: another package installation is running; waiting for it (up to %s s)\n' "$APT_WAIT" >&2
+		said=1
+		sleep 5
+	done
+}
 extra=()
 for pkg in e2fsprogs fdisk curl qemu-utils python3-venv; do
 	status=$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)
@@ -16,6 +38,8 @@ for pkg in e2fsprogs fdisk curl qemu-utils python3-venv; do
 done
 if ((${#extra[@]})); then
 	export DEBIAN_FRONTEND=noninteractive
-	apt-get update -q
-	apt-get install -y -q --no-install-recommends "${extra[@]}"
+	wait_apt_lock
+	apt-get -q -o DPkg::Lock::Timeout="$APT_WAIT" update
+	wait_apt_lock
+	apt-get -q -o DPkg::Lock::Timeout="$APT_WAIT" install -y --no-install-recommends "${extra[@]}"
 fi

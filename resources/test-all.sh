@@ -9,6 +9,7 @@
 # ARBOR_FUZZ (0: no fuzzing), ARBOR_FUZZ_SECONDS (per target, default 15),
 # ARBOR_SCHEMATHESIS (0: no API schema check), ARBOR_SCHEMATHESIS_SECONDS
 # (its time budget, default 30).
+[[ ${1:-} != --help ]] || { sed -n '2,/^set -euo pipefail/{/^#/{s/^# \{0,1\}//;p;};}' "$0"; exit 0; }
 set -euo pipefail
 
 # shellcheck source=resources/lib.sh

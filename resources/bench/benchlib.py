@@ -205,13 +205,35 @@ def find_arbor(explicit, packages=("vmm",), rebuild_stale=False, attempts=1):
     return release
 
 
+def _which(q):
+    for d in os.environ.get("PATH", "").split(os.pathsep):
+        cand = os.path.join(d, q)
+        if os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
 def find_qemu(q):
+    """The QEMU binary Q (a name looked up in PATH, or a path). Debian's
+    qemu-system-x86_64 is installed when it is missing and this runs as
+    root (resources/guest-kit/install-deps.sh --qemu, which waits for
+    another installation's lock); otherwise the error says what to run."""
     if os.sep not in q:
-        for d in os.environ.get("PATH", "").split(os.pathsep):
-            cand = os.path.join(d, q)
-            if os.path.isfile(cand) and os.access(cand, os.X_OK):
-                return cand
-        raise BenchError(f"{q} not found in PATH (Debian: apt-get install qemu-system-x86)")
+        found = _which(q)
+        if found:
+            return found
+        install = [os.path.join(REPO, "resources", "guest-kit", "install-deps.sh"), "--qemu"]
+        how = "apt-get install -y qemu-system-x86 (or: " + " ".join(install) + ")"
+        if q != "qemu-system-x86_64":
+            raise BenchError(f"{q} not found in PATH")
+        if os.geteuid() != 0:
+            raise BenchError(f"{q} not found in PATH; install it as root: {how}")
+        log(f"{q} not found: installing Debian's qemu-system-x86 ({' '.join(install)})")
+        r = subprocess.run(install, stdout=sys.stderr)
+        found = _which(q)
+        if r.returncode != 0 or not found:
+            raise BenchError(f"installing QEMU failed (exit status {r.returncode}); run: {how}")
+        return found
     if not (os.path.isfile(q) and os.access(q, os.X_OK)):
         raise BenchError(f"--qemu {q}: not an executable file")
     return q

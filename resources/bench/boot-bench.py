@@ -331,9 +331,19 @@ def main(argv):
     for name in vmms:
         if name in summary:
             s = summary[name]
+            rs = results[name]
+            print(f"  {name}: min-max over {len(rs)} run(s): /init "
+                  f"{min(r['init_s'] for r in rs):.2f}-{max(r['init_s'] for r in rs):.2f} s, "
+                  f"first line {min(r['first_s'] for r in rs):.2f}-{max(r['first_s'] for r in rs):.2f} s, "
+                  f"overhead {min(r['overhead_mib'] for r in rs):.1f}-{max(r['overhead_mib'] for r in rs):.1f} MiB")
             print(f"  {name}: peak RSS {s['vm_hwm_mib']:.1f} MiB, guest RAM resident "
                   f"{s['guest_ram_rss_mib']:.1f} MiB (medians); per run /init: "
-                  + ", ".join(f"{r['init_s']:.2f}" for r in results[name]) + " s")
+                  + ", ".join(f"{r['init_s']:.2f}" for r in rs) + " s")
+    loads = [r["loadavg_at_start"] for rs in results.values() for r in rs
+             if r.get("loadavg_at_start") is not None]
+    if loads:
+        print(f"  load average (1 min) at the start of the runs: {min(loads):.2f}-{max(loads):.2f}"
+              f" (runs alternate {' and '.join(vmms)}, one guest at a time)")
     for reason in failed.values():
         print("NOTE: " + reason)
     print()
@@ -350,6 +360,10 @@ def main(argv):
         "qemu_machine": args.qemu_machine,
         "commands": commands,
         "median": summary,
+        "min": {name: {key: min(r[key] for r in rs) for key, _, _ in FIGURES}
+                for name, rs in results.items() if rs},
+        "max": {name: {key: max(r[key] for r in rs) for key, _, _ in FIGURES}
+                for name, rs in results.items() if rs},
         "ratio_arbor_over_qemu": ratio,
         "per_run": results,
         "failed": failed,

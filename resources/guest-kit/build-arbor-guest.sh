@@ -5,7 +5,7 @@
 # Static: glibc linked in (`-C target-feature=+crt-static`), no interpreter.
 # Baseline CPU (`-C target-cpu=x86-64`: SSE2, no POPCNT/SSE4/AVX), so the
 # compiler emits none of the instructions the emulated KVM of the project's
-# machines fails on (GUESTS-HERE.md). These flags apply to this build only:
+# machines fails on (README.md, "The emulated KVM"). These flags apply to this build only:
 # `--target` keeps its artifacts apart from the host build
 # (<target-dir>/x86_64-unknown-linux-gnu/release), and RUSTFLAGS does not
 # reach build scripts when --target is given.

@@ -8,6 +8,7 @@
 # into ${ARBOR_GUEST_DIR:-<repo>/target/guest}. Prints the paths at the end.
 # See README.md beside this file. Environment: ARBOR_GUEST_DIR, plus those of
 # build-kernel.sh (ARBOR_CACHE_DIR, ...).
+[[ ${1:-} != --help ]] || { sed -n '2,/^set -euo pipefail/{/^#/{s/^# \{0,1\}//;p;};}' "$0"; exit 0; }
 set -euo pipefail
 
 KIT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -27,7 +28,58 @@ clearcpuid=${clearcpuid#clearcpuid=}
 	die "clearcpuid= in cmdline is ${#clearcpuid} characters; the kernel reads only 127"
 
 # --- Kernel (cached) ----------------------------------------------------------
-KERNEL_DIR=$("$KIT_DIR/build-kernel.sh" | tail -n1)
+# build-kernel.sh compiles quietly for 5-20 minutes when the cache has no
+# kernel for this configuration; this reports its progress every 30 s from
+# beside it (build-kernel.sh hashes itself into the cache key, so it stays
+# as it is): the lines make has written to build.log so far against the
+# count of the last finished build in the cache, and the time so far.
+CACHE_ROOT=${ARBOR_CACHE_DIR:-${HOME:?HOME is not set}/.cache/arbor}
+kernel_progress() {
+	local ref total=1800 took="" dir log n now t0 said=0 last=0 rate_left
+	ref=$(ls -1t "$CACHE_ROOT"/kernel-*/.complete 2>/dev/null | head -n1 || true)
+	if [[ -n $ref && -f ${ref%/.complete}/build.log && -f ${ref%/.complete}/merge_config.log ]]; then
+		total=$(wc -l <"${ref%/.complete}/build.log")
+		took=$(($(stat -c %Y "${ref%/.complete}/build.log") - $(stat -c %Y "${ref%/.complete}/merge_config.log")))
+	fi
+	while sleep 5; do
+		# A build in progress: a build.log written to in the last 5 minutes
+		# in a kernel-* directory that is not complete (ours, or another
+		# process's that build-kernel.sh waits for).
+		dir=""
+		for log in $(ls -1t "$CACHE_ROOT"/kernel-*/build.log 2>/dev/null); do
+			[[ -f ${log%/build.log}/.complete ]] && continue
+			(($(date +%s) - $(stat -c %Y "$log") < 300)) && dir=${log%/build.log}
+			break
+		done
+		[[ -n $dir ]] || continue
+		now=$(date +%s)
+		if ((!said)); then
+			if [[ -n $took ]]; then
+				log "compiling the kernel in $dir: the last kernel build on this machine" \
+					"compiled in $((took / 60)) min $((took % 60)) s (~$total steps); progress every 30 s"
+			else
+				log "compiling the kernel in $dir: 5 minutes on 2 idle cores, 15-20 while" \
+					"other builds run; progress every 30 s"
+			fi
+			said=1
+		fi
+		((now - last >= 30)) || continue
+		last=$now
+		n=$(wc -l <"$dir/build.log")
+		t0=$(stat -c %Y "$dir/merge_config.log" 2>/dev/null || echo "$now")
+		rate_left=""
+		((n > 50 && n < total)) && rate_left=", ~$(((now - t0) * (total - n) / n)) s left at this pace"
+		log "still building the kernel: $n of ~$total steps, $((now - t0)) s so far$rate_left"
+	done
+}
+kernel_progress >/dev/null &
+PROGRESS_PID=$!
+KERNEL_DIR=$("$KIT_DIR/build-kernel.sh" | tail -n1) || {
+	kill "$PROGRESS_PID" 2>/dev/null
+	die "build-kernel.sh failed"
+}
+kill "$PROGRESS_PID" 2>/dev/null || true
+wait "$PROGRESS_PID" 2>/dev/null || true
 [[ -f $KERNEL_DIR/.complete ]] || die "build-kernel.sh gave no finished kernel ($KERNEL_DIR)"
 
 mkdir -p "$OUT_DIR"

@@ -11,6 +11,7 @@
 # per boot, default 240), QEMU (default qemu-system-x86_64), QEMU_EXTRA
 # (extra QEMU arguments, split on spaces, e.g. "-cpu host").
 # Needs qemu-system-x86 (install-deps.sh --qemu) and /dev/kvm.
+[[ ${1:-} != --help ]] || { sed -n '2,/^set -euo pipefail/{/^#/{s/^# \{0,1\}//;p;};}' "$0"; exit 0; }
 set -euo pipefail
 
 KIT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

@@ -8,7 +8,6 @@
 //!
 //! One guest boots in this file at a time (the tests share a lock).
 
-use std::path::Path;
 use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -340,66 +339,6 @@ fn created_and_booted_over_the_api() {
         logged, all,
         "the monitor and the stream carry the same events"
     );
-}
-
-/// The README's API-first example, run as written (socket and files in a
-/// scratch directory).
-#[test]
-fn readme_api_first_example() {
-    if !kvm_available() {
-        return;
-    }
-    let _one = GUEST.lock().unwrap_or_else(|e| e.into_inner());
-    let readme = std::fs::read_to_string(arbor_tests::repo_root().join("README.md")).unwrap();
-    let start = readme
-        .find("<!-- example: api-first -->")
-        .expect("the example's marker in README.md");
-    let block = &readme[start..];
-    let body_start = block.find("```sh\n").expect("a sh block") + 6;
-    let body_end = block[body_start..].find("```").expect("end of block") + body_start;
-    let script = &block[body_start..body_end];
-    let s = Scratch::new("readme-api-first");
-    let kit = guest_kit();
-    raw_disk(&s.path("disk.img"), 2);
-    let bin_dir = arbor_bin().parent().unwrap().to_path_buf();
-    let path = format!(
-        "{}:{}",
-        bin_dir.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let guest_dir = kit.vmlinux.parent().unwrap().to_path_buf();
-    let out = Command::new("bash")
-        .args(["-euo", "pipefail", "-c", script])
-        .current_dir(&s.0)
-        .env("PATH", path)
-        .env("G", &guest_dir)
-        .env("TMPDIR", &s.0)
-        .output()
-        .expect("bash");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
-    assert!(stdout.contains("\"state\": \"created\""), "{stdout}");
-    let events = std::fs::read_to_string(s.path("events.log")).expect("events.log");
-    let names: Vec<String> = events
-        .lines()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            v["event"].as_str().unwrap().to_string()
-        })
-        .collect();
-    assert_eq!(
-        names.first().map(String::as_str),
-        Some("created"),
-        "{events}"
-    );
-    assert!(names.iter().any(|n| n == "booted"), "{events}");
-    assert_eq!(
-        names.last().map(String::as_str),
-        Some("vmm-exit"),
-        "{events}"
-    );
-    let _ = Path::new(&guest_dir);
 }
 
 /// Without a VM, SIGTERM ends the VMM at once (exit 0, socket removed).

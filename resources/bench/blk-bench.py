@@ -334,11 +334,14 @@ def boot_once(vm, image, args, expected_sha):
         if status != 0:
             raise vm.fail(f"the first command 'true' exited with status {status}")
 
-        # The image is the guest's vda, of the image's size.
-        status, out, _, _ = shell.run(f"cat /sys/block/{os.path.basename(DEVICE)}/size", args.op_timeout)
-        if status != 0 or out.strip() != str(args.bytes // 512):
+        # The image is the guest's vda, of the image's size; where it sits.
+        sysblk = f"/sys/block/{os.path.basename(DEVICE)}"
+        status, out, _, _ = shell.run(f"cat {sysblk}/size && readlink -f {sysblk}", args.op_timeout)
+        lines = out.split()
+        if status != 0 or not lines or lines[0] != str(args.bytes // 512):
             raise vm.fail(f"{DEVICE} is not the {args.bytes // 512}-sector image "
                           f"(status {status}):\n{tail_lines(out, 10)}")
+        disk_sysfs = lines[-1]
 
         rtts = []
         for _ in range(args.round_trips):
@@ -370,6 +373,7 @@ def boot_once(vm, image, args, expected_sha):
         "write": write,
         "verify": verify,
         "image_sha256": sha,
+        "disk_sysfs": disk_sysfs,
         "loadavg_at_start": load,
         "other_vmms_at_start": others,
     }

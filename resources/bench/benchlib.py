@@ -167,10 +167,17 @@ def cargo_build(packages, attempts=1, wait=60.0):
     raise BenchError(f"'{' '.join(cmd)}' failed {attempts} time(s)")
 
 
+def target_dir():
+    """Cargo's target directory: $CARGO_TARGET_DIR (relative to the
+    repository, where cargo_build runs cargo), else <repo>/target."""
+    return os.path.join(REPO, os.environ.get("CARGO_TARGET_DIR") or "target")
+
+
 def find_arbor(explicit, packages=("vmm",), rebuild_stale=False, attempts=1):
     """The arbor binary to run.
 
-    EXPLICIT (--arbor) is used as given. Otherwise target/release/arbor;
+    EXPLICIT (--arbor) is used as given. Otherwise target/release/arbor
+    (under $CARGO_TARGET_DIR when set);
     with REBUILD_STALE it is (re)built when missing or older than the newest
     source, else built only when missing (and target/debug/arbor is taken,
     with a warning, when only that exists)."""
@@ -178,8 +185,8 @@ def find_arbor(explicit, packages=("vmm",), rebuild_stale=False, attempts=1):
         if not (os.path.isfile(explicit) and os.access(explicit, os.X_OK)):
             raise BenchError(f"--arbor {explicit}: not an executable file")
         return os.path.abspath(explicit)
-    release = os.path.join(REPO, "target", "release", "arbor")
-    debug = os.path.join(REPO, "target", "debug", "arbor")
+    release = os.path.join(target_dir(), "release", "arbor")
+    debug = os.path.join(target_dir(), "debug", "arbor")
     if rebuild_stale:
         have = os.path.isfile(release) and os.access(release, os.X_OK)
         if have:
@@ -444,23 +451,26 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 # ---------------------------------------------------------------------------
 
 
-def parse_arbor_vm_args(p, argv, cpus, op_timeout):
+def parse_arbor_vm_args(p, argv, cpus, op_timeout, settle=True, timeout_what="reach 'Run /init'"):
     """Adds the options of a benchmark that boots the guest kit under arbor
     (what ArborVm reads) to the parser P, parses ARGV and returns the
-    arguments, with arbor_extra split from --arbor-args."""
+    arguments, with arbor_extra split from --arbor-args. Without SETTLE there
+    is no --settle option and settle is 0. TIMEOUT_WHAT says in --timeout's
+    help what the guest must do within it."""
     p.add_argument("--cpus", type=positive_int, default=cpus, help=f"vCPUs (default {cpus})")
     p.add_argument("--memory", type=parse_size, default=512 * MIB, metavar="SIZE",
                    help="guest memory, e.g. 512M (default 512M; a plain number is MiB)")
     p.add_argument("--kernel", choices=("vmlinux", "bzImage"), default="vmlinux",
                    help="which kernel image of the guest kit to boot (default vmlinux, PVH entry)")
     p.add_argument("--timeout", type=positive_float, default=180.0, metavar="SECONDS",
-                   help="seconds the guest may take to reach 'Run /init' (default 180)")
+                   help=f"seconds the guest may take to {timeout_what} (default 180)")
     p.add_argument("--op-timeout", type=positive_float, default=op_timeout, metavar="SECONDS",
                    help="seconds a request (or a wait the benchmark makes on the guest) may take, "
                    f"and the wait for the API socket (default {op_timeout:g})")
-    p.add_argument("--settle", type=nonnegative_float, default=1.0, metavar="SECONDS",
-                   help="after 'Run /init', wait until the console has been quiet this long "
-                   "(capped at --op-timeout; default 1)")
+    if settle:
+        p.add_argument("--settle", type=nonnegative_float, default=1.0, metavar="SECONDS",
+                       help="after 'Run /init', wait until the console has been quiet this long "
+                       "(capped at --op-timeout; default 1)")
     p.add_argument("--guest-dir", default=default_guest_dir(),
                    help="guest kit directory (default $ARBOR_GUEST_DIR, else <repo>/target/guest, "
                    "else /tmp/guest if only that exists)")
@@ -478,23 +488,23 @@ def parse_arbor_vm_args(p, argv, cpus, op_timeout):
         args.arbor_extra = shlex.split(args.arbor_args)
     except ValueError as e:
         p.error(f"--arbor-args: {e}")
-    args = p.parse_args(argv)
-    try:
-        args.arbor_extra = shlex.split(args.arbor_args)
-    except ValueError as e:
-        p.error(f"--arbor-args: {e}")
+    if not settle:
+        args.settle = 0.0
     return args
 
 
 class ArborVm:
     """arbor booting the guest kit with an API socket. OPTS carries cpus, memory,
     arbor_extra (extra arguments), timeout (to 'Run /init'), op_timeout
-    (requests, the socket's appearance), settle and stop_grace."""
+    (requests, the socket's appearance), settle and stop_grace. With
+    CONSOLE_INPUT, the guest's serial input is a pipe (self.proc.stdin)
+    instead of /dev/null. t_start is the time.monotonic() just before the
+    process was started."""
 
     MARK_INIT = "Run /init as init process"
     MARK_FATAL = ("Kernel panic",)
 
-    def __init__(self, binary, kit, workdir, opts):
+    def __init__(self, binary, kit, workdir, opts, console_input=False):
         kernel, initramfs, cmdline = kit
         self.opts = opts
         self.sock = os.path.join(workdir, "arbor-api.sock")
@@ -503,9 +513,11 @@ class ArborVm:
                      "--api-socket", self.sock,
                      # Files the benchmark hot-plugs live in WORKDIR.
                      "--allow-path", workdir] + opts.arbor_extra
+        self.console_input = console_input
         self.proc = None
         self.console = None
         self.stderr = None
+        self.t_start = None
 
     def fail(self, what):
         status = self.proc.poll() if self.proc else None
@@ -520,9 +532,10 @@ class ArborVm:
 
     def boot(self):
         """Starts arbor and waits for 'Run /init'; returns seconds to it."""
-        t_start = time.monotonic()
+        stdin = subprocess.PIPE if self.console_input else subprocess.DEVNULL
+        t_start = self.t_start = time.monotonic()
         try:
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            self.proc = subprocess.Popen(self.argv, stdin=stdin, stdout=subprocess.PIPE,
                                          stderr=subprocess.PIPE, bufsize=0, start_new_session=True)
         except OSError as e:
             raise BenchError(f"cannot start {self.argv[0]}: {e}")
@@ -597,7 +610,9 @@ class ArborVm:
                     conn.close()
             stop(self.proc, self.opts.stop_grace)
         finally:
-            for s in (self.proc.stdout, self.proc.stderr):
+            for s in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+                if s is None:
+                    continue
                 try:
                     s.close()
                 except OSError:

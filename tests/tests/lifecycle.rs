@@ -90,7 +90,7 @@ fn kit_args(s: &Scratch) -> Vec<String> {
         "--memory".into(),
         "512M".into(),
         "--disk".into(),
-        format!("path={},id=root,serial=ROOT", s.path("root.img").display()),
+        format!("path={},id=rootdisk,serial=ROOT", s.path("root.img").display()),
         "--rng".into(),
         "id=rng0".into(),
         "--shutdown-grace".into(),
@@ -108,7 +108,7 @@ fn created_and_booted_over_the_api() {
     let args = kit_args(&s);
     let config = print_config(&args);
     assert_eq!(config["cpus"], 1);
-    assert_eq!(config["disk"][0]["id"], "root");
+    assert_eq!(config["disk"][0]["id"], "rootdisk");
 
     // The command line's VM, for its vm.info: started and stopped at once.
     let cli_sock = s.path("cli.sock");
@@ -162,7 +162,7 @@ fn created_and_booted_over_the_api() {
         c.vm_add_disk(&disk_at(&hot, "hot", None, None)),
         "not created",
     );
-    conflict(c.vm_remove_device("root"), "not created");
+    conflict(c.vm_remove_device("rootdisk"), "not created");
     assert_eq!(c.vm_info().unwrap(), empty);
 
     // A bad configuration: 400 with the command line's message; nothing
@@ -183,7 +183,7 @@ fn created_and_booted_over_the_api() {
     let created = c.vm_create(&config).expect("vm.create");
     assert_eq!(created.state, VmState::Created);
     let ids: Vec<&str> = created.devices.iter().map(|d| d.id.as_str()).collect();
-    assert_eq!(ids, ["root", "rng0"]);
+    assert_eq!(ids, ["rootdisk", "rng0"]);
     assert!(created.devices.iter().all(|d| !d.pci_path.is_empty()));
     assert!(created
         .topology

@@ -31,6 +31,7 @@ pub mod common_config;
 pub mod interrupt;
 pub mod pci_transport;
 pub mod rng;
+pub mod vsock;
 pub mod worker;
 
 #[cfg(test)]

@@ -222,7 +222,14 @@ impl Vsock {
                 format!("guest CID {cid} is reserved (valid: {MIN_GUEST_CID}..={MAX_GUEST_CID})"),
             ));
         }
-        let listener = UnixListener::bind(path)?;
+        let listener = UnixListener::bind(path).map_err(|e| match e.kind() {
+            io::ErrorKind::AddrInUse => io::Error::new(
+                e.kind(),
+                "the path is taken (a socket or another file is there)",
+            ),
+            io::ErrorKind::NotFound => io::Error::new(e.kind(), "its directory does not exist"),
+            _ => e,
+        })?;
         Ok(Self {
             cid,
             path: path.to_path_buf(),

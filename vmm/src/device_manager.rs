@@ -656,7 +656,10 @@ impl DeviceManager {
                 Ok(Err(source)) => {
                     return Err(DeviceError::VsockSocket {
                         path: cfg.socket.clone(),
-                        source,
+                        source: std::io::Error::new(
+                            source.kind(),
+                            format!("its directory does not exist or cannot be reached ({source})"),
+                        ),
                     })
                 }
                 Err(refused) => return Err(DeviceError::VsockPathNotAllowed(refused)),

@@ -35,6 +35,8 @@ struct Env {
     path: PathBuf,
     mux: Muxer,
     reg: FakeReg,
+    /// How long `pump` waits for an event.
+    poll_ms: i32,
 }
 
 static SEQ: AtomicUsize = AtomicUsize::new(0);
@@ -57,6 +59,7 @@ impl Env {
             path,
             mux,
             reg,
+            poll_ms: 50,
         }
     }
 
@@ -73,7 +76,7 @@ impl Env {
             })
             .collect();
         // SAFETY: pfds is a valid array of pollfd for the duration of the call.
-        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 50) };
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, self.poll_ms) };
         assert!(n >= 0);
         let mut ready = 0;
         for p in pfds {
@@ -484,6 +487,7 @@ fn slow_host_reader_gets_everything_with_credit_updates() {
     let mut e = Env::new();
     let (mut c, hport) = e.host_connect(5000);
     c.set_nonblocking(true).unwrap();
+    e.poll_ms = 1;
     let total = 4 << 20;
     let (mut sent, mut got) = (0usize, 0usize);
     let mut guest_fwd_seen = 0u32;

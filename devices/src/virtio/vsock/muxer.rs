@@ -197,11 +197,13 @@ impl Conn {
         Ok(())
     }
 
-    /// Both directions are finished and everything reached the host socket.
+    /// Both directions are finished: the guest sends no more and everything it sent reached
+    /// the host socket; the host's data up to EOF went to the guest (or the guest receives no
+    /// more). A host hang-up alone is not the end: what it wrote before is still delivered.
     fn finished(&self) -> bool {
         self.peer_shut & shutdown::SEND != 0
             && self.tx_buf.is_empty()
-            && (self.shut_sent || self.peer_shut & shutdown::RCV != 0 || self.hup)
+            && (self.shut_sent || self.peer_shut & shutdown::RCV != 0)
     }
 }
 

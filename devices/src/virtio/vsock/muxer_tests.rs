@@ -288,6 +288,40 @@ fn guest_initiated_connects_to_path_port() {
 }
 
 #[test]
+fn host_data_after_guest_half_close_is_delivered_before_rst() {
+    let mut e = Env::new();
+    let mut p = e.path.clone().into_os_string();
+    p.push("_6100");
+    let l = UnixListener::bind(&p).unwrap();
+    e.tx(pkt(op::REQUEST, 77, 6100), &[]);
+    assert_eq!(e.rx().unwrap().0.op, op::RESPONSE);
+    let (mut s, _) = l.accept().unwrap();
+    // The guest sends nothing and half-closes at once (vsock-connect recv).
+    e.tx(
+        Header {
+            flags: shutdown::SEND,
+            ..pkt(op::SHUTDOWN, 77, 6100)
+        },
+        &[],
+    );
+    // The host writes, then closes entirely (hang-up).
+    s.write_all(&[5u8; 3000]).unwrap();
+    drop(s);
+    let pkts = e.drain_rx();
+    let data: u32 = pkts
+        .iter()
+        .filter(|(h, _)| h.op == op::RW)
+        .map(|(h, _)| h.len)
+        .sum();
+    assert_eq!(data, 3000, "{pkts:?}");
+    let ops: Vec<u16> = pkts.iter().map(|(h, _)| h.op).collect();
+    let sd = ops.iter().position(|&o| o == op::SHUTDOWN).unwrap();
+    let rst = ops.iter().position(|&o| o == op::RST).unwrap();
+    assert!(sd < rst && ops[..sd].iter().all(|&o| o == op::RW), "{ops:?}");
+    assert_eq!(e.mux.stats().connections, 0);
+}
+
+#[test]
 fn nobody_listening_gets_rst_both_ways() {
     let mut e = Env::new();
     // Guest to a host port without a PATH_P socket.

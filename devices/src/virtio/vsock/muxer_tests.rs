@@ -317,7 +317,10 @@ fn host_data_after_guest_half_close_is_delivered_before_rst() {
     let ops: Vec<u16> = pkts.iter().map(|(h, _)| h.op).collect();
     let sd = ops.iter().position(|&o| o == op::SHUTDOWN).unwrap();
     let rst = ops.iter().position(|&o| o == op::RST).unwrap();
-    assert!(sd < rst && ops[..sd].iter().all(|&o| o == op::RW), "{ops:?}");
+    assert!(
+        sd < rst && ops[..sd].iter().all(|&o| o == op::RW),
+        "{ops:?}"
+    );
     assert_eq!(e.mux.stats().connections, 0);
 }
 

@@ -33,7 +33,7 @@ sys.dont_write_bytecode = True  # no __pycache__ beside the scripts
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
 from benchlib import (  # noqa: E402
-    MIB, BenchError, Stream, StreamTimeout, describe, loadavg, log, parse_size,
+    MIB, BenchError, Stream, StreamEof, StreamTimeout, describe, loadavg, log, parse_size,
     positive_float, positive_int,
 )
 
@@ -131,14 +131,16 @@ def main(argv):
     proc = subprocess.Popen(argv_vm, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, bufsize=0, start_new_session=True)
     console = Stream(proc.stdout)
-    Stream(proc.stderr)
+    errors = Stream(proc.stderr)
     results = {"h2g": [], "g2h": []}
     try:
         try:
             console.wait_for(lambda line: SHELL_READY in line, 0,
                              time.monotonic() + args.timeout)
-        except StreamTimeout:
-            raise BenchError("no shell on the guest's console")
+        except (StreamTimeout, StreamEof):
+            time.sleep(0.5)
+            raise BenchError("no shell on the guest's console; arbor's stderr:\n"
+                             + benchlib.tail_lines(errors.text(), 15))
         time.sleep(2.0)
         for i in range(args.runs):
             for d, port in (("h2g", 6000), ("g2h", 6001)):

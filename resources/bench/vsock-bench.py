@@ -60,11 +60,25 @@ def parse_args(argv):
     return args
 
 
-def cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    # Fields after the command: state is index 0, utime 11, stime 12.
-    return (int(fields[11]) + int(fields[12])) / TICK
+def cpu_seconds(pid, thread=None):
+    """utime + stime of process PID, or of its thread named THREAD (0 if none)."""
+    paths = [f"/proc/{pid}/stat"]
+    if thread:
+        paths = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                    if f.read().strip() == thread:
+                        paths.append(f"/proc/{pid}/task/{tid}/stat")
+            except OSError:
+                pass
+    total = 0
+    for p in paths:
+        with open(p) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        # Fields after the command: state is index 0, utime 11, stime 12.
+        total += int(fields[11]) + int(fields[12])
+    return total / TICK
 
 
 def one_run(proc, sock_path, port, nbytes, direction, timeout):
@@ -88,6 +102,7 @@ def one_run(proc, sock_path, port, nbytes, direction, timeout):
         os.unlink(path)
     conn.settimeout(timeout)
     cpu0 = cpu_seconds(proc.pid)
+    w0 = cpu_seconds(proc.pid, "virtio-vsock")
     t0 = time.monotonic()
     moved = 0
     if direction == "h2g":
@@ -109,12 +124,14 @@ def one_run(proc, sock_path, port, nbytes, direction, timeout):
             raise BenchError(f"g2h: got {moved} bytes, expected {nbytes}")
     secs = time.monotonic() - t0
     cpu = cpu_seconds(proc.pid) - cpu0
+    wcpu = cpu_seconds(proc.pid, "virtio-vsock") - w0
     conn.close()
     mbps = moved / MIB / secs
-    cpu_gib = cpu / (moved / (1 << 30))
+    gib = moved / (1 << 30)
     log(f"{direction}: {moved} bytes in {secs:.2f} s = {mbps:.2f} MB/s; "
-        f"arbor CPU {cpu:.2f} s ({cpu_gib:.1f} s/GiB)")
-    return mbps, cpu_gib
+        f"arbor CPU {cpu:.2f} s ({cpu / gib:.1f} s/GiB), of which the vsock worker "
+        f"{wcpu:.2f} s ({wcpu / gib:.1f} s/GiB)")
+    return mbps, cpu / gib, wcpu / gib
 
 
 def main(argv):
@@ -154,10 +171,13 @@ def main(argv):
                "load_after": load_after}
     for d, rs in results.items():
         summary[d] = {"mb_per_s": describe([r[0] for r in rs]),
-                      "cpu_s_per_gib": describe([r[1] for r in rs])}
+                      "cpu_s_per_gib": describe([r[1] for r in rs]),
+                      "worker_cpu_s_per_gib": describe([r[2] for r in rs])}
         m, c = summary[d]["mb_per_s"], summary[d]["cpu_s_per_gib"]
+        w = summary[d]["worker_cpu_s_per_gib"]
         print(f"{d}: MB/s median {m['median']} min {m['min']} max {m['max']}; "
-              f"arbor CPU s/GiB median {c['median']} min {c['min']} max {c['max']}")
+              f"arbor CPU s/GiB median {c['median']} min {c['min']} max {c['max']} "
+              f"(vsock worker thread: median {w['median']} min {w['min']} max {w['max']})")
     print(f"load average before {load_before}, after {load_after}")
     print(json.dumps(summary))
 

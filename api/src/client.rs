@@ -30,7 +30,7 @@ use crate::message::ApiErrorKind;
 use crate::server::Endpoint;
 use crate::types::{
     AddDeviceResponse, DiskConfig, ErrorBody, RemoveDeviceRequest, RngConfig, VmInfo,
-    VmmPingResponse,
+    VmmPingResponse, VsockConfig,
 };
 
 /// Why a call failed.
@@ -242,6 +242,11 @@ impl Client {
     /// `PUT vm.add-rng`.
     pub fn vm_add_rng(&self, config: &RngConfig) -> Result<AddDeviceResponse, ClientError> {
         self.call(Endpoint::VmAddRng, Some(config))?.json()
+    }
+
+    /// `PUT vm.add-vsock`.
+    pub fn vm_add_vsock(&self, config: &VsockConfig) -> Result<AddDeviceResponse, ClientError> {
+        self.call(Endpoint::VmAddVsock, Some(config))?.json()
     }
 
     /// `PUT vm.remove-device`.

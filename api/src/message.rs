@@ -24,6 +24,7 @@ use tokio::sync::oneshot;
 
 use crate::types::{
     AddDeviceResponse, DiskConfig, RemoveDeviceRequest, RngConfig, VmInfo, VmmPingResponse,
+    VsockConfig,
 };
 
 /// A validated request for the VMM.
@@ -60,6 +61,9 @@ pub enum ApiRequest {
     /// `PUT vm.delete`: answer [`ApiResponse::Empty`] once the VM is gone;
     /// 409 unless it is created or shut down.
     VmDelete,
+    /// `PUT vm.add-vsock`: answer [`ApiResponse::DeviceAdded`]; 409 when the
+    /// VM has a vsock device already.
+    VmAddVsock(VsockConfig),
 }
 
 impl ApiRequest {
@@ -78,6 +82,7 @@ impl ApiRequest {
             ApiRequest::VmCreate(_) => "vm.create",
             ApiRequest::VmBoot => "vm.boot",
             ApiRequest::VmDelete => "vm.delete",
+            ApiRequest::VmAddVsock(_) => "vm.add-vsock",
         }
     }
 }

@@ -67,7 +67,9 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::events::EventBus;
 use crate::message::{ApiError, ApiMessage, ApiReply, ApiRequest, ApiResponse};
 use crate::socket::{self, SocketError};
-use crate::types::{DiskConfig, EmptyRequest, ErrorBody, RemoveDeviceRequest, RngConfig};
+use crate::types::{
+    DiskConfig, EmptyRequest, ErrorBody, RemoveDeviceRequest, RngConfig, VsockConfig,
+};
 
 /// Prefix shared by every route.
 pub const API_PREFIX: &str = "/api/v1/";
@@ -115,6 +117,8 @@ pub enum Endpoint {
     VmDelete,
     /// `GET /api/v1/vm.events`: served by the API thread itself.
     VmEvents,
+    /// `PUT /api/v1/vm.add-vsock`
+    VmAddVsock,
 }
 
 /// One entry of the route table.
@@ -151,6 +155,7 @@ pub const ROUTES: &[Route] = &[
     route(Endpoint::VmBoot),
     route(Endpoint::VmDelete),
     route(Endpoint::VmEvents),
+    route(Endpoint::VmAddVsock),
 ];
 
 impl Endpoint {
@@ -169,6 +174,7 @@ impl Endpoint {
         Endpoint::VmBoot,
         Endpoint::VmDelete,
         Endpoint::VmEvents,
+        Endpoint::VmAddVsock,
     ];
 
     /// The full path, starting with [`API_PREFIX`].
@@ -187,6 +193,7 @@ impl Endpoint {
             Endpoint::VmBoot => "/api/v1/vm.boot",
             Endpoint::VmDelete => "/api/v1/vm.delete",
             Endpoint::VmEvents => "/api/v1/vm.events",
+            Endpoint::VmAddVsock => "/api/v1/vm.add-vsock",
         }
     }
 
@@ -213,7 +220,7 @@ impl Endpoint {
             Endpoint::VmmPing => matches!(response, ApiResponse::VmmPing(_)),
             Endpoint::VmInfo | Endpoint::VmCreate => matches!(response, ApiResponse::VmInfo(_)),
             Endpoint::VmEvents => false,
-            Endpoint::VmAddDisk | Endpoint::VmAddRng => {
+            Endpoint::VmAddDisk | Endpoint::VmAddRng | Endpoint::VmAddVsock => {
                 matches!(response, ApiResponse::DeviceAdded(_))
             }
             Endpoint::VmmShutdown
@@ -261,6 +268,18 @@ impl Endpoint {
                 let req: RemoveDeviceRequest = json_body(self, body, false)?;
                 req.validate()?;
                 ApiRequest::VmRemoveDevice(req)
+            }
+            Endpoint::VmAddVsock => {
+                let config: VsockConfig = json_body(self, body, false)?;
+                config.validate()?;
+                if !config.socket.starts_with('/') {
+                    return Err(ApiError::bad_request(format!(
+                        "'socket' must be absolute, not '{}': the VMM's working directory is \
+                         not the client's",
+                        config.socket
+                    )));
+                }
+                ApiRequest::VmAddVsock(config)
             }
         })
     }

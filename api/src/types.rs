@@ -139,6 +139,12 @@ pub struct DeviceInfo {
     /// Disk only: the serial reported to the guest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
+    /// Vsock only: the guest's context id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cid: Option<u64>,
+    /// Vsock only: the host UNIX socket host programs connect to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<String>,
 }
 
 /// Kind of a topology node.
@@ -517,6 +523,86 @@ impl RemoveDeviceRequest {
     }
 }
 
+// ---------------------------------------------------------------------------
+// Vsock
+// ---------------------------------------------------------------------------
+
+/// Lowest guest CID (0, 1 and 2 are reserved: hypervisor, local, host).
+pub const MIN_VSOCK_CID: u64 = 3;
+/// Highest guest CID (`u32::MAX` is `VMADDR_CID_ANY`).
+pub const MAX_VSOCK_CID: u64 = u32::MAX as u64 - 1;
+/// Longest vsock socket path: `PATH_<port>` (up to 11 more bytes) must still
+/// fit in a UNIX socket address (107 bytes).
+pub const MAX_VSOCK_SOCKET_LEN: usize = 96;
+
+/// Body of `PUT /api/v1/vm.add-vsock` (and the `--vsock` option): at most
+/// one per VM.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's context id, 3 to 4294967294.
+    pub cid: u64,
+    /// UNIX socket the VMM creates and listens on: host programs connect,
+    /// write `CONNECT <port>\n` and get `OK <host port>\n`; guest
+    /// connections to host port P go to `<socket>_P`. Absolute in API
+    /// requests; the directory must exist and the path must be free.
+    pub socket: String,
+    /// Device id; generated when absent.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Topology node to place the device under.
+    #[serde(default)]
+    pub port: Option<String>,
+    /// Exact placement.
+    #[serde(default)]
+    pub pci_path: Option<String>,
+}
+
+impl VsockConfig {
+    /// Keys accepted by [`VsockConfig::from_kv`].
+    pub const KV_KEYS: &'static [&'static str] = &["cid", "socket", "id", "port", "pci_path"];
+
+    /// Checks what can be checked without the VM (the socket path may be
+    /// relative here: the command line resolves it from the VMM's working
+    /// directory; the VMM refuses relative paths in API requests).
+    pub fn validate(&self) -> Result<(), ApiError> {
+        if !(MIN_VSOCK_CID..=MAX_VSOCK_CID).contains(&self.cid) {
+            return Err(ApiError::bad_request(format!(
+                "'cid' {} is reserved or out of range: use {MIN_VSOCK_CID} to {MAX_VSOCK_CID}",
+                self.cid
+            )));
+        }
+        validate_file_path("socket", &self.socket)?;
+        if self.socket.len() > MAX_VSOCK_SOCKET_LEN {
+            return Err(ApiError::bad_request(format!(
+                "'socket' is longer than {MAX_VSOCK_SOCKET_LEN} bytes (a UNIX socket address \
+                 holds 107, and '<socket>_<port>' must fit too)"
+            )));
+        }
+        validate_opt_id("id", &self.id)?;
+        validate_placement(&self.port, &self.pci_path)
+    }
+
+    /// Builds a vsock configuration from `cid=N,socket=PATH,id=..,port=..,
+    /// pci_path=..`.
+    pub fn from_kv(input: &str) -> Result<Self, KvError> {
+        let o = kv::parse(input, Self::KV_KEYS)?;
+        let cid_text = o.required("cid")?;
+        let cid = cid_text.parse().map_err(|_| KvError::InvalidValue {
+            key: "cid".into(),
+            value: cid_text.to_string(),
+            reason: "expected a number from 3 to 4294967294".into(),
+        })?;
+        Ok(VsockConfig {
+            cid,
+            socket: o.required("socket")?.to_string(),
+            id: o.string("id"),
+            port: o.string("port"),
+            pci_path: o.string("pci_path"),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -597,6 +683,44 @@ mod tests {
         assert_eq!(
             DiskConfig::from_kv("readonly=on").unwrap_err(),
             KvError::MissingKey { key: "path".into() }
+        );
+    }
+
+    #[test]
+    fn vsock_config_checks() {
+        let v = VsockConfig::from_kv("cid=3,socket=/run/v.sock,id=vs,port=rp1").unwrap();
+        assert_eq!(v.cid, 3);
+        assert_eq!(v.socket, "/run/v.sock");
+        assert_eq!(v.id.as_deref(), Some("vs"));
+        assert!(v.validate().is_ok());
+        for cid in [0u64, 1, 2, u64::from(u32::MAX), u64::MAX] {
+            let c = VsockConfig { cid, ..v.clone() };
+            assert!(bad(c.validate()).contains("'cid'"), "{cid}");
+        }
+        let c = VsockConfig {
+            cid: u64::from(u32::MAX) - 1,
+            ..v.clone()
+        };
+        assert!(c.validate().is_ok());
+        let long = VsockConfig {
+            socket: format!("/{}", "s".repeat(96)),
+            ..v.clone()
+        };
+        assert!(bad(long.validate()).contains("longer than 96"));
+        assert!(VsockConfig::from_kv("cid=x,socket=/a")
+            .unwrap_err()
+            .to_string()
+            .contains("cid"));
+        assert!(VsockConfig::from_kv("cid=-1,socket=/a").is_err());
+        assert_eq!(
+            VsockConfig::from_kv("cid=3").unwrap_err(),
+            KvError::MissingKey {
+                key: "socket".into()
+            }
+        );
+        assert!(serde_json::from_str::<VsockConfig>(r#"{"cid": 3}"#).is_err());
+        assert!(
+            serde_json::from_str::<VsockConfig>(r#"{"cid": 3, "socket": "/a", "x": 1}"#).is_err()
         );
     }
 

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use api::types::{
     AddDeviceResponse, DeviceInfo, DeviceKind, DiskConfig, ErrorBody, HotplugMechanism,
     RemoveDeviceRequest, RngConfig, SlotInfo, TopologyNode, TopologyNodeType, VmInfo, VmState,
-    VmmPingResponse,
+    VmmPingResponse, VsockConfig,
 };
 use api::{OPENAPI_JSON, ROUTES};
 use serde::Serialize;
@@ -160,6 +160,17 @@ fn schemas_match_the_wire_types() {
     );
     check_object(
         &doc,
+        "VsockConfig",
+        &VsockConfig {
+            cid: 3,
+            socket: "/v.sock".into(),
+            id: s(),
+            port: s(),
+            pci_path: s(),
+        },
+    );
+    check_object(
+        &doc,
         "RemoveDeviceRequest",
         &RemoveDeviceRequest { id: "d".into() },
     );
@@ -173,6 +184,8 @@ fn schemas_match_the_wire_types() {
         path: s(),
         readonly: Some(true),
         serial: s(),
+        cid: Some(3),
+        socket: s(),
     };
     check_object(&doc, "DeviceInfo", &device);
     let slot = SlotInfo {
@@ -232,7 +245,12 @@ fn schemas_match_the_wire_types() {
     assert!(names.contains(&serde_json::to_value(&ev).unwrap()["event"]));
 
     // Request schemas are closed, as the server rejects unknown fields.
-    for name in ["DiskConfig", "RngConfig", "RemoveDeviceRequest"] {
+    for name in [
+        "DiskConfig",
+        "RngConfig",
+        "RemoveDeviceRequest",
+        "VsockConfig",
+    ] {
         assert_eq!(schema(&doc, name)["additionalProperties"], false, "{name}");
     }
 }

@@ -119,6 +119,21 @@ fn add_and_remove() {
     );
     let out = remote(&f.socket, &["remove-device", "id=r0"]);
     assert!(out.status.success());
+    // add-vsock: a relative socket path is made absolute here too.
+    let out = Command::new(BIN)
+        .arg("--api-socket")
+        .arg(&f.socket)
+        .args(["add-vsock", "cid=3,socket=v.sock,id=vs"])
+        .current_dir("/tmp")
+        .output()
+        .unwrap();
+    assert_eq!(stdout_json(&out)["id"], "vs");
+    {
+        let vm = f.vm.lock().unwrap();
+        let vs = vm.info.devices.iter().find(|d| d.id == "vs").unwrap();
+        assert_eq!(vs.socket.as_deref(), Some("/tmp/v.sock"));
+        assert_eq!(vs.cid, Some(3));
+    }
 
     assert!(api_error(&remote(&f.socket, &["remove-device", "d1"])).contains("no device 'd1'"));
     assert!(api_error(&remote(&f.socket, &["add-disk", "path=/x,id=rootdisk"])).contains("exists"));
@@ -162,6 +177,8 @@ fn usage_errors_exit_2() {
             "must be on, off, true or false",
         ),
         (&["add-rng", "r0"], "not of the form key=value"),
+        (&["add-vsock", "socket=/v"], "missing required option 'cid'"),
+        (&["add-vsock", "cid=x,socket=/v"], "invalid value 'x'"),
         (&["remove-device"], "missing required option 'id'"),
         (&["remove-device", "a", "b"], "not of the form key=value"),
         (&["--bogus"], "unknown option '--bogus'"),
@@ -191,6 +208,7 @@ fn help_and_version() {
         "info",
         "add-disk",
         "add-rng",
+        "add-vsock",
         "remove-device",
         "pause",
         "resume",

@@ -227,6 +227,31 @@ fn malformed_requests_are_400() {
             r#"{"iid": "x"}"#,
             "unknown field `iid`",
         ),
+        (
+            "/api/v1/vm.add-vsock",
+            r#"{"cid": 3}"#,
+            "missing field `socket`",
+        ),
+        (
+            "/api/v1/vm.add-vsock",
+            r#"{"cid": 2, "socket": "/v"}"#,
+            "'cid' 2 is reserved",
+        ),
+        (
+            "/api/v1/vm.add-vsock",
+            r#"{"cid": 4294967295, "socket": "/v"}"#,
+            "'cid' 4294967295 is reserved",
+        ),
+        (
+            "/api/v1/vm.add-vsock",
+            r#"{"cid": -3, "socket": "/v"}"#,
+            "invalid value",
+        ),
+        (
+            "/api/v1/vm.add-vsock",
+            r#"{"cid": 3, "socket": "v.sock"}"#,
+            "'socket' must be absolute",
+        ),
         ("/api/v1/vm.remove-device", "{}", "missing field `id`"),
         (
             "/api/v1/vm.remove-device",
@@ -300,6 +325,7 @@ fn every_route_answers() {
             "/api/v1/vm.add-disk" => r#"{"path": "/x"}"#,
             "/api/v1/vm.remove-device" => r#"{"id": "rootdisk"}"#,
             "/api/v1/vm.create" => r#"{"kernel": "/k"}"#,
+            "/api/v1/vm.add-vsock" => r#"{"cid": 3, "socket": "/v.sock"}"#,
             _ => "",
         };
         let r = raw(&f, route.method.clone(), route.path, body);

@@ -38,6 +38,7 @@ fuzz_target!(|data: &[u8]| {
     let json = match &request {
         ApiRequest::VmAddDisk(c) => serde_json::to_vec(c).unwrap(),
         ApiRequest::VmAddRng(c) => serde_json::to_vec(c).unwrap(),
+        ApiRequest::VmAddVsock(c) => serde_json::to_vec(c).unwrap(),
         ApiRequest::VmRemoveDevice(r) => serde_json::to_vec(r).unwrap(),
         ApiRequest::VmCreate(v) => serde_json::to_vec(v).unwrap(),
         _ => b"{}".to_vec(),

@@ -22,19 +22,22 @@ const KINDS: &[&str] = &[
     "intx",
     "signals",
     "monitor",
+    "vsock-worker",
 ];
 
 fn socket_path(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("arbor-seccomp-{name}-{}.sock", std::process::id()))
 }
 
-/// Boots with a disk and an rng, so that both kinds of device worker start.
+/// Boots with a disk, an rng and a vsock device, so that every kind of device worker
+/// starts.
 fn start(kind: &str, mode: &str, scratch: &Scratch) -> Guest {
     let kit = guest_kit();
     let disk = scratch.path("disk.img");
     raw_disk(&disk, 3);
     let disk = format!("path={}", disk.display());
     let events = format!("path={}", scratch.path("events.jsonl").display());
+    let vsock = format!("cid=3,socket={}", scratch.path("v.sock").display());
     let sock = socket_path(kind);
     let _ = std::fs::remove_file(&sock);
     let args: Vec<String> = [
@@ -51,6 +54,8 @@ fn start(kind: &str, mode: &str, scratch: &Scratch) -> Guest {
         "id=entropy",
         "--disk",
         &disk,
+        "--vsock",
+        &vsock,
         // So the event-monitor thread starts.
         "--event-monitor",
         &events,

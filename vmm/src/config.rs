@@ -6,7 +6,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use api::types::{DiskConfig, RngConfig};
+use api::types::{DiskConfig, RngConfig, VsockConfig};
 use pci::placement::PlaceKind;
 use pci::topology::{HotplugMode, PortKind, PortSpec, Topology, TopologyOptions};
 
@@ -161,6 +161,10 @@ impl ProcessPolicy {
             if let SerialOutput::File { path, .. } = &cfg.serial {
                 named.push(("serial", path_text(path)));
             }
+            // The vsock socket does not exist yet: its directory must be allowed.
+            if let Some(v) = &cfg.vsock {
+                named.push(("vsock", vsock_dir(&v.socket)));
+            }
             for (field, path) in named {
                 if let Err(refused) = policy.check(&path) {
                     return err(format!("{field}: {refused}"));
@@ -168,6 +172,14 @@ impl ProcessPolicy {
             }
         }
         Ok(cfg)
+    }
+}
+
+/// The directory the vsock socket `socket` is created in.
+pub fn vsock_dir(socket: &str) -> String {
+    match std::path::Path::new(socket).parent() {
+        Some(p) if !p.as_os_str().is_empty() => path_text(p),
+        _ => ".".to_string(),
     }
 }
 
@@ -214,6 +226,8 @@ pub struct VmConfig {
     pub confine: crate::confine::Options,
     /// Where the `arbor` process writes its event stream (`--event-monitor`).
     pub event_monitor: Option<EventMonitor>,
+    /// The cold-plugged virtio-vsock device (at most one), after the rngs.
+    pub vsock: Option<VsockConfig>,
 }
 
 impl Default for VmConfig {
@@ -237,6 +251,7 @@ impl Default for VmConfig {
             check_paths: false,
             confine: crate::confine::Options::default(),
             event_monitor: None,
+            vsock: None,
         }
     }
 }
@@ -351,11 +366,16 @@ impl VmConfig {
         for d in &self.disks {
             _opened.push(check_disk(&d.path, d.readonly, d.lock)?);
         }
+        if let Some(v) = &self.vsock {
+            v.validate()
+                .map_err(|e| ConfigError(format!("--vsock: {}", e.message)))?;
+        }
         let given = self
             .disks
             .iter()
             .map(|d| (&d.id, &d.port, &d.pci_path))
-            .chain(self.rngs.iter().map(|r| (&r.id, &r.port, &r.pci_path)));
+            .chain(self.rngs.iter().map(|r| (&r.id, &r.port, &r.pci_path)))
+            .chain(self.vsock.iter().map(|v| (&v.id, &v.port, &v.pci_path)));
         for (id, port, path) in given {
             if let Some(id) = id {
                 if ids.contains(&id.as_str()) {
@@ -556,6 +576,10 @@ usage: arbor --kernel PATH [options]
                        [,port=ID][,pci_path=PATH][,lock=off]; repeatable. The
                        image is locked as QEMU locks it (lock=off: not at all)
   --rng [OPTIONS]      virtio-rng device: [id=ID][,port=ID][,pci_path=PATH]; repeatable
+  --vsock OPTIONS      virtio-vsock device: cid=N,socket=PATH[,id=ID][,port=ID]
+                       [,pci_path=PATH]; at most one. Host programs connect to
+                       PATH and write \"CONNECT <port>\\n\"; guest connections to
+                       host port P go to the UNIX socket PATH_P
   --pci-port OPTIONS   id=ID,type=root-port|switch|pci-bridge[,parent=ID]
                        [,hotplug=native|acpi|none][,downstream=N][,slot=N]
                        [,bus-reserve=N][,mem-reserve=SIZE][,pref64-reserve=SIZE]
@@ -610,6 +634,7 @@ pub const VM_OPTIONS: &[&str] = &[
     "hotplug-order",
     "shutdown-grace",
     "remove-timeout",
+    "vsock",
 ];
 
 /// Options that may be given more than once (arrays in JSON).
@@ -657,6 +682,11 @@ fn apply_option(cfg: &mut VmConfig, name: &str, value: String) -> Result<(), Con
         "pci-port" => cfg.ports.push(parse_port(&value)?),
         "hotplug-order" => cfg.placement_order = parse_order(&value)?,
         "serial" => cfg.serial = parse_serial(&value)?,
+        "vsock" => {
+            cfg.vsock = Some(
+                VsockConfig::from_kv(&value).map_err(|e| ConfigError(format!("--vsock: {e}")))?,
+            )
+        }
         other => return err(format!("unknown option '--{other}' (see --help)")),
     }
     Ok(())
@@ -875,6 +905,13 @@ impl VmConfig {
             if value.is_null() {
                 continue;
             }
+            if name == "vsock" && value.is_object() {
+                cfg.vsock = Some(
+                    serde_json::from_value(value.clone())
+                        .map_err(|e| ConfigError(format!("--vsock: {e}")))?,
+                );
+                continue;
+            }
             if !REPEATABLE.contains(&name.as_str()) {
                 apply_option(&mut cfg, name, scalar_text(name, value)?)?;
                 continue;
@@ -963,6 +1000,9 @@ impl VmConfig {
             "remove-timeout".into(),
             json!(self.remove_timeout.as_secs_f64()),
         );
+        if let Some(v) = &self.vsock {
+            o.insert("vsock".into(), object(serde_json::to_value(v)));
+        }
         Value::Object(o)
     }
 }
@@ -986,6 +1026,13 @@ impl VmConfig {
             if !d.path.is_empty() {
                 if let Some(p) = abs(std::path::Path::new(&d.path)).to_str() {
                     d.path = p.to_string();
+                }
+            }
+        }
+        if let Some(v) = &mut self.vsock {
+            if !v.socket.is_empty() {
+                if let Some(p) = abs(std::path::Path::new(&v.socket)).to_str() {
+                    v.socket = p.to_string();
                 }
             }
         }
@@ -1442,6 +1489,34 @@ mod json_tests {
             ),
             (vec!["--rng", "pci_path=zz/zz"], "pci_path 'zz/zz'"),
             (
+                vec!["--vsock", "cid=2,socket=/tmp/v"],
+                "--vsock: 'cid' 2 is reserved",
+            ),
+            (
+                vec!["--vsock", "cid=0,socket=/tmp/v"],
+                "--vsock: 'cid' 0 is reserved",
+            ),
+            (
+                vec!["--vsock", "cid=4294967295,socket=/tmp/v"],
+                "--vsock: 'cid' 4294967295 is reserved",
+            ),
+            (
+                vec!["--vsock", "cid=x,socket=/tmp/v"],
+                "--vsock: invalid value 'x'",
+            ),
+            (
+                vec!["--vsock", "socket=/tmp/v"],
+                "--vsock: missing required option 'cid'",
+            ),
+            (
+                vec!["--vsock", "cid=3"],
+                "--vsock: missing required option 'socket'",
+            ),
+            (
+                vec!["--vsock", "cid=3,socket=/tmp/v,id=a", "--rng", "id=a"],
+                "device id 'a' is used twice",
+            ),
+            (
                 vec!["--rng", "colour=red"],
                 "--rng: unknown option 'colour'",
             ),
@@ -1525,6 +1600,15 @@ mod json_tests {
             let on_api = create(&body).expect_err(want);
             assert_eq!(on_api, on_cli, "{body}");
         }
+        // One vsock: the command line refuses a second (JSON has one field).
+        let twice: Vec<String> = ["--kernel", k.as_str(), "--vsock", "cid=3,socket=/tmp/v"]
+            .iter()
+            .chain(&["--vsock", "cid=4,socket=/tmp/w"])
+            .map(|s| s.to_string())
+            .collect();
+        assert!(cli(&twice)
+            .unwrap_err()
+            .contains("option '--vsock' given twice"));
         // Kernels.
         for (kernel, want) in [
             ("/nonexistent/vmlinux", "cannot open kernel"),
@@ -1637,6 +1721,8 @@ mod json_tests {
             "--rng",
             "id=r0,port=rp1",
             "--rng",
+            "--vsock",
+            "cid=7,socket=/tmp/arbor-v.sock,id=vs",
             "--pci-port",
             "id=rp0,type=root-port,hotplug=native,mem-reserve=16M",
             "--pci-port",

@@ -179,6 +179,12 @@ impl PathPolicy {
             .map(|d| PathBuf::from(&d.path))
             .chain(std::iter::once(cfg.kernel.clone()))
             .chain(cfg.initramfs.iter().cloned())
+            // The vsock socket's directory (the socket itself is created later).
+            .chain(
+                cfg.vsock
+                    .iter()
+                    .map(|v| PathBuf::from(crate::config::vsock_dir(&v.socket))),
+            )
             .filter(|p| !p.as_os_str().is_empty())
             .filter_map(|p| std::fs::canonicalize(p).ok())
             // The console file may not exist yet: its path as written.
@@ -252,7 +258,11 @@ pub struct Rule {
 /// - kernel, initramfs: read;
 /// - `--serial file=PATH`: write (the file is created beforehand);
 /// - each `--allow-path` directory: read, write and ioctl of files beneath
-///   (hot-plugged disks), nothing else (no creation, removal or listing);
+///   (hot-plugged disks), creating and removing UNIX sockets (a hot-plugged
+///   vsock device's socket; Landlock's remove right is not limited to
+///   sockets, so files beneath may be unlinked too); nothing else (no
+///   regular file creation, no listing);
+/// - the `--vsock` socket's directory: create a socket, remove a file;
 /// - the API socket's directory: create a socket, remove a file (the stale
 ///   socket replaced at start, the socket removed at exit);
 /// - `/proc`: list directories (the API counts `/proc/self/fd`);
@@ -302,8 +312,15 @@ pub fn landlock_rules(cfg: &VmConfig, kvm: &Path, allow_paths: &[PathBuf]) -> Ve
     for d in allow_paths {
         rules.push(Rule {
             path: d.clone(),
-            access: rd | wr | ioctl,
+            access: rd | wr | ioctl | AccessFs::MakeSock | AccessFs::RemoveFile,
             what: "--allow-path directory",
+        });
+    }
+    if let Some(v) = &cfg.vsock {
+        rules.push(Rule {
+            path: PathBuf::from(crate::config::vsock_dir(&v.socket)),
+            access: AccessFs::MakeSock | AccessFs::RemoveFile,
+            what: "vsock socket directory",
         });
     }
     if let Some(sock) = &cfg.api_socket {
@@ -709,7 +726,10 @@ mod tests {
         assert_eq!(get("/k"), AccessFs::ReadFile);
         assert_eq!(get("/i"), AccessFs::ReadFile);
         assert_eq!(get("/log/console"), AccessFs::WriteFile);
-        assert_eq!(get("/hot"), rw | AccessFs::IoctlDev);
+        assert_eq!(
+            get("/hot"),
+            rw | AccessFs::IoctlDev | AccessFs::MakeSock | AccessFs::RemoveFile
+        );
         assert_eq!(get("/run/arbor"), AccessFs::MakeSock | AccessFs::RemoveFile);
         // Nothing executable, nothing creatable but the socket.
         for r in &rules {

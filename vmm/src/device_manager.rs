@@ -24,10 +24,12 @@ use pci::placement::{self, HotplugPlan, PlaceKind, PlaceRequest, PlacementError,
 
 use api::types::{
     DeviceInfo, DeviceKind, DiskConfig, HotplugMechanism, RngConfig, SlotInfo, TopologyNode,
-    TopologyNodeType,
+    TopologyNodeType, VsockConfig,
 };
 use api::{ApiError, ApiErrorKind};
-use devices::virtio::{Block, BlockConfig, Rng, VirtioDevice, VirtioPciDevice, VirtioPciOptions};
+use devices::virtio::{
+    Block, BlockConfig, Rng, VirtioDevice, VirtioPciDevice, VirtioPciOptions, Vsock,
+};
 use pci::PciePortKind;
 use pci::{PciPath, PciePortType, SharedPciDevice};
 
@@ -104,6 +106,21 @@ pub enum DeviceError {
     Msi(#[source] std::io::Error),
     #[error("cannot create the virtio transport: {0}")]
     Virtio(#[source] devices::virtio::VirtioPciError),
+    #[error("the VM has a vsock device already ('{0}'); it can have one")]
+    SecondVsock(String),
+    #[error(
+        "vsock socket path '{0}' is relative: give an absolute path (the VMM's working \
+         directory is not the client's)"
+    )]
+    RelativeVsockPath(String),
+    #[error("cannot create vsock socket '{path}': {source}")]
+    VsockSocket {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create vsock socket: {0}")]
+    VsockPathNotAllowed(#[source] crate::confine::PathRefused),
 }
 
 impl DeviceError {
@@ -116,7 +133,11 @@ impl DeviceError {
         match self {
             DeviceError::DuplicateId(_)
             | DeviceError::NotRemovable(_)
-            | DeviceError::DiskInUse { .. } => K::Conflict,
+            | DeviceError::DiskInUse { .. }
+            | DeviceError::SecondVsock(_) => K::Conflict,
+            DeviceError::RelativeVsockPath(_)
+            | DeviceError::VsockSocket { .. }
+            | DeviceError::VsockPathNotAllowed(_) => K::BadRequest,
             DeviceError::NoSuchDevice(_) => K::NotFound,
             DeviceError::Disk { .. }
             | DeviceError::IdIsPort(_)
@@ -168,6 +189,8 @@ pub struct DeviceRecord {
     pub mechanism: SlotMechanism,
     pub hotplugged: bool,
     pub disk: Option<DiskConfig>,
+    /// Vsock only: its configuration (the socket path as created).
+    pub vsock: Option<VsockConfig>,
 }
 
 impl DeviceRecord {
@@ -183,6 +206,8 @@ impl DeviceRecord {
             path: self.disk.as_ref().map(|d| d.path.clone()),
             readonly: self.disk.as_ref().map(|d| d.readonly),
             serial: self.disk.as_ref().and_then(|d| d.serial.clone()),
+            cid: self.vsock.as_ref().map(|v| v.cid),
+            socket: self.vsock.as_ref().map(|v| v.socket.clone()),
         }
     }
 }
@@ -418,6 +443,7 @@ struct NewDevice<'a> {
     pci_path: Option<&'a str>,
     hotplugged: bool,
     disk: Option<DiskConfig>,
+    vsock: Option<VsockConfig>,
 }
 
 impl DeviceManager {
@@ -466,6 +492,7 @@ impl DeviceManager {
             pci_path,
             hotplugged,
             disk,
+            vsock,
         } = new;
         let id = match id {
             Some(id) if self.records.iter().any(|r| r.id == id) => {
@@ -526,6 +553,7 @@ impl DeviceManager {
             mechanism: place.mechanism,
             hotplugged,
             disk,
+            vsock,
         };
         self.records.push(rec.clone());
         Ok(rec)
@@ -569,6 +597,7 @@ impl DeviceManager {
                 pci_path: cfg.pci_path.as_deref(),
                 hotplugged,
                 disk: Some(cfg.clone()),
+                vsock: None,
             },
             plan,
             || {
@@ -601,9 +630,80 @@ impl DeviceManager {
                 pci_path: cfg.pci_path.as_deref(),
                 hotplugged,
                 disk: None,
+                vsock: None,
             },
             plan,
             || Ok(Box::new(Rng::new()) as Box<dyn VirtioDevice>),
+        )
+    }
+
+    /// Adds the virtio-vsock device (one per VM). Its listening socket is
+    /// created here, so a taken path or a missing directory fails the
+    /// request and changes nothing. A hot-plugged one (a client's request)
+    /// needs an absolute path whose directory the
+    /// [`crate::confine::PathPolicy`] allows when there is one.
+    pub fn add_vsock(
+        &mut self,
+        cfg: &VsockConfig,
+        hotplugged: bool,
+        plan: &HotplugPlan,
+    ) -> Result<DeviceRecord, DeviceError> {
+        if let Some(r) = self.records.iter().find(|r| r.kind == DeviceKind::Vsock) {
+            return Err(DeviceError::SecondVsock(r.id.clone()));
+        }
+        let socket_path = std::path::Path::new(&cfg.socket);
+        if hotplugged && !socket_path.is_absolute() {
+            return Err(DeviceError::RelativeVsockPath(cfg.socket.clone()));
+        }
+        let mut socket = socket_path.to_path_buf();
+        if let (true, Some(policy)) = (hotplugged, &self.path_policy) {
+            let name = socket_path
+                .file_name()
+                .ok_or_else(|| DeviceError::VsockSocket {
+                    path: cfg.socket.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        "the path names no file",
+                    ),
+                })?;
+            match policy.check(&crate::config::vsock_dir(&cfg.socket)) {
+                Ok(Ok(dir)) => socket = dir.join(name),
+                Ok(Err(source)) => {
+                    return Err(DeviceError::VsockSocket {
+                        path: cfg.socket.clone(),
+                        source: std::io::Error::new(
+                            source.kind(),
+                            format!("its directory does not exist or cannot be reached ({source})"),
+                        ),
+                    })
+                }
+                Err(refused) => return Err(DeviceError::VsockPathNotAllowed(refused)),
+            }
+        }
+        let mut recorded = cfg.clone();
+        if let Some(s) = socket.to_str() {
+            recorded.socket = s.to_string();
+        }
+        self.place(
+            NewDevice {
+                id: cfg.id.as_deref(),
+                prefix: "vsock",
+                kind: DeviceKind::Vsock,
+                port: cfg.port.as_deref(),
+                pci_path: cfg.pci_path.as_deref(),
+                hotplugged,
+                disk: None,
+                vsock: Some(recorded),
+            },
+            plan,
+            || {
+                let dev =
+                    Vsock::new(cfg.cid, &socket).map_err(|source| DeviceError::VsockSocket {
+                        path: cfg.socket.clone(),
+                        source,
+                    })?;
+                Ok(Box::new(dev) as Box<dyn VirtioDevice>)
+            },
         )
     }
 

@@ -6,7 +6,9 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use api::types::{AddDeviceResponse, DiskConfig, RemoveDeviceRequest, RngConfig, VmInfo};
+use api::types::{
+    AddDeviceResponse, DiskConfig, RemoveDeviceRequest, RngConfig, VmInfo, VsockConfig,
+};
 use api::{ApiError, ApiMessage, ApiReply, ApiRequest, ApiResponse};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -78,6 +80,11 @@ impl VmmHandle {
     /// Hot-plugs an entropy device.
     pub fn add_rng(&self, cfg: RngConfig) -> std::result::Result<AddDeviceResponse, ApiError> {
         self.expect_added(ApiRequest::VmAddRng(cfg))
+    }
+
+    /// Hot-plugs the vsock device (one per VM).
+    pub fn add_vsock(&self, cfg: VsockConfig) -> std::result::Result<AddDeviceResponse, ApiError> {
+        self.expect_added(ApiRequest::VmAddVsock(cfg))
     }
 
     /// Hot-unplugs a device; returns once the guest released it.

@@ -35,7 +35,7 @@ pub mod vcpu;
 mod vm;
 
 pub use api::events::EventBus;
-pub use api::types::{DiskConfig, RngConfig, VmInfo};
+pub use api::types::{DiskConfig, RngConfig, VmInfo, VsockConfig};
 pub use config::{ConfigError, EventMonitor, ProcessPolicy, SerialOutput, VmConfig};
 pub use handle::{RunningVm, StopReason, Subscription, VmEvent, VmEventKind, VmmHandle};
 pub use lifecycle::Vmm;

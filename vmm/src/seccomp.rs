@@ -69,6 +69,9 @@ pub enum ThreadKind {
     Signals,
     /// The `--event-monitor` writer: writes to a descriptor it holds.
     EventMonitor,
+    /// The virtio-vsock worker: accepts host clients on its listening UNIX
+    /// socket and connects to `PATH_P` sockets.
+    VsockWorker,
 }
 
 impl ThreadKind {
@@ -76,12 +79,13 @@ impl ThreadKind {
     pub fn of_worker(thread: &str) -> ThreadKind {
         match thread {
             "virtio-blk" => ThreadKind::BlockWorker,
+            "virtio-vsock" => ThreadKind::VsockWorker,
             _ => ThreadKind::Worker,
         }
     }
 
     /// Every kind.
-    pub const ALL: [ThreadKind; 8] = [
+    pub const ALL: [ThreadKind; 9] = [
         ThreadKind::Vcpu,
         ThreadKind::EventLoop,
         ThreadKind::Api,
@@ -90,6 +94,7 @@ impl ThreadKind {
         ThreadKind::Intx,
         ThreadKind::Signals,
         ThreadKind::EventMonitor,
+        ThreadKind::VsockWorker,
     ];
 
     /// The name used by `ARBOR_SECCOMP_SELFTEST`.
@@ -103,6 +108,7 @@ impl ThreadKind {
             ThreadKind::Intx => "intx",
             ThreadKind::Signals => "signals",
             ThreadKind::EventMonitor => "monitor",
+            ThreadKind::VsockWorker => "vsock-worker",
         }
     }
 }
@@ -206,6 +212,27 @@ const BLOCK_IO: &[i64] = &[
     libc::SYS_fallocate,
 ];
 
+/// UNIX socket calls of the vsock worker (inherited from the vCPU thread
+/// that starts it): accept host clients, connect to `PATH_P`, half-close.
+const VSOCK_IO: &[i64] = &[
+    libc::SYS_socket,
+    libc::SYS_connect,
+    libc::SYS_accept4,
+    libc::SYS_shutdown,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+];
+
+/// Creating the vsock device's listening socket (a hot-plug request, in the
+/// event loop) and removing it with the device.
+const VSOCK_LISTEN: &[i64] = &[
+    libc::SYS_socket,
+    libc::SYS_bind,
+    libc::SYS_listen,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+];
+
 /// What each thread kind may call beyond [`BASE`].
 pub fn extra_rules(kind: ThreadKind) -> Vec<i64> {
     match kind {
@@ -215,6 +242,7 @@ pub fn extra_rules(kind: ThreadKind) -> Vec<i64> {
         ThreadKind::Vcpu => {
             let mut v = BLOCK_IO.to_vec();
             v.push(libc::SYS_seccomp);
+            v.extend_from_slice(VSOCK_IO);
             v
         }
         ThreadKind::BlockWorker => BLOCK_IO.to_vec(),
@@ -238,6 +266,7 @@ pub fn extra_rules(kind: ThreadKind) -> Vec<i64> {
                 // same process) install their own filters on top.
                 libc::SYS_seccomp,
             ]);
+            v.extend_from_slice(VSOCK_LISTEN);
             v
         }
         // Accepts on the listening socket and serves connections; counts its
@@ -257,6 +286,7 @@ pub fn extra_rules(kind: ThreadKind) -> Vec<i64> {
             libc::SYS_unlink,
         ],
         ThreadKind::Intx | ThreadKind::EventMonitor => vec![],
+        ThreadKind::VsockWorker => VSOCK_IO.to_vec(),
         // sigwait; `arbor-signal-req` threads (started here) call the
         // embedding handle.
         ThreadKind::Signals => vec![libc::SYS_rt_sigtimedwait],
@@ -376,10 +406,20 @@ mod tests {
             assert_eq!(rules(kind)[&libc::SYS_clone].len(), 1);
         }
         no_clone3().unwrap();
-        assert!(!rules(ThreadKind::Vcpu).contains_key(&libc::SYS_socket));
+        // vCPU threads start the vsock worker, so they allow its socket calls,
+        // but never binding or listening.
+        assert!(!rules(ThreadKind::Vcpu).contains_key(&libc::SYS_bind));
+        assert!(!rules(ThreadKind::Vcpu).contains_key(&libc::SYS_listen));
+        assert!(!rules(ThreadKind::Api).contains_key(&libc::SYS_socket));
         assert!(!rules(ThreadKind::Worker).contains_key(&libc::SYS_pwritev2));
         assert_eq!(ThreadKind::of_worker("virtio-blk"), ThreadKind::BlockWorker);
         assert_eq!(ThreadKind::of_worker("virtio-rng"), ThreadKind::Worker);
+        assert_eq!(
+            ThreadKind::of_worker("virtio-vsock"),
+            ThreadKind::VsockWorker
+        );
+        assert!(!rules(ThreadKind::Worker).contains_key(&libc::SYS_connect));
+        assert!(!rules(ThreadKind::VsockWorker).contains_key(&libc::SYS_bind));
     }
 
     #[test]

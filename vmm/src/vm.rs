@@ -262,6 +262,9 @@ impl Vm {
             let rec = devices.add_rng(r, false, &cold_plan)?;
             log::info!("rng {} at {}", rec.id, rec.path);
         }
+        if let Some(v) = &config.vsock {
+            devices.add_vsock(v, false, &cold_plan)?;
+        }
         let plan = HotplugPlan::new(pci.topology(), &devices.cold_paths());
 
         let mut dsdt = acpi::platform_aml();
@@ -700,6 +703,10 @@ impl VmCore {
                 let r = self.devices.add_rng(&cfg, true, self.hotplug.plan());
                 self.hotplugged(r)
             }
+            ApiRequest::VmAddVsock(cfg) => {
+                let r = self.devices.add_vsock(&cfg, true, self.hotplug.plan());
+                self.hotplugged(r)
+            }
             ApiRequest::VmRemoveDevice(r) => match self.start_removal(&r.id) {
                 Ok(true) => {
                     self.removal_replies.insert(r.id, reply);
@@ -730,7 +737,7 @@ impl VmCore {
                 format!("the VM is {state}, not running")
             }
             (
-                ApiRequest::VmAddDisk(_) | ApiRequest::VmAddRng(_),
+                ApiRequest::VmAddDisk(_) | ApiRequest::VmAddRng(_) | ApiRequest::VmAddVsock(_),
                 VmState::Shutdown | VmState::NotCreated,
             ) => format!("the VM is {state}; devices are added to a created or running VM"),
             _ => return None,

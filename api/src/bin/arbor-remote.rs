@@ -17,7 +17,7 @@ use std::process::ExitCode;
 
 use api::client::{Client, ClientError};
 use api::kv::{self, KvError};
-use api::types::{DiskConfig, RemoveDeviceRequest, RngConfig};
+use api::types::{DiskConfig, RemoveDeviceRequest, RngConfig, VsockConfig};
 use api::Endpoint;
 
 const EXIT_API_ERROR: u8 = 1;
@@ -46,6 +46,9 @@ Commands:
   resume                     resume the VM's vCPUs
   shutdown                   shut the VM down
   shutdown-vmm               stop the VMM process
+  add-vsock cid=N,socket=PATH[,id=ID][,port=PORT][,pci_path=PATH]
+                             hot-plug the VM's virtio-vsock device (one per VM; a
+                             relative socket path is made absolute from this directory)
 
 Options may be one comma-separated argument or several arguments. Quote a
 value containing commas: path=\"/images/a,b.raw\".
@@ -170,6 +173,19 @@ fn parse_args(args: Vec<String>) -> Result<Parsed, String> {
             let id = o.required("id").map_err(|e| kv_error(&command, e))?;
             let req = RemoveDeviceRequest { id: id.to_string() };
             (Endpoint::VmRemoveDevice, Some(to_json(&req)?))
+        }
+        "add-vsock" => {
+            let mut config = VsockConfig::from_kv(&opts).map_err(|e| kv_error(&command, e))?;
+            if !config.socket.is_empty() && !config.socket.starts_with('/') {
+                let abs = std::path::absolute(&config.socket).map_err(|e| {
+                    usage_error(format!("cannot make '{}' absolute: {e}", config.socket))
+                })?;
+                config.socket = abs
+                    .to_str()
+                    .ok_or_else(|| usage_error(format!("'{}' is not UTF-8", abs.display())))?
+                    .to_string();
+            }
+            (Endpoint::VmAddVsock, Some(to_json(&config)?))
         }
         other => return Err(usage_error(format!("unknown command '{other}'"))),
     };

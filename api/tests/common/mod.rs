@@ -65,6 +65,8 @@ impl FakeVm {
             path: Some("/images/root.raw".into()),
             readonly: Some(false),
             serial: None,
+            cid: None,
+            socket: None,
         };
         FakeVm {
             info: VmInfo {
@@ -195,6 +197,8 @@ impl FakeVm {
                     path: Some(d.path),
                     readonly: Some(d.readonly),
                     serial: d.serial,
+                    cid: None,
+                    socket: None,
                 });
                 Ok(ApiResponse::DeviceAdded(AddDeviceResponse { id, pci_path }))
             }
@@ -211,6 +215,34 @@ impl FakeVm {
                     path: None,
                     readonly: None,
                     serial: None,
+                    cid: None,
+                    socket: None,
+                });
+                Ok(ApiResponse::DeviceAdded(AddDeviceResponse { id, pci_path }))
+            }
+            ApiRequest::VmAddVsock(v) => {
+                if self
+                    .info
+                    .devices
+                    .iter()
+                    .any(|d| d.kind == DeviceKind::Vsock)
+                {
+                    return Err(ApiError::conflict("the VM has a vsock device already"));
+                }
+                let id = self.new_id("vsock", &v.id)?;
+                let (port, pci_path) = self.place(&id, v.port.as_deref(), v.pci_path.as_deref())?;
+                self.info.devices.push(DeviceInfo {
+                    id: id.clone(),
+                    kind: DeviceKind::Vsock,
+                    pci_path: pci_path.clone(),
+                    bdf: None,
+                    port: Some(port),
+                    hotplugged: true,
+                    path: None,
+                    readonly: None,
+                    serial: None,
+                    cid: Some(v.cid),
+                    socket: Some(v.socket),
                 });
                 Ok(ApiResponse::DeviceAdded(AddDeviceResponse { id, pci_path }))
             }

@@ -35,6 +35,7 @@ pub mod event_worker;
 pub mod interrupt;
 pub mod pci_transport;
 pub mod rng;
+pub mod vsock;
 pub mod worker;
 
 #[cfg(test)]
@@ -44,6 +45,7 @@ pub use block::{Block, BlockConfig};
 pub use interrupt::VirtioInterrupt;
 pub use pci_transport::{VirtioPciDevice, VirtioPciError, VirtioPciOptions};
 pub use rng::Rng;
+pub use vsock::Vsock;
 
 /// Guest memory as seen by virtio devices (swappable for memory hot-plug).
 pub type GuestMemoryHandle = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -84,6 +86,8 @@ pub mod device_type {
     pub const CONSOLE: u32 = 3;
     /// Entropy source.
     pub const RNG: u32 = 4;
+    /// Socket device (vsock).
+    pub const VSOCK: u32 = 19;
 }
 
 /// `queue_msix_vector` / `config_msix_vector` value meaning "no vector".

@@ -65,9 +65,65 @@ pub fn checksum(data: &[u8]) -> u64 {
     c.value()
 }
 
+/// [`Checksum`] over a byte stream that arrives in pieces of any length (a
+/// socket's reads): bytes are taken in 64-bit words as they complete; a
+/// final partial word is left out.
+#[derive(Debug, Clone, Default)]
+pub struct StreamChecksum {
+    sum: Checksum,
+    tail: [u8; 8],
+    tail_len: usize,
+    bytes: u64,
+}
+
+impl StreamChecksum {
+    /// Adds `data`.
+    pub fn update(&mut self, mut data: &[u8]) {
+        self.bytes += data.len() as u64;
+        if self.tail_len > 0 {
+            let take = (8 - self.tail_len).min(data.len());
+            self.tail[self.tail_len..self.tail_len + take].copy_from_slice(&data[..take]);
+            self.tail_len += take;
+            data = &data[take..];
+            if self.tail_len < 8 {
+                return;
+            }
+            let t = self.tail;
+            self.sum.update(&t);
+            self.tail_len = 0;
+        }
+        let whole = data.len() / 8 * 8;
+        self.sum.update(&data[..whole]);
+        let rest = &data[whole..];
+        self.tail[..rest.len()].copy_from_slice(rest);
+        self.tail_len = rest.len();
+    }
+
+    /// The checksum of the whole words so far.
+    pub fn value(&self) -> u64 {
+        self.sum.value()
+    }
+
+    /// Bytes seen.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stream_checksum_ignores_how_data_is_split() {
+        let data = pattern(9, 4096);
+        let mut s = StreamChecksum::default();
+        for piece in data.chunks(13) {
+            s.update(piece);
+        }
+        assert_eq!(s.value(), checksum(&data));
+        assert_eq!(s.bytes(), 4096);
+    }
 
     #[test]
     fn fill_at_an_offset_matches_the_whole() {

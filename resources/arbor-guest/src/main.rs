@@ -8,6 +8,14 @@
 //! arbor-guest wait-device PCI_PATH SECONDS  waits until the function is probed, then as resolve
 //! arbor-guest blk-write DEV SEED BYTES      writes the pattern of SEED (O_DIRECT), fsyncs
 //! arbor-guest blk-verify DEV SEED BYTES     reads back (O_DIRECT) and compares with the pattern
+//! arbor-guest vsock-echo PORT               listens on vsock PORT, echoes every connection
+//!                                           (one thread each) until killed
+//! arbor-guest vsock-connect CID PORT BYTES [echo|send|recv]
+//!                                           connects to CID:PORT; echo (default): sends BYTES
+//!                                           of the pattern of seed PORT and reads the echo;
+//!                                           send: sends them and reads until EOF; recv: sends
+//!                                           nothing, reads until EOF. Prints sent=,
+//!                                           sent_checksum=, received=, checksum=, ms=, mb_per_s=
 //! ```
 //!
 //! Exit status: 0 success, 1 failure (message on stderr), 2 bad usage.
@@ -25,7 +33,7 @@ use std::process::ExitCode;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use arbor_guest::{fill, Checksum};
+use arbor_guest::{fill, Checksum, StreamChecksum};
 use pci::path::resolve_sysfs;
 use pci::PciPath;
 
@@ -38,7 +46,9 @@ const ALIGN: usize = 4096;
 const USAGE: &str = "usage: arbor-guest resolve PCI_PATH
        arbor-guest wait-device PCI_PATH SECONDS
        arbor-guest blk-write DEV SEED BYTES
-       arbor-guest blk-verify DEV SEED BYTES";
+       arbor-guest blk-verify DEV SEED BYTES
+       arbor-guest vsock-echo PORT
+       arbor-guest vsock-connect CID PORT BYTES [echo|send|recv]";
 
 enum Failure {
     Usage(String),
@@ -53,6 +63,9 @@ fn main() -> ExitCode {
         ["wait-device", path, secs] => wait_device(path, secs),
         ["blk-write", dev, seed, bytes] => blk(dev, seed, bytes, true),
         ["blk-verify", dev, seed, bytes] => blk(dev, seed, bytes, false),
+        ["vsock-echo", port] => vsock_echo(port),
+        ["vsock-connect", cid, port, bytes] => vsock_connect(cid, port, bytes, "echo"),
+        ["vsock-connect", cid, port, bytes, mode] => vsock_connect(cid, port, bytes, mode),
         _ => Err(Failure::Usage(USAGE.into())),
     };
     match result {
@@ -263,5 +276,190 @@ fn blk(dev: &str, seed: &str, bytes: &str, write: bool) -> Result<(), Failure> {
         "mb_per_s={:.2}",
         total as f64 / (1 << 20) as f64 / secs.max(1e-9)
     );
+    Ok(())
+}
+
+/// A vsock address (`sockaddr_vm`).
+fn vsock_addr(cid: u32, port: u32) -> libc::sockaddr_vm {
+    // SAFETY: sockaddr_vm is plain old data; all-zero is a valid value.
+    let mut a: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    a.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    a.svm_cid = cid;
+    a.svm_port = port;
+    a
+}
+
+/// A new vsock stream socket, owned as a `UnixStream` (whose read, write
+/// and shutdown are the plain socket calls).
+fn vsock_socket() -> std::io::Result<std::os::unix::net::UnixStream> {
+    use std::os::unix::io::FromRawFd;
+    // SAFETY: plain socket(2) call; the result is checked and then owned.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket nobody else owns.
+    Ok(unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) })
+}
+
+fn parse_u32(what: &str, s: &str) -> Result<u32, Failure> {
+    s.parse()
+        .map_err(|_| Failure::Usage(format!("bad {what} '{s}'")))
+}
+
+fn echo_conn(mut s: std::os::unix::net::UnixStream) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if s.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = s.shutdown(std::net::Shutdown::Write);
+}
+
+fn vsock_echo(port: &str) -> Result<(), Failure> {
+    use std::os::unix::io::{AsRawFd, FromRawFd};
+    let port = parse_u32("port", port)?;
+    let fail = |what: &str, e: std::io::Error| Failure::Failed(format!("vsock {what}: {e}"));
+    let l = vsock_socket().map_err(|e| fail("socket", e))?;
+    let addr = vsock_addr(libc::VMADDR_CID_ANY, port);
+    // SAFETY: `addr` is a valid sockaddr_vm that outlives the call.
+    let r = unsafe {
+        libc::bind(
+            l.as_raw_fd(),
+            (&addr as *const libc::sockaddr_vm).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(fail("bind", std::io::Error::last_os_error()));
+    }
+    // SAFETY: listen(2) on a socket we own.
+    if unsafe { libc::listen(l.as_raw_fd(), 128) } < 0 {
+        return Err(fail("listen", std::io::Error::last_os_error()));
+    }
+    println!("listening port={port}");
+    let mut served = 0u64;
+    loop {
+        // SAFETY: accept4 on our listening socket; peer address not wanted.
+        let fd = unsafe {
+            libc::accept4(
+                l.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(fail("accept", e));
+        }
+        // SAFETY: `fd` is a fresh connection nobody else owns.
+        let s = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
+        served += 1;
+        let spawned = std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(move || echo_conn(s));
+        if let Err(e) = spawned {
+            eprintln!("arbor-guest: connection {served}: no thread: {e}");
+        }
+    }
+}
+
+fn vsock_connect(cid: &str, port: &str, bytes: &str, mode: &str) -> Result<(), Failure> {
+    use std::os::unix::io::AsRawFd;
+    let cid = parse_u32("cid", cid)?;
+    let port = parse_u32("port", port)?;
+    let total = parse_bytes(bytes)?;
+    let (send, expect_back) = match mode {
+        "echo" => (true, true),
+        "send" => (true, false),
+        "recv" => (false, false),
+        other => {
+            return Err(Failure::Usage(format!(
+                "bad mode '{other}' (echo, send or recv)"
+            )))
+        }
+    };
+    let fail = |what: &str, e: std::io::Error| Failure::Failed(format!("vsock {what}: {e}"));
+    let s = vsock_socket().map_err(|e| fail("socket", e))?;
+    let addr = vsock_addr(cid, port);
+    let start = Instant::now();
+    // SAFETY: `addr` is a valid sockaddr_vm that outlives the call.
+    let r = unsafe {
+        libc::connect(
+            s.as_raw_fd(),
+            (&addr as *const libc::sockaddr_vm).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(fail(
+            &format!("connect to {cid}:{port}"),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    let mut w = s.try_clone().map_err(|e| fail("dup", e))?;
+    let seed = u64::from(port);
+    let writer = std::thread::Builder::new()
+        .stack_size(256 << 10)
+        .spawn(move || -> std::io::Result<u64> {
+            let mut sum = Checksum::default();
+            if send {
+                let mut buf = vec![0u8; 64 << 10];
+                let mut done = 0u64;
+                while done < total {
+                    let n = (total - done).min(buf.len() as u64) as usize;
+                    fill(seed, done, &mut buf[..n]);
+                    w.write_all(&buf[..n])?;
+                    sum.update(&buf[..n]);
+                    done += n as u64;
+                }
+            }
+            w.shutdown(std::net::Shutdown::Write)?;
+            Ok(sum.value())
+        })
+        .map_err(|e| fail("thread", e))?;
+    let mut r = s;
+    let mut got = StreamChecksum::default();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.update(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(fail("read", e)),
+        }
+    }
+    let sent_sum = writer
+        .join()
+        .map_err(|_| Failure::Failed("writer thread panicked".into()))?
+        .map_err(|e| fail("write", e))?;
+    let secs = start.elapsed().as_secs_f64();
+    let sent = if send { total } else { 0 };
+    println!("sent={sent}");
+    println!("sent_checksum={sent_sum:#018x}");
+    println!("received={}", got.bytes());
+    println!("checksum={:#018x}", got.value());
+    println!("ms={}", (secs * 1000.0) as u64);
+    let moved = sent.max(got.bytes());
+    println!(
+        "mb_per_s={:.2}",
+        moved as f64 / (1 << 20) as f64 / secs.max(1e-9)
+    );
+    if expect_back && (got.bytes() != total || got.value() != sent_sum) {
+        return Err(Failure::Failed(format!(
+            "echo differs: sent {total} bytes, got {} back",
+            got.bytes()
+        )));
+    }
     Ok(())
 }

@@ -22,6 +22,7 @@
 
 use tokio::sync::oneshot;
 
+use crate::types::UserDeviceConfig;
 use crate::types::{
     AddDeviceResponse, DiskConfig, RemoveDeviceRequest, RngConfig, VmInfo, VmmPingResponse,
 };
@@ -60,6 +61,8 @@ pub enum ApiRequest {
     /// `PUT vm.delete`: answer [`ApiResponse::Empty`] once the VM is gone;
     /// 409 unless it is created or shut down.
     VmDelete,
+    /// `PUT vm.add-user-device`: answer [`ApiResponse::DeviceAdded`].
+    VmAddUserDevice(UserDeviceConfig),
 }
 
 impl ApiRequest {
@@ -78,6 +81,7 @@ impl ApiRequest {
             ApiRequest::VmCreate(_) => "vm.create",
             ApiRequest::VmBoot => "vm.boot",
             ApiRequest::VmDelete => "vm.delete",
+            ApiRequest::VmAddUserDevice(_) => "vm.add-user-device",
         }
     }
 }

@@ -67,6 +67,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::events::EventBus;
 use crate::message::{ApiError, ApiMessage, ApiReply, ApiRequest, ApiResponse};
 use crate::socket::{self, SocketError};
+use crate::types::UserDeviceConfig;
 use crate::types::{DiskConfig, EmptyRequest, ErrorBody, RemoveDeviceRequest, RngConfig};
 
 /// Prefix shared by every route.
@@ -115,6 +116,8 @@ pub enum Endpoint {
     VmDelete,
     /// `GET /api/v1/vm.events`: served by the API thread itself.
     VmEvents,
+    /// `PUT /api/v1/vm.add-user-device`
+    VmAddUserDevice,
 }
 
 /// One entry of the route table.
@@ -151,6 +154,7 @@ pub const ROUTES: &[Route] = &[
     route(Endpoint::VmBoot),
     route(Endpoint::VmDelete),
     route(Endpoint::VmEvents),
+    route(Endpoint::VmAddUserDevice),
 ];
 
 impl Endpoint {
@@ -169,6 +173,7 @@ impl Endpoint {
         Endpoint::VmBoot,
         Endpoint::VmDelete,
         Endpoint::VmEvents,
+        Endpoint::VmAddUserDevice,
     ];
 
     /// The full path, starting with [`API_PREFIX`].
@@ -187,6 +192,7 @@ impl Endpoint {
             Endpoint::VmBoot => "/api/v1/vm.boot",
             Endpoint::VmDelete => "/api/v1/vm.delete",
             Endpoint::VmEvents => "/api/v1/vm.events",
+            Endpoint::VmAddUserDevice => "/api/v1/vm.add-user-device",
         }
     }
 
@@ -213,7 +219,7 @@ impl Endpoint {
             Endpoint::VmmPing => matches!(response, ApiResponse::VmmPing(_)),
             Endpoint::VmInfo | Endpoint::VmCreate => matches!(response, ApiResponse::VmInfo(_)),
             Endpoint::VmEvents => false,
-            Endpoint::VmAddDisk | Endpoint::VmAddRng => {
+            Endpoint::VmAddDisk | Endpoint::VmAddRng | Endpoint::VmAddUserDevice => {
                 matches!(response, ApiResponse::DeviceAdded(_))
             }
             Endpoint::VmmShutdown
@@ -261,6 +267,11 @@ impl Endpoint {
                 let req: RemoveDeviceRequest = json_body(self, body, false)?;
                 req.validate()?;
                 ApiRequest::VmRemoveDevice(req)
+            }
+            Endpoint::VmAddUserDevice => {
+                let config: UserDeviceConfig = json_body(self, body, false)?;
+                config.validate()?;
+                ApiRequest::VmAddUserDevice(config)
             }
         })
     }

@@ -160,6 +160,16 @@ fn schemas_match_the_wire_types() {
     );
     check_object(
         &doc,
+        "UserDeviceConfig",
+        &api::types::UserDeviceConfig {
+            socket: "/s".into(),
+            id: s(),
+            port: s(),
+            pci_path: s(),
+        },
+    );
+    check_object(
+        &doc,
         "RemoveDeviceRequest",
         &RemoveDeviceRequest { id: "d".into() },
     );
@@ -173,6 +183,7 @@ fn schemas_match_the_wire_types() {
         path: s(),
         readonly: Some(true),
         serial: s(),
+        socket: s(),
     };
     check_object(&doc, "DeviceInfo", &device);
     let slot = SlotInfo {

@@ -206,6 +206,20 @@ const BLOCK_IO: &[i64] = &[
     libc::SYS_fallocate,
 ];
 
+/// A vfio-user client (hot-plug, and removal on the event loop; the
+/// handshake's helper thread inherits the event loop's filter): connect to
+/// the server's socket, pass guest RAM and interrupt descriptors
+/// (`SCM_RIGHTS`), receive region descriptors, shut the connection down.
+const VFIO_USER: &[i64] = &[
+    libc::SYS_socket,
+    libc::SYS_connect,
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_shutdown,
+];
+
 /// What each thread kind may call beyond [`BASE`].
 pub fn extra_rules(kind: ThreadKind) -> Vec<i64> {
     match kind {
@@ -215,6 +229,10 @@ pub fn extra_rules(kind: ThreadKind) -> Vec<i64> {
         ThreadKind::Vcpu => {
             let mut v = BLOCK_IO.to_vec();
             v.push(libc::SYS_seccomp);
+            // A passthrough function's accesses go to its vfio-user server
+            // (read/write/writev, in the base list); a failing server's
+            // connection is shut down.
+            v.push(libc::SYS_shutdown);
             v
         }
         ThreadKind::BlockWorker => BLOCK_IO.to_vec(),
@@ -238,6 +256,10 @@ pub fn extra_rules(kind: ThreadKind) -> Vec<i64> {
                 // same process) install their own filters on top.
                 libc::SYS_seccomp,
             ]);
+            v.extend_from_slice(VFIO_USER);
+            // Guest RAM of a VM created again in the same process (vm.create
+            // after vm.delete) is a memfd.
+            v.extend_from_slice(&[libc::SYS_memfd_create, libc::SYS_ftruncate]);
             v
         }
         // Accepts on the listening socket and serves connections; counts its

@@ -256,7 +256,7 @@ impl Vm {
             buses: (0, 0xff),
         };
         let rest = topology.remaining_windows();
-        let allocator = BarAllocator::new(None, rest.mmio32, Some(rest.mmio64))
+        let allocator = BarAllocator::new(rest.io, rest.mmio32, Some(rest.mmio64))
             .map_err(|e| Error::Device(crate::pci_manager::PciManagerError::Ports(e).into()))?;
         let pci = PciManager::new(
             devices.io.clone(),
@@ -283,6 +283,9 @@ impl Vm {
         }
         for r in &config.rngs {
             devices.add_rng(r, false, &cold_plan)?;
+        }
+        for u in &config.user_devices {
+            devices.add_user_device(u, false, &cold_plan)?;
         }
         let plan = HotplugPlan::new(pci.topology(), &devices.cold_paths());
 
@@ -720,6 +723,12 @@ impl VmCore {
                 let r = self.devices.add_rng(&cfg, true, self.hotplug.plan());
                 self.hotplugged(r)
             }
+            ApiRequest::VmAddUserDevice(cfg) => {
+                let r = self
+                    .devices
+                    .add_user_device(&cfg, true, self.hotplug.plan());
+                self.hotplugged(r)
+            }
             ApiRequest::VmRemoveDevice(r) => match self.start_removal(&r.id) {
                 Ok(true) => {
                     self.removal_replies.insert(r.id, reply);
@@ -750,7 +759,7 @@ impl VmCore {
                 format!("the VM is {state}, not running")
             }
             (
-                ApiRequest::VmAddDisk(_) | ApiRequest::VmAddRng(_),
+                ApiRequest::VmAddDisk(_) | ApiRequest::VmAddRng(_) | ApiRequest::VmAddUserDevice(_),
                 VmState::Shutdown | VmState::NotCreated,
             ) => format!("the VM is {state}; devices are added to a created or running VM"),
             _ => return None,

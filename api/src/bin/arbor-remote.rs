@@ -42,6 +42,10 @@ Commands:
   add-rng [id=ID][,port=PORT][,pci_path=PATH]
                              hot-plug a virtio-rng device
   remove-device ID | id=ID   hot-unplug a device
+  add-user-device socket=PATH[,id=ID][,port=PORT][,pci_path=PATH]
+                             hot-plug the PCI function a vfio-user server serves on
+                             its UNIX socket (a bare first value is the socket; a
+                             relative path is made absolute from this directory)
   pause                      pause the VM's vCPUs
   resume                     resume the VM's vCPUs
   shutdown                   shut the VM down
@@ -170,6 +174,20 @@ fn parse_args(args: Vec<String>) -> Result<Parsed, String> {
             let id = o.required("id").map_err(|e| kv_error(&command, e))?;
             let req = RemoveDeviceRequest { id: id.to_string() };
             (Endpoint::VmRemoveDevice, Some(to_json(&req)?))
+        }
+        "add-user-device" => {
+            let mut config =
+                api::types::UserDeviceConfig::from_kv(&opts).map_err(|e| kv_error(&command, e))?;
+            if !config.socket.is_empty() && !config.socket.starts_with('/') {
+                let abs = std::path::absolute(&config.socket).map_err(|e| {
+                    usage_error(format!("cannot make '{}' absolute: {e}", config.socket))
+                })?;
+                config.socket = abs
+                    .to_str()
+                    .ok_or_else(|| usage_error(format!("'{}' is not UTF-8", abs.display())))?
+                    .to_string();
+            }
+            (Endpoint::VmAddUserDevice, Some(to_json(&config)?))
         }
         other => return Err(usage_error(format!("unknown command '{other}'"))),
     };

@@ -65,6 +65,7 @@ impl FakeVm {
             path: Some("/images/root.raw".into()),
             readonly: Some(false),
             serial: None,
+            socket: None,
         };
         FakeVm {
             info: VmInfo {
@@ -195,6 +196,7 @@ impl FakeVm {
                     path: Some(d.path),
                     readonly: Some(d.readonly),
                     serial: d.serial,
+                    socket: None,
                 });
                 Ok(ApiResponse::DeviceAdded(AddDeviceResponse { id, pci_path }))
             }
@@ -211,6 +213,24 @@ impl FakeVm {
                     path: None,
                     readonly: None,
                     serial: None,
+                    socket: None,
+                });
+                Ok(ApiResponse::DeviceAdded(AddDeviceResponse { id, pci_path }))
+            }
+            ApiRequest::VmAddUserDevice(u) => {
+                let id = self.new_id("vfio-user", &u.id)?;
+                let (port, pci_path) = self.place(&id, u.port.as_deref(), u.pci_path.as_deref())?;
+                self.info.devices.push(DeviceInfo {
+                    id: id.clone(),
+                    kind: DeviceKind::VfioUser,
+                    pci_path: pci_path.clone(),
+                    bdf: None,
+                    port: Some(port),
+                    hotplugged: true,
+                    path: None,
+                    readonly: None,
+                    serial: None,
+                    socket: Some(u.socket),
                 });
                 Ok(ApiResponse::DeviceAdded(AddDeviceResponse { id, pci_path }))
             }

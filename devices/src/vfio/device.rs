@@ -106,9 +106,9 @@ pub(crate) fn bar_size(region: BarRegion, len: u64) -> Result<u64, String> {
             "I/O region of {len:#x} bytes is larger than the {:#x} an I/O BAR can decode",
             pci::bar::MAX_IO_BAR_SIZE
         )),
-        BarRegion::Mmio32 if size > 1 << 31 => {
-            Err(format!("32-bit memory region of {len:#x} bytes is too large"))
-        }
+        BarRegion::Mmio32 if size > 1 << 31 => Err(format!(
+            "32-bit memory region of {len:#x} bytes is too large"
+        )),
         _ => Ok(size),
     }
 }

@@ -133,7 +133,11 @@ fn shared_memory() -> GuestMemoryMmap {
     let f = Arc::new(vmm_sys_util::tempfile::TempFile::new().unwrap().into_file());
     f.set_len(3 << 20).unwrap();
     GuestMemoryMmap::from_ranges_with_files([
-        (GuestAddress(0), 1 << 20, Some(FileOffset::from_arc(f.clone(), 0))),
+        (
+            GuestAddress(0),
+            1 << 20,
+            Some(FileOffset::from_arc(f.clone(), 0)),
+        ),
         (
             GuestAddress(1 << 32),
             2 << 20,
@@ -296,7 +300,10 @@ fn bar_decisions() {
 fn vfio_user_connect_errors() {
     let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
     let missing = dir.as_path().join("missing.sock");
-    let e = VfioUserBackend::connect(&missing).err().unwrap().to_string();
+    let e = VfioUserBackend::connect(&missing)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("No such file"), "{e}");
     let file = dir.as_path().join("file");
     std::fs::write(&file, b"x").unwrap();

@@ -167,13 +167,7 @@ impl VfioBackend for VfioUserBackend {
         if fds.is_empty() {
             client.set_irqs(index, IRQ_SET_DATA_NONE_TRIGGER, 0, 0, &[])
         } else {
-            client.set_irqs(
-                index,
-                IRQ_SET_EVENTFD_TRIGGER,
-                0,
-                fds.len() as u32,
-                fds,
-            )
+            client.set_irqs(index, IRQ_SET_EVENTFD_TRIGGER, 0, fds.len() as u32, fds)
         }
         .map_err(to_io)
     }

@@ -20,6 +20,10 @@ pkg=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/vfio_user-$VERSION 2>/d
 mkdir -p "$out"
 rm -rf "$out/src-copy"
 cp -r "$pkg" "$out/src-copy"
+chmod -R u+w "$out/src-copy"
+# Its own workspace root, even when the copy lies under this repository's
+# target dir (cargo would otherwise take it for a member of ours).
+printf '\n[workspace]\n' >> "$out/src-copy/Cargo.toml"
 # The package ships its own Cargo.lock; build it as its own workspace.
 CARGO_TARGET_DIR="$out/target" cargo build -j1 --quiet --manifest-path "$out/src-copy/Cargo.toml" --example gpio >&2
 [ -x "$bin" ] || { echo "build-gpio.sh: no binary at $bin" >&2; exit 1; }

@@ -230,9 +230,13 @@ pub fn extra_rules(kind: ThreadKind) -> Vec<i64> {
             let mut v = BLOCK_IO.to_vec();
             v.push(libc::SYS_seccomp);
             // A passthrough function's accesses go to its vfio-user server
-            // (read/write/writev, in the base list); a failing server's
-            // connection is shut down.
-            v.push(libc::SYS_shutdown);
+            // (std's socket reads and writes are recvfrom/sendto); a failing
+            // server's connection is shut down.
+            v.extend(
+                VFIO_USER
+                    .iter()
+                    .filter(|&&nr| nr != libc::SYS_socket && nr != libc::SYS_connect),
+            );
             v
         }
         ThreadKind::BlockWorker => BLOCK_IO.to_vec(),

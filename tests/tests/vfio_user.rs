@@ -83,7 +83,10 @@ impl Server {
             if l.contains(needle) {
                 return l;
             }
-            assert!(Instant::now() < deadline, "server log lacks {needle:?}:\n{l}");
+            assert!(
+                Instant::now() < deadline,
+                "server log lacks {needle:?}:\n{l}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -113,9 +116,8 @@ fn check_bound(g: &Guest, mark: usize, pci_path: &str) -> String {
         "[494f:0dc8] not at {bdf} (path {pci_path}):\n{tail}"
     );
     assert!(
-        tail.lines()
-            .any(|l| l.contains(&format!("pci {bdf}: "))
-                && (l.contains("0x18: [io ") || l.contains("BAR 2 [io "))),
+        tail.lines().any(|l| l.contains(&format!("pci {bdf}: "))
+            && (l.contains("0x18: [io ") || l.contains("BAR 2 [io "))),
         "no I/O BAR2 for {bdf}:\n{tail}"
     );
     bdf

@@ -28,6 +28,7 @@
 //! its reads return all-ones and its writes are dropped.
 
 pub mod device;
+pub mod group;
 pub mod user;
 
 #[cfg(test)]

@@ -9,7 +9,10 @@
 //!   for at most [`CONNECT_TIMEOUT`]: a peer that is not a vfio-user server
 //!   (it never answers, or answers garbage) gives an error, never a hang or
 //!   a panic of the VMM. A peer that never answers keeps that helper thread
-//!   blocked until it closes the connection.
+//!   blocked until it closes the connection. One risk remains inside the
+//!   crate: it allocates the size a version reply claims (up to 4 GiB,
+//!   zeroed, so lazily) before reading it; the socket is the operator's
+//!   choice, never the guest's.
 //! - It does not check the `error` field of replies, and reads a reply of
 //!   the size it expects: a server that answers a request with an error
 //!   (a bare header) desynchronises the stream. Errors the server reports

@@ -53,10 +53,17 @@ pub struct GroupInfo {
 fn is_bdf(s: &str) -> bool {
     let b = s.as_bytes();
     let hex = |r: std::ops::Range<usize>| {
-        b.get(r)
-            .is_some_and(|x| x.iter().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c)))
+        b.get(r).is_some_and(|x| {
+            x.iter()
+                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+        })
     };
-    b.len() == 12 && hex(0..4) && b[4] == b':' && hex(5..7) && b[7] == b':' && hex(8..10)
+    b.len() == 12
+        && hex(0..4)
+        && b[4] == b':'
+        && hex(5..7)
+        && b[7] == b':'
+        && hex(8..10)
         && b[10] == b'.'
         && (b'0'..=b'7').contains(&b[11])
 }
@@ -183,10 +190,7 @@ mod tests {
         let ok = check(root, "/sys/bus/pci/devices/0000:01:00.0").unwrap();
         assert_eq!(ok.group, 7);
         assert_eq!(ok.dev_path, PathBuf::from("/dev/vfio/7"));
-        assert_eq!(
-            ok.members,
-            ["0000:00:1c.0", "0000:01:00.0", "0000:01:00.1"]
-        );
+        assert_eq!(ok.members, ["0000:00:1c.0", "0000:01:00.0", "0000:01:00.1"]);
         let e = check(root, "0000:02:00.0").unwrap_err();
         assert_eq!(
             e.to_string(),
@@ -212,7 +216,10 @@ mod tests {
     fn paths_that_are_not_functions() {
         let t = vmm_sys_util::tempdir::TempDir::new().unwrap();
         let root = t.as_path();
-        tree(root, &[("0000:01:00.0", "0x020000", Some("vfio-pci"), Some(1))]);
+        tree(
+            root,
+            &[("0000:01:00.0", "0x020000", Some("vfio-pci"), Some(1))],
+        );
         for p in [
             "",
             "/etc/passwd",

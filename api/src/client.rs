@@ -249,6 +249,14 @@ impl Client {
         self.call(Endpoint::VmAddVsock, Some(config))?.json()
     }
 
+    /// `PUT vm.add-user-device`.
+    pub fn vm_add_user_device(
+        &self,
+        config: &crate::types::UserDeviceConfig,
+    ) -> Result<AddDeviceResponse, ClientError> {
+        self.call(Endpoint::VmAddUserDevice, Some(config))?.json()
+    }
+
     /// `PUT vm.remove-device`.
     pub fn vm_remove_device(&self, id: &str) -> Result<(), ClientError> {
         let req = RemoveDeviceRequest { id: id.to_string() };

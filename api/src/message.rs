@@ -22,6 +22,7 @@
 
 use tokio::sync::oneshot;
 
+use crate::types::UserDeviceConfig;
 use crate::types::{
     AddDeviceResponse, DiskConfig, RemoveDeviceRequest, RngConfig, VmInfo, VmmPingResponse,
     VsockConfig,
@@ -64,6 +65,8 @@ pub enum ApiRequest {
     /// `PUT vm.add-vsock`: answer [`ApiResponse::DeviceAdded`]; 409 when the
     /// VM has a vsock device already.
     VmAddVsock(VsockConfig),
+    /// `PUT vm.add-user-device`: answer [`ApiResponse::DeviceAdded`].
+    VmAddUserDevice(UserDeviceConfig),
 }
 
 impl ApiRequest {
@@ -83,6 +86,7 @@ impl ApiRequest {
             ApiRequest::VmBoot => "vm.boot",
             ApiRequest::VmDelete => "vm.delete",
             ApiRequest::VmAddVsock(_) => "vm.add-vsock",
+            ApiRequest::VmAddUserDevice(_) => "vm.add-user-device",
         }
     }
 }

@@ -67,6 +67,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::events::EventBus;
 use crate::message::{ApiError, ApiMessage, ApiReply, ApiRequest, ApiResponse};
 use crate::socket::{self, SocketError};
+use crate::types::UserDeviceConfig;
 use crate::types::{
     DiskConfig, EmptyRequest, ErrorBody, RemoveDeviceRequest, RngConfig, VsockConfig,
 };
@@ -119,6 +120,8 @@ pub enum Endpoint {
     VmEvents,
     /// `PUT /api/v1/vm.add-vsock`
     VmAddVsock,
+    /// `PUT /api/v1/vm.add-user-device`
+    VmAddUserDevice,
 }
 
 /// One entry of the route table.
@@ -156,6 +159,7 @@ pub const ROUTES: &[Route] = &[
     route(Endpoint::VmDelete),
     route(Endpoint::VmEvents),
     route(Endpoint::VmAddVsock),
+    route(Endpoint::VmAddUserDevice),
 ];
 
 impl Endpoint {
@@ -175,6 +179,7 @@ impl Endpoint {
         Endpoint::VmDelete,
         Endpoint::VmEvents,
         Endpoint::VmAddVsock,
+        Endpoint::VmAddUserDevice,
     ];
 
     /// The full path, starting with [`API_PREFIX`].
@@ -194,6 +199,7 @@ impl Endpoint {
             Endpoint::VmDelete => "/api/v1/vm.delete",
             Endpoint::VmEvents => "/api/v1/vm.events",
             Endpoint::VmAddVsock => "/api/v1/vm.add-vsock",
+            Endpoint::VmAddUserDevice => "/api/v1/vm.add-user-device",
         }
     }
 
@@ -220,7 +226,10 @@ impl Endpoint {
             Endpoint::VmmPing => matches!(response, ApiResponse::VmmPing(_)),
             Endpoint::VmInfo | Endpoint::VmCreate => matches!(response, ApiResponse::VmInfo(_)),
             Endpoint::VmEvents => false,
-            Endpoint::VmAddDisk | Endpoint::VmAddRng | Endpoint::VmAddVsock => {
+            Endpoint::VmAddDisk
+            | Endpoint::VmAddRng
+            | Endpoint::VmAddVsock
+            | Endpoint::VmAddUserDevice => {
                 matches!(response, ApiResponse::DeviceAdded(_))
             }
             Endpoint::VmmShutdown
@@ -280,6 +289,11 @@ impl Endpoint {
                     )));
                 }
                 ApiRequest::VmAddVsock(config)
+            }
+            Endpoint::VmAddUserDevice => {
+                let config: UserDeviceConfig = json_body(self, body, false)?;
+                config.validate()?;
+                ApiRequest::VmAddUserDevice(config)
             }
         })
     }

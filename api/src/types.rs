@@ -97,6 +97,8 @@ pub enum DeviceKind {
     Vsock,
     /// A host device passed through with VFIO.
     Vfio,
+    /// A device served by a vfio-user server (`vm.add-user-device`).
+    VfioUser,
 }
 
 impl DeviceKind {
@@ -107,6 +109,7 @@ impl DeviceKind {
         DeviceKind::Net,
         DeviceKind::Vsock,
         DeviceKind::Vfio,
+        DeviceKind::VfioUser,
     ];
 }
 
@@ -142,7 +145,8 @@ pub struct DeviceInfo {
     /// Vsock only: the guest's context id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cid: Option<u64>,
-    /// Vsock only: the host UNIX socket host programs connect to.
+    /// Vsock: the host UNIX socket host programs connect to; vfio-user
+    /// device: the server's socket.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<String>,
 }
@@ -354,6 +358,25 @@ pub struct RngConfig {
     pub pci_path: Option<String>,
 }
 
+/// Body of `PUT /api/v1/vm.add-user-device` (and the `--user-device`
+/// option): a PCI function served by a vfio-user server.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserDeviceConfig {
+    /// Absolute path of the server's listening UNIX socket (under an
+    /// `--allow-path` directory when the VMM has any).
+    pub socket: String,
+    /// Device id; generated when absent.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Topology node to place the device under.
+    #[serde(default)]
+    pub port: Option<String>,
+    /// Exact placement.
+    #[serde(default)]
+    pub pci_path: Option<String>,
+}
+
 /// Body of `PUT /api/v1/vm.remove-device`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -509,6 +532,36 @@ impl RngConfig {
     pub fn from_kv(input: &str) -> Result<Self, KvError> {
         let o = kv::parse(input, Self::KV_KEYS)?;
         Ok(RngConfig {
+            id: o.string("id"),
+            port: o.string("port"),
+            pci_path: o.string("pci_path"),
+        })
+    }
+}
+
+impl UserDeviceConfig {
+    /// Keys accepted by [`UserDeviceConfig::from_kv`].
+    pub const KV_KEYS: &'static [&'static str] = &["socket", "id", "port", "pci_path"];
+
+    /// Checks what can be checked without the VM.
+    pub fn validate(&self) -> Result<(), ApiError> {
+        validate_file_path("socket", &self.socket)?;
+        if !self.socket.starts_with('/') {
+            return Err(ApiError::bad_request(format!(
+                "'socket' must be absolute, not '{}': the VMM's working directory is not the client's",
+                self.socket
+            )));
+        }
+        validate_opt_id("id", &self.id)?;
+        validate_placement(&self.port, &self.pci_path)
+    }
+
+    /// Builds a configuration from `socket=..,id=..,port=..,pci_path=..`; a
+    /// bare first item is the socket.
+    pub fn from_kv(input: &str) -> Result<Self, KvError> {
+        let o = kv::parse_with_positional(input, Self::KV_KEYS, "socket")?;
+        Ok(UserDeviceConfig {
+            socket: o.required("socket")?.to_string(),
             id: o.string("id"),
             port: o.string("port"),
             pci_path: o.string("pci_path"),
@@ -721,6 +774,38 @@ mod tests {
         assert!(serde_json::from_str::<VsockConfig>(r#"{"cid": 3}"#).is_err());
         assert!(
             serde_json::from_str::<VsockConfig>(r#"{"cid": 3, "socket": "/a", "x": 1}"#).is_err()
+        );
+    }
+
+    #[test]
+    fn user_device_config() {
+        let u = UserDeviceConfig::from_kv("/run/gpio.sock,id=g0,port=br0").unwrap();
+        assert_eq!(u.socket, "/run/gpio.sock");
+        assert_eq!(u.id.as_deref(), Some("g0"));
+        assert_eq!(u.port.as_deref(), Some("br0"));
+        assert!(u.validate().is_ok());
+        assert_eq!(
+            UserDeviceConfig::from_kv("id=g0").unwrap_err(),
+            KvError::MissingKey {
+                key: "socket".into()
+            }
+        );
+        let mut u = UserDeviceConfig {
+            socket: "gpio.sock".into(),
+            ..Default::default()
+        };
+        assert!(bad(u.validate()).contains("'socket' must be absolute"));
+        u.socket = String::new();
+        assert_eq!(bad(u.validate()), "'socket' must not be empty");
+        u.socket = "/s".into();
+        u.pci_path = Some("00:02.0 /0".into());
+        assert!(bad(u.validate()).contains("pci_path"));
+        let e = serde_json::from_str::<UserDeviceConfig>(r#"{"socket": "/s", "path": "/x"}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("unknown field `path`"), "{e}");
+        assert_eq!(
+            serde_json::to_string(&DeviceKind::VfioUser).unwrap(),
+            "\"vfio_user\""
         );
     }
 

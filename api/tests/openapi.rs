@@ -171,6 +171,16 @@ fn schemas_match_the_wire_types() {
     );
     check_object(
         &doc,
+        "UserDeviceConfig",
+        &api::types::UserDeviceConfig {
+            socket: "/s".into(),
+            id: s(),
+            port: s(),
+            pci_path: s(),
+        },
+    );
+    check_object(
+        &doc,
         "RemoveDeviceRequest",
         &RemoveDeviceRequest { id: "d".into() },
     );

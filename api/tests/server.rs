@@ -326,6 +326,7 @@ fn every_route_answers() {
             "/api/v1/vm.remove-device" => r#"{"id": "rootdisk"}"#,
             "/api/v1/vm.create" => r#"{"kernel": "/k"}"#,
             "/api/v1/vm.add-vsock" => r#"{"cid": 3, "socket": "/v.sock"}"#,
+            "/api/v1/vm.add-user-device" => r#"{"socket": "/s.sock"}"#,
             _ => "",
         };
         let r = raw(&f, route.method.clone(), route.path, body);

@@ -52,6 +52,13 @@ pub trait MsiInterruptGroup: Send + Sync {
 pub trait IntxInterrupt: Send + Sync {
     /// Assert the line.
     fn assert(&self) -> io::Result<()>;
+
+    /// The eventfd that asserts the line when written, for a device whose
+    /// interrupt is raised outside the VMM (a passthrough back end signals
+    /// it directly). `None` if the line has no such descriptor.
+    fn eventfd(&self) -> Option<&EventFd> {
+        None
+    }
 }
 
 /// State recorded per vector by [`RecordingMsiGroup`].

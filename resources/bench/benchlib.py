@@ -667,6 +667,9 @@ def guest_ram_mappings(maps, mem_bytes):
     PCI hole, and a second one above 4 GiB for more than 3 GiB of RAM.
 
     In order:
+      0. arbor's guest RAM is a memfd mapped shared: the mappings of
+         "/memfd:arbor-guest-ram" (one per RAM region), whose sizes add up
+         to the guest memory;
       1. one anonymous rw-p mapping whose size is exactly the guest memory;
       2. up to three large (>= 16 MiB) anonymous rw-p mappings whose sizes
          add up exactly to the guest memory (split RAM);
@@ -676,6 +679,9 @@ def guest_ram_mappings(maps, mem_bytes):
     Returns (mappings, method) or raises BenchError listing the candidates.
     """
     mem_kib = mem_bytes // 1024
+    memfd = [m for m in maps if m["path"].startswith("/memfd:arbor-guest-ram")]
+    if memfd and sum(m.get("Size", 0) for m in memfd) == mem_kib:
+        return memfd, "memfd"
     anon = [m for m in maps if is_anonymous(m) and m["perms"].startswith("rw") and m["perms"][3] == "p"]
     exact = [m for m in anon if m.get("Size") == mem_kib]
     if len(exact) == 1:

@@ -301,7 +301,7 @@ def main(argv):
                 raise
             if r["other_vmms_at_start"]:
                 log(f"{label}: warning: other VMMs were running: {', '.join(r['other_vmms_at_start'])}")
-            if r["guest_ram_method"] != "exact":
+            if r["guest_ram_method"] not in ("exact", "memfd"):
                 log(f"{label}: note: guest RAM found by method '{r['guest_ram_method']}': {r['guest_ram_maps']}")
             log(f"{label}: first line {r['first_s']:.2f} s, /init {r['init_s']:.2f} s, "
                 f"VmHWM {r['vm_hwm_mib']:.1f} MiB - guest RAM {r['guest_ram_rss_mib']:.1f} MiB "

@@ -90,7 +90,10 @@ fn kit_args(s: &Scratch) -> Vec<String> {
         "--memory".into(),
         "512M".into(),
         "--disk".into(),
-        format!("path={},id=rootdisk,serial=ROOT", s.path("root.img").display()),
+        format!(
+            "path={},id=rootdisk,serial=ROOT",
+            s.path("root.img").display()
+        ),
         "--rng".into(),
         "id=rng0".into(),
         "--shutdown-grace".into(),

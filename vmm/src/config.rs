@@ -6,6 +6,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use api::types::UserDeviceConfig;
 use api::types::{DiskConfig, RngConfig, VsockConfig};
 use pci::placement::PlaceKind;
 use pci::topology::{HotplugMode, PortKind, PortSpec, Topology, TopologyOptions};
@@ -158,6 +159,11 @@ impl ProcessPolicy {
             let mut named: Vec<(&str, String)> = vec![("kernel", path_text(&cfg.kernel))];
             named.extend(cfg.initramfs.iter().map(|p| ("initramfs", path_text(p))));
             named.extend(cfg.disks.iter().map(|d| ("disk", d.path.clone())));
+            named.extend(
+                cfg.user_devices
+                    .iter()
+                    .map(|u| ("user-device", u.socket.clone())),
+            );
             if let SerialOutput::File { path, .. } = &cfg.serial {
                 named.push(("serial", path_text(path)));
             }
@@ -228,6 +234,8 @@ pub struct VmConfig {
     pub event_monitor: Option<EventMonitor>,
     /// The cold-plugged virtio-vsock device (at most one), after the rngs.
     pub vsock: Option<VsockConfig>,
+    /// Cold-plugged vfio-user devices (`--user-device`), after the rngs.
+    pub user_devices: Vec<UserDeviceConfig>,
 }
 
 impl Default for VmConfig {
@@ -252,6 +260,7 @@ impl Default for VmConfig {
             confine: crate::confine::Options::default(),
             event_monitor: None,
             vsock: None,
+            user_devices: Vec::new(),
         }
     }
 }
@@ -375,7 +384,12 @@ impl VmConfig {
             .iter()
             .map(|d| (&d.id, &d.port, &d.pci_path))
             .chain(self.rngs.iter().map(|r| (&r.id, &r.port, &r.pci_path)))
-            .chain(self.vsock.iter().map(|v| (&v.id, &v.port, &v.pci_path)));
+            .chain(self.vsock.iter().map(|v| (&v.id, &v.port, &v.pci_path)))
+            .chain(
+                self.user_devices
+                    .iter()
+                    .map(|u| (&u.id, &u.port, &u.pci_path)),
+            );
         for (id, port, path) in given {
             if let Some(id) = id {
                 if ids.contains(&id.as_str()) {
@@ -399,13 +413,18 @@ impl VmConfig {
 
 /// The topology used when no `--pci-port` is given: eight root ports with
 /// native hotplug (`rp0`-`rp7`, root slots 01-08) and a PCIe-to-PCI bridge
-/// with ACPI hotplug on the root bus (`br0`, slot 09); the root bus keeps
-/// its other slots (ACPI hotplug too).
+/// with ACPI hotplug on the root bus (`br0`, slot 09, with a 4 KiB I/O
+/// window); the root bus keeps its other slots (ACPI hotplug too). I/O BARs
+/// fit on the root bus and under `br0`.
 pub fn default_ports() -> Vec<PortSpec> {
     let mut v: Vec<PortSpec> = (0..8)
         .map(|i| PortSpec::new(format!("rp{i}"), PortKind::RootPort))
         .collect();
-    v.push(PortSpec::new("br0", PortKind::PciBridge));
+    // br0 forwards an I/O window: devices with I/O BARs (legacy or
+    // passthrough) hot-plug there or on the root bus.
+    let mut br0 = PortSpec::new("br0", PortKind::PciBridge);
+    br0.io_reserve = Some(0x1000);
+    v.push(br0);
     v
 }
 
@@ -424,7 +443,8 @@ impl VmConfig {
     pub fn topology(&self) -> Result<Topology, ConfigError> {
         let specs = self.effective_ports();
         let (mmio32, mmio64) = crate::layout::pci_windows(self.memory);
-        let opts = TopologyOptions::new((1..32).collect(), mmio32, mmio64, None);
+        let io = Some((crate::layout::PCI_IO_START, crate::layout::PCI_IO_SIZE));
+        let opts = TopologyOptions::new((1..32).collect(), mmio32, mmio64, io);
         let topo = Topology::build(&specs, &opts)
             .map_err(|e| ConfigError(format!("PCI topology: {e}")))?;
         // The ports' windows are carved from the top of the host windows;
@@ -580,6 +600,8 @@ usage: arbor --kernel PATH [options]
                        [,pci_path=PATH]; at most one. Host programs connect to
                        PATH and write \"CONNECT <port>\\n\"; guest connections to
                        host port P go to the UNIX socket PATH_P
+  --user-device OPTIONS  the PCI function a vfio-user server serves:
+                       socket=PATH[,id=ID][,port=ID][,pci_path=PATH]; repeatable
   --pci-port OPTIONS   id=ID,type=root-port|switch|pci-bridge[,parent=ID]
                        [,hotplug=native|acpi|none][,downstream=N][,slot=N]
                        [,bus-reserve=N][,mem-reserve=SIZE][,pref64-reserve=SIZE]
@@ -635,10 +657,11 @@ pub const VM_OPTIONS: &[&str] = &[
     "shutdown-grace",
     "remove-timeout",
     "vsock",
+    "user-device",
 ];
 
 /// Options that may be given more than once (arrays in JSON).
-const REPEATABLE: &[&str] = &["disk", "rng", "pci-port", "allow-path"];
+const REPEATABLE: &[&str] = &["disk", "rng", "pci-port", "allow-path", "user-device"];
 
 /// Options of the `arbor` process rather than of a VM: command line only.
 pub const PROCESS_OPTIONS: &[&str] = &[
@@ -687,6 +710,10 @@ fn apply_option(cfg: &mut VmConfig, name: &str, value: String) -> Result<(), Con
                 VsockConfig::from_kv(&value).map_err(|e| ConfigError(format!("--vsock: {e}")))?,
             )
         }
+        "user-device" => cfg.user_devices.push(
+            UserDeviceConfig::from_kv(&value)
+                .map_err(|e| ConfigError(format!("--user-device: {e}")))?,
+        ),
         other => return err(format!("unknown option '--{other}' (see --help)")),
     }
     Ok(())
@@ -930,6 +957,10 @@ impl VmConfig {
                         serde_json::from_value(item.clone())
                             .map_err(|e| ConfigError(format!("--rng: {e}")))?,
                     ),
+                    ("user-device", serde_json::Value::Object(_)) => cfg.user_devices.push(
+                        serde_json::from_value(item.clone())
+                            .map_err(|e| ConfigError(format!("--user-device: {e}")))?,
+                    ),
                     (_, serde_json::Value::Object(o)) => {
                         apply_option(&mut cfg, name, object_text(name, o)?)?
                     }
@@ -988,6 +1019,12 @@ impl VmConfig {
             .map(|r| object(serde_json::to_value(r)))
             .collect();
         o.insert("rng".into(), Value::Array(rngs));
+        let users: Vec<Value> = self
+            .user_devices
+            .iter()
+            .map(|u| object(serde_json::to_value(u)))
+            .collect();
+        o.insert("user-device".into(), Value::Array(users));
         let ports: Vec<Value> = self.ports.iter().map(port_json).collect();
         o.insert("pci-port".into(), Value::Array(ports));
         let order: Vec<String> = self.placement_order.iter().map(|k| k.to_string()).collect();
@@ -1735,6 +1772,8 @@ mod json_tests {
             "2.5",
             "--remove-timeout",
             "30",
+            "--user-device",
+            &format!("socket={},id=g0,port=br0", f.p("k")),
         ]
         .iter()
         .map(|s| s.to_string())

@@ -177,6 +177,7 @@ impl PathPolicy {
             .disks
             .iter()
             .map(|d| PathBuf::from(&d.path))
+            .chain(cfg.user_devices.iter().map(|u| PathBuf::from(&u.socket)))
             .chain(std::iter::once(cfg.kernel.clone()))
             .chain(cfg.initramfs.iter().cloned())
             // The vsock socket's directory (the socket itself is created later).

@@ -22,6 +22,7 @@ use devices::legacy::{
 };
 use pci::placement::{self, HotplugPlan, PlaceKind, PlaceRequest, PlacementError, SlotMechanism};
 
+use api::types::UserDeviceConfig;
 use api::types::{
     DeviceInfo, DeviceKind, DiskConfig, HotplugMechanism, RngConfig, SlotInfo, TopologyNode,
     TopologyNodeType, VsockConfig,
@@ -121,6 +122,19 @@ pub enum DeviceError {
     },
     #[error("cannot create vsock socket: {0}")]
     VsockPathNotAllowed(#[source] crate::confine::PathRefused),
+    #[error(transparent)]
+    UserDevice(#[from] devices::vfio::user::VfioUserError),
+    #[error("cannot pass the device through: {0}")]
+    Passthrough(#[source] devices::vfio::VfioPciError),
+    #[error(
+        "vfio-user socket '{0}' is relative: give an absolute path (the VMM's working \
+         directory is not the client's)"
+    )]
+    RelativeSocketPath(String),
+    #[error("cannot use vfio-user socket: {0}")]
+    SocketNotAllowed(#[source] crate::confine::PathRefused),
+    #[error("the vfio-user server at '{socket}' is already device '{id}'")]
+    SocketInUse { socket: String, id: String },
 }
 
 impl DeviceError {
@@ -161,6 +175,17 @@ impl DeviceError {
             | DeviceError::NoPci
             | DeviceError::Msi(_)
             | DeviceError::Virtio(_) => K::Internal,
+            DeviceError::UserDevice(_)
+            | DeviceError::RelativeSocketPath(_)
+            | DeviceError::SocketNotAllowed(_) => K::BadRequest,
+            DeviceError::SocketInUse { .. } => K::Conflict,
+            DeviceError::Passthrough(e) => {
+                use devices::vfio::VfioPciError as V;
+                match e {
+                    V::RamNotShared(..) | V::Intx(..) => K::Internal,
+                    _ => K::BadRequest,
+                }
+            }
         }
     }
 }
@@ -191,6 +216,8 @@ pub struct DeviceRecord {
     pub disk: Option<DiskConfig>,
     /// Vsock only: its configuration (the socket path as created).
     pub vsock: Option<VsockConfig>,
+    /// vfio-user device: the server's socket (as checked, canonical).
+    pub socket: Option<String>,
 }
 
 impl DeviceRecord {
@@ -207,7 +234,11 @@ impl DeviceRecord {
             readonly: self.disk.as_ref().map(|d| d.readonly),
             serial: self.disk.as_ref().and_then(|d| d.serial.clone()),
             cid: self.vsock.as_ref().map(|v| v.cid),
-            socket: self.vsock.as_ref().map(|v| v.socket.clone()),
+            socket: self
+                .vsock
+                .as_ref()
+                .map(|v| v.socket.clone())
+                .or_else(|| self.socket.clone()),
         }
     }
 }
@@ -462,6 +493,19 @@ impl DeviceManager {
             .unwrap_or_else(|| prefix.to_string())
     }
 
+    /// The id of a new device: `id` if no device or port has it, else a
+    /// fresh `prefix<N>`.
+    fn claim_id(&self, id: Option<&str>, prefix: &str) -> Result<String, DeviceError> {
+        match id {
+            Some(id) if self.records.iter().any(|r| r.id == id) => {
+                Err(DeviceError::DuplicateId(id.to_string()))
+            }
+            Some(id) if self.is_port_id(id) => Err(DeviceError::IdIsPort(id.to_string())),
+            Some(id) => Ok(id.to_string()),
+            None => Ok(self.fresh_id(prefix)),
+        }
+    }
+
     /// Whether `id` names a PCI port or the root bus.
     fn is_port_id(&self, id: &str) -> bool {
         id == pci::topology::ROOT_BUS_ID
@@ -494,14 +538,7 @@ impl DeviceManager {
             disk,
             vsock,
         } = new;
-        let id = match id {
-            Some(id) if self.records.iter().any(|r| r.id == id) => {
-                return Err(DeviceError::DuplicateId(id.to_string()))
-            }
-            Some(id) if self.is_port_id(id) => return Err(DeviceError::IdIsPort(id.to_string())),
-            Some(id) => id.to_string(),
-            None => self.fresh_id(prefix),
-        };
+        let id = self.claim_id(id, prefix)?;
         let pci = self.pci()?;
         let place = placement::choose(
             pci.topology(),
@@ -554,6 +591,7 @@ impl DeviceManager {
             hotplugged,
             disk,
             vsock,
+            socket: None,
         };
         self.records.push(rec.clone());
         Ok(rec)
@@ -705,6 +743,106 @@ impl DeviceManager {
                 Ok(Box::new(dev) as Box<dyn VirtioDevice>)
             },
         )
+    }
+
+    /// Adds the PCI function a vfio-user server serves on `cfg.socket`. A
+    /// hot-plugged one (a client's request) needs an absolute socket path,
+    /// one the [`crate::confine::PathPolicy`] allows when there is one.
+    /// The slot is chosen first, then the server is connected to (its
+    /// handshake bounded in time), given guest RAM and the INTx eventfd,
+    /// and the function placed; on error nothing stays.
+    pub fn add_user_device(
+        &mut self,
+        cfg: &UserDeviceConfig,
+        hotplugged: bool,
+        plan: &HotplugPlan,
+    ) -> Result<DeviceRecord, DeviceError> {
+        if hotplugged && !std::path::Path::new(&cfg.socket).is_absolute() {
+            return Err(DeviceError::RelativeSocketPath(cfg.socket.clone()));
+        }
+        let mut socket = std::path::PathBuf::from(&cfg.socket);
+        if let (true, Some(policy)) = (hotplugged, &self.path_policy) {
+            match policy.check(&cfg.socket) {
+                Ok(Ok(canonical)) => socket = canonical,
+                Ok(Err(source)) => {
+                    return Err(devices::vfio::user::VfioUserError::Socket(
+                        cfg.socket.clone(),
+                        source,
+                    )
+                    .into())
+                }
+                Err(refused) => return Err(DeviceError::SocketNotAllowed(refused)),
+            }
+        } else if let Ok(c) = std::fs::canonicalize(&socket) {
+            socket = c;
+        }
+        let shown = socket.display().to_string();
+        if let Some(r) = self
+            .records
+            .iter()
+            .find(|r| r.socket.as_deref() == Some(shown.as_str()))
+        {
+            return Err(DeviceError::SocketInUse {
+                socket: shown,
+                id: r.id.clone(),
+            });
+        }
+        let id = self.claim_id(cfg.id.as_deref(), "vfio-user")?;
+        let pci = self.pci()?;
+        let place = placement::choose(
+            pci.topology(),
+            plan,
+            &self.placement_order,
+            &|p| pci.occupied(p),
+            &PlaceRequest {
+                port: cfg.port.as_deref(),
+                pci_path: cfg.pci_path.as_deref(),
+                hotplug: hotplugged,
+            },
+        )?;
+        let (path, under) = (place.path, place.port);
+        let backend = devices::vfio::VfioUserBackend::connect(&socket)?;
+        let intx = pci
+            .intx()
+            .line(
+                pci::intx::intx_gsi(&path),
+                Arc::new(std::sync::atomic::AtomicU8::new(0)),
+            )
+            .map_err(DeviceError::Msi)?;
+        let memory = vm_memory::GuestAddressSpace::memory(pci.memory());
+        let dev = devices::vfio::VfioPciDevice::new(
+            Box::new(backend),
+            &memory,
+            Some(Arc::new(intx) as Arc<dyn pci::IntxInterrupt>),
+        )
+        .map_err(DeviceError::Passthrough)?;
+        let shared: SharedPciDevice = Arc::new(Mutex::new(dev));
+        if let Err(e) = pci.place(path.clone(), under.as_deref(), shared.clone()) {
+            // Give guest RAM back and let the server go.
+            shared.lock().unwrap_or_else(|e| e.into_inner()).reset();
+            return Err(e.into());
+        }
+        if !hotplugged {
+            if let Some(port) = under.as_deref().and_then(|p| pci.port(p)) {
+                let mut port = port.lock().unwrap_or_else(|e| e.into_inner());
+                if port.has_native_hotplug() {
+                    port.cold_plug(true);
+                }
+            }
+        }
+        let rec = DeviceRecord {
+            id,
+            kind: DeviceKind::VfioUser,
+            path,
+            port: under,
+            mechanism: place.mechanism,
+            hotplugged,
+            disk: None,
+            vsock: None,
+            socket: Some(shown),
+        };
+        self.records.push(rec.clone());
+        Ok(rec)
     }
 
     /// The hot-plugged device `id`, which may be removed.

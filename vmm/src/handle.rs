@@ -87,6 +87,14 @@ impl VmmHandle {
         self.expect_added(ApiRequest::VmAddVsock(cfg))
     }
 
+    /// Hot-plugs the function a vfio-user server serves.
+    pub fn add_user_device(
+        &self,
+        cfg: api::types::UserDeviceConfig,
+    ) -> std::result::Result<AddDeviceResponse, ApiError> {
+        self.expect_added(ApiRequest::VmAddUserDevice(cfg))
+    }
+
     /// Hot-unplugs a device; returns once the guest released it.
     pub fn remove_device(&self, id: &str) -> std::result::Result<(), ApiError> {
         self.expect_empty(ApiRequest::VmRemoveDevice(RemoveDeviceRequest {

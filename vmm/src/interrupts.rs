@@ -239,6 +239,10 @@ impl pci::IntxInterrupt for KvmIntx {
     fn assert(&self) -> io::Result<()> {
         self.irqfd.write(1)
     }
+
+    fn eventfd(&self) -> Option<&EventFd> {
+        Some(&self.irqfd)
+    }
 }
 
 impl Drop for KvmIntx {

@@ -36,6 +36,11 @@ pub const MEM_32BIT_HOLE_SIZE: u64 = (1 << 32) - MEM_32BIT_HOLE_START;
 pub const RAM_64BIT_START: u64 = 1 << 32;
 
 /// PCI 32-bit memory window (devices' non-prefetchable BARs).
+/// The I/O port window of the PCI root complex (I/O BARs, bridges' I/O
+/// windows): above every platform device's ports.
+pub const PCI_IO_START: u64 = 0x2000;
+/// Size of [`PCI_IO_START`]'s window (up to the last port, 0xffff).
+pub const PCI_IO_SIZE: u64 = 0x1_0000 - PCI_IO_START;
 pub const PCI_MMIO32_START: u64 = 0xc000_0000;
 pub const PCI_MMIO32_SIZE: u64 = 0x2000_0000;
 /// PCI Express ECAM (MMCONFIG): 256 buses x 32 devices x 8 functions x 4 KiB.

@@ -115,6 +115,11 @@ struct Placed {
     notifiers: Vec<(usize, u64, EventFd)>,
     /// Whether the BARs should be mapped (memory decode on).
     mapped: bool,
+    /// Whether the guest enabled I/O decode (I/O BARs are mapped while it
+    /// is on, memory BARs while memory decode is).
+    io_on: bool,
+    /// Whether the guest enabled memory decode.
+    mem_on: bool,
     /// What `map` actually registered: only these are deregistered, so a
     /// BAR the guest moved onto another device's range (ECAM, another
     /// BAR), which could not be registered there, never takes the other
@@ -450,6 +455,8 @@ impl PciManager {
                     bars,
                     notifiers,
                     mapped: false,
+                    io_on: false,
+                    mem_on: false,
                     registered: Vec::new(),
                 },
             );
@@ -463,7 +470,12 @@ impl PciManager {
         let mut io = self.io.write().unwrap_or_else(|e| e.into_inner());
         let mut live = Vec::new();
         for bar in &p.bars {
-            if bar.addr == 0 {
+            let decoded = if bar.region.is_memory() {
+                p.mem_on
+            } else {
+                p.io_on
+            };
+            if bar.addr == 0 || !decoded {
                 continue;
             }
             let handler = Arc::new(BarHandler {
@@ -583,13 +595,15 @@ impl PciManager {
         else {
             return;
         };
-        let was_mapped = p.mapped;
         self.unmap(p);
         p.bars = r.device.lock().unwrap_or_else(|e| e.into_inner()).bars();
-        let enabled = match o.mem_decode {
-            Some(on) => on,
-            None => was_mapped,
-        };
+        if let Some(on) = o.mem_decode {
+            p.mem_on = on;
+        }
+        if let Some(on) = o.io_decode {
+            p.io_on = on;
+        }
+        let enabled = p.mem_on || p.io_on;
         if enabled {
             self.map(p);
         }

@@ -233,6 +233,20 @@ const VSOCK_LISTEN: &[i64] = &[
     libc::SYS_unlinkat,
 ];
 
+/// A vfio-user client (hot-plug, and removal on the event loop; the
+/// handshake's helper thread inherits the event loop's filter): connect to
+/// the server's socket, pass guest RAM and interrupt descriptors
+/// (`SCM_RIGHTS`), receive region descriptors, shut the connection down.
+const VFIO_USER: &[i64] = &[
+    libc::SYS_socket,
+    libc::SYS_connect,
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_shutdown,
+];
+
 /// What each thread kind may call beyond [`BASE`].
 pub fn extra_rules(kind: ThreadKind) -> Vec<i64> {
     match kind {
@@ -243,6 +257,14 @@ pub fn extra_rules(kind: ThreadKind) -> Vec<i64> {
             let mut v = BLOCK_IO.to_vec();
             v.push(libc::SYS_seccomp);
             v.extend_from_slice(VSOCK_IO);
+            // A passthrough function's accesses go to its vfio-user server
+            // (std's socket reads and writes are recvfrom/sendto); a failing
+            // server's connection is shut down.
+            v.extend(
+                VFIO_USER
+                    .iter()
+                    .filter(|&&nr| nr != libc::SYS_socket && nr != libc::SYS_connect),
+            );
             v
         }
         ThreadKind::BlockWorker => BLOCK_IO.to_vec(),
@@ -267,6 +289,10 @@ pub fn extra_rules(kind: ThreadKind) -> Vec<i64> {
                 libc::SYS_seccomp,
             ]);
             v.extend_from_slice(VSOCK_LISTEN);
+            v.extend_from_slice(VFIO_USER);
+            // Guest RAM of a VM created again in the same process (vm.create
+            // after vm.delete) is a memfd.
+            v.extend_from_slice(&[libc::SYS_memfd_create, libc::SYS_ftruncate]);
             v
         }
         // Accepts on the listening socket and serves connections; counts its

@@ -22,7 +22,7 @@ use api::{ApiError, ApiMessage, ApiReply, ApiRequest, ApiResponse, ReplySender};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Address, FileOffset, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -40,12 +40,38 @@ use crate::{acpi, boot, cpu, layout, Error, ExitReason, Result, SerialOutput, Vm
 use pci::BarAllocator;
 use vm_memory::GuestMemoryAtomic;
 
+/// An anonymous shared-memory file of `size` bytes for guest RAM. RAM is a
+/// shared mapping of it (not private anonymous memory) so that another
+/// process can map the same pages from the descriptor: a vfio-user device
+/// server receives it with each DMA region (see `devices::vfio`).
+fn memfd(size: u64) -> std::io::Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: memfd_create takes a NUL-terminated name and flags; it returns
+    // a new descriptor we own or -1.
+    let fd = unsafe { libc::memfd_create(c"arbor-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(size)?;
+    Ok(file)
+}
+
 fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap> {
     let ranges: Vec<_> = layout::ram_ranges(size)
         .into_iter()
         .map(|(a, s)| (a, s as usize))
         .collect();
-    let mem = GuestMemoryMmap::from_ranges(&ranges)
+    let file = memfd(size).map_err(|e| Error::Memory(size >> 20, format!("memfd: {e}")))?;
+    let file = Arc::new(file);
+    let mut offset = 0u64;
+    let mut with_files = Vec::with_capacity(ranges.len());
+    for (a, s) in ranges {
+        with_files.push((a, s, Some(FileOffset::from_arc(file.clone(), offset))));
+        offset += s as u64;
+    }
+    let mem = GuestMemoryMmap::from_ranges_with_files(&with_files)
         .map_err(|e| Error::Memory(size >> 20, e.to_string()))?;
     for (slot, region) in mem.iter().enumerate() {
         let host = region
@@ -232,7 +258,7 @@ impl Vm {
             buses: (0, 0xff),
         };
         let rest = topology.remaining_windows();
-        let allocator = BarAllocator::new(None, rest.mmio32, Some(rest.mmio64))
+        let allocator = BarAllocator::new(rest.io, rest.mmio32, Some(rest.mmio64))
             .map_err(|e| Error::Device(crate::pci_manager::PciManagerError::Ports(e).into()))?;
         let pci = PciManager::new(
             devices.io.clone(),
@@ -264,6 +290,9 @@ impl Vm {
         }
         if let Some(v) = &config.vsock {
             devices.add_vsock(v, false, &cold_plan)?;
+        }
+        for u in &config.user_devices {
+            devices.add_user_device(u, false, &cold_plan)?;
         }
         let plan = HotplugPlan::new(pci.topology(), &devices.cold_paths());
 
@@ -707,6 +736,12 @@ impl VmCore {
                 let r = self.devices.add_vsock(&cfg, true, self.hotplug.plan());
                 self.hotplugged(r)
             }
+            ApiRequest::VmAddUserDevice(cfg) => {
+                let r = self
+                    .devices
+                    .add_user_device(&cfg, true, self.hotplug.plan());
+                self.hotplugged(r)
+            }
             ApiRequest::VmRemoveDevice(r) => match self.start_removal(&r.id) {
                 Ok(true) => {
                     self.removal_replies.insert(r.id, reply);
@@ -737,7 +772,10 @@ impl VmCore {
                 format!("the VM is {state}, not running")
             }
             (
-                ApiRequest::VmAddDisk(_) | ApiRequest::VmAddRng(_) | ApiRequest::VmAddVsock(_),
+                ApiRequest::VmAddDisk(_)
+                | ApiRequest::VmAddRng(_)
+                | ApiRequest::VmAddVsock(_)
+                | ApiRequest::VmAddUserDevice(_),
                 VmState::Shutdown | VmState::NotCreated,
             ) => format!("the VM is {state}; devices are added to a created or running VM"),
             _ => return None,

@@ -42,6 +42,10 @@ Commands:
   add-rng [id=ID][,port=PORT][,pci_path=PATH]
                              hot-plug a virtio-rng device
   remove-device ID | id=ID   hot-unplug a device
+  add-user-device socket=PATH[,id=ID][,port=PORT][,pci_path=PATH]
+                             hot-plug the PCI function a vfio-user server serves on
+                             its UNIX socket (a bare first value is the socket; a
+                             relative path is made absolute from this directory)
   pause                      pause the VM's vCPUs
   resume                     resume the VM's vCPUs
   shutdown                   shut the VM down
@@ -176,16 +180,14 @@ fn parse_args(args: Vec<String>) -> Result<Parsed, String> {
         }
         "add-vsock" => {
             let mut config = VsockConfig::from_kv(&opts).map_err(|e| kv_error(&command, e))?;
-            if !config.socket.is_empty() && !config.socket.starts_with('/') {
-                let abs = std::path::absolute(&config.socket).map_err(|e| {
-                    usage_error(format!("cannot make '{}' absolute: {e}", config.socket))
-                })?;
-                config.socket = abs
-                    .to_str()
-                    .ok_or_else(|| usage_error(format!("'{}' is not UTF-8", abs.display())))?
-                    .to_string();
-            }
+            make_absolute(&mut config.socket)?;
             (Endpoint::VmAddVsock, Some(to_json(&config)?))
+        }
+        "add-user-device" => {
+            let mut config =
+                api::types::UserDeviceConfig::from_kv(&opts).map_err(|e| kv_error(&command, e))?;
+            make_absolute(&mut config.socket)?;
+            (Endpoint::VmAddUserDevice, Some(to_json(&config)?))
         }
         other => return Err(usage_error(format!("unknown command '{other}'"))),
     };
@@ -194,6 +196,20 @@ fn parse_args(args: Vec<String>) -> Result<Parsed, String> {
         endpoint,
         body,
     }))
+}
+
+/// A socket path relative to this client's working directory, made
+/// absolute (the VMM's working directory is not ours).
+fn make_absolute(socket: &mut String) -> Result<(), String> {
+    if !socket.is_empty() && !socket.starts_with('/') {
+        let abs = std::path::absolute(&*socket)
+            .map_err(|e| usage_error(format!("cannot make '{socket}' absolute: {e}")))?;
+        *socket = abs
+            .to_str()
+            .ok_or_else(|| usage_error(format!("'{}' is not UTF-8", abs.display())))?
+            .to_string();
+    }
+    Ok(())
 }
 
 fn print_json_or_text(body: &[u8], to_stderr: bool) {

@@ -246,6 +246,24 @@ impl FakeVm {
                 });
                 Ok(ApiResponse::DeviceAdded(AddDeviceResponse { id, pci_path }))
             }
+            ApiRequest::VmAddUserDevice(u) => {
+                let id = self.new_id("vfio-user", &u.id)?;
+                let (port, pci_path) = self.place(&id, u.port.as_deref(), u.pci_path.as_deref())?;
+                self.info.devices.push(DeviceInfo {
+                    id: id.clone(),
+                    kind: DeviceKind::VfioUser,
+                    pci_path: pci_path.clone(),
+                    bdf: None,
+                    port: Some(port),
+                    hotplugged: true,
+                    path: None,
+                    readonly: None,
+                    serial: None,
+                    cid: None,
+                    socket: Some(u.socket),
+                });
+                Ok(ApiResponse::DeviceAdded(AddDeviceResponse { id, pci_path }))
+            }
             ApiRequest::VmRemoveDevice(r) => {
                 let pos = self
                     .info

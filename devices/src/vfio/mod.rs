@@ -1,0 +1,111 @@
+//! PCI passthrough: one PCI function model ([`VfioPciDevice`]) over a back end
+//! ([`VfioBackend`]) that reaches the real function, through the VFIO region
+//! and interrupt model (regions 0-5 are the BARs, 6 the expansion ROM, 7 the
+//! configuration space; interrupt index 0 is INTx, 1 MSI, 2 MSI-X).
+//!
+//! The back end here is [`user::VfioUserBackend`], a vfio-user client (the
+//! `vfio_user` crate's `Client` over the server's UNIX socket, with what it
+//! lacks completed around it: see that module).
+//!
+//! What the model does (see [`device`]):
+//! - a virtualised configuration header: identity, class, revision and
+//!   subsystem ids are read once from the device; BARs are sized from the
+//!   back end's region information (not from what the device's registers
+//!   claim) with their type (I/O, 32/64-bit memory, prefetchable) taken from
+//!   the device's BAR registers, and the guest's BAR programming is followed
+//!   by the VMM like any emulated function's; the command register is
+//!   virtual and also forwarded, so the device sees its decodes enabled;
+//! - capabilities are hidden (the capability list is empty, the extended
+//!   space reads zero): MSI and MSI-X are not offered, the function uses INTx;
+//! - INTx: the back end signals an eventfd that the VMM registers as a KVM
+//!   irqfd with resample (level-triggered, lowered on EOI);
+//! - BAR accesses are trapped and forwarded (no region is mmap-ed into the
+//!   guest); the expansion ROM is hidden;
+//! - all guest RAM is given to the back end for DMA when the function is
+//!   created; removal resets the function.
+//!
+//! Guest accesses never panic: a failing back end marks the function failed,
+//! its reads return all-ones and its writes are dropped.
+
+pub mod device;
+pub mod group;
+pub mod user;
+
+#[cfg(test)]
+mod tests;
+
+use std::fs::File;
+use std::io;
+use std::os::fd::RawFd;
+
+pub use device::{VfioPciDevice, VfioPciError};
+pub use user::VfioUserBackend;
+
+/// VFIO region index of the configuration space.
+pub const CONFIG_REGION: u32 = 7;
+/// VFIO region index of the expansion ROM.
+pub const ROM_REGION: u32 = 6;
+/// VFIO interrupt index of INTx.
+pub const INTX_IRQ: u32 = 0;
+
+/// Region flag: readable.
+pub const REGION_READ: u32 = 1;
+/// Region flag: writable.
+pub const REGION_WRITE: u32 = 2;
+/// Region flag: may be mmap-ed.
+pub const REGION_MMAP: u32 = 4;
+
+/// One region as the back end describes it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RegionInfo {
+    /// Region index.
+    pub index: u32,
+    /// Size in bytes (0: not implemented).
+    pub size: u64,
+    /// `REGION_*` flags.
+    pub flags: u32,
+}
+
+/// One interrupt index as the back end describes it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IrqInfo {
+    /// Interrupt index (0 INTx, 1 MSI, 2 MSI-X, ...).
+    pub index: u32,
+    /// Number of vectors.
+    pub count: u32,
+}
+
+/// What a passthrough function needs from whatever reaches the real device.
+pub trait VfioBackend: Send {
+    /// A short description for logs and `vm.info` (host BDF, socket path).
+    fn describe(&self) -> String;
+
+    /// Region `index`, if the device has it.
+    fn region_info(&self, index: u32) -> Option<RegionInfo>;
+
+    /// Reads `data.len()` bytes at `offset` of region `index`.
+    fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> io::Result<()>;
+
+    /// Writes `data` at `offset` of region `index`.
+    fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> io::Result<()>;
+
+    /// Interrupt index `index`, if the device has it.
+    fn irq_info(&mut self, index: u32) -> Option<IrqInfo>;
+
+    /// Makes the device signal `fds[i]` for vector `i` of interrupt `index`
+    /// (an empty slice disables the interrupt).
+    fn set_irq_eventfds(&mut self, index: u32, fds: &[RawFd]) -> io::Result<()>;
+
+    /// Gives the device `size` bytes of guest memory at guest physical
+    /// address `iova`, backed by `file` from `offset`.
+    fn dma_map(&mut self, iova: u64, size: u64, file: &File, offset: u64) -> io::Result<()>;
+
+    /// Takes back what [`VfioBackend::dma_map`] gave at `iova`.
+    fn dma_unmap(&mut self, iova: u64, size: u64) -> io::Result<()>;
+
+    /// Resets the function.
+    fn reset(&mut self) -> io::Result<()>;
+
+    /// Stops using the device (closes the connection); later calls fail.
+    fn close(&mut self) {}
+}

@@ -1,0 +1,332 @@
+use std::fs::File;
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::{Arc, Mutex};
+
+use pci::{BarRegion, IntxInterrupt, PciDevice};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::device::{bar_kind, bar_size};
+use super::*;
+
+/// What the fake device saw.
+#[derive(Default)]
+struct Log {
+    config_writes: Vec<(u64, Vec<u8>)>,
+    bar_writes: Vec<(u32, u64, Vec<u8>)>,
+    irq_fds: Vec<(u32, usize)>,
+    dma: Vec<(u64, u64, u64)>,
+    unmapped: Vec<u64>,
+    resets: u32,
+    closed: bool,
+}
+
+struct Fake {
+    config: [u8; 256],
+    regions: Vec<RegionInfo>,
+    log: Arc<Mutex<Log>>,
+    broken: bool,
+}
+
+impl Fake {
+    /// A gpio-like device: 494f:0dc8, an I/O BAR2 of `io_len` bytes, INTA,
+    /// a capability list the model must hide.
+    fn gpio(io_len: u64) -> (Self, Arc<Mutex<Log>>) {
+        let mut config = [0u8; 256];
+        config[0..2].copy_from_slice(&0x494fu16.to_le_bytes());
+        config[2..4].copy_from_slice(&0x0dc8u16.to_le_bytes());
+        config[6] = 0x10; // capability list
+        config[8] = 7; // revision
+        config[0x0b] = 0xff; // class
+        config[0x18..0x1c].copy_from_slice(&1u32.to_le_bytes()); // BAR2: I/O
+        config[0x34] = 0x40;
+        config[0x40] = 0x05; // an MSI capability
+        config[0x3d] = 1;
+        let mut regions = vec![RegionInfo::default(); 9];
+        for (i, r) in regions.iter_mut().enumerate() {
+            r.index = i as u32;
+        }
+        regions[2].size = io_len;
+        regions[2].flags = REGION_READ | REGION_WRITE;
+        regions[7].size = 256;
+        regions[7].flags = REGION_READ | REGION_WRITE;
+        let log = Arc::new(Mutex::new(Log::default()));
+        (
+            Fake {
+                config,
+                regions,
+                log: log.clone(),
+                broken: false,
+            },
+            log,
+        )
+    }
+}
+
+impl VfioBackend for Fake {
+    fn describe(&self) -> String {
+        "fake".into()
+    }
+    fn region_info(&self, index: u32) -> Option<RegionInfo> {
+        self.regions.get(index as usize).copied()
+    }
+    fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> io::Result<()> {
+        if self.broken {
+            return Err(io::Error::from(io::ErrorKind::BrokenPipe));
+        }
+        if index == CONFIG_REGION {
+            let o = offset as usize;
+            data.copy_from_slice(&self.config[o..o + data.len()]);
+        } else {
+            data.fill(0x5a);
+        }
+        Ok(())
+    }
+    fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> io::Result<()> {
+        if self.broken {
+            return Err(io::Error::from(io::ErrorKind::BrokenPipe));
+        }
+        let mut log = self.log.lock().unwrap();
+        if index == CONFIG_REGION {
+            log.config_writes.push((offset, data.to_vec()));
+        } else {
+            log.bar_writes.push((index, offset, data.to_vec()));
+        }
+        Ok(())
+    }
+    fn irq_info(&mut self, index: u32) -> Option<IrqInfo> {
+        Some(IrqInfo { index, count: 1 })
+    }
+    fn set_irq_eventfds(&mut self, index: u32, fds: &[RawFd]) -> io::Result<()> {
+        self.log.lock().unwrap().irq_fds.push((index, fds.len()));
+        Ok(())
+    }
+    fn dma_map(&mut self, iova: u64, size: u64, _file: &File, offset: u64) -> io::Result<()> {
+        self.log.lock().unwrap().dma.push((iova, size, offset));
+        Ok(())
+    }
+    fn dma_unmap(&mut self, iova: u64, _size: u64) -> io::Result<()> {
+        self.log.lock().unwrap().unmapped.push(iova);
+        Ok(())
+    }
+    fn reset(&mut self) -> io::Result<()> {
+        self.log.lock().unwrap().resets += 1;
+        Ok(())
+    }
+    fn close(&mut self) {
+        self.log.lock().unwrap().closed = true;
+    }
+}
+
+struct Line(EventFd);
+impl IntxInterrupt for Line {
+    fn assert(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+    fn eventfd(&self) -> Option<&EventFd> {
+        Some(&self.0)
+    }
+}
+
+fn shared_memory() -> GuestMemoryMmap {
+    let f = Arc::new(vmm_sys_util::tempfile::TempFile::new().unwrap().into_file());
+    f.set_len(3 << 20).unwrap();
+    GuestMemoryMmap::from_ranges_with_files([
+        (
+            GuestAddress(0),
+            1 << 20,
+            Some(FileOffset::from_arc(f.clone(), 0)),
+        ),
+        (
+            GuestAddress(1 << 32),
+            2 << 20,
+            Some(FileOffset::from_arc(f, 1 << 20)),
+        ),
+    ])
+    .unwrap()
+}
+
+fn gpio() -> (VfioPciDevice, Arc<Mutex<Log>>) {
+    let (fake, log) = Fake::gpio(256);
+    let line: Arc<dyn IntxInterrupt> = Arc::new(Line(EventFd::new(0).unwrap()));
+    let dev = VfioPciDevice::new(Box::new(fake), &shared_memory(), Some(line)).unwrap();
+    (dev, log)
+}
+
+#[test]
+fn identity_bars_and_hidden_capabilities() {
+    let (mut dev, log) = gpio();
+    assert_eq!(dev.read_config_register(0), 0x0dc8_494f);
+    assert!(dev.enumerated());
+    assert_eq!(dev.read_config_register(2), 0xff00_0007);
+    // No capability list, no pointer.
+    assert_eq!(dev.read_config_register(1) >> 16 & 0x10, 0);
+    assert_eq!(dev.read_config_register(13) & 0xff, 0);
+    // Interrupt pin A.
+    assert_eq!(dev.read_config_register(15) >> 8 & 0xff, 1);
+    // One I/O BAR, index 2, 256 bytes.
+    let bars = dev.bars();
+    assert_eq!(bars.len(), 1);
+    assert_eq!(
+        (bars[0].index, bars[0].region, bars[0].size),
+        (2, BarRegion::Io, 256)
+    );
+    // No expansion ROM, no extended space.
+    assert_eq!(dev.read_config_register(12), 0);
+    assert_eq!(dev.read_config_register(64), 0);
+    // All RAM given for DMA, with its file offsets; INTx wired.
+    let l = log.lock().unwrap();
+    assert_eq!(l.dma, vec![(0, 1 << 20, 0), (1 << 32, 2 << 20, 1 << 20)]);
+    assert_eq!(l.irq_fds, vec![(INTX_IRQ, 1)]);
+}
+
+#[test]
+fn bar_programming_is_followed_and_command_forwarded() {
+    let (mut dev, log) = gpio();
+    // Sizing probe of BAR2.
+    dev.write_config_register(6, 0, &u32::MAX.to_le_bytes());
+    assert_eq!(dev.read_config_register(6), 0xffff_ff01);
+    let out = dev.write_config_register(6, 0, &0xc100u32.to_le_bytes());
+    assert_eq!(out.bar_changes.len(), 1);
+    assert_eq!(out.bar_changes[0].new_addr, 0xc100);
+    assert_eq!(dev.read_config_register(6), 0xc101);
+    let out = dev.write_config_register(1, 0, &[1, 0]);
+    assert_eq!(out.io_decode, Some(true));
+    let l = log.lock().unwrap();
+    assert_eq!(l.config_writes, vec![(4, vec![1, 0])]);
+}
+
+#[test]
+fn bar_accesses_forward_inside_the_region_only() {
+    let (fake, log) = Fake::gpio(200); // rounded up to 256
+    let mut dev = VfioPciDevice::new(Box::new(fake), &shared_memory(), None).unwrap();
+    assert_eq!(dev.bars()[0].size, 256);
+    let mut b = [0u8; 1];
+    dev.read_bar(2, 0, &mut b);
+    assert_eq!(b, [0x5a]);
+    dev.read_bar(2, 200, &mut b);
+    assert_eq!(b, [0xff]);
+    dev.read_bar(0, 0, &mut b);
+    assert_eq!(b, [0xff]);
+    let mut big = [0u8; 16];
+    dev.read_bar(2, 0, &mut big);
+    assert_eq!(big, [0xff; 16]);
+    dev.read_bar(2, u64::MAX, &mut b);
+    dev.write_bar(2, 1, &[3]);
+    dev.write_bar(2, 199, &[3, 4]);
+    dev.write_bar(5, 0, &[3]);
+    assert_eq!(log.lock().unwrap().bar_writes, vec![(2, 1, vec![3])]);
+    // No INTx line given: pin hidden.
+    assert_eq!(dev.read_config_register(15) >> 8 & 0xff, 0);
+}
+
+#[test]
+fn malformed_config_accesses_are_ignored() {
+    let (mut dev, log) = gpio();
+    for reg in [0usize, 1, 6, 16, 63, 64, 1023, 1024, usize::MAX] {
+        for off in [0u64, 1, 3, 4, u64::MAX] {
+            for len in [0usize, 1, 2, 3, 4, 8] {
+                let d = vec![0xffu8; len];
+                dev.write_config_register(reg, off, &d);
+            }
+        }
+        dev.read_config_register(reg);
+    }
+    // Only well-formed writes in the device-specific range and the
+    // command register reached the device.
+    for (off, data) in &log.lock().unwrap().config_writes {
+        assert!(*off == 4 || (0x40..0x100).contains(off), "{off:#x}");
+        assert!(data.len() <= 4);
+    }
+}
+
+#[test]
+fn removal_resets_and_a_failed_backend_reads_all_ones() {
+    let (mut dev, log) = gpio();
+    PciDevice::reset(&mut dev);
+    {
+        let l = log.lock().unwrap();
+        assert_eq!(l.resets, 1);
+        assert_eq!(l.unmapped, vec![0, 1 << 32]);
+        assert_eq!(l.irq_fds.last(), Some(&(INTX_IRQ, 0)));
+        assert!(l.closed);
+    }
+    let (mut fake, _) = Fake::gpio(256);
+    fake.broken = false;
+    let mut dev = VfioPciDevice::new(Box::new(fake), &shared_memory(), None).unwrap();
+    dev.as_any_mut()
+        .downcast_mut::<VfioPciDevice>()
+        .unwrap()
+        .inject_failure();
+    let mut b = [0u8; 2];
+    dev.read_bar(2, 0, &mut b);
+    assert_eq!(b, [0xff, 0xff]);
+    assert_eq!(dev.read_config_register(20), u32::MAX);
+    assert!(dev.failure().is_some());
+}
+
+#[test]
+fn unsupported_devices_are_refused() {
+    let (mut fake, _) = Fake::gpio(512); // an I/O BAR cannot be that large
+    assert!(VfioPciDevice::new(Box::new(fake), &shared_memory(), None).is_err());
+    let (f, _) = Fake::gpio(256);
+    fake = f;
+    fake.config[0x0e] = 1; // a bridge
+    assert!(VfioPciDevice::new(Box::new(fake), &shared_memory(), None).is_err());
+    let (mut fake, _) = Fake::gpio(256);
+    fake.regions[7].size = 0;
+    assert!(VfioPciDevice::new(Box::new(fake), &shared_memory(), None).is_err());
+    // Anonymous RAM cannot be shared with a server.
+    let (fake, log) = Fake::gpio(256);
+    let anon = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    assert!(VfioPciDevice::new(Box::new(fake), &anon, None).is_err());
+    assert!(log.lock().unwrap().closed);
+}
+
+#[test]
+fn bar_decisions() {
+    assert_eq!(bar_kind(1), (BarRegion::Io, false));
+    assert_eq!(bar_kind(0), (BarRegion::Mmio32, false));
+    assert_eq!(bar_kind(0xc), (BarRegion::Mmio64, true));
+    assert_eq!(bar_size(BarRegion::Io, 1), Ok(4));
+    assert_eq!(bar_size(BarRegion::Mmio32, 0x1001), Ok(0x2000));
+    assert!(bar_size(BarRegion::Io, 257).is_err());
+    assert!(bar_size(BarRegion::Mmio32, 3 << 30).is_err());
+    assert!(bar_size(BarRegion::Mmio64, u64::MAX).is_err());
+}
+
+#[test]
+fn vfio_user_connect_errors() {
+    let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+    let missing = dir.as_path().join("missing.sock");
+    let e = VfioUserBackend::connect(&missing)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("No such file"), "{e}");
+    let file = dir.as_path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    let e = VfioUserBackend::connect(&file).err().unwrap().to_string();
+    assert!(e.contains("not a UNIX socket"), "{e}");
+    // A listener that never answers.
+    let sock = dir.as_path().join("mute.sock");
+    let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let e = VfioUserBackend::connect_timeout(&sock, std::time::Duration::from_millis(200))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("did not complete the handshake"), "{e}");
+    // A peer that answers garbage and closes.
+    let sock = dir.as_path().join("garbage.sock");
+    let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut s, _) = l.accept().unwrap();
+        let mut b = [0u8; 64];
+        let _ = s.read(&mut b);
+        let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+    });
+    let e = VfioUserBackend::connect(&sock).err().unwrap().to_string();
+    assert!(e.contains("vfio-user server at"), "{e}");
+}

@@ -90,6 +90,16 @@ fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap> {
                 ),
             ));
         }
+        // Transparent huge pages where the host allows them for shared
+        // memory (`shmem_enabled` advise, within_size or always), as QEMU
+        // asks for its RAM: fewer TLB misses for the guest. Best effort.
+        // SAFETY: as above, a hint on this live mapping; no memory is touched.
+        if unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_HUGEPAGE) } != 0 {
+            log::debug!(
+                "madvise(MADV_HUGEPAGE) on guest RAM: {}",
+                std::io::Error::last_os_error()
+            );
+        }
         let r = kvm_userspace_memory_region {
             slot: slot as u32,
             guest_phys_addr: region.start_addr().raw_value(),

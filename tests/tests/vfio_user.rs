@@ -177,7 +177,7 @@ fn gpio_server_cold_and_hot_plugged() {
     // Hot plug into a native root port, an ACPI bridge and the root bus.
     let mut servers = Vec::new();
     let mut paths = Vec::new();
-    for (id, port) in [("native", "rp0"), ("acpi", "br0"), ("root", "root")] {
+    for (id, port) in [("native", "rp0"), ("acpi", "br0"), ("onroot", "root")] {
         let srv = Server::start(&bin, &s.0, id);
         let mark = g.console().len();
         let added = c
@@ -274,5 +274,5 @@ fn gpio_server_cold_and_hot_plugged() {
         .into_iter()
         .map(|d| d.id)
         .collect();
-    assert_eq!(ids, ["cold", "root", "native", "after"], "{ids:?}");
+    assert_eq!(ids, ["cold", "onroot", "native", "after"], "{ids:?}");
 }

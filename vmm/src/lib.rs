@@ -95,3 +95,14 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// Writes a line to standard error, ignoring failure: unlike `eprintln!`,
+/// it does not panic when standard error is closed (a supervisor that went
+/// away must not bring the VMM down).
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}

@@ -3,6 +3,7 @@
 //! level comes from `ARBOR_LOG` (error, warn, info, debug, trace or off, in
 //! any case; default warn); an unknown value is reported, then warn is used.
 
+use std::io::Write;
 use std::time::Instant;
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
@@ -27,7 +28,8 @@ impl Log for StderrLogger {
                 Level::Trace => "trace",
             };
             let t = self.start.elapsed();
-            eprintln!(
+            let _ = writeln!(
+                std::io::stderr().lock(),
                 "arbor: [{:4}.{:03}] {lvl}: {}",
                 t.as_secs(),
                 t.subsec_millis(),

@@ -66,7 +66,7 @@ fn print_chain(e: &dyn std::error::Error) {
         }
         src = s.source();
     }
-    eprintln!("arbor: error: {msg}");
+    vmm::say!("arbor: error: {msg}");
 }
 
 /// The signals that shut the VM down.
@@ -112,11 +112,11 @@ fn request_in_background(
         .name("arbor-signal-req".into())
         .spawn(move || {
             if let Err(e) = request() {
-                eprintln!("arbor: {what}: {e}");
+                vmm::say!("arbor: {what}: {e}");
             }
         });
     if let Err(e) = spawned {
-        eprintln!("arbor: cannot {what}: {e}");
+        vmm::say!("arbor: cannot {what}: {e}");
     }
 }
 
@@ -161,7 +161,7 @@ fn spawn_signal_thread(
                 // the signal number into `sig`; it returns an error number.
                 let rc = unsafe { libc::sigwait(&set, &mut sig) };
                 if rc != 0 {
-                    eprintln!(
+                    vmm::say!(
                         "arbor: cannot wait for signals: {}",
                         io::Error::from_raw_os_error(rc)
                     );
@@ -170,7 +170,7 @@ fn spawn_signal_thread(
                 received += 1;
                 let name = signal_name(sig);
                 if received == 1 {
-                    eprintln!(
+                    vmm::say!(
                         "arbor: {name} received: pressing the ACPI power button \
                          (the VM stops when the guest powers off or after the shutdown \
                          grace period; another SIGTERM or SIGINT stops it at once)"
@@ -178,7 +178,7 @@ fn spawn_signal_thread(
                     let h = handle.clone();
                     request_in_background("shut the VM down", move || shut_down(&h, serve_only));
                 } else {
-                    eprintln!("arbor: {name} received again: stopping the VM at once");
+                    vmm::say!("arbor: {name} received again: stopping the VM at once");
                     forced.store(sig, Ordering::SeqCst);
                     let h = handle.clone();
                     request_in_background("stop the VM", move || h.stop());
@@ -258,7 +258,7 @@ fn main() -> ExitCode {
     let signals = match block_shutdown_signals() {
         Ok(set) => set,
         Err(e) => {
-            eprintln!("arbor: error: cannot block SIGTERM and SIGINT: {e}");
+            vmm::say!("arbor: error: cannot block SIGTERM and SIGINT: {e}");
             return ExitCode::from(EXIT_ERROR);
         }
     };
@@ -272,7 +272,7 @@ fn main() -> ExitCode {
             match serde_json::to_string_pretty(&cfg.to_json()) {
                 Ok(text) => println!("{text}"),
                 Err(e) => {
-                    eprintln!("arbor: error: cannot print the configuration: {e}");
+                    vmm::say!("arbor: error: cannot print the configuration: {e}");
                     return ExitCode::from(EXIT_ERROR);
                 }
             }
@@ -287,7 +287,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            eprintln!("arbor: error: {e}");
+            vmm::say!("arbor: error: {e}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
@@ -300,13 +300,13 @@ fn main() -> ExitCode {
         None => None,
         Some(Ok(file)) => Some(file),
         Some(Err(e)) => {
-            eprintln!("arbor: error: --event-monitor: {e}");
+            vmm::say!("arbor: error: --event-monitor: {e}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
     let kvm = vmm::kvm_device_path();
     if let Err(e) = vmm::confine::apply(&cfg, std::path::Path::new(&kvm)) {
-        eprintln!("arbor: error: {e}");
+        vmm::say!("arbor: error: {e}");
         return ExitCode::from(EXIT_ERROR);
     }
     if vmm::confine::selftest_skips_path_check() {
@@ -333,7 +333,7 @@ fn main() -> ExitCode {
         Some(file) => match start_event_monitor(file, &bus) {
             Ok(done) => Some(done),
             Err(e) => {
-                eprintln!("arbor: error: --event-monitor: {e}");
+                vmm::say!("arbor: error: --event-monitor: {e}");
                 return ExitCode::from(EXIT_USAGE);
             }
         },
@@ -359,7 +359,7 @@ fn main() -> ExitCode {
             match started {
                 Ok(s) => Some(s),
                 Err(e) => {
-                    eprintln!(
+                    vmm::say!(
                         "arbor: error: cannot serve the API on {}: {e}",
                         path.display()
                     );
@@ -373,7 +373,7 @@ fn main() -> ExitCode {
         let failed = match vmm.create(*cfg) {
             Ok(_) => None,
             Err(vmm::Error::Config(e)) => {
-                eprintln!("arbor: error: {e}");
+                vmm::say!("arbor: error: {e}");
                 Some(EXIT_USAGE)
             }
             Err(e) => {
@@ -391,32 +391,32 @@ fn main() -> ExitCode {
     // Signals pending since the start are taken from here on.
     let forced = Arc::new(AtomicI32::new(0));
     if let Err(e) = spawn_signal_thread(signals, vmm.handle(), Arc::clone(&forced), serve_only) {
-        eprintln!("arbor: error: cannot start the signal thread: {e}");
+        vmm::say!("arbor: error: cannot start the signal thread: {e}");
         return exit_with(EXIT_ERROR, &bus, monitor);
     }
     let outcome = if serve_only { vmm.serve() } else { vmm.run() };
     vmm.refuse_queued();
     let code = match outcome {
         Ok(ExitReason::PowerOff) => {
-            eprintln!("arbor: guest powered off");
+            vmm::say!("arbor: guest powered off");
             0
         }
         Ok(ExitReason::Reset) => {
-            eprintln!("arbor: guest reset (reboot or panic); exit status {EXIT_GUEST_RESET}");
+            vmm::say!("arbor: guest reset (reboot or panic); exit status {EXIT_GUEST_RESET}");
             EXIT_GUEST_RESET
         }
         Ok(ExitReason::Shutdown) => {
-            eprintln!("arbor: VM shut down on request");
+            vmm::say!("arbor: VM shut down on request");
             0
         }
         Ok(ExitReason::VmmShutdown) => match forced.load(Ordering::SeqCst) {
             0 => {
-                eprintln!("arbor: VMM stopped on request");
+                vmm::say!("arbor: VMM stopped on request");
                 0
             }
             sig => {
                 let status = 128 + sig as u8;
-                eprintln!(
+                vmm::say!(
                     "arbor: VM stopped at once on a second {}; exit status {status}",
                     signal_name(sig)
                 );

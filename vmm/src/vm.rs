@@ -960,10 +960,18 @@ impl VmCore {
         drop(serial);
         match action {
             Some(EscapeAction::Quit) => {
-                eprint!("\r\narbor: Ctrl-A x: stopping the VM\r\n");
+                let _ = std::io::Write::write_all(
+                    &mut std::io::stderr(),
+                    b"\r\narbor: Ctrl-A x: stopping the VM\r\n",
+                );
                 self.finish(Ok(ExitReason::VmmShutdown));
             }
-            Some(EscapeAction::Help) => eprint!("{}", crate::terminal::ESCAPE_HELP),
+            Some(EscapeAction::Help) => {
+                let _ = std::io::Write::write_all(
+                    &mut std::io::stderr(),
+                    crate::terminal::ESCAPE_HELP.as_bytes(),
+                );
+            }
             None => {}
         }
         StdinState::Open

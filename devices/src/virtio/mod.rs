@@ -16,6 +16,9 @@
 //!   used buffers through a [`VirtioInterrupt`].
 //! - [`chain`] validates guest descriptor chains (loops, out-of-memory addresses, too many
 //!   descriptors, wrong direction) and offers scatter/gather copies; guest input never panics.
+//! - [`event_worker`] runs the thread of a device driven by host file descriptors as well as
+//!   its queues (network, vsock): receive chains wait in the ring until the host side has
+//!   data, and the handler registers and drops host file descriptors as it goes.
 //! - [`block`] and [`rng`] are the device types.
 
 use std::io;
@@ -28,6 +31,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub mod block;
 pub mod chain;
 pub mod common_config;
+pub mod event_worker;
 pub mod interrupt;
 pub mod pci_transport;
 pub mod rng;

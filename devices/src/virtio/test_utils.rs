@@ -129,3 +129,52 @@ impl TestQueue {
         q
     }
 }
+
+/// An interrupt sink counting what devices signal.
+#[derive(Debug, Default)]
+pub struct TestInterrupt {
+    pub used: std::sync::atomic::AtomicUsize,
+    pub config: std::sync::atomic::AtomicUsize,
+}
+
+impl super::VirtioInterrupt for TestInterrupt {
+    fn signal_used_queue(&self, _queue_index: u16) -> std::io::Result<()> {
+        self.used.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+    fn signal_config_change(&self) -> std::io::Result<()> {
+        self.config
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// An activation context over `m` (from [`mem`]) with `n` queues of size 16 laid out like
+/// `TestQueue::new(0x10_0000 + i * 0x1_0000, 16)` (build the same `TestQueue`s to play the
+/// driver), and the driver's side of their notification EventFds.
+pub fn activate_context(
+    m: &GuestMemoryMmap,
+    n: u16,
+    interrupt: std::sync::Arc<dyn super::VirtioInterrupt>,
+) -> (super::ActivateContext, Vec<vmm_sys_util::eventfd::EventFd>) {
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    let mut queues = Vec::new();
+    let mut notify = Vec::new();
+    for i in 0..n {
+        let tq = TestQueue::new(0x10_0000 + u64::from(i) * 0x1_0000, 16);
+        let event = EventFd::new(EFD_NONBLOCK).unwrap();
+        notify.push(event.try_clone().unwrap());
+        queues.push(super::ActiveQueue {
+            index: i,
+            queue: tq.queue(),
+            event,
+        });
+    }
+    let ctx = super::ActivateContext {
+        mem: vm_memory::GuestMemoryAtomic::new(m.clone()),
+        interrupt,
+        queues,
+        acked_features: super::features::VERSION_1,
+    };
+    (ctx, notify)
+}

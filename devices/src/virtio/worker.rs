@@ -41,8 +41,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::features::RING_EVENT_IDX;
 use super::{ActivateContext, ActivateError, ActiveQueue, GuestMemoryHandle, VirtioInterrupt};
 
-const KILL_TOKEN: u64 = u64::MAX;
-const PAUSE_TOKEN: u64 = u64::MAX - 1;
+pub(super) const KILL_TOKEN: u64 = u64::MAX;
+pub(super) const PAUSE_TOKEN: u64 = u64::MAX - 1;
 
 #[derive(Debug, Default)]
 struct GateState {
@@ -74,7 +74,7 @@ impl PauseGate {
     }
 
     /// Worker side: park while the gate is closed (and no stop was asked).
-    fn park(&self, stop: &StopSignal) {
+    pub(super) fn park(&self, stop: &StopSignal) {
         let mut st = self.state();
         while st.closed && !stop.is_raised() {
             st.parked = true;
@@ -272,16 +272,7 @@ impl std::fmt::Debug for Worker {
 
 impl Worker {
     /// Start a thread named `name` servicing `processor`.
-    pub fn spawn<H: QueueHandler>(
-        name: &str,
-        mut processor: QueueProcessor<H>,
-    ) -> io::Result<Self> {
-        let kill = EventFd::new(EFD_NONBLOCK)?;
-        let pause = EventFd::new(EFD_NONBLOCK)?;
-        let stop = processor.stop.clone();
-        let gate = processor.gate.clone();
-        let thread_kill = kill.try_clone()?;
-        let thread_pause = pause.try_clone()?;
+    pub fn spawn<H: QueueHandler>(name: &str, processor: QueueProcessor<H>) -> io::Result<Self> {
         let epoll = Epoll::new()?;
         for (i, q) in processor.queues.iter().enumerate() {
             epoll.ctl(
@@ -290,6 +281,36 @@ impl Worker {
                 EpollEvent::new(EventSet::IN, i as u64),
             )?;
         }
+        let stop = processor.stop.clone();
+        let gate = processor.gate.clone();
+        let mut processor = processor;
+        Self::spawn_loop(
+            name,
+            epoll,
+            stop,
+            gate,
+            move |epoll, _kill, pause, _gate| run(&epoll, &mut processor, &pause),
+        )
+    }
+
+    /// Start a thread named `name` running `body` with `epoll`, to which the kill
+    /// ([`KILL_TOKEN`]) and pause ([`PAUSE_TOKEN`]) EventFds are added first; `body` gets
+    /// them (keep the kill fd alive while it is registered) and must return promptly once
+    /// the kill event fires or `stop` is raised, and park at `gate` on the pause event.
+    pub(super) fn spawn_loop<F>(
+        name: &str,
+        epoll: Epoll,
+        stop: StopSignal,
+        gate: PauseGate,
+        body: F,
+    ) -> io::Result<Self>
+    where
+        F: FnOnce(Epoll, EventFd, EventFd, PauseGate) + Send + 'static,
+    {
+        let kill = EventFd::new(EFD_NONBLOCK)?;
+        let pause = EventFd::new(EFD_NONBLOCK)?;
+        let thread_kill = kill.try_clone()?;
+        let thread_pause = pause.try_clone()?;
         epoll.ctl(
             ControlOperation::Add,
             thread_kill.as_raw_fd(),
@@ -301,13 +322,12 @@ impl Worker {
             EpollEvent::new(EventSet::IN, PAUSE_TOKEN),
         )?;
         let thread_name = name.to_string();
+        let thread_gate = gate.clone();
         let thread = std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
-                // Keep the kill and pause fds alive while they are registered.
-                let _kill = thread_kill;
                 run_thread_hook(&thread_name);
-                run(&epoll, &mut processor, &thread_pause);
+                body(epoll, thread_kill, thread_pause, thread_gate);
             })?;
         Ok(Worker {
             kill,
@@ -373,6 +393,26 @@ impl WorkerSlot {
         ctx: ActivateContext,
         handler: H,
     ) -> Result<(), ActivateError> {
+        self.check(name, queues, &ctx)?;
+        self.0 = Some(Worker::spawn(name, QueueProcessor::new(ctx, handler))?);
+        Ok(())
+    }
+
+    /// Like [`start`](Self::start), for a device driven by host file descriptors as well
+    /// as its queues (see [`event_worker`](super::event_worker)).
+    pub fn start_events<E: super::event_worker::EventHandler>(
+        &mut self,
+        name: &str,
+        queues: usize,
+        ctx: ActivateContext,
+        handler: E,
+    ) -> Result<(), ActivateError> {
+        self.check(name, queues, &ctx)?;
+        self.0 = Some(super::event_worker::spawn(name, ctx, handler)?);
+        Ok(())
+    }
+
+    fn check(&self, name: &str, queues: usize, ctx: &ActivateContext) -> Result<(), ActivateError> {
         if self.0.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
@@ -382,7 +422,6 @@ impl WorkerSlot {
                 ctx.queues.len()
             )));
         }
-        self.0 = Some(Worker::spawn(name, QueueProcessor::new(ctx, handler))?);
         Ok(())
     }
 

@@ -38,14 +38,16 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use super::chain::{parse_chain, ChainBuffers};
 use super::event_worker::{DeviceQueues, EventControl, EventHandler};
 use super::worker::WorkerSlot;
-use super::{device_type, features, ActivateContext, ActivateError, VirtioDevice};
+use super::{
+    device_type, features, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt,
+};
 use crate::guest_warn;
 pub use tap::{Tap, TapError, TapIo, VNET_HDR_LEN};
 
@@ -471,7 +473,10 @@ impl VirtioDevice for Net {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        let index = |i: usize| ctx.queues.get(i).map_or(i as u16, |q| q.index);
         let handler = NetHandler {
+            interrupt: ctx.interrupt.clone(),
+            queue_index: [index(RX), index(TX)],
             engine: NetEngine::new(self.tap.clone(), ctx.acked_features),
             offload: tap_offload(ctx.acked_features),
             tap_fd: self.tap_fd,
@@ -516,6 +521,8 @@ struct NetHandler {
     tap_fd: RawFd,
     tap_state: TapState,
     status: Arc<AtomicU16>,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    queue_index: [u16; 2],
 }
 
 impl NetHandler {
@@ -549,9 +556,15 @@ impl NetHandler {
         queues.signal_config();
     }
 
-    fn signal(queues: &mut DeviceQueues, mem: &GuestMemoryMmap, i: usize, round: &Round) {
+    fn signal(&self, queues: &mut DeviceQueues, mem: &GuestMemoryMmap, i: usize, round: &Round) {
         if round.force_signal {
-            queues.signal_used_always(i);
+            // Resets the queue's count of added chains, which undercounts here.
+            if let Some(q) = queues.queue_mut(i) {
+                let _ = q.needs_notification(mem);
+            }
+            if let Err(e) = self.interrupt.signal_used_queue(self.queue_index[i]) {
+                crate::guest_error!("virtio-net: queue {i}: interrupt failed: {e}");
+            }
         } else if round.used {
             queues.signal_used(mem, i);
         }
@@ -586,14 +599,14 @@ impl NetHandler {
                     }
                 }
                 RxStop::TapFailed(e) => {
-                    Self::signal(queues, mem, RX, &round);
+                    self.signal(queues, mem, RX, &round);
                     self.tap_failed(ctl, queues, &e.to_string());
                     return;
                 }
             }
             break;
         }
-        Self::signal(queues, mem, RX, &round);
+        self.signal(queues, mem, RX, &round);
     }
 
     fn transmit(&mut self, queues: &mut DeviceQueues) {
@@ -623,7 +636,7 @@ impl NetHandler {
                 _ => break,
             }
         }
-        Self::signal(queues, mem, TX, &round);
+        self.signal(queues, mem, TX, &round);
     }
 }
 

@@ -22,8 +22,10 @@
 
 use tokio::sync::oneshot;
 
+use crate::fd_passing::PassedFds;
 use crate::types::{
-    AddDeviceResponse, DiskConfig, RemoveDeviceRequest, RngConfig, VmInfo, VmmPingResponse,
+    AddDeviceResponse, DiskConfig, NetConfig, RemoveDeviceRequest, RngConfig, VmInfo,
+    VmmPingResponse,
 };
 
 /// A validated request for the VMM.
@@ -46,6 +48,9 @@ pub enum ApiRequest {
     VmAddDisk(DiskConfig),
     /// `PUT vm.add-rng`: answer [`ApiResponse::DeviceAdded`].
     VmAddRng(RngConfig),
+    /// `PUT vm.add-net`: answer [`ApiResponse::DeviceAdded`]. The
+    /// descriptors passed with the request (`"fd": N` names the N-th).
+    VmAddNet(NetConfig, PassedFds),
     /// `PUT vm.remove-device`: answer [`ApiResponse::Empty`] once the device
     /// is gone; 404 for an unknown id.
     VmRemoveDevice(RemoveDeviceRequest),
@@ -74,6 +79,7 @@ impl ApiRequest {
             ApiRequest::VmShutdown => "vm.shutdown",
             ApiRequest::VmAddDisk(_) => "vm.add-disk",
             ApiRequest::VmAddRng(_) => "vm.add-rng",
+            ApiRequest::VmAddNet(..) => "vm.add-net",
             ApiRequest::VmRemoveDevice(_) => "vm.remove-device",
             ApiRequest::VmCreate(_) => "vm.create",
             ApiRequest::VmBoot => "vm.boot",

@@ -173,6 +173,9 @@ fn schemas_match_the_wire_types() {
         path: s(),
         readonly: Some(true),
         serial: s(),
+        mac: s(),
+        tap: s(),
+        mtu: Some(1500),
     };
     check_object(&doc, "DeviceInfo", &device);
     let slot = SlotInfo {

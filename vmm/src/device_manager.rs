@@ -178,6 +178,9 @@ impl DeviceRecord {
             path: self.disk.as_ref().map(|d| d.path.clone()),
             readonly: self.disk.as_ref().map(|d| d.readonly),
             serial: self.disk.as_ref().and_then(|d| d.serial.clone()),
+            mac: self.net.as_ref().map(|n| n.mac.clone()),
+            tap: self.net.as_ref().map(|n| n.tap.clone()),
+            mtu: self.net.as_ref().map(|n| n.mtu),
         }
     }
 }

@@ -6,7 +6,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use api::types::{DiskConfig, RngConfig};
+use api::types::{DiskConfig, NetConfig, RngConfig};
 use pci::placement::PlaceKind;
 use pci::topology::{HotplugMode, PortKind, PortSpec, Topology, TopologyOptions};
 
@@ -193,6 +193,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// Cold-plugged virtio-rng devices, after the disks.
     pub rngs: Vec<RngConfig>,
+    /// Cold-plugged virtio-net NICs, after the rng devices.
+    pub nets: Vec<NetConfig>,
     /// The PCI topology; empty means the default topology.
     pub ports: Vec<PortSpec>,
     /// Where automatically placed hot-plugged devices go first.
@@ -230,6 +232,7 @@ impl Default for VmConfig {
             remove_timeout: Duration::from_secs(10),
             disks: Vec::new(),
             rngs: Vec::new(),
+            nets: Vec::new(),
             ports: Vec::new(),
             placement_order: PlaceKind::DEFAULT_ORDER.to_vec(),
             seccomp: crate::seccomp::SeccompMode::Off,
@@ -345,7 +348,20 @@ impl VmConfig {
             .disks
             .iter()
             .map(|d| (&d.id, &d.port, &d.pci_path))
-            .chain(self.rngs.iter().map(|r| (&r.id, &r.port, &r.pci_path)));
+            .chain(self.rngs.iter().map(|r| (&r.id, &r.port, &r.pci_path)))
+            .chain(self.nets.iter().map(|n| (&n.id, &n.port, &n.pci_path)));
+        let mut fds: Vec<i32> = Vec::new();
+        for n in &self.nets {
+            n.validate().map_err(|e| ConfigError(format!("--net: {}", e.message)))?;
+            if let Some(fd) = n.fd {
+                if fd <= 2 || fds.contains(&fd) {
+                    return err(format!(
+                        "--net fd={fd}: give a tap descriptor above 2, once"
+                    ));
+                }
+                fds.push(fd);
+            }
+        }
         for (id, port, path) in given {
             if let Some(id) = id {
                 if ids.contains(&id.as_str()) {
@@ -514,6 +530,9 @@ usage: arbor --kernel PATH [options]
                        [,port=ID][,pci_path=PATH][,lock=off]; repeatable. The
                        image is locked as QEMU locks it (lock=off: not at all)
   --rng [OPTIONS]      virtio-rng device: [id=ID][,port=ID][,pci_path=PATH]; repeatable
+  --net OPTIONS        virtio-net NIC on an existing tap: tap=NAME|fd=N[,mac=MAC]
+                       [,mtu=N][,id=ID][,port=ID][,pci_path=PATH]; repeatable.
+                       fd=N: an open tap descriptor arbor inherited
   --pci-port OPTIONS   id=ID,type=root-port|switch|pci-bridge[,parent=ID]
                        [,hotplug=native|acpi|none][,downstream=N][,slot=N]
                        [,bus-reserve=N][,mem-reserve=SIZE][,pref64-reserve=SIZE]
@@ -558,6 +577,7 @@ pub const VM_OPTIONS: &[&str] = &[
     "serial",
     "disk",
     "rng",
+    "net",
     "pci-port",
     "hotplug-order",
     "shutdown-grace",
@@ -565,7 +585,7 @@ pub const VM_OPTIONS: &[&str] = &[
 ];
 
 /// Options that may be given more than once (arrays in JSON).
-const REPEATABLE: &[&str] = &["disk", "rng", "pci-port", "allow-path"];
+const REPEATABLE: &[&str] = &["disk", "rng", "net", "pci-port", "allow-path"];
 
 /// Options of the `arbor` process rather than of a VM: command line only.
 pub const PROCESS_OPTIONS: &[&str] = &[
@@ -604,6 +624,9 @@ fn apply_option(cfg: &mut VmConfig, name: &str, value: String) -> Result<(), Con
             };
             cfg.rngs.push(r)
         }
+        "net" => cfg
+            .nets
+            .push(NetConfig::from_kv(&value).map_err(|e| ConfigError(format!("--net: {e}")))?),
         "shutdown-grace" => cfg.shutdown_grace = parse_seconds("--shutdown-grace", &value)?,
         "remove-timeout" => cfg.remove_timeout = parse_seconds("--remove-timeout", &value)?,
         "pci-port" => cfg.ports.push(parse_port(&value)?),
@@ -844,6 +867,10 @@ impl VmConfig {
                         serde_json::from_value(item.clone())
                             .map_err(|e| ConfigError(format!("--rng: {e}")))?,
                     ),
+                    ("net", serde_json::Value::Object(_)) => cfg.nets.push(
+                        serde_json::from_value(item.clone())
+                            .map_err(|e| ConfigError(format!("--net: {e}")))?,
+                    ),
                     (_, serde_json::Value::Object(o)) => {
                         apply_option(&mut cfg, name, object_text(name, o)?)?
                     }
@@ -853,6 +880,13 @@ impl VmConfig {
         }
         if cfg.kernel.as_os_str().is_empty() {
             return err("--kernel is required");
+        }
+        // A request must not name the VMM's own descriptors.
+        if cfg.nets.iter().any(|n| n.fd.is_some()) {
+            return err(
+                "--net: 'fd' is not accepted in a VM configuration sent over the API \
+                 (pass the tap with vm.add-net and SCM_RIGHTS instead)",
+            );
         }
         Ok(cfg)
     }
@@ -902,6 +936,12 @@ impl VmConfig {
             .map(|r| object(serde_json::to_value(r)))
             .collect();
         o.insert("rng".into(), Value::Array(rngs));
+        let nets: Vec<Value> = self
+            .nets
+            .iter()
+            .map(|n| object(serde_json::to_value(n)))
+            .collect();
+        o.insert("net".into(), Value::Array(nets));
         let ports: Vec<Value> = self.ports.iter().map(port_json).collect();
         o.insert("pci-port".into(), Value::Array(ports));
         let order: Vec<String> = self.placement_order.iter().map(|k| k.to_string()).collect();

@@ -253,6 +253,7 @@ pub struct Rule {
 /// - `--serial file=PATH`: write (the file is created beforehand);
 /// - each `--allow-path` directory: read, write and ioctl of files beneath
 ///   (hot-plugged disks), nothing else (no creation, removal or listing);
+/// - `/dev/net/tun`: read, write, ioctl (attaching to taps);
 /// - the API socket's directory: create a socket, remove a file (the stale
 ///   socket replaced at start, the socket removed at exit);
 /// - `/proc`: list directories (the API counts `/proc/self/fd`);
@@ -317,6 +318,13 @@ pub fn landlock_rules(cfg: &VmConfig, kvm: &Path, allow_paths: &[PathBuf]) -> Ve
             what: "API socket directory",
         });
     }
+    // virtio-net attaches to taps through the clone device, cold or
+    // hot-plugged (`vm.add-net tap=NAME`).
+    rules.push(Rule {
+        path: "/dev/net/tun".into(),
+        access: rd | wr | ioctl,
+        what: "tap clone device",
+    });
     rules.push(Rule {
         path: "/proc".into(),
         access: AccessFs::ReadDir.into(),

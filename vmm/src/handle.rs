@@ -6,7 +6,9 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use api::types::{AddDeviceResponse, DiskConfig, RemoveDeviceRequest, RngConfig, VmInfo};
+use api::types::{
+    AddDeviceResponse, DiskConfig, NetConfig, RemoveDeviceRequest, RngConfig, VmInfo,
+};
 use api::{ApiError, ApiMessage, ApiReply, ApiRequest, ApiResponse};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -78,6 +80,19 @@ impl VmmHandle {
     /// Hot-plugs an entropy device.
     pub fn add_rng(&self, cfg: RngConfig) -> std::result::Result<AddDeviceResponse, ApiError> {
         self.expect_added(ApiRequest::VmAddRng(cfg))
+    }
+
+    /// Hot-plugs a NIC. `fds` are the descriptors `cfg.fd` indexes (an
+    /// embedder's `SCM_RIGHTS`); a tap by name needs none.
+    pub fn add_net(
+        &self,
+        cfg: NetConfig,
+        fds: Vec<std::os::fd::OwnedFd>,
+    ) -> std::result::Result<AddDeviceResponse, ApiError> {
+        self.expect_added(ApiRequest::VmAddNet(
+            cfg,
+            api::fd_passing::PassedFds::new(fds),
+        ))
     }
 
     /// Hot-unplugs a device; returns once the guest released it.

@@ -258,6 +258,9 @@ impl Vm {
         for r in &config.rngs {
             devices.add_rng(r, false, &cold_plan)?;
         }
+        for n in &config.nets {
+            devices.add_net(n, None, false, &cold_plan)?;
+        }
         let plan = HotplugPlan::new(pci.topology(), &devices.cold_paths());
 
         let mut dsdt = acpi::platform_aml();
@@ -694,6 +697,13 @@ impl VmCore {
                 let r = self.devices.add_rng(&cfg, true, self.hotplug.plan());
                 self.hotplugged(r)
             }
+            ApiRequest::VmAddNet(cfg, fds) => {
+                // Descriptors the request does not use close with `fds`.
+                let r = self
+                    .devices
+                    .add_net(&cfg, Some(&fds), true, self.hotplug.plan());
+                self.hotplugged(r)
+            }
             ApiRequest::VmRemoveDevice(r) => match self.start_removal(&r.id) {
                 Ok(true) => {
                     self.removal_replies.insert(r.id, reply);
@@ -724,7 +734,7 @@ impl VmCore {
                 format!("the VM is {state}, not running")
             }
             (
-                ApiRequest::VmAddDisk(_) | ApiRequest::VmAddRng(_),
+                ApiRequest::VmAddDisk(_) | ApiRequest::VmAddRng(_) | ApiRequest::VmAddNet(..),
                 VmState::Shutdown | VmState::NotCreated,
             ) => format!("the VM is {state}; devices are added to a created or running VM"),
             _ => return None,

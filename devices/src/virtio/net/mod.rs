@@ -279,6 +279,7 @@ impl NetEngine {
     }
 
     /// Whether a frame is held waiting for receive buffers.
+    #[cfg(test)]
     pub(crate) fn holding(&self) -> bool {
         self.rx_pending.is_some()
     }

@@ -1347,6 +1347,33 @@ mod json_tests {
     }
 
     #[test]
+    fn net_options() {
+        let f = Files::new("net");
+        let k = f.p("k");
+        let cfg = |args: &[&str]| {
+            let mut v = vec!["--kernel", k.as_str()];
+            v.extend_from_slice(args);
+            match parse_args(v).unwrap() {
+                Command::Run(c) => *c,
+                _ => panic!("not a run"),
+            }
+        };
+        let c = cfg(&["--net", "tap=tap0,mac=52:54:00:00:00:09,mtu=9000,id=n0"]);
+        assert_eq!(c.nets[0].tap.as_deref(), Some("tap0"));
+        assert_eq!(c.nets[0].mtu, Some(9000));
+        // The JSON round trip keeps it; `fd` cannot come from a request.
+        let back = VmConfig::from_json(&c.to_json()).unwrap();
+        assert_eq!(back.nets, c.nets);
+        let c = cfg(&["--net", "fd=7"]);
+        let e = VmConfig::from_json(&c.to_json()).unwrap_err();
+        assert!(e.0.contains("'fd' is not accepted"), "{e}");
+        for bad in [&["--net", "fd=2"][..], &["--net", "fd=7", "--net", "fd=7"]] {
+            let e = cfg(bad).validate().unwrap_err();
+            assert!(e.0.contains("above 2, once"), "{e}");
+        }
+    }
+
+    #[test]
     fn every_refusal_has_a_vm_create_twin() {
         let f = Files::new("every_refusa");
         let k = f.p("k");
@@ -1429,6 +1456,19 @@ mod json_tests {
             (
                 vec!["--rng", "colour=red"],
                 "--rng: unknown option 'colour'",
+            ),
+            (vec!["--net", "mac=52:54:00:00:00:01"], "needs 'tap'"),
+            (
+                vec!["--net", "tap=t0,mac=01:00:00:00:00:01"],
+                "multicast",
+            ),
+            (vec!["--net", "tap=t0,mac=52:54"], "invalid MAC address"),
+            (vec!["--net", "tap=t0,mtu=67"], "MTU 67 is out of range"),
+            (vec!["--net", "tap=t0,mtu=65536"], "out of range"),
+            (vec!["--net", "tap=t0,speed=1"], "--net: unknown option 'speed'"),
+            (
+                vec!["--net", "tap=a,id=n", "--rng", "id=n"],
+                "device id 'n' is used twice",
             ),
             (
                 vec!["--pci-port", "id=a,type=root-port,parent=ghost"],

@@ -65,9 +65,9 @@ use tokio::task::JoinSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::events::EventBus;
+use crate::fd_passing::{FdStream, PassedFds, ReceivedFds};
 use crate::message::{ApiError, ApiMessage, ApiReply, ApiRequest, ApiResponse};
 use crate::socket::{self, SocketError};
-use crate::fd_passing::{FdStream, PassedFds, ReceivedFds};
 use crate::types::{
     DiskConfig, EmptyRequest, ErrorBody, NetConfig, RemoveDeviceRequest, RngConfig,
 };

@@ -415,7 +415,9 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], ApiError> {
         return Err(bad("expected six hex octets separated by ':'"));
     }
     if mac[0] & 1 != 0 {
-        return Err(bad("multicast address (the low bit of the first octet is set)"));
+        return Err(bad(
+            "multicast address (the low bit of the first octet is set)",
+        ));
     }
     if mac == [0; 6] {
         return Err(bad("all zeroes"));

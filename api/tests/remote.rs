@@ -291,7 +291,11 @@ fn add_net_passes_a_descriptor() {
     let out = remote(&f.socket, &["add-net", "fd=999"]);
     assert!(stderr_error(&out, 2).contains("not an open descriptor"));
     assert!(api_error(&remote(&f.socket, &["add-net", "tap=t,mtu=20"])).contains("out of range"));
-    assert!(api_error(&remote(&f.socket, &["add-net", "tap=t,mac=ff:ff:ff:ff:ff:ff"])).contains("multicast"));
+    assert!(api_error(&remote(
+        &f.socket,
+        &["add-net", "tap=t,mac=ff:ff:ff:ff:ff:ff"]
+    ))
+    .contains("multicast"));
     // A raw request naming a descriptor without passing one.
     let c = api::client::Client::new(&f.socket);
     let cfg = api::types::NetConfig {

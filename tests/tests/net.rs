@@ -75,7 +75,9 @@ impl Netns {
 
     /// Creates tap `name` owned by root with `addr` (CIDR) on it, up.
     fn tap(&self, name: &str, addr: &str) {
-        self.exec(&["ip", "tuntap", "add", "dev", name, "mode", "tap", "user", "0"]);
+        self.exec(&[
+            "ip", "tuntap", "add", "dev", name, "mode", "tap", "user", "0",
+        ]);
         self.exec(&["ip", "addr", "add", addr, "dev", name]);
         self.exec(&["ip", "link", "set", name, "up"]);
     }
@@ -106,9 +108,8 @@ impl Netns {
             let ns = std::fs::File::open(&ns_path).expect("open netns");
             // SAFETY: setns on a namespace descriptor we hold; it only
             // changes this thread's network namespace.
-            let r = unsafe {
-                libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET)
-            };
+            let r =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
             assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
             let tun = std::fs::OpenOptions::new()
                 .read(true)
@@ -142,7 +143,9 @@ impl Drop for Netns {
     fn drop(&mut self) {
         // Taps are persistent: delete them with the namespace's links.
         if let Ok(out) = Command::new("ip")
-            .args(["netns", "exec", &self.name, "ip", "-o", "link", "show", "type", "tun"])
+            .args([
+                "netns", "exec", &self.name, "ip", "-o", "link", "show", "type", "tun",
+            ])
             .output()
         {
             for line in String::from_utf8_lossy(&out.stdout).lines() {
@@ -213,7 +216,10 @@ fn cold_plugged_nic_answers_ping_and_bad_input_is_refused() {
             .stdin(Stdio::null())
             .output()
             .unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let (code, err) = cli(&["--net", "tap=nosuch0"]);
     assert_eq!(code, Some(1), "{err}");
@@ -240,7 +246,10 @@ fn cold_plugged_nic_answers_ping_and_bad_input_is_refused() {
     wait_for_socket(&sock);
     let c = Client::new(&sock).with_timeout(Duration::from_secs(60));
     let info = devices(&c);
-    let nic = info.iter().find(|d| d.id == "nic0").expect("nic0 in vm.info");
+    let nic = info
+        .iter()
+        .find(|d| d.id == "nic0")
+        .expect("nic0 in vm.info");
     assert_eq!(nic.mac.as_deref(), Some("52:54:00:12:34:56"));
     assert_eq!(nic.tap.as_deref(), Some("tapc0"));
     assert_eq!(nic.mtu, Some(1500));
@@ -248,7 +257,11 @@ fn cold_plugged_nic_answers_ping_and_bad_input_is_refused() {
     let t = Instant::now();
     let summary = ns.ping("10.77.1.2", 100, "0.05");
     assert_no_loss(&summary, 100);
-    eprintln!("cold-plugged NIC: 100 pings in {:?}: {}", t.elapsed(), summary.trim());
+    eprintln!(
+        "cold-plugged NIC: 100 pings in {:?}: {}",
+        t.elapsed(),
+        summary.trim()
+    );
 
     // Bad input: a clear error each, and nothing changes.
     let before = devices(&c);
@@ -258,14 +271,29 @@ fn cold_plugged_nic_answers_ping_and_bad_input_is_refused() {
         assert!(e.to_string().contains(msg), "{cfg:?}: {e}");
         assert_eq!(devices(&c), before, "{cfg:?} changed the VM");
     };
-    refused(net("nosuch0"), vec![], ApiErrorKind::BadRequest, "does not exist");
-    refused(net("tapc0"), vec![], ApiErrorKind::Conflict, "already in use");
+    refused(
+        net("nosuch0"),
+        vec![],
+        ApiErrorKind::BadRequest,
+        "does not exist",
+    );
+    refused(
+        net("tapc0"),
+        vec![],
+        ApiErrorKind::Conflict,
+        "already in use",
+    );
     let mut bad_mac = net("tapc1");
     bad_mac.mac = Some("01:00:5e:00:00:01".into());
     refused(bad_mac, vec![], ApiErrorKind::BadRequest, "multicast");
     let mut bad_mac = net("tapc1");
     bad_mac.mac = Some("52:54:00:zz:00:01".into());
-    refused(bad_mac, vec![], ApiErrorKind::BadRequest, "invalid MAC address");
+    refused(
+        bad_mac,
+        vec![],
+        ApiErrorKind::BadRequest,
+        "invalid MAC address",
+    );
     let mut bad_mtu = net("tapc1");
     bad_mtu.mtu = Some(67);
     refused(bad_mtu, vec![], ApiErrorKind::BadRequest, "out of range");
@@ -274,8 +302,18 @@ fn cold_plugged_nic_answers_ping_and_bad_input_is_refused() {
         ..Default::default()
     };
     let devnull = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
-    refused(by_fd.clone(), vec![devnull], ApiErrorKind::BadRequest, "is not a tap");
-    refused(by_fd, vec![], ApiErrorKind::BadRequest, "no descriptor 0 was passed");
+    refused(
+        by_fd.clone(),
+        vec![devnull],
+        ApiErrorKind::BadRequest,
+        "is not a tap",
+    );
+    refused(
+        by_fd,
+        vec![],
+        ApiErrorKind::BadRequest,
+        "no descriptor 0 was passed",
+    );
     // The refused taps are still free: tapc1 works afterwards.
     let added = c.vm_add_net(&net("tapc1"), vec![]).expect("add tapc1");
     assert_eq!(devices(&c).len(), before.len() + 1, "{added:?}");
@@ -300,7 +338,17 @@ fn hotplug_and_ping(
     let added = c
         .vm_add_net(&cfg, fds)
         .unwrap_or_else(|e| panic!("{what}: add failed: {e}"));
-    hotplugged_ping(g, c, ns, what, &added.id, &added.pci_path, t, guest_addr, expect_mac)
+    hotplugged_ping(
+        g,
+        c,
+        ns,
+        what,
+        &added.id,
+        &added.pci_path,
+        t,
+        guest_addr,
+        expect_mac,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -319,8 +367,15 @@ fn hotplugged_ping(
     assert_eq!(st, 0, "{what}: wait-device {pci_path}: {out}");
     let bound = t.elapsed();
     let bdf = kv(&out, "bdf").unwrap_or_else(|| panic!("{what}: no bdf in {out}"));
-    assert_eq!(kv(&out, "virtio-driver"), Some("virtio_net"), "{what}: {out}");
-    let dev = devices(c).into_iter().find(|d| d.id == id).expect("in vm.info");
+    assert_eq!(
+        kv(&out, "virtio-driver"),
+        Some("virtio_net"),
+        "{what}: {out}"
+    );
+    let dev = devices(c)
+        .into_iter()
+        .find(|d| d.id == id)
+        .expect("in vm.info");
     assert_eq!(dev.bdf.as_deref(), Some(bdf), "{what}");
     let mac = dev.mac.clone().expect("mac in vm.info");
     if let Some(m) = expect_mac {
@@ -382,9 +437,21 @@ fn hotplugged_nics_everywhere_and_a_passed_tap() {
         ..Default::default()
     };
     let places = [
-        ("root port, native", with("tapn", Some("rp0"), None), "10.77.11.2"),
-        ("bridge, ACPI", with("tapa", Some("br0"), None), "10.77.12.2"),
-        ("root bus, ACPI", with("tapr", None, Some("1f")), "10.77.13.2"),
+        (
+            "root port, native",
+            with("tapn", Some("rp0"), None),
+            "10.77.11.2",
+        ),
+        (
+            "bridge, ACPI",
+            with("tapa", Some("br0"), None),
+            "10.77.12.2",
+        ),
+        (
+            "root bus, ACPI",
+            with("tapr", None, Some("1f")),
+            "10.77.13.2",
+        ),
     ];
     let mut ids = Vec::new();
     for (what, cfg, addr) in places {

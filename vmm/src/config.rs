@@ -352,7 +352,8 @@ impl VmConfig {
             .chain(self.nets.iter().map(|n| (&n.id, &n.port, &n.pci_path)));
         let mut fds: Vec<i32> = Vec::new();
         for n in &self.nets {
-            n.validate().map_err(|e| ConfigError(format!("--net: {}", e.message)))?;
+            n.validate()
+                .map_err(|e| ConfigError(format!("--net: {}", e.message)))?;
             if let Some(fd) = n.fd {
                 if fd <= 2 || fds.contains(&fd) {
                     return err(format!(
@@ -1458,14 +1459,14 @@ mod json_tests {
                 "--rng: unknown option 'colour'",
             ),
             (vec!["--net", "mac=52:54:00:00:00:01"], "needs 'tap'"),
-            (
-                vec!["--net", "tap=t0,mac=01:00:00:00:00:01"],
-                "multicast",
-            ),
+            (vec!["--net", "tap=t0,mac=01:00:00:00:00:01"], "multicast"),
             (vec!["--net", "tap=t0,mac=52:54"], "invalid MAC address"),
             (vec!["--net", "tap=t0,mtu=67"], "MTU 67 is out of range"),
             (vec!["--net", "tap=t0,mtu=65536"], "out of range"),
-            (vec!["--net", "tap=t0,speed=1"], "--net: unknown option 'speed'"),
+            (
+                vec!["--net", "tap=t0,speed=1"],
+                "--net: unknown option 'speed'",
+            ),
             (
                 vec!["--net", "tap=a,id=n", "--rng", "id=n"],
                 "device id 'n' is used twice",

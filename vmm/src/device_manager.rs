@@ -22,12 +22,12 @@ use devices::legacy::{
 };
 use pci::placement::{self, HotplugPlan, PlaceKind, PlaceRequest, PlacementError, SlotMechanism};
 
+use api::fd_passing::PassedFds;
 use api::types::{
     DeviceInfo, DeviceKind, DiskConfig, HotplugMechanism, NetConfig, RngConfig, SlotInfo,
     TopologyNode, TopologyNodeType,
 };
 use api::{ApiError, ApiErrorKind};
-use api::fd_passing::PassedFds;
 use devices::virtio::net::{Net, NetConfig as NicConfig, Tap, TapError, DEFAULT_MTU};
 use devices::virtio::{Block, BlockConfig, Rng, VirtioDevice, VirtioPciDevice, VirtioPciOptions};
 use pci::PciePortKind;

@@ -87,7 +87,9 @@ fn own_fd(n: i32) -> Result<std::os::fd::OwnedFd, String> {
     use std::os::fd::BorrowedFd;
     // SAFETY: F_GETFD only checks that `n` is open; no memory is passed.
     if n < 0 || unsafe { libc::fcntl(n, libc::F_GETFD) } < 0 {
-        return Err(usage_error(format!("add-net: fd={n} is not an open descriptor")));
+        return Err(usage_error(format!(
+            "add-net: fd={n} is not an open descriptor"
+        )));
     }
     // SAFETY: `n` is open (checked above) and stays open while borrowed here.
     let fd = unsafe { BorrowedFd::borrow_raw(n) };

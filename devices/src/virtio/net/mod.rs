@@ -45,9 +45,7 @@ use vmm_sys_util::epoll::EventSet;
 use super::chain::{parse_chain, ChainBuffers};
 use super::event_worker::{DeviceQueues, EventControl, EventHandler};
 use super::worker::WorkerSlot;
-use super::{
-    device_type, features, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt,
-};
+use super::{device_type, features, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt};
 use crate::guest_warn;
 pub use tap::{Tap, TapError, TapIo, VNET_HDR_LEN};
 
@@ -357,10 +355,9 @@ fn publish(
         let addr = q.used_ring().checked_add(4 + 8 * slot);
         let len = if zero { 0 } else { len };
         let ok = addr.is_some_and(|a| {
-            mem.write_obj(u32::from(head).to_le(), GuestAddress(a)).is_ok()
-                && mem
-                    .write_obj(len.to_le(), GuestAddress(a + 4))
-                    .is_ok()
+            mem.write_obj(u32::from(head).to_le(), GuestAddress(a))
+                .is_ok()
+                && mem.write_obj(len.to_le(), GuestAddress(a + 4)).is_ok()
         });
         if !ok {
             guest_warn!("virtio-net: cannot write the used ring");

@@ -120,7 +120,11 @@ fn no_read_from_the_tap_without_buffers() {
     let mut e = engine(&tap, true);
     let mut r = Round::default();
     assert!(matches!(e.receive(&m, &mut q, &mut r), RxStop::NoBuffers));
-    assert_eq!(tap.inbox.lock().unwrap().len(), 10, "nothing buffered in the VMM");
+    assert_eq!(
+        tap.inbox.lock().unwrap().len(),
+        10,
+        "nothing buffered in the VMM"
+    );
     assert!(!e.holding());
     tq.add_chain(&m, &[(0x10000, 2048, true)]);
     tq.add_chain(&m, &[(0x11000, 2048, true)]);
@@ -211,7 +215,10 @@ fn tap_read_error_is_reported() {
     let mut q = tq.queue();
     let mut e = engine(&tap, true);
     let mut r = Round::default();
-    assert!(matches!(e.receive(&m, &mut q, &mut r), RxStop::TapFailed(_)));
+    assert!(matches!(
+        e.receive(&m, &mut q, &mut r),
+        RxStop::TapFailed(_)
+    ));
     assert_eq!(tq.used_idx(&m), 0);
 }
 

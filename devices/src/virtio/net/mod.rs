@@ -575,7 +575,10 @@ impl NetHandler {
         let guard = queues.memory();
         let mem: &GuestMemoryMmap = &guard;
         let mut round = Round::default();
-        loop {
+        let mut rearm = false;
+        // Buffers arriving while notifications were off send us round again, a few times
+        // at most per event (the tap stays readable if frames are left).
+        for again in (0..4).rev() {
             let Some(q) = queues.queue_mut(RX) else {
                 return;
             };
@@ -583,7 +586,9 @@ impl NetHandler {
                 RxStop::NoBuffers => {
                     // Ask for a notification when buffers come; recheck after enabling it.
                     match q.enable_notification(mem) {
-                        Ok(true) => continue,
+                        Ok(true) if again > 0 => continue,
+                        // Come back through the event loop for the rest.
+                        Ok(true) => rearm = true,
                         Ok(false) => self.set_tap_watch(ctl, false),
                         Err(e) => {
                             guest_warn!("virtio-net: receive queue: {e}");
@@ -603,6 +608,9 @@ impl NetHandler {
                 }
             }
             break;
+        }
+        if rearm {
+            queues.rearm(RX);
         }
         self.signal(queues, mem, RX, &round);
     }

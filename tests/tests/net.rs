@@ -224,9 +224,9 @@ fn cold_plugged_nic_answers_ping_and_bad_input_is_refused() {
     let (code, err) = cli(&["--net", "tap=nosuch0"]);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("tap 'nosuch0' does not exist"), "{err}");
-    let (code, err) = cli(&["--net", "fd=9"]);
+    let (code, err) = cli(&["--net", "fd=200"]);
     assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains("descriptor 9 is not open"), "{err}");
+    assert!(err.contains("descriptor 200 is not open"), "{err}");
     let (code, err) = cli(&["--net", "tap=tapc0,mtu=70000"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("out of range"), "{err}");

@@ -682,7 +682,13 @@ impl DeviceManager {
                     })?;
                     Tap::from_fd(fd).map_err(DeviceError::Tap)
                 }
-                (None, Some(n), None) => Tap::from_fd(inherited_fd(n)?).map_err(DeviceError::Tap),
+                (None, Some(n), None) => Tap::from_fd(inherited_fd(n)?).map_err(|e| match e {
+                    // Name the descriptor given, not its duplicate.
+                    TapError::NotATap { why, .. } => {
+                        DeviceError::Tap(TapError::NotATap { fd: n, why })
+                    }
+                    e => DeviceError::Tap(e),
+                }),
                 (None, None, _) => Err(DeviceError::BadNet("a NIC needs 'tap' or 'fd'".into())),
             }
         };

@@ -242,7 +242,10 @@ fn transmit_and_hostile_transmit_chains() {
     let mut r = Round::default();
     // Six popped; the out-of-range head cannot be returned.
     assert_eq!(e.transmit(&m, &mut q, true, 100, &mut r), 6);
-    assert_eq!(tap.sent.lock().unwrap().as_slice(), std::slice::from_ref(&f));
+    assert_eq!(
+        tap.sent.lock().unwrap().as_slice(),
+        std::slice::from_ref(&f)
+    );
     assert_eq!(tq.used_idx(&m), 5);
     // Bounded by the budget.
     for _ in 0..3 {

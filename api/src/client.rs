@@ -29,7 +29,7 @@ use tokio::net::UnixStream;
 use crate::message::ApiErrorKind;
 use crate::server::Endpoint;
 use crate::types::{
-    AddDeviceResponse, DiskConfig, ErrorBody, RemoveDeviceRequest, RngConfig, VmInfo,
+    AddDeviceResponse, DiskConfig, ErrorBody, NetConfig, RemoveDeviceRequest, RngConfig, VmInfo,
     VmmPingResponse, VsockConfig,
 };
 
@@ -177,6 +177,19 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<RawResponse, ClientError> {
+        self.request_with_fds(method, path, body, Vec::new())
+    }
+
+    /// [`Client::request`], passing `fds` with the request's bytes
+    /// (`SCM_RIGHTS`; see [`crate::fd_passing`]). They are closed here
+    /// once sent.
+    pub fn request_with_fds(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        fds: Vec<std::os::fd::OwnedFd>,
+    ) -> Result<RawResponse, ClientError> {
         let mut builder = Request::builder()
             .method(method)
             .uri(path)
@@ -192,7 +205,7 @@ impl Client {
             .build()
             .map_err(ClientError::Runtime)?;
         runtime.block_on(async {
-            let exchange = exchange(&self.socket, request);
+            let exchange = exchange(&self.socket, request, fds);
             match self.timeout {
                 Some(t) => tokio::time::timeout(t, exchange)
                     .await
@@ -237,6 +250,19 @@ impl Client {
     /// `PUT vm.add-disk`.
     pub fn vm_add_disk(&self, config: &DiskConfig) -> Result<AddDeviceResponse, ClientError> {
         self.call(Endpoint::VmAddDisk, Some(config))?.json()
+    }
+
+    /// `PUT vm.add-net`; `fds` are passed with the request (`SCM_RIGHTS`),
+    /// and `config.fd` names one of them by index.
+    pub fn vm_add_net(
+        &self,
+        config: &NetConfig,
+        fds: Vec<std::os::fd::OwnedFd>,
+    ) -> Result<AddDeviceResponse, ClientError> {
+        let body = serde_json::to_vec(config).map_err(ClientError::Encode)?;
+        let e = Endpoint::VmAddNet;
+        self.request_with_fds(e.method(), e.path(), Some(body), fds)?
+            .json()
     }
 
     /// `PUT vm.add-rng`.
@@ -480,10 +506,13 @@ impl EventStream {
 async fn exchange(
     socket: &Path,
     request: Request<Full<Bytes>>,
+    fds: Vec<std::os::fd::OwnedFd>,
 ) -> Result<RawResponse, ClientError> {
     let stream = UnixStream::connect(socket)
         .await
         .map_err(|source| connect_error(socket, source))?;
+    let mut stream = crate::fd_passing::FdStream::new(stream);
+    stream.send_with_next_write(fds);
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     let driver = tokio::spawn(async move {

@@ -14,6 +14,8 @@
 //! - [`client`]: a blocking client with one function per endpoint.
 //! - [`events`]: [`events::VmEvent`] and the bus that fans the event
 //!   stream out to followers without blocking the VMM.
+//! - [`fd_passing`]: descriptors passed with a request (`SCM_RIGHTS`),
+//!   for `vm.add-net` with `fd`.
 //! - [`kv`]: the `key=value,key=value` option parser shared with the `arbor`
 //!   command line.
 //!
@@ -22,6 +24,7 @@
 
 pub mod client;
 pub mod events;
+pub mod fd_passing;
 pub mod kv;
 pub mod message;
 pub mod server;

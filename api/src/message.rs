@@ -22,10 +22,11 @@
 
 use tokio::sync::oneshot;
 
+use crate::fd_passing::PassedFds;
 use crate::types::UserDeviceConfig;
 use crate::types::{
-    AddDeviceResponse, DiskConfig, RemoveDeviceRequest, RngConfig, VmInfo, VmmPingResponse,
-    VsockConfig,
+    AddDeviceResponse, DiskConfig, NetConfig, RemoveDeviceRequest, RngConfig, VmInfo,
+    VmmPingResponse, VsockConfig,
 };
 
 /// A validated request for the VMM.
@@ -48,6 +49,9 @@ pub enum ApiRequest {
     VmAddDisk(DiskConfig),
     /// `PUT vm.add-rng`: answer [`ApiResponse::DeviceAdded`].
     VmAddRng(RngConfig),
+    /// `PUT vm.add-net`: answer [`ApiResponse::DeviceAdded`]. The
+    /// descriptors passed with the request (`"fd": N` names the N-th).
+    VmAddNet(NetConfig, PassedFds),
     /// `PUT vm.remove-device`: answer [`ApiResponse::Empty`] once the device
     /// is gone; 404 for an unknown id.
     VmRemoveDevice(RemoveDeviceRequest),
@@ -81,6 +85,7 @@ impl ApiRequest {
             ApiRequest::VmShutdown => "vm.shutdown",
             ApiRequest::VmAddDisk(_) => "vm.add-disk",
             ApiRequest::VmAddRng(_) => "vm.add-rng",
+            ApiRequest::VmAddNet(..) => "vm.add-net",
             ApiRequest::VmRemoveDevice(_) => "vm.remove-device",
             ApiRequest::VmCreate(_) => "vm.create",
             ApiRequest::VmBoot => "vm.boot",

@@ -65,11 +65,12 @@ use tokio::task::JoinSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::events::EventBus;
+use crate::fd_passing::{FdStream, PassedFds, ReceivedFds};
 use crate::message::{ApiError, ApiMessage, ApiReply, ApiRequest, ApiResponse};
 use crate::socket::{self, SocketError};
 use crate::types::UserDeviceConfig;
 use crate::types::{
-    DiskConfig, EmptyRequest, ErrorBody, RemoveDeviceRequest, RngConfig, VsockConfig,
+    DiskConfig, EmptyRequest, ErrorBody, NetConfig, RemoveDeviceRequest, RngConfig, VsockConfig,
 };
 
 /// Prefix shared by every route.
@@ -102,6 +103,8 @@ pub enum Endpoint {
     VmAddDisk,
     /// `PUT /api/v1/vm.add-rng`
     VmAddRng,
+    /// `PUT /api/v1/vm.add-net`
+    VmAddNet,
     /// `PUT /api/v1/vm.remove-device`
     VmRemoveDevice,
     /// `PUT /api/v1/vm.pause`
@@ -150,6 +153,7 @@ pub const ROUTES: &[Route] = &[
     route(Endpoint::VmInfo),
     route(Endpoint::VmAddDisk),
     route(Endpoint::VmAddRng),
+    route(Endpoint::VmAddNet),
     route(Endpoint::VmRemoveDevice),
     route(Endpoint::VmPause),
     route(Endpoint::VmResume),
@@ -170,6 +174,7 @@ impl Endpoint {
         Endpoint::VmInfo,
         Endpoint::VmAddDisk,
         Endpoint::VmAddRng,
+        Endpoint::VmAddNet,
         Endpoint::VmRemoveDevice,
         Endpoint::VmPause,
         Endpoint::VmResume,
@@ -190,6 +195,7 @@ impl Endpoint {
             Endpoint::VmInfo => "/api/v1/vm.info",
             Endpoint::VmAddDisk => "/api/v1/vm.add-disk",
             Endpoint::VmAddRng => "/api/v1/vm.add-rng",
+            Endpoint::VmAddNet => "/api/v1/vm.add-net",
             Endpoint::VmRemoveDevice => "/api/v1/vm.remove-device",
             Endpoint::VmPause => "/api/v1/vm.pause",
             Endpoint::VmResume => "/api/v1/vm.resume",
@@ -228,6 +234,7 @@ impl Endpoint {
             Endpoint::VmEvents => false,
             Endpoint::VmAddDisk
             | Endpoint::VmAddRng
+            | Endpoint::VmAddNet
             | Endpoint::VmAddVsock
             | Endpoint::VmAddUserDevice => {
                 matches!(response, ApiResponse::DeviceAdded(_))
@@ -272,6 +279,12 @@ impl Endpoint {
                 let config: RngConfig = json_body(self, body, true)?;
                 config.validate()?;
                 ApiRequest::VmAddRng(config)
+            }
+            Endpoint::VmAddNet => {
+                let config: NetConfig = json_body(self, body, false)?;
+                config.validate()?;
+                // The descriptors are attached by the connection (`handle`).
+                ApiRequest::VmAddNet(config, PassedFds::default())
             }
             Endpoint::VmRemoveDevice => {
                 let req: RemoveDeviceRequest = json_body(self, body, false)?;
@@ -528,7 +541,7 @@ fn reply_response(endpoint: Endpoint, reply: ApiReply) -> HttpResponse {
 }
 
 /// Serves one HTTP request.
-async fn handle(req: Request<Incoming>, ctx: &Context) -> HttpResponse {
+async fn handle(req: Request<Incoming>, ctx: &Context, received: &ReceivedFds) -> HttpResponse {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     log::debug!("API request {method} {path}");
@@ -599,7 +612,11 @@ async fn handle(req: Request<Incoming>, ctx: &Context) -> HttpResponse {
             version: version.clone(),
         });
     }
+    // Descriptors passed with this request: `vm.add-net` may use them;
+    // any other request (or an error) closes them.
+    let fds = received.take_all();
     let request = match endpoint.parse_request(&body) {
+        Ok(ApiRequest::VmAddNet(config, _)) => ApiRequest::VmAddNet(config, fds),
         Ok(request) => request,
         Err(e) => return api_error_response(e),
     };
@@ -712,11 +729,14 @@ async fn serve_connection(
 ) {
     let _registered = registered;
     let evict = Arc::clone(&slot);
+    let stream = FdStream::new(stream);
+    let received = stream.received();
     let service = service_fn(move |req| {
         let ctx = Arc::clone(&ctx);
         let busy = Busy::new(&slot);
+        let received = received.clone();
         async move {
-            let resp = handle(req, &ctx).await;
+            let resp = handle(req, &ctx, &received).await;
             drop(busy);
             Ok::<_, Infallible>(resp)
         }

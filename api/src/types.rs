@@ -149,6 +149,15 @@ pub struct DeviceInfo {
     /// device: the server's socket.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<String>,
+    /// NIC only: the MAC address the guest sees.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// NIC only: the tap's interface name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
+    /// NIC only: the MTU reported to the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
 }
 
 /// Kind of a topology node.
@@ -375,6 +384,151 @@ pub struct UserDeviceConfig {
     /// Exact placement.
     #[serde(default)]
     pub pci_path: Option<String>,
+}
+
+/// Body of `PUT /api/v1/vm.add-net` (and the `--net` option): a virtio-net
+/// NIC on a tap, named (`tap`) or already open (`fd`), exactly one of them.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// Name of an existing tap the VMM may open (owned by the VMM's user:
+    /// the VMM does not create taps).
+    #[serde(default)]
+    pub tap: Option<String>,
+    /// An open tap descriptor (`IFF_TAP|IFF_NO_PI|IFF_VNET_HDR`). On the
+    /// command line: a descriptor number the VMM inherited. In an API
+    /// request: the index (from 0) of a descriptor passed with `SCM_RIGHTS`
+    /// in the same request on the API connection, never a descriptor
+    /// number of the VMM's.
+    #[serde(default)]
+    pub fd: Option<i32>,
+    /// MAC address `xx:xx:xx:xx:xx:xx` (unicast, not all zeroes); random
+    /// and locally administered when absent.
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// MTU reported to the guest, 68 to 65535; 1500 when absent.
+    #[serde(default)]
+    pub mtu: Option<u32>,
+    /// Device id; generated when absent.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Topology node to place the device under.
+    #[serde(default)]
+    pub port: Option<String>,
+    /// Exact placement.
+    #[serde(default)]
+    pub pci_path: Option<String>,
+}
+
+/// Smallest MTU a NIC accepts (IPv4's minimum).
+pub const MIN_MTU: u32 = 68;
+/// Largest MTU a NIC accepts.
+pub const MAX_MTU: u32 = 65535;
+
+/// Parses a MAC address `xx:xx:xx:xx:xx:xx` (hex digits, either case) and
+/// refuses multicast (and broadcast) and all-zero addresses.
+pub fn parse_mac(text: &str) -> Result<[u8; 6], ApiError> {
+    let bad = |why: &str| ApiError::bad_request(format!("invalid MAC address '{text}': {why}"));
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for b in &mut mac {
+        let p = parts
+            .next()
+            .ok_or_else(|| bad("expected six hex octets separated by ':'"))?;
+        if p.len() != 2 || !p.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Err(bad("expected six hex octets separated by ':'"));
+        }
+        *b = u8::from_str_radix(p, 16).map_err(|_| bad("not hex"))?;
+    }
+    if parts.next().is_some() {
+        return Err(bad("expected six hex octets separated by ':'"));
+    }
+    if mac[0] & 1 != 0 {
+        return Err(bad(
+            "multicast address (the low bit of the first octet is set)",
+        ));
+    }
+    if mac == [0; 6] {
+        return Err(bad("all zeroes"));
+    }
+    Ok(mac)
+}
+
+/// Formats a MAC address as `xx:xx:xx:xx:xx:xx`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+impl NetConfig {
+    /// Keys accepted by [`NetConfig::from_kv`].
+    pub const KV_KEYS: &'static [&'static str] =
+        &["tap", "fd", "mac", "mtu", "id", "port", "pci_path"];
+
+    /// Checks what can be checked without the VM.
+    pub fn validate(&self) -> Result<(), ApiError> {
+        match (&self.tap, self.fd) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::bad_request("give either 'tap' or 'fd', not both"))
+            }
+            (None, None) => {
+                return Err(ApiError::bad_request(
+                    "a NIC needs 'tap' (an existing tap's name) or 'fd' (an open tap)",
+                ))
+            }
+            (Some(tap), None) => {
+                if tap.is_empty()
+                    || tap.len() > MAX_TAP_NAME_LEN
+                    || tap == "."
+                    || tap == ".."
+                    || !tap
+                        .bytes()
+                        .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
+                {
+                    return Err(ApiError::bad_request(format!(
+                        "invalid tap name '{tap}': 1 to {MAX_TAP_NAME_LEN} printable ASCII \
+                         bytes without '/', ':' or spaces"
+                    )));
+                }
+            }
+            (None, Some(fd)) => {
+                if fd < 0 {
+                    return Err(ApiError::bad_request(format!(
+                        "'fd' must not be negative, not {fd}"
+                    )));
+                }
+            }
+        }
+        if let Some(mac) = &self.mac {
+            parse_mac(mac)?;
+        }
+        if let Some(mtu) = self.mtu {
+            if !(MIN_MTU..=MAX_MTU).contains(&mtu) {
+                return Err(ApiError::bad_request(format!(
+                    "MTU {mtu} is out of range ({MIN_MTU} to {MAX_MTU})"
+                )));
+            }
+        }
+        validate_opt_id("id", &self.id)?;
+        validate_placement(&self.port, &self.pci_path)
+    }
+
+    /// Builds a NIC configuration from `tap=..|fd=..,mac=..,mtu=..,id=..,
+    /// port=..,pci_path=..`.
+    pub fn from_kv(input: &str) -> Result<Self, KvError> {
+        let o = kv::parse(input, Self::KV_KEYS)?;
+        Ok(NetConfig {
+            tap: o.string("tap"),
+            fd: o.parse("fd")?,
+            mac: o.string("mac"),
+            mtu: o.parse("mtu")?,
+            id: o.string("id"),
+            port: o.string("port"),
+            pci_path: o.string("pci_path"),
+        })
+    }
 }
 
 /// Body of `PUT /api/v1/vm.remove-device`.
@@ -660,6 +814,37 @@ impl VsockConfig {
 mod tests {
     use super::*;
     use crate::message::ApiErrorKind;
+
+    #[test]
+    fn net_validation_and_kv() {
+        let n = NetConfig::from_kv("tap=tap0,mac=52:54:00:ab:CD:ef,mtu=9000,id=n0").unwrap();
+        assert_eq!(n.tap.as_deref(), Some("tap0"));
+        assert_eq!(n.mtu, Some(9000));
+        n.validate().unwrap();
+        assert_eq!(parse_mac("52:54:00:ab:CD:ef").unwrap()[5], 0xef);
+        assert_eq!(format_mac(&[0x52, 0, 1, 2, 3, 0xff]), "52:00:01:02:03:ff");
+        for (cfg, msg) in [
+            ("tap=t,fd=3", "either 'tap' or 'fd'"),
+            ("mac=52:54:00:00:00:01", "needs 'tap'"),
+            ("tap=a/b", "invalid tap name"),
+            ("tap=0123456789abcdef", "invalid tap name"),
+            ("fd=-1", "must not be negative"),
+            ("tap=t,mac=01:00:5e:00:00:01", "multicast"),
+            ("tap=t,mac=00:00:00:00:00:00", "all zeroes"),
+            ("tap=t,mac=52:54:00:00:00", "six hex octets"),
+            ("tap=t,mac=52:54:00:00:00:0g", "six hex octets"),
+            ("tap=t,mac=52:54:00:00:00:01:02", "six hex octets"),
+            ("tap=t,mtu=67", "out of range (68 to 65535)"),
+            ("tap=t,mtu=65536", "out of range"),
+        ] {
+            let m = bad(NetConfig::from_kv(cfg).unwrap().validate());
+            assert!(m.contains(msg), "{cfg}: {m}");
+        }
+        assert!(NetConfig::from_kv("tap=t,mtu=x").is_err());
+        assert!(NetConfig::from_kv("tap=t,colour=red").is_err());
+        let e = serde_json::from_str::<NetConfig>(r#"{"tap": "t", "x": 1}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
+    }
 
     fn bad(r: Result<(), ApiError>) -> String {
         let e = r.unwrap_err();

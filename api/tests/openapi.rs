@@ -196,6 +196,9 @@ fn schemas_match_the_wire_types() {
         serial: s(),
         cid: Some(3),
         socket: s(),
+        mac: s(),
+        tap: s(),
+        mtu: Some(1500),
     };
     check_object(&doc, "DeviceInfo", &device);
     let slot = SlotInfo {

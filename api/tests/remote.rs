@@ -293,3 +293,50 @@ fn create_boot_delete_events() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no event stream"));
 }
+
+/// `add-net fd=N` passes the program's descriptor N with `SCM_RIGHTS`; the
+/// VMM side (here the fake) reads what the descriptor holds.
+#[test]
+fn add_net_passes_a_descriptor() {
+    let f = Fixture::new();
+    let dir = std::env::temp_dir().join(format!("arbor-remote-net-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("fake-tap");
+    std::fs::write(&file, "tap-from-fd").unwrap();
+    // The file is the program's stdin: descriptor 0.
+    let out = Command::new(BIN)
+        .arg("--api-socket")
+        .arg(&f.socket)
+        .args(["add-net", "fd=0,id=n0,mac=52:54:00:00:00:01"])
+        .stdin(std::fs::File::open(&file).unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(stdout_json(&out)["id"], "n0");
+    let v = stdout_json(&remote(&f.socket, &["add-net", "tap=tapx,mtu=9000"]));
+    assert!(v["id"].as_str().unwrap().starts_with("net"));
+    {
+        let vm = f.vm.lock().unwrap();
+        let n0 = vm.info.devices.iter().find(|d| d.id == "n0").unwrap();
+        assert_eq!(n0.tap.as_deref(), Some("tap-from-fd"));
+        assert_eq!(n0.mac.as_deref(), Some("52:54:00:00:00:01"));
+    }
+    // A descriptor the program does not have; bad values (checked by the
+    // server before the VMM sees them).
+    let out = remote(&f.socket, &["add-net", "fd=999"]);
+    assert!(stderr_error(&out, 2).contains("not an open descriptor"));
+    assert!(api_error(&remote(&f.socket, &["add-net", "tap=t,mtu=20"])).contains("out of range"));
+    assert!(api_error(&remote(
+        &f.socket,
+        &["add-net", "tap=t,mac=ff:ff:ff:ff:ff:ff"]
+    ))
+    .contains("multicast"));
+    // A raw request naming a descriptor without passing one.
+    let c = api::client::Client::new(&f.socket);
+    let cfg = api::types::NetConfig {
+        fd: Some(0),
+        ..Default::default()
+    };
+    let e = c.vm_add_net(&cfg, Vec::new()).unwrap_err();
+    assert!(e.to_string().contains("no descriptor 0"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

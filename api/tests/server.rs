@@ -323,6 +323,7 @@ fn every_route_answers() {
     for route in ROUTES {
         let body = match route.path {
             "/api/v1/vm.add-disk" => r#"{"path": "/x"}"#,
+            "/api/v1/vm.add-net" => r#"{"tap": "tap0"}"#,
             "/api/v1/vm.remove-device" => r#"{"id": "rootdisk"}"#,
             "/api/v1/vm.create" => r#"{"kernel": "/k"}"#,
             "/api/v1/vm.add-vsock" => r#"{"cid": 3, "socket": "/v.sock"}"#,

@@ -211,11 +211,30 @@ impl Guest {
 
     /// Like [`Guest::start`], with extra environment variables.
     pub fn start_env(name: &str, args: &[String], env: &[(&str, &str)]) -> Guest {
-        Guest::spawn(name, args, env, false)
+        Guest::spawn(name, &[], args, env, false)
     }
 
-    fn spawn(name: &str, args: &[String], env: &[(&str, &str)], input: bool) -> Guest {
-        let mut cmd = Command::new(arbor_bin());
+    /// Like [`Guest::start`], run through `wrapper` (a command that execs
+    /// its arguments, e.g. `ip netns exec NS`), so `arbor` keeps the pid.
+    pub fn start_wrapped(name: &str, wrapper: &[String], args: &[String]) -> Guest {
+        Guest::spawn(name, wrapper, args, &[], false)
+    }
+
+    fn spawn(
+        name: &str,
+        wrapper: &[String],
+        args: &[String],
+        env: &[(&str, &str)],
+        input: bool,
+    ) -> Guest {
+        let mut cmd = match wrapper.split_first() {
+            Some((prog, rest)) => {
+                let mut c = Command::new(prog);
+                c.args(rest).arg(arbor_bin());
+                c
+            }
+            None => Command::new(arbor_bin()),
+        };
         if std::env::var_os("ARBOR_LOG").is_none() {
             cmd.env("ARBOR_LOG", "info");
         }
@@ -264,9 +283,35 @@ impl Guest {
     /// and `extra` arguments; the guest's serial input is connected so that
     /// [`Guest::run`] works. Does not wait: see [`Guest::wait_shell`].
     pub fn boot_user(name: &str, cpus: u8, extra_cmdline: &str, extra: &[&str]) -> Guest {
+        Guest::boot_user_wrapped(name, &[], cpus, extra_cmdline, extra)
+    }
+
+    /// [`Guest::boot_user`] run through `wrapper` (see
+    /// [`Guest::start_wrapped`]).
+    pub fn boot_user_wrapped(
+        name: &str,
+        wrapper: &[String],
+        cpus: u8,
+        extra_cmdline: &str,
+        extra: &[&str],
+    ) -> Guest {
         let kit = guest_kit();
         let args = kit_args(&kit.vmlinux, &user_initramfs(), cpus, extra_cmdline, extra);
-        Guest::spawn(name, &args, &[], true)
+        Guest::spawn(name, wrapper, &args, &[], true)
+    }
+
+    /// [`Guest::boot`] (the kit's kernel-log initramfs) run through
+    /// `wrapper` (see [`Guest::start_wrapped`]).
+    pub fn boot_wrapped(
+        name: &str,
+        wrapper: &[String],
+        cpus: u8,
+        extra_cmdline: &str,
+        extra: &[&str],
+    ) -> Guest {
+        let kit = guest_kit();
+        let args = kit_args(&kit.vmlinux, &kit.initramfs, cpus, extra_cmdline, extra);
+        Guest::spawn(name, wrapper, &args, &[], false)
     }
 
     /// Waits until the user-space guest's shell on ttyS0 is up; returns the

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use api::types::UserDeviceConfig;
-use api::types::{DiskConfig, RngConfig, VsockConfig};
+use api::types::{DiskConfig, NetConfig, RngConfig, VsockConfig};
 use pci::placement::PlaceKind;
 use pci::topology::{HotplugMode, PortKind, PortSpec, Topology, TopologyOptions};
 
@@ -211,6 +211,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// Cold-plugged virtio-rng devices, after the disks.
     pub rngs: Vec<RngConfig>,
+    /// Cold-plugged virtio-net NICs, after the rng devices.
+    pub nets: Vec<NetConfig>,
     /// The PCI topology; empty means the default topology.
     pub ports: Vec<PortSpec>,
     /// Where automatically placed hot-plugged devices go first.
@@ -252,6 +254,7 @@ impl Default for VmConfig {
             remove_timeout: Duration::from_secs(10),
             disks: Vec::new(),
             rngs: Vec::new(),
+            nets: Vec::new(),
             ports: Vec::new(),
             placement_order: PlaceKind::DEFAULT_ORDER.to_vec(),
             seccomp: crate::seccomp::SeccompMode::Off,
@@ -389,7 +392,21 @@ impl VmConfig {
                 self.user_devices
                     .iter()
                     .map(|u| (&u.id, &u.port, &u.pci_path)),
-            );
+            )
+            .chain(self.nets.iter().map(|n| (&n.id, &n.port, &n.pci_path)));
+        let mut fds: Vec<i32> = Vec::new();
+        for n in &self.nets {
+            n.validate()
+                .map_err(|e| ConfigError(format!("--net: {}", e.message)))?;
+            if let Some(fd) = n.fd {
+                if fd <= 2 || fds.contains(&fd) {
+                    return err(format!(
+                        "--net fd={fd}: give a tap descriptor above 2, once"
+                    ));
+                }
+                fds.push(fd);
+            }
+        }
         for (id, port, path) in given {
             if let Some(id) = id {
                 if ids.contains(&id.as_str()) {
@@ -596,6 +613,9 @@ usage: arbor --kernel PATH [options]
                        [,port=ID][,pci_path=PATH][,lock=off]; repeatable. The
                        image is locked as QEMU locks it (lock=off: not at all)
   --rng [OPTIONS]      virtio-rng device: [id=ID][,port=ID][,pci_path=PATH]; repeatable
+  --net OPTIONS        virtio-net NIC on an existing tap: tap=NAME|fd=N[,mac=MAC]
+                       [,mtu=N][,id=ID][,port=ID][,pci_path=PATH]; repeatable.
+                       fd=N: an open tap descriptor arbor inherited
   --vsock OPTIONS      virtio-vsock device: cid=N,socket=PATH[,id=ID][,port=ID]
                        [,pci_path=PATH]; at most one. Host programs connect to
                        PATH and write \"CONNECT <port>\\n\"; guest connections to
@@ -652,6 +672,7 @@ pub const VM_OPTIONS: &[&str] = &[
     "serial",
     "disk",
     "rng",
+    "net",
     "pci-port",
     "hotplug-order",
     "shutdown-grace",
@@ -661,7 +682,14 @@ pub const VM_OPTIONS: &[&str] = &[
 ];
 
 /// Options that may be given more than once (arrays in JSON).
-const REPEATABLE: &[&str] = &["disk", "rng", "pci-port", "allow-path", "user-device"];
+const REPEATABLE: &[&str] = &[
+    "disk",
+    "rng",
+    "net",
+    "pci-port",
+    "allow-path",
+    "user-device",
+];
 
 /// Options of the `arbor` process rather than of a VM: command line only.
 pub const PROCESS_OPTIONS: &[&str] = &[
@@ -700,6 +728,9 @@ fn apply_option(cfg: &mut VmConfig, name: &str, value: String) -> Result<(), Con
             };
             cfg.rngs.push(r)
         }
+        "net" => cfg
+            .nets
+            .push(NetConfig::from_kv(&value).map_err(|e| ConfigError(format!("--net: {e}")))?),
         "shutdown-grace" => cfg.shutdown_grace = parse_seconds("--shutdown-grace", &value)?,
         "remove-timeout" => cfg.remove_timeout = parse_seconds("--remove-timeout", &value)?,
         "pci-port" => cfg.ports.push(parse_port(&value)?),
@@ -961,6 +992,10 @@ impl VmConfig {
                         serde_json::from_value(item.clone())
                             .map_err(|e| ConfigError(format!("--user-device: {e}")))?,
                     ),
+                    ("net", serde_json::Value::Object(_)) => cfg.nets.push(
+                        serde_json::from_value(item.clone())
+                            .map_err(|e| ConfigError(format!("--net: {e}")))?,
+                    ),
                     (_, serde_json::Value::Object(o)) => {
                         apply_option(&mut cfg, name, object_text(name, o)?)?
                     }
@@ -970,6 +1005,13 @@ impl VmConfig {
         }
         if cfg.kernel.as_os_str().is_empty() {
             return err("--kernel is required");
+        }
+        // A request must not name the VMM's own descriptors.
+        if cfg.nets.iter().any(|n| n.fd.is_some()) {
+            return err(
+                "--net: 'fd' is not accepted in a VM configuration sent over the API \
+                 (pass the tap with vm.add-net and SCM_RIGHTS instead)",
+            );
         }
         Ok(cfg)
     }
@@ -1025,6 +1067,12 @@ impl VmConfig {
             .map(|u| object(serde_json::to_value(u)))
             .collect();
         o.insert("user-device".into(), Value::Array(users));
+        let nets: Vec<Value> = self
+            .nets
+            .iter()
+            .map(|n| object(serde_json::to_value(n)))
+            .collect();
+        o.insert("net".into(), Value::Array(nets));
         let ports: Vec<Value> = self.ports.iter().map(port_json).collect();
         o.insert("pci-port".into(), Value::Array(ports));
         let order: Vec<String> = self.placement_order.iter().map(|k| k.to_string()).collect();
@@ -1446,6 +1494,33 @@ mod json_tests {
     }
 
     #[test]
+    fn net_options() {
+        let f = Files::new("net");
+        let k = f.p("k");
+        let cfg = |args: &[&str]| {
+            let mut v = vec!["--kernel", k.as_str()];
+            v.extend_from_slice(args);
+            match parse_args(v).unwrap() {
+                Command::Run(c) => *c,
+                _ => panic!("not a run"),
+            }
+        };
+        let c = cfg(&["--net", "tap=tap0,mac=52:54:00:00:00:09,mtu=9000,id=n0"]);
+        assert_eq!(c.nets[0].tap.as_deref(), Some("tap0"));
+        assert_eq!(c.nets[0].mtu, Some(9000));
+        // The JSON round trip keeps it; `fd` cannot come from a request.
+        let back = VmConfig::from_json(&c.to_json()).unwrap();
+        assert_eq!(back.nets, c.nets);
+        let c = cfg(&["--net", "fd=7"]);
+        let e = VmConfig::from_json(&c.to_json()).unwrap_err();
+        assert!(e.0.contains("'fd' is not accepted"), "{e}");
+        for bad in [&["--net", "fd=2"][..], &["--net", "fd=7", "--net", "fd=7"]] {
+            let e = cfg(bad).validate().unwrap_err();
+            assert!(e.0.contains("above 2, once"), "{e}");
+        }
+    }
+
+    #[test]
     fn every_refusal_has_a_vm_create_twin() {
         let f = Files::new("every_refusa");
         let k = f.p("k");
@@ -1556,6 +1631,19 @@ mod json_tests {
             (
                 vec!["--rng", "colour=red"],
                 "--rng: unknown option 'colour'",
+            ),
+            (vec!["--net", "mac=52:54:00:00:00:01"], "needs 'tap'"),
+            (vec!["--net", "tap=t0,mac=01:00:00:00:00:01"], "multicast"),
+            (vec!["--net", "tap=t0,mac=52:54"], "invalid MAC address"),
+            (vec!["--net", "tap=t0,mtu=67"], "MTU 67 is out of range"),
+            (vec!["--net", "tap=t0,mtu=65536"], "out of range"),
+            (
+                vec!["--net", "tap=t0,speed=1"],
+                "--net: unknown option 'speed'",
+            ),
+            (
+                vec!["--net", "tap=a,id=n", "--rng", "id=n"],
+                "device id 'n' is used twice",
             ),
             (
                 vec!["--pci-port", "id=a,type=root-port,parent=ghost"],

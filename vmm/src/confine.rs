@@ -264,6 +264,7 @@ pub struct Rule {
 ///   sockets, so files beneath may be unlinked too); nothing else (no
 ///   regular file creation, no listing);
 /// - the `--vsock` socket's directory: create a socket, remove a file;
+/// - `/dev/net/tun`: read, write, ioctl (attaching to taps);
 /// - the API socket's directory: create a socket, remove a file (the stale
 ///   socket replaced at start, the socket removed at exit);
 /// - `/proc`: list directories (the API counts `/proc/self/fd`);
@@ -335,6 +336,13 @@ pub fn landlock_rules(cfg: &VmConfig, kvm: &Path, allow_paths: &[PathBuf]) -> Ve
             what: "API socket directory",
         });
     }
+    // virtio-net attaches to taps through the clone device, cold or
+    // hot-plugged (`vm.add-net tap=NAME`).
+    rules.push(Rule {
+        path: "/dev/net/tun".into(),
+        access: rd | wr | ioctl,
+        what: "tap clone device",
+    });
     rules.push(Rule {
         path: "/proc".into(),
         access: AccessFs::ReadDir.into(),

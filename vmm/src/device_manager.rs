@@ -22,12 +22,14 @@ use devices::legacy::{
 };
 use pci::placement::{self, HotplugPlan, PlaceKind, PlaceRequest, PlacementError, SlotMechanism};
 
+use api::fd_passing::PassedFds;
 use api::types::UserDeviceConfig;
 use api::types::{
-    DeviceInfo, DeviceKind, DiskConfig, HotplugMechanism, RngConfig, SlotInfo, TopologyNode,
-    TopologyNodeType, VsockConfig,
+    DeviceInfo, DeviceKind, DiskConfig, HotplugMechanism, NetConfig, RngConfig, SlotInfo,
+    TopologyNode, TopologyNodeType, VsockConfig,
 };
 use api::{ApiError, ApiErrorKind};
+use devices::virtio::net::{Net, NetConfig as NicConfig, Tap, TapError, DEFAULT_MTU};
 use devices::virtio::{
     Block, BlockConfig, Rng, VirtioDevice, VirtioPciDevice, VirtioPciOptions, Vsock,
 };
@@ -105,6 +107,10 @@ pub enum DeviceError {
     PathNotAllowed(#[source] crate::confine::PathRefused),
     #[error("cannot set up interrupts: {0}")]
     Msi(#[source] std::io::Error),
+    #[error("cannot use the tap: {0}")]
+    Tap(#[source] TapError),
+    #[error("{0}")]
+    BadNet(String),
     #[error("cannot create the virtio transport: {0}")]
     Virtio(#[source] devices::virtio::VirtioPciError),
     #[error("the VM has a vsock device already ('{0}'); it can have one")]
@@ -157,6 +163,15 @@ impl DeviceError {
             | DeviceError::IdIsPort(_)
             | DeviceError::RelativeDiskPath(_)
             | DeviceError::PathNotAllowed(_) => K::BadRequest,
+            DeviceError::Tap(t) => match t {
+                TapError::Busy(_) => K::Conflict,
+                TapError::OpenTun(_) | TapError::Setup { .. } => K::Internal,
+                TapError::BadName(_)
+                | TapError::NotFound(_)
+                | TapError::Attach { .. }
+                | TapError::NotATap { .. } => K::BadRequest,
+            },
+            DeviceError::BadNet(_) => K::BadRequest,
             DeviceError::Placement(p) => match p {
                 PlacementError::BadPath { .. } => K::BadRequest,
                 PlacementError::UnknownPort(_) => K::NotFound,
@@ -218,6 +233,15 @@ pub struct DeviceRecord {
     pub vsock: Option<VsockConfig>,
     /// vfio-user device: the server's socket (as checked, canonical).
     pub socket: Option<String>,
+    pub net: Option<NetRecord>,
+}
+
+/// What `vm.info` shows of a NIC.
+#[derive(Clone, Debug)]
+pub struct NetRecord {
+    pub mac: String,
+    pub tap: String,
+    pub mtu: u32,
 }
 
 impl DeviceRecord {
@@ -239,8 +263,36 @@ impl DeviceRecord {
                 .as_ref()
                 .map(|v| v.socket.clone())
                 .or_else(|| self.socket.clone()),
+            mac: self.net.as_ref().map(|n| n.mac.clone()),
+            tap: self.net.as_ref().map(|n| n.tap.clone()),
+            mtu: self.net.as_ref().map(|n| n.mtu),
         }
     }
+}
+
+/// A random, locally administered unicast MAC address.
+fn random_mac() -> [u8; 6] {
+    let mut mac = [0x52, 0x54, 0x00, 0, 0, 0];
+    let mut r = [0u8; 3];
+    if devices::virtio::rng::fill_random(&mut r).is_ok() {
+        mac[3..].copy_from_slice(&r);
+    }
+    // Locally administered (bit 1), unicast (bit 0 clear).
+    mac[0] = (mac[0] & 0xfe) | 0x02;
+    mac
+}
+
+/// A duplicate of descriptor `n`, which this process inherited.
+fn inherited_fd(n: i32) -> Result<std::os::fd::OwnedFd, DeviceError> {
+    use std::os::fd::BorrowedFd;
+    // SAFETY: F_GETFD only checks that `n` is open; no memory is passed.
+    if n < 0 || unsafe { libc::fcntl(n, libc::F_GETFD) } < 0 {
+        return Err(DeviceError::BadNet(format!("descriptor {n} is not open")));
+    }
+    // SAFETY: `n` is open (checked above) and is only borrowed to duplicate it.
+    let fd = unsafe { BorrowedFd::borrow_raw(n) };
+    fd.try_clone_to_owned()
+        .map_err(|e| DeviceError::BadNet(format!("cannot duplicate descriptor {n}: {e}")))
 }
 
 /// Devices every VM has.
@@ -475,6 +527,7 @@ struct NewDevice<'a> {
     hotplugged: bool,
     disk: Option<DiskConfig>,
     vsock: Option<VsockConfig>,
+    net: Option<NetRecord>,
 }
 
 impl DeviceManager {
@@ -537,6 +590,7 @@ impl DeviceManager {
             hotplugged,
             disk,
             vsock,
+            net,
         } = new;
         let id = self.claim_id(id, prefix)?;
         let pci = self.pci()?;
@@ -592,6 +646,7 @@ impl DeviceManager {
             disk,
             vsock,
             socket: None,
+            net,
         };
         self.records.push(rec.clone());
         Ok(rec)
@@ -636,6 +691,7 @@ impl DeviceManager {
                 hotplugged,
                 disk: Some(cfg.clone()),
                 vsock: None,
+                net: None,
             },
             plan,
             || {
@@ -669,6 +725,7 @@ impl DeviceManager {
                 hotplugged,
                 disk: None,
                 vsock: None,
+                net: None,
             },
             plan,
             || Ok(Box::new(Rng::new()) as Box<dyn VirtioDevice>),
@@ -732,6 +789,7 @@ impl DeviceManager {
                 hotplugged,
                 disk: None,
                 vsock: Some(recorded),
+                net: None,
             },
             plan,
             || {
@@ -840,8 +898,86 @@ impl DeviceManager {
             disk: None,
             vsock: None,
             socket: Some(shown),
+            net: None,
         };
         self.records.push(rec.clone());
+        Ok(rec)
+    }
+
+    /// Adds a virtio-net NIC. Its tap is opened by name, or taken from
+    /// `passed` (the descriptors of an API request; `cfg.fd` is an index)
+    /// or, with `passed` `None` (the command line), from the descriptor
+    /// number `cfg.fd` this process inherited (duplicated: the inherited
+    /// one stays). The tap is opened only once the slot is chosen, so a
+    /// refused request changes nothing.
+    pub fn add_net(
+        &mut self,
+        cfg: &NetConfig,
+        passed: Option<&PassedFds>,
+        hotplugged: bool,
+        plan: &HotplugPlan,
+    ) -> Result<DeviceRecord, DeviceError> {
+        cfg.validate()
+            .map_err(|e| DeviceError::BadNet(e.message.clone()))?;
+        let mac = match &cfg.mac {
+            Some(m) => api::types::parse_mac(m).map_err(|e| DeviceError::BadNet(e.message))?,
+            None => random_mac(),
+        };
+        let mtu = cfg.mtu.map_or(DEFAULT_MTU, |m| m as u16);
+        let open_tap = || -> Result<Tap, DeviceError> {
+            match (&cfg.tap, cfg.fd, passed) {
+                (Some(name), _, _) => Tap::open(name).map_err(DeviceError::Tap),
+                (None, Some(i), Some(passed)) => {
+                    let fd = passed.take(i as usize).ok_or_else(|| {
+                        DeviceError::BadNet(format!(
+                            "no descriptor {i} was passed with the request ({} passed; \
+                             send the tap with SCM_RIGHTS on the API connection)",
+                            passed.len()
+                        ))
+                    })?;
+                    Tap::from_fd(fd).map_err(DeviceError::Tap)
+                }
+                (None, Some(n), None) => Tap::from_fd(inherited_fd(n)?).map_err(|e| match e {
+                    // Name the descriptor given, not its duplicate.
+                    TapError::NotATap { why, .. } => {
+                        DeviceError::Tap(TapError::NotATap { fd: n, why })
+                    }
+                    e => DeviceError::Tap(e),
+                }),
+                (None, None, _) => Err(DeviceError::BadNet("a NIC needs 'tap' or 'fd'".into())),
+            }
+        };
+        // The tap's name is known once it is open: the record is completed
+        // by `make`.
+        let tap_name = std::cell::RefCell::new(String::new());
+        let mut rec = self.place(
+            NewDevice {
+                id: cfg.id.as_deref(),
+                prefix: "net",
+                kind: DeviceKind::Net,
+                port: cfg.port.as_deref(),
+                pci_path: cfg.pci_path.as_deref(),
+                hotplugged,
+                disk: None,
+                vsock: None,
+                net: None,
+            },
+            plan,
+            || {
+                let tap = open_tap()?;
+                tap_name.replace(tap.name().to_string());
+                Ok(Box::new(Net::new(tap, NicConfig { mac, mtu })) as Box<dyn VirtioDevice>)
+            },
+        )?;
+        let net = NetRecord {
+            mac: api::types::format_mac(&mac),
+            tap: tap_name.into_inner(),
+            mtu: u32::from(mtu),
+        };
+        rec.net = Some(net.clone());
+        if let Some(r) = self.records.iter_mut().find(|r| r.id == rec.id) {
+            r.net = Some(net);
+        }
         Ok(rec)
     }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use api::types::{
-    AddDeviceResponse, DiskConfig, RemoveDeviceRequest, RngConfig, VmInfo, VsockConfig,
+    AddDeviceResponse, DiskConfig, NetConfig, RemoveDeviceRequest, RngConfig, VmInfo, VsockConfig,
 };
 use api::{ApiError, ApiMessage, ApiReply, ApiRequest, ApiResponse};
 use vmm_sys_util::eventfd::EventFd;
@@ -93,6 +93,19 @@ impl VmmHandle {
         cfg: api::types::UserDeviceConfig,
     ) -> std::result::Result<AddDeviceResponse, ApiError> {
         self.expect_added(ApiRequest::VmAddUserDevice(cfg))
+    }
+
+    /// Hot-plugs a NIC. `fds` are the descriptors `cfg.fd` indexes (an
+    /// embedder's `SCM_RIGHTS`); a tap by name needs none.
+    pub fn add_net(
+        &self,
+        cfg: NetConfig,
+        fds: Vec<std::os::fd::OwnedFd>,
+    ) -> std::result::Result<AddDeviceResponse, ApiError> {
+        self.expect_added(ApiRequest::VmAddNet(
+            cfg,
+            api::fd_passing::PassedFds::new(fds),
+        ))
     }
 
     /// Hot-unplugs a device; returns once the guest released it.

@@ -63,7 +63,9 @@ pub enum ThreadKind {
     Api,
     /// A virtio-blk back end's worker.
     BlockWorker,
-    /// Any other device worker (virtio-rng: `getrandom`, in the base list).
+    /// Any other device worker (virtio-rng: `getrandom`; virtio-net:
+    /// `read`/`write` on its tap and the `TUNSETOFFLOAD` `ioctl`; all in the
+    /// base list).
     Worker,
     Intx,
     Signals,
@@ -446,6 +448,7 @@ mod tests {
         );
         assert!(!rules(ThreadKind::Worker).contains_key(&libc::SYS_connect));
         assert!(!rules(ThreadKind::VsockWorker).contains_key(&libc::SYS_bind));
+        assert_eq!(ThreadKind::of_worker("virtio-net"), ThreadKind::Worker);
     }
 
     #[test]

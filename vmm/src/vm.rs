@@ -304,6 +304,9 @@ impl Vm {
         for u in &config.user_devices {
             devices.add_user_device(u, false, &cold_plan)?;
         }
+        for n in &config.nets {
+            devices.add_net(n, None, false, &cold_plan)?;
+        }
         let plan = HotplugPlan::new(pci.topology(), &devices.cold_paths());
 
         let mut dsdt = acpi::platform_aml();
@@ -752,6 +755,13 @@ impl VmCore {
                     .add_user_device(&cfg, true, self.hotplug.plan());
                 self.hotplugged(r)
             }
+            ApiRequest::VmAddNet(cfg, fds) => {
+                // Descriptors the request does not use close with `fds`.
+                let r = self
+                    .devices
+                    .add_net(&cfg, Some(&fds), true, self.hotplug.plan());
+                self.hotplugged(r)
+            }
             ApiRequest::VmRemoveDevice(r) => match self.start_removal(&r.id) {
                 Ok(true) => {
                     self.removal_replies.insert(r.id, reply);
@@ -784,6 +794,7 @@ impl VmCore {
             (
                 ApiRequest::VmAddDisk(_)
                 | ApiRequest::VmAddRng(_)
+                | ApiRequest::VmAddNet(..)
                 | ApiRequest::VmAddVsock(_)
                 | ApiRequest::VmAddUserDevice(_),
                 VmState::Shutdown | VmState::NotCreated,

@@ -17,7 +17,7 @@ use std::process::ExitCode;
 
 use api::client::{Client, ClientError};
 use api::kv::{self, KvError};
-use api::types::{DiskConfig, RemoveDeviceRequest, RngConfig, VsockConfig};
+use api::types::{DiskConfig, NetConfig, RemoveDeviceRequest, RngConfig, VsockConfig};
 use api::Endpoint;
 
 const EXIT_API_ERROR: u8 = 1;
@@ -41,6 +41,10 @@ Commands:
                              a relative path is made absolute from this directory)
   add-rng [id=ID][,port=PORT][,pci_path=PATH]
                              hot-plug a virtio-rng device
+  add-net tap=NAME|fd=N[,mac=MAC][,mtu=N][,id=ID][,port=PORT][,pci_path=PATH]
+                             hot-plug a virtio-net NIC on an existing tap, by name or
+                             as this program's open descriptor N (passed to the VMM
+                             with SCM_RIGHTS)
   remove-device ID | id=ID   hot-unplug a device
   add-user-device socket=PATH[,id=ID][,port=PORT][,pci_path=PATH]
                              hot-plug the PCI function a vfio-user server serves on
@@ -67,6 +71,8 @@ struct Invocation {
     socket: PathBuf,
     endpoint: Endpoint,
     body: Option<Vec<u8>>,
+    /// Descriptors passed with the request (`add-net fd=N`).
+    fds: Vec<std::os::fd::OwnedFd>,
 }
 
 enum Parsed {
@@ -81,6 +87,21 @@ fn usage_error(msg: impl std::fmt::Display) -> String {
 
 fn kv_error(command: &str, e: KvError) -> String {
     format!("{command}: {e}")
+}
+
+/// A duplicate of this process's open descriptor `n`.
+fn own_fd(n: i32) -> Result<std::os::fd::OwnedFd, String> {
+    use std::os::fd::BorrowedFd;
+    // SAFETY: F_GETFD only checks that `n` is open; no memory is passed.
+    if n < 0 || unsafe { libc::fcntl(n, libc::F_GETFD) } < 0 {
+        return Err(usage_error(format!(
+            "add-net: fd={n} is not an open descriptor"
+        )));
+    }
+    // SAFETY: `n` is open (checked above) and stays open while borrowed here.
+    let fd = unsafe { BorrowedFd::borrow_raw(n) };
+    fd.try_clone_to_owned()
+        .map_err(|e| usage_error(format!("add-net: cannot duplicate fd={n}: {e}")))
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, String> {
@@ -130,6 +151,7 @@ fn parse_args(args: Vec<String>) -> Result<Parsed, String> {
             Err(usage_error(format!("{command} takes no options")))
         }
     };
+    let mut fds = Vec::new();
     let (endpoint, body) = match command.as_str() {
         "ping" => no_options(Endpoint::VmmPing)?,
         "info" => no_options(Endpoint::VmInfo)?,
@@ -171,6 +193,16 @@ fn parse_args(args: Vec<String>) -> Result<Parsed, String> {
             let config = RngConfig::from_kv(&opts).map_err(|e| kv_error(&command, e))?;
             (Endpoint::VmAddRng, Some(to_json(&config)?))
         }
+        "add-net" => {
+            let mut config = NetConfig::from_kv(&opts).map_err(|e| kv_error(&command, e))?;
+            if let Some(n) = config.fd {
+                // Our descriptor N goes along with the request; the VMM
+                // sees it as the first passed descriptor.
+                fds.push(own_fd(n)?);
+                config.fd = Some(0);
+            }
+            (Endpoint::VmAddNet, Some(to_json(&config)?))
+        }
         "remove-device" => {
             let o = kv::parse_with_positional(&opts, &["id"], "id")
                 .map_err(|e| kv_error(&command, e))?;
@@ -195,6 +227,7 @@ fn parse_args(args: Vec<String>) -> Result<Parsed, String> {
         socket,
         endpoint,
         body,
+        fds,
     }))
 }
 
@@ -271,7 +304,12 @@ fn run(inv: Invocation) -> ExitCode {
         .then(|| inv.body.as_deref().and_then(removal_id))
         .flatten();
     let started = std::time::Instant::now();
-    let response = match client.request(inv.endpoint.method(), inv.endpoint.path(), inv.body) {
+    let response = match client.request_with_fds(
+        inv.endpoint.method(),
+        inv.endpoint.path(),
+        inv.body,
+        inv.fds,
+    ) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("arbor-remote: {e}");

@@ -67,6 +67,9 @@ impl FakeVm {
             serial: None,
             cid: None,
             socket: None,
+            mac: None,
+            tap: None,
+            mtu: None,
         };
         FakeVm {
             info: VmInfo {
@@ -199,6 +202,9 @@ impl FakeVm {
                     serial: d.serial,
                     cid: None,
                     socket: None,
+                    mac: None,
+                    tap: None,
+                    mtu: None,
                 });
                 Ok(ApiResponse::DeviceAdded(AddDeviceResponse { id, pci_path }))
             }
@@ -217,6 +223,9 @@ impl FakeVm {
                     serial: None,
                     cid: None,
                     socket: None,
+                    mac: None,
+                    tap: None,
+                    mtu: None,
                 });
                 Ok(ApiResponse::DeviceAdded(AddDeviceResponse { id, pci_path }))
             }
@@ -243,6 +252,9 @@ impl FakeVm {
                     serial: None,
                     cid: Some(v.cid),
                     socket: Some(v.socket),
+                    mac: None,
+                    tap: None,
+                    mtu: None,
                 });
                 Ok(ApiResponse::DeviceAdded(AddDeviceResponse { id, pci_path }))
             }
@@ -261,6 +273,44 @@ impl FakeVm {
                     serial: None,
                     cid: None,
                     socket: Some(u.socket),
+                    mac: None,
+                    tap: None,
+                    mtu: None,
+                });
+                Ok(ApiResponse::DeviceAdded(AddDeviceResponse { id, pci_path }))
+            }
+            ApiRequest::VmAddNet(n, fds) => {
+                // The fake "tap" is whatever the passed descriptor reads.
+                let tap = match (n.tap, n.fd) {
+                    (Some(t), _) => t,
+                    (None, Some(i)) => {
+                        let fd = fds.take(i as usize).ok_or_else(|| {
+                            ApiError::bad_request(format!("no descriptor {i} was passed"))
+                        })?;
+                        let mut text = String::new();
+                        std::io::Read::read_to_string(&mut std::fs::File::from(fd), &mut text)
+                            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+                        text
+                    }
+                    (None, None) => return Err(ApiError::bad_request("no tap")),
+                };
+                let id = self.new_id("net", &n.id)?;
+                let (port, pci_path) = self.place(&id, n.port.as_deref(), n.pci_path.as_deref())?;
+                self.info.devices.push(DeviceInfo {
+                    id: id.clone(),
+                    kind: DeviceKind::Net,
+                    pci_path: pci_path.clone(),
+                    bdf: None,
+                    port: Some(port),
+                    hotplugged: true,
+                    path: None,
+                    readonly: None,
+                    serial: None,
+                    cid: None,
+                    socket: None,
+                    mac: n.mac,
+                    tap: Some(tap),
+                    mtu: n.mtu,
                 });
                 Ok(ApiResponse::DeviceAdded(AddDeviceResponse { id, pci_path }))
             }

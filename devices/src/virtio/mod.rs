@@ -19,7 +19,7 @@
 //! - [`event_worker`] runs the thread of a device driven by host file descriptors as well as
 //!   its queues (network, vsock): receive chains wait in the ring until the host side has
 //!   data, and the handler registers and drops host file descriptors as it goes.
-//! - [`block`] and [`rng`] are the device types.
+//! - [`block`], [`rng`] and [`net`] (virtio-net on a tap) are the device types.
 
 use std::io;
 use std::sync::Arc;
@@ -33,6 +33,7 @@ pub mod chain;
 pub mod common_config;
 pub mod event_worker;
 pub mod interrupt;
+pub mod net;
 pub mod pci_transport;
 pub mod rng;
 pub mod vsock;
@@ -43,6 +44,7 @@ pub(crate) mod test_utils;
 
 pub use block::{Block, BlockConfig};
 pub use interrupt::VirtioInterrupt;
+pub use net::{Net, NetConfig, Tap, TapError};
 pub use pci_transport::{VirtioPciDevice, VirtioPciError, VirtioPciOptions};
 pub use rng::Rng;
 pub use vsock::Vsock;

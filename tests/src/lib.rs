@@ -605,7 +605,8 @@ pub fn kit_vm_config(serial: vmm::SerialOutput) -> vmm::VmConfig {
     }
 }
 
-/// Waits (bounded by [`timeout`]) until the API socket `p` exists.
+/// Waits (bounded by [`timeout`]) until the API socket `p` exists and the
+/// VMM behind it has answered a first request.
 pub fn wait_for_socket(p: &Path) {
     let deadline = Instant::now() + timeout();
     while !p.exists() {
@@ -616,6 +617,13 @@ pub fn wait_for_socket(p: &Path) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // `arbor` serves its API before it builds the VM: `vm.info` is
+    // answered once the VMM's loop runs, so the VM (its disks, their
+    // locks, its devices) exists when this returns. The answer itself
+    // does not matter (there may be no VM).
+    let _ = api::client::Client::new(p)
+        .with_timeout(timeout())
+        .vm_info();
 }
 
 /// A sparse raw disk of `mib` MiB (the guest sees `mib * 2048` sectors).

@@ -60,7 +60,7 @@ pub const REGION_MMAP: u32 = 4;
 pub struct RegionInfo {
     /// Region index.
     pub index: u32,
-    /// Size in bytes (0: not implemented).
+    /// Size in bytes (0: the device has no such region, e.g. an unused BAR).
     pub size: u64,
     /// `REGION_*` flags.
     pub flags: u32,

@@ -404,6 +404,17 @@ fn register_pio(
         .map_err(|e| DeviceError::Register(base, e))
 }
 
+/// A device placed before boot below a native hotplug port: the port's
+/// slot shows it present from power-on.
+fn mark_cold_plugged(pci: &PciManager, under: Option<&str>) {
+    if let Some(port) = under.and_then(|p| pci.port(p)) {
+        let mut port = port.lock().unwrap_or_else(|e| e.into_inner());
+        if port.has_native_hotplug() {
+            port.cold_plug(true);
+        }
+    }
+}
+
 impl DeviceManager {
     /// Creates the UART, CMOS, i8042, ACPI PM registers, boot timer, GED
     /// and ACPI hotplug registers (whose ejects go to `completions`).
@@ -559,6 +570,29 @@ impl DeviceManager {
         }
     }
 
+    /// Where a new device goes: the placement rules over the topology, the
+    /// hotplug plan and the slots in use.
+    fn choose_place(
+        &self,
+        pci: &PciManager,
+        plan: &HotplugPlan,
+        port: Option<&str>,
+        pci_path: Option<&str>,
+        hotplug: bool,
+    ) -> Result<placement::Place, DeviceError> {
+        Ok(placement::choose(
+            pci.topology(),
+            plan,
+            &self.placement_order,
+            &|p| pci.occupied(p),
+            &PlaceRequest {
+                port,
+                pci_path,
+                hotplug,
+            },
+        )?)
+    }
+
     /// Whether `id` names a PCI port or the root bus.
     fn is_port_id(&self, id: &str) -> bool {
         id == pci::topology::ROOT_BUS_ID
@@ -594,17 +628,7 @@ impl DeviceManager {
         } = new;
         let id = self.claim_id(id, prefix)?;
         let pci = self.pci()?;
-        let place = placement::choose(
-            pci.topology(),
-            plan,
-            &self.placement_order,
-            &|p| pci.occupied(p),
-            &PlaceRequest {
-                port,
-                pci_path,
-                hotplug: hotplugged,
-            },
-        )?;
+        let place = self.choose_place(&pci, plan, port, pci_path, hotplugged)?;
         let (path, under) = (place.path, place.port);
         let device = make()?;
         let pcie = match under.as_deref().and_then(|p| pci.topology().port(p)) {
@@ -629,12 +653,7 @@ impl DeviceManager {
         let shared: SharedPciDevice = Arc::new(Mutex::new(dev));
         pci.place(path.clone(), under.as_deref(), shared)?;
         if !hotplugged {
-            if let Some(port) = under.as_deref().and_then(|p| pci.port(p)) {
-                let mut port = port.lock().unwrap_or_else(|e| e.into_inner());
-                if port.has_native_hotplug() {
-                    port.cold_plug(true);
-                }
-            }
+            mark_cold_plugged(&pci, under.as_deref());
         }
         let rec = DeviceRecord {
             id,
@@ -847,16 +866,12 @@ impl DeviceManager {
         }
         let id = self.claim_id(cfg.id.as_deref(), "vfio-user")?;
         let pci = self.pci()?;
-        let place = placement::choose(
-            pci.topology(),
+        let place = self.choose_place(
+            &pci,
             plan,
-            &self.placement_order,
-            &|p| pci.occupied(p),
-            &PlaceRequest {
-                port: cfg.port.as_deref(),
-                pci_path: cfg.pci_path.as_deref(),
-                hotplug: hotplugged,
-            },
+            cfg.port.as_deref(),
+            cfg.pci_path.as_deref(),
+            hotplugged,
         )?;
         let (path, under) = (place.path, place.port);
         let backend = devices::vfio::VfioUserBackend::connect(&socket)?;
@@ -881,12 +896,7 @@ impl DeviceManager {
             return Err(e.into());
         }
         if !hotplugged {
-            if let Some(port) = under.as_deref().and_then(|p| pci.port(p)) {
-                let mut port = port.lock().unwrap_or_else(|e| e.into_inner());
-                if port.has_native_hotplug() {
-                    port.cold_plug(true);
-                }
-            }
+            mark_cold_plugged(&pci, under.as_deref());
         }
         let rec = DeviceRecord {
             id,

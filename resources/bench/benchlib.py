@@ -493,6 +493,21 @@ def parse_arbor_vm_args(p, argv, cpus, op_timeout, settle=True, timeout_what="re
     return args
 
 
+def vmm_failure(name, vm, what):
+    """A BenchError for VM (an object with proc, console and stderr, the
+    latter two Streams or None): WHAT, the VMM's exit status, and the last
+    console and standard error lines."""
+    status = vm.proc.poll() if vm.proc else None
+    msg = f"{name}: {what}"
+    if status is not None:
+        msg += f" ({name} exited with status {status})"
+    msg += f"\n  last console lines:\n{tail_lines(vm.console.text() if vm.console else b'')}"
+    err = vm.stderr.text() if vm.stderr else b""
+    if err.strip():
+        msg += f"\n  stderr:\n{tail_lines(err, 15)}"
+    return BenchError(msg)
+
+
 class ArborVm:
     """arbor booting the guest kit with an API socket. OPTS carries cpus, memory,
     arbor_extra (extra arguments), timeout (to 'Run /init'), op_timeout
@@ -520,15 +535,7 @@ class ArborVm:
         self.t_start = None
 
     def fail(self, what):
-        status = self.proc.poll() if self.proc else None
-        msg = f"arbor: {what}"
-        if status is not None:
-            msg += f" (arbor exited with status {status})"
-        msg += f"\n  last console lines:\n{tail_lines(self.console.text() if self.console else b'')}"
-        err = self.stderr.text() if self.stderr else b""
-        if err.strip():
-            msg += f"\n  stderr:\n{tail_lines(err, 15)}"
-        return BenchError(msg)
+        return vmm_failure("arbor", self, what)
 
     def boot(self):
         """Starts arbor and waits for 'Run /init'; returns seconds to it."""

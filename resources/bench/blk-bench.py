@@ -180,15 +180,7 @@ class QemuVm:
         self.t_start = None
 
     def fail(self, what):
-        status = self.proc.poll() if self.proc else None
-        msg = f"qemu: {what}"
-        if status is not None:
-            msg += f" (QEMU exited with status {status})"
-        msg += f"\n  last console lines:\n{tail_lines(self.console.text() if self.console else b'')}"
-        err = self.stderr.text() if self.stderr else b""
-        if err.strip():
-            msg += f"\n  stderr:\n{tail_lines(err, 15)}"
-        return BenchError(msg)
+        return benchlib.vmm_failure("qemu", self, what)
 
     def boot(self):
         """Starts QEMU and waits for 'Run /init'; returns seconds to it."""

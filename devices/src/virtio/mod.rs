@@ -156,21 +156,32 @@ pub trait VirtioDevice: Send {
     /// Start processing the given queues (called on DRIVER_OK).
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
 
+    /// The device's worker thread slot (started by `activate`).
+    fn worker(&self) -> &worker::WorkerSlot;
+
+    /// The device's worker thread slot, mutably.
+    fn worker_mut(&mut self) -> &mut worker::WorkerSlot;
+
     /// Stop processing: stop and join any worker thread, drop the queues. Idempotent.
-    fn reset(&mut self);
+    fn reset(&mut self) {
+        self.worker_mut().stop();
+    }
 
     /// Whether the device is currently active.
-    fn is_active(&self) -> bool;
+    fn is_active(&self) -> bool {
+        self.worker().is_active()
+    }
 
     /// Stop taking requests (the VM is paused) and wait, at most `timeout`, until no
-    /// request is in progress. Returns whether that happened in time. Nothing to stop by
-    /// default.
-    fn pause(&mut self, _timeout: std::time::Duration) -> bool {
-        true
+    /// request is in progress. Returns whether that happened in time.
+    fn pause(&mut self, timeout: std::time::Duration) -> bool {
+        self.worker().pause(timeout)
     }
 
     /// Take requests again after [`VirtioDevice::pause`].
-    fn resume(&mut self) {}
+    fn resume(&mut self) {
+        self.worker().resume()
+    }
 
     /// PCI class code for the transport (base << 16 | sub << 8 | prog-if).
     fn pci_class(&self) -> u32 {

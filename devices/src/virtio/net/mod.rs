@@ -485,20 +485,12 @@ impl VirtioDevice for Net {
         self.worker.start_events("virtio-net", 2, ctx, handler)
     }
 
-    fn reset(&mut self) {
-        self.worker.stop();
+    fn worker(&self) -> &WorkerSlot {
+        &self.worker
     }
 
-    fn is_active(&self) -> bool {
-        self.worker.is_active()
-    }
-
-    fn pause(&mut self, timeout: std::time::Duration) -> bool {
-        self.worker.pause(timeout)
-    }
-
-    fn resume(&mut self) {
-        self.worker.resume()
+    fn worker_mut(&mut self) -> &mut WorkerSlot {
+        &mut self.worker
     }
 }
 

@@ -6,6 +6,7 @@
 #
 # Environment: ARBOR_TEST_TIMEOUT (seconds per wait on a guest log line,
 # default 180), ARBOR_CACHE_DIR (kernel cache, default ~/.cache/arbor),
+# ARBOR_TEST_JOBS (guest tests at a time, default 2),
 # ARBOR_FUZZ (0: no fuzzing), ARBOR_FUZZ_SECONDS (per target, default 15),
 # ARBOR_SCHEMATHESIS (0: no API schema check), ARBOR_SCHEMATHESIS_SECONDS
 # (its time budget, default 30).
@@ -46,7 +47,10 @@ if [[ ${ARBOR_SCHEMATHESIS:-1} != 0 ]]; then
 		--max-time "${ARBOR_SCHEMATHESIS_SECONDS:-30}" --timeout "${ARBOR_TEST_TIMEOUT:-180}"
 fi
 
-# The cargo tests last, so their summary closes the output.
-log "tests"
-# Guest-booting tests keep a core busy each: two at a time.
-RUST_TEST_THREADS=${RUST_TEST_THREADS:-2} cargo test --workspace --locked
+# The tests last, so their summary closes the output.
+log "tests (no guest)"
+cargo test --workspace --exclude arbor-tests --locked
+# Guest-booting tests keep a core busy each: ARBOR_TEST_JOBS (default 2) at
+# a time, one test per process, longest first (resources/run-tests.py).
+log "tests (booting guests, ${ARBOR_TEST_JOBS:-2} at a time)"
+"$REPO/resources/run-tests.py" --package arbor-tests --jobs "${ARBOR_TEST_JOBS:-2}"

@@ -14,6 +14,14 @@ its address through its serial shell. For each round, arbor and QEMU alternate (
              times accept to EOF
 
 and prints median/min/max per VMM with the arbor/QEMU ratio, and the load average.
+Then, arbor only (--hotplug-rounds, default 1), a NIC is hot-plugged into each kind
+of place (native root port rp0, ACPI bridge br0, root bus) over the API socket:
+
+  bound      request to `arbor-guest wait-device PCI_PATH` returning in the guest
+             (enumerated, driver bound; includes one guest shell round trip)
+  link-up    request to the host's first ping answered by the new interface
+             (the guest's shell adds 10.77.33.2/24 and sets the link up)
+  remove     `vm.remove-device` round trip (answered once the guest let go)
 Needs root (namespaces, taps), /dev/kvm, the guest kit (resources/guest-kit/build.sh),
 busybox on the host, and qemu-system-x86_64 unless --only arbor.
 """
@@ -146,23 +154,28 @@ class Vm:
                 self.lock.wait(left)
             return start + self.text[start:].index(needle) + len(needle)
 
-    def run(self, cmd, timeout=600):
+    def run(self, cmd, timeout=600, capture=False):
+        """Runs CMD in the guest's shell; its output if CAPTURE (else discarded)."""
         self.n += 1
         mark = len(self.text)
         tag = f"NB{self.n}-{os.getpid()}"
-        line = f"{{ {cmd}\n}} >/dev/null 2>&1; echo N''B-{tag}-$?\n"
+        sink = "" if capture else " >/dev/null"
+        line = f"echo N''B-B-{tag}; {{ {cmd}\n}}{sink} 2>&1; echo N''B-{tag}-$?\n"
         self.proc.stdin.write(line.encode())
         self.proc.stdin.flush()
-        end = self.wait(f"NB-{tag}-", mark, timeout)
+        begin = self.wait(f"NB-B-{tag}\n", mark, timeout)
+        end = self.wait(f"NB-{tag}-", begin, timeout)
         with self.lock:
             rest = self.text[end:]
+            out = self.text[begin:end - len(f"NB-{tag}-")]
         while "\n" not in rest:
             time.sleep(0.05)
             with self.lock:
                 rest = self.text[end:]
         status = int(rest.split("\n", 1)[0].strip() or "1")
         if status:
-            raise BenchError(f"{self.name}: guest command failed ({status}): {cmd}")
+            raise BenchError(f"{self.name}: guest command failed ({status}): {cmd}\n{out}")
+        return out
 
     def stop(self):
         benchlib.stop(self.proc, 5)
@@ -214,11 +227,54 @@ def g2h(ns, vm, nbytes):
         helper.wait()
 
 
+def api(sock, method, path, body=None):
+    conn = benchlib.UnixHTTPConnection(sock, 600)
+    try:
+        conn.request(method, path, body=json.dumps(body) if body is not None else None,
+                     headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        data = r.read()
+        if r.status >= 300:
+            raise BenchError(f"{method} {path}: {r.status} {data.decode(errors='replace')}")
+        return json.loads(data) if data else None
+    finally:
+        conn.close()
+
+
+def hotplug(ns, vm, sock, place):
+    """One hot-plugged NIC at PLACE: (bound, link-up, remove) in ms."""
+    body = {"tap": "taph", "id": "nh", "port": place}
+    t0 = time.monotonic()
+    added = api(sock, "PUT", "/api/v1/vm.add-net", body)
+    out = vm.run(f"arbor-guest wait-device {added['pci_path']} 120", capture=True)
+    bound = time.monotonic() - t0
+    bdf = re.search(r"^bdf=(\S+)", out, re.M)
+    if not bdf:
+        raise BenchError(f"{vm.name}: no bdf from wait-device:\n{out}")
+    vm.run(f"i=$(ls /sys/bus/pci/devices/{bdf.group(1)}/virtio*/net/) && "
+           f"ip addr add 10.77.33.2/24 dev $i && ip link set $i up")
+    while True:
+        r = ns.exec(["busybox", "ping", "-c", "1", "-W", "1", "10.77.33.2"], check=False)
+        if r.returncode == 0:
+            break
+        if time.monotonic() - t0 > 120:
+            raise BenchError(f"{vm.name}: the NIC at {place} never answered ping")
+    up = time.monotonic() - t0
+    t1 = time.monotonic()
+    api(sock, "PUT", "/api/v1/vm.remove-device", {"id": "nh"})
+    gone = time.monotonic() - t1
+    log(f"hotplug {place}: {added['pci_path']} bound {bound * 1e3:.0f} ms, "
+        f"link up {up * 1e3:.0f} ms, removed {gone * 1e3:.0f} ms")
+    return bound * 1e3, up * 1e3, gone * 1e3
+
+
 def main(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=benchlib.positive_int, default=3)
     p.add_argument("--mib", type=benchlib.positive_int, default=4, help="MiB per TCP transfer")
     p.add_argument("--pings", type=benchlib.positive_int, default=50)
+    p.add_argument("--hotplug-rounds", type=benchlib.nonnegative_int, default=1,
+                   help="NIC hotplug cycles per place (arbor only)")
     p.add_argument("--only", choices=("arbor", "qemu"))
     p.add_argument("--arbor", help="arbor binary (default target/release or debug)")
     p.add_argument("--qemu", default="qemu-system-x86_64")
@@ -239,10 +295,13 @@ def main(argv):
     try:
         ns.tap("tapa", "10.77.31.1/24")
         ns.tap("tapq", "10.77.32.1/24")
+        ns.tap("taph", "10.77.33.1/24")
+        sock = os.path.join("/tmp", f"arbor-netbench-{os.getpid()}.sock")
         if a.only != "qemu":
             arbor = benchlib.find_arbor(a.arbor)
             vms["arbor"] = (ns.prefix() + [arbor, "--kernel", kernel, "--initramfs", initrd,
                                            "--cmdline", cmdline, "--memory", "512M",
+                                           "--api-socket", sock,
                                            "--net", "tap=tapa,mac=52:54:00:00:31:02"], 31)
         if a.only != "arbor":
             qemu = benchlib.find_qemu(a.qemu)
@@ -279,6 +338,18 @@ def main(argv):
                 mq = benchlib.describe(res["qemu"][key])["median"]
                 line.append(f"arbor/qemu median ratio {ma / mq:.2f}" if mq else "")
             print("  " + "; ".join(line))
+        if "arbor" in vms and a.hotplug_rounds:
+            hp = {}
+            for _ in range(a.hotplug_rounds):
+                for place in ("rp0", "br0", "root"):
+                    for k, v in zip(("bound_ms", "link_up_ms", "remove_ms"),
+                                    hotplug(ns, vms["arbor"], sock, place)):
+                        hp.setdefault(place, {}).setdefault(k, []).append(v)
+            print(f"net-bench hotplug (arbor, {a.hotplug_rounds} per place; load average "
+                  f"{benchlib.loadavg():.2f})")
+            for place, ks in hp.items():
+                print(f"  {place}: " + "; ".join(
+                    f"{k} {json.dumps(benchlib.describe(v))}" for k, v in ks.items()))
         return 0
     finally:
         for vm in running.values():

@@ -522,5 +522,29 @@ fn hotplugged_nics_everywhere_and_a_passed_tap() {
     let (st, out) = g.run("ping -c 1 -W 10 10.77.14.1");
     assert_eq!(st, 0, "guest ping: {out}");
     assert!(out.contains("1 packets received"), "guest ping: {out}");
+
+    // A tap deleted under an attached NIC (the runtime tore its network
+    // down first): the guest's traffic on it is dropped, the VMM and the
+    // other NICs carry on, and the NIC can still be removed.
+    let (gone_id, gone_if) = &ids[1];
+    ns.exec(&["ip", "link", "del", "tapa"]);
+    let (st, out) = g.run(&format!(
+        "ping -c 1 -W 2 -I {gone_if} 10.77.12.1; echo status=$?"
+    ));
+    assert_eq!(st, 0, "{out}");
+    assert_ne!(
+        kv(&out, "status"),
+        Some("0"),
+        "ping through a deleted tap: {out}"
+    );
+    assert!(devices(&c).iter().any(|d| &d.id == gone_id));
+    assert_no_loss(&ns.ping("10.77.14.2", 3, "0.2"), 3);
+    c.vm_remove_device(gone_id)
+        .expect("remove the NIC whose tap is gone");
+    assert!(!devices(&c).iter().any(|d| &d.id == gone_id));
+    assert!(
+        g.stderr().contains("tap failed"),
+        "no 'tap failed' warning in the log"
+    );
     drop(g);
 }

@@ -90,6 +90,12 @@ impl FailureWatch {
     pub fn get(&self) -> Option<&str> {
         self.0.get().map(String::as_str)
     }
+
+    /// Records that the back end failed, and why; only the first failure
+    /// is kept.
+    pub fn record(&self, why: String) {
+        let _ = self.0.set(why);
+    }
 }
 
 /// How the device's BAR register `raw` says the BAR decodes.
@@ -313,7 +319,7 @@ impl VfioPciDevice {
                 self.name
             );
             let why = format!("{what}: {e}");
-            let _ = self.watch.0.set(why.clone());
+            self.watch.record(why.clone());
             self.failed = Some(why);
             self.backend.close();
         }

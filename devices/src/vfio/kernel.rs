@@ -120,8 +120,56 @@ pub fn probe(paths: &HostPaths, path: &str) -> Result<GroupInfo, KernelVfioError
     Ok(info)
 }
 
-/// Guest RAM regions mapped into the container: iova -> (size, users).
-type Mappings = BTreeMap<u64, (u64, usize)>;
+/// Which guest RAM regions a container has DMA-mapped, and for how many
+/// functions: the first function to ask maps a region, the last to go
+/// unmaps it.
+#[derive(Debug, Default)]
+struct DmaRefs(BTreeMap<u64, (u64, usize)>);
+
+impl DmaRefs {
+    /// One more user of `size` bytes at `iova`; `true` if it is the first
+    /// (the caller maps the region, then calls [`DmaRefs::mapped`]).
+    fn acquire(&mut self, iova: u64, size: u64) -> io::Result<bool> {
+        match self.0.get_mut(&iova) {
+            Some((len, _)) if *len != size => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("guest RAM at {iova:#x} is mapped with {len:#x} bytes, not {size:#x}"),
+            )),
+            Some((_, users)) => {
+                *users += 1;
+                Ok(false)
+            }
+            None => Ok(true),
+        }
+    }
+
+    /// Records the first user's mapping.
+    fn mapped(&mut self, iova: u64, size: u64) {
+        self.0.insert(iova, (size, 1));
+    }
+
+    /// One user fewer; `true` if it was the last (the caller unmaps).
+    fn release(&mut self, iova: u64, size: u64) -> io::Result<bool> {
+        let Some((len, users)) = self.0.get_mut(&iova) else {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("guest RAM at {iova:#x} is not mapped"),
+            ));
+        };
+        if *len != size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("guest RAM at {iova:#x} is mapped with {len:#x} bytes, not {size:#x}"),
+            ));
+        }
+        *users -= 1;
+        if *users == 0 {
+            self.0.remove(&iova);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+}
 
 /// The VM's VFIO container: one IOMMU address space for every host function
 /// given to the guest, holding guest RAM.
@@ -130,7 +178,7 @@ pub struct KernelVfioContainer {
     /// Guest RAM; held so that what is DMA-mapped stays mapped in this
     /// process as long as the container may use it.
     memory: GuestMemoryMmap,
-    mapped: Mutex<Mappings>,
+    mapped: Mutex<DmaRefs>,
 }
 
 impl KernelVfioContainer {
@@ -146,7 +194,7 @@ impl KernelVfioContainer {
         Ok(Arc::new(KernelVfioContainer {
             container: Arc::new(container),
             memory,
-            mapped: Mutex::new(BTreeMap::new()),
+            mapped: Mutex::new(DmaRefs::default()),
         }))
     }
 
@@ -154,13 +202,7 @@ impl KernelVfioContainer {
     /// another function of the container has already.
     fn map(&self, iova: u64, size: u64) -> io::Result<()> {
         let mut mapped = self.mapped.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((len, users)) = mapped.get_mut(&iova) {
-            if *len != size {
-                return Err(io::Error::other(format!(
-                    "guest RAM at {iova:#x} is mapped with {len:#x} bytes, not {size:#x}"
-                )));
-            }
-            *users += 1;
+        if !mapped.acquire(iova, size)? {
             return Ok(());
         }
         let region = self
@@ -184,28 +226,14 @@ impl KernelVfioContainer {
         // references, so the device writing it concurrently is allowed.
         unsafe { self.container.vfio_dma_map(iova, len, host) }
             .map_err(|e| io::Error::other(e.to_string()))?;
-        mapped.insert(iova, (size, 1));
+        mapped.mapped(iova, size);
         Ok(())
     }
 
     /// Drops one user of the mapping at `iova`; the last one unmaps it.
     fn unmap(&self, iova: u64, size: u64) -> io::Result<()> {
         let mut mapped = self.mapped.lock().unwrap_or_else(|e| e.into_inner());
-        let Some((len, users)) = mapped.get_mut(&iova) else {
-            return Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("guest RAM at {iova:#x} is not mapped"),
-            ));
-        };
-        if *len != size {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("guest RAM at {iova:#x} is mapped with {len:#x} bytes, not {size:#x}"),
-            ));
-        }
-        *users -= 1;
-        if *users == 0 {
-            mapped.remove(&iova);
+        if mapped.release(iova, size)? {
             let len = usize::try_from(size).map_err(|e| io::Error::other(e.to_string()))?;
             self.container
                 .vfio_dma_unmap(iova, len)
@@ -219,6 +247,7 @@ impl KernelVfioContainer {
         self.mapped
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .0
             .iter()
             .map(|(iova, (size, users))| (*iova, *size, *users))
             .collect()
@@ -538,6 +567,34 @@ mod tests {
             info.members,
             ["0000:00:1c.0", "0000:03:00.0", "0000:03:00.1"]
         );
+    }
+
+    #[test]
+    fn guest_ram_is_mapped_once_per_container() {
+        let mut refs = DmaRefs::default();
+        // The first function maps both regions; the second shares them.
+        assert!(refs.acquire(0, 1 << 20).unwrap());
+        refs.mapped(0, 1 << 20);
+        assert!(refs.acquire(1 << 32, 2 << 20).unwrap());
+        refs.mapped(1 << 32, 2 << 20);
+        assert!(!refs.acquire(0, 1 << 20).unwrap());
+        assert!(!refs.acquire(1 << 32, 2 << 20).unwrap());
+        // A region of another size at a mapped address is refused.
+        assert!(refs.acquire(0, 4096).is_err());
+        assert!(refs.release(0, 4096).is_err());
+        // The first function goes: nothing is unmapped; the last: all is.
+        assert!(!refs.release(0, 1 << 20).unwrap());
+        assert!(!refs.release(1 << 32, 2 << 20).unwrap());
+        assert!(refs.release(0, 1 << 20).unwrap());
+        assert!(refs.release(1 << 32, 2 << 20).unwrap());
+        assert!(refs.0.is_empty());
+        assert_eq!(
+            refs.release(0, 1 << 20).unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
+        // A failed mapping (no `mapped` call) leaves nothing behind.
+        assert!(refs.acquire(0, 1 << 20).unwrap());
+        assert!(refs.0.is_empty());
     }
 
     #[test]

@@ -112,7 +112,9 @@ pub trait VfioBackend: Send {
     }
 
     /// Gives the device `size` bytes of guest memory at guest physical
-    /// address `iova`, backed by `file` from `offset`.
+    /// address `iova` (one whole guest RAM region), backed by `file` from
+    /// `offset`: a server in another process maps the file; kernel VFIO
+    /// maps this process's mapping of the region, once per container.
     fn dma_map(&mut self, iova: u64, size: u64, file: &File, offset: u64) -> io::Result<()>;
 
     /// Takes back what [`VfioBackend::dma_map`] gave at `iova`.

@@ -178,6 +178,18 @@ fn kernel_vfio_devices_that_cannot_be_passed_through() {
         2,
         "--device: missing required option 'path'",
     );
+    if let Some(first) = std::fs::read_dir("/sys/bus/pci/devices")
+        .ok()
+        .and_then(|mut d| d.next())
+        .and_then(|e| e.ok())
+    {
+        let path = format!("path={}", first.path().display());
+        assert_fails(
+            &["--kernel", k, "--device", &path, "--device", &path],
+            2,
+            "is given twice",
+        );
+    }
     if !kvm_available() {
         return;
     }

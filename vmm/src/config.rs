@@ -376,9 +376,14 @@ impl VmConfig {
         }
         // Whether each host function exists; its driver, IOMMU group and
         // the host's VFIO are checked when the device is opened.
+        let mut functions: Vec<String> = Vec::new();
         for d in &self.vfio_devices {
-            devices::vfio::group::function_of(std::path::Path::new("/sys"), &d.path)
+            let bdf = devices::vfio::group::function_of(std::path::Path::new("/sys"), &d.path)
                 .map_err(|e| ConfigError(format!("--device: {e}")))?;
+            if functions.contains(&bdf) {
+                return err(format!("--device: host PCI function {bdf} is given twice"));
+            }
+            functions.push(bdf);
         }
         let topology = self.topology()?;
         let mut ids: Vec<&str> = Vec::new();

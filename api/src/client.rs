@@ -275,6 +275,14 @@ impl Client {
         self.call(Endpoint::VmAddVsock, Some(config))?.json()
     }
 
+    /// `PUT vm.add-device`.
+    pub fn vm_add_device(
+        &self,
+        config: &crate::types::DeviceConfig,
+    ) -> Result<AddDeviceResponse, ClientError> {
+        self.call(Endpoint::VmAddDevice, Some(config))?.json()
+    }
+
     /// `PUT vm.add-user-device`.
     pub fn vm_add_user_device(
         &self,

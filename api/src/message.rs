@@ -23,11 +23,11 @@
 use tokio::sync::oneshot;
 
 use crate::fd_passing::PassedFds;
-use crate::types::UserDeviceConfig;
 use crate::types::{
     AddDeviceResponse, DiskConfig, NetConfig, RemoveDeviceRequest, RngConfig, VmInfo,
     VmmPingResponse, VsockConfig,
 };
+use crate::types::{DeviceConfig, UserDeviceConfig};
 
 /// A validated request for the VMM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +71,8 @@ pub enum ApiRequest {
     VmAddVsock(VsockConfig),
     /// `PUT vm.add-user-device`: answer [`ApiResponse::DeviceAdded`].
     VmAddUserDevice(UserDeviceConfig),
+    /// `PUT vm.add-device`: answer [`ApiResponse::DeviceAdded`].
+    VmAddDevice(DeviceConfig),
 }
 
 impl ApiRequest {
@@ -92,6 +94,7 @@ impl ApiRequest {
             ApiRequest::VmDelete => "vm.delete",
             ApiRequest::VmAddVsock(_) => "vm.add-vsock",
             ApiRequest::VmAddUserDevice(_) => "vm.add-user-device",
+            ApiRequest::VmAddDevice(_) => "vm.add-device",
         }
     }
 }

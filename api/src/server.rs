@@ -68,7 +68,7 @@ use crate::events::EventBus;
 use crate::fd_passing::{FdStream, PassedFds, ReceivedFds};
 use crate::message::{ApiError, ApiMessage, ApiReply, ApiRequest, ApiResponse};
 use crate::socket::{self, SocketError};
-use crate::types::UserDeviceConfig;
+use crate::types::{DeviceConfig, UserDeviceConfig};
 use crate::types::{
     DiskConfig, EmptyRequest, ErrorBody, NetConfig, RemoveDeviceRequest, RngConfig, VsockConfig,
 };
@@ -125,6 +125,8 @@ pub enum Endpoint {
     VmAddVsock,
     /// `PUT /api/v1/vm.add-user-device`
     VmAddUserDevice,
+    /// `PUT /api/v1/vm.add-device`
+    VmAddDevice,
 }
 
 /// One entry of the route table.
@@ -164,6 +166,7 @@ pub const ROUTES: &[Route] = &[
     route(Endpoint::VmEvents),
     route(Endpoint::VmAddVsock),
     route(Endpoint::VmAddUserDevice),
+    route(Endpoint::VmAddDevice),
 ];
 
 impl Endpoint {
@@ -185,6 +188,7 @@ impl Endpoint {
         Endpoint::VmEvents,
         Endpoint::VmAddVsock,
         Endpoint::VmAddUserDevice,
+        Endpoint::VmAddDevice,
     ];
 
     /// The full path, starting with [`API_PREFIX`].
@@ -206,6 +210,7 @@ impl Endpoint {
             Endpoint::VmEvents => "/api/v1/vm.events",
             Endpoint::VmAddVsock => "/api/v1/vm.add-vsock",
             Endpoint::VmAddUserDevice => "/api/v1/vm.add-user-device",
+            Endpoint::VmAddDevice => "/api/v1/vm.add-device",
         }
     }
 
@@ -236,7 +241,8 @@ impl Endpoint {
             | Endpoint::VmAddRng
             | Endpoint::VmAddNet
             | Endpoint::VmAddVsock
-            | Endpoint::VmAddUserDevice => {
+            | Endpoint::VmAddUserDevice
+            | Endpoint::VmAddDevice => {
                 matches!(response, ApiResponse::DeviceAdded(_))
             }
             Endpoint::VmmShutdown
@@ -307,6 +313,11 @@ impl Endpoint {
                 let config: UserDeviceConfig = json_body(self, body, false)?;
                 config.validate()?;
                 ApiRequest::VmAddUserDevice(config)
+            }
+            Endpoint::VmAddDevice => {
+                let config: DeviceConfig = json_body(self, body, false)?;
+                config.validate()?;
+                ApiRequest::VmAddDevice(config)
             }
         })
     }

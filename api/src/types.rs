@@ -158,6 +158,36 @@ pub struct DeviceInfo {
     /// NIC only: the MTU reported to the guest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u32>,
+    /// Kernel VFIO device only: the host function, `DDDD:BB:DD.F`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_bdf: Option<String>,
+    /// Kernel VFIO device only: the host function's IOMMU group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iommu_group: Option<u32>,
+    /// Passthrough devices (`vfio`, `vfio_user`) only: whether the back end
+    /// still answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<DeviceState>,
+    /// With `state` `failed`: why the back end stopped answering.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Whether a passthrough device's back end still answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceState {
+    /// The back end answers the guest's accesses.
+    Ok,
+    /// The back end failed (a vfio-user server exited, a host function
+    /// stopped answering): the guest reads all-ones, its writes are
+    /// dropped; the device can still be removed.
+    Failed,
+}
+
+impl DeviceState {
+    /// Every state, in declaration order.
+    pub const ALL: &'static [DeviceState] = &[DeviceState::Ok, DeviceState::Failed];
 }
 
 /// Kind of a topology node.
@@ -375,6 +405,24 @@ pub struct UserDeviceConfig {
     /// Absolute path of the server's listening UNIX socket (under an
     /// `--allow-path` directory when the VMM has any).
     pub socket: String,
+    /// Device id; generated when absent.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Topology node to place the device under.
+    #[serde(default)]
+    pub port: Option<String>,
+    /// Exact placement.
+    #[serde(default)]
+    pub pci_path: Option<String>,
+}
+
+/// Body of `PUT /api/v1/vm.add-device` (and the `--device` option): a host
+/// PCI function bound to `vfio-pci`, passed through with kernel VFIO.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// The function's sysfs directory, `/sys/bus/pci/devices/DDDD:BB:DD.F`.
+    pub path: String,
     /// Device id; generated when absent.
     #[serde(default)]
     pub id: Option<String>,
@@ -723,6 +771,37 @@ impl UserDeviceConfig {
     }
 }
 
+impl DeviceConfig {
+    /// Keys accepted by [`DeviceConfig::from_kv`].
+    pub const KV_KEYS: &'static [&'static str] = &["path", "id", "port", "pci_path"];
+
+    /// Checks what can be checked without the VM (the VMM checks that the
+    /// path names a PCI function, its driver and its IOMMU group).
+    pub fn validate(&self) -> Result<(), ApiError> {
+        validate_file_path("path", &self.path)?;
+        if !self.path.starts_with('/') {
+            return Err(ApiError::bad_request(format!(
+                "'path' must be absolute (/sys/bus/pci/devices/DDDD:BB:DD.F), not '{}'",
+                self.path
+            )));
+        }
+        validate_opt_id("id", &self.id)?;
+        validate_placement(&self.port, &self.pci_path)
+    }
+
+    /// Builds a configuration from `path=..,id=..,port=..,pci_path=..`; a
+    /// bare first item is the path.
+    pub fn from_kv(input: &str) -> Result<Self, KvError> {
+        let o = kv::parse_with_positional(input, Self::KV_KEYS, "path")?;
+        Ok(DeviceConfig {
+            path: o.required("path")?.to_string(),
+            id: o.string("id"),
+            port: o.string("port"),
+            pci_path: o.string("pci_path"),
+        })
+    }
+}
+
 impl RemoveDeviceRequest {
     /// Checks the id's syntax.
     pub fn validate(&self) -> Result<(), ApiError> {
@@ -991,6 +1070,36 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&DeviceKind::VfioUser).unwrap(),
             "\"vfio_user\""
+        );
+    }
+
+    #[test]
+    fn device_config() {
+        let d = DeviceConfig::from_kv("/sys/bus/pci/devices/0000:03:00.0,id=nic,port=rp1").unwrap();
+        assert_eq!(d.path, "/sys/bus/pci/devices/0000:03:00.0");
+        assert_eq!(d.id.as_deref(), Some("nic"));
+        assert_eq!(d.port.as_deref(), Some("rp1"));
+        assert!(d.validate().is_ok());
+        assert_eq!(
+            DeviceConfig::from_kv("id=nic").unwrap_err(),
+            KvError::MissingKey { key: "path".into() }
+        );
+        let mut d = DeviceConfig {
+            path: "0000:03:00.0".into(),
+            ..Default::default()
+        };
+        assert!(bad(d.validate()).contains("'path' must be absolute"));
+        d.path = String::new();
+        assert_eq!(bad(d.validate()), "'path' must not be empty");
+        d.path = "/sys/bus/pci/devices/0000:03:00.0".into();
+        d.id = Some("a b".into());
+        assert!(bad(d.validate()).contains("'id'"));
+        let e =
+            serde_json::from_str::<DeviceConfig>(r#"{"path": "/x", "socket": "/s"}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field `socket`"), "{e}");
+        assert_eq!(
+            serde_json::to_string(&DeviceState::Failed).unwrap(),
+            "\"failed\""
         );
     }
 

@@ -181,6 +181,16 @@ fn schemas_match_the_wire_types() {
     );
     check_object(
         &doc,
+        "DeviceConfig",
+        &api::types::DeviceConfig {
+            path: "/sys/bus/pci/devices/0000:03:00.0".into(),
+            id: s(),
+            port: s(),
+            pci_path: s(),
+        },
+    );
+    check_object(
+        &doc,
         "RemoveDeviceRequest",
         &RemoveDeviceRequest { id: "d".into() },
     );
@@ -199,6 +209,10 @@ fn schemas_match_the_wire_types() {
         mac: s(),
         tap: s(),
         mtu: Some(1500),
+        host_bdf: s(),
+        iommu_group: Some(7),
+        state: Some(api::types::DeviceState::Failed),
+        error: s(),
     };
     check_object(&doc, "DeviceInfo", &device);
     let slot = SlotInfo {
@@ -231,6 +245,7 @@ fn schemas_match_the_wire_types() {
     );
     check_enum(&doc, "VmState", VmState::ALL);
     check_enum(&doc, "DeviceKind", DeviceKind::ALL);
+    check_enum(&doc, "DeviceState", api::types::DeviceState::ALL);
     check_enum(&doc, "TopologyNodeType", TopologyNodeType::ALL);
     check_enum(&doc, "HotplugMechanism", HotplugMechanism::ALL);
 

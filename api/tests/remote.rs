@@ -135,6 +135,22 @@ fn add_and_remove() {
         assert_eq!(vs.cid, Some(3));
     }
 
+    // add-device: a bare first value is the function's sysfs path.
+    let v = stdout_json(&remote(
+        &f.socket,
+        &["add-device", "/sys/bus/pci/devices/0000:03:00.0,id=nic"],
+    ));
+    assert_eq!(v["id"], "nic");
+    {
+        let vm = f.vm.lock().unwrap();
+        let nic = vm.info.devices.iter().find(|d| d.id == "nic").unwrap();
+        assert_eq!(nic.host_bdf.as_deref(), Some("0000:03:00.0"));
+    }
+    assert!(
+        api_error(&remote(&f.socket, &["add-device", "path=/nonexistent"]))
+            .contains("does not name a PCI function")
+    );
+
     assert!(api_error(&remote(&f.socket, &["remove-device", "d1"])).contains("no device 'd1'"));
     assert!(api_error(&remote(&f.socket, &["add-disk", "path=/x,id=rootdisk"])).contains("exists"));
     assert!(api_error(&remote(&f.socket, &["add-disk", "path=/x,id=a b"])).contains("'id'"));
@@ -180,6 +196,7 @@ fn usage_errors_exit_2() {
         (&["add-vsock", "socket=/v"], "missing required option 'cid'"),
         (&["add-vsock", "cid=x,socket=/v"], "invalid value 'x'"),
         (&["remove-device"], "missing required option 'id'"),
+        (&["add-device", "id=x"], "missing required option 'path'"),
         (&["remove-device", "a", "b"], "not of the form key=value"),
         (&["--bogus"], "unknown option '--bogus'"),
     ];
@@ -209,6 +226,7 @@ fn help_and_version() {
         "add-disk",
         "add-rng",
         "add-vsock",
+        "add-device",
         "remove-device",
         "pause",
         "resume",

@@ -328,6 +328,7 @@ fn every_route_answers() {
             "/api/v1/vm.create" => r#"{"kernel": "/k"}"#,
             "/api/v1/vm.add-vsock" => r#"{"cid": 3, "socket": "/v.sock"}"#,
             "/api/v1/vm.add-user-device" => r#"{"socket": "/s.sock"}"#,
+            "/api/v1/vm.add-device" => r#"{"path": "/sys/bus/pci/devices/0000:03:00.0"}"#,
             _ => "",
         };
         let r = raw(&f, route.method.clone(), route.path, body);

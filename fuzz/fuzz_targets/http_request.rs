@@ -41,6 +41,7 @@ fuzz_target!(|data: &[u8]| {
         ApiRequest::VmAddVsock(c) => serde_json::to_vec(c).unwrap(),
         ApiRequest::VmRemoveDevice(r) => serde_json::to_vec(r).unwrap(),
         ApiRequest::VmAddUserDevice(c) => serde_json::to_vec(c).unwrap(),
+        ApiRequest::VmAddDevice(c) => serde_json::to_vec(c).unwrap(),
         ApiRequest::VmCreate(v) => serde_json::to_vec(v).unwrap(),
         _ => b"{}".to_vec(),
     };

@@ -59,6 +59,14 @@ pub trait IntxInterrupt: Send + Sync {
     fn eventfd(&self) -> Option<&EventFd> {
         None
     }
+
+    /// The eventfd signalled when the guest ends the interrupt (EOI of a
+    /// level-triggered line), for a back end that masks the line each time
+    /// it fires and unmasks it then (kernel VFIO). `None` if the line has
+    /// no such descriptor.
+    fn resample_eventfd(&self) -> Option<&EventFd> {
+        None
+    }
 }
 
 /// State recorded per vector by [`RecordingMsiGroup`].

@@ -2,7 +2,7 @@
 //! runs: exit status 2 for usage errors, 1 for errors found while building
 //! the VM.
 
-use arbor_tests::{guest_kit, run_arbor, run_arbor_env};
+use arbor_tests::{guest_kit, kvm_available, run_arbor, run_arbor_env, wait_for_socket, Guest};
 
 fn tmp(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("arbor-bad-input-{}", std::process::id()));
@@ -136,4 +136,117 @@ fn no_kvm() {
     let (code, stderr) = run_arbor_env(&["--kernel", k], &[("ARBOR_KVM_DEVICE", "/dev/null")]);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("KVM"), "{stderr}");
+}
+
+/// A function of this host not bound to vfio-pci, with its driver (none:
+/// unbound), if the host has PCI functions in sysfs.
+fn host_function_not_for_vfio() -> Option<(String, Option<String>)> {
+    let mut names: Vec<String> = std::fs::read_dir("/sys/bus/pci/devices")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names.into_iter().find_map(|bdf| {
+        let driver = std::fs::read_link(format!("/sys/bus/pci/devices/{bdf}/driver"))
+            .ok()
+            .and_then(|l| Some(l.file_name()?.to_string_lossy().into_owned()));
+        (driver.as_deref() != Some("vfio-pci")).then_some((bdf, driver))
+    })
+}
+
+/// `--device` and `vm.add-device` with functions that cannot be passed
+/// through: a clear error, and nothing changes. No guest runs (the API
+/// half creates a VM without booting it).
+#[test]
+fn kernel_vfio_devices_that_cannot_be_passed_through() {
+    let kit = guest_kit();
+    let k = kit.vmlinux.to_str().unwrap();
+    assert_fails(
+        &["--kernel", k, "--device", "path=/nonexistent"],
+        2,
+        "--device: '/nonexistent' does not name a PCI function \
+         (expected /sys/bus/pci/devices/DDDD:BB:DD.F)",
+    );
+    assert_fails(
+        &["--kernel", k, "--device", "0000:00:00.0"],
+        2,
+        "--device: 'path' must be absolute",
+    );
+    assert_fails(
+        &["--kernel", k, "--device", "id=nic"],
+        2,
+        "--device: missing required option 'path'",
+    );
+    if let Some(first) = std::fs::read_dir("/sys/bus/pci/devices")
+        .ok()
+        .and_then(|mut d| d.next())
+        .and_then(|e| e.ok())
+    {
+        let path = format!("path={}", first.path().display());
+        assert_fails(
+            &["--kernel", k, "--device", &path, "--device", &path],
+            2,
+            "is given twice",
+        );
+    }
+    if !kvm_available() {
+        return;
+    }
+    // A real function of this host, bound to its own driver (or to none):
+    // refused while the VM is built, naming the function.
+    let host = host_function_not_for_vfio();
+    if let Some((bdf, driver)) = &host {
+        let why = match driver {
+            Some(d) => format!("PCI function {bdf} is bound to driver '{d}', not vfio-pci"),
+            None => format!("PCI function {bdf} is not bound to vfio-pci (no driver)"),
+        };
+        assert_fails(
+            &[
+                "--kernel",
+                k,
+                "--device",
+                &format!("path=/sys/bus/pci/devices/{bdf}"),
+            ],
+            1,
+            &why,
+        );
+    }
+
+    // The API: a created VM (not booted) refuses with 400 and vm.info
+    // does not change.
+    let dir = tmp("vfio-api");
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("api.sock");
+    let _ = std::fs::remove_file(&sock);
+    let mut vmm = Guest::start(
+        "bad-input-vfio",
+        &["--api-socket".into(), sock.display().to_string()],
+    );
+    wait_for_socket(&sock);
+    let c = api::client::Client::new(&sock).with_timeout(arbor_tests::timeout());
+    c.vm_create(&serde_json::json!({ "kernel": k, "memory": "64M" }))
+        .expect("vm.create");
+    let before = c.vm_info().unwrap();
+    let mut paths = vec![
+        "/nonexistent".to_string(),
+        "/sys/bus/pci/devices/0000:ff:1f.7".to_string(),
+    ];
+    paths.extend(host.map(|(bdf, _)| format!("/sys/bus/pci/devices/{bdf}")));
+    for path in paths {
+        let e = c
+            .vm_add_device(&api::types::DeviceConfig {
+                path: path.clone(),
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert_eq!(
+            e.api_error_kind(),
+            Some(api::ApiErrorKind::BadRequest),
+            "{path}: {e}"
+        );
+        assert_eq!(c.vm_info().unwrap(), before, "{path}");
+    }
+    c.vmm_shutdown().unwrap();
+    assert_eq!(vmm.wait_exit().code(), Some(0), "{}", vmm.stderr());
 }

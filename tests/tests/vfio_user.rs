@@ -7,16 +7,17 @@
 //! One guest boot: cold plug, hot plug into a native root port, an ACPI
 //! bridge and the root bus (each answer's `pci_path` resolves to the BDF the
 //! driver bound), removal and re-add, then server faults and bad requests
-//! (clear API errors, the VMM keeps running its other devices).
+//! (clear API errors, a device whose server died shown failed in vm.info,
+//! the VMM keeps running its other devices).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use api::client::Client;
-use api::types::{DeviceKind, UserDeviceConfig};
+use api::types::{DeviceKind, DeviceState, UserDeviceConfig};
 use api::ApiErrorKind;
-use arbor_tests::{guest_bdf, guest_kit, kvm_available, repo_root, wait_count, Guest, Scratch};
+use arbor_tests::{guest_bdf, kvm_available, repo_root, wait_count, Guest, Scratch};
 
 /// The gpio server binary (built once, cached under the target dir).
 fn gpio_server() -> PathBuf {
@@ -129,13 +130,12 @@ fn gpio_server_cold_and_hot_plugged() {
         return;
     }
     let bin = gpio_server();
-    let kit = guest_kit();
     let s = Scratch::new("vfio-user");
     let sock = s.path("api.sock");
     let cold = Server::start(&bin, &s.0, "cold");
-    let g = Guest::boot(
+    // User space (a shell) lets the guest touch a device whose server died.
+    let g = Guest::boot_user(
         "vfio-user",
-        &kit.vmlinux,
         1,
         "",
         &[
@@ -177,6 +177,7 @@ fn gpio_server_cold_and_hot_plugged() {
     // Hot plug into a native root port, an ACPI bridge and the root bus.
     let mut servers = Vec::new();
     let mut paths = Vec::new();
+    let mut bdfs = Vec::new();
     for (id, port) in [("native", "rp0"), ("acpi", "br0"), ("onroot", "root")] {
         let srv = Server::start(&bin, &s.0, id);
         let mark = g.console().len();
@@ -188,6 +189,7 @@ fn gpio_server_cold_and_hot_plugged() {
         srv.wait_log("write region = 2");
         eprintln!("{id}: {} -> {bdf}", added.pci_path);
         paths.push(added.pci_path);
+        bdfs.push(bdf);
         servers.push(srv);
     }
 
@@ -256,10 +258,29 @@ fn gpio_server_cold_and_hot_plugged() {
     assert_eq!(re.pci_path, paths[0]);
     check_bound(&g, mark, &re.pci_path);
 
-    // The server of a device in use exits: the VMM keeps running, the
-    // device is removed cleanly and the others still work.
+    // The server of a device in use exits: once the guest touches the
+    // device (its configuration space, from user space), vm.info shows it
+    // failed with the reason; the VMM keeps answering, the device is
+    // removed cleanly and the others still work.
+    let state = |id: &str| {
+        let info = c.vm_info().unwrap();
+        let d = info.devices.into_iter().find(|d| d.id == id).unwrap();
+        (d.state, d.error)
+    };
+    assert_eq!(state("acpi"), (Some(DeviceState::Ok), None));
     let acpi = servers.remove(1);
     drop(acpi);
+    g.wait_shell();
+    let (_, out) = g.run(&format!(
+        "cat /sys/bus/pci/devices/{}/config > /dev/null; echo read",
+        bdfs[1]
+    ));
+    assert!(out.contains("read"), "{out}");
+    let (st, why) = state("acpi");
+    assert_eq!(st, Some(DeviceState::Failed), "{why:?}");
+    let why = why.unwrap_or_default();
+    assert!(why.starts_with("configuration read: "), "{why}");
+    assert_eq!(state("cold"), (Some(DeviceState::Ok), None));
     c.vm_remove_device("acpi").unwrap();
     let after = Server::start(&bin, &s.0, "after");
     let mark = g.console().len();

@@ -6,7 +6,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use api::types::UserDeviceConfig;
+use api::types::{DeviceConfig, UserDeviceConfig};
 use api::types::{DiskConfig, NetConfig, RngConfig, VsockConfig};
 use pci::placement::PlaceKind;
 use pci::topology::{HotplugMode, PortKind, PortSpec, Topology, TopologyOptions};
@@ -238,6 +238,9 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// Cold-plugged vfio-user devices (`--user-device`), after the rngs.
     pub user_devices: Vec<UserDeviceConfig>,
+    /// Cold-plugged host PCI functions (`--device`, kernel VFIO), after
+    /// the vfio-user devices.
+    pub vfio_devices: Vec<DeviceConfig>,
 }
 
 impl Default for VmConfig {
@@ -264,6 +267,7 @@ impl Default for VmConfig {
             event_monitor: None,
             vsock: None,
             user_devices: Vec::new(),
+            vfio_devices: Vec::new(),
         }
     }
 }
@@ -370,6 +374,17 @@ impl VmConfig {
                 Err(e) => return err(format!("--allow-path '{}': {e}", d.display())),
             }
         }
+        // Whether each host function exists; its driver, IOMMU group and
+        // the host's VFIO are checked when the device is opened.
+        let mut functions: Vec<String> = Vec::new();
+        for d in &self.vfio_devices {
+            let bdf = devices::vfio::group::function_of(std::path::Path::new("/sys"), &d.path)
+                .map_err(|e| ConfigError(format!("--device: {e}")))?;
+            if functions.contains(&bdf) {
+                return err(format!("--device: host PCI function {bdf} is given twice"));
+            }
+            functions.push(bdf);
+        }
         let topology = self.topology()?;
         let mut ids: Vec<&str> = Vec::new();
         // The checked disks stay open (and locked) until every one is
@@ -392,6 +407,11 @@ impl VmConfig {
                 self.user_devices
                     .iter()
                     .map(|u| (&u.id, &u.port, &u.pci_path)),
+            )
+            .chain(
+                self.vfio_devices
+                    .iter()
+                    .map(|d| (&d.id, &d.port, &d.pci_path)),
             )
             .chain(self.nets.iter().map(|n| (&n.id, &n.port, &n.pci_path)));
         let mut fds: Vec<i32> = Vec::new();
@@ -622,6 +642,9 @@ usage: arbor --kernel PATH [options]
                        host port P go to the UNIX socket PATH_P
   --user-device OPTIONS  the PCI function a vfio-user server serves:
                        socket=PATH[,id=ID][,port=ID][,pci_path=PATH]; repeatable
+  --device OPTIONS     a host PCI function bound to vfio-pci (kernel VFIO):
+                       path=/sys/bus/pci/devices/DDDD:BB:DD.F[,id=ID][,port=ID]
+                       [,pci_path=PATH]; repeatable
   --pci-port OPTIONS   id=ID,type=root-port|switch|pci-bridge[,parent=ID]
                        [,hotplug=native|acpi|none][,downstream=N][,slot=N]
                        [,bus-reserve=N][,mem-reserve=SIZE][,pref64-reserve=SIZE]
@@ -679,6 +702,7 @@ pub const VM_OPTIONS: &[&str] = &[
     "remove-timeout",
     "vsock",
     "user-device",
+    "device",
 ];
 
 /// Options that may be given more than once (arrays in JSON).
@@ -689,6 +713,7 @@ const REPEATABLE: &[&str] = &[
     "pci-port",
     "allow-path",
     "user-device",
+    "device",
 ];
 
 /// Options of the `arbor` process rather than of a VM: command line only.
@@ -745,6 +770,13 @@ fn apply_option(cfg: &mut VmConfig, name: &str, value: String) -> Result<(), Con
             UserDeviceConfig::from_kv(&value)
                 .map_err(|e| ConfigError(format!("--user-device: {e}")))?,
         ),
+        "device" => {
+            let d =
+                DeviceConfig::from_kv(&value).map_err(|e| ConfigError(format!("--device: {e}")))?;
+            d.validate()
+                .map_err(|e| ConfigError(format!("--device: {}", e.message)))?;
+            cfg.vfio_devices.push(d)
+        }
         other => return err(format!("unknown option '--{other}' (see --help)")),
     }
     Ok(())
@@ -988,6 +1020,13 @@ impl VmConfig {
                         serde_json::from_value(item.clone())
                             .map_err(|e| ConfigError(format!("--rng: {e}")))?,
                     ),
+                    ("device", serde_json::Value::Object(_)) => {
+                        let d: DeviceConfig = serde_json::from_value(item.clone())
+                            .map_err(|e| ConfigError(format!("--device: {e}")))?;
+                        d.validate()
+                            .map_err(|e| ConfigError(format!("--device: {}", e.message)))?;
+                        cfg.vfio_devices.push(d)
+                    }
                     ("user-device", serde_json::Value::Object(_)) => cfg.user_devices.push(
                         serde_json::from_value(item.clone())
                             .map_err(|e| ConfigError(format!("--user-device: {e}")))?,
@@ -1067,6 +1106,12 @@ impl VmConfig {
             .map(|u| object(serde_json::to_value(u)))
             .collect();
         o.insert("user-device".into(), Value::Array(users));
+        let vfio: Vec<Value> = self
+            .vfio_devices
+            .iter()
+            .map(|d| object(serde_json::to_value(d)))
+            .collect();
+        o.insert("device".into(), Value::Array(vfio));
         let nets: Vec<Value> = self
             .nets
             .iter()
@@ -1862,6 +1907,8 @@ mod json_tests {
             "30",
             "--user-device",
             &format!("socket={},id=g0,port=br0", f.p("k")),
+            "--device",
+            "path=/sys/bus/pci/devices/0000:03:00.0,id=nic0,port=rp1",
         ]
         .iter()
         .map(|s| s.to_string())

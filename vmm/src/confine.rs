@@ -267,6 +267,11 @@ pub struct Rule {
 /// - `/dev/net/tun`: read, write, ioctl (attaching to taps);
 /// - the API socket's directory: create a socket, remove a file (the stale
 ///   socket replaced at start, the socket removed at exit);
+/// - `/dev/vfio`: read, write, ioctl (kernel VFIO devices, cold or
+///   hot-plugged; absent on hosts without kernel VFIO);
+///   `/sys/devices`: read files, `/sys/kernel/iommu_groups`: list
+///   directories (a function's class and its IOMMU group's members, for
+///   the group rules);
 /// - `/proc`: list directories (the API counts `/proc/self/fd`);
 ///   `/proc/meminfo`: read (the memory check);
 ///   `/sys/devices/system/cpu`: read (the C library's CPU count).
@@ -342,6 +347,23 @@ pub fn landlock_rules(cfg: &VmConfig, kvm: &Path, allow_paths: &[PathBuf]) -> Ve
         path: "/dev/net/tun".into(),
         access: rd | wr | ioctl,
         what: "tap clone device",
+    });
+    // Kernel VFIO (`--device`, `vm.add-device`): the container and group
+    // devices, and what the IOMMU group rules read in sysfs.
+    rules.push(Rule {
+        path: "/dev/vfio".into(),
+        access: rd | wr | ioctl,
+        what: "VFIO devices",
+    });
+    rules.push(Rule {
+        path: "/sys/devices".into(),
+        access: rd.into(),
+        what: "PCI functions' class",
+    });
+    rules.push(Rule {
+        path: "/sys/kernel/iommu_groups".into(),
+        access: AccessFs::ReadDir.into(),
+        what: "IOMMU groups",
     });
     rules.push(Rule {
         path: "/proc".into(),
@@ -740,6 +762,9 @@ mod tests {
             rw | AccessFs::IoctlDev | AccessFs::MakeSock | AccessFs::RemoveFile
         );
         assert_eq!(get("/run/arbor"), AccessFs::MakeSock | AccessFs::RemoveFile);
+        assert_eq!(get("/dev/vfio"), rw | AccessFs::IoctlDev);
+        assert_eq!(get("/sys/devices"), AccessFs::ReadFile);
+        assert_eq!(get("/sys/kernel/iommu_groups"), AccessFs::ReadDir);
         // Nothing executable, nothing creatable but the socket.
         for r in &rules {
             assert!(!r.access.contains(AccessFs::Execute), "{r:?}");

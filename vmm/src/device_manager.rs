@@ -23,12 +23,14 @@ use devices::legacy::{
 use pci::placement::{self, HotplugPlan, PlaceKind, PlaceRequest, PlacementError, SlotMechanism};
 
 use api::fd_passing::PassedFds;
-use api::types::UserDeviceConfig;
+use api::types::{DeviceConfig, DeviceState, UserDeviceConfig};
 use api::types::{
     DeviceInfo, DeviceKind, DiskConfig, HotplugMechanism, NetConfig, RngConfig, SlotInfo,
     TopologyNode, TopologyNodeType, VsockConfig,
 };
 use api::{ApiError, ApiErrorKind};
+use devices::vfio::kernel::{HostPaths, KernelVfioBackend, KernelVfioContainer, KernelVfioError};
+use devices::vfio::{FailureWatch, VfioBackend};
 use devices::virtio::net::{Net, NetConfig as NicConfig, Tap, TapError, DEFAULT_MTU};
 use devices::virtio::{
     Block, BlockConfig, Rng, VirtioDevice, VirtioPciDevice, VirtioPciOptions, Vsock,
@@ -141,6 +143,12 @@ pub enum DeviceError {
     SocketNotAllowed(#[source] crate::confine::PathRefused),
     #[error("the vfio-user server at '{socket}' is already device '{id}'")]
     SocketInUse { socket: String, id: String },
+    #[error("cannot pass the host device through: {0}")]
+    KernelVfio(#[from] KernelVfioError),
+    #[error("host PCI function {bdf} is already device '{id}'")]
+    HostDeviceInUse { bdf: String, id: String },
+    #[error("cannot create the KVM VFIO device: {0}")]
+    KvmVfio(#[source] kvm_ioctls::Error),
 }
 
 impl DeviceError {
@@ -193,7 +201,11 @@ impl DeviceError {
             DeviceError::UserDevice(_)
             | DeviceError::RelativeSocketPath(_)
             | DeviceError::SocketNotAllowed(_) => K::BadRequest,
-            DeviceError::SocketInUse { .. } => K::Conflict,
+            DeviceError::SocketInUse { .. } | DeviceError::HostDeviceInUse { .. } => K::Conflict,
+            // The function, its driver, its group, the host's VFIO, opening
+            // the group or device: what the request names cannot be used.
+            DeviceError::KernelVfio(_) => K::BadRequest,
+            DeviceError::KvmVfio(_) => K::Internal,
             DeviceError::Passthrough(e) => {
                 use devices::vfio::VfioPciError as V;
                 match e {
@@ -234,6 +246,19 @@ pub struct DeviceRecord {
     /// vfio-user device: the server's socket (as checked, canonical).
     pub socket: Option<String>,
     pub net: Option<NetRecord>,
+    /// Kernel VFIO device: the host function.
+    pub host: Option<HostFunction>,
+    /// Passthrough devices: whether the back end failed.
+    pub failure: Option<FailureWatch>,
+}
+
+/// What `vm.info` shows of a host function passed through.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostFunction {
+    /// `DDDD:BB:DD.F`.
+    pub bdf: String,
+    /// Its IOMMU group.
+    pub group: u32,
 }
 
 /// What `vm.info` shows of a NIC.
@@ -266,6 +291,16 @@ impl DeviceRecord {
             mac: self.net.as_ref().map(|n| n.mac.clone()),
             tap: self.net.as_ref().map(|n| n.tap.clone()),
             mtu: self.net.as_ref().map(|n| n.mtu),
+            host_bdf: self.host.as_ref().map(|h| h.bdf.clone()),
+            iommu_group: self.host.as_ref().map(|h| h.group),
+            state: self.failure.as_ref().map(|w| match w.get() {
+                Some(_) => DeviceState::Failed,
+                None => DeviceState::Ok,
+            }),
+            error: self
+                .failure
+                .as_ref()
+                .and_then(|w| w.get().map(str::to_string)),
         }
     }
 }
@@ -308,6 +343,10 @@ pub struct DeviceManager {
     /// Which paths a hot-plug request may name; `None`: any.
     pub path_policy: Option<crate::confine::PathPolicy>,
     pub events: PlatformEvents,
+    /// Where kernel VFIO devices are looked up (`/sys`, `/dev/vfio`).
+    pub host_paths: HostPaths,
+    /// The VM's VFIO container while a kernel VFIO device uses it.
+    vfio_container: std::sync::Weak<KernelVfioContainer>,
 }
 
 fn evt() -> Result<EventFd, DeviceError> {
@@ -496,6 +535,8 @@ impl DeviceManager {
             placement_order: PlaceKind::DEFAULT_ORDER.to_vec(),
             path_policy: None,
             events: PlatformEvents { power_off, reset },
+            host_paths: HostPaths::default(),
+            vfio_container: std::sync::Weak::new(),
         })
     }
 
@@ -666,6 +707,8 @@ impl DeviceManager {
             vsock,
             socket: None,
             net,
+            host: None,
+            failure: None,
         };
         self.records.push(rec.clone());
         Ok(rec)
@@ -875,26 +918,7 @@ impl DeviceManager {
         )?;
         let (path, under) = (place.path, place.port);
         let backend = devices::vfio::VfioUserBackend::connect(&socket)?;
-        let intx = pci
-            .intx()
-            .line(
-                pci::intx::intx_gsi(&path),
-                Arc::new(std::sync::atomic::AtomicU8::new(0)),
-            )
-            .map_err(DeviceError::Msi)?;
-        let memory = vm_memory::GuestAddressSpace::memory(pci.memory());
-        let dev = devices::vfio::VfioPciDevice::new(
-            Box::new(backend),
-            &memory,
-            Some(Arc::new(intx) as Arc<dyn pci::IntxInterrupt>),
-        )
-        .map_err(DeviceError::Passthrough)?;
-        let shared: SharedPciDevice = Arc::new(Mutex::new(dev));
-        if let Err(e) = pci.place(path.clone(), under.as_deref(), shared.clone()) {
-            // Give guest RAM back and let the server go.
-            shared.lock().unwrap_or_else(|e| e.into_inner()).reset();
-            return Err(e.into());
-        }
+        let failure = self.place_passthrough(&pci, Box::new(backend), &path, under.as_deref())?;
         if !hotplugged {
             mark_cold_plugged(&pci, under.as_deref());
         }
@@ -909,9 +933,139 @@ impl DeviceManager {
             vsock: None,
             socket: Some(shown),
             net: None,
+            host: None,
+            failure: Some(failure),
         };
         self.records.push(rec.clone());
         Ok(rec)
+    }
+
+    /// Builds the passthrough function over `backend` (guest RAM, INTx)
+    /// and places it at `path`; on error nothing stays (the back end is
+    /// released and closed).
+    fn place_passthrough(
+        &self,
+        pci: &PciManager,
+        backend: Box<dyn VfioBackend>,
+        path: &PciPath,
+        under: Option<&str>,
+    ) -> Result<FailureWatch, DeviceError> {
+        let intx = pci
+            .intx()
+            .line(
+                pci::intx::intx_gsi(path),
+                Arc::new(std::sync::atomic::AtomicU8::new(0)),
+            )
+            .map_err(DeviceError::Msi)?;
+        let memory = vm_memory::GuestAddressSpace::memory(pci.memory());
+        let dev = devices::vfio::VfioPciDevice::new(
+            backend,
+            &memory,
+            Some(Arc::new(intx) as Arc<dyn pci::IntxInterrupt>),
+        )
+        .map_err(DeviceError::Passthrough)?;
+        let failure = dev.failure_watch();
+        let shared: SharedPciDevice = Arc::new(Mutex::new(dev));
+        if let Err(e) = pci.place(path.clone(), under, shared.clone()) {
+            // Give guest RAM back and let the back end go.
+            shared.lock().unwrap_or_else(|e| e.into_inner()).reset();
+            return Err(e.into());
+        }
+        Ok(failure)
+    }
+
+    /// Adds the host PCI function `cfg.path` names with kernel VFIO. Before
+    /// anything is opened or changed: the id; the path, the function's
+    /// driver and its IOMMU group (sysfs, see
+    /// [`devices::vfio::kernel::probe`]) and the host's VFIO; that the
+    /// function is not passed through already; the place. Then the VM's
+    /// VFIO container is opened (once, with the KVM VFIO device), the
+    /// function's group and device, guest RAM is DMA-mapped (once per
+    /// container) and the function placed; on error nothing stays.
+    pub fn add_device(
+        &mut self,
+        cfg: &DeviceConfig,
+        hotplugged: bool,
+        plan: &HotplugPlan,
+    ) -> Result<DeviceRecord, DeviceError> {
+        let id = self.claim_id(cfg.id.as_deref(), "vfio")?;
+        let info = devices::vfio::kernel::probe(&self.host_paths, &cfg.path)?;
+        if let Some(r) = self
+            .records
+            .iter()
+            .find(|r| r.host.as_ref().is_some_and(|h| h.bdf == info.bdf))
+        {
+            return Err(DeviceError::HostDeviceInUse {
+                bdf: info.bdf,
+                id: r.id.clone(),
+            });
+        }
+        let pci = self.pci()?;
+        let place = self.choose_place(
+            &pci,
+            plan,
+            cfg.port.as_deref(),
+            cfg.pci_path.as_deref(),
+            hotplugged,
+        )?;
+        let (path, under) = (place.path, place.port);
+        let container = self.vfio_container(&pci)?;
+        let backend = KernelVfioBackend::open(&self.host_paths, &info, container)?;
+        let failure = self.place_passthrough(&pci, Box::new(backend), &path, under.as_deref())?;
+        if !hotplugged {
+            mark_cold_plugged(&pci, under.as_deref());
+        }
+        log::info!(
+            "vfio {id}: host {} (IOMMU group {}) at {path}",
+            info.bdf,
+            info.group
+        );
+        let rec = DeviceRecord {
+            id,
+            kind: DeviceKind::Vfio,
+            path,
+            port: under,
+            mechanism: place.mechanism,
+            hotplugged,
+            disk: None,
+            vsock: None,
+            socket: None,
+            net: None,
+            host: Some(HostFunction {
+                bdf: info.bdf,
+                group: info.group,
+            }),
+            failure: Some(failure),
+        };
+        self.records.push(rec.clone());
+        Ok(rec)
+    }
+
+    /// The VM's VFIO container: the one kernel VFIO devices use now, or a
+    /// new one with a new KVM VFIO device (`KVM_DEV_TYPE_VFIO`).
+    fn vfio_container(
+        &mut self,
+        pci: &PciManager,
+    ) -> Result<Arc<KernelVfioContainer>, DeviceError> {
+        if let Some(c) = self.vfio_container.upgrade() {
+            return Ok(c);
+        }
+        let mut create = kvm_bindings::kvm_create_device {
+            type_: kvm_bindings::kvm_device_type_KVM_DEV_TYPE_VFIO,
+            fd: 0,
+            flags: 0,
+        };
+        let fd = pci
+            .vm()
+            .create_device(&mut create)
+            .map_err(DeviceError::KvmVfio)?;
+        let memory = (*vm_memory::GuestAddressSpace::memory(pci.memory())).clone();
+        let c = KernelVfioContainer::open(
+            devices::vfio::kernel::KvmVfioDevice::new_from_kvm(fd),
+            memory,
+        )?;
+        self.vfio_container = Arc::downgrade(&c);
+        Ok(c)
     }
 
     /// Adds a virtio-net NIC. Its tap is opened by name, or taken from
@@ -1108,6 +1262,189 @@ impl DeviceManager {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::symlink;
+    use std::path::Path;
+
+    /// A device manager with the default topology, its kernel VFIO
+    /// devices looked up in the fake host under `dir`; `None` without KVM.
+    fn manager(dir: &Path) -> Option<DeviceManager> {
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            eprintln!("no /dev/kvm: skipped");
+            return None;
+        };
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        vm.create_irq_chip().unwrap();
+        let completions = CompletionQueue::new().unwrap();
+        let mut dm =
+            DeviceManager::new(&vm, &SerialOutput::Off, Instant::now(), completions.clone())
+                .unwrap();
+        let cfg = crate::config::VmConfig {
+            memory: 64 << 20,
+            ..Default::default()
+        };
+        let topology = cfg.topology().unwrap();
+        let rest = topology.remaining_windows();
+        let allocator = pci::BarAllocator::new(rest.io, rest.mmio32, Some(rest.mmio64)).unwrap();
+        let mem = vm_memory::GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)])
+            .unwrap();
+        let pm = PciManager::new(
+            dm.io.clone(),
+            vm.clone(),
+            crate::interrupts::GsiRouting::new(vm).unwrap(),
+            allocator,
+            vm_memory::GuestMemoryAtomic::new(mem),
+            topology,
+            completions,
+        )
+        .unwrap();
+        dm.pci = Some(pm);
+        dm.host_paths = HostPaths {
+            sysfs: dir.join("sys"),
+            dev_vfio: dir.join("dev/vfio"),
+        };
+        std::fs::create_dir_all(&dm.host_paths.dev_vfio).unwrap();
+        // Fake functions: (bdf, driver, IOMMU group).
+        for (bdf, driver, group) in [
+            ("0000:03:00.0", Some("vfio-pci"), 3),
+            ("0000:05:00.0", Some("nvme"), 5),
+            ("0000:06:00.0", Some("vfio-pci"), 6),
+            ("0000:06:00.1", Some("snd_hda_intel"), 6),
+        ] {
+            let d = dm.host_paths.sysfs.join("bus/pci/devices").join(bdf);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("config"), [0u8; 64]).unwrap();
+            std::fs::write(d.join("class"), "0x020000\n").unwrap();
+            if let Some(drv) = driver {
+                let dd = dm.host_paths.sysfs.join("bus/pci/drivers").join(drv);
+                std::fs::create_dir_all(&dd).unwrap();
+                symlink(&dd, d.join("driver")).unwrap();
+            }
+            let gd = dm
+                .host_paths
+                .sysfs
+                .join("kernel/iommu_groups")
+                .join(group.to_string());
+            std::fs::create_dir_all(gd.join("devices")).unwrap();
+            symlink(&gd, d.join("iommu_group")).unwrap();
+            symlink(&d, gd.join("devices").join(bdf)).unwrap();
+        }
+        Some(dm)
+    }
+
+    fn device(path: &str, id: Option<&str>) -> DeviceConfig {
+        DeviceConfig {
+            path: path.into(),
+            id: id.map(String::from),
+            ..Default::default()
+        }
+    }
+
+    /// A refused `vm.add-device` answers 4xx and changes nothing: the
+    /// devices, the topology's slots, the VFIO container.
+    #[test]
+    fn refused_kernel_vfio_devices_change_nothing() {
+        let t = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let Some(mut dm) = manager(t.as_path()) else {
+            return;
+        };
+        let plan = HotplugPlan::new(dm.pci.as_ref().unwrap().topology(), &[]);
+        dm.add_rng(&RngConfig::default(), true, &plan).unwrap();
+        let devices = dm.device_info();
+        let topology = dm.topology_info(&plan);
+        let dev_vfio = dm.host_paths.dev_vfio.clone();
+        let mut refuse = |cfg: DeviceConfig, kind: ApiErrorKind, needle: &str| {
+            let e = dm.add_device(&cfg, true, &plan).unwrap_err();
+            assert_eq!(e.api_kind(), kind, "{}: {e}", cfg.path);
+            assert!(e.to_string().contains(needle), "{}: {e}", cfg.path);
+            assert_eq!(dm.device_info(), devices);
+            assert_eq!(dm.topology_info(&plan), topology);
+            assert!(dm.vfio_container.upgrade().is_none());
+        };
+        refuse(
+            device("/nonexistent", None),
+            ApiErrorKind::BadRequest,
+            "'/nonexistent' does not name a PCI function",
+        );
+        refuse(
+            device("/sys/bus/pci/devices/0000:05:00.0", None),
+            ApiErrorKind::BadRequest,
+            "PCI function 0000:05:00.0 is bound to driver 'nvme', not vfio-pci",
+        );
+        refuse(
+            device("/sys/bus/pci/devices/0000:06:00.0", None),
+            ApiErrorKind::BadRequest,
+            "IOMMU group 6 of 0000:06:00.0 is not viable: 0000:06:00.1 is bound to snd_hda_intel",
+        );
+        refuse(
+            device("/sys/bus/pci/devices/0000:03:00.0", None),
+            ApiErrorKind::BadRequest,
+            "kernel VFIO is not available on this host",
+        );
+        // The id is checked first.
+        refuse(
+            device("/sys/bus/pci/devices/0000:03:00.0", Some("rng0")),
+            ApiErrorKind::Conflict,
+            "device id 'rng0' is already in use",
+        );
+        // With a fake /dev/vfio the checks pass; the KVM VFIO device is
+        // created, and opening the container (the crate opens the real
+        // /dev/vfio/vfio) fails on a host without kernel VFIO.
+        std::fs::write(dev_vfio.join("vfio"), b"").unwrap();
+        std::fs::write(dev_vfio.join("3"), b"").unwrap();
+        let mut bad_port = device("/sys/bus/pci/devices/0000:03:00.0", None);
+        bad_port.port = Some("nowhere".into());
+        refuse(bad_port, ApiErrorKind::NotFound, "nowhere");
+        if !Path::new("/dev/vfio/vfio").exists() {
+            refuse(
+                device("/sys/bus/pci/devices/0000:03:00.0", None),
+                ApiErrorKind::BadRequest,
+                "cannot open the VFIO container",
+            );
+        }
+    }
+
+    #[test]
+    fn vm_info_shows_a_failed_back_end() {
+        let watch = FailureWatch::default();
+        let rec = DeviceRecord {
+            id: "nic".into(),
+            kind: DeviceKind::Vfio,
+            path: PciManager::root_path(5).unwrap(),
+            port: None,
+            mechanism: SlotMechanism::None,
+            hotplugged: true,
+            disk: None,
+            vsock: None,
+            socket: None,
+            net: None,
+            host: Some(HostFunction {
+                bdf: "0000:03:00.0".into(),
+                group: 3,
+            }),
+            failure: Some(watch.clone()),
+        };
+        let info = rec.info(None);
+        assert_eq!(info.state, Some(DeviceState::Ok));
+        assert_eq!(info.error, None);
+        assert_eq!(info.host_bdf.as_deref(), Some("0000:03:00.0"));
+        assert_eq!(info.iommu_group, Some(3));
+        let json = serde_json::to_value(&info).unwrap();
+        assert_eq!(json["state"], "ok");
+        assert!(json.get("error").is_none());
+        watch.record("BAR read: broken pipe".into());
+        let json = serde_json::to_value(rec.info(None)).unwrap();
+        assert_eq!(json["state"], "failed");
+        assert_eq!(json["error"], "BAR read: broken pipe");
+        // Devices without a back end have no state.
+        let rng = DeviceRecord {
+            kind: DeviceKind::Rng,
+            host: None,
+            failure: None,
+            ..rec
+        };
+        let json = serde_json::to_value(rng.info(None)).unwrap();
+        assert!(json.get("state").is_none() && json.get("host_bdf").is_none());
+    }
 
     #[test]
     fn console_file_output_is_bounded() {

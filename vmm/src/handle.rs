@@ -108,6 +108,14 @@ impl VmmHandle {
         ))
     }
 
+    /// Hot-plugs a host PCI function bound to vfio-pci (kernel VFIO).
+    pub fn add_device(
+        &self,
+        cfg: api::types::DeviceConfig,
+    ) -> std::result::Result<AddDeviceResponse, ApiError> {
+        self.expect_added(ApiRequest::VmAddDevice(cfg))
+    }
+
     /// Hot-unplugs a device; returns once the guest released it.
     pub fn remove_device(&self, id: &str) -> std::result::Result<(), ApiError> {
         self.expect_empty(ApiRequest::VmRemoveDevice(RemoveDeviceRequest {

@@ -233,6 +233,9 @@ pub struct KvmIntx {
     manager: Arc<IntxManager>,
     token: u64,
     irqfd: EventFd,
+    /// A duplicate of the line's resample eventfd, for a back end that
+    /// unmasks on EOI (kernel VFIO).
+    resample: EventFd,
 }
 
 impl pci::IntxInterrupt for KvmIntx {
@@ -242,6 +245,10 @@ impl pci::IntxInterrupt for KvmIntx {
 
     fn eventfd(&self) -> Option<&EventFd> {
         Some(&self.irqfd)
+    }
+
+    fn resample_eventfd(&self) -> Option<&EventFd> {
+        Some(&self.resample)
     }
 }
 
@@ -324,9 +331,9 @@ impl IntxManager {
             .register_irqfd_with_resample(&irqfd, &resample, gsi)
             .map_err(errno_to_io)?;
         let token = self.next.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        let device_fd = match irqfd.try_clone() {
-            Ok(fd) => fd,
-            Err(e) => {
+        let (device_fd, device_resample) = match (irqfd.try_clone(), resample.try_clone()) {
+            (Ok(fd), Ok(r)) => (fd, r),
+            (Err(e), _) | (_, Err(e)) => {
                 let _ = self.vm.unregister_irqfd(&irqfd, gsi);
                 return Err(e);
             }
@@ -359,6 +366,7 @@ impl IntxManager {
             manager: self.clone(),
             token,
             irqfd: device_fd,
+            resample: device_resample,
         })
     }
 

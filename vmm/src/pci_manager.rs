@@ -378,6 +378,11 @@ impl PciManager {
     }
 
     /// The GSI routing table (for devices' MSI groups).
+    /// The VM (to create KVM devices, e.g. the KVM VFIO device).
+    pub fn vm(&self) -> &Arc<VmFd> {
+        &self.vm
+    }
+
     pub fn routing(&self) -> &Arc<GsiRouting> {
         &self.routing
     }

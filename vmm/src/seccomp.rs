@@ -267,6 +267,9 @@ pub fn extra_rules(kind: ThreadKind) -> Vec<i64> {
                     .iter()
                     .filter(|&&nr| nr != libc::SYS_socket && nr != libc::SYS_connect),
             );
+            // A kernel VFIO function that fails on a guest access is closed
+            // on the vCPU thread; closing it reads its IOMMU group link.
+            v.extend_from_slice(&[libc::SYS_readlink, libc::SYS_readlinkat]);
             v
         }
         ThreadKind::BlockWorker => BLOCK_IO.to_vec(),

@@ -304,6 +304,9 @@ impl Vm {
         for u in &config.user_devices {
             devices.add_user_device(u, false, &cold_plan)?;
         }
+        for d in &config.vfio_devices {
+            devices.add_device(d, false, &cold_plan)?;
+        }
         for n in &config.nets {
             devices.add_net(n, None, false, &cold_plan)?;
         }
@@ -755,6 +758,10 @@ impl VmCore {
                     .add_user_device(&cfg, true, self.hotplug.plan());
                 self.hotplugged(r)
             }
+            ApiRequest::VmAddDevice(cfg) => {
+                let r = self.devices.add_device(&cfg, true, self.hotplug.plan());
+                self.hotplugged(r)
+            }
             ApiRequest::VmAddNet(cfg, fds) => {
                 // Descriptors the request does not use close with `fds`.
                 let r = self
@@ -796,7 +803,8 @@ impl VmCore {
                 | ApiRequest::VmAddRng(_)
                 | ApiRequest::VmAddNet(..)
                 | ApiRequest::VmAddVsock(_)
-                | ApiRequest::VmAddUserDevice(_),
+                | ApiRequest::VmAddUserDevice(_)
+                | ApiRequest::VmAddDevice(_),
                 VmState::Shutdown | VmState::NotCreated,
             ) => format!("the VM is {state}; devices are added to a created or running VM"),
             _ => return None,

@@ -46,6 +46,9 @@ Commands:
                              as this program's open descriptor N (passed to the VMM
                              with SCM_RIGHTS)
   remove-device ID | id=ID   hot-unplug a device
+  add-device path=/sys/bus/pci/devices/DDDD:BB:DD.F[,id=ID][,port=PORT][,pci_path=PATH]
+                             hot-plug a host PCI function bound to vfio-pci (kernel
+                             VFIO; a bare first value is the path)
   add-user-device socket=PATH[,id=ID][,port=PORT][,pci_path=PATH]
                              hot-plug the PCI function a vfio-user server serves on
                              its UNIX socket (a bare first value is the socket; a
@@ -214,6 +217,11 @@ fn parse_args(args: Vec<String>) -> Result<Parsed, String> {
             let mut config = VsockConfig::from_kv(&opts).map_err(|e| kv_error(&command, e))?;
             make_absolute(&mut config.socket)?;
             (Endpoint::VmAddVsock, Some(to_json(&config)?))
+        }
+        "add-device" => {
+            let config =
+                api::types::DeviceConfig::from_kv(&opts).map_err(|e| kv_error(&command, e))?;
+            (Endpoint::VmAddDevice, Some(to_json(&config)?))
         }
         "add-user-device" => {
             let mut config =

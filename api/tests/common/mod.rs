@@ -70,6 +70,10 @@ impl FakeVm {
             mac: None,
             tap: None,
             mtu: None,
+            host_bdf: None,
+            iommu_group: None,
+            state: None,
+            error: None,
         };
         FakeVm {
             info: VmInfo {
@@ -77,7 +81,7 @@ impl FakeVm {
                 cpus: Some(2),
                 memory: Some(512 << 20),
                 devices: vec![cold],
-                topology: vec![port("rp0", "00:04.0", 1), port("rp1", "00:05.0", 4)],
+                topology: vec![port("rp0", "00:04.0", 1), port("rp1", "00:05.0", 5)],
             },
             next_id: 0,
             vmm_shutdown_requested: false,
@@ -205,6 +209,10 @@ impl FakeVm {
                     mac: None,
                     tap: None,
                     mtu: None,
+                    host_bdf: None,
+                    iommu_group: None,
+                    state: None,
+                    error: None,
                 });
                 Ok(ApiResponse::DeviceAdded(AddDeviceResponse { id, pci_path }))
             }
@@ -226,6 +234,10 @@ impl FakeVm {
                     mac: None,
                     tap: None,
                     mtu: None,
+                    host_bdf: None,
+                    iommu_group: None,
+                    state: None,
+                    error: None,
                 });
                 Ok(ApiResponse::DeviceAdded(AddDeviceResponse { id, pci_path }))
             }
@@ -255,6 +267,45 @@ impl FakeVm {
                     mac: None,
                     tap: None,
                     mtu: None,
+                    host_bdf: None,
+                    iommu_group: None,
+                    state: None,
+                    error: None,
+                });
+                Ok(ApiResponse::DeviceAdded(AddDeviceResponse { id, pci_path }))
+            }
+            ApiRequest::VmAddDevice(d) => {
+                // As the VMM without kernel VFIO would: a path that does not
+                // name a PCI function is refused.
+                let bdf = d
+                    .path
+                    .strip_prefix("/sys/bus/pci/devices/")
+                    .filter(|b| b.len() == 12)
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!("'{}' does not name a PCI function", d.path))
+                    })?
+                    .to_string();
+                let id = self.new_id("vfio", &d.id)?;
+                let (port, pci_path) = self.place(&id, d.port.as_deref(), d.pci_path.as_deref())?;
+                self.info.devices.push(DeviceInfo {
+                    id: id.clone(),
+                    kind: DeviceKind::Vfio,
+                    pci_path: pci_path.clone(),
+                    bdf: None,
+                    port: Some(port),
+                    hotplugged: true,
+                    path: None,
+                    readonly: None,
+                    serial: None,
+                    cid: None,
+                    socket: None,
+                    mac: None,
+                    tap: None,
+                    mtu: None,
+                    host_bdf: Some(bdf),
+                    iommu_group: Some(7),
+                    state: Some(api::types::DeviceState::Ok),
+                    error: None,
                 });
                 Ok(ApiResponse::DeviceAdded(AddDeviceResponse { id, pci_path }))
             }
@@ -276,6 +327,10 @@ impl FakeVm {
                     mac: None,
                     tap: None,
                     mtu: None,
+                    host_bdf: None,
+                    iommu_group: None,
+                    state: None,
+                    error: None,
                 });
                 Ok(ApiResponse::DeviceAdded(AddDeviceResponse { id, pci_path }))
             }
@@ -311,6 +366,10 @@ impl FakeVm {
                     mac: n.mac,
                     tap: Some(tap),
                     mtu: n.mtu,
+                    host_bdf: None,
+                    iommu_group: None,
+                    state: None,
+                    error: None,
                 });
                 Ok(ApiResponse::DeviceAdded(AddDeviceResponse { id, pci_path }))
             }

@@ -74,6 +74,28 @@ pub struct VfioPciDevice {
     enumerated: bool,
     /// Why the back end stopped answering; accesses then do nothing.
     failed: Option<String>,
+    /// The back end's failure, for readers without the device's lock.
+    watch: FailureWatch,
+}
+
+/// Whether a function's back end failed, readable from any thread without
+/// the function's lock (which a vCPU may hold while it waits on the back
+/// end): `vm.info` reads it. Set once, by the first failure; removing the
+/// function is not a failure.
+#[derive(Clone, Debug, Default)]
+pub struct FailureWatch(Arc<std::sync::OnceLock<String>>);
+
+impl FailureWatch {
+    /// Why the back end failed, if it did.
+    pub fn get(&self) -> Option<&str> {
+        self.0.get().map(String::as_str)
+    }
+
+    /// Records that the back end failed, and why; only the first failure
+    /// is kept.
+    pub fn record(&self, why: String) {
+        let _ = self.0.set(why);
+    }
 }
 
 /// How the device's BAR register `raw` says the BAR decodes.
@@ -212,6 +234,7 @@ impl VfioPciDevice {
             dma: Vec::new(),
             enumerated: false,
             failed: None,
+            watch: FailureWatch::default(),
         };
         if let Err(e) = dev.map_memory(memory) {
             dev.release();
@@ -220,8 +243,13 @@ impl VfioPciDevice {
         if pin != 0 {
             if let Some(line) = intx {
                 if let Some(fd) = line.eventfd() {
-                    let raw = std::os::fd::AsRawFd::as_raw_fd(fd);
-                    if let Err(e) = dev.backend.set_irq_eventfds(INTX_IRQ, &[raw]) {
+                    let mut r = dev.backend.set_irq_eventfds(INTX_IRQ, &[fd]);
+                    if let (Ok(()), Some(resample)) = (&r, line.resample_eventfd()) {
+                        r = dev.backend.set_intx_unmask(resample);
+                    }
+                    if let Err(e) = r {
+                        // Disable what may have been enabled.
+                        dev.intx = Some(line);
                         dev.release();
                         return Err(VfioPciError::Intx(dev.name.clone(), e));
                     }
@@ -279,13 +307,20 @@ impl VfioPciDevice {
         self.failed.as_deref()
     }
 
+    /// A handle on the back end's failure, for `vm.info`.
+    pub fn failure_watch(&self) -> FailureWatch {
+        self.watch.clone()
+    }
+
     fn fail(&mut self, what: &str, e: std::io::Error) {
         if self.failed.is_none() {
             log::error!(
                 "{}: {what}: {e}; the device no longer answers the guest",
                 self.name
             );
-            self.failed = Some(format!("{what}: {e}"));
+            let why = format!("{what}: {e}");
+            self.watch.record(why.clone());
+            self.failed = Some(why);
             self.backend.close();
         }
     }

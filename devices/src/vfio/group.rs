@@ -3,9 +3,8 @@
 //! group, and whether the group is viable (every endpoint in it bound to
 //! `vfio-pci` or to no driver).
 //!
-//! This is the part of the kernel VFIO back end above the ioctls; the back
-//! end itself (container, group and device descriptors through
-//! `vfio-ioctls`) is not written yet, so nothing calls this outside tests.
+//! This is the part of the kernel VFIO back end above the ioctls:
+//! [`super::kernel::probe`] runs [`check`] before it opens anything.
 
 use std::path::{Path, PathBuf};
 
@@ -145,12 +144,12 @@ pub fn check(sysfs: &Path, path: &str) -> Result<GroupInfo, GroupError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
 
     /// A fake sysfs: functions with (bdf, class, driver, group).
-    fn tree(dir: &Path, fns: &[(&str, &str, Option<&str>, Option<u32>)]) {
+    pub(crate) fn tree(dir: &Path, fns: &[(&str, &str, Option<&str>, Option<u32>)]) {
         for (bdf, class, driver, group) in fns {
             let d = dir.join("bus/pci/devices").join(bdf);
             std::fs::create_dir_all(&d).unwrap();

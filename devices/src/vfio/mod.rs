@@ -3,9 +3,11 @@
 //! and interrupt model (regions 0-5 are the BARs, 6 the expansion ROM, 7 the
 //! configuration space; interrupt index 0 is INTx, 1 MSI, 2 MSI-X).
 //!
-//! The back end here is [`user::VfioUserBackend`], a vfio-user client (the
-//! `vfio_user` crate's `Client` over the server's UNIX socket, with what it
-//! lacks completed around it: see that module).
+//! The back ends are [`kernel::KernelVfioBackend`], a host function bound to
+//! `vfio-pci` through the `vfio-ioctls` crate (container, group and device;
+//! IOMMU group rules in [`group`]), and [`user::VfioUserBackend`], a
+//! vfio-user client (the `vfio_user` crate's `Client` over the server's UNIX
+//! socket, with what it lacks completed around it: see that module).
 //!
 //! What the model does (see [`device`]):
 //! - a virtualised configuration header: identity, class, revision and
@@ -18,7 +20,8 @@
 //! - capabilities are hidden (the capability list is empty, the extended
 //!   space reads zero): MSI and MSI-X are not offered, the function uses INTx;
 //! - INTx: the back end signals an eventfd that the VMM registers as a KVM
-//!   irqfd with resample (level-triggered, lowered on EOI);
+//!   irqfd with resample (level-triggered, lowered on EOI); the resample
+//!   eventfd is also given to the back end to unmask INTx (kernel VFIO);
 //! - BAR accesses are trapped and forwarded (no region is mmap-ed into the
 //!   guest); the expansion ROM is hidden;
 //! - all guest RAM is given to the back end for DMA when the function is
@@ -29,6 +32,7 @@
 
 pub mod device;
 pub mod group;
+pub mod kernel;
 pub mod user;
 
 #[cfg(test)]
@@ -36,9 +40,11 @@ mod tests;
 
 use std::fs::File;
 use std::io;
-use std::os::fd::RawFd;
 
-pub use device::{VfioPciDevice, VfioPciError};
+use vmm_sys_util::eventfd::EventFd;
+
+pub use device::{FailureWatch, VfioPciDevice, VfioPciError};
+pub use kernel::{KernelVfioBackend, KernelVfioContainer};
 pub use user::VfioUserBackend;
 
 /// VFIO region index of the configuration space.
@@ -94,10 +100,21 @@ pub trait VfioBackend: Send {
 
     /// Makes the device signal `fds[i]` for vector `i` of interrupt `index`
     /// (an empty slice disables the interrupt).
-    fn set_irq_eventfds(&mut self, index: u32, fds: &[RawFd]) -> io::Result<()>;
+    fn set_irq_eventfds(&mut self, index: u32, fds: &[&EventFd]) -> io::Result<()>;
+
+    /// Has the back end unmask INTx whenever `fd` is signalled (the KVM
+    /// resample eventfd, written on the guest's EOI). Kernel VFIO masks
+    /// INTx each time it fires and needs this; a vfio-user server drives
+    /// its INTx level itself, so that back end keeps the default, which
+    /// does nothing.
+    fn set_intx_unmask(&mut self, _fd: &EventFd) -> io::Result<()> {
+        Ok(())
+    }
 
     /// Gives the device `size` bytes of guest memory at guest physical
-    /// address `iova`, backed by `file` from `offset`.
+    /// address `iova` (one whole guest RAM region), backed by `file` from
+    /// `offset`: a server in another process maps the file; kernel VFIO
+    /// maps this process's mapping of the region, once per container.
     fn dma_map(&mut self, iova: u64, size: u64, file: &File, offset: u64) -> io::Result<()>;
 
     /// Takes back what [`VfioBackend::dma_map`] gave at `iova`.

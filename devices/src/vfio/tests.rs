@@ -1,6 +1,5 @@
 use std::fs::File;
 use std::io;
-use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex};
 
 use pci::{BarRegion, IntxInterrupt, PciDevice};
@@ -20,6 +19,9 @@ struct Log {
     unmapped: Vec<u64>,
     resets: u32,
     closed: bool,
+    unmask_fds: usize,
+    /// Set by a test: the back end stops answering from now on.
+    dead: bool,
 }
 
 struct Fake {
@@ -27,6 +29,7 @@ struct Fake {
     regions: Vec<RegionInfo>,
     log: Arc<Mutex<Log>>,
     broken: bool,
+    fail_unmask: bool,
 }
 
 impl Fake {
@@ -58,6 +61,7 @@ impl Fake {
                 regions,
                 log: log.clone(),
                 broken: false,
+                fail_unmask: false,
             },
             log,
         )
@@ -72,7 +76,7 @@ impl VfioBackend for Fake {
         self.regions.get(index as usize).copied()
     }
     fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> io::Result<()> {
-        if self.broken {
+        if self.broken || self.log.lock().unwrap().dead {
             return Err(io::Error::from(io::ErrorKind::BrokenPipe));
         }
         if index == CONFIG_REGION {
@@ -98,8 +102,15 @@ impl VfioBackend for Fake {
     fn irq_info(&mut self, index: u32) -> Option<IrqInfo> {
         Some(IrqInfo { index, count: 1 })
     }
-    fn set_irq_eventfds(&mut self, index: u32, fds: &[RawFd]) -> io::Result<()> {
+    fn set_irq_eventfds(&mut self, index: u32, fds: &[&EventFd]) -> io::Result<()> {
         self.log.lock().unwrap().irq_fds.push((index, fds.len()));
+        Ok(())
+    }
+    fn set_intx_unmask(&mut self, _fd: &EventFd) -> io::Result<()> {
+        self.log.lock().unwrap().unmask_fds += 1;
+        if self.fail_unmask {
+            return Err(io::Error::from(io::ErrorKind::BrokenPipe));
+        }
         Ok(())
     }
     fn dma_map(&mut self, iova: u64, size: u64, _file: &File, offset: u64) -> io::Result<()> {
@@ -126,6 +137,20 @@ impl IntxInterrupt for Line {
     }
     fn eventfd(&self) -> Option<&EventFd> {
         Some(&self.0)
+    }
+}
+
+/// A line with a resample eventfd, as the VMM's KVM lines have.
+struct ResampledLine(EventFd, EventFd);
+impl IntxInterrupt for ResampledLine {
+    fn assert(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+    fn eventfd(&self) -> Option<&EventFd> {
+        Some(&self.0)
+    }
+    fn resample_eventfd(&self) -> Option<&EventFd> {
+        Some(&self.1)
     }
 }
 
@@ -264,6 +289,74 @@ fn removal_resets_and_a_failed_backend_reads_all_ones() {
     assert_eq!(b, [0xff, 0xff]);
     assert_eq!(dev.read_config_register(20), u32::MAX);
     assert!(dev.failure().is_some());
+}
+
+#[test]
+fn a_failure_is_visible_without_the_device_lock_and_removal_is_not_one() {
+    let (mut dev, _) = gpio();
+    let watch = dev.failure_watch();
+    assert_eq!(watch.get(), None);
+    // Removal is not a failure.
+    PciDevice::reset(&mut dev);
+    assert_eq!(watch.get(), None);
+    assert_eq!(dev.failure(), Some("removed"));
+
+    let (fake, _) = Fake::gpio(256);
+    let mut dev = VfioPciDevice::new(Box::new(fake), &shared_memory(), None).unwrap();
+    let watch = dev.failure_watch();
+    let other_thread = watch.clone();
+    dev.inject_failure();
+    assert_eq!(watch.get(), Some("injected: test"));
+    assert_eq!(
+        std::thread::spawn(move || other_thread.get().map(str::to_owned))
+            .join()
+            .unwrap()
+            .as_deref(),
+        Some("injected: test")
+    );
+    // A back end that stops answering the guest's accesses.
+    let (fake, log) = Fake::gpio(256);
+    let mut dev = VfioPciDevice::new(Box::new(fake), &shared_memory(), None).unwrap();
+    let watch = dev.failure_watch();
+    log.lock().unwrap().dead = true;
+    let mut b = [0u8; 1];
+    dev.read_bar(2, 0, &mut b);
+    assert_eq!(b, [0xff]);
+    assert_eq!(watch.get(), Some("BAR read: broken pipe"));
+    // Later failures do not replace the first.
+    dev.write_bar(2, 0, &[1]);
+    assert_eq!(watch.get(), Some("BAR read: broken pipe"));
+}
+
+#[test]
+fn intx_is_unmasked_through_the_resample_eventfd() {
+    let (fake, log) = Fake::gpio(256);
+    let line: Arc<dyn IntxInterrupt> = Arc::new(ResampledLine(
+        EventFd::new(0).unwrap(),
+        EventFd::new(0).unwrap(),
+    ));
+    let _dev = VfioPciDevice::new(Box::new(fake), &shared_memory(), Some(line)).unwrap();
+    {
+        let l = log.lock().unwrap();
+        assert_eq!(l.irq_fds, vec![(INTX_IRQ, 1)]);
+        assert_eq!(l.unmask_fds, 1);
+    }
+    // A line without one (the vfio-user case in tests) sets no unmask.
+    let (_, log) = gpio();
+    assert_eq!(log.lock().unwrap().unmask_fds, 0);
+    // A back end that refuses the unmask: creation fails, INTx is
+    // disabled again, guest RAM given back.
+    let (mut fake, log) = Fake::gpio(256);
+    fake.fail_unmask = true;
+    let line: Arc<dyn IntxInterrupt> = Arc::new(ResampledLine(
+        EventFd::new(0).unwrap(),
+        EventFd::new(0).unwrap(),
+    ));
+    assert!(VfioPciDevice::new(Box::new(fake), &shared_memory(), Some(line)).is_err());
+    let l = log.lock().unwrap();
+    assert_eq!(l.irq_fds, vec![(INTX_IRQ, 1), (INTX_IRQ, 0)]);
+    assert_eq!(l.unmapped, vec![0, 1 << 32]);
+    assert!(l.closed);
 }
 
 #[test]

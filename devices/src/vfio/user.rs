@@ -36,6 +36,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use vfio_user::Client;
+use vmm_sys_util::eventfd::EventFd;
 
 use super::{IrqInfo, RegionInfo, VfioBackend};
 
@@ -165,7 +166,9 @@ impl VfioBackend for VfioUserBackend {
         })
     }
 
-    fn set_irq_eventfds(&mut self, index: u32, fds: &[RawFd]) -> io::Result<()> {
+    fn set_irq_eventfds(&mut self, index: u32, fds: &[&EventFd]) -> io::Result<()> {
+        let fds: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        let fds = fds.as_slice();
         let client = self.client()?;
         if fds.is_empty() {
             client.set_irqs(index, IRQ_SET_DATA_NONE_TRIGGER, 0, 0, &[])

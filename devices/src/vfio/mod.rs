@@ -43,7 +43,7 @@ use std::io;
 
 use vmm_sys_util::eventfd::EventFd;
 
-pub use device::{FailureWatch, VfioPciDevice, VfioPciError};
+pub use device::{FailureWatch, MsiGroupFactory, VfioPciDevice, VfioPciError};
 pub use kernel::{KernelVfioBackend, KernelVfioContainer};
 pub use user::VfioUserBackend;
 
@@ -53,6 +53,10 @@ pub const CONFIG_REGION: u32 = 7;
 pub const ROM_REGION: u32 = 6;
 /// VFIO interrupt index of INTx.
 pub const INTX_IRQ: u32 = 0;
+/// VFIO interrupt index of MSI.
+pub const MSI_IRQ: u32 = 1;
+/// VFIO interrupt index of MSI-X.
+pub const MSIX_IRQ: u32 = 2;
 
 /// Region flag: readable.
 pub const REGION_READ: u32 = 1;

@@ -3,15 +3,16 @@
 use std::any::Any;
 use std::sync::Arc;
 
+use pci::msi::{MSI_CAP_ID, MSI_CTL_ENABLE};
 use pci::msix::{MSIX_CAP_ID, MSIX_CTL_ENABLE, MSIX_CTL_FUNCTION_MASK};
 use pci::{
-    BarInfo, BarRegion, ConfigWriteOutcome, HeaderType, IntxInterrupt, MsiInterruptGroup,
-    MsixCapability, MsixConfig, PciBarConfig, PciConfigParams, PciConfiguration, PciDevice,
-    PciError,
+    BarInfo, BarRegion, ConfigWriteOutcome, HeaderType, IntxInterrupt, MsiCapability, MsiConfig,
+    MsiInterruptGroup, MsixCapability, MsixConfig, PciBarConfig, PciConfigParams, PciConfiguration,
+    PciDevice, PciError,
 };
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use super::{VfioBackend, CONFIG_REGION, INTX_IRQ, MSIX_IRQ};
+use super::{VfioBackend, CONFIG_REGION, INTX_IRQ, MSIX_IRQ, MSI_IRQ};
 
 /// Makes the MSI interrupt group of a function with the given number of
 /// vectors (the VMM: one KVM GSI and irqfd per vector). The back end
@@ -71,8 +72,8 @@ pub enum VfioPciError {
     DmaMap(String, #[source] std::io::Error),
     #[error("{0}: cannot set up INTx: {1}")]
     Intx(String, #[source] std::io::Error),
-    #[error("{0}: cannot create the MSI-X interrupt group: {1}")]
-    Msi(String, #[source] std::io::Error),
+    #[error("{0}: cannot create the {1} interrupt group: {2}")]
+    Msi(String, &'static str, #[source] std::io::Error),
 }
 
 /// The device's MSI-X capability as the guest sees it: control word and
@@ -82,8 +83,87 @@ struct Msix {
     offset: usize,
     cap: MsixCapability,
     config: MsixConfig,
-    /// Whether the back end signals the vectors' eventfds (and INTx is off).
-    active: bool,
+}
+
+/// The device's MSI capability as the guest sees it: all registers
+/// virtual (the back end is told the enabled vectors through its MSI
+/// interrupt index, never through these registers).
+struct Msi {
+    /// Offset of the capability in configuration space.
+    offset: usize,
+    cap: MsiCapability,
+    config: MsiConfig,
+    /// The capability's bytes as the guest wrote them (`cap.len()` bytes,
+    /// ID and next included; the next byte is relinked on read).
+    regs: Vec<u8>,
+    /// Writable bits of `regs`.
+    writable: Vec<u8>,
+}
+
+impl Msi {
+    fn reg(&self, at: usize, len: usize) -> u32 {
+        let mut b = [0u8; 4];
+        if let Some(src) = self.regs.get(at..at + len) {
+            b[..len].copy_from_slice(src);
+        }
+        u32::from_le_bytes(b)
+    }
+
+    fn control(&self) -> u16 {
+        self.reg(MsiCapability::CONTROL, 2) as u16
+    }
+
+    /// Vectors the guest enabled, 0 when MSI is off.
+    fn wanted(&self) -> u16 {
+        if self.control() & MSI_CTL_ENABLE == 0 {
+            0
+        } else {
+            self.config.vectors_enabled()
+        }
+    }
+
+    /// Pushes the registers to the delivery state (routes, masks).
+    fn apply(&self) {
+        let addr = u64::from(self.reg(MsiCapability::ADDR_LO, 4))
+            | self
+                .cap
+                .addr_hi_offset()
+                .map_or(0, |o| u64::from(self.reg(o, 4)) << 32);
+        let data = self.reg(self.cap.data_offset(), 2) as u16;
+        let mask = self.cap.mask_offset().map_or(0, |o| self.reg(o, 4));
+        self.config
+            .registers_written(self.control(), addr, data, mask);
+    }
+
+    /// Like [`Msix::collect_pending`]: signals of masked vectors counted in
+    /// their (unregistered) eventfds become pending bits.
+    fn pending(&self) -> u32 {
+        let wanted = self.wanted();
+        let mask = self.cap.mask_offset().map_or(0, |o| self.reg(o, 4));
+        for v in 0..wanted.min(32) {
+            if mask & (1 << v) == 0 {
+                continue;
+            }
+            if let Some(fd) = self.config.group().notifier(v) {
+                if fd.read().is_ok_and(|n| n > 0) {
+                    // Masked: this only sets the pending bit.
+                    let _ = self.config.trigger(v);
+                }
+            }
+        }
+        self.config.pending_bits()
+    }
+}
+
+/// Which interrupt the back end signals: the modes are exclusive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum IrqMode {
+    /// INTx (or nothing, for a function without a line).
+    Intx,
+    /// MSI with this many vectors.
+    Msi(u16),
+    /// MSI-X, every vector of the table.
+    Msix,
 }
 
 impl Msix {
@@ -207,6 +287,13 @@ pub struct VfioPciDevice {
     intx: Option<Arc<dyn IntxInterrupt>>,
     /// The MSI-X capability offered to the guest, if any.
     msix: Option<Msix>,
+    /// The MSI capability offered to the guest, if any.
+    msi: Option<Msi>,
+    /// Offsets of the capabilities offered, in the device's list order:
+    /// the guest's capability list links them in that order.
+    caps: Vec<usize>,
+    /// The interrupt the back end signals.
+    mode: IrqMode,
     /// Guest RAM given to the back end: (iova, size).
     dma: Vec<(u64, u64)>,
     enumerated: bool,
@@ -273,26 +360,19 @@ pub(crate) fn bar_size(region: BarRegion, len: u64) -> Result<u64, String> {
     }
 }
 
-/// Finds the device's MSI-X capability and, if it is usable (the back end
-/// has MSI-X interrupts, the table and PBA lie inside memory BARs the
-/// model placed), builds its emulation with an interrupt group from
-/// `factory`. An unusable capability is hidden (logged), not an error.
+/// Builds the emulation of the MSI-X capability at `offset` of `space` (the
+/// device's configuration space) if it is usable: the back end has MSI-X
+/// interrupts, the table and PBA lie inside memory BARs the model placed.
+/// The interrupt group comes from `factory`. An unusable capability is
+/// hidden (logged), not an error.
 fn find_msix(
+    space: &[u8; 256],
+    offset: usize,
     backend: &mut dyn VfioBackend,
     name: &str,
     bars: &[Bar],
     factory: MsiGroupFactory<'_>,
 ) -> Result<Option<Msix>, VfioPciError> {
-    let mut space = [0u8; 256];
-    backend
-        .region_read(CONFIG_REGION, 0, &mut space)
-        .map_err(|e| VfioPciError::ReadConfig(name.to_string(), e))?;
-    let Some(&(offset, _)) = walk_capabilities(&space)
-        .iter()
-        .find(|&&(_, id)| id == MSIX_CAP_ID)
-    else {
-        return Ok(None);
-    };
     if offset + MSIX_CAP_LEN > space.len() {
         log::warn!(
             "{name}: MSI-X capability at {offset:#x} runs past the configuration space; hidden"
@@ -335,14 +415,72 @@ fn find_msix(
         log::warn!("{name}: MSI-X table or PBA outside its BAR; MSI-X hidden");
         return Ok(None);
     }
-    let group = factory(cap.table_size).map_err(|e| VfioPciError::Msi(name.to_string(), e))?;
-    let config = MsixConfig::new(cap.table_size, group)
-        .map_err(|e| VfioPciError::Msi(name.to_string(), std::io::Error::other(e.to_string())))?;
+    let group =
+        factory(cap.table_size).map_err(|e| VfioPciError::Msi(name.to_string(), "MSI-X", e))?;
+    let config = MsixConfig::new(cap.table_size, group).map_err(|e| {
+        VfioPciError::Msi(
+            name.to_string(),
+            "MSI-X",
+            std::io::Error::other(e.to_string()),
+        )
+    })?;
     Ok(Some(Msix {
         offset,
         cap,
         config,
-        active: false,
+    }))
+}
+
+/// Builds the emulation of the MSI capability at `offset` of `space` if it
+/// is usable: the back end has MSI interrupts (the guest sees as many
+/// vectors as both the capability and the back end allow, a power of two).
+/// The interrupt group comes from `factory`. An unusable capability is
+/// hidden (logged), not an error.
+fn find_msi(
+    space: &[u8; 256],
+    offset: usize,
+    backend: &mut dyn VfioBackend,
+    name: &str,
+    factory: MsiGroupFactory<'_>,
+) -> Result<Option<Msi>, VfioPciError> {
+    let Some(&[lo, hi]) = space.get(offset + 2..offset + 4) else {
+        return Ok(None);
+    };
+    let control = u16::from_le_bytes([lo, hi]);
+    let claimed = 1u32 << ((control >> 1) & 7).min(5);
+    let count = backend.irq_info(MSI_IRQ).map(|i| i.count).unwrap_or(0);
+    let vectors = claimed.min(count);
+    if vectors == 0 {
+        log::warn!("{name}: the back end offers no MSI interrupts; MSI hidden");
+        return Ok(None);
+    }
+    // The largest power of two both allow (at most 32).
+    let vectors = 1u8 << (31 - vectors.leading_zeros());
+    let cap = match MsiCapability::new(vectors, control & (1 << 7) != 0, control & (1 << 8) != 0) {
+        Ok(c) => c,
+        Err(e) => {
+            log::warn!("{name}: MSI capability: {e}; hidden");
+            return Ok(None);
+        }
+    };
+    if offset + cap.len() > space.len() {
+        log::warn!(
+            "{name}: MSI capability at {offset:#x} runs past the configuration space; hidden"
+        );
+        return Ok(None);
+    }
+    let group =
+        factory(u16::from(vectors)).map_err(|e| VfioPciError::Msi(name.to_string(), "MSI", e))?;
+    let mut regs = vec![MSI_CAP_ID, 0];
+    regs.extend(cap.body());
+    let mut writable = vec![0, 0];
+    writable.extend(cap.writable_mask());
+    Ok(Some(Msi {
+        offset,
+        cap,
+        config: MsiConfig::new(cap, group),
+        regs,
+        writable,
     }))
 }
 
@@ -433,19 +571,39 @@ impl VfioPciDevice {
             });
             index += if kind == BarRegion::Mmio64 { 2 } else { 1 };
         }
-        let msix = match msi {
-            Some(factory) if cfg_len >= 256 => find_msix(&mut *backend, &name, &bars, factory)?,
-            _ => None,
-        };
+        let (mut msix, mut msi_cap, mut caps) = (None, None, Vec::new());
+        if let (Some(factory), true) = (msi, cfg_len >= 256) {
+            let mut space = [0u8; 256];
+            backend
+                .region_read(CONFIG_REGION, 0, &mut space)
+                .map_err(|e| VfioPciError::ReadConfig(name.clone(), e))?;
+            for (offset, id) in walk_capabilities(&space) {
+                if id == MSIX_CAP_ID && msix.is_none() {
+                    msix = find_msix(&space, offset, &mut *backend, &name, &bars, factory)?;
+                    if msix.is_some() {
+                        caps.push(offset);
+                    }
+                } else if id == MSI_CAP_ID && msi_cap.is_none() {
+                    msi_cap = find_msi(&space, offset, &mut *backend, &name, factory)?;
+                    if msi_cap.is_some() {
+                        caps.push(offset);
+                    }
+                }
+            }
+        }
         log::info!(
             "{name}: [{:04x}:{:04x}] class {:06x}, {} BAR(s), config space {cfg_len} bytes{}",
             u16_at(0),
             u16_at(2),
             u32_at(8) >> 8,
             bars.len(),
-            match &msix {
-                Some(m) => format!(", MSI-X {} vector(s)", m.cap.table_size),
-                None => ", INTx only".into(),
+            match (&msix, &msi_cap) {
+                (None, None) => ", INTx only".to_string(),
+                (x, m) => format!(
+                    ", MSI {} vector(s), MSI-X {} vector(s)",
+                    m.as_ref().map_or(0, |m| m.cap.max_vectors),
+                    x.as_ref().map_or(0, |x| x.cap.table_size)
+                ),
             }
         );
         let mut dev = VfioPciDevice {
@@ -454,6 +612,9 @@ impl VfioPciDevice {
             config,
             bars,
             msix,
+            msi: msi_cap,
+            caps,
+            mode: IrqMode::Intx,
             intx: None,
             dma: Vec::new(),
             enumerated: false,
@@ -503,14 +664,23 @@ impl VfioPciDevice {
     /// going away.
     fn release(&mut self) {
         if self.failed.is_none() {
-            if self.msix.as_ref().is_some_and(|m| m.active) {
-                if let Err(e) = self.backend.set_irq_eventfds(MSIX_IRQ, &[]) {
-                    log::warn!("{}: cannot disable MSI-X: {e}", self.name);
+            let off = match self.mode {
+                IrqMode::Intx => None,
+                IrqMode::Msi(_) => Some((MSI_IRQ, "MSI")),
+                IrqMode::Msix => Some((MSIX_IRQ, "MSI-X")),
+            };
+            if let Some((index, what)) = off {
+                if let Err(e) = self.backend.set_irq_eventfds(index, &[]) {
+                    log::warn!("{}: cannot disable {what}: {e}", self.name);
                 }
             }
-            if let Some(m) = self.msix.as_mut() {
-                m.active = false;
+            self.mode = IrqMode::Intx;
+            if let Some(m) = &self.msix {
                 m.config.reset();
+            }
+            if let Some(m) = &mut self.msi {
+                m.regs[2..].copy_from_slice(&m.cap.body());
+                m.apply();
             }
             if self.intx.is_some() {
                 if let Err(e) = self.backend.set_irq_eventfds(INTX_IRQ, &[]) {
@@ -609,89 +779,144 @@ impl VfioPciDevice {
 
     /// Whether the guest has MSI-X enabled (the back end signals MSI-X).
     pub fn msix_enabled(&self) -> bool {
-        self.msix.as_ref().is_some_and(|m| m.active)
+        self.mode == IrqMode::Msix
+    }
+
+    /// The MSI vectors the back end signals (0: MSI is off).
+    pub fn msi_vectors(&self) -> u16 {
+        match self.mode {
+            IrqMode::Msi(n) => n,
+            _ => 0,
+        }
+    }
+
+    /// The next capability offered after the one at `offset` (0: last).
+    fn next_cap(&self, offset: usize) -> u8 {
+        let mut it = self.caps.iter().skip_while(|&&o| o != offset);
+        it.next();
+        it.next().map_or(0, |&o| o as u8)
     }
 
     /// The guest wrote the MSI-X message control word: follow the enable
-    /// and function mask bits, and switch the back end between INTx and
-    /// MSI-X when enable changes.
+    /// and function mask bits.
     fn msix_control_written(&mut self, control: u16) {
         if self.failed.is_some() {
             return;
         }
-        let Some(m) = &self.msix else {
-            return;
-        };
-        let enable = control & MSIX_CTL_ENABLE != 0;
-        m.config
-            .set_control(enable, control & MSIX_CTL_FUNCTION_MASK != 0);
-        if enable == m.active {
+        if let Some(m) = &self.msix {
+            m.config.set_control(
+                control & MSIX_CTL_ENABLE != 0,
+                control & MSIX_CTL_FUNCTION_MASK != 0,
+            );
+        }
+        self.follow_guest_mode();
+    }
+
+    /// The guest wrote `data` at byte `rel` of the MSI capability.
+    fn msi_written(&mut self, rel: usize, data: &[u8]) {
+        if self.failed.is_some() {
             return;
         }
-        let r = if enable {
-            self.msix_on()
-        } else {
-            self.msix_off()
+        if let Some(m) = &mut self.msi {
+            for (i, &b) in data.iter().enumerate() {
+                if let (Some(r), Some(&w)) = (m.regs.get_mut(rel + i), m.writable.get(rel + i)) {
+                    *r = (*r & !w) | (b & w);
+                }
+            }
+            m.apply();
+        }
+        self.follow_guest_mode();
+    }
+
+    /// Switches the back end to the interrupt the guest enabled: MSI-X,
+    /// else MSI, else INTx. If the guest enables both MSI and MSI-X (which
+    /// the specification forbids), the one already in use stays.
+    fn follow_guest_mode(&mut self) {
+        if self.failed.is_some() {
+            return;
+        }
+        let msix = self.msix.as_ref().is_some_and(|m| m.config.enabled());
+        let msi = self.msi.as_ref().map_or(0, |m| m.wanted());
+        let wanted = match (msix, msi) {
+            (true, n) if n > 0 && matches!(self.mode, IrqMode::Msi(_)) => self.mode,
+            (true, _) => IrqMode::Msix,
+            (false, 0) => IrqMode::Intx,
+            (false, n) => IrqMode::Msi(n),
         };
-        if let Err(e) = r {
-            self.fail(
-                if enable {
-                    "enabling MSI-X"
-                } else {
-                    "disabling MSI-X"
-                },
-                e,
-            );
+        if wanted == self.mode {
+            return;
+        }
+        if let Err(e) = self.switch_mode(wanted) {
+            self.fail("switching interrupts", e);
         }
     }
 
-    fn msix_on(&mut self) -> std::io::Result<()> {
-        let Some(m) = &mut self.msix else {
-            return Ok(());
-        };
-        if self.intx.is_some() {
-            self.backend.set_irq_eventfds(INTX_IRQ, &[])?;
+    fn switch_mode(&mut self, to: IrqMode) -> std::io::Result<()> {
+        match self.mode {
+            IrqMode::Intx if self.intx.is_some() => {
+                self.backend.set_irq_eventfds(INTX_IRQ, &[])?;
+            }
+            IrqMode::Intx => {}
+            IrqMode::Msi(_) => self.backend.set_irq_eventfds(MSI_IRQ, &[])?,
+            IrqMode::Msix => self.backend.set_irq_eventfds(MSIX_IRQ, &[])?,
         }
-        let group = m.config.group();
-        let mut fds = Vec::with_capacity(usize::from(m.cap.table_size));
-        for v in 0..m.cap.table_size {
+        // Off until the new mode is on.
+        self.mode = IrqMode::Intx;
+        let (index, group, count) = match to {
+            IrqMode::Intx => {
+                if let Some(line) = self.intx.clone() {
+                    if let Some(fd) = line.eventfd() {
+                        self.backend.set_irq_eventfds(INTX_IRQ, &[fd])?;
+                        if let Some(resample) = line.resample_eventfd() {
+                            self.backend.set_intx_unmask(resample)?;
+                        }
+                    }
+                }
+                return Ok(());
+            }
+            IrqMode::Msi(n) => match &self.msi {
+                Some(m) => (MSI_IRQ, m.config.group(), n),
+                None => return Ok(()),
+            },
+            IrqMode::Msix => match &self.msix {
+                Some(m) => (MSIX_IRQ, m.config.group(), m.cap.table_size),
+                None => return Ok(()),
+            },
+        };
+        let mut fds = Vec::with_capacity(usize::from(count));
+        for v in 0..count {
             match group.notifier(v) {
                 Some(fd) => fds.push(fd),
                 None => {
                     return Err(std::io::Error::other(format!(
-                        "MSI-X vector {v} has no eventfd"
+                        "interrupt vector {v} has no eventfd"
                     )))
                 }
             }
         }
-        self.backend.set_irq_eventfds(MSIX_IRQ, &fds)?;
-        m.active = true;
+        self.backend.set_irq_eventfds(index, &fds)?;
+        self.mode = to;
         Ok(())
     }
 
-    fn msix_off(&mut self) -> std::io::Result<()> {
-        if let Some(m) = &mut self.msix {
-            self.backend.set_irq_eventfds(MSIX_IRQ, &[])?;
-            m.active = false;
-        }
-        if let Some(line) = self.intx.clone() {
-            if let Some(fd) = line.eventfd() {
-                self.backend.set_irq_eventfds(INTX_IRQ, &[fd])?;
-                if let Some(resample) = line.resample_eventfd() {
-                    self.backend.set_intx_unmask(resample)?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// A configuration dword past the header: the MSI-X capability is
+    /// A configuration dword past the header: the offered capabilities are
     /// virtual; other bytes come from the device.
     fn capability_read(&mut self, reg_idx: usize) -> u32 {
+        let at = reg_idx * 4;
         if let Some(m) = &self.msix {
-            let rel = (reg_idx * 4).wrapping_sub(m.offset);
+            let rel = at.wrapping_sub(m.offset);
             if rel < MSIX_CAP_LEN {
-                return m.dword(rel / 4, 0);
+                return m.dword(rel / 4, self.next_cap(m.offset));
+            }
+        }
+        if let Some(m) = &self.msi {
+            let rel = at.wrapping_sub(m.offset);
+            if rel < m.regs.len() {
+                return match rel {
+                    0 => m.reg(0, 4) & !0xff00 | u32::from(self.next_cap(m.offset)) << 8,
+                    _ if Some(rel) == m.cap.pending_offset() => m.pending(),
+                    _ => m.reg(rel, 4),
+                };
             }
         }
         self.device_config_read(reg_idx)
@@ -715,12 +940,12 @@ impl PciDevice for VfioPciDevice {
         match reg_idx {
             // The header is virtual (identity read once, BARs, command,
             // interrupt line, no expansion ROM); the capability list holds
-            // only the MSI-X capability, if offered.
+            // only the MSI and MSI-X capabilities, if offered.
             COMMAND_REG | CAP_PTR_REG => {
                 let v = self.config.read_config_register(reg_idx);
-                match (&self.msix, reg_idx) {
+                match (self.caps.first(), reg_idx) {
                     (Some(_), COMMAND_REG) => v | STATUS_CAP_LIST,
-                    (Some(m), _) => (v & !0xff) | m.offset as u32,
+                    (Some(&first), _) => (v & !0xff) | first as u32,
                     (None, _) => v,
                 }
             }
@@ -754,21 +979,27 @@ impl PciDevice for VfioPciDevice {
                 out
             }
             HEADER_DWORDS..CONFIG_DWORDS => {
-                let msix_rel = self
-                    .msix
+                let at = reg_idx * 4;
+                let msix_rel = self.msix.as_ref().map(|m| at.wrapping_sub(m.offset));
+                let msi_rel = self
+                    .msi
                     .as_ref()
-                    .map(|m| (reg_idx * 4).wrapping_sub(m.offset));
-                match msix_rel {
-                    // The message control word (bytes 2-3 of the first
-                    // dword); the rest of the capability is read-only.
-                    Some(0) if offset + data.len() as u64 > 2 => {
+                    .map(|m| (at.wrapping_sub(m.offset), m.regs.len()));
+                match (msix_rel, msi_rel) {
+                    // The MSI-X message control word (bytes 2-3 of the
+                    // first dword); the rest of the capability is
+                    // read-only.
+                    (Some(0), _) if offset + data.len() as u64 > 2 => {
                         let mut dword = self.capability_read(reg_idx).to_le_bytes();
                         let o = offset as usize;
                         dword[o..o + data.len()].copy_from_slice(data);
                         self.msix_control_written(u16::from_le_bytes([dword[2], dword[3]]));
                     }
-                    Some(rel) if rel < MSIX_CAP_LEN => {}
-                    _ => self.device_config_write(reg_idx as u64 * 4 + offset, data),
+                    (Some(rel), _) if rel < MSIX_CAP_LEN => {}
+                    (_, Some((rel, len))) if rel < len => {
+                        self.msi_written(rel + offset as usize, data);
+                    }
+                    _ => self.device_config_write(at as u64 + offset, data),
                 }
                 ConfigWriteOutcome::default()
             }

@@ -32,6 +32,8 @@ struct Fake {
     fail_unmask: bool,
     /// MSI-X vectors the back end reports (`irq_info(2)`).
     msix_count: u32,
+    /// MSI vectors the back end reports (`irq_info(1)`).
+    msi_count: u32,
 }
 
 impl Fake {
@@ -65,6 +67,7 @@ impl Fake {
                 broken: false,
                 fail_unmask: false,
                 msix_count: 1,
+                msi_count: 1,
             },
             log,
         )
@@ -131,10 +134,10 @@ impl VfioBackend for Fake {
         Ok(())
     }
     fn irq_info(&mut self, index: u32) -> Option<IrqInfo> {
-        let count = if index == MSIX_IRQ {
-            self.msix_count
-        } else {
-            1
+        let count = match index {
+            MSIX_IRQ => self.msix_count,
+            MSI_IRQ => self.msi_count,
+            _ => 1,
         };
         Some(IrqInfo { index, count })
     }
@@ -480,9 +483,10 @@ fn nic(vectors: u16) -> (VfioPciDevice, Arc<Mutex<Log>>, Arc<pci::RecordingMsiGr
     let (fake, log) = Fake::nic(vectors);
     let (dev, groups) = msix_device(fake).unwrap();
     let groups = groups.lock().unwrap();
-    assert_eq!(groups.len(), 1);
-    assert_eq!(groups[0].0, vectors);
-    (dev, log, groups[0].1.clone())
+    // MSI (one vector) at 0x50, then MSI-X at 0x70.
+    assert_eq!(groups.len(), 2);
+    assert_eq!((groups[0].0, groups[1].0), (1, vectors));
+    (dev, log, groups[1].1.clone())
 }
 
 /// Programs table entry `v` through BAR0 as a guest driver does.
@@ -499,11 +503,13 @@ fn msix_control(dev: &mut VfioPciDevice, control: u16) {
 }
 
 #[test]
-fn msix_capability_is_exposed_alone() {
+fn msi_and_msix_capabilities_are_exposed_alone() {
     let (mut dev, log, _) = nic(4);
-    // Capability list bit and pointer: straight to MSI-X.
+    // Capability list bit and pointer: PM hidden, MSI first.
     assert_eq!(dev.read_config_register(1) >> 16 & 0x10, 0x10);
-    assert_eq!(dev.read_config_register(13) & 0xff, 0x70);
+    assert_eq!(dev.read_config_register(13) & 0xff, 0x50);
+    // MSI: ID 5, next MSI-X, one vector, 32-bit, no masking.
+    assert_eq!(dev.read_config_register(0x50 / 4), 0x0000_7005);
     // ID 0x11, next 0 (the vendor capability after it is hidden), table
     // size 4, disabled.
     assert_eq!(dev.read_config_register(0x70 / 4), 0x0003_0011);
@@ -617,7 +623,7 @@ fn msix_vectors_are_bounded_by_the_back_end() {
     let (mut fake, _) = Fake::nic(8);
     fake.msix_count = 2;
     let (mut dev, groups) = msix_device(fake).unwrap();
-    assert_eq!(groups.lock().unwrap()[0].0, 2);
+    assert_eq!(groups.lock().unwrap()[1].0, 2);
     assert_eq!(dev.read_config_register(0x70 / 4) >> 16, 1);
     // Vector 2 does not exist: its table bytes reach the device (as any
     // byte of the BAR outside the table).
@@ -632,9 +638,10 @@ fn msix_is_hidden_when_it_cannot_work() {
     let (mut fake, _) = Fake::nic(4);
     fake.msix_count = 0;
     let (mut dev, groups) = msix_device(fake).unwrap();
-    assert!(groups.lock().unwrap().is_empty());
-    assert_eq!(dev.read_config_register(1) >> 16 & 0x10, 0);
-    assert_eq!(dev.read_config_register(13) & 0xff, 0);
+    assert_eq!(groups.lock().unwrap().len(), 1); // MSI's
+    assert_eq!(dev.read_config_register(13) & 0xff, 0x50);
+    // MSI is the last capability now.
+    assert_eq!(dev.read_config_register(0x50 / 4) >> 8 & 0xff, 0);
     // Its control word is the device's again (passed through, not
     // offered in the list) and writes to it do not switch interrupts.
     msix_control(&mut dev, 0x8000);
@@ -642,12 +649,15 @@ fn msix_is_hidden_when_it_cannot_work() {
     // Table outside its BAR.
     let (mut fake, _) = Fake::nic(4);
     fake.config[0x74..0x78].copy_from_slice(&0x3ff8u32.to_le_bytes());
+    fake.msi_count = 0;
     let (mut dev, groups) = msix_device(fake).unwrap();
     assert!(groups.lock().unwrap().is_empty());
+    assert_eq!(dev.read_config_register(1) >> 16 & 0x10, 0);
     assert_eq!(dev.read_config_register(13) & 0xff, 0);
     // Table in a BAR the device does not have.
     let (mut fake, _) = Fake::nic(4);
     fake.config[0x74] = 0x03;
+    fake.msi_count = 0;
     let (mut dev, _) = msix_device(fake).unwrap();
     assert_eq!(dev.read_config_register(13) & 0xff, 0);
     // No MSI factory given: INTx only.
@@ -661,7 +671,7 @@ fn msix_is_hidden_when_it_cannot_work() {
     let err = VfioPciDevice::new(Box::new(fake), &shared_memory(), None, Some(&factory))
         .err()
         .unwrap();
-    assert!(err.to_string().contains("MSI-X"), "{err}");
+    assert!(err.to_string().contains("MSI interrupt group"), "{err}");
 }
 
 #[test]
@@ -729,7 +739,7 @@ fn msix_with_a_failing_back_end_does_not_panic() {
     let (mut dev, log, _) = nic(4);
     log.lock().unwrap().dead = true;
     // The back end's config reads fail; MSI-X registers are virtual.
-    assert_eq!(dev.read_config_register(20), u32::MAX);
+    assert_eq!(dev.read_config_register(16), u32::MAX);
     assert!(dev.failure().is_some());
     msix_control(&mut dev, 0x8000);
     assert!(!dev.msix_enabled());
@@ -770,4 +780,134 @@ fn signals_of_masked_vectors_are_pending_in_the_pba() {
     dev.read_bar(0, 0x3000, &mut q);
     assert_eq!(q, [0; 8]);
     assert_eq!(g.notifier(3).unwrap().read().unwrap(), 1);
+}
+
+/// The NIC with MSI-X unusable and an MSI capability of 8 vectors (64-bit,
+/// per-vector masking) of which the back end has `msi` vectors.
+fn msi_nic(msi: u32) -> (VfioPciDevice, Arc<Mutex<Log>>, Arc<pci::RecordingMsiGroup>) {
+    let (mut fake, log) = Fake::nic(4);
+    fake.msix_count = 0;
+    fake.msi_count = msi;
+    let control: u16 = (3 << 1) | (1 << 7) | (1 << 8);
+    fake.config[0x52..0x54].copy_from_slice(&control.to_le_bytes());
+    let (dev, groups) = msix_device(fake).unwrap();
+    let g = groups.lock().unwrap();
+    assert_eq!(g.len(), 1);
+    (dev, log, g[0].1.clone())
+}
+
+fn msi_write(dev: &mut VfioPciDevice, at: usize, value: u32, len: usize) {
+    let bytes = value.to_le_bytes();
+    dev.write_config_register(at / 4, (at % 4) as u64, &bytes[..len]);
+}
+
+#[test]
+fn msi_multiple_messages_are_routed_and_masked() {
+    use pci::MsiInterruptGroup;
+    let (mut dev, log, g) = msi_nic(4);
+    // Four vectors (MMC 2: the back end's limit), 64-bit, masking; MSI
+    // is the only capability.
+    assert_eq!(dev.read_config_register(13) & 0xff, 0x50);
+    assert_eq!(dev.read_config_register(0x50 / 4), 0x0184_0005);
+    msi_write(&mut dev, 0x54, 0xfee0_0000, 4);
+    msi_write(&mut dev, 0x58, 0, 4);
+    msi_write(&mut dev, 0x5c, 0x40, 2);
+    msi_write(&mut dev, 0x60, 0b1000, 4);
+    assert_eq!(dev.read_config_register(0x54 / 4), 0xfee0_0000);
+    assert_eq!(dev.read_config_register(0x5c / 4), 0x40);
+    // Enable with MME 2 (four vectors).
+    msi_write(&mut dev, 0x52, 0x0025, 2);
+    assert_eq!(dev.msi_vectors(), 4);
+    assert_eq!(
+        log.lock().unwrap().irq_fds,
+        vec![(INTX_IRQ, 1), (INTX_IRQ, 0), (MSI_IRQ, 4)]
+    );
+    // Each vector's route carries its own data (low bits = vector).
+    let v2 = g.vector(2).unwrap();
+    assert_eq!(
+        (v2.msg.addr, v2.msg.data, v2.masked),
+        (0xfee0_0000, 0x42, false)
+    );
+    assert!(g.vector(3).unwrap().masked);
+    // The device signalled masked vector 3: pending, delivered on unmask.
+    g.notifier(3).unwrap().write(1).unwrap();
+    assert_eq!(dev.read_config_register(0x64 / 4), 0b1000);
+    msi_write(&mut dev, 0x60, 0, 4);
+    assert_eq!(g.trigger_count(3), 1);
+    assert_eq!(dev.read_config_register(0x64 / 4), 0);
+    assert!(!g.vector(3).unwrap().masked);
+    // Fewer vectors: the back end is told again.
+    msi_write(&mut dev, 0x52, 0x0013, 2);
+    assert_eq!(dev.msi_vectors(), 2);
+    assert!(g.vector(3).unwrap().masked);
+    // More than the capability offers: clamped to four.
+    msi_write(&mut dev, 0x52, 0x0071, 2);
+    assert_eq!(dev.msi_vectors(), 4);
+    // Read-only bits stay.
+    assert_eq!(dev.read_config_register(0x50 / 4) >> 16 & 0x18e, 0x184);
+    // Disable: INTx back.
+    msi_write(&mut dev, 0x52, 0, 2);
+    assert_eq!(dev.msi_vectors(), 0);
+    let l = log.lock().unwrap();
+    assert_eq!(
+        l.irq_fds[3..],
+        [
+            (MSI_IRQ, 0),
+            (MSI_IRQ, 2),
+            (MSI_IRQ, 0),
+            (MSI_IRQ, 4),
+            (MSI_IRQ, 0),
+            (INTX_IRQ, 1)
+        ]
+    );
+    // Nothing of the capability reached the device.
+    assert!(l.config_writes.is_empty());
+}
+
+#[test]
+fn msi_vectors_are_a_power_of_two_both_allow() {
+    // The back end has 3 MSI vectors: the guest is offered 2.
+    let (mut dev, _, _) = msi_nic(3);
+    assert_eq!(dev.read_config_register(0x50 / 4) >> 17 & 7, 1);
+    // No MSI at the back end: hidden, nothing offered at all.
+    let (mut fake, _) = Fake::nic(4);
+    fake.msix_count = 0;
+    fake.msi_count = 0;
+    let (mut dev, groups) = msix_device(fake).unwrap();
+    assert!(groups.lock().unwrap().is_empty());
+    assert_eq!(dev.read_config_register(13) & 0xff, 0);
+    msi_write(&mut dev, 0x52, 1, 2);
+    assert_eq!(dev.msi_vectors(), 0);
+}
+
+#[test]
+fn msi_and_msix_are_exclusive() {
+    let (mut dev, log, _) = nic(4);
+    msi_write(&mut dev, 0x52, 1, 2);
+    assert_eq!(dev.msi_vectors(), 1);
+    // MSI-X enabled too (the guest must not): MSI stays in use.
+    msix_control(&mut dev, 0x8000);
+    assert!(!dev.msix_enabled());
+    assert_eq!(dev.msi_vectors(), 1);
+    // MSI disabled: now MSI-X.
+    msi_write(&mut dev, 0x52, 0, 2);
+    assert!(dev.msix_enabled());
+    assert_eq!(
+        log.lock().unwrap().irq_fds,
+        vec![
+            (INTX_IRQ, 1),
+            (INTX_IRQ, 0),
+            (MSI_IRQ, 1),
+            (MSI_IRQ, 0),
+            (MSIX_IRQ, 4)
+        ]
+    );
+    // Odd writes into the capabilities do not panic.
+    for at in 0x50..0x80usize {
+        for len in [1usize, 2, 4] {
+            if at % 4 + len <= 4 {
+                msi_write(&mut dev, at, u32::MAX, len);
+            }
+        }
+    }
 }

@@ -489,10 +489,11 @@ impl VfioPciDevice {
     /// identity and BAR types, sizes the BARs from the regions, gives all of
     /// `memory` to the back end for DMA and, when the device has an INTx pin
     /// and `intx` is given, has the back end signal that line's eventfd.
-    /// With `msi`, a device with a usable MSI-X capability (and MSI-X
-    /// interrupts at its back end) offers it to the guest, with an
-    /// interrupt group `msi` makes for its vectors; all other capabilities
-    /// are hidden. Nothing is left mapped on error.
+    /// With `msi`, a device's usable MSI and MSI-X capabilities (the back
+    /// end has such interrupts; for MSI-X, the table and PBA lie in memory
+    /// BARs) are offered to the guest, each with an interrupt group `msi`
+    /// makes for its vectors; all other capabilities are hidden. Nothing is
+    /// left mapped on error.
     pub fn new(
         mut backend: Box<dyn VfioBackend>,
         memory: &GuestMemoryMmap,

@@ -192,6 +192,11 @@ impl MsiConfig {
         &self.cap
     }
 
+    /// The interrupt group the vectors are delivered through.
+    pub fn group(&self) -> &Arc<dyn MsiInterruptGroup> {
+        &self.group
+    }
+
     /// Whether MSI is enabled.
     pub fn enabled(&self) -> bool {
         self.lock().enabled

@@ -958,10 +958,16 @@ impl DeviceManager {
             )
             .map_err(DeviceError::Msi)?;
         let memory = vm_memory::GuestAddressSpace::memory(pci.memory());
+        let routing = pci.routing().clone();
+        let msi = move |vectors: u16| {
+            KvmMsiGroup::new_passthrough(routing.clone(), vectors)
+                .map(|g| Arc::new(g) as Arc<dyn pci::MsiInterruptGroup>)
+        };
         let dev = devices::vfio::VfioPciDevice::new(
             backend,
             &memory,
             Some(Arc::new(intx) as Arc<dyn pci::IntxInterrupt>),
+            Some(&msi),
         )
         .map_err(DeviceError::Passthrough)?;
         let failure = dev.failure_watch();

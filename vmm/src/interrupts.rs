@@ -135,6 +135,14 @@ impl GsiRouting {
 pub struct KvmMsiGroup {
     routing: Arc<GsiRouting>,
     vectors: Vec<(u32, EventFd)>,
+    /// For a group whose irqfds are signalled from outside the VMM (a
+    /// passthrough back end): whether each vector's irqfd is registered.
+    /// Such a group registers a vector's irqfd only while the vector is
+    /// unmasked, so a masked vector's signals stay counted in its eventfd
+    /// and KVM delivers them when the irqfd is registered again (on
+    /// unmask). `None`: irqfds are always registered (devices inside the
+    /// VMM apply masking before they trigger).
+    registered: Option<Mutex<Vec<bool>>>,
 }
 
 impl KvmMsiGroup {
@@ -143,6 +151,7 @@ impl KvmMsiGroup {
         let mut group = KvmMsiGroup {
             routing: routing.clone(),
             vectors: Vec::new(),
+            registered: None,
         };
         for _ in 0..count {
             let gsi = routing.allocate()?;
@@ -161,6 +170,28 @@ impl KvmMsiGroup {
         }
         Ok(group)
     }
+
+    /// Allocates `count` vectors for a passthrough function, whose back end
+    /// signals the irqfds itself: a vector's irqfd is registered only while
+    /// the vector is unmasked (see `update`), none at first.
+    pub fn new_passthrough(routing: Arc<GsiRouting>, count: u16) -> io::Result<Self> {
+        let mut group = KvmMsiGroup {
+            routing: routing.clone(),
+            vectors: Vec::new(),
+            registered: Some(Mutex::new(vec![false; count as usize])),
+        };
+        for _ in 0..count {
+            let gsi = routing.allocate()?;
+            match EventFd::new(EFD_NONBLOCK) {
+                Ok(e) => group.vectors.push((gsi, e)),
+                Err(e) => {
+                    routing.release(gsi);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(group)
+    }
 }
 
 impl MsiInterruptGroup for KvmMsiGroup {
@@ -175,11 +206,39 @@ impl MsiInterruptGroup for KvmMsiGroup {
         let Some((gsi, _)) = self.vectors.get(vector as usize) else {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         };
+        let Some(registered) = &self.registered else {
+            if masked {
+                // Masked vectors are never triggered; keep the last route.
+                return Ok(());
+            }
+            return self.routing.set_msi(*gsi, msg);
+        };
+        let mut registered = registered.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(on) = registered.get_mut(vector as usize) else {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        };
+        let evt = &self.vectors[vector as usize].1;
         if masked {
-            // Masked vectors are never triggered; keep the last route.
+            if *on {
+                self.routing
+                    .vm
+                    .unregister_irqfd(evt, *gsi)
+                    .map_err(errno_to_io)?;
+                *on = false;
+            }
             return Ok(());
         }
-        self.routing.set_msi(*gsi, msg)
+        // The route first, so that signals counted while masked are
+        // delivered with the new message when the irqfd is registered.
+        self.routing.set_msi(*gsi, msg)?;
+        if !*on {
+            self.routing
+                .vm
+                .register_irqfd(evt, *gsi)
+                .map_err(errno_to_io)?;
+            *on = true;
+        }
+        Ok(())
     }
 
     fn notifier(&self, vector: u16) -> Option<&EventFd> {
@@ -189,8 +248,14 @@ impl MsiInterruptGroup for KvmMsiGroup {
 
 impl Drop for KvmMsiGroup {
     fn drop(&mut self) {
-        for (gsi, evt) in self.vectors.drain(..) {
-            let _ = self.routing.vm.unregister_irqfd(&evt, gsi);
+        let registered = self
+            .registered
+            .take()
+            .map(|r| r.into_inner().unwrap_or_else(|e| e.into_inner()));
+        for (v, (gsi, evt)) in self.vectors.drain(..).enumerate() {
+            if registered.as_ref().is_none_or(|r| r.get(v) == Some(&true)) {
+                let _ = self.routing.vm.unregister_irqfd(&evt, gsi);
+            }
             self.routing.release(gsi);
         }
     }
@@ -398,5 +463,62 @@ impl IntxManager {
 impl Drop for IntxManager {
     fn drop(&mut self) {
         let _ = self.shared.control.write(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_ioctls::Kvm;
+
+    /// Whether `evt` is registered as an irqfd of `gsi`: KVM refuses to
+    /// register the same eventfd twice.
+    fn registered(routing: &GsiRouting, evt: &EventFd, gsi: u32) -> bool {
+        if routing.vm.register_irqfd(evt, gsi).is_err() {
+            return true;
+        }
+        routing.vm.unregister_irqfd(evt, gsi).unwrap();
+        false
+    }
+
+    #[test]
+    fn passthrough_group_registers_only_unmasked_vectors() {
+        let Ok(kvm) = Kvm::new() else {
+            eprintln!("no /dev/kvm: skipped");
+            return;
+        };
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        vm.create_irq_chip().unwrap();
+        let routing = GsiRouting::new(vm).unwrap();
+        let group = KvmMsiGroup::new_passthrough(routing.clone(), 2).unwrap();
+        let (gsi0, gsi1) = (group.vectors[0].0, group.vectors[1].0);
+        assert!(!registered(&routing, group.notifier(0).unwrap(), gsi0));
+        let msg = MsiMessage {
+            addr: 0xfee0_0000,
+            data: 0x41,
+        };
+        group.update(0, msg, false).unwrap();
+        assert_eq!(routing.msi_routes(), 1);
+        assert!(registered(&routing, group.notifier(0).unwrap(), gsi0));
+        assert!(!registered(&routing, group.notifier(1).unwrap(), gsi1));
+        // Unmasked twice: still one registration.
+        group.update(0, msg, false).unwrap();
+        // Masked: unregistered, the route kept.
+        group.update(0, msg, true).unwrap();
+        group.update(0, msg, true).unwrap();
+        assert!(!registered(&routing, group.notifier(0).unwrap(), gsi0));
+        assert_eq!(routing.msi_routes(), 1);
+        assert!(group.update(2, msg, false).is_err());
+        group.update(1, msg, false).unwrap();
+        drop(group);
+        assert_eq!(routing.msi_routes(), 0);
+        // The GSIs are free again: a new group reuses them and can
+        // register their (new) eventfds.
+        let again = KvmMsiGroup::new(routing.clone(), 2).unwrap();
+        let mut gsis = [again.vectors[0].0, again.vectors[1].0];
+        gsis.sort();
+        let mut before = [gsi0, gsi1];
+        before.sort();
+        assert_eq!(gsis, before);
     }
 }

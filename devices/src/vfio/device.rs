@@ -3,13 +3,35 @@
 use std::any::Any;
 use std::sync::Arc;
 
+use pci::msi::{MSI_CAP_ID, MSI_CTL_ENABLE};
+use pci::msix::{MSIX_CAP_ID, MSIX_CTL_ENABLE, MSIX_CTL_FUNCTION_MASK};
 use pci::{
-    BarInfo, BarRegion, ConfigWriteOutcome, HeaderType, IntxInterrupt, PciBarConfig,
-    PciConfigParams, PciConfiguration, PciDevice, PciError,
+    BarInfo, BarRegion, ConfigWriteOutcome, HeaderType, IntxInterrupt, MsiCapability, MsiConfig,
+    MsiInterruptGroup, MsixCapability, MsixConfig, PciBarConfig, PciConfigParams, PciConfiguration,
+    PciDevice, PciError,
 };
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use super::{VfioBackend, CONFIG_REGION, INTX_IRQ};
+use super::{VfioBackend, CONFIG_REGION, INTX_IRQ, MSIX_IRQ, MSI_IRQ};
+
+/// Makes the MSI interrupt group of a function with the given number of
+/// vectors (the VMM: one KVM GSI and irqfd per vector). The back end
+/// signals the vectors' notifier eventfds directly, so the group must not
+/// deliver a masked vector's signals: it unregisters a vector's irqfd while
+/// the vector is masked (`update` with `masked`) and registers it again on
+/// unmask, and its eventfds are non-blocking (the model reads a masked
+/// vector's count to fill the PBA).
+pub type MsiGroupFactory<'a> = &'a dyn Fn(u16) -> std::io::Result<Arc<dyn MsiInterruptGroup>>;
+
+/// Status register bit (in the command/status dword): capability list.
+const STATUS_CAP_LIST: u32 = 1 << 20;
+/// Dword holding the capabilities pointer (0x34).
+const CAP_PTR_REG: usize = 0x34 / 4;
+/// Most capabilities the walk of the device's list visits (a list in
+/// 192 bytes holds at most 48); a longer or cyclic list is cut there.
+const MAX_CAPS: usize = 48;
+/// Bytes of the MSI-X capability.
+const MSIX_CAP_LEN: usize = 12;
 
 /// Dwords of the type 0 header (0x00-0x3f), which are virtual.
 const HEADER_DWORDS: usize = 16;
@@ -50,6 +72,200 @@ pub enum VfioPciError {
     DmaMap(String, #[source] std::io::Error),
     #[error("{0}: cannot set up INTx: {1}")]
     Intx(String, #[source] std::io::Error),
+    #[error("{0}: cannot create the {1} interrupt group: {2}")]
+    Msi(String, &'static str, #[source] std::io::Error),
+}
+
+/// The device's MSI-X capability as the guest sees it: control word and
+/// table virtual, table and PBA emulated (never forwarded to the device).
+struct Msix {
+    /// Offset of the capability in configuration space.
+    offset: usize,
+    cap: MsixCapability,
+    config: MsixConfig,
+}
+
+/// The device's MSI capability as the guest sees it: all registers
+/// virtual (the back end is told the enabled vectors through its MSI
+/// interrupt index, never through these registers).
+struct Msi {
+    /// Offset of the capability in configuration space.
+    offset: usize,
+    cap: MsiCapability,
+    config: MsiConfig,
+    /// The capability's bytes as the guest wrote them (`cap.len()` bytes,
+    /// ID and next included; the next byte is relinked on read).
+    regs: Vec<u8>,
+    /// Writable bits of `regs`.
+    writable: Vec<u8>,
+}
+
+impl Msi {
+    fn reg(&self, at: usize, len: usize) -> u32 {
+        let mut b = [0u8; 4];
+        if let Some(src) = self.regs.get(at..at + len) {
+            b[..len].copy_from_slice(src);
+        }
+        u32::from_le_bytes(b)
+    }
+
+    fn control(&self) -> u16 {
+        self.reg(MsiCapability::CONTROL, 2) as u16
+    }
+
+    /// Vectors the guest enabled, 0 when MSI is off.
+    fn wanted(&self) -> u16 {
+        if self.control() & MSI_CTL_ENABLE == 0 {
+            0
+        } else {
+            self.config.vectors_enabled()
+        }
+    }
+
+    /// Pushes the registers to the delivery state (routes, masks).
+    fn apply(&self) {
+        let addr = u64::from(self.reg(MsiCapability::ADDR_LO, 4))
+            | self
+                .cap
+                .addr_hi_offset()
+                .map_or(0, |o| u64::from(self.reg(o, 4)) << 32);
+        let data = self.reg(self.cap.data_offset(), 2) as u16;
+        let mask = self.cap.mask_offset().map_or(0, |o| self.reg(o, 4));
+        self.config
+            .registers_written(self.control(), addr, data, mask);
+    }
+
+    /// Like [`Msix::collect_pending`]: signals of masked vectors counted in
+    /// their (unregistered) eventfds become pending bits.
+    fn pending(&self) -> u32 {
+        let wanted = self.wanted();
+        let mask = self.cap.mask_offset().map_or(0, |o| self.reg(o, 4));
+        for v in 0..wanted.min(32) {
+            if mask & (1 << v) == 0 {
+                continue;
+            }
+            if let Some(fd) = self.config.group().notifier(v) {
+                if fd.read().is_ok_and(|n| n > 0) {
+                    // Masked: this only sets the pending bit.
+                    let _ = self.config.trigger(v);
+                }
+            }
+        }
+        self.config.pending_bits()
+    }
+}
+
+/// Which interrupt the back end signals: the modes are exclusive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum IrqMode {
+    /// INTx (or nothing, for a function without a line).
+    Intx,
+    /// MSI with this many vectors.
+    Msi(u16),
+    /// MSI-X, every vector of the table.
+    Msix,
+}
+
+impl Msix {
+    fn table_range(&self) -> (usize, u64, u64) {
+        let start = u64::from(self.cap.table_offset);
+        (
+            usize::from(self.cap.table_bar),
+            start,
+            start + self.cap.table_len(),
+        )
+    }
+
+    fn pba_range(&self) -> (usize, u64, u64) {
+        let start = u64::from(self.cap.pba_offset);
+        (
+            usize::from(self.cap.pba_bar),
+            start,
+            start + self.cap.pba_len(),
+        )
+    }
+
+    /// Before a PBA read of `len` bytes at `offset`: a masked vector's
+    /// eventfd is not registered with the hypervisor (see
+    /// [`MsiGroupFactory`]), so what the device signalled while it was
+    /// masked is still counted there. Those counts become the vectors'
+    /// pending bits; unmasking such a vector then delivers it once.
+    fn collect_pending(&self, offset: u64, len: usize) {
+        if !self.config.enabled() {
+            return;
+        }
+        let first = offset.saturating_mul(8);
+        let end = offset
+            .saturating_add(len as u64)
+            .saturating_mul(8)
+            .min(u64::from(self.cap.table_size));
+        let function_masked = self.config.function_masked();
+        for v in first..end {
+            let v = v as u16;
+            let masked = function_masked || self.config.entry(v).is_some_and(|e| e.masked());
+            if !masked {
+                continue;
+            }
+            if let Some(fd) = self.config.group().notifier(v) {
+                if fd.read().is_ok_and(|n| n > 0) {
+                    // Masked: this only sets the pending bit.
+                    let _ = self.config.trigger(v);
+                }
+            }
+        }
+    }
+
+    fn control(&self) -> u16 {
+        let mut c = self.cap.table_size - 1;
+        if self.config.enabled() {
+            c |= MSIX_CTL_ENABLE;
+        }
+        if self.config.function_masked() {
+            c |= MSIX_CTL_FUNCTION_MASK;
+        }
+        c
+    }
+
+    /// The capability's three dwords as the guest reads them (`next` is
+    /// the relinked list's next pointer).
+    fn dword(&self, index: usize, next: u8) -> u32 {
+        match index {
+            0 => u32::from(MSIX_CAP_ID) | u32::from(next) << 8 | u32::from(self.control()) << 16,
+            1 => self.cap.table_offset | u32::from(self.cap.table_bar),
+            _ => self.cap.pba_offset | u32::from(self.cap.pba_bar),
+        }
+    }
+}
+
+/// Which of a BAR's bytes an access touches: the emulated MSI-X table,
+/// the PBA, or neither.
+enum BarTarget {
+    Table(u64),
+    Pba(u64),
+    /// Overlaps the table or PBA without starting in it: dropped.
+    Straddle,
+    Device,
+}
+
+/// Walks the capability list of `config` (the device's conventional
+/// configuration space, 256 bytes) from the pointer at 0x34 and returns
+/// each capability as (offset, id). Pointers into the header or past the
+/// end end the walk, as does a capability seen twice (a cycle) or more
+/// than [`MAX_CAPS`] of them.
+pub(crate) fn walk_capabilities(config: &[u8; 256]) -> Vec<(usize, u8)> {
+    let mut caps: Vec<(usize, u8)> = Vec::new();
+    if u32::from(config[6]) << 16 & STATUS_CAP_LIST == 0 {
+        return caps;
+    }
+    let mut ptr = usize::from(config[0x34] & 0xfc);
+    while ptr != 0 && caps.len() < MAX_CAPS {
+        if !(0x40..=0xfc).contains(&ptr) || caps.iter().any(|&(o, _)| o == ptr) {
+            break;
+        }
+        caps.push((ptr, config[ptr]));
+        ptr = usize::from(config[ptr + 1] & 0xfc);
+    }
+    caps
 }
 
 /// One BAR as the model placed it: the back end's region and its real size
@@ -69,6 +285,15 @@ pub struct VfioPciDevice {
     config: PciConfiguration,
     bars: Vec<Bar>,
     intx: Option<Arc<dyn IntxInterrupt>>,
+    /// The MSI-X capability offered to the guest, if any.
+    msix: Option<Msix>,
+    /// The MSI capability offered to the guest, if any.
+    msi: Option<Msi>,
+    /// Offsets of the capabilities offered, in the device's list order:
+    /// the guest's capability list links them in that order.
+    caps: Vec<usize>,
+    /// The interrupt the back end signals.
+    mode: IrqMode,
     /// Guest RAM given to the back end: (iova, size).
     dma: Vec<(u64, u64)>,
     enumerated: bool,
@@ -135,16 +360,145 @@ pub(crate) fn bar_size(region: BarRegion, len: u64) -> Result<u64, String> {
     }
 }
 
+/// Builds the emulation of the MSI-X capability at `offset` of `space` (the
+/// device's configuration space) if it is usable: the back end has MSI-X
+/// interrupts, the table and PBA lie inside memory BARs the model placed.
+/// The interrupt group comes from `factory`. An unusable capability is
+/// hidden (logged), not an error.
+fn find_msix(
+    space: &[u8; 256],
+    offset: usize,
+    backend: &mut dyn VfioBackend,
+    name: &str,
+    bars: &[Bar],
+    factory: MsiGroupFactory<'_>,
+) -> Result<Option<Msix>, VfioPciError> {
+    if offset + MSIX_CAP_LEN > space.len() {
+        log::warn!(
+            "{name}: MSI-X capability at {offset:#x} runs past the configuration space; hidden"
+        );
+        return Ok(None);
+    }
+    let dw = |o: usize| u32::from_le_bytes([space[o], space[o + 1], space[o + 2], space[o + 3]]);
+    let control = u16::from_le_bytes([space[offset + 2], space[offset + 3]]);
+    let table = dw(offset + 4);
+    let pba = dw(offset + 8);
+    let count = backend.irq_info(MSIX_IRQ).map(|i| i.count).unwrap_or(0);
+    let size = (u32::from(control & 0x7ff) + 1).min(count);
+    if size == 0 {
+        log::warn!("{name}: the back end offers no MSI-X interrupts; MSI-X hidden");
+        return Ok(None);
+    }
+    let cap = match MsixCapability::new(
+        size as u16,
+        (table & 7) as u8,
+        table & !7,
+        (pba & 7) as u8,
+        pba & !7,
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            log::warn!("{name}: MSI-X capability: {e}; hidden");
+            return Ok(None);
+        }
+    };
+    let fits = |bar: u8, start: u32, len: u64| {
+        bars.iter().any(|b| {
+            b.index == usize::from(bar)
+                && b.region != BarRegion::Io
+                && u64::from(start) + len <= b.len
+        })
+    };
+    if !fits(cap.table_bar, cap.table_offset, cap.table_len())
+        || !fits(cap.pba_bar, cap.pba_offset, cap.pba_len())
+    {
+        log::warn!("{name}: MSI-X table or PBA outside its BAR; MSI-X hidden");
+        return Ok(None);
+    }
+    let group =
+        factory(cap.table_size).map_err(|e| VfioPciError::Msi(name.to_string(), "MSI-X", e))?;
+    let config = MsixConfig::new(cap.table_size, group).map_err(|e| {
+        VfioPciError::Msi(
+            name.to_string(),
+            "MSI-X",
+            std::io::Error::other(e.to_string()),
+        )
+    })?;
+    Ok(Some(Msix {
+        offset,
+        cap,
+        config,
+    }))
+}
+
+/// Builds the emulation of the MSI capability at `offset` of `space` if it
+/// is usable: the back end has MSI interrupts (the guest sees as many
+/// vectors as both the capability and the back end allow, a power of two).
+/// The interrupt group comes from `factory`. An unusable capability is
+/// hidden (logged), not an error.
+fn find_msi(
+    space: &[u8; 256],
+    offset: usize,
+    backend: &mut dyn VfioBackend,
+    name: &str,
+    factory: MsiGroupFactory<'_>,
+) -> Result<Option<Msi>, VfioPciError> {
+    let Some(&[lo, hi]) = space.get(offset + 2..offset + 4) else {
+        return Ok(None);
+    };
+    let control = u16::from_le_bytes([lo, hi]);
+    let claimed = 1u32 << ((control >> 1) & 7).min(5);
+    let count = backend.irq_info(MSI_IRQ).map(|i| i.count).unwrap_or(0);
+    let vectors = claimed.min(count);
+    if vectors == 0 {
+        log::warn!("{name}: the back end offers no MSI interrupts; MSI hidden");
+        return Ok(None);
+    }
+    // The largest power of two both allow (at most 32).
+    let vectors = 1u8 << (31 - vectors.leading_zeros());
+    let cap = match MsiCapability::new(vectors, control & (1 << 7) != 0, control & (1 << 8) != 0) {
+        Ok(c) => c,
+        Err(e) => {
+            log::warn!("{name}: MSI capability: {e}; hidden");
+            return Ok(None);
+        }
+    };
+    if offset + cap.len() > space.len() {
+        log::warn!(
+            "{name}: MSI capability at {offset:#x} runs past the configuration space; hidden"
+        );
+        return Ok(None);
+    }
+    let group =
+        factory(u16::from(vectors)).map_err(|e| VfioPciError::Msi(name.to_string(), "MSI", e))?;
+    let mut regs = vec![MSI_CAP_ID, 0];
+    regs.extend(cap.body());
+    let mut writable = vec![0, 0];
+    writable.extend(cap.writable_mask());
+    Ok(Some(Msi {
+        offset,
+        cap,
+        config: MsiConfig::new(cap, group),
+        regs,
+        writable,
+    }))
+}
+
 impl VfioPciDevice {
     /// Builds the function from what `backend` reports: reads the device's
     /// identity and BAR types, sizes the BARs from the regions, gives all of
     /// `memory` to the back end for DMA and, when the device has an INTx pin
     /// and `intx` is given, has the back end signal that line's eventfd.
-    /// Nothing is left mapped on error.
+    /// With `msi`, a device's usable MSI and MSI-X capabilities (the back
+    /// end has such interrupts; for MSI-X, the table and PBA lie in memory
+    /// BARs) are offered to the guest, each with an interrupt group `msi`
+    /// makes for its vectors; all other capabilities are hidden. Nothing is
+    /// left mapped on error.
     pub fn new(
         mut backend: Box<dyn VfioBackend>,
         memory: &GuestMemoryMmap,
         intx: Option<Arc<dyn IntxInterrupt>>,
+        msi: Option<MsiGroupFactory<'_>>,
     ) -> Result<Self, VfioPciError> {
         let name = backend.describe();
         let cfg_len = match backend.region_info(CONFIG_REGION) {
@@ -218,18 +572,50 @@ impl VfioPciDevice {
             });
             index += if kind == BarRegion::Mmio64 { 2 } else { 1 };
         }
+        let (mut msix, mut msi_cap, mut caps) = (None, None, Vec::new());
+        if let (Some(factory), true) = (msi, cfg_len >= 256) {
+            let mut space = [0u8; 256];
+            backend
+                .region_read(CONFIG_REGION, 0, &mut space)
+                .map_err(|e| VfioPciError::ReadConfig(name.clone(), e))?;
+            for (offset, id) in walk_capabilities(&space) {
+                if id == MSIX_CAP_ID && msix.is_none() {
+                    msix = find_msix(&space, offset, &mut *backend, &name, &bars, factory)?;
+                    if msix.is_some() {
+                        caps.push(offset);
+                    }
+                } else if id == MSI_CAP_ID && msi_cap.is_none() {
+                    msi_cap = find_msi(&space, offset, &mut *backend, &name, factory)?;
+                    if msi_cap.is_some() {
+                        caps.push(offset);
+                    }
+                }
+            }
+        }
         log::info!(
-            "{name}: [{:04x}:{:04x}] class {:06x}, {} BAR(s), config space {cfg_len} bytes",
+            "{name}: [{:04x}:{:04x}] class {:06x}, {} BAR(s), config space {cfg_len} bytes{}",
             u16_at(0),
             u16_at(2),
             u32_at(8) >> 8,
-            bars.len()
+            bars.len(),
+            match (&msix, &msi_cap) {
+                (None, None) => ", INTx only".to_string(),
+                (x, m) => format!(
+                    ", MSI {} vector(s), MSI-X {} vector(s)",
+                    m.as_ref().map_or(0, |m| m.cap.max_vectors),
+                    x.as_ref().map_or(0, |x| x.cap.table_size)
+                ),
+            }
         );
         let mut dev = VfioPciDevice {
             backend,
             name,
             config,
             bars,
+            msix,
+            msi: msi_cap,
+            caps,
+            mode: IrqMode::Intx,
             intx: None,
             dma: Vec::new(),
             enumerated: false,
@@ -279,6 +665,24 @@ impl VfioPciDevice {
     /// going away.
     fn release(&mut self) {
         if self.failed.is_none() {
+            let off = match self.mode {
+                IrqMode::Intx => None,
+                IrqMode::Msi(_) => Some((MSI_IRQ, "MSI")),
+                IrqMode::Msix => Some((MSIX_IRQ, "MSI-X")),
+            };
+            if let Some((index, what)) = off {
+                if let Err(e) = self.backend.set_irq_eventfds(index, &[]) {
+                    log::warn!("{}: cannot disable {what}: {e}", self.name);
+                }
+            }
+            self.mode = IrqMode::Intx;
+            if let Some(m) = &self.msix {
+                m.config.reset();
+            }
+            if let Some(m) = &mut self.msi {
+                m.regs[2..].copy_from_slice(&m.cap.body());
+                m.apply();
+            }
             if self.intx.is_some() {
                 if let Err(e) = self.backend.set_irq_eventfds(INTX_IRQ, &[]) {
                     log::warn!("{}: cannot disable INTx: {e}", self.name);
@@ -351,6 +755,174 @@ impl VfioPciDevice {
         }
     }
 
+    /// Where an access of `len` bytes at `offset` of BAR `index` goes.
+    fn bar_target(&self, index: usize, offset: u64, len: usize) -> BarTarget {
+        let Some(m) = &self.msix else {
+            return BarTarget::Device;
+        };
+        let end = offset.saturating_add(len as u64);
+        for (range, table) in [(m.table_range(), true), (m.pba_range(), false)] {
+            let (bar, start, stop) = range;
+            if bar != index || end <= start || offset >= stop {
+                continue;
+            }
+            if offset < start {
+                return BarTarget::Straddle;
+            }
+            return if table {
+                BarTarget::Table(offset - start)
+            } else {
+                BarTarget::Pba(offset - start)
+            };
+        }
+        BarTarget::Device
+    }
+
+    /// Whether the guest has MSI-X enabled (the back end signals MSI-X).
+    pub fn msix_enabled(&self) -> bool {
+        self.mode == IrqMode::Msix
+    }
+
+    /// The MSI vectors the back end signals (0: MSI is off).
+    pub fn msi_vectors(&self) -> u16 {
+        match self.mode {
+            IrqMode::Msi(n) => n,
+            _ => 0,
+        }
+    }
+
+    /// The next capability offered after the one at `offset` (0: last).
+    fn next_cap(&self, offset: usize) -> u8 {
+        let mut it = self.caps.iter().skip_while(|&&o| o != offset);
+        it.next();
+        it.next().map_or(0, |&o| o as u8)
+    }
+
+    /// The guest wrote the MSI-X message control word: follow the enable
+    /// and function mask bits.
+    fn msix_control_written(&mut self, control: u16) {
+        if self.failed.is_some() {
+            return;
+        }
+        if let Some(m) = &self.msix {
+            m.config.set_control(
+                control & MSIX_CTL_ENABLE != 0,
+                control & MSIX_CTL_FUNCTION_MASK != 0,
+            );
+        }
+        self.follow_guest_mode();
+    }
+
+    /// The guest wrote `data` at byte `rel` of the MSI capability.
+    fn msi_written(&mut self, rel: usize, data: &[u8]) {
+        if self.failed.is_some() {
+            return;
+        }
+        if let Some(m) = &mut self.msi {
+            for (i, &b) in data.iter().enumerate() {
+                if let (Some(r), Some(&w)) = (m.regs.get_mut(rel + i), m.writable.get(rel + i)) {
+                    *r = (*r & !w) | (b & w);
+                }
+            }
+            m.apply();
+        }
+        self.follow_guest_mode();
+    }
+
+    /// Switches the back end to the interrupt the guest enabled: MSI-X,
+    /// else MSI, else INTx. If the guest enables both MSI and MSI-X (which
+    /// the specification forbids), the one already in use stays.
+    fn follow_guest_mode(&mut self) {
+        if self.failed.is_some() {
+            return;
+        }
+        let msix = self.msix.as_ref().is_some_and(|m| m.config.enabled());
+        let msi = self.msi.as_ref().map_or(0, |m| m.wanted());
+        let wanted = match (msix, msi) {
+            (true, n) if n > 0 && matches!(self.mode, IrqMode::Msi(_)) => self.mode,
+            (true, _) => IrqMode::Msix,
+            (false, 0) => IrqMode::Intx,
+            (false, n) => IrqMode::Msi(n),
+        };
+        if wanted == self.mode {
+            return;
+        }
+        if let Err(e) = self.switch_mode(wanted) {
+            self.fail("switching interrupts", e);
+        }
+    }
+
+    fn switch_mode(&mut self, to: IrqMode) -> std::io::Result<()> {
+        match self.mode {
+            IrqMode::Intx if self.intx.is_some() => {
+                self.backend.set_irq_eventfds(INTX_IRQ, &[])?;
+            }
+            IrqMode::Intx => {}
+            IrqMode::Msi(_) => self.backend.set_irq_eventfds(MSI_IRQ, &[])?,
+            IrqMode::Msix => self.backend.set_irq_eventfds(MSIX_IRQ, &[])?,
+        }
+        // Off until the new mode is on.
+        self.mode = IrqMode::Intx;
+        let (index, group, count) = match to {
+            IrqMode::Intx => {
+                if let Some(line) = self.intx.clone() {
+                    if let Some(fd) = line.eventfd() {
+                        self.backend.set_irq_eventfds(INTX_IRQ, &[fd])?;
+                        if let Some(resample) = line.resample_eventfd() {
+                            self.backend.set_intx_unmask(resample)?;
+                        }
+                    }
+                }
+                return Ok(());
+            }
+            IrqMode::Msi(n) => match &self.msi {
+                Some(m) => (MSI_IRQ, m.config.group(), n),
+                None => return Ok(()),
+            },
+            IrqMode::Msix => match &self.msix {
+                Some(m) => (MSIX_IRQ, m.config.group(), m.cap.table_size),
+                None => return Ok(()),
+            },
+        };
+        let mut fds = Vec::with_capacity(usize::from(count));
+        for v in 0..count {
+            match group.notifier(v) {
+                Some(fd) => fds.push(fd),
+                None => {
+                    return Err(std::io::Error::other(format!(
+                        "interrupt vector {v} has no eventfd"
+                    )))
+                }
+            }
+        }
+        self.backend.set_irq_eventfds(index, &fds)?;
+        self.mode = to;
+        Ok(())
+    }
+
+    /// A configuration dword past the header: the offered capabilities are
+    /// virtual; other bytes come from the device.
+    fn capability_read(&mut self, reg_idx: usize) -> u32 {
+        let at = reg_idx * 4;
+        if let Some(m) = &self.msix {
+            let rel = at.wrapping_sub(m.offset);
+            if rel < MSIX_CAP_LEN {
+                return m.dword(rel / 4, self.next_cap(m.offset));
+            }
+        }
+        if let Some(m) = &self.msi {
+            let rel = at.wrapping_sub(m.offset);
+            if rel < m.regs.len() {
+                return match rel {
+                    0 => m.reg(0, 4) & !0xff00 | u32::from(self.next_cap(m.offset)) << 8,
+                    _ if Some(rel) == m.cap.pending_offset() => m.pending(),
+                    _ => m.reg(rel, 4),
+                };
+            }
+        }
+        self.device_config_read(reg_idx)
+    }
+
     fn device_config_write(&mut self, offset: u64, data: &[u8]) {
         if self.failed.is_some() {
             return;
@@ -368,11 +940,20 @@ impl PciDevice for VfioPciDevice {
         }
         match reg_idx {
             // The header is virtual (identity read once, BARs, command,
-            // interrupt line, no capability list, no expansion ROM).
+            // interrupt line, no expansion ROM); the capability list holds
+            // only the MSI and MSI-X capabilities, if offered.
+            COMMAND_REG | CAP_PTR_REG => {
+                let v = self.config.read_config_register(reg_idx);
+                match (self.caps.first(), reg_idx) {
+                    (Some(_), COMMAND_REG) => v | STATUS_CAP_LIST,
+                    (Some(&first), _) => (v & !0xff) | first as u32,
+                    (None, _) => v,
+                }
+            }
             0..HEADER_DWORDS => self.config.read_config_register(reg_idx),
-            // Device-specific registers (capabilities hidden from the list
-            // but their bytes still there) pass through.
-            HEADER_DWORDS..CONFIG_DWORDS => self.device_config_read(reg_idx),
+            // Device-specific registers (hidden capabilities' bytes still
+            // there) pass through.
+            HEADER_DWORDS..CONFIG_DWORDS => self.capability_read(reg_idx),
             // No extended space; beyond 4 KiB is all-ones.
             _ => self.config.read_config_register(reg_idx),
         }
@@ -399,7 +980,28 @@ impl PciDevice for VfioPciDevice {
                 out
             }
             HEADER_DWORDS..CONFIG_DWORDS => {
-                self.device_config_write(reg_idx as u64 * 4 + offset, data);
+                let at = reg_idx * 4;
+                let msix_rel = self.msix.as_ref().map(|m| at.wrapping_sub(m.offset));
+                let msi_rel = self
+                    .msi
+                    .as_ref()
+                    .map(|m| (at.wrapping_sub(m.offset), m.regs.len()));
+                match (msix_rel, msi_rel) {
+                    // The MSI-X message control word (bytes 2-3 of the
+                    // first dword); the rest of the capability is
+                    // read-only.
+                    (Some(0), _) if offset + data.len() as u64 > 2 => {
+                        let mut dword = self.capability_read(reg_idx).to_le_bytes();
+                        let o = offset as usize;
+                        dword[o..o + data.len()].copy_from_slice(data);
+                        self.msix_control_written(u16::from_le_bytes([dword[2], dword[3]]));
+                    }
+                    (Some(rel), _) if rel < MSIX_CAP_LEN => {}
+                    (_, Some((rel, len))) if rel < len => {
+                        self.msi_written(rel + offset as usize, data);
+                    }
+                    _ => self.device_config_write(at as u64 + offset, data),
+                }
                 ConfigWriteOutcome::default()
             }
             _ => ConfigWriteOutcome::default(),
@@ -422,6 +1024,15 @@ impl PciDevice for VfioPciDevice {
             data.fill(0xff);
             return;
         }
+        match (self.bar_target(index, offset, data.len()), &self.msix) {
+            (BarTarget::Table(o), Some(m)) => return m.config.read_table(o, data),
+            (BarTarget::Pba(o), Some(m)) => {
+                m.collect_pending(o, data.len());
+                return m.config.read_pba(o, data);
+            }
+            (BarTarget::Straddle, _) => return data.fill(0xff),
+            _ => {}
+        }
         if let Err(e) = self.backend.region_read(index as u32, offset, data) {
             data.fill(0xff);
             self.fail("BAR read", e);
@@ -434,6 +1045,12 @@ impl PciDevice for VfioPciDevice {
             .is_some_and(|b| offset.saturating_add(data.len() as u64) <= b.len);
         if !inside || data.len() > 8 || self.failed.is_some() {
             return;
+        }
+        match (self.bar_target(index, offset, data.len()), &self.msix) {
+            (BarTarget::Table(o), Some(m)) => return m.config.write_table(o, data),
+            (BarTarget::Pba(o), Some(m)) => return m.config.write_pba(o, data),
+            (BarTarget::Straddle, _) => return,
+            _ => {}
         }
         if let Err(e) = self.backend.region_write(index as u32, offset, data) {
             self.fail("BAR write", e);

@@ -17,13 +17,38 @@
 //!   the device's BAR registers, and the guest's BAR programming is followed
 //!   by the VMM like any emulated function's; the command register is
 //!   virtual and also forwarded, so the device sees its decodes enabled;
-//! - capabilities are hidden (the capability list is empty, the extended
-//!   space reads zero): MSI and MSI-X are not offered, the function uses INTx;
+//! - capabilities: the device's list (read through the back end's
+//!   configuration region) is walked, bounded (pointers into the header or
+//!   past 0xfc, a capability seen twice and more than 48 of them end the
+//!   walk), and only MSI and MSI-X are offered, relinked in the device's
+//!   order; every other capability is hidden (its bytes still read through
+//!   at their offsets), the extended space reads zero. MSI is offered when
+//!   the back end has MSI interrupts (as many vectors as both allow, a power
+//!   of two), MSI-X when it has MSI-X interrupts and the table and PBA lie in
+//!   memory BARs (table size bounded by the back end's count); the VMM gives
+//!   each an interrupt group (a [`MsiGroupFactory`]: one KVM GSI and irqfd
+//!   per vector). Otherwise they are hidden and the function uses INTx;
+//! - MSI and MSI-X are emulated: their registers are virtual (never written
+//!   to the device), the MSI-X table and PBA are trapped in their BAR and
+//!   served by [`pci::MsixConfig`] (accesses straddling their edges are
+//!   dropped), MSI by [`pci::MsiConfig`]. Each programmed vector is a KVM MSI
+//!   route of its GSI; when the guest enables MSI-X (or MSI with N
+//!   vectors) the back end is given the vectors' irqfds on interrupt index 2
+//!   (1) and INTx is taken off it; disabling gives INTx back. The modes are
+//!   exclusive (both enabled: the one in use stays). Masking: a masked
+//!   vector's irqfd is unregistered from KVM (route kept), so what the
+//!   device signals meanwhile is counted in the eventfd; a PBA (or MSI
+//!   pending register) read turns those counts into pending bits and
+//!   unmasking delivers a pending vector once; an irqfd registered again
+//!   with a count also delivers it (KVM checks on registration). A signal
+//!   counted while masked and never read can thus arrive late, once, after
+//!   unmasking: a spurious interrupt at worst;
 //! - INTx: the back end signals an eventfd that the VMM registers as a KVM
 //!   irqfd with resample (level-triggered, lowered on EOI); the resample
 //!   eventfd is also given to the back end to unmask INTx (kernel VFIO);
 //! - BAR accesses are trapped and forwarded (no region is mmap-ed into the
-//!   guest); the expansion ROM is hidden;
+//!   guest), except the MSI-X table and PBA, which are emulated; the
+//!   expansion ROM is hidden;
 //! - all guest RAM is given to the back end for DMA when the function is
 //!   created; removal resets the function.
 //!
@@ -43,7 +68,7 @@ use std::io;
 
 use vmm_sys_util::eventfd::EventFd;
 
-pub use device::{FailureWatch, VfioPciDevice, VfioPciError};
+pub use device::{FailureWatch, MsiGroupFactory, VfioPciDevice, VfioPciError};
 pub use kernel::{KernelVfioBackend, KernelVfioContainer};
 pub use user::VfioUserBackend;
 
@@ -53,6 +78,10 @@ pub const CONFIG_REGION: u32 = 7;
 pub const ROM_REGION: u32 = 6;
 /// VFIO interrupt index of INTx.
 pub const INTX_IRQ: u32 = 0;
+/// VFIO interrupt index of MSI.
+pub const MSI_IRQ: u32 = 1;
+/// VFIO interrupt index of MSI-X.
+pub const MSIX_IRQ: u32 = 2;
 
 /// Region flag: readable.
 pub const REGION_READ: u32 = 1;

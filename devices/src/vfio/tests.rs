@@ -30,6 +30,10 @@ struct Fake {
     log: Arc<Mutex<Log>>,
     broken: bool,
     fail_unmask: bool,
+    /// MSI-X vectors the back end reports (`irq_info(2)`).
+    msix_count: u32,
+    /// MSI vectors the back end reports (`irq_info(1)`).
+    msi_count: u32,
 }
 
 impl Fake {
@@ -62,9 +66,39 @@ impl Fake {
                 log: log.clone(),
                 broken: false,
                 fail_unmask: false,
+                msix_count: 1,
+                msi_count: 1,
             },
             log,
         )
+    }
+
+    /// A NIC-like device: a 64-bit memory BAR0 of 16 KiB holding an MSI-X
+    /// table of `vectors` entries at 0x2000 and its PBA at 0x3000, INTA,
+    /// and the capability list PM (0x40) -> MSI (0x50) -> MSI-X (0x70) ->
+    /// vendor-specific (0x90).
+    fn nic(vectors: u16) -> (Self, Arc<Mutex<Log>>) {
+        let (mut fake, log) = Fake::gpio(256);
+        let c = &mut fake.config;
+        c[0x18..0x1c].fill(0); // no I/O BAR2
+        c[0x10..0x14].copy_from_slice(&4u32.to_le_bytes()); // BAR0: 64-bit memory
+        c[0x34] = 0x40;
+        c[0x40] = 0x01;
+        c[0x41] = 0x50;
+        c[0x50] = 0x05;
+        c[0x51] = 0x70;
+        c[0x70] = 0x11;
+        c[0x71] = 0x90;
+        c[0x72..0x74].copy_from_slice(&(vectors - 1).to_le_bytes());
+        c[0x74..0x78].copy_from_slice(&0x2000u32.to_le_bytes());
+        c[0x78..0x7c].copy_from_slice(&0x3000u32.to_le_bytes());
+        c[0x90] = 0x09;
+        c[0x91] = 0;
+        fake.regions[2].size = 0;
+        fake.regions[0].size = 0x4000;
+        fake.regions[0].flags = REGION_READ | REGION_WRITE;
+        fake.msix_count = u32::from(vectors);
+        (fake, log)
     }
 }
 
@@ -100,7 +134,12 @@ impl VfioBackend for Fake {
         Ok(())
     }
     fn irq_info(&mut self, index: u32) -> Option<IrqInfo> {
-        Some(IrqInfo { index, count: 1 })
+        let count = match index {
+            MSIX_IRQ => self.msix_count,
+            MSI_IRQ => self.msi_count,
+            _ => 1,
+        };
+        Some(IrqInfo { index, count })
     }
     fn set_irq_eventfds(&mut self, index: u32, fds: &[&EventFd]) -> io::Result<()> {
         self.log.lock().unwrap().irq_fds.push((index, fds.len()));
@@ -175,7 +214,7 @@ fn shared_memory() -> GuestMemoryMmap {
 fn gpio() -> (VfioPciDevice, Arc<Mutex<Log>>) {
     let (fake, log) = Fake::gpio(256);
     let line: Arc<dyn IntxInterrupt> = Arc::new(Line(EventFd::new(0).unwrap()));
-    let dev = VfioPciDevice::new(Box::new(fake), &shared_memory(), Some(line)).unwrap();
+    let dev = VfioPciDevice::new(Box::new(fake), &shared_memory(), Some(line), None).unwrap();
     (dev, log)
 }
 
@@ -225,7 +264,7 @@ fn bar_programming_is_followed_and_command_forwarded() {
 #[test]
 fn bar_accesses_forward_inside_the_region_only() {
     let (fake, log) = Fake::gpio(200); // rounded up to 256
-    let mut dev = VfioPciDevice::new(Box::new(fake), &shared_memory(), None).unwrap();
+    let mut dev = VfioPciDevice::new(Box::new(fake), &shared_memory(), None, None).unwrap();
     assert_eq!(dev.bars()[0].size, 256);
     let mut b = [0u8; 1];
     dev.read_bar(2, 0, &mut b);
@@ -279,7 +318,7 @@ fn removal_resets_and_a_failed_backend_reads_all_ones() {
     }
     let (mut fake, _) = Fake::gpio(256);
     fake.broken = false;
-    let mut dev = VfioPciDevice::new(Box::new(fake), &shared_memory(), None).unwrap();
+    let mut dev = VfioPciDevice::new(Box::new(fake), &shared_memory(), None, None).unwrap();
     dev.as_any_mut()
         .downcast_mut::<VfioPciDevice>()
         .unwrap()
@@ -302,7 +341,7 @@ fn a_failure_is_visible_without_the_device_lock_and_removal_is_not_one() {
     assert_eq!(dev.failure(), Some("removed"));
 
     let (fake, _) = Fake::gpio(256);
-    let mut dev = VfioPciDevice::new(Box::new(fake), &shared_memory(), None).unwrap();
+    let mut dev = VfioPciDevice::new(Box::new(fake), &shared_memory(), None, None).unwrap();
     let watch = dev.failure_watch();
     let other_thread = watch.clone();
     dev.inject_failure();
@@ -316,7 +355,7 @@ fn a_failure_is_visible_without_the_device_lock_and_removal_is_not_one() {
     );
     // A back end that stops answering the guest's accesses.
     let (fake, log) = Fake::gpio(256);
-    let mut dev = VfioPciDevice::new(Box::new(fake), &shared_memory(), None).unwrap();
+    let mut dev = VfioPciDevice::new(Box::new(fake), &shared_memory(), None, None).unwrap();
     let watch = dev.failure_watch();
     log.lock().unwrap().dead = true;
     let mut b = [0u8; 1];
@@ -335,7 +374,7 @@ fn intx_is_unmasked_through_the_resample_eventfd() {
         EventFd::new(0).unwrap(),
         EventFd::new(0).unwrap(),
     ));
-    let _dev = VfioPciDevice::new(Box::new(fake), &shared_memory(), Some(line)).unwrap();
+    let _dev = VfioPciDevice::new(Box::new(fake), &shared_memory(), Some(line), None).unwrap();
     {
         let l = log.lock().unwrap();
         assert_eq!(l.irq_fds, vec![(INTX_IRQ, 1)]);
@@ -352,7 +391,7 @@ fn intx_is_unmasked_through_the_resample_eventfd() {
         EventFd::new(0).unwrap(),
         EventFd::new(0).unwrap(),
     ));
-    assert!(VfioPciDevice::new(Box::new(fake), &shared_memory(), Some(line)).is_err());
+    assert!(VfioPciDevice::new(Box::new(fake), &shared_memory(), Some(line), None).is_err());
     let l = log.lock().unwrap();
     assert_eq!(l.irq_fds, vec![(INTX_IRQ, 1), (INTX_IRQ, 0)]);
     assert_eq!(l.unmapped, vec![0, 1 << 32]);
@@ -362,18 +401,18 @@ fn intx_is_unmasked_through_the_resample_eventfd() {
 #[test]
 fn unsupported_devices_are_refused() {
     let (mut fake, _) = Fake::gpio(512); // an I/O BAR cannot be that large
-    assert!(VfioPciDevice::new(Box::new(fake), &shared_memory(), None).is_err());
+    assert!(VfioPciDevice::new(Box::new(fake), &shared_memory(), None, None).is_err());
     let (f, _) = Fake::gpio(256);
     fake = f;
     fake.config[0x0e] = 1; // a bridge
-    assert!(VfioPciDevice::new(Box::new(fake), &shared_memory(), None).is_err());
+    assert!(VfioPciDevice::new(Box::new(fake), &shared_memory(), None, None).is_err());
     let (mut fake, _) = Fake::gpio(256);
     fake.regions[7].size = 0;
-    assert!(VfioPciDevice::new(Box::new(fake), &shared_memory(), None).is_err());
+    assert!(VfioPciDevice::new(Box::new(fake), &shared_memory(), None, None).is_err());
     // Anonymous RAM cannot be shared with a server.
     let (fake, log) = Fake::gpio(256);
     let anon = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-    assert!(VfioPciDevice::new(Box::new(fake), &anon, None).is_err());
+    assert!(VfioPciDevice::new(Box::new(fake), &anon, None, None).is_err());
     assert!(log.lock().unwrap().closed);
 }
 
@@ -422,4 +461,453 @@ fn vfio_user_connect_errors() {
     });
     let e = VfioUserBackend::connect(&sock).err().unwrap().to_string();
     assert!(e.contains("vfio-user server at"), "{e}");
+}
+
+/// The groups a test's factory made, for inspection.
+type Groups = Arc<Mutex<Vec<(u16, Arc<pci::RecordingMsiGroup>)>>>;
+
+fn msix_device(fake: Fake) -> Result<(VfioPciDevice, Groups), super::VfioPciError> {
+    let groups: Groups = Arc::default();
+    let made = groups.clone();
+    let factory = move |n: u16| -> io::Result<Arc<dyn pci::MsiInterruptGroup>> {
+        let g = Arc::new(pci::RecordingMsiGroup::new(n)?);
+        made.lock().unwrap().push((n, g.clone()));
+        Ok(g)
+    };
+    let line: Arc<dyn IntxInterrupt> = Arc::new(Line(EventFd::new(0).unwrap()));
+    let dev = VfioPciDevice::new(Box::new(fake), &shared_memory(), Some(line), Some(&factory))?;
+    Ok((dev, groups))
+}
+
+fn nic(vectors: u16) -> (VfioPciDevice, Arc<Mutex<Log>>, Arc<pci::RecordingMsiGroup>) {
+    let (fake, log) = Fake::nic(vectors);
+    let (dev, groups) = msix_device(fake).unwrap();
+    let groups = groups.lock().unwrap();
+    // MSI (one vector) at 0x50, then MSI-X at 0x70.
+    assert_eq!(groups.len(), 2);
+    assert_eq!((groups[0].0, groups[1].0), (1, vectors));
+    (dev, log, groups[1].1.clone())
+}
+
+/// Programs table entry `v` through BAR0 as a guest driver does.
+fn program(dev: &mut VfioPciDevice, v: u64, addr: u64, data: u32, masked: bool) {
+    let base = 0x2000 + v * 16;
+    dev.write_bar(0, base, &addr.to_le_bytes());
+    dev.write_bar(0, base + 8, &data.to_le_bytes());
+    dev.write_bar(0, base + 12, &u32::from(masked).to_le_bytes());
+}
+
+/// Writes the MSI-X message control word (capability at 0x70).
+fn msix_control(dev: &mut VfioPciDevice, control: u16) {
+    dev.write_config_register(0x70 / 4, 2, &control.to_le_bytes());
+}
+
+#[test]
+fn msi_and_msix_capabilities_are_exposed_alone() {
+    let (mut dev, log, _) = nic(4);
+    // Capability list bit and pointer: PM hidden, MSI first.
+    assert_eq!(dev.read_config_register(1) >> 16 & 0x10, 0x10);
+    assert_eq!(dev.read_config_register(13) & 0xff, 0x50);
+    // MSI: ID 5, next MSI-X, one vector, 32-bit, no masking.
+    assert_eq!(dev.read_config_register(0x50 / 4), 0x0000_7005);
+    // ID 0x11, next 0 (the vendor capability after it is hidden), table
+    // size 4, disabled.
+    assert_eq!(dev.read_config_register(0x70 / 4), 0x0003_0011);
+    assert_eq!(dev.read_config_register(0x74 / 4), 0x2000);
+    assert_eq!(dev.read_config_register(0x78 / 4), 0x3000);
+    // The table and PBA locators and ID are read-only and not forwarded.
+    dev.write_config_register(0x74 / 4, 0, &0xffff_ffffu32.to_le_bytes());
+    dev.write_config_register(0x70 / 4, 0, &[0xff, 0xff]);
+    assert_eq!(dev.read_config_register(0x74 / 4), 0x2000);
+    assert_eq!(dev.read_config_register(0x70 / 4), 0x0003_0011);
+    assert!(log.lock().unwrap().config_writes.is_empty());
+    // One 64-bit BAR.
+    let bars = dev.bars();
+    assert_eq!(bars.len(), 1);
+    assert_eq!((bars[0].index, bars[0].region), (0, BarRegion::Mmio64));
+    // INTx until the guest enables MSI-X.
+    assert_eq!(log.lock().unwrap().irq_fds, vec![(INTX_IRQ, 1)]);
+    assert!(!dev.msix_enabled());
+}
+
+#[test]
+fn msix_table_and_pba_are_trapped() {
+    let (mut dev, log, g) = nic(4);
+    program(&mut dev, 1, 0xfee0_1000, 0x41, false);
+    let mut q = [0u8; 8];
+    dev.read_bar(0, 0x2010, &mut q);
+    assert_eq!(u64::from_le_bytes(q), 0xfee0_1000);
+    let mut d = [0u8; 4];
+    dev.read_bar(0, 0x2018, &mut d);
+    assert_eq!(u32::from_le_bytes(d), 0x41);
+    // The vector's route carries the message, but it is masked: MSI-X is
+    // disabled.
+    let rec = g.vector(1).unwrap();
+    assert_eq!((rec.msg.addr, rec.msg.data), (0xfee0_1000, 0x41));
+    assert!(rec.masked);
+    // PBA reads are emulated, writes to it dropped.
+    dev.write_bar(0, 0x3000, &[0xff; 8]);
+    dev.read_bar(0, 0x3000, &mut q);
+    assert_eq!(q, [0; 8]);
+    // Odd sizes and straddling accesses do not panic nor reach the device.
+    dev.write_bar(0, 0x2000 - 2, &[1, 2, 3, 4]);
+    dev.write_bar(0, 0x203e, &[1, 2, 3, 4]);
+    dev.write_bar(0, 0x2001, &[1, 2, 3]);
+    dev.read_bar(0, 0x2ffe, &mut d);
+    dev.read_bar(0, 0x1ffe, &mut d);
+    assert_eq!(d, [0xff; 4]);
+    // Elsewhere in the BAR, accesses reach the device.
+    dev.write_bar(0, 0x1000, &[7]);
+    dev.write_bar(0, 0x2040, &[8]); // past a 4-entry table
+    dev.read_bar(0, 0x1000, &mut d);
+    assert_eq!(d, [0x5a; 4]);
+    assert_eq!(
+        log.lock().unwrap().bar_writes,
+        vec![(0, 0x1000, vec![7]), (0, 0x2040, vec![8])]
+    );
+}
+
+#[test]
+fn msix_enable_routes_vectors_and_disable_returns_to_intx() {
+    let (mut dev, log, g) = nic(4);
+    program(&mut dev, 0, 0xfee0_0000, 0x30, false);
+    program(&mut dev, 2, 0xfee0_2000, 0x32, true);
+    // Enable (and function mask) with a one-byte write to the top byte.
+    dev.write_config_register(0x70 / 4, 3, &[0xc0]);
+    assert!(dev.msix_enabled());
+    assert_eq!(dev.read_config_register(0x70 / 4) >> 16, 0xc003);
+    assert_eq!(
+        log.lock().unwrap().irq_fds,
+        vec![(INTX_IRQ, 1), (INTX_IRQ, 0), (MSIX_IRQ, 4)]
+    );
+    // Function masked: every vector masked.
+    assert!(g.vector(0).unwrap().masked);
+    msix_control(&mut dev, 0x8000);
+    let v0 = g.vector(0).unwrap();
+    assert!(!v0.masked);
+    assert_eq!((v0.msg.addr, v0.msg.data), (0xfee0_0000, 0x30));
+    // A masked vector stays masked until its mask bit clears.
+    assert!(g.vector(2).unwrap().masked);
+    dev.write_bar(0, 0x2000 + 2 * 16 + 12, &0u32.to_le_bytes());
+    let v2 = g.vector(2).unwrap();
+    assert!(!v2.masked);
+    assert_eq!((v2.msg.addr, v2.msg.data), (0xfee0_2000, 0x32));
+    // Masking it again drops its route.
+    dev.write_bar(0, 0x2000 + 2 * 16 + 12, &1u32.to_le_bytes());
+    assert!(g.vector(2).unwrap().masked);
+    // Enabling twice changes nothing at the back end.
+    msix_control(&mut dev, 0x8000);
+    assert_eq!(log.lock().unwrap().irq_fds.len(), 3);
+    // Disable: MSI-X off, INTx back, every vector masked.
+    msix_control(&mut dev, 0);
+    assert!(!dev.msix_enabled());
+    assert_eq!(
+        log.lock().unwrap().irq_fds[3..],
+        [(MSIX_IRQ, 0), (INTX_IRQ, 1)]
+    );
+    assert!(g.vector(0).unwrap().masked);
+    assert_eq!(dev.read_config_register(0x70 / 4) >> 16, 0x0003);
+    // Removal with MSI-X enabled turns it off at the back end.
+    msix_control(&mut dev, 0x8000);
+    dev.reset();
+    let l = log.lock().unwrap();
+    assert!(l
+        .irq_fds
+        .ends_with(&[(MSIX_IRQ, 4), (MSIX_IRQ, 0), (INTX_IRQ, 0)]));
+    assert_eq!(l.resets, 1);
+}
+
+#[test]
+fn msix_vectors_are_bounded_by_the_back_end() {
+    // The capability claims 8, the back end has 2: the guest sees 2.
+    let (mut fake, _) = Fake::nic(8);
+    fake.msix_count = 2;
+    let (mut dev, groups) = msix_device(fake).unwrap();
+    assert_eq!(groups.lock().unwrap()[1].0, 2);
+    assert_eq!(dev.read_config_register(0x70 / 4) >> 16, 1);
+    // Vector 2 does not exist: its table bytes reach the device (as any
+    // byte of the BAR outside the table).
+    let mut d = [0u8; 4];
+    dev.read_bar(0, 0x2020, &mut d);
+    assert_eq!(d, [0x5a; 4]);
+}
+
+#[test]
+fn msix_is_hidden_when_it_cannot_work() {
+    // No MSI-X interrupts at the back end.
+    let (mut fake, _) = Fake::nic(4);
+    fake.msix_count = 0;
+    let (mut dev, groups) = msix_device(fake).unwrap();
+    assert_eq!(groups.lock().unwrap().len(), 1); // MSI's
+    assert_eq!(dev.read_config_register(13) & 0xff, 0x50);
+    // MSI is the last capability now.
+    assert_eq!(dev.read_config_register(0x50 / 4) >> 8 & 0xff, 0);
+    // Its control word is the device's again (passed through, not
+    // offered in the list) and writes to it do not switch interrupts.
+    msix_control(&mut dev, 0x8000);
+    assert!(!dev.msix_enabled());
+    // Table outside its BAR.
+    let (mut fake, _) = Fake::nic(4);
+    fake.config[0x74..0x78].copy_from_slice(&0x3ff8u32.to_le_bytes());
+    fake.msi_count = 0;
+    let (mut dev, groups) = msix_device(fake).unwrap();
+    assert!(groups.lock().unwrap().is_empty());
+    assert_eq!(dev.read_config_register(1) >> 16 & 0x10, 0);
+    assert_eq!(dev.read_config_register(13) & 0xff, 0);
+    // Table in a BAR the device does not have.
+    let (mut fake, _) = Fake::nic(4);
+    fake.config[0x74] = 0x03;
+    fake.msi_count = 0;
+    let (mut dev, _) = msix_device(fake).unwrap();
+    assert_eq!(dev.read_config_register(13) & 0xff, 0);
+    // No MSI factory given: INTx only.
+    let (fake, _) = Fake::nic(4);
+    let mut dev = VfioPciDevice::new(Box::new(fake), &shared_memory(), None, None).unwrap();
+    assert_eq!(dev.read_config_register(13) & 0xff, 0);
+    // The factory fails: a clear error.
+    let (fake, _) = Fake::nic(4);
+    let factory =
+        |_: u16| -> io::Result<Arc<dyn pci::MsiInterruptGroup>> { Err(io::Error::other("no GSI")) };
+    let err = VfioPciDevice::new(Box::new(fake), &shared_memory(), None, Some(&factory))
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("MSI interrupt group"), "{err}");
+}
+
+#[test]
+fn malformed_capability_lists_end_the_walk() {
+    use super::device::walk_capabilities;
+    let (fake, _) = Fake::nic(4);
+    let ok = fake.config;
+    assert_eq!(
+        walk_capabilities(&ok),
+        vec![(0x40, 1), (0x50, 5), (0x70, 0x11), (0x90, 9)]
+    );
+    // No capability list bit: nothing.
+    let mut c = ok;
+    c[6] = 0;
+    assert!(walk_capabilities(&c).is_empty());
+    // A cycle: 0x40 -> 0x50 -> 0x40.
+    let mut c = ok;
+    c[0x51] = 0x40;
+    assert_eq!(walk_capabilities(&c), vec![(0x40, 1), (0x50, 5)]);
+    // A self-loop at the start.
+    let mut c = ok;
+    c[0x41] = 0x40;
+    assert_eq!(walk_capabilities(&c), vec![(0x40, 1)]);
+    // A pointer into the header, and a first pointer into it.
+    let mut c = ok;
+    c[0x51] = 0x10;
+    assert_eq!(walk_capabilities(&c), vec![(0x40, 1), (0x50, 5)]);
+    c[0x34] = 0x3c;
+    assert!(walk_capabilities(&c).is_empty());
+    // The low two bits of pointers are ignored; the last dword is valid.
+    let mut c = ok;
+    c[0x34] = 0xff;
+    c[0xfc] = 0x11;
+    c[0xfd] = 0x43;
+    let caps = walk_capabilities(&c);
+    assert_eq!(caps[0], (0xfc, 0x11));
+    assert_eq!(caps[1], (0x40, 1));
+    // The longest possible chain is cut at 48 entries.
+    let mut c = ok;
+    c[0x34] = 0x40;
+    for i in 0..48usize {
+        let o = 0x40 + 4 * i;
+        c[o] = 0x09;
+        c[o + 1] = if i == 47 { 0x40 } else { (o + 4) as u8 };
+    }
+    assert_eq!(walk_capabilities(&c).len(), 48);
+    // An MSI-X capability in the last dword runs past the space: hidden,
+    // the device still works.
+    let (mut fake, _) = Fake::nic(4);
+    fake.config[0x34] = 0xfc;
+    fake.config[0xfc] = 0x11;
+    fake.config[0xfd] = 0;
+    let (mut dev, groups) = msix_device(fake).unwrap();
+    assert!(groups.lock().unwrap().is_empty());
+    assert_eq!(dev.read_config_register(13) & 0xff, 0);
+    // A cyclic list with MSI-X in it: exposed once, next pointer 0.
+    let (mut fake, _) = Fake::nic(4);
+    fake.config[0x91] = 0x40;
+    let (mut dev, _) = msix_device(fake).unwrap();
+    assert_eq!(dev.read_config_register(0x70 / 4) & 0xffff, 0x0011);
+}
+
+#[test]
+fn msix_with_a_failing_back_end_does_not_panic() {
+    let (mut dev, log, _) = nic(4);
+    log.lock().unwrap().dead = true;
+    // The back end's config reads fail; MSI-X registers are virtual.
+    assert_eq!(dev.read_config_register(16), u32::MAX);
+    assert!(dev.failure().is_some());
+    msix_control(&mut dev, 0x8000);
+    assert!(!dev.msix_enabled());
+    program(&mut dev, 7, 0, 0, false);
+    let mut d = [0u8; 4];
+    dev.read_bar(0, 0x2000, &mut d);
+    assert_eq!(d, [0xff; 4]);
+    dev.reset();
+}
+
+#[test]
+fn signals_of_masked_vectors_are_pending_in_the_pba() {
+    use pci::MsiInterruptGroup;
+    let (mut dev, _, g) = nic(4);
+    program(&mut dev, 1, 0xfee0_1000, 0x41, true);
+    program(&mut dev, 3, 0xfee0_3000, 0x43, false);
+    // Disabled: the PBA reads zero and signals are not looked at.
+    g.notifier(1).unwrap().write(1).unwrap();
+    let mut q = [0u8; 8];
+    dev.read_bar(0, 0x3000, &mut q);
+    assert_eq!(q, [0; 8]);
+    msix_control(&mut dev, 0x8000);
+    // The device signalled masked vector 1 (the eventfd still counts it).
+    dev.read_bar(0, 0x3000, &mut q);
+    assert_eq!(u64::from_le_bytes(q), 0b10);
+    // A byte read of the PBA sees the same bit.
+    let mut b = [0u8; 1];
+    dev.read_bar(0, 0x3000, &mut b);
+    assert_eq!(b, [0b10]);
+    assert_eq!(g.trigger_count(1), 0);
+    // Unmasking delivers it once and clears the bit.
+    dev.write_bar(0, 0x2000 + 16 + 12, &0u32.to_le_bytes());
+    assert_eq!(g.trigger_count(1), 1);
+    dev.read_bar(0, 0x3000, &mut q);
+    assert_eq!(q, [0; 8]);
+    // Unmasked vectors' eventfds are left to the hypervisor.
+    g.notifier(3).unwrap().write(1).unwrap();
+    dev.read_bar(0, 0x3000, &mut q);
+    assert_eq!(q, [0; 8]);
+    assert_eq!(g.notifier(3).unwrap().read().unwrap(), 1);
+}
+
+/// The NIC with MSI-X unusable and an MSI capability of 8 vectors (64-bit,
+/// per-vector masking) of which the back end has `msi` vectors.
+fn msi_nic(msi: u32) -> (VfioPciDevice, Arc<Mutex<Log>>, Arc<pci::RecordingMsiGroup>) {
+    let (mut fake, log) = Fake::nic(4);
+    fake.msix_count = 0;
+    fake.msi_count = msi;
+    let control: u16 = (3 << 1) | (1 << 7) | (1 << 8);
+    fake.config[0x52..0x54].copy_from_slice(&control.to_le_bytes());
+    let (dev, groups) = msix_device(fake).unwrap();
+    let g = groups.lock().unwrap();
+    assert_eq!(g.len(), 1);
+    (dev, log, g[0].1.clone())
+}
+
+fn msi_write(dev: &mut VfioPciDevice, at: usize, value: u32, len: usize) {
+    let bytes = value.to_le_bytes();
+    dev.write_config_register(at / 4, (at % 4) as u64, &bytes[..len]);
+}
+
+#[test]
+fn msi_multiple_messages_are_routed_and_masked() {
+    use pci::MsiInterruptGroup;
+    let (mut dev, log, g) = msi_nic(4);
+    // Four vectors (MMC 2: the back end's limit), 64-bit, masking; MSI
+    // is the only capability.
+    assert_eq!(dev.read_config_register(13) & 0xff, 0x50);
+    assert_eq!(dev.read_config_register(0x50 / 4), 0x0184_0005);
+    msi_write(&mut dev, 0x54, 0xfee0_0000, 4);
+    msi_write(&mut dev, 0x58, 0, 4);
+    msi_write(&mut dev, 0x5c, 0x40, 2);
+    msi_write(&mut dev, 0x60, 0b1000, 4);
+    assert_eq!(dev.read_config_register(0x54 / 4), 0xfee0_0000);
+    assert_eq!(dev.read_config_register(0x5c / 4), 0x40);
+    // Enable with MME 2 (four vectors).
+    msi_write(&mut dev, 0x52, 0x0025, 2);
+    assert_eq!(dev.msi_vectors(), 4);
+    assert_eq!(
+        log.lock().unwrap().irq_fds,
+        vec![(INTX_IRQ, 1), (INTX_IRQ, 0), (MSI_IRQ, 4)]
+    );
+    // Each vector's route carries its own data (low bits = vector).
+    let v2 = g.vector(2).unwrap();
+    assert_eq!(
+        (v2.msg.addr, v2.msg.data, v2.masked),
+        (0xfee0_0000, 0x42, false)
+    );
+    assert!(g.vector(3).unwrap().masked);
+    // The device signalled masked vector 3: pending, delivered on unmask.
+    g.notifier(3).unwrap().write(1).unwrap();
+    assert_eq!(dev.read_config_register(0x64 / 4), 0b1000);
+    msi_write(&mut dev, 0x60, 0, 4);
+    assert_eq!(g.trigger_count(3), 1);
+    assert_eq!(dev.read_config_register(0x64 / 4), 0);
+    assert!(!g.vector(3).unwrap().masked);
+    // Fewer vectors: the back end is told again.
+    msi_write(&mut dev, 0x52, 0x0013, 2);
+    assert_eq!(dev.msi_vectors(), 2);
+    assert!(g.vector(3).unwrap().masked);
+    // More than the capability offers: clamped to four.
+    msi_write(&mut dev, 0x52, 0x0071, 2);
+    assert_eq!(dev.msi_vectors(), 4);
+    // Read-only bits stay.
+    assert_eq!(dev.read_config_register(0x50 / 4) >> 16 & 0x18e, 0x184);
+    // Disable: INTx back.
+    msi_write(&mut dev, 0x52, 0, 2);
+    assert_eq!(dev.msi_vectors(), 0);
+    let l = log.lock().unwrap();
+    assert_eq!(
+        l.irq_fds[3..],
+        [
+            (MSI_IRQ, 0),
+            (MSI_IRQ, 2),
+            (MSI_IRQ, 0),
+            (MSI_IRQ, 4),
+            (MSI_IRQ, 0),
+            (INTX_IRQ, 1)
+        ]
+    );
+    // Nothing of the capability reached the device.
+    assert!(l.config_writes.is_empty());
+}
+
+#[test]
+fn msi_vectors_are_a_power_of_two_both_allow() {
+    // The back end has 3 MSI vectors: the guest is offered 2.
+    let (mut dev, _, _) = msi_nic(3);
+    assert_eq!(dev.read_config_register(0x50 / 4) >> 17 & 7, 1);
+    // No MSI at the back end: hidden, nothing offered at all.
+    let (mut fake, _) = Fake::nic(4);
+    fake.msix_count = 0;
+    fake.msi_count = 0;
+    let (mut dev, groups) = msix_device(fake).unwrap();
+    assert!(groups.lock().unwrap().is_empty());
+    assert_eq!(dev.read_config_register(13) & 0xff, 0);
+    msi_write(&mut dev, 0x52, 1, 2);
+    assert_eq!(dev.msi_vectors(), 0);
+}
+
+#[test]
+fn msi_and_msix_are_exclusive() {
+    let (mut dev, log, _) = nic(4);
+    msi_write(&mut dev, 0x52, 1, 2);
+    assert_eq!(dev.msi_vectors(), 1);
+    // MSI-X enabled too (the guest must not): MSI stays in use.
+    msix_control(&mut dev, 0x8000);
+    assert!(!dev.msix_enabled());
+    assert_eq!(dev.msi_vectors(), 1);
+    // MSI disabled: now MSI-X.
+    msi_write(&mut dev, 0x52, 0, 2);
+    assert!(dev.msix_enabled());
+    assert_eq!(
+        log.lock().unwrap().irq_fds,
+        vec![
+            (INTX_IRQ, 1),
+            (INTX_IRQ, 0),
+            (MSI_IRQ, 1),
+            (MSI_IRQ, 0),
+            (MSIX_IRQ, 4)
+        ]
+    );
+    // Odd writes into the capabilities do not panic.
+    for at in 0x50..0x80usize {
+        for len in [1usize, 2, 4] {
+            if at % 4 + len <= 4 {
+                msi_write(&mut dev, at, u32::MAX, len);
+            }
+        }
+    }
 }

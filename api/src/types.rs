@@ -227,9 +227,28 @@ pub struct SlotInfo {
     pub slot: u8,
     /// PCI path a device in this slot has.
     pub pci_path: String,
-    /// Id of the device in the slot; `null` when the slot is free.
+    /// Id of the device in the slot (its function 0); `null` when the slot
+    /// is free or staged.
     #[serde(default)]
     pub device: Option<String>,
+    /// Every function of the slot holding a device, ascending.
+    #[serde(default)]
+    pub functions: Vec<FunctionInfo>,
+    /// Whether the slot holds functions 1-7 but no function 0 yet: the
+    /// guest does not see them until function 0 is added.
+    #[serde(default)]
+    pub staged: bool,
+}
+
+/// One function of a slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionInfo {
+    /// Function number, 0 to 7.
+    pub function: u8,
+    /// PCI path of the function (`.F` when F is not 0).
+    pub pci_path: String,
+    /// Id of the device there.
+    pub device: String,
 }
 
 /// A port or bridge of the PCI topology (or the root bus).
@@ -327,6 +346,11 @@ pub struct DiskConfig {
     /// Exact placement.
     #[serde(default)]
     pub pci_path: Option<String>,
+    /// Function of the slot, 0 to 7 (also given as `.F` in `pci_path`):
+    /// functions 1-7 added to an empty slot are staged until function 0
+    /// commits the slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<u8>,
 }
 
 impl Default for DiskConfig {
@@ -339,6 +363,7 @@ impl Default for DiskConfig {
             serial: None,
             port: None,
             pci_path: None,
+            function: None,
         }
     }
 }
@@ -365,6 +390,11 @@ pub struct RngConfig {
     /// Exact placement.
     #[serde(default)]
     pub pci_path: Option<String>,
+    /// Function of the slot, 0 to 7 (also given as `.F` in `pci_path`):
+    /// functions 1-7 added to an empty slot are staged until function 0
+    /// commits the slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<u8>,
 }
 
 /// Body of `PUT /api/v1/vm.add-user-device` (and the `--user-device`
@@ -384,6 +414,11 @@ pub struct UserDeviceConfig {
     /// Exact placement.
     #[serde(default)]
     pub pci_path: Option<String>,
+    /// Function of the slot, 0 to 7 (also given as `.F` in `pci_path`):
+    /// functions 1-7 added to an empty slot are staged until function 0
+    /// commits the slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<u8>,
 }
 
 /// Body of `PUT /api/v1/vm.add-net` (and the `--net` option): a virtio-net
@@ -418,6 +453,11 @@ pub struct NetConfig {
     /// Exact placement.
     #[serde(default)]
     pub pci_path: Option<String>,
+    /// Function of the slot, 0 to 7 (also given as `.F` in `pci_path`):
+    /// functions 1-7 added to an empty slot are staged until function 0
+    /// commits the slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<u8>,
 }
 
 /// Smallest MTU a NIC accepts (IPv4's minimum).
@@ -464,8 +504,9 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
 
 impl NetConfig {
     /// Keys accepted by [`NetConfig::from_kv`].
-    pub const KV_KEYS: &'static [&'static str] =
-        &["tap", "fd", "mac", "mtu", "id", "port", "pci_path"];
+    pub const KV_KEYS: &'static [&'static str] = &[
+        "tap", "fd", "mac", "mtu", "id", "port", "pci_path", "function",
+    ];
 
     /// Checks what can be checked without the VM.
     pub fn validate(&self) -> Result<(), ApiError> {
@@ -512,7 +553,7 @@ impl NetConfig {
             }
         }
         validate_opt_id("id", &self.id)?;
-        validate_placement(&self.port, &self.pci_path)
+        validate_placement(&self.port, &self.pci_path, self.function)
     }
 
     /// Builds a NIC configuration from `tap=..|fd=..,mac=..,mtu=..,id=..,
@@ -527,6 +568,7 @@ impl NetConfig {
             id: o.string("id"),
             port: o.string("port"),
             pci_path: o.string("pci_path"),
+            function: o.parse("function")?,
         })
     }
 }
@@ -598,8 +640,20 @@ pub fn validate_pci_path(field: &str, path: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn validate_placement(port: &Option<String>, pci_path: &Option<String>) -> Result<(), ApiError> {
+/// Highest function number of a slot.
+pub const MAX_FUNCTION: u8 = 7;
+
+fn validate_placement(
+    port: &Option<String>,
+    pci_path: &Option<String>,
+    function: Option<u8>,
+) -> Result<(), ApiError> {
     validate_opt_id("port", port)?;
+    if let Some(f) = function.filter(|f| *f > MAX_FUNCTION) {
+        return Err(ApiError::bad_request(format!(
+            "'function' {f} is out of range (a slot has functions 0 to {MAX_FUNCTION})"
+        )));
+    }
     pci_path
         .as_deref()
         .map_or(Ok(()), |p| validate_pci_path("pci_path", p))
@@ -627,7 +681,7 @@ fn validate_file_path(field: &str, path: &str) -> Result<(), ApiError> {
 impl DiskConfig {
     /// Keys accepted by [`DiskConfig::from_kv`].
     pub const KV_KEYS: &'static [&'static str] = &[
-        "path", "readonly", "id", "serial", "port", "pci_path", "lock",
+        "path", "readonly", "id", "serial", "port", "pci_path", "function", "lock",
     ];
 
     /// Checks what can be checked without the VM.
@@ -652,7 +706,7 @@ impl DiskConfig {
                 ));
             }
         }
-        validate_placement(&self.port, &self.pci_path)
+        validate_placement(&self.port, &self.pci_path, self.function)
     }
 
     /// Builds a disk configuration from `path=..,readonly=on|off,id=..,
@@ -668,18 +722,19 @@ impl DiskConfig {
             serial: o.string("serial"),
             port: o.string("port"),
             pci_path: o.string("pci_path"),
+            function: o.parse("function")?,
         })
     }
 }
 
 impl RngConfig {
     /// Keys accepted by [`RngConfig::from_kv`].
-    pub const KV_KEYS: &'static [&'static str] = &["id", "port", "pci_path"];
+    pub const KV_KEYS: &'static [&'static str] = &["id", "port", "pci_path", "function"];
 
     /// Checks what can be checked without the VM.
     pub fn validate(&self) -> Result<(), ApiError> {
         validate_opt_id("id", &self.id)?;
-        validate_placement(&self.port, &self.pci_path)
+        validate_placement(&self.port, &self.pci_path, self.function)
     }
 
     /// Builds an rng configuration from `id=..,port=..,pci_path=..`.
@@ -689,13 +744,14 @@ impl RngConfig {
             id: o.string("id"),
             port: o.string("port"),
             pci_path: o.string("pci_path"),
+            function: o.parse("function")?,
         })
     }
 }
 
 impl UserDeviceConfig {
     /// Keys accepted by [`UserDeviceConfig::from_kv`].
-    pub const KV_KEYS: &'static [&'static str] = &["socket", "id", "port", "pci_path"];
+    pub const KV_KEYS: &'static [&'static str] = &["socket", "id", "port", "pci_path", "function"];
 
     /// Checks what can be checked without the VM.
     pub fn validate(&self) -> Result<(), ApiError> {
@@ -707,7 +763,7 @@ impl UserDeviceConfig {
             )));
         }
         validate_opt_id("id", &self.id)?;
-        validate_placement(&self.port, &self.pci_path)
+        validate_placement(&self.port, &self.pci_path, self.function)
     }
 
     /// Builds a configuration from `socket=..,id=..,port=..,pci_path=..`; a
@@ -719,6 +775,7 @@ impl UserDeviceConfig {
             id: o.string("id"),
             port: o.string("port"),
             pci_path: o.string("pci_path"),
+            function: o.parse("function")?,
         })
     }
 }
@@ -763,11 +820,17 @@ pub struct VsockConfig {
     /// Exact placement.
     #[serde(default)]
     pub pci_path: Option<String>,
+    /// Function of the slot, 0 to 7 (also given as `.F` in `pci_path`):
+    /// functions 1-7 added to an empty slot are staged until function 0
+    /// commits the slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<u8>,
 }
 
 impl VsockConfig {
     /// Keys accepted by [`VsockConfig::from_kv`].
-    pub const KV_KEYS: &'static [&'static str] = &["cid", "socket", "id", "port", "pci_path"];
+    pub const KV_KEYS: &'static [&'static str] =
+        &["cid", "socket", "id", "port", "pci_path", "function"];
 
     /// Checks what can be checked without the VM (the socket path may be
     /// relative here: the command line resolves it from the VMM's working
@@ -787,7 +850,7 @@ impl VsockConfig {
             )));
         }
         validate_opt_id("id", &self.id)?;
-        validate_placement(&self.port, &self.pci_path)
+        validate_placement(&self.port, &self.pci_path, self.function)
     }
 
     /// Builds a vsock configuration from `cid=N,socket=PATH,id=..,port=..,
@@ -806,6 +869,7 @@ impl VsockConfig {
             id: o.string("id"),
             port: o.string("port"),
             pci_path: o.string("pci_path"),
+            function: o.parse("function")?,
         })
     }
 }
@@ -894,6 +958,14 @@ mod tests {
         d.pci_path = Some("00:02.0 /0".into());
         assert!(bad(d.validate()).contains("pci_path"));
         d.pci_path = None;
+        d.function = Some(7);
+        assert!(d.validate().is_ok());
+        d.function = Some(8);
+        assert_eq!(
+            bad(d.validate()),
+            "'function' 8 is out of range (a slot has functions 0 to 7)"
+        );
+        d.function = None;
         d.path = "img".into();
         assert!(bad(d.validate()).contains("'path' must be absolute, not 'img'"));
         d.path = "./img".into();
@@ -911,7 +983,34 @@ mod tests {
         assert_eq!(d.serial.as_deref(), Some("SN"));
         assert_eq!(d.port.as_deref(), Some("rp1"));
         assert_eq!(d.pci_path, None);
+        assert_eq!(d.function, None);
         assert!(d.lock);
+        let d = DiskConfig::from_kv("/x.raw,port=rp1,function=3").unwrap();
+        assert_eq!(d.function, Some(3));
+        assert!(DiskConfig::from_kv("/x.raw,function=x").is_err());
+        assert_eq!(
+            RngConfig::from_kv("pci_path=03/00.2,function=2")
+                .unwrap()
+                .function,
+            Some(2)
+        );
+        assert_eq!(
+            NetConfig::from_kv("tap=t0,function=1").unwrap().function,
+            Some(1)
+        );
+        assert_eq!(
+            VsockConfig::from_kv("cid=3,socket=/v,function=4")
+                .unwrap()
+                .function,
+            Some(4)
+        );
+        assert_eq!(
+            UserDeviceConfig::from_kv("/s,function=5").unwrap().function,
+            Some(5)
+        );
+        // Absent, the field is left out of the JSON.
+        let v = serde_json::to_value(DiskConfig::from_kv("/y.raw").unwrap()).unwrap();
+        assert!(v.get("function").is_none());
         let d = DiskConfig::from_kv("/y.raw").unwrap();
         assert_eq!(d.path, "/y.raw");
         assert!(!d.readonly);
@@ -1028,6 +1127,8 @@ mod tests {
                 slot: 0,
                 pci_path: "00:02.0/00.0".into(),
                 device: None,
+                functions: Vec::new(),
+                staged: false,
             }],
         };
         let v = serde_json::to_value(&n).unwrap();

@@ -457,6 +457,44 @@ fn pick(
         .map(|p| p.with_function(f))
 }
 
+/// Why no slot among `candidates` takes an explicit `function` when one has it free: the
+/// first such slot's refusal ([`PlacementError::SingleFunction`] or
+/// [`PlacementError::SlotCommitted`]), rather than "full".
+fn refusal(
+    candidates: impl Iterator<Item = PciPath>,
+    function: Option<u8>,
+    hotplug: bool,
+    occupied: &dyn Fn(&PciPath) -> bool,
+) -> Option<PlacementError> {
+    let f = function?;
+    candidates
+        .map(|p| (slot_functions(&p, occupied), p))
+        .find(|(mask, _)| *mask != 0 && mask & (1 << f) == 0)
+        .and_then(|(mask, p)| committed_refusal(&p, mask, f, hotplug))
+}
+
+/// The refusal of function `function` by a slot whose functions are `mask`, if its function
+/// 0 is there and the function is hot-plugged.
+fn committed_refusal(
+    path: &PciPath,
+    mask: u8,
+    function: u8,
+    hotplug: bool,
+) -> Option<PlacementError> {
+    if !hotplug || mask & 1 == 0 {
+        return None;
+    }
+    let slot = path.slot_path();
+    Some(if mask == 1 {
+        PlacementError::SingleFunction { slot, function }
+    } else {
+        PlacementError::SlotCommitted {
+            slot,
+            functions: function_list(mask),
+        }
+    })
+}
+
 /// Function 0 paths of the root bus slots a cold-plugged device may use: 1..=31 where no
 /// port sits (slot 0 holds the host bridge).
 fn cold_root_candidates(topology: &Topology) -> impl Iterator<Item = PciPath> + Clone {
@@ -533,8 +571,10 @@ fn slot_of_port(
         return Err(PlacementError::NoDeviceSlot(id.to_string()));
     }
     let all = slot_paths(node, node.device_slots());
-    let first = pick(all.clone(), req.function, req.hotplug, occupied)
-        .ok_or_else(|| PlacementError::PortFull(id.to_string()))?;
+    let first = pick(all.clone(), req.function, req.hotplug, occupied).ok_or_else(|| {
+        refusal(all.clone(), req.function, req.hotplug, occupied)
+            .unwrap_or_else(|| PlacementError::PortFull(id.to_string()))
+    })?;
     if req.hotplug {
         let with_hotplug = all.filter(|p| plan.mechanism(Some(id), p) != SlotMechanism::None);
         if let Some(p) = pick(with_hotplug, req.function, true, occupied) {
@@ -623,8 +663,11 @@ pub fn choose(
     let (path, port) = match (req.pci_path, req.port) {
         (Some(text), want) => exact_path(topology, text, want, req.function)?,
         (None, Some(ROOT_BUS_ID)) if req.hotplug => (
-            free_hotplug_root_path(plan, occupied, req.function)
-                .ok_or_else(|| PlacementError::PortFull(ROOT_BUS_ID.to_string()))?,
+            free_hotplug_root_path(plan, occupied, req.function).ok_or_else(|| {
+                let slots = plan.root_slots().iter().map(|s| root_path(*s));
+                refusal(slots, req.function, true, occupied)
+                    .unwrap_or_else(|| PlacementError::PortFull(ROOT_BUS_ID.to_string()))
+            })?,
             None,
         ),
         (None, Some(id)) if id != ROOT_BUS_ID => (
@@ -649,16 +692,8 @@ pub fn choose(
     if mask & (1 << function) != 0 {
         return Err(PlacementError::SlotTaken(path));
     }
-    if req.hotplug && mask & 1 != 0 {
-        let slot = path.slot_path();
-        return Err(if mask == 1 {
-            PlacementError::SingleFunction { slot, function }
-        } else {
-            PlacementError::SlotCommitted {
-                slot,
-                functions: function_list(mask),
-            }
-        });
+    if let Some(e) = committed_refusal(&path, mask, function, req.hotplug) {
+        return Err(e);
     }
     let mechanism = if req.hotplug {
         match plan.mechanism(port.as_deref(), &path) {

@@ -1079,8 +1079,16 @@ fn staging_and_committing_a_native_slot() {
         }
     );
     assert!(e.to_string().contains("slot 01/00 is committed"), "{e}");
+    // By port: the reason, not "full".
     assert_eq!(
         bus.choose(&t, &plan, &order, with_function(by_port("rp0", true), 4)),
+        Err(PlacementError::SlotCommitted {
+            slot: p("01/00"),
+            functions: "0, 1, 2, 3".into(),
+        })
+    );
+    assert_eq!(
+        bus.choose(&t, &plan, &order, with_function(by_port("rp0", true), 2)),
         Err(PlacementError::PortFull("rp0".into()))
     );
     assert_eq!(
@@ -1100,6 +1108,17 @@ fn staging_and_committing_a_native_slot() {
         }
     );
     assert!(e.to_string().contains("single-function"), "{e}");
+    assert_eq!(
+        bus.choose(&t, &plan, &order, with_function(by_port("rp1", true), 1)),
+        Err(e)
+    );
+    // Cold plug (before boot) takes it.
+    assert_eq!(
+        bus.choose(&t, &plan, &order, with_function(by_port("rp1", false), 1))
+            .unwrap()
+            .path,
+        p("02/00.1")
+    );
 }
 
 #[test]

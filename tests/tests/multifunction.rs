@@ -11,16 +11,82 @@
 //! function into a slot whose function 0 is single-function, removing
 //! function 2 of a committed slot. Removing function 0 releases the four in
 //! one request. A staged function is removed without ever being committed.
+//! The same plumbing serves passthrough: two vfio-user servers (the
+//! `vfio_user` crate's example gpio server, see `tests/vfio_user.rs`) as
+//! functions 1 and 0 of one slot, both bound by the guest's `pci-idio-16`
+//! driver and released together.
 //! Cold plug: a slot without function 0 is a configuration error.
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use api::client::{Client, ClientError};
-use api::types::{DiskConfig, SlotInfo, VmInfo};
+use api::types::{DiskConfig, SlotInfo, UserDeviceConfig, VmInfo};
 use arbor_tests::{
-    disk_at, guest_kit, kvm_available, raw_disk, run_arbor, wait_count, wait_for_socket, Guest,
-    Scratch,
+    disk_at, guest_kit, kvm_available, raw_disk, repo_root, run_arbor, wait_count, wait_for_socket,
+    Guest, Scratch,
 };
+
+/// The gpio vfio-user server binary (built once, cached under the target
+/// dir, by `resources/vfio-user/build-gpio.sh`).
+fn gpio_server() -> PathBuf {
+    let out = Command::new(repo_root().join("resources/vfio-user/build-gpio.sh"))
+        .output()
+        .expect("run build-gpio.sh");
+    assert!(
+        out.status.success(),
+        "build-gpio.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    assert!(path.is_file(), "no gpio server at {}", path.display());
+    path
+}
+
+/// A gpio server process serving one connection on its socket; killed on
+/// drop.
+struct GpioServer {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl GpioServer {
+    fn start(bin: &Path, dir: &Path, name: &str) -> GpioServer {
+        let socket = dir.join(format!("{name}.sock"));
+        let log = dir.join(format!("{name}.log"));
+        let child = Command::new(bin)
+            .arg("--socket-path")
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).expect("server log"))
+            .spawn()
+            .expect("start the gpio server");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "{name}: no socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        GpioServer { child, socket }
+    }
+
+    fn config(&self, id: &str, pci_path: &str) -> UserDeviceConfig {
+        UserDeviceConfig {
+            socket: self.socket.display().to_string(),
+            id: Some(id.into()),
+            port: None,
+            pci_path: Some(pci_path.into()),
+            function: None,
+        }
+    }
+}
+
+impl Drop for GpioServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
 
 /// The value of the first `key=value` line of `out`.
 fn kv<'a>(out: &'a str, key: &str) -> Option<&'a str> {
@@ -309,6 +375,46 @@ fn multifunction_slots_in_a_guest() {
             (3, None, Some("1e.3"), None),
         ],
     );
+
+    // vfio-user passthrough: two servers as functions 1 and 0 of a slot
+    // of br0 (which has an I/O window for their I/O BARs).
+    let bin = gpio_server();
+    let f1 = GpioServer::start(&bin, &s.0, "gpio1");
+    let f0 = GpioServer::start(&bin, &s.0, "gpio0");
+    let mark = g.console().len();
+    let added = c
+        .vm_add_user_device(&f1.config("gpio-f1", "09/05.1"))
+        .unwrap_or_else(|e| panic!("stage a vfio-user function: {e}\n{}", g.stderr()));
+    assert_eq!(added.pci_path, "09/05.1");
+    assert!(slot_info(&c.vm_info().unwrap(), "09/05").staged);
+    let added = c
+        .vm_add_user_device(&f0.config("gpio-f0", "09/05"))
+        .unwrap_or_else(|e| panic!("commit with a vfio-user function 0: {e}\n{}", g.stderr()));
+    assert_eq!(added.pci_path, "09/05");
+    for (f, p) in [(0, "09/05"), (1, "09/05.1")] {
+        let (st, out) = g.run(&format!("arbor-guest wait-device {p} 120"));
+        assert_eq!(st, 0, "vfio-user function {f} at {p}: {out}");
+        let bdf = kv(&out, "bdf").unwrap_or_else(|| panic!("no bdf: {out}"));
+        assert!(bdf.ends_with(&format!(".{f}")), "{p} resolved to {bdf}");
+        assert_eq!(kv(&out, "driver"), Some("pci-idio-16"), "{p}: {out}");
+        let tail = g.console()[mark..].to_string();
+        assert!(
+            tail.contains(&format!("pci {bdf}: [494f:0dc8] type 00")),
+            "[494f:0dc8] not at {bdf}:\n{tail}"
+        );
+        eprintln!("vfio-user: {p} -> {bdf}, pci-idio-16 bound");
+    }
+    c.vm_remove_device("gpio-f0")
+        .expect("remove the vfio-user slot");
+    let info = c.vm_info().unwrap();
+    assert!(!info.devices.iter().any(|d| d.id.starts_with("gpio-")));
+    for id in ["gpio-f0", "gpio-f1"] {
+        assert!(
+            g.stderr().contains(&format!("removed {id} from")),
+            "{id} not released"
+        );
+    }
+    drop((f0, f1));
 
     // Function 1 where function 0 is single-function.
     let single = function_disk(&s, "single", 11, Some("rp1"), None, None);

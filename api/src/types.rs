@@ -257,9 +257,28 @@ pub struct SlotInfo {
     pub slot: u8,
     /// PCI path a device in this slot has.
     pub pci_path: String,
-    /// Id of the device in the slot; `null` when the slot is free.
+    /// Id of the device in the slot (its function 0); `null` when the slot
+    /// is free or staged.
     #[serde(default)]
     pub device: Option<String>,
+    /// Every function of the slot holding a device, ascending.
+    #[serde(default)]
+    pub functions: Vec<FunctionInfo>,
+    /// Whether the slot holds functions 1-7 but no function 0 yet: the
+    /// guest does not see them until function 0 is added.
+    #[serde(default)]
+    pub staged: bool,
+}
+
+/// One function of a slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionInfo {
+    /// Function number, 0 to 7.
+    pub function: u8,
+    /// PCI path of the function (`.F` when F is not 0).
+    pub pci_path: String,
+    /// Id of the device there.
+    pub device: String,
 }
 
 /// A port or bridge of the PCI topology (or the root bus).
@@ -357,6 +376,11 @@ pub struct DiskConfig {
     /// Exact placement.
     #[serde(default)]
     pub pci_path: Option<String>,
+    /// Function of the slot, 0 to 7 (also given as `.F` in `pci_path`):
+    /// functions 1-7 added to an empty slot are staged until function 0
+    /// commits the slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<u8>,
 }
 
 impl Default for DiskConfig {
@@ -369,6 +393,7 @@ impl Default for DiskConfig {
             serial: None,
             port: None,
             pci_path: None,
+            function: None,
         }
     }
 }
@@ -395,6 +420,11 @@ pub struct RngConfig {
     /// Exact placement.
     #[serde(default)]
     pub pci_path: Option<String>,
+    /// Function of the slot, 0 to 7 (also given as `.F` in `pci_path`):
+    /// functions 1-7 added to an empty slot are staged until function 0
+    /// commits the slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<u8>,
 }
 
 /// Body of `PUT /api/v1/vm.add-user-device` (and the `--user-device`
@@ -414,6 +444,11 @@ pub struct UserDeviceConfig {
     /// Exact placement.
     #[serde(default)]
     pub pci_path: Option<String>,
+    /// Function of the slot, 0 to 7 (also given as `.F` in `pci_path`):
+    /// functions 1-7 added to an empty slot are staged until function 0
+    /// commits the slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<u8>,
 }
 
 /// Body of `PUT /api/v1/vm.add-device` (and the `--device` option): a host
@@ -432,6 +467,11 @@ pub struct DeviceConfig {
     /// Exact placement.
     #[serde(default)]
     pub pci_path: Option<String>,
+    /// Function of the guest slot, 0 to 7 (also given as `.F` in
+    /// `pci_path`): functions 1-7 added to an empty slot are staged until
+    /// function 0 commits the slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<u8>,
 }
 
 /// Body of `PUT /api/v1/vm.add-net` (and the `--net` option): a virtio-net
@@ -466,6 +506,11 @@ pub struct NetConfig {
     /// Exact placement.
     #[serde(default)]
     pub pci_path: Option<String>,
+    /// Function of the slot, 0 to 7 (also given as `.F` in `pci_path`):
+    /// functions 1-7 added to an empty slot are staged until function 0
+    /// commits the slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<u8>,
 }
 
 /// Smallest MTU a NIC accepts (IPv4's minimum).
@@ -512,8 +557,9 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
 
 impl NetConfig {
     /// Keys accepted by [`NetConfig::from_kv`].
-    pub const KV_KEYS: &'static [&'static str] =
-        &["tap", "fd", "mac", "mtu", "id", "port", "pci_path"];
+    pub const KV_KEYS: &'static [&'static str] = &[
+        "tap", "fd", "mac", "mtu", "id", "port", "pci_path", "function",
+    ];
 
     /// Checks what can be checked without the VM.
     pub fn validate(&self) -> Result<(), ApiError> {
@@ -560,7 +606,7 @@ impl NetConfig {
             }
         }
         validate_opt_id("id", &self.id)?;
-        validate_placement(&self.port, &self.pci_path)
+        validate_placement(&self.port, &self.pci_path, self.function)
     }
 
     /// Builds a NIC configuration from `tap=..|fd=..,mac=..,mtu=..,id=..,
@@ -575,6 +621,7 @@ impl NetConfig {
             id: o.string("id"),
             port: o.string("port"),
             pci_path: o.string("pci_path"),
+            function: o.parse("function")?,
         })
     }
 }
@@ -646,8 +693,20 @@ pub fn validate_pci_path(field: &str, path: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn validate_placement(port: &Option<String>, pci_path: &Option<String>) -> Result<(), ApiError> {
+/// Highest function number of a slot.
+pub const MAX_FUNCTION: u8 = 7;
+
+fn validate_placement(
+    port: &Option<String>,
+    pci_path: &Option<String>,
+    function: Option<u8>,
+) -> Result<(), ApiError> {
     validate_opt_id("port", port)?;
+    if let Some(f) = function.filter(|f| *f > MAX_FUNCTION) {
+        return Err(ApiError::bad_request(format!(
+            "'function' {f} is out of range (a slot has functions 0 to {MAX_FUNCTION})"
+        )));
+    }
     pci_path
         .as_deref()
         .map_or(Ok(()), |p| validate_pci_path("pci_path", p))
@@ -675,7 +734,7 @@ fn validate_file_path(field: &str, path: &str) -> Result<(), ApiError> {
 impl DiskConfig {
     /// Keys accepted by [`DiskConfig::from_kv`].
     pub const KV_KEYS: &'static [&'static str] = &[
-        "path", "readonly", "id", "serial", "port", "pci_path", "lock",
+        "path", "readonly", "id", "serial", "port", "pci_path", "function", "lock",
     ];
 
     /// Checks what can be checked without the VM.
@@ -700,7 +759,7 @@ impl DiskConfig {
                 ));
             }
         }
-        validate_placement(&self.port, &self.pci_path)
+        validate_placement(&self.port, &self.pci_path, self.function)
     }
 
     /// Builds a disk configuration from `path=..,readonly=on|off,id=..,
@@ -716,18 +775,19 @@ impl DiskConfig {
             serial: o.string("serial"),
             port: o.string("port"),
             pci_path: o.string("pci_path"),
+            function: o.parse("function")?,
         })
     }
 }
 
 impl RngConfig {
     /// Keys accepted by [`RngConfig::from_kv`].
-    pub const KV_KEYS: &'static [&'static str] = &["id", "port", "pci_path"];
+    pub const KV_KEYS: &'static [&'static str] = &["id", "port", "pci_path", "function"];
 
     /// Checks what can be checked without the VM.
     pub fn validate(&self) -> Result<(), ApiError> {
         validate_opt_id("id", &self.id)?;
-        validate_placement(&self.port, &self.pci_path)
+        validate_placement(&self.port, &self.pci_path, self.function)
     }
 
     /// Builds an rng configuration from `id=..,port=..,pci_path=..`.
@@ -737,13 +797,14 @@ impl RngConfig {
             id: o.string("id"),
             port: o.string("port"),
             pci_path: o.string("pci_path"),
+            function: o.parse("function")?,
         })
     }
 }
 
 impl UserDeviceConfig {
     /// Keys accepted by [`UserDeviceConfig::from_kv`].
-    pub const KV_KEYS: &'static [&'static str] = &["socket", "id", "port", "pci_path"];
+    pub const KV_KEYS: &'static [&'static str] = &["socket", "id", "port", "pci_path", "function"];
 
     /// Checks what can be checked without the VM.
     pub fn validate(&self) -> Result<(), ApiError> {
@@ -755,7 +816,7 @@ impl UserDeviceConfig {
             )));
         }
         validate_opt_id("id", &self.id)?;
-        validate_placement(&self.port, &self.pci_path)
+        validate_placement(&self.port, &self.pci_path, self.function)
     }
 
     /// Builds a configuration from `socket=..,id=..,port=..,pci_path=..`; a
@@ -767,13 +828,14 @@ impl UserDeviceConfig {
             id: o.string("id"),
             port: o.string("port"),
             pci_path: o.string("pci_path"),
+            function: o.parse("function")?,
         })
     }
 }
 
 impl DeviceConfig {
     /// Keys accepted by [`DeviceConfig::from_kv`].
-    pub const KV_KEYS: &'static [&'static str] = &["path", "id", "port", "pci_path"];
+    pub const KV_KEYS: &'static [&'static str] = &["path", "id", "port", "pci_path", "function"];
 
     /// Checks what can be checked without the VM (the VMM checks that the
     /// path names a PCI function, its driver and its IOMMU group).
@@ -786,7 +848,7 @@ impl DeviceConfig {
             )));
         }
         validate_opt_id("id", &self.id)?;
-        validate_placement(&self.port, &self.pci_path)
+        validate_placement(&self.port, &self.pci_path, self.function)
     }
 
     /// Builds a configuration from `path=..,id=..,port=..,pci_path=..`; a
@@ -798,6 +860,7 @@ impl DeviceConfig {
             id: o.string("id"),
             port: o.string("port"),
             pci_path: o.string("pci_path"),
+            function: o.parse("function")?,
         })
     }
 }
@@ -842,11 +905,17 @@ pub struct VsockConfig {
     /// Exact placement.
     #[serde(default)]
     pub pci_path: Option<String>,
+    /// Function of the slot, 0 to 7 (also given as `.F` in `pci_path`):
+    /// functions 1-7 added to an empty slot are staged until function 0
+    /// commits the slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<u8>,
 }
 
 impl VsockConfig {
     /// Keys accepted by [`VsockConfig::from_kv`].
-    pub const KV_KEYS: &'static [&'static str] = &["cid", "socket", "id", "port", "pci_path"];
+    pub const KV_KEYS: &'static [&'static str] =
+        &["cid", "socket", "id", "port", "pci_path", "function"];
 
     /// Checks what can be checked without the VM (the socket path may be
     /// relative here: the command line resolves it from the VMM's working
@@ -866,7 +935,7 @@ impl VsockConfig {
             )));
         }
         validate_opt_id("id", &self.id)?;
-        validate_placement(&self.port, &self.pci_path)
+        validate_placement(&self.port, &self.pci_path, self.function)
     }
 
     /// Builds a vsock configuration from `cid=N,socket=PATH,id=..,port=..,
@@ -885,6 +954,7 @@ impl VsockConfig {
             id: o.string("id"),
             port: o.string("port"),
             pci_path: o.string("pci_path"),
+            function: o.parse("function")?,
         })
     }
 }
@@ -973,6 +1043,14 @@ mod tests {
         d.pci_path = Some("00:02.0 /0".into());
         assert!(bad(d.validate()).contains("pci_path"));
         d.pci_path = None;
+        d.function = Some(7);
+        assert!(d.validate().is_ok());
+        d.function = Some(8);
+        assert_eq!(
+            bad(d.validate()),
+            "'function' 8 is out of range (a slot has functions 0 to 7)"
+        );
+        d.function = None;
         d.path = "img".into();
         assert!(bad(d.validate()).contains("'path' must be absolute, not 'img'"));
         d.path = "./img".into();
@@ -990,7 +1068,40 @@ mod tests {
         assert_eq!(d.serial.as_deref(), Some("SN"));
         assert_eq!(d.port.as_deref(), Some("rp1"));
         assert_eq!(d.pci_path, None);
+        assert_eq!(d.function, None);
         assert!(d.lock);
+        let d = DiskConfig::from_kv("/x.raw,port=rp1,function=3").unwrap();
+        assert_eq!(d.function, Some(3));
+        assert!(DiskConfig::from_kv("/x.raw,function=x").is_err());
+        assert_eq!(
+            RngConfig::from_kv("pci_path=03/00.2,function=2")
+                .unwrap()
+                .function,
+            Some(2)
+        );
+        assert_eq!(
+            NetConfig::from_kv("tap=t0,function=1").unwrap().function,
+            Some(1)
+        );
+        assert_eq!(
+            VsockConfig::from_kv("cid=3,socket=/v,function=4")
+                .unwrap()
+                .function,
+            Some(4)
+        );
+        assert_eq!(
+            UserDeviceConfig::from_kv("/s,function=5").unwrap().function,
+            Some(5)
+        );
+        assert_eq!(
+            DeviceConfig::from_kv("/sys/bus/pci/devices/0000:03:00.0,function=6")
+                .unwrap()
+                .function,
+            Some(6)
+        );
+        // Absent, the field is left out of the JSON.
+        let v = serde_json::to_value(DiskConfig::from_kv("/y.raw").unwrap()).unwrap();
+        assert!(v.get("function").is_none());
         let d = DiskConfig::from_kv("/y.raw").unwrap();
         assert_eq!(d.path, "/y.raw");
         assert!(!d.readonly);
@@ -1137,6 +1248,8 @@ mod tests {
                 slot: 0,
                 pci_path: "00:02.0/00.0".into(),
                 device: None,
+                functions: Vec::new(),
+                staged: false,
             }],
         };
         let v = serde_json::to_value(&n).unwrap();

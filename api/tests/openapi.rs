@@ -147,6 +147,7 @@ fn schemas_match_the_wire_types() {
             serial: s(),
             port: s(),
             pci_path: s(),
+            function: Some(1),
         },
     );
     check_object(
@@ -156,6 +157,7 @@ fn schemas_match_the_wire_types() {
             id: s(),
             port: s(),
             pci_path: s(),
+            function: Some(1),
         },
     );
     check_object(
@@ -167,6 +169,7 @@ fn schemas_match_the_wire_types() {
             id: s(),
             port: s(),
             pci_path: s(),
+            function: Some(1),
         },
     );
     check_object(
@@ -177,6 +180,7 @@ fn schemas_match_the_wire_types() {
             id: s(),
             port: s(),
             pci_path: s(),
+            function: Some(1),
         },
     );
     check_object(
@@ -187,6 +191,7 @@ fn schemas_match_the_wire_types() {
             id: s(),
             port: s(),
             pci_path: s(),
+            function: Some(1),
         },
     );
     check_object(
@@ -215,10 +220,18 @@ fn schemas_match_the_wire_types() {
         error: s(),
     };
     check_object(&doc, "DeviceInfo", &device);
+    let function = api::types::FunctionInfo {
+        function: 1,
+        pci_path: "p.1".into(),
+        device: "d".into(),
+    };
+    check_object(&doc, "FunctionInfo", &function);
     let slot = SlotInfo {
         slot: 0,
         pci_path: "p".into(),
         device: s(),
+        functions: vec![function],
+        staged: true,
     };
     check_object(&doc, "SlotInfo", &slot);
     let node = TopologyNode {

@@ -11,6 +11,11 @@
 //! front ends ([`crate::ecam`], [`crate::config_io`]) call [`PciRoot::config_read`] and
 //! [`PciRoot::config_write`]. Reads of absent functions return all-ones, writes to them are
 //! dropped.
+//!
+//! Functions 1-7 of a slot without function 0 are *staged*: attached, but absent to the guest
+//! (reads all-ones, writes dropped), as on hardware where software finds the other functions
+//! only through function 0. Once function 0 is attached they appear, and function 0's header
+//! type reports the multifunction bit (bit 7).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -163,6 +168,15 @@ impl PciBus {
 
     /// The function at `devfn`.
     pub fn device(&self, devfn: u8) -> Option<&SharedPciDevice> {
+        self.devices.get(&devfn)
+    }
+
+    /// The function at `devfn` as the guest sees it: `None` for a staged function (one of
+    /// 1-7 in a slot without function 0).
+    pub fn visible_device(&self, devfn: u8) -> Option<&SharedPciDevice> {
+        if devfn & 7 != 0 && !self.devices.contains_key(&(devfn & !7)) {
+            return None;
+        }
         self.devices.get(&devfn)
     }
 
@@ -342,9 +356,13 @@ impl PciRoot {
         PciBdf::new(number, l.slot, l.function).ok()
     }
 
-    /// The function the guest addresses as `bdf`.
+    /// The function the guest addresses as `bdf` (`None` for a staged function, which the
+    /// guest cannot address).
     pub fn device(&self, bdf: PciBdf) -> Option<SharedPciDevice> {
-        self.bus.route(0, bdf.bus)?.device(bdf.devfn()).cloned()
+        self.bus
+            .route(0, bdf.bus)?
+            .visible_device(bdf.devfn())
+            .cloned()
     }
 
     /// Configuration read of `data.len()` (1, 2 or 4) bytes at byte `offset` (0..4096) of
@@ -359,7 +377,7 @@ impl PciRoot {
         let Some(bus) = self.bus.route(0, bdf.bus) else {
             return;
         };
-        let Some(dev) = bus.device(bdf.devfn()) else {
+        let Some(dev) = bus.visible_device(bdf.devfn()) else {
             return;
         };
         let reg = usize::from(offset / 4);
@@ -501,6 +519,54 @@ mod tests {
     }
 
     #[test]
+    fn staged_functions_are_invisible_until_function_0() {
+        let mut root = PciRoot::with_host_bridge();
+        root.add_device(&p("02"), bridge()).unwrap();
+        set_buses(&root, "00:02.0", 0, 1, 1);
+        let header = |root: &PciRoot, b: &str| {
+            let mut d = [0u8; 4];
+            root.config_read(bdf(b), 0x0c, &mut d);
+            d[2]
+        };
+        // Functions 1, 2 and 3 staged below the port and on the root bus.
+        for f in 1..4u8 {
+            root.add_device(&p(&format!("02/00.{f}")), endpoint())
+                .unwrap();
+            root.add_device(&p(&format!("05.{f}")), endpoint()).unwrap();
+        }
+        for b in ["01:00.1", "01:00.2", "01:00.3", "00:05.1", "00:05.3"] {
+            assert_eq!(vendor(&root, b), 0xffff, "{b}");
+            let mut d = [0u8; 4];
+            root.config_read(bdf(b), 0x0c, &mut d);
+            assert_eq!(d, [0xff; 4], "{b}");
+            // Writes are dropped.
+            assert!(root.config_write(bdf(b), 0x3c, &[9]).is_none(), "{b}");
+            assert!(root.device(bdf(b)).is_none());
+        }
+        assert_eq!(vendor(&root, "01:00.0"), 0xffff);
+        // They are attached all the same.
+        assert!(root.device_at_path(&p("02/00.2")).is_some());
+        assert_eq!(root.bdf_of_path(&p("02/00.2")), Some(bdf("01:00.2")));
+        // Function 0 commits the slot: everything appears, with the multifunction bit.
+        root.add_device(&p("02/00"), endpoint()).unwrap();
+        for b in ["01:00.0", "01:00.1", "01:00.2", "01:00.3"] {
+            assert_eq!(vendor(&root, b), 0x8086, "{b}");
+        }
+        assert_eq!(vendor(&root, "01:00.4"), 0xffff);
+        assert_eq!(header(&root, "01:00.0") & 0x80, 0x80);
+        assert_eq!(header(&root, "01:00.1") & 0x80, 0);
+        assert!(root.config_write(bdf("01:00.2"), 0x3c, &[9]).is_some());
+        // The root-bus slot is still staged.
+        assert_eq!(vendor(&root, "00:05.2"), 0xffff);
+        // A single function 0 has no multifunction bit.
+        root.add_device(&p("06"), endpoint()).unwrap();
+        assert_eq!(header(&root, "00:06.0") & 0x80, 0);
+        // Removing function 0 hides the others again.
+        root.remove_device(&p("02/00")).unwrap();
+        assert_eq!(vendor(&root, "01:00.1"), 0xffff);
+    }
+
+    #[test]
     fn routing_through_three_levels_of_bridges() {
         let mut root = PciRoot::with_host_bridge();
         root.add_device(&p("02"), bridge()).unwrap();
@@ -508,6 +574,7 @@ mod tests {
         root.add_device(&p("02/00/03"), bridge()).unwrap();
         root.add_device(&p("02/00/05"), endpoint()).unwrap();
         root.add_device(&p("02/00/03/1f.2"), endpoint()).unwrap();
+        root.add_device(&p("02/00/03/1f"), endpoint()).unwrap();
         root.add_device(&p("02/01"), endpoint()).unwrap();
         assert!(matches!(
             root.add_device(&p("02/01/00"), endpoint()),
@@ -530,7 +597,7 @@ mod tests {
         assert_eq!(vendor(&root, "01:01.0"), 0x8086);
         assert_eq!(vendor(&root, "02:05.0"), 0x8086);
         assert_eq!(vendor(&root, "03:1f.2"), 0x8086);
-        assert_eq!(vendor(&root, "03:1f.0"), 0xffff);
+        assert_eq!(vendor(&root, "03:1f.1"), 0xffff);
         assert_eq!(vendor(&root, "04:00.0"), 0xffff);
         assert_eq!(root.bdf_of_path(&p("02/00/03/1f.2")), Some(bdf("03:1f.2")));
         assert_eq!(root.bdf_of_path(&p("02/00/05")), Some(bdf("02:05.0")));

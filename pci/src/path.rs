@@ -184,6 +184,22 @@ impl PciPath {
     pub fn is_empty(&self) -> bool {
         false
     }
+
+    /// The same slot with function `function` (taken modulo 8) in the last element.
+    pub fn with_function(&self, function: u8) -> Self {
+        PciPath {
+            parents: self.parents.clone(),
+            last: PciSlot {
+                slot: self.last.slot,
+                function: function & 7,
+            },
+        }
+    }
+
+    /// Function 0 of the device's slot: the path that names the whole slot.
+    pub fn slot_path(&self) -> Self {
+        self.with_function(0)
+    }
 }
 
 impl fmt::Display for PciPath {
@@ -395,6 +411,20 @@ mod tests {
             PciPath::root(PciSlot::new(4, 0).unwrap()).child(PciSlot::new(0, 3).unwrap()),
             path
         );
+        // Functions: only the last element's is changed; function 0 is not printed.
+        assert_eq!(path.slot_path().to_string(), "04/00");
+        assert_eq!(p("04.2/00").with_function(5).to_string(), "04.2/00.5");
+        assert_eq!(p("1f.7").with_function(0).to_string(), "1f");
+        assert_eq!(p("1f.7").slot_path(), p("1f"));
+        for f in 0..8u8 {
+            let s = format!("03/1e.{f}");
+            let q = p(&s);
+            assert_eq!(q.last().function, f);
+            assert_eq!(q.slot_path(), p("03/1e"));
+            assert_eq!(p("03/1e").with_function(f), q);
+            let shown = q.to_string();
+            assert_eq!(shown, if f == 0 { "03/1e".to_string() } else { s });
+        }
     }
 
     #[test]

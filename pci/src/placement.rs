@@ -12,6 +12,25 @@
 //!   [`HotplugMode::Native`] signal through their own slot registers.
 //! - [`choose`]: an exact path, the first free slot of a named port, the first free root slot
 //!   (cold plug), or the first free hotplug slot in a [`PlaceKind`] order (hotplug).
+//!
+//! ## Multifunction slots
+//!
+//! A request may name a function (the last path element `SS.F`, or `function`). The slot's
+//! state follows from which of its functions are occupied:
+//!
+//! - *empty*: no function;
+//! - *staged*: some of functions 1-7, no function 0. The guest cannot see them (Linux finds
+//!   functions 1-7 only through function 0) and is not told;
+//! - *committed*: function 0 is there. A hot-plugged function 0 commits its slot: the VMM
+//!   raises one hotplug event for the whole slot, and function 0 reports the multifunction
+//!   bit when other functions are present.
+//!
+//! Hot plug: functions 1-7 join an empty or staged slot; function 0 joins an empty or staged
+//! slot (committing it); nothing joins a committed slot ([`PlacementError::SlotCommitted`],
+//! [`PlacementError::SingleFunction`]). Cold plug: any free function of a slot (the guest
+//! scans at boot), but every slot must have its function 0 in the end ([`check_cold_slots`]).
+//! [`removal`] says what removing a function takes: function 0 takes the whole slot,
+//! another function goes alone only while its slot is staged.
 
 use std::fmt;
 use std::str::FromStr;
@@ -228,6 +247,11 @@ pub struct PlaceRequest<'a> {
     pub port: Option<&'a str>,
     /// The exact path, as the user wrote it.
     pub pci_path: Option<&'a str>,
+    /// The function asked for (`function=F`); `None`: the function `pci_path` names, or
+    /// function 0 of an empty slot. With `port` or automatic placement, an explicit function
+    /// goes to the first slot partly filled that can take it (so functions staged one after
+    /// another share a slot), else to an empty one.
+    pub function: Option<u8>,
     /// Whether the device is hot-plugged (the VM runs).
     pub hotplug: bool,
 }
@@ -235,7 +259,8 @@ pub struct PlaceRequest<'a> {
 /// The chosen place.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Place {
-    /// Function 0 of the chosen slot.
+    /// The chosen function of the chosen slot. A hot-plugged function 1-7 is staged (its
+    /// slot has no function 0 yet); a hot-plugged function 0 commits its slot.
     pub path: PciPath,
     /// The port the device sits under; `None` is the root bus.
     pub port: Option<String>,
@@ -275,30 +300,216 @@ pub enum PlacementError {
     /// A hot-plugged device asked for a slot without a hotplug mechanism.
     #[error("{0} is not a hotplug slot")]
     NotHotplugSlot(PciPath),
+    /// A function number above 7.
+    #[error("function {0} is out of range (a slot has functions 0 to 7)")]
+    BadFunction(u8),
+    /// A function asked to join a slot whose function 0 is a multifunction device already
+    /// announced to the guest.
+    #[error(
+        "slot {slot} is committed (function 0 is there, the guest was told of functions {functions}): functions 1-7 join a slot before its function 0; remove function 0 to remove the whole slot"
+    )]
+    SlotCommitted {
+        /// Function 0 of the slot.
+        slot: PciPath,
+        /// Its functions, comma separated.
+        functions: String,
+    },
+    /// A function asked to join a slot whose function 0 is alone (single-function).
+    #[error(
+        "function {function} cannot join slot {slot}: its function 0 is single-function (the guest would not scan function {function}); add functions 1-7 before function 0"
+    )]
+    SingleFunction {
+        /// Function 0 of the slot.
+        slot: PciPath,
+        /// The function asked for.
+        function: u8,
+    },
+    /// Removal of a function other than 0 of a committed slot.
+    #[error(
+        "{path} is function {function} of committed slot {slot}: a committed slot is removed whole, by removing function 0 ('{slot_device}')"
+    )]
+    FunctionOfCommittedSlot {
+        /// The function's path.
+        path: PciPath,
+        /// Its number.
+        function: u8,
+        /// Function 0 of the slot.
+        slot: PciPath,
+        /// The device at function 0 (filled in by the caller; empty if unknown).
+        slot_device: String,
+    },
+    /// A cold-plugged slot without function 0.
+    #[error(
+        "slot {slot} has function(s) {functions} but no function 0: the guest finds functions 1-7 only through function 0; add a device at {slot}"
+    )]
+    NoFunctionZero {
+        /// Function 0 of the slot.
+        slot: PciPath,
+        /// Its functions, comma separated.
+        functions: String,
+    },
 }
 
-/// Whether any function of the root bus `slot` holds a device.
-fn root_slot_busy(slot: u8, occupied: &dyn Fn(&PciPath) -> bool) -> bool {
-    (0..NUM_FUNCTIONS).any(|function| occupied(&PciPath::root(PciSlot { slot, function })))
+/// What removing a function takes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Removal {
+    /// Function 0 of a committed slot: the whole slot goes, through the guest (one hotplug
+    /// request). Every function's path, function 0 first.
+    Slot(Vec<PciPath>),
+    /// A function of a staged slot: the guest never saw it; it is dropped at once.
+    Staged(PciPath),
 }
 
-/// First free root bus slot for a cold-plugged device: slot 1..=31 where no port sits and no
-/// function is occupied (slot 0 holds the host bridge).
-fn free_root_slot(topology: &Topology, occupied: &dyn Fn(&PciPath) -> bool) -> Option<u8> {
+/// What removing the function at `path` takes, given the occupied functions: function 0
+/// takes its whole slot; another function goes alone only while its slot is staged (no
+/// function 0), else [`PlacementError::FunctionOfCommittedSlot`].
+pub fn removal(
+    path: &PciPath,
+    occupied: &dyn Fn(&PciPath) -> bool,
+) -> Result<Removal, PlacementError> {
+    let mask = slot_functions(path, occupied);
+    let function = path.last().function;
+    if function == 0 {
+        let all = functions_of(mask | 1)
+            .into_iter()
+            .map(|f| path.with_function(f))
+            .collect();
+        return Ok(Removal::Slot(all));
+    }
+    if mask & 1 != 0 {
+        return Err(PlacementError::FunctionOfCommittedSlot {
+            path: path.clone(),
+            function,
+            slot: path.slot_path(),
+            slot_device: String::new(),
+        });
+    }
+    Ok(Removal::Staged(path.clone()))
+}
+
+/// Checks the cold-plugged functions at `paths` once all are placed: every slot with a
+/// function has its function 0 ([`PlacementError::NoFunctionZero`] names the first that has
+/// not).
+pub fn check_cold_slots(paths: &[PciPath]) -> Result<(), PlacementError> {
+    let mut slots: std::collections::BTreeMap<PciPath, u8> = std::collections::BTreeMap::new();
+    for p in paths {
+        *slots.entry(p.slot_path()).or_default() |= 1 << p.last().function;
+    }
+    match slots.into_iter().find(|(_, mask)| mask & 1 == 0) {
+        Some((slot, mask)) => Err(PlacementError::NoFunctionZero {
+            slot,
+            functions: function_list(mask),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The occupied functions of the slot of `path`, as a bit mask (bit F: function F).
+pub fn slot_functions(path: &PciPath, occupied: &dyn Fn(&PciPath) -> bool) -> u8 {
+    (0..NUM_FUNCTIONS)
+        .filter(|f| occupied(&path.with_function(*f)))
+        .fold(0u8, |m, f| m | (1 << f))
+}
+
+/// The functions of a mask, ascending.
+pub fn functions_of(mask: u8) -> Vec<u8> {
+    (0..NUM_FUNCTIONS)
+        .filter(|f| mask & (1 << f) != 0)
+        .collect()
+}
+
+fn function_list(mask: u8) -> String {
+    functions_of(mask)
+        .iter()
+        .map(|f| f.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Whether function `function` may join a slot whose functions are `mask`: it is free, and
+/// for a hot-plugged one, function 0 is not there (the slot is not committed).
+fn accepts(mask: u8, function: u8, hotplug: bool) -> bool {
+    mask & (1 << function) == 0 && !(hotplug && mask & 1 != 0)
+}
+
+/// The first slot among `candidates` (function 0 paths, in order) for the request: with an
+/// explicit `function`, a partly filled slot that accepts it, else an empty one; without one,
+/// an empty slot. Returns the path of the function.
+fn pick(
+    candidates: impl Iterator<Item = PciPath> + Clone,
+    function: Option<u8>,
+    hotplug: bool,
+    occupied: &dyn Fn(&PciPath) -> bool,
+) -> Option<PciPath> {
+    let f = function.unwrap_or(0);
+    if function.is_some() {
+        let partly = candidates.clone().find(|p| {
+            let mask = slot_functions(p, occupied);
+            mask != 0 && accepts(mask, f, hotplug)
+        });
+        if let Some(p) = partly {
+            return Some(p.with_function(f));
+        }
+    }
+    candidates
+        .into_iter()
+        .find(|p| slot_functions(p, occupied) == 0)
+        .map(|p| p.with_function(f))
+}
+
+/// Why no slot among `candidates` takes an explicit `function` when one has it free: the
+/// first such slot's refusal ([`PlacementError::SingleFunction`] or
+/// [`PlacementError::SlotCommitted`]), rather than "full".
+fn refusal(
+    candidates: impl Iterator<Item = PciPath>,
+    function: Option<u8>,
+    hotplug: bool,
+    occupied: &dyn Fn(&PciPath) -> bool,
+) -> Option<PlacementError> {
+    let f = function?;
+    candidates
+        .map(|p| (slot_functions(&p, occupied), p))
+        .find(|(mask, _)| *mask != 0 && mask & (1 << f) == 0)
+        .and_then(|(mask, p)| committed_refusal(&p, mask, f, hotplug))
+}
+
+/// The refusal of function `function` by a slot whose functions are `mask`, if its function
+/// 0 is there and the function is hot-plugged.
+fn committed_refusal(
+    path: &PciPath,
+    mask: u8,
+    function: u8,
+    hotplug: bool,
+) -> Option<PlacementError> {
+    if !hotplug || mask & 1 == 0 {
+        return None;
+    }
+    let slot = path.slot_path();
+    Some(if mask == 1 {
+        PlacementError::SingleFunction { slot, function }
+    } else {
+        PlacementError::SlotCommitted {
+            slot,
+            functions: function_list(mask),
+        }
+    })
+}
+
+/// Function 0 paths of the root bus slots a cold-plugged device may use: 1..=31 where no
+/// port sits (slot 0 holds the host bridge).
+fn cold_root_candidates(topology: &Topology) -> impl Iterator<Item = PciPath> + Clone {
     let ports = topology.root_slots_used();
-    (1..NUM_SLOTS).find(|s| !ports.contains(s) && !root_slot_busy(*s, occupied))
+    (1..NUM_SLOTS)
+        .filter(move |s| !ports.contains(s))
+        .map(root_path)
 }
 
-/// Paths of the free `slots` of `node`, in order.
-fn free_paths<'a>(
+/// Function 0 paths of `slots` of `node`, in order.
+fn slot_paths<'a>(
     node: &'a PortNode,
     slots: &'a [u8],
-    occupied: &'a dyn Fn(&PciPath) -> bool,
-) -> impl Iterator<Item = PciPath> + 'a {
-    slots
-        .iter()
-        .filter_map(|s| node.device_path(*s))
-        .filter(|p| !occupied(p))
+) -> impl Iterator<Item = PciPath> + Clone + 'a {
+    slots.iter().filter_map(|s| node.device_path(*s))
 }
 
 /// The device path `text` names, validated against the topology and `want` (the port the
@@ -307,18 +518,26 @@ fn exact_path(
     topology: &Topology,
     text: &str,
     want: Option<&str>,
+    function: Option<u8>,
 ) -> Result<(PciPath, Option<String>), PlacementError> {
     let bad = |reason: String| PlacementError::BadPath {
         path: text.to_string(),
         reason,
     };
-    let path: PciPath = text
+    let mut path: PciPath = text
         .parse()
         .map_err(|e: crate::PciPathError| bad(e.to_string()))?;
-    if path.last().function != 0 {
-        return Err(bad(
-            "multifunction placement is not supported; use function 0".into(),
-        ));
+    if let Some(f) = function {
+        if f >= NUM_FUNCTIONS {
+            return Err(PlacementError::BadFunction(f));
+        }
+        let named = path.last().function;
+        if named != 0 && named != f {
+            return Err(bad(format!(
+                "it names function {named} but 'function' is {f}"
+            )));
+        }
+        path = path.with_function(f);
     }
     let node = topology
         .check_device_path(&path)
@@ -343,7 +562,7 @@ fn slot_of_port(
     plan: &HotplugPlan,
     occupied: &dyn Fn(&PciPath) -> bool,
     id: &str,
-    hotplug: bool,
+    req: &PlaceRequest<'_>,
 ) -> Result<PciPath, PlacementError> {
     let node = topology
         .port(id)
@@ -351,49 +570,59 @@ fn slot_of_port(
     if node.device_slots().is_empty() {
         return Err(PlacementError::NoDeviceSlot(id.to_string()));
     }
-    let mut free = free_paths(node, node.device_slots(), occupied).peekable();
-    let first = free
-        .peek()
-        .cloned()
-        .ok_or_else(|| PlacementError::PortFull(id.to_string()))?;
-    if hotplug {
-        if let Some(p) = free.find(|p| plan.mechanism(Some(id), p) != SlotMechanism::None) {
+    let all = slot_paths(node, node.device_slots());
+    let first = pick(all.clone(), req.function, req.hotplug, occupied).ok_or_else(|| {
+        refusal(all.clone(), req.function, req.hotplug, occupied)
+            .unwrap_or_else(|| PlacementError::PortFull(id.to_string()))
+    })?;
+    if req.hotplug {
+        let with_hotplug = all.filter(|p| plan.mechanism(Some(id), p) != SlotMechanism::None);
+        if let Some(p) = pick(with_hotplug, req.function, true, occupied) {
             return Ok(p);
         }
     }
     Ok(first)
 }
 
-/// The first free root-bus slot with ACPI hotplug.
+/// The first root-bus slot with ACPI hotplug for the request.
 fn free_hotplug_root_path(
     plan: &HotplugPlan,
     occupied: &dyn Fn(&PciPath) -> bool,
+    function: Option<u8>,
 ) -> Option<PciPath> {
-    plan.root_slots()
-        .iter()
-        .map(|s| root_path(*s))
-        .find(|p| !occupied(p))
+    pick(
+        plan.root_slots().iter().map(|s| root_path(*s)),
+        function,
+        true,
+        occupied,
+    )
 }
 
-/// The first free hotplug slot in `order`.
+/// The first hotplug slot for the request in `order`.
 fn automatic(
     topology: &Topology,
     plan: &HotplugPlan,
     order: &[PlaceKind],
     occupied: &dyn Fn(&PciPath) -> bool,
+    function: Option<u8>,
 ) -> Option<(PciPath, Option<String>)> {
     for kind in order {
         let found = match kind {
-            PlaceKind::Root => free_hotplug_root_path(plan, occupied).map(|p| (p, None)),
+            PlaceKind::Root => free_hotplug_root_path(plan, occupied, function).map(|p| (p, None)),
             PlaceKind::Native => plan.native_ports().iter().find_map(|id| {
                 let node = topology.port(id)?;
-                let path = free_paths(node, node.device_slots(), occupied).next()?;
+                let path = pick(
+                    slot_paths(node, node.device_slots()),
+                    function,
+                    true,
+                    occupied,
+                )?;
                 Some((path, Some(id.clone())))
             }),
             PlaceKind::Acpi => plan.acpi_buses().iter().find_map(|bus| {
                 let id = bus.port.as_ref()?;
                 let node = topology.port(id)?;
-                let path = free_paths(node, &bus.slots, occupied).next()?;
+                let path = pick(slot_paths(node, &bus.slots), function, true, occupied)?;
                 Some((path, Some(id.clone())))
             }),
         };
@@ -406,8 +635,9 @@ fn automatic(
 
 /// Chooses where a new device goes:
 ///
-/// 1. an exact `pci_path` (function 0, an open slot per [`Topology::check_device_path`], a
-///    slot of `port` if both are given, not slot 00 of the root bus);
+/// 1. an exact `pci_path` (an open slot per [`Topology::check_device_path`], a slot of
+///    `port` if both are given, not slot 00 of the root bus; `function`, if given, replaces
+///    a function 0 of the path and must equal another);
 /// 2. else the first free slot of `port` ([`PlacementError::UnknownPort`],
 ///    [`PlacementError::NoDeviceSlot`], [`PlacementError::PortFull`]);
 /// 3. else, for cold plug, the first root bus slot 1..=31 holding neither a port nor a device
@@ -416,8 +646,10 @@ fn automatic(
 ///    order, ACPI bridge slots in bsel order, root bus hotplug slots.
 ///
 /// Finally the place is refused with [`PlacementError::SlotTaken`] if `occupied` says a
-/// device is there, and with [`PlacementError::NotHotplugSlot`] for a hot-plugged device if
-/// the plan gives the slot no mechanism.
+/// device is at that function, for a hot-plugged function with
+/// [`PlacementError::SingleFunction`] or [`PlacementError::SlotCommitted`] if the slot's
+/// function 0 is there, and with [`PlacementError::NotHotplugSlot`] for a hot-plugged device
+/// if the plan gives the slot no mechanism.
 pub fn choose(
     topology: &Topology,
     plan: &HotplugPlan,
@@ -425,27 +657,43 @@ pub fn choose(
     occupied: &dyn Fn(&PciPath) -> bool,
     req: &PlaceRequest<'_>,
 ) -> Result<Place, PlacementError> {
+    if let Some(f) = req.function.filter(|f| *f >= NUM_FUNCTIONS) {
+        return Err(PlacementError::BadFunction(f));
+    }
     let (path, port) = match (req.pci_path, req.port) {
-        (Some(text), want) => exact_path(topology, text, want)?,
+        (Some(text), want) => exact_path(topology, text, want, req.function)?,
         (None, Some(ROOT_BUS_ID)) if req.hotplug => (
-            free_hotplug_root_path(plan, occupied)
-                .ok_or_else(|| PlacementError::PortFull(ROOT_BUS_ID.to_string()))?,
+            free_hotplug_root_path(plan, occupied, req.function).ok_or_else(|| {
+                let slots = plan.root_slots().iter().map(|s| root_path(*s));
+                refusal(slots, req.function, true, occupied)
+                    .unwrap_or_else(|| PlacementError::PortFull(ROOT_BUS_ID.to_string()))
+            })?,
             None,
         ),
         (None, Some(id)) if id != ROOT_BUS_ID => (
-            slot_of_port(topology, plan, occupied, id, req.hotplug)?,
+            slot_of_port(topology, plan, occupied, id, req)?,
             Some(id.to_string()),
         ),
-        (None, _) if !req.hotplug => {
-            let slot = free_root_slot(topology, occupied).ok_or(PlacementError::NoFreeSlot)?;
-            (root_path(slot), None)
-        }
-        (None, _) => {
-            automatic(topology, plan, order, occupied).ok_or(PlacementError::NoFreeSlot)?
-        }
+        (None, _) if !req.hotplug => (
+            pick(
+                cold_root_candidates(topology),
+                req.function,
+                false,
+                occupied,
+            )
+            .ok_or(PlacementError::NoFreeSlot)?,
+            None,
+        ),
+        (None, _) => automatic(topology, plan, order, occupied, req.function)
+            .ok_or(PlacementError::NoFreeSlot)?,
     };
-    if occupied(&path) {
+    let mask = slot_functions(&path, occupied);
+    let function = path.last().function;
+    if mask & (1 << function) != 0 {
         return Err(PlacementError::SlotTaken(path));
+    }
+    if let Some(e) = committed_refusal(&path, mask, function, req.hotplug) {
+        return Err(e);
     }
     let mechanism = if req.hotplug {
         match plan.mechanism(port.as_deref(), &path) {

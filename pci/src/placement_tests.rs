@@ -94,6 +94,7 @@ fn auto(hotplug: bool) -> PlaceRequest<'static> {
     PlaceRequest {
         port: None,
         pci_path: None,
+        function: None,
         hotplug,
     }
 }
@@ -102,6 +103,7 @@ fn by_port(port: &str, hotplug: bool) -> PlaceRequest<'_> {
     PlaceRequest {
         port: Some(port),
         pci_path: None,
+        function: None,
         hotplug,
     }
 }
@@ -110,6 +112,7 @@ fn by_path(path: &str, hotplug: bool) -> PlaceRequest<'_> {
     PlaceRequest {
         port: None,
         pci_path: Some(path),
+        function: None,
         hotplug,
     }
 }
@@ -633,6 +636,7 @@ fn by_exact_path_into_every_kind_of_slot() {
             PlaceRequest {
                 port,
                 pci_path: Some(path),
+                function: None,
                 hotplug: true,
             },
         )
@@ -685,6 +689,7 @@ fn bad_paths() {
             PlaceRequest {
                 port,
                 pci_path: Some(path),
+                function: None,
                 hotplug,
             },
         )
@@ -696,14 +701,11 @@ fn bad_paths() {
             let (path, _) = bad_path(req(None, bad, hotplug));
             assert_eq!(path, bad);
         }
-        // Function other than 0.
-        let (_, reason) = bad_path(req(None, "0a.1", hotplug));
-        assert_eq!(
-            reason,
-            "multifunction placement is not supported; use function 0"
-        );
-        let (_, reason) = bad_path(req(Some("br0"), "04/02.7", hotplug));
-        assert!(reason.contains("multifunction"), "{reason}");
+        // A function other than 0 is checked like function 0.
+        let (_, reason) = bad_path(req(None, "01.1", hotplug));
+        assert!(reason.contains("rp0"), "{reason}");
+        let (_, reason) = bad_path(req(Some("rp0"), "04/02.7", hotplug));
+        assert_eq!(reason, "it is not a slot of port 'rp0'");
         // Slot 00 of the root bus.
         let e = req(None, "00", hotplug);
         assert_eq!(
@@ -775,6 +777,7 @@ fn taken_and_non_hotplug_slots() {
             c(PlaceRequest {
                 port: Some("br0"),
                 pci_path: Some("04/02"),
+                function: None,
                 hotplug,
             }),
             Err(PlacementError::SlotTaken(p("04/02")))
@@ -1010,5 +1013,263 @@ fn the_root_bus_by_its_id() {
     assert_eq!(
         Topology::build(&specs, &opts()).unwrap_err().to_string(),
         "port id 'root' is reserved for the root bus"
+    );
+}
+
+fn with_function(req: PlaceRequest<'_>, function: u8) -> PlaceRequest<'_> {
+    PlaceRequest {
+        function: Some(function),
+        ..req
+    }
+}
+
+#[test]
+fn staging_and_committing_a_native_slot() {
+    let t = default_topology();
+    let plan = HotplugPlan::new(&t, &[]);
+    let mut bus = Bus::default();
+    let order = PlaceKind::DEFAULT_ORDER;
+    // Functions 3, 1, 2 by path or by port: staged in rp0's slot.
+    let placed = bus
+        .add(&t, &plan, &order, by_path("01/00.3", true))
+        .unwrap();
+    assert_eq!(placed, place("01/00.3", Some("rp0"), native("rp0")));
+    assert_eq!(slot_functions(&p("01/00"), &|q| bus.0.contains(q)), 0b1000);
+    let placed = bus
+        .add(&t, &plan, &order, with_function(by_port("rp0", true), 1))
+        .unwrap();
+    assert_eq!(placed.path, p("01/00.1"));
+    let placed = bus
+        .add(&t, &plan, &order, with_function(by_path("01/00", true), 2))
+        .unwrap();
+    assert_eq!(placed.path, p("01/00.2"));
+    // A staged function is taken like any other.
+    assert_eq!(
+        bus.choose(&t, &plan, &order, by_path("01/00.1", true)),
+        Err(PlacementError::SlotTaken(p("01/00.1")))
+    );
+    // A port without a function wants an empty slot: rp0 has none.
+    assert_eq!(
+        bus.choose(&t, &plan, &order, by_port("rp0", true)),
+        Err(PlacementError::PortFull("rp0".into()))
+    );
+    // Automatic placement without a function skips the staged slot.
+    assert_eq!(
+        bus.choose(&t, &plan, &order, auto(true)).unwrap().path,
+        p("02/00")
+    );
+    // Function 0 commits it.
+    let placed = bus
+        .add(&t, &plan, &order, with_function(by_port("rp0", true), 0))
+        .unwrap();
+    assert_eq!(placed, place("01/00", Some("rp0"), native("rp0")));
+    assert_eq!(
+        slot_functions(&p("01/00.2"), &|q| bus.0.contains(q)),
+        0b1111
+    );
+    // Nothing joins a committed slot.
+    let e = bus
+        .choose(&t, &plan, &order, by_path("01/00.4", true))
+        .unwrap_err();
+    assert_eq!(
+        e,
+        PlacementError::SlotCommitted {
+            slot: p("01/00"),
+            functions: "0, 1, 2, 3".into(),
+        }
+    );
+    assert!(e.to_string().contains("slot 01/00 is committed"), "{e}");
+    // By port: the reason, not "full".
+    assert_eq!(
+        bus.choose(&t, &plan, &order, with_function(by_port("rp0", true), 4)),
+        Err(PlacementError::SlotCommitted {
+            slot: p("01/00"),
+            functions: "0, 1, 2, 3".into(),
+        })
+    );
+    assert_eq!(
+        bus.choose(&t, &plan, &order, with_function(by_port("rp0", true), 2)),
+        Err(PlacementError::PortFull("rp0".into()))
+    );
+    assert_eq!(
+        bus.choose(&t, &plan, &order, by_path("01/00", true)),
+        Err(PlacementError::SlotTaken(p("01/00")))
+    );
+    // A single-function slot refuses a function, naming why.
+    bus.add(&t, &plan, &order, by_port("rp1", true)).unwrap();
+    let e = bus
+        .choose(&t, &plan, &order, by_path("02/00.1", true))
+        .unwrap_err();
+    assert_eq!(
+        e,
+        PlacementError::SingleFunction {
+            slot: p("02/00"),
+            function: 1
+        }
+    );
+    assert!(e.to_string().contains("single-function"), "{e}");
+    assert_eq!(
+        bus.choose(&t, &plan, &order, with_function(by_port("rp1", true), 1)),
+        Err(e)
+    );
+    // Cold plug (before boot) takes it.
+    assert_eq!(
+        bus.choose(&t, &plan, &order, with_function(by_port("rp1", false), 1))
+            .unwrap()
+            .path,
+        p("02/00.1")
+    );
+}
+
+#[test]
+fn staged_functions_share_acpi_and_root_slots() {
+    let t = default_topology();
+    let plan = HotplugPlan::new(&t, &[]);
+    let mut bus = Bus::default();
+    let order = PlaceKind::DEFAULT_ORDER;
+    // By port: the second function joins the first one's slot (slot 00 of br0).
+    for f in [1, 2] {
+        let placed = bus
+            .add(&t, &plan, &order, with_function(by_port("br0", true), f))
+            .unwrap();
+        assert_eq!(placed.path, p(&format!("09/00.{f}")));
+        assert_eq!(placed.mechanism, acpi(1, 0));
+    }
+    // Without a function a new device takes an empty slot.
+    assert_eq!(
+        bus.choose(&t, &plan, &order, by_port("br0", true))
+            .unwrap()
+            .path,
+        p("09/01")
+    );
+    // A function another slot of br0 lacks goes there once this one has it.
+    bus.add(&t, &plan, &order, by_path("09/01.2", true))
+        .unwrap();
+    assert_eq!(
+        bus.choose(&t, &plan, &order, with_function(by_port("br0", true), 2))
+            .unwrap()
+            .path,
+        p("09/02.2")
+    );
+    assert_eq!(
+        bus.choose(&t, &plan, &order, with_function(by_port("br0", true), 3))
+            .unwrap()
+            .path,
+        p("09/00.3")
+    );
+    // Root bus hotplug slots, by the root bus's id.
+    let placed = bus
+        .add(&t, &plan, &order, with_function(by_port("root", true), 5))
+        .unwrap();
+    assert_eq!(placed, place("0a.5", None, acpi(0, 10)));
+    let placed = bus
+        .add(&t, &plan, &order, with_function(by_port("root", true), 0))
+        .unwrap();
+    assert_eq!(placed, place("0a", None, acpi(0, 10)));
+    // A path and a function that disagree.
+    let (_, reason) = bad_path(
+        bus.choose(&t, &plan, &order, with_function(by_path("0b.1", true), 2))
+            .unwrap_err(),
+    );
+    assert_eq!(reason, "it names function 1 but 'function' is 2");
+    // Equal ones agree.
+    assert_eq!(
+        bus.choose(&t, &plan, &order, with_function(by_path("0b.1", true), 1))
+            .unwrap()
+            .path,
+        p("0b.1")
+    );
+    assert_eq!(
+        bus.choose(&t, &plan, &order, with_function(auto(true), 8)),
+        Err(PlacementError::BadFunction(8))
+    );
+    assert_eq!(
+        bus.choose(&t, &plan, &order, with_function(by_path("0b", true), 9)),
+        Err(PlacementError::BadFunction(9))
+    );
+}
+
+#[test]
+fn cold_plugged_functions_join_any_slot_until_the_vm_is_built() {
+    let t = default_topology();
+    let plan = HotplugPlan::new(&t, &[]);
+    let mut bus = Bus::default();
+    let order = PlaceKind::DEFAULT_ORDER;
+    // Function 0 first, then others: allowed before boot.
+    bus.add(&t, &plan, &order, by_path("0c", false)).unwrap();
+    bus.add(&t, &plan, &order, by_path("0c.1", false)).unwrap();
+    let placed = bus
+        .add(&t, &plan, &order, with_function(by_port("rp2", false), 4))
+        .unwrap();
+    assert_eq!(placed, place("03/00.4", Some("rp2"), SlotMechanism::None));
+    // Automatic cold plug with a function: the first partly filled root slot that lacks it,
+    // else a fresh one (01-09 hold ports).
+    assert_eq!(
+        bus.choose(&t, &plan, &order, with_function(auto(false), 3))
+            .unwrap()
+            .path,
+        p("0c.3")
+    );
+    assert_eq!(
+        bus.choose(&t, &plan, &order, with_function(auto(false), 1))
+            .unwrap()
+            .path,
+        p("0a.1")
+    );
+    assert_eq!(
+        bus.choose(&t, &plan, &order, by_path("0c.1", false)),
+        Err(PlacementError::SlotTaken(p("0c.1")))
+    );
+    let paths: Vec<PciPath> = bus.0.iter().cloned().collect();
+    let e = check_cold_slots(&paths).unwrap_err();
+    assert_eq!(
+        e,
+        PlacementError::NoFunctionZero {
+            slot: p("03/00"),
+            functions: "4".into()
+        }
+    );
+    assert!(
+        e.to_string()
+            .starts_with("slot 03/00 has function(s) 4 but no function 0"),
+        "{e}"
+    );
+    bus.add(&t, &plan, &order, by_port("rp2", false))
+        .unwrap_err();
+    bus.add(&t, &plan, &order, with_function(by_port("rp2", false), 0))
+        .unwrap();
+    let paths: Vec<PciPath> = bus.0.iter().cloned().collect();
+    check_cold_slots(&paths).unwrap();
+    check_cold_slots(&[]).unwrap();
+    // The plan leaves every cold-plugged slot out, whatever the function.
+    let plan = HotplugPlan::new(&t, &[p("0d.3")]);
+    assert!(!plan.root_slots().contains(&0x0d));
+}
+
+#[test]
+fn removal_takes_the_slot_or_a_staged_function() {
+    let staged = Bus::with(&["01/00.1", "01/00.3"]);
+    let occ = |b: &Bus| {
+        let set = b.0.clone();
+        move |q: &PciPath| set.contains(q)
+    };
+    assert_eq!(
+        removal(&p("01/00.3"), &occ(&staged)),
+        Ok(Removal::Staged(p("01/00.3")))
+    );
+    let committed = Bus::with(&["01/00", "01/00.1", "01/00.3"]);
+    assert_eq!(
+        removal(&p("01/00"), &occ(&committed)),
+        Ok(Removal::Slot(vec![p("01/00"), p("01/00.1"), p("01/00.3")]))
+    );
+    let e = removal(&p("01/00.3"), &occ(&committed)).unwrap_err();
+    assert!(matches!(
+        e,
+        PlacementError::FunctionOfCommittedSlot { function: 3, .. }
+    ));
+    let single = Bus::with(&["0a"]);
+    assert_eq!(
+        removal(&p("0a"), &occ(&single)),
+        Ok(Removal::Slot(vec![p("0a")]))
     );
 }

@@ -581,6 +581,7 @@ pub fn disk_at(
         serial: None,
         port: port.map(String::from),
         pci_path: pci_path.map(String::from),
+        function: None,
     }
 }
 

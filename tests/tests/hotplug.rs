@@ -23,6 +23,7 @@ fn disk(path: &std::path::Path, id: Option<&str>) -> DiskConfig {
         serial: None,
         port: None,
         pci_path: None,
+        function: None,
     }
 }
 

@@ -73,6 +73,7 @@ impl Server {
             id: Some(id.into()),
             port: port.map(String::from),
             pci_path: None,
+            function: None,
         }
     }
 

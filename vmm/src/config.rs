@@ -630,21 +630,26 @@ usage: arbor --kernel PATH [options]
   --memory SIZE        guest memory, e.g. 512M or 2G; a plain number is MiB (default 512M)
   --serial WHERE       stdout (default), off, or file=PATH[,max=SIZE] (default max 16M)
   --disk OPTIONS       virtio-blk disk: path=FILE[,readonly=on][,serial=S][,id=ID]
-                       [,port=ID][,pci_path=PATH][,lock=off]; repeatable. The
-                       image is locked as QEMU locks it (lock=off: not at all)
-  --rng [OPTIONS]      virtio-rng device: [id=ID][,port=ID][,pci_path=PATH]; repeatable
+                       [,port=ID][,pci_path=PATH][,function=F][,lock=off];
+                       repeatable. The image is locked as QEMU locks it
+                       (lock=off: not at all)
+  --rng [OPTIONS]      virtio-rng device: [id=ID][,port=ID][,pci_path=PATH]
+                       [,function=F]; repeatable
   --net OPTIONS        virtio-net NIC on an existing tap: tap=NAME|fd=N[,mac=MAC]
-                       [,mtu=N][,id=ID][,port=ID][,pci_path=PATH]; repeatable.
-                       fd=N: an open tap descriptor arbor inherited
+                       [,mtu=N][,id=ID][,port=ID][,pci_path=PATH][,function=F];
+                       repeatable. fd=N: an open tap descriptor arbor inherited
   --vsock OPTIONS      virtio-vsock device: cid=N,socket=PATH[,id=ID][,port=ID]
-                       [,pci_path=PATH]; at most one. Host programs connect to
-                       PATH and write \"CONNECT <port>\\n\"; guest connections to
-                       host port P go to the UNIX socket PATH_P
+                       [,pci_path=PATH][,function=F]; at most one. Host programs
+                       connect to PATH and write \"CONNECT <port>\\n\"; guest
+                       connections to host port P go to the UNIX socket PATH_P
   --user-device OPTIONS  the PCI function a vfio-user server serves:
-                       socket=PATH[,id=ID][,port=ID][,pci_path=PATH]; repeatable
+                       socket=PATH[,id=ID][,port=ID][,pci_path=PATH][,function=F];
+                       repeatable
   --device OPTIONS     a host PCI function bound to vfio-pci (kernel VFIO):
                        path=/sys/bus/pci/devices/DDDD:BB:DD.F[,id=ID][,port=ID]
-                       [,pci_path=PATH]; repeatable
+                       [,pci_path=PATH][,function=F]; repeatable
+                       (function=F or pci_path=..SS.F: function F, 0-7, of a
+                       slot; every slot needs its function 0)
   --pci-port OPTIONS   id=ID,type=root-port|switch|pci-bridge[,parent=ID]
                        [,hotplug=native|acpi|none][,downstream=N][,slot=N]
                        [,bus-reserve=N][,mem-reserve=SIZE][,pref64-reserve=SIZE]

@@ -25,8 +25,8 @@ use pci::placement::{self, HotplugPlan, PlaceKind, PlaceRequest, PlacementError,
 use api::fd_passing::PassedFds;
 use api::types::{DeviceConfig, DeviceState, UserDeviceConfig};
 use api::types::{
-    DeviceInfo, DeviceKind, DiskConfig, HotplugMechanism, NetConfig, RngConfig, SlotInfo,
-    TopologyNode, TopologyNodeType, VsockConfig,
+    DeviceInfo, DeviceKind, DiskConfig, FunctionInfo, HotplugMechanism, NetConfig, RngConfig,
+    SlotInfo, TopologyNode, TopologyNodeType, VsockConfig,
 };
 use api::{ApiError, ApiErrorKind};
 use devices::vfio::kernel::{HostPaths, KernelVfioBackend, KernelVfioContainer, KernelVfioError};
@@ -181,13 +181,18 @@ impl DeviceError {
             },
             DeviceError::BadNet(_) => K::BadRequest,
             DeviceError::Placement(p) => match p {
-                PlacementError::BadPath { .. } => K::BadRequest,
+                PlacementError::BadPath { .. }
+                | PlacementError::BadFunction(_)
+                | PlacementError::NoFunctionZero { .. } => K::BadRequest,
                 PlacementError::UnknownPort(_) => K::NotFound,
                 PlacementError::NoDeviceSlot(_)
                 | PlacementError::PortFull(_)
                 | PlacementError::NoFreeSlot
                 | PlacementError::SlotTaken(_)
-                | PlacementError::NotHotplugSlot(_) => K::Conflict,
+                | PlacementError::NotHotplugSlot(_)
+                | PlacementError::SlotCommitted { .. }
+                | PlacementError::SingleFunction { .. }
+                | PlacementError::FunctionOfCommittedSlot { .. } => K::Conflict,
             },
             DeviceError::Pci(e) => e.api_kind(),
             DeviceError::EventFd(_)
@@ -576,6 +581,7 @@ struct NewDevice<'a> {
     kind: DeviceKind,
     port: Option<&'a str>,
     pci_path: Option<&'a str>,
+    function: Option<u8>,
     hotplugged: bool,
     disk: Option<DiskConfig>,
     vsock: Option<VsockConfig>,
@@ -619,6 +625,7 @@ impl DeviceManager {
         plan: &HotplugPlan,
         port: Option<&str>,
         pci_path: Option<&str>,
+        function: Option<u8>,
         hotplug: bool,
     ) -> Result<placement::Place, DeviceError> {
         Ok(placement::choose(
@@ -629,6 +636,7 @@ impl DeviceManager {
             &PlaceRequest {
                 port,
                 pci_path,
+                function,
                 hotplug,
             },
         )?)
@@ -662,6 +670,7 @@ impl DeviceManager {
             kind,
             port,
             pci_path,
+            function,
             hotplugged,
             disk,
             vsock,
@@ -669,7 +678,7 @@ impl DeviceManager {
         } = new;
         let id = self.claim_id(id, prefix)?;
         let pci = self.pci()?;
-        let place = self.choose_place(&pci, plan, port, pci_path, hotplugged)?;
+        let place = self.choose_place(&pci, plan, port, pci_path, function, hotplugged)?;
         let (path, under) = (place.path, place.port);
         let device = make()?;
         let pcie = match under.as_deref().and_then(|p| pci.topology().port(p)) {
@@ -750,6 +759,7 @@ impl DeviceManager {
                 kind: DeviceKind::Disk,
                 port: cfg.port.as_deref(),
                 pci_path: cfg.pci_path.as_deref(),
+                function: cfg.function,
                 hotplugged,
                 disk: Some(cfg.clone()),
                 vsock: None,
@@ -784,6 +794,7 @@ impl DeviceManager {
                 kind: DeviceKind::Rng,
                 port: cfg.port.as_deref(),
                 pci_path: cfg.pci_path.as_deref(),
+                function: cfg.function,
                 hotplugged,
                 disk: None,
                 vsock: None,
@@ -848,6 +859,7 @@ impl DeviceManager {
                 kind: DeviceKind::Vsock,
                 port: cfg.port.as_deref(),
                 pci_path: cfg.pci_path.as_deref(),
+                function: cfg.function,
                 hotplugged,
                 disk: None,
                 vsock: Some(recorded),
@@ -914,6 +926,7 @@ impl DeviceManager {
             plan,
             cfg.port.as_deref(),
             cfg.pci_path.as_deref(),
+            cfg.function,
             hotplugged,
         )?;
         let (path, under) = (place.path, place.port);
@@ -1012,6 +1025,7 @@ impl DeviceManager {
             plan,
             cfg.port.as_deref(),
             cfg.pci_path.as_deref(),
+            cfg.function,
             hotplugged,
         )?;
         let (path, under) = (place.path, place.port);
@@ -1127,6 +1141,7 @@ impl DeviceManager {
                 kind: DeviceKind::Net,
                 port: cfg.port.as_deref(),
                 pci_path: cfg.pci_path.as_deref(),
+                function: cfg.function,
                 hotplugged,
                 disk: None,
                 vsock: None,
@@ -1164,17 +1179,90 @@ impl DeviceManager {
         Ok(rec)
     }
 
-    /// Detaches and frees the device `id` (slot, BARs, MSI-X routes and
-    /// irqfds, ioeventfds, worker thread, files) and forgets it.
-    pub fn remove(&mut self, id: &str) -> Result<DeviceRecord, DeviceError> {
-        let idx = self
+    /// The devices in the slot of `path` (any function), by function.
+    pub fn slot_records(&self, path: &PciPath) -> Vec<&DeviceRecord> {
+        let slot = path.slot_path();
+        let mut v: Vec<&DeviceRecord> = self
             .records
             .iter()
-            .position(|r| r.id == id)
+            .filter(|r| r.path.slot_path() == slot)
+            .collect();
+        v.sort_by_key(|r| r.path.last().function);
+        v
+    }
+
+    /// Whether `rec` is a staged function: 1-7 of a slot without function
+    /// 0 (the guest does not see it).
+    pub fn is_staged(&self, rec: &DeviceRecord) -> bool {
+        rec.path.last().function != 0
+            && !self.records.iter().any(|r| r.path == rec.path.slot_path())
+    }
+
+    /// What removing device `id` takes (see [`placement::removal`]): its
+    /// whole slot for function 0, the function alone while its slot is
+    /// staged; a refusal for another function of a committed slot.
+    pub fn removal(&self, id: &str) -> Result<placement::Removal, DeviceError> {
+        let rec = self
+            .records
+            .iter()
+            .find(|r| r.id == id)
             .ok_or_else(|| DeviceError::NoSuchDevice(id.to_string()))?;
+        let occupied = |p: &PciPath| self.records.iter().any(|r| &r.path == p);
+        placement::removal(&rec.path, &occupied).map_err(|e| match e {
+            PlacementError::FunctionOfCommittedSlot {
+                path,
+                function,
+                slot,
+                ..
+            } => {
+                let slot_device = self
+                    .records
+                    .iter()
+                    .find(|r| r.path == slot)
+                    .map(|r| r.id.clone())
+                    .unwrap_or_default();
+                DeviceError::Placement(PlacementError::FunctionOfCommittedSlot {
+                    path,
+                    function,
+                    slot,
+                    slot_device,
+                })
+            }
+            e => DeviceError::Placement(e),
+        })
+    }
+
+    /// Detaches and frees the device `id` (slot, BARs, MSI-X routes and
+    /// irqfds, ioeventfds, worker thread, files) and forgets it. Function
+    /// 0 takes every function of its slot with it (the guest released the
+    /// slot as a whole); the records freed are returned, function 0 first.
+    pub fn remove(&mut self, id: &str) -> Result<Vec<DeviceRecord>, DeviceError> {
+        let rec = self
+            .records
+            .iter()
+            .find(|r| r.id == id)
+            .ok_or_else(|| DeviceError::NoSuchDevice(id.to_string()))?;
+        let ids: Vec<String> = if rec.path.last().function == 0 {
+            self.slot_records(&rec.path)
+                .iter()
+                .map(|r| r.id.clone())
+                .collect()
+        } else {
+            vec![id.to_string()]
+        };
         let pci = self.pci()?;
-        pci.remove(&self.records[idx].path)?;
-        Ok(self.records.remove(idx))
+        let mut freed = Vec::new();
+        // The other functions first: function 0 keeps the slot visible to
+        // the end.
+        for id in ids.iter().rev() {
+            let Some(idx) = self.records.iter().position(|r| &r.id == id) else {
+                continue;
+            };
+            pci.remove(&self.records[idx].path)?;
+            freed.push(self.records.remove(idx));
+        }
+        freed.reverse();
+        Ok(freed)
     }
 
     /// The API's view of the topology: the root bus and every port, with
@@ -1189,6 +1277,19 @@ impl DeviceManager {
                 .find(|r| &r.path == path)
                 .map(|r| r.id.clone())
         };
+        let functions = |path: &PciPath| -> (Vec<FunctionInfo>, bool) {
+            let v: Vec<FunctionInfo> = self
+                .slot_records(path)
+                .iter()
+                .map(|r| FunctionInfo {
+                    function: r.path.last().function,
+                    pci_path: r.path.to_string(),
+                    device: r.id.clone(),
+                })
+                .collect();
+            let staged = !v.is_empty() && v.iter().all(|f| f.function != 0);
+            (v, staged)
+        };
         let mut nodes = Vec::new();
         let mut root_slots: Vec<SlotInfo> = Vec::new();
         for s in 1..32u8 {
@@ -1197,11 +1298,14 @@ impl DeviceManager {
             };
             let port_here = pci.topology().port_at_path(&p).map(|n| n.id.clone());
             let device = occupant(&p).or(port_here);
-            if device.is_some() || plan.root_slots().contains(&s) {
+            let (functions, staged) = functions(&p);
+            if device.is_some() || !functions.is_empty() || plan.root_slots().contains(&s) {
                 root_slots.push(SlotInfo {
                     slot: s,
                     pci_path: p.to_string(),
                     device,
+                    functions,
+                    staged,
                 });
             }
         }
@@ -1228,10 +1332,13 @@ impl DeviceManager {
                 .iter()
                 .filter_map(|s| {
                     let p = node.device_path(*s)?;
+                    let (functions, staged) = functions(&p);
                     Some(SlotInfo {
                         slot: *s,
                         device: occupant(&p),
                         pci_path: p.to_string(),
+                        functions,
+                        staged,
                     })
                 })
                 .chain(node.children.iter().filter_map(|c| {
@@ -1240,6 +1347,8 @@ impl DeviceManager {
                         slot: child.path.last().slot,
                         pci_path: child.path.to_string(),
                         device: Some(child.id.clone()),
+                        functions: Vec::new(),
+                        staged: false,
                     })
                 }))
                 .collect();

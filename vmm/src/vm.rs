@@ -310,6 +310,10 @@ impl Vm {
         for n in &config.nets {
             devices.add_net(n, None, false, &cold_plan)?;
         }
+        // Every cold-plugged slot needs its function 0: the guest finds
+        // functions 1-7 only through it.
+        pci::placement::check_cold_slots(&devices.cold_paths())
+            .map_err(|e| Error::Device(e.into()))?;
         let plan = HotplugPlan::new(pci.topology(), &devices.cold_paths());
 
         let mut dsdt = acpi::platform_aml();
@@ -841,12 +845,35 @@ impl VmCore {
     }
 
     /// Announces a device just placed.
+    /// A function 1-7 in a slot without function 0 is staged: the guest is
+    /// not told. Function 0 commits its slot: one announcement for every
+    /// function there (the bus shows function 0's multifunction bit).
     fn hotplugged(&mut self, r: std::result::Result<DeviceRecord, DeviceError>) -> ApiReply {
         let rec = r?;
-        if let Err(e) = self.hotplug.announce(&rec.id, &rec.mechanism) {
-            log::warn!("cannot notify the guest of {}: {e}", rec.id);
+        if self.devices.is_staged(&rec) {
+            log::info!(
+                "staged {} at {}: the guest is told of the slot when its function 0 is added",
+                rec.id,
+                rec.path
+            );
+        } else {
+            if let Err(e) = self.hotplug.announce(&rec.id, &rec.mechanism) {
+                log::warn!("cannot notify the guest of {}: {e}", rec.id);
+            }
+            let slot = self.devices.slot_records(&rec.path);
+            if slot.len() > 1 {
+                let all: Vec<String> = slot
+                    .iter()
+                    .map(|r| format!("{} at {}", r.id, r.path))
+                    .collect();
+                log::info!(
+                    "committed multifunction slot {}: {}",
+                    rec.path,
+                    all.join(", ")
+                );
+            }
+            log::info!("hot-plugged {} at {}", rec.id, rec.path);
         }
-        log::info!("hot-plugged {} at {}", rec.id, rec.path);
         self.events.emit(VmEventKind::DeviceAdded {
             id: rec.id.clone(),
             pci_path: rec.path.to_string(),
@@ -861,13 +888,24 @@ impl VmCore {
     /// guest; `Ok(false)`: the guest never took it, free it now.
     fn start_removal(&mut self, id: &str) -> std::result::Result<bool, ApiError> {
         let rec = self.devices.removable(id)?;
+        let (mechanism, path) = (rec.mechanism.clone(), rec.path.clone());
+        if let pci::placement::Removal::Staged(_) = self.devices.removal(id)? {
+            // The guest never saw it: no request, whatever the VM's state.
+            self.removals
+                .insert(id.to_string(), (Instant::now(), path.to_string()));
+            self.events.emit(VmEventKind::DeviceRemovalRequested {
+                id: id.to_string(),
+                pci_path: path.to_string(),
+            });
+            log::info!("{id} at {path} is a staged function: dropped at once");
+            return Ok(false);
+        }
         if self.state != VmState::Running {
             return Err(ApiError::conflict(format!(
                 "the VM is {}; the guest must run to release a device",
                 state_name(self.state)
             )));
         }
-        let (mechanism, path) = (rec.mechanism.clone(), rec.path.clone());
         let enumerated = self
             .devices
             .pci
@@ -893,20 +931,25 @@ impl VmCore {
     /// Frees a device the guest released and answers its removal request.
     fn release(&mut self, id: &str) {
         let answer = match self.devices.remove(id) {
-            Ok(rec) => {
+            Ok(freed) => {
                 let after_ms = self
                     .removals
                     .remove(id)
                     .map_or(0, |(t, _)| t.elapsed().as_millis() as u64);
-                log::info!(
-                    "removed {id} from {}: the guest took {after_ms} ms",
-                    rec.path
-                );
-                self.events.emit(VmEventKind::DeviceReleased {
-                    id: id.to_string(),
-                    pci_path: rec.path.to_string(),
-                    after_ms,
-                });
+                // Function 0 takes its whole slot: each function is
+                // reported.
+                for rec in freed {
+                    log::info!(
+                        "removed {} from {}: the guest took {after_ms} ms",
+                        rec.id,
+                        rec.path
+                    );
+                    self.events.emit(VmEventKind::DeviceReleased {
+                        id: rec.id.clone(),
+                        pci_path: rec.path.to_string(),
+                        after_ms,
+                    });
+                }
                 Ok(ApiResponse::Empty)
             }
             Err(e) => Err(ApiError::internal(format!("cannot free {id}: {e}"))),

@@ -36,20 +36,21 @@ Commands:
   delete                     tear a created or shut-down VM down
   events                     follow the event stream: one JSON event per line,
                              until the VMM exits
-  add-disk path=FILE[,readonly=on|off][,id=ID][,serial=SERIAL][,port=PORT][,pci_path=PATH][,lock=on|off]
+  add-disk path=FILE[,readonly=on|off][,id=ID][,serial=SERIAL][,port=PORT][,pci_path=PATH][,function=F][,lock=on|off]
                              hot-plug a virtio-blk disk (a bare first value is the path;
                              a relative path is made absolute from this directory)
-  add-rng [id=ID][,port=PORT][,pci_path=PATH]
+  add-rng [id=ID][,port=PORT][,pci_path=PATH][,function=F]
                              hot-plug a virtio-rng device
-  add-net tap=NAME|fd=N[,mac=MAC][,mtu=N][,id=ID][,port=PORT][,pci_path=PATH]
+  add-net tap=NAME|fd=N[,mac=MAC][,mtu=N][,id=ID][,port=PORT][,pci_path=PATH][,function=F]
                              hot-plug a virtio-net NIC on an existing tap, by name or
                              as this program's open descriptor N (passed to the VMM
                              with SCM_RIGHTS)
-  remove-device ID | id=ID   hot-unplug a device
-  add-device path=/sys/bus/pci/devices/DDDD:BB:DD.F[,id=ID][,port=PORT][,pci_path=PATH]
+  remove-device ID | id=ID   hot-unplug a device (function 0 of a multifunction
+                             slot: the whole slot)
+  add-device path=/sys/bus/pci/devices/DDDD:BB:DD.F[,id=ID][,port=PORT][,pci_path=PATH][,function=F]
                              hot-plug a host PCI function bound to vfio-pci (kernel
                              VFIO; a bare first value is the path)
-  add-user-device socket=PATH[,id=ID][,port=PORT][,pci_path=PATH]
+  add-user-device socket=PATH[,id=ID][,port=PORT][,pci_path=PATH][,function=F]
                              hot-plug the PCI function a vfio-user server serves on
                              its UNIX socket (a bare first value is the socket; a
                              relative path is made absolute from this directory)
@@ -57,7 +58,7 @@ Commands:
   resume                     resume the VM's vCPUs
   shutdown                   shut the VM down
   shutdown-vmm               stop the VMM process
-  add-vsock cid=N,socket=PATH[,id=ID][,port=PORT][,pci_path=PATH]
+  add-vsock cid=N,socket=PATH[,id=ID][,port=PORT][,pci_path=PATH][,function=F]
                              hot-plug the VM's virtio-vsock device (one per VM; a
                              relative socket path is made absolute from this directory)
 

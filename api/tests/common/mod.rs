@@ -48,6 +48,8 @@ fn port(id: &str, pci_path: &str, slots: u8) -> TopologyNode {
                 slot: s,
                 pci_path: format!("{pci_path}/{s:02x}.0"),
                 device: None,
+                functions: Vec::new(),
+                staged: false,
             })
             .collect(),
     }

@@ -723,3 +723,92 @@ pub fn wait_count(g: &Guest, from: usize, needle: &str, n: usize) -> String {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The gpio vfio-user server (the `vfio_user` crate's example device, a
+/// test peer), built once and cached under the target directory by
+/// `resources/vfio-user/build-gpio.sh`.
+pub fn gpio_server_bin() -> PathBuf {
+    let out = Command::new(repo_root().join("resources/vfio-user/build-gpio.sh"))
+        .output()
+        .expect("run build-gpio.sh");
+    assert!(
+        out.status.success(),
+        "build-gpio.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    assert!(path.is_file(), "no gpio server at {}", path.display());
+    path
+}
+
+/// One gpio server process serving one connection on `DIR/NAME.sock`; its
+/// log (level info) goes to `DIR/NAME.log`. Killed on drop.
+pub struct GpioServer {
+    child: Child,
+    /// The server's UNIX socket.
+    pub socket: PathBuf,
+    log: PathBuf,
+}
+
+impl GpioServer {
+    /// Starts `bin` and waits (bounded) for its socket.
+    pub fn start(bin: &Path, dir: &Path, name: &str) -> GpioServer {
+        let socket = dir.join(format!("{name}.sock"));
+        let log = dir.join(format!("{name}.log"));
+        let _ = std::fs::remove_file(&socket);
+        let child = Command::new(bin)
+            .arg("--socket-path")
+            .arg(&socket)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("server log"))
+            .spawn()
+            .expect("start the gpio server");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "{name}: no socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        GpioServer { child, socket, log }
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits (bounded) until the server's log contains `needle`.
+    pub fn wait_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + timeout();
+        loop {
+            let l = self.log();
+            if l.contains(needle) {
+                return l;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server log lacks {needle:?}:\n{l}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// An add request for this server's function with id `id`, placed
+    /// by the VMM (set `port`, `pci_path` or `function` to place it).
+    pub fn config(&self, id: &str) -> api::types::UserDeviceConfig {
+        api::types::UserDeviceConfig {
+            socket: self.socket.display().to_string(),
+            id: Some(id.into()),
+            port: None,
+            pci_path: None,
+            function: None,
+        }
+    }
+}
+
+impl Drop for GpioServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -17,74 +17,20 @@
 //! driver and released together.
 //! Cold plug: a slot without function 0 is a configuration error.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use api::client::{Client, ClientError};
 use api::types::{DiskConfig, SlotInfo, UserDeviceConfig, VmInfo};
 use arbor_tests::{
-    disk_at, guest_kit, kvm_available, raw_disk, repo_root, run_arbor, wait_count, wait_for_socket,
-    Guest, Scratch,
+    disk_at, gpio_server_bin, guest_kit, kvm_available, raw_disk, run_arbor, wait_count,
+    wait_for_socket, GpioServer, Guest, Scratch,
 };
 
-/// The gpio vfio-user server binary (built once, cached under the target
-/// dir, by `resources/vfio-user/build-gpio.sh`).
-fn gpio_server() -> PathBuf {
-    let out = Command::new(repo_root().join("resources/vfio-user/build-gpio.sh"))
-        .output()
-        .expect("run build-gpio.sh");
-    assert!(
-        out.status.success(),
-        "build-gpio.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_string());
-    assert!(path.is_file(), "no gpio server at {}", path.display());
-    path
-}
-
-/// A gpio server process serving one connection on its socket; killed on
-/// drop.
-struct GpioServer {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl GpioServer {
-    fn start(bin: &Path, dir: &Path, name: &str) -> GpioServer {
-        let socket = dir.join(format!("{name}.sock"));
-        let log = dir.join(format!("{name}.log"));
-        let child = Command::new(bin)
-            .arg("--socket-path")
-            .arg(&socket)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).expect("server log"))
-            .spawn()
-            .expect("start the gpio server");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !socket.exists() {
-            assert!(Instant::now() < deadline, "{name}: no socket");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        GpioServer { child, socket }
-    }
-
-    fn config(&self, id: &str, pci_path: &str) -> UserDeviceConfig {
-        UserDeviceConfig {
-            socket: self.socket.display().to_string(),
-            id: Some(id.into()),
-            port: None,
-            pci_path: Some(pci_path.into()),
-            function: None,
-        }
-    }
-}
-
-impl Drop for GpioServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// An add request for `srv`'s function at `pci_path`.
+fn config(srv: &GpioServer, id: &str, pci_path: &str) -> UserDeviceConfig {
+    UserDeviceConfig {
+        pci_path: Some(pci_path.into()),
+        ..srv.config(id)
     }
 }
 
@@ -378,17 +324,17 @@ fn multifunction_slots_in_a_guest() {
 
     // vfio-user passthrough: two servers as functions 1 and 0 of a slot
     // of br0 (which has an I/O window for their I/O BARs).
-    let bin = gpio_server();
+    let bin = gpio_server_bin();
     let f1 = GpioServer::start(&bin, &s.0, "gpio1");
     let f0 = GpioServer::start(&bin, &s.0, "gpio0");
     let mark = g.console().len();
     let added = c
-        .vm_add_user_device(&f1.config("gpio-f1", "09/05.1"))
+        .vm_add_user_device(&config(&f1, "gpio-f1", "09/05.1"))
         .unwrap_or_else(|e| panic!("stage a vfio-user function: {e}\n{}", g.stderr()));
     assert_eq!(added.pci_path, "09/05.1");
     assert!(slot_info(&c.vm_info().unwrap(), "09/05").staged);
     let added = c
-        .vm_add_user_device(&f0.config("gpio-f0", "09/05"))
+        .vm_add_user_device(&config(&f0, "gpio-f0", "09/05"))
         .unwrap_or_else(|e| panic!("commit with a vfio-user function 0: {e}\n{}", g.stderr()));
     assert_eq!(added.pci_path, "09/05");
     for (f, p) in [(0, "09/05"), (1, "09/05.1")] {

@@ -10,94 +10,20 @@
 //! (clear API errors, a device whose server died shown failed in vm.info,
 //! the VMM keeps running its other devices).
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use api::client::Client;
 use api::types::{DeviceKind, DeviceState, UserDeviceConfig};
 use api::ApiErrorKind;
-use arbor_tests::{guest_bdf, kvm_available, repo_root, wait_count, Guest, Scratch};
+use arbor_tests::{
+    gpio_server_bin, guest_bdf, kvm_available, wait_count, GpioServer, Guest, Scratch,
+};
 
-/// The gpio server binary (built once, cached under the target dir).
-fn gpio_server() -> PathBuf {
-    let out = Command::new(repo_root().join("resources/vfio-user/build-gpio.sh"))
-        .output()
-        .expect("run build-gpio.sh");
-    assert!(
-        out.status.success(),
-        "build-gpio.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_string());
-    assert!(path.is_file(), "no gpio server at {}", path.display());
-    path
-}
-
-/// One gpio server process, serving one connection on `socket`; its log
-/// (env_logger, level info) goes to `log`.
-struct Server {
-    child: Child,
-    socket: PathBuf,
-    log: PathBuf,
-}
-
-impl Server {
-    fn start(bin: &Path, dir: &Path, name: &str) -> Server {
-        let socket = dir.join(format!("{name}.sock"));
-        let log = dir.join(format!("{name}.log"));
-        let _ = std::fs::remove_file(&socket);
-        let child = Command::new(bin)
-            .arg("--socket-path")
-            .arg(&socket)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("server log"))
-            .spawn()
-            .expect("start the gpio server");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !socket.exists() {
-            assert!(Instant::now() < deadline, "{name}: no socket");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Server { child, socket, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn config(&self, id: &str, port: Option<&str>) -> UserDeviceConfig {
-        UserDeviceConfig {
-            socket: self.socket.display().to_string(),
-            id: Some(id.into()),
-            port: port.map(String::from),
-            pci_path: None,
-            function: None,
-        }
-    }
-
-    /// Waits (bounded) until the server's log contains `needle`.
-    fn wait_log(&self, needle: &str) -> String {
-        let deadline = Instant::now() + arbor_tests::timeout();
-        loop {
-            let l = self.log();
-            if l.contains(needle) {
-                return l;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "server log lacks {needle:?}:\n{l}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// An add request for `srv`'s function, under `port` if given.
+fn config(srv: &GpioServer, id: &str, port: Option<&str>) -> UserDeviceConfig {
+    UserDeviceConfig {
+        port: port.map(String::from),
+        ..srv.config(id)
     }
 }
 
@@ -130,10 +56,10 @@ fn gpio_server_cold_and_hot_plugged() {
     if !kvm_available() {
         return;
     }
-    let bin = gpio_server();
+    let bin = gpio_server_bin();
     let s = Scratch::new("vfio-user");
     let sock = s.path("api.sock");
-    let cold = Server::start(&bin, &s.0, "cold");
+    let cold = GpioServer::start(&bin, &s.0, "cold");
     // User space (a shell) lets the guest touch a device whose server died.
     let g = Guest::boot_user(
         "vfio-user",
@@ -180,10 +106,10 @@ fn gpio_server_cold_and_hot_plugged() {
     let mut paths = Vec::new();
     let mut bdfs = Vec::new();
     for (id, port) in [("native", "rp0"), ("acpi", "br0"), ("onroot", "root")] {
-        let srv = Server::start(&bin, &s.0, id);
+        let srv = GpioServer::start(&bin, &s.0, id);
         let mark = g.console().len();
         let added = c
-            .vm_add_user_device(&srv.config(id, Some(port)))
+            .vm_add_user_device(&config(&srv, id, Some(port)))
             .unwrap_or_else(|e| panic!("{id}: {e}\n{}", g.stderr()));
         assert_eq!(added.id, id);
         let bdf = check_bound(&g, mark, &added.pci_path);
@@ -200,7 +126,7 @@ fn gpio_server_cold_and_hot_plugged() {
         let e = c.vm_add_user_device(cfg).unwrap_err();
         (e.api_error_kind(), e.to_string())
     };
-    let mut missing = servers[0].config("x", None);
+    let mut missing = config(&servers[0], "x", None);
     missing.socket = s.path("missing.sock").display().to_string();
     let (k, m) = err(&missing);
     assert_eq!(k, Some(ApiErrorKind::BadRequest), "{m}");
@@ -214,7 +140,7 @@ fn gpio_server_cold_and_hot_plugged() {
     missing.socket = "relative.sock".into();
     assert_eq!(err(&missing).0, Some(ApiErrorKind::BadRequest));
     // The same server twice, an id in use.
-    let (k, m) = err(&servers[0].config("again", None));
+    let (k, m) = err(&config(&servers[0], "again", None));
     assert_eq!(k, Some(ApiErrorKind::Conflict), "{m}");
     assert!(m.contains("already device 'native'"), "{m}");
     // A peer that is not a vfio-user server: one that never answers, one
@@ -241,8 +167,8 @@ fn gpio_server_cold_and_hot_plugged() {
     assert!(m.contains("vfio-user server at"), "{m}");
     peer.join().unwrap();
     // BARs that do not fit the port's windows (rp1 has no I/O window).
-    let nofit = Server::start(&bin, &s.0, "nofit");
-    let (k, m) = err(&nofit.config("nofit", Some("rp1")));
+    let nofit = GpioServer::start(&bin, &s.0, "nofit");
+    let (k, m) = err(&config(&nofit, "nofit", Some("rp1")));
     assert_eq!(k, Some(ApiErrorKind::Conflict), "{m}");
     drop(nofit);
     assert_eq!(c.vm_info().unwrap().devices, before);
@@ -251,9 +177,9 @@ fn gpio_server_cold_and_hot_plugged() {
     // again, from a new server, into the same slot.
     c.vm_remove_device("native").unwrap();
     servers[0].wait_log("reset");
-    let again = Server::start(&bin, &s.0, "again");
+    let again = GpioServer::start(&bin, &s.0, "again");
     let mark = g.console().len();
-    let mut cfg = again.config("native", None);
+    let mut cfg = config(&again, "native", None);
     cfg.pci_path = Some(paths[0].clone());
     let re = c.vm_add_user_device(&cfg).unwrap();
     assert_eq!(re.pci_path, paths[0]);
@@ -283,10 +209,10 @@ fn gpio_server_cold_and_hot_plugged() {
     assert!(why.starts_with("configuration read: "), "{why}");
     assert_eq!(state("cold"), (Some(DeviceState::Ok), None));
     c.vm_remove_device("acpi").unwrap();
-    let after = Server::start(&bin, &s.0, "after");
+    let after = GpioServer::start(&bin, &s.0, "after");
     let mark = g.console().len();
     let added = c
-        .vm_add_user_device(&after.config("after", Some("br0")))
+        .vm_add_user_device(&config(&after, "after", Some("br0")))
         .unwrap();
     check_bound(&g, mark, &added.pci_path);
     let ids: Vec<String> = c

@@ -55,6 +55,35 @@ fn port(id: &str, pci_path: &str, slots: u8) -> TopologyNode {
     }
 }
 
+/// A hot-plugged device as `vm.info` lists it, with no kind-specific field.
+fn hotplugged_device(
+    id: String,
+    kind: DeviceKind,
+    pci_path: String,
+    port: Option<String>,
+) -> DeviceInfo {
+    DeviceInfo {
+        id,
+        kind,
+        pci_path,
+        bdf: None,
+        port,
+        hotplugged: true,
+        path: None,
+        readonly: None,
+        serial: None,
+        cid: None,
+        socket: None,
+        mac: None,
+        tap: None,
+        mtu: None,
+        host_bdf: None,
+        iommu_group: None,
+        state: None,
+        error: None,
+    }
+}
+
 impl FakeVm {
     fn new() -> Self {
         let cold = DeviceInfo {
@@ -197,50 +226,22 @@ impl FakeVm {
                 let id = self.new_id("disk", &d.id)?;
                 let (port, pci_path) = self.place(&id, d.port.as_deref(), d.pci_path.as_deref())?;
                 self.info.devices.push(DeviceInfo {
-                    id: id.clone(),
-                    kind: DeviceKind::Disk,
-                    pci_path: pci_path.clone(),
-                    bdf: None,
-                    port: Some(port),
-                    hotplugged: true,
                     path: Some(d.path),
                     readonly: Some(d.readonly),
                     serial: d.serial,
-                    cid: None,
-                    socket: None,
-                    mac: None,
-                    tap: None,
-                    mtu: None,
-                    host_bdf: None,
-                    iommu_group: None,
-                    state: None,
-                    error: None,
+                    ..hotplugged_device(id.clone(), DeviceKind::Disk, pci_path.clone(), Some(port))
                 });
                 Ok(ApiResponse::DeviceAdded(AddDeviceResponse { id, pci_path }))
             }
             ApiRequest::VmAddRng(r) => {
                 let id = self.new_id("rng", &r.id)?;
                 let (port, pci_path) = self.place(&id, r.port.as_deref(), r.pci_path.as_deref())?;
-                self.info.devices.push(DeviceInfo {
-                    id: id.clone(),
-                    kind: DeviceKind::Rng,
-                    pci_path: pci_path.clone(),
-                    bdf: None,
-                    port: Some(port),
-                    hotplugged: true,
-                    path: None,
-                    readonly: None,
-                    serial: None,
-                    cid: None,
-                    socket: None,
-                    mac: None,
-                    tap: None,
-                    mtu: None,
-                    host_bdf: None,
-                    iommu_group: None,
-                    state: None,
-                    error: None,
-                });
+                self.info.devices.push(hotplugged_device(
+                    id.clone(),
+                    DeviceKind::Rng,
+                    pci_path.clone(),
+                    Some(port),
+                ));
                 Ok(ApiResponse::DeviceAdded(AddDeviceResponse { id, pci_path }))
             }
             ApiRequest::VmAddVsock(v) => {
@@ -255,24 +256,9 @@ impl FakeVm {
                 let id = self.new_id("vsock", &v.id)?;
                 let (port, pci_path) = self.place(&id, v.port.as_deref(), v.pci_path.as_deref())?;
                 self.info.devices.push(DeviceInfo {
-                    id: id.clone(),
-                    kind: DeviceKind::Vsock,
-                    pci_path: pci_path.clone(),
-                    bdf: None,
-                    port: Some(port),
-                    hotplugged: true,
-                    path: None,
-                    readonly: None,
-                    serial: None,
                     cid: Some(v.cid),
                     socket: Some(v.socket),
-                    mac: None,
-                    tap: None,
-                    mtu: None,
-                    host_bdf: None,
-                    iommu_group: None,
-                    state: None,
-                    error: None,
+                    ..hotplugged_device(id.clone(), DeviceKind::Vsock, pci_path.clone(), Some(port))
                 });
                 Ok(ApiResponse::DeviceAdded(AddDeviceResponse { id, pci_path }))
             }
@@ -290,24 +276,10 @@ impl FakeVm {
                 let id = self.new_id("vfio", &d.id)?;
                 let (port, pci_path) = self.place(&id, d.port.as_deref(), d.pci_path.as_deref())?;
                 self.info.devices.push(DeviceInfo {
-                    id: id.clone(),
-                    kind: DeviceKind::Vfio,
-                    pci_path: pci_path.clone(),
-                    bdf: None,
-                    port: Some(port),
-                    hotplugged: true,
-                    path: None,
-                    readonly: None,
-                    serial: None,
-                    cid: None,
-                    socket: None,
-                    mac: None,
-                    tap: None,
-                    mtu: None,
                     host_bdf: Some(bdf),
                     iommu_group: Some(7),
                     state: Some(api::types::DeviceState::Ok),
-                    error: None,
+                    ..hotplugged_device(id.clone(), DeviceKind::Vfio, pci_path.clone(), Some(port))
                 });
                 Ok(ApiResponse::DeviceAdded(AddDeviceResponse { id, pci_path }))
             }
@@ -315,24 +287,13 @@ impl FakeVm {
                 let id = self.new_id("vfio-user", &u.id)?;
                 let (port, pci_path) = self.place(&id, u.port.as_deref(), u.pci_path.as_deref())?;
                 self.info.devices.push(DeviceInfo {
-                    id: id.clone(),
-                    kind: DeviceKind::VfioUser,
-                    pci_path: pci_path.clone(),
-                    bdf: None,
-                    port: Some(port),
-                    hotplugged: true,
-                    path: None,
-                    readonly: None,
-                    serial: None,
-                    cid: None,
                     socket: Some(u.socket),
-                    mac: None,
-                    tap: None,
-                    mtu: None,
-                    host_bdf: None,
-                    iommu_group: None,
-                    state: None,
-                    error: None,
+                    ..hotplugged_device(
+                        id.clone(),
+                        DeviceKind::VfioUser,
+                        pci_path.clone(),
+                        Some(port),
+                    )
                 });
                 Ok(ApiResponse::DeviceAdded(AddDeviceResponse { id, pci_path }))
             }
@@ -354,24 +315,10 @@ impl FakeVm {
                 let id = self.new_id("net", &n.id)?;
                 let (port, pci_path) = self.place(&id, n.port.as_deref(), n.pci_path.as_deref())?;
                 self.info.devices.push(DeviceInfo {
-                    id: id.clone(),
-                    kind: DeviceKind::Net,
-                    pci_path: pci_path.clone(),
-                    bdf: None,
-                    port: Some(port),
-                    hotplugged: true,
-                    path: None,
-                    readonly: None,
-                    serial: None,
-                    cid: None,
-                    socket: None,
                     mac: n.mac,
                     tap: Some(tap),
                     mtu: n.mtu,
-                    host_bdf: None,
-                    iommu_group: None,
-                    state: None,
-                    error: None,
+                    ..hotplugged_device(id.clone(), DeviceKind::Net, pci_path.clone(), Some(port))
                 });
                 Ok(ApiResponse::DeviceAdded(AddDeviceResponse { id, pci_path }))
             }

@@ -9,7 +9,8 @@ test in them, and keeps JOBS of them running (`EXE --exact NAME`), longest
 first by the durations the previous run recorded (unknown tests count as
 long). A test's output is printed only when it fails.
 
-Usage: resources/run-tests.py [--jobs N] [--package P] [--cap SECONDS]
+Usage: resources/run-tests.py [--jobs N] [--package P] [--cap SECONDS] [FILTER...]
+(FILTERs: run only tests whose `file::name` contains one of them)
 Durations are kept in $CARGO_TARGET_DIR (default target/) as
 test-durations-P.json. Exit status 1 if any test failed or ran over the cap
 (its process group is then killed).
@@ -55,6 +56,7 @@ def main():
     ap.add_argument("--package", default="arbor-tests")
     ap.add_argument("--cap", type=float, default=1800,
                     help="seconds one test may run before it is killed")
+    ap.add_argument("filters", nargs="*", help="substrings of `file::name` to run")
     args = ap.parse_args()
     if args.jobs < 1:
         sys.exit("--jobs must be at least 1")
@@ -70,6 +72,8 @@ def main():
     for name, exe in executables(args.package):
         cwd = REPO / "tests" if args.package == "arbor-tests" else REPO
         for test in tests_of(exe):
+            if args.filters and not any(f in f"{name}::{test}" for f in args.filters):
+                continue
             jobs.append((f"{name}::{test}", exe, test, cwd))
     jobs.sort(key=lambda j: -known.get(j[0], UNKNOWN))
     print(f"{len(jobs)} tests in {args.package}, {args.jobs} at a time", flush=True)

@@ -12,7 +12,7 @@ long). A test's output is printed only when it fails.
 Usage: resources/run-tests.py [--jobs N] [--package P] [--cap SECONDS] [FILTER...]
 (FILTERs: run only tests whose `file::name` contains one of them)
 Durations are kept in $CARGO_TARGET_DIR (default target/) as
-test-durations-P.json. Exit status 1 if any test failed or ran over the cap
+test-durations-P.json; tests/durations.json seeds them on a fresh checkout. Exit status 1 if any test failed or ran over the cap
 (its process group is then killed).
 """
 
@@ -63,10 +63,15 @@ def main():
 
     target = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
     times_file = target / f"test-durations-{args.package}.json"
-    try:
-        known = json.loads(times_file.read_text())
-    except (OSError, ValueError):
-        known = {}
+    known = {}
+    # tests/durations.json: rough durations checked in, so that a fresh
+    # checkout starts the long tests first too; the last run's, if any,
+    # take precedence.
+    for f in (REPO / "tests" / "durations.json", times_file):
+        try:
+            known.update(json.loads(f.read_text()))
+        except (OSError, ValueError):
+            pass
 
     jobs = []
     for name, exe in executables(args.package):

@@ -6,7 +6,8 @@
 #
 # The build happens in a cache directory outside the checkout:
 #   ${ARBOR_CACHE_DIR:-$HOME/.cache/arbor}/kernel-<hash>
-# where <hash> covers kernel.config, the patches, this script and the
+# where <hash> covers kernel.config's settings (not its comments), the
+# patches, this script and the
 # linux-source package version. If that directory already holds a finished
 # build, nothing is rebuilt. On success the last line printed is the path of
 # that directory, which holds: vmlinux bzImage config System.map gen_init_cpio
@@ -53,7 +54,11 @@ fi
 # --- Cache key --------------------------------------------------------------
 HASH=$({
 	printf 'source %s %s\n' "$SRC_PKG" "$SRC_VERSION"
-	for f in "$CONFIG_FRAGMENT" "${PATCHES[@]}" "${BASH_SOURCE[0]}"; do
+	# The config fragment's comments and blank lines do not change the
+	# kernel, so they do not change the key either.
+	printf '== %s\n' "$(basename "$CONFIG_FRAGMENT")"
+	grep -v -e '^[[:space:]]*#' -e '^[[:space:]]*$' "$CONFIG_FRAGMENT"
+	for f in "${PATCHES[@]}" "${BASH_SOURCE[0]}"; do
 		printf '== %s\n' "$(basename "$f")"
 		cat "$f"
 	done

@@ -90,10 +90,10 @@ pub struct ConfigWriteOutcome {
     /// Capabilities written, as (capability id, offset of the capability). Extended
     /// capability ids are reported as `0x1_0000 | id`.
     pub capabilities_written: Vec<(u32, u16)>,
-    /// PCI Express hot-plug slot (see [`crate::PciePort`]): `Some(powered)` if the guest
-    /// flipped the Power Controller Control bit of Slot Control. `Some(false)` means the
-    /// guest powered the slot off (after a removal request: the removal is complete),
-    /// `Some(true)` that it powered the slot on.
+    /// PCI Express hot-plug slot (see [`crate::PciePort`]): `Some(lit)` if the guest wrote
+    /// Slot Control, `lit` telling whether the power indicator is on or blinking after the
+    /// write. `Some(false)` means the guest shows the slot as off (after a removal request,
+    /// with the card gone: the removal is complete).
     pub slot_power: Option<bool>,
 }
 

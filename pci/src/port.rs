@@ -12,8 +12,8 @@
 //! # Native hot-plug
 //!
 //! Root ports and switch downstream ports built with `native_hotplug` implement a slot:
-//! hot-plug capable and surprise, power controller present, attention/power indicators
-//! present, no attention button, no MRL sensor, and "No Command Completed Support" (every
+//! hot-plug capable and surprise, attention/power indicators present, no power controller,
+//! no attention button, no MRL sensor, and "No Command Completed Support" (every
 //! Slot Control write takes effect at once, so the guest never waits for a Command
 //! Completed event and none is raised). The link reports Data Link Layer Link Active, which
 //! follows presence.
@@ -28,9 +28,16 @@
 //! presence themselves).
 //!
 //! Removal is cooperative: after `card_present(false)` the device stays on the secondary bus
-//! while the guest unbinds its driver; the guest then turns the slot power off, which the
-//! configuration write reports as [`ConfigWriteOutcome::slot_power`] `== Some(false)`, the
-//! signal that the VMM may detach the device.
+//! while the guest unbinds its driver; the guest then turns the slot's power indicator off,
+//! which the configuration write reports as [`ConfigWriteOutcome::slot_power`]
+//! `== Some(false)`, the signal that the VMM may detach the device.
+//!
+//! Why no power controller: Linux's pciehp waits one second after every power-off it
+//! commands (`remove_board()`), and only then looks at the slot again, so a device plugged
+//! into a slot within a second of its previous device's removal waited up to a second to be
+//! seen. Without a power controller the guest goes straight from unbinding the driver to
+//! the power indicator, and a re-plug is as fast as a first plug. The indicator is the
+//! last thing pciehp writes on every removal path (`remove_board()`, a failed enable).
 
 use std::any::Any;
 use std::sync::Arc;
@@ -237,7 +244,7 @@ impl PciePort {
             if params.native_hotplug {
                 cap = cap.with_slot(PcieSlotCapabilities {
                     attention_button: false,
-                    power_controller: true,
+                    power_controller: false,
                     attention_indicator: true,
                     power_indicator: true,
                     hotplug_surprise: true,
@@ -449,17 +456,32 @@ impl PciePort {
         !self.params.native_hotplug || self.link_status() & LNKSTA_DLL_ACTIVE != 0
     }
 
-    /// Whether the slot is powered (Power Controller Control = on). Always true without a
-    /// native slot.
+    /// Whether the slot's power indicator is on or blinking (the guest's view that the slot
+    /// is in use). Always true without a native slot.
     pub fn slot_powered(&self) -> bool {
-        !self.params.native_hotplug || self.slot_control() & slot_control::POWER_CONTROLLER == 0
+        !self.params.native_hotplug
+            || (self.slot_control() & slot_control::POWER_INDICATOR)
+                != INDICATOR_OFF << PWR_INDICATOR_SHIFT
     }
 
     /// Whether a removal is complete: a native slot that is empty (after
-    /// [`PciePort::card_present`]`(false)`) and powered off by the guest. Also true when the
-    /// guest had already powered the slot off before the removal request.
+    /// [`PciePort::card_present`]`(false)`) and whose power indicator the guest turned off.
+    /// Also true when the indicator was already off before the removal request.
     pub fn removal_complete(&self) -> bool {
         self.params.native_hotplug && !self.presence() && !self.slot_powered()
+    }
+
+    /// Whether a configuration write of `len` bytes at `reg_idx`/`offset` covers Slot
+    /// Control.
+    fn writes_slot_control(&self, reg_idx: usize, offset: u64, len: usize) -> bool {
+        let Some(cap) = self.config.pcie_offset() else {
+            return false;
+        };
+        let ctl = cap + regs::SLTCTL;
+        let Some(start) = (reg_idx * 4).checked_add(offset as usize) else {
+            return false;
+        };
+        start < ctl + 2 && ctl < start.saturating_add(len)
     }
 
     /// Set the slot state for a card present (or not) at reset, before the guest runs:
@@ -483,7 +505,7 @@ impl PciePort {
         } else {
             sta &= !slot_status::PRESENCE_DETECT_STATE;
             lnk &= !LNKSTA_DLL_ACTIVE;
-            ctl |= slot_control::POWER_CONTROLLER | (INDICATOR_OFF << PWR_INDICATOR_SHIFT);
+            ctl |= INDICATOR_OFF << PWR_INDICATOR_SHIFT;
         }
         self.set_pcie_reg(regs::SLTSTA, sta);
         self.set_pcie_reg(regs::LNKSTA, lnk);
@@ -571,12 +593,10 @@ impl PciDevice for PciePort {
         offset: u64,
         data: &[u8],
     ) -> ConfigWriteOutcome {
-        let old_ctl = self.slot_control();
         let mut out = self.config.write_config_register(reg_idx, offset, data);
         if self.params.native_hotplug {
-            let new_ctl = self.slot_control();
-            if (old_ctl ^ new_ctl) & slot_control::POWER_CONTROLLER != 0 {
-                out.slot_power = Some(new_ctl & slot_control::POWER_CONTROLLER == 0);
+            if self.writes_slot_control(reg_idx, offset, data.len()) {
+                out.slot_power = Some(self.slot_powered());
             }
             self.update_interrupt();
         }

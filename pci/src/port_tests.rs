@@ -142,7 +142,7 @@ fn slot_capabilities_and_link() {
         );
         let sltcap = r32(&mut p, off + regs::SLTCAP);
         assert_eq!(sltcap & 1, 0, "no attention button");
-        assert_ne!(sltcap & (1 << 1), 0, "power controller");
+        assert_eq!(sltcap & (1 << 1), 0, "no power controller");
         assert_eq!(sltcap & (1 << 2), 0, "no MRL sensor");
         assert_ne!(sltcap & (1 << 3), 0, "attention indicator");
         assert_ne!(sltcap & (1 << 4), 0, "power indicator");
@@ -153,10 +153,10 @@ fn slot_capabilities_and_link() {
         assert_eq!(p.physical_slot(), Some(0x123));
         let lnkcap = r32(&mut p, off + regs::LNKCAP);
         assert_ne!(lnkcap & (1 << 20), 0, "DLL link active reporting");
-        // Empty at reset: not present, link down, powered off, indicators off.
+        // Empty at reset: not present, link down, indicators off.
         assert!(!p.presence() && !p.link_active() && !p.slot_powered());
         assert_eq!(p.slot_status(), 0);
-        assert_eq!(p.slot_control(), PCC | (3 << 8) | (3 << 6));
+        assert_eq!(p.slot_control(), (3 << 8) | (3 << 6));
         p.cold_plug(true);
         assert!(p.presence() && p.link_active() && p.slot_powered());
         assert_eq!(p.slot_status(), PDS, "cold plug raises no event");
@@ -199,14 +199,18 @@ fn slot_register_semantics() {
     p.raise_slot_events(PDC);
     let o = w32(&mut p, off + regs::SLTCTL, u32::from(HPIE));
     assert_eq!(p.slot_status(), PDS | PDC);
-    assert_eq!(o.slot_power, Some(true), "PCC cleared: powered on");
+    assert_eq!(o.slot_power, Some(true), "indicator field 0: not off");
+    // A write to Slot Status alone does not report the indicator.
+    let o = w16(&mut p, sta, 0);
+    assert_eq!(o.slot_power, None);
     // Writing 1 to everything clears the events but not PDS.
     w16(&mut p, sta, 0xffff);
     assert_eq!(p.slot_status(), PDS);
 
-    // Slot Control: enables, indicators and power controller are writable, EIC is not.
+    // Slot Control: enables and indicators are writable; the power controller (there is
+    // none) and EIC are not.
     let o = set_slot_control(&mut p, 0xffff);
-    assert_eq!(p.slot_control(), 0x17ff);
+    assert_eq!(p.slot_control(), 0x13ff);
     assert_eq!(o.slot_power, Some(false));
     // No Command Completed support: a control write never raises Command Completed.
     assert_eq!(p.slot_status() & slot_status::COMMAND_COMPLETED, 0);
@@ -340,28 +344,36 @@ fn removal_flow_reports_slot_power_off() {
     let (mut p, g) = hotplug_port(PciePortKind::SwitchDownstream, 4);
     p.cold_plug(true);
     enable_msi(&mut p, true);
-    // Linux pciehp: power indicator on, enables, slot powered.
+    // Linux pciehp: power indicator on, enables.
     let ctl = HPIE | PDCE | DLLSCE | (1 << 8) | (3 << 6);
-    assert_eq!(set_slot_control(&mut p, ctl).slot_power, None);
+    assert_eq!(set_slot_control(&mut p, ctl).slot_power, Some(true));
     assert!(p.slot_powered());
 
     // The VMM requests removal.
     assert!(p.card_present(false).unwrap());
     assert!(!p.presence() && !p.link_active());
-    assert!(!p.removal_complete(), "the guest has not powered off yet");
+    assert!(
+        !p.removal_complete(),
+        "the guest has not released the slot yet"
+    );
     assert_eq!(p.slot_status(), PDC | DLLSC);
     assert_eq!(g.trigger_count(0), 1);
-    // The guest acknowledges the events, unbinds the driver, then powers the slot off
-    // and turns the power indicator off.
+    // The guest acknowledges the events, unbinds the driver, then turns the power
+    // indicator off (no power controller: Linux writes no power-off command).
     clear_slot_status(&mut p, PDC | DLLSC);
-    let o = set_slot_control(&mut p, HPIE | PDCE | DLLSCE | PCC | (3 << 8) | (3 << 6));
+    let o = set_slot_control(&mut p, HPIE | PDCE | DLLSCE | (3 << 8) | (3 << 6));
     assert_eq!(o.slot_power, Some(false));
     assert!(!o.is_empty());
     assert!(!p.slot_powered());
     assert!(p.removal_complete());
-    // Writes that keep PCC do not report it again.
-    let o = set_slot_control(&mut p, HPIE | PDCE | DLLSCE | PCC | (2 << 8) | (3 << 6));
-    assert_eq!(o.slot_power, None);
+    // A power-off command bit is ignored (reads 0); the indicator decides.
+    let o = set_slot_control(&mut p, HPIE | PDCE | DLLSCE | PCC | (3 << 8) | (3 << 6));
+    assert_eq!(p.slot_control() & PCC, 0);
+    assert_eq!(o.slot_power, Some(false));
+    // Blinking counts as in use.
+    let o = set_slot_control(&mut p, HPIE | PDCE | DLLSCE | (2 << 8) | (3 << 6));
+    assert_eq!(o.slot_power, Some(true));
+    assert!(!p.removal_complete());
     assert_eq!(g.trigger_count(0), 1);
 
     // Hot-add afterwards: event, then the guest powers on.
@@ -372,11 +384,15 @@ fn removal_flow_reports_slot_power_off() {
     assert!(p.slot_powered() && p.presence() && p.link_active());
     // Byte writes to the high byte of Slot Control work too.
     let off = cap(&p) + regs::SLTCTL + 1;
-    let o = w(&mut p, off, &[((PCC | (3 << 8)) >> 8) as u8]);
-    assert_eq!(o.slot_power, Some(false));
+    let off_report = w(&mut p, off, &[((3 << 8) >> 8) as u8]);
+    assert_eq!(off_report.slot_power, Some(false));
+    // A byte write just below Slot Control (Slot Capabilities' last byte) reports nothing.
+    let below = cap(&p) + regs::SLTCTL - 1;
+    let o = w(&mut p, below, &[0]);
+    assert_eq!(o.slot_power, None);
     // Merging keeps the latest power report.
     let mut m = ConfigWriteOutcome::default();
-    m.merge(o);
+    m.merge(off_report);
     m.merge(ConfigWriteOutcome::default());
     assert_eq!(m.slot_power, Some(false));
 }

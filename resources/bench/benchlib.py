@@ -246,6 +246,15 @@ def find_qemu(q):
     return q
 
 
+def find_executable(path, option):
+    """PATH given with OPTION: a name looked up in PATH, or a path to an
+    executable file."""
+    found = _which(path) if os.sep not in path else path
+    if not found or not (os.path.isfile(found) and os.access(found, os.X_OK)):
+        raise BenchError(f"{option} {path}: not an executable file")
+    return found
+
+
 def check_kvm():
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         raise BenchError("/dev/kvm is missing or not accessible")
@@ -267,7 +276,8 @@ def other_guests(own_pid):
                 comm = f.read().strip()
         except OSError:
             continue
-        if comm.startswith("qemu-system") or comm == "arbor":
+        # comm is cut to 15 characters: "cloud-hyperviso".
+        if comm.startswith(("qemu-system", "cloud-hypervis")) or comm == "arbor":
             found.append(f"{entry}:{comm}")
     return found
 

@@ -1,7 +1,10 @@
 #!/usr/bin/python3
-"""Boot benchmark: arbor against QEMU, same kernel, initramfs and command line.
+"""Boot benchmark: arbor against QEMU (and Cloud Hypervisor), same kernel,
+initramfs and command line.
 
-For each VMM, boots the guest kit N times (default 3) and reports the median
+For each VMM (arbor with its default topology, arbor with a minimal one,
+QEMU q35 and, given --cloud-hypervisor PATH, Cloud Hypervisor), boots the
+guest kit N times (default 3) and reports the median, minimum and maximum
 of:
 
   * init_s:     wall-clock seconds from VMM process start (just before fork)
@@ -13,9 +16,13 @@ of:
                 before the VMM is stopped) minus the resident size of the
                 guest RAM mapping(s) in /proc/PID/smaps at that moment;
 
-and the ratio arbor/QEMU of each. Runs alternate between the VMMs (arbor,
-QEMU, arbor, QEMU, ...) so that load from other users of the machine spreads
-over both. Only one guest runs at a time.
+and the ratio of each VMM's median to the reference's (Cloud Hypervisor when
+it runs, else QEMU), and a boot-phase timeline: the median arrival time of
+the first console line of each boot phase (ACPI tables, PCI enumeration,
+clock source switch, ... see PHASES) and the time spent between one phase
+and the next. Runs alternate between the VMMs (arbor, arbor-minimal, QEMU,
+Cloud Hypervisor, arbor, ...) so that load from other users of the machine
+spreads over all of them. Only one guest runs at a time.
 
 Prints a table, then one final line of JSON. Exits non-zero with a message on
 any failure (timeout, VMM died, guest panicked, guest RAM not found). See
@@ -45,6 +52,28 @@ benchlib.PROG = "boot-bench"
 
 MARK_FIRST = b"Linux version"
 MARK_INIT = b"Run /init as init process"
+# Boot-phase timeline: the first console line containing each text, in boot
+# order. The kit's kernel prints no timestamps (no CONFIG_PRINTK_TIME), so a
+# line's time is when it reached the host. Everything the kernel printed
+# before console_init() reaches the console in one burst with "Linux
+# version", so the first row is the end of the kernel's early setup.
+PHASES = (
+    ("console on", b"Linux version"),
+    ("DSDT load starts", b"ACPI: Added _OSI(Processor Aggregator"),
+    ("DSDT loaded", b"ACPI AML tables successfully acquired and loaded"),
+    ("ACPI interpreter on", b"ACPI: Interpreter enabled"),
+    ("ACPI devices scanned", b"ACPI: PCI Root Bridge"),
+    ("PCI bus scan starts", b"PCI host bridge to bus"),
+    ("clock source switched", b"clocksource: Switched to clocksource"),
+    ("initramfs unpacked", b"Freeing initrd memory"),
+    ("serial driver starts", b"Serial: 8250/16550"),
+    ("kernel rodata protected", b"Write protecting the kernel read-only data"),
+    ("Run /init", MARK_INIT),
+)
+# The minimal arbor topology: one root port without hotplug (the root bus's
+# ACPI hotplug slots stay, as on Cloud Hypervisor).
+ARBOR_MINIMAL = ["--pci-port", "id=rp0,type=root-port,hotplug=none"]
+VMMS = ("arbor", "arbor-minimal", "qemu", "cloud-hypervisor")
 # Lines after which the boot cannot reach /init.
 MARK_FATAL = (b"Kernel panic",)
 
@@ -71,7 +100,15 @@ def parse_args(argv):
                    help="guest memory, e.g. 512M or 1G (default 512M; a plain number is MiB)")
     p.add_argument("--timeout", type=positive_float, default=180.0, metavar="SECONDS",
                    help="seconds each boot may take to reach 'Run /init' (default 180)")
-    p.add_argument("--only", choices=("arbor", "qemu"), help="benchmark one VMM only")
+    p.add_argument("--only", choices=VMMS, help="benchmark one VMM only")
+    p.add_argument("--vmm", action="append", choices=VMMS, dest="vmms", metavar="NAME",
+                   help="a VMM to benchmark (repeatable; in the order given): arbor, "
+                   "arbor-minimal (one root port, no hotplug port: "
+                   + " ".join(ARBOR_MINIMAL) + "), qemu, cloud-hypervisor. Default: arbor, "
+                   "arbor-minimal, qemu, and cloud-hypervisor when --cloud-hypervisor is given")
+    p.add_argument("--cloud-hypervisor", metavar="PATH",
+                   help="Cloud Hypervisor binary (not installed by this project; build it "
+                   "from its source for comparison)")
     p.add_argument("--guest-dir", default=benchlib.default_guest_dir(),
                    help="guest kit directory (default $ARBOR_GUEST_DIR, else <repo>/target/guest, "
                    "else /tmp/guest if only that exists)")
@@ -89,7 +126,20 @@ def parse_args(argv):
                    "that KVM supports)")
     p.add_argument("--stop-grace", type=positive_float, default=5.0, metavar="SECONDS",
                    help="seconds between SIGTERM and SIGKILL when stopping a VMM (default 5)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.only and args.vmms:
+        p.error("--only and --vmm exclude each other")
+    if args.only:
+        args.vmms = [args.only]
+    elif not args.vmms:
+        args.vmms = ["arbor", "arbor-minimal", "qemu"]
+        if args.cloud_hypervisor:
+            args.vmms.append("cloud-hypervisor")
+    if "cloud-hypervisor" in args.vmms and not args.cloud_hypervisor:
+        p.error("--vmm cloud-hypervisor needs --cloud-hypervisor PATH")
+    if len(set(args.vmms)) != len(args.vmms):
+        p.error("a VMM is named twice")
+    return args
 
 
 def guest_kit(args):
@@ -135,6 +185,8 @@ def boot_once(name, argv, mem_bytes, timeout, grace):
     console = bytearray()
     errout = bytearray()
     t_first = t_init = None
+    phase_at = {}
+    longest = max(len(m) for _, m in PHASES)
     fatal = None
 
     t0 = time.monotonic()
@@ -175,9 +227,12 @@ def boot_once(name, argv, mem_bytes, timeout, grace):
                     errout += chunk
                     continue
                 # Search only the new bytes plus an overlap for a split marker.
-                from_ = max(0, len(console) - len(MARK_INIT))
+                from_ = max(0, len(console) - longest)
                 console += chunk
                 window = bytes(console[from_:])
+                for label, mark in PHASES:
+                    if label not in phase_at and mark in window:
+                        phase_at[label] = round(t - t0, 3)
                 if t_first is None and MARK_FIRST in window:
                     t_first = t - t0
                 if t_init is None and MARK_INIT in window:
@@ -220,6 +275,7 @@ def boot_once(name, argv, mem_bytes, timeout, grace):
             "guest_ram_rss_mib": round(ram_rss_kib / 1024, 2),
             "guest_ram_maps": [f"{m['start']:x}-{m['end']:x}" for m in ram],
             "guest_ram_method": method,
+            "phases_s": phase_at,
             "loadavg_at_start": load,
             "other_vmms_at_start": others,
         }
@@ -251,33 +307,62 @@ def summarize(runs):
     return out
 
 
+def phase_medians(runs):
+    """Median arrival time of each phase seen in every run, in PHASES order."""
+    out = {}
+    for label, _ in PHASES:
+        ts = [r["phases_s"].get(label) for r in runs]
+        if all(t is not None for t in ts):
+            out[label] = round(statistics.median(ts), 3)
+    return out
+
+
 def fmt(v, unit):
     if v is None:
         return "-"
     return f"{v:.2f} {unit}" if unit == "s" else f"{v:.1f} {unit}"
 
 
+LABELS = {"arbor": "arbor", "arbor-minimal": "arbor-min", "qemu": "QEMU",
+          "cloud-hypervisor": "CH"}
+
+
+def commands_for(args, kernel, initramfs, cmdline, mem_mib):
+    commands = {}
+    for name in args.vmms:
+        if name in ("arbor", "arbor-minimal"):
+            if "arbor" not in commands and "arbor-minimal" not in commands:
+                arbor = find_arbor(args)
+            cmd = [arbor, "--kernel", kernel, "--initramfs", initramfs,
+                   "--cmdline", cmdline, "--cpus", str(args.cpus), "--memory", f"{mem_mib}M"]
+            commands[name] = cmd + (ARBOR_MINIMAL if name == "arbor-minimal" else [])
+        elif name == "qemu":
+            qemu = find_qemu(args)
+            commands[name] = [qemu, "-accel", "kvm", "-machine", args.qemu_machine,
+                              "-cpu", args.qemu_cpu, "-m", f"{mem_mib}M", "-smp", str(args.cpus),
+                              "-nographic", "-nodefaults", "-no-reboot", "-serial", "stdio",
+                              "-kernel", kernel, "-initrd", initramfs, "-append", cmdline]
+        else:
+            ch = benchlib.find_executable(args.cloud_hypervisor, "--cloud-hypervisor")
+            commands[name] = [ch, "--kernel", kernel, "--initramfs", initramfs,
+                              "--cmdline", cmdline, "--cpus", f"boot={args.cpus}",
+                              "--memory", f"size={mem_mib}M", "--serial", "tty",
+                              "--console", "off"]
+    return commands
+
+
 def main(argv):
     args = parse_args(argv)
     kernel, initramfs, cmdline = guest_kit(args)
     mem_mib = args.memory // MIB
-    vmms = ["arbor", "qemu"] if args.only is None else [args.only]
+    vmms = args.vmms
+    # The reference of the ratios: Cloud Hypervisor when it runs, else QEMU.
+    ref = next((v for v in ("cloud-hypervisor", "qemu") if v in vmms), None)
     # Only q35 (the default) must boot; another machine type failing to boot
     # this guest is reported, not fatal.
     qemu_must_boot = args.qemu_machine.split(",")[0] == "q35"
 
-    commands = {}
-    if "arbor" in vmms:
-        arbor = find_arbor(args)
-        commands["arbor"] = [arbor, "--kernel", kernel, "--initramfs", initramfs,
-                             "--cmdline", cmdline, "--cpus", str(args.cpus),
-                             "--memory", f"{mem_mib}M"]
-    if "qemu" in vmms:
-        qemu = find_qemu(args)
-        commands["qemu"] = [qemu, "-accel", "kvm", "-machine", args.qemu_machine,
-                            "-cpu", args.qemu_cpu, "-m", f"{mem_mib}M", "-smp", str(args.cpus),
-                            "-nographic", "-nodefaults", "-no-reboot", "-serial", "stdio",
-                            "-kernel", kernel, "-initrd", initramfs, "-append", cmdline]
+    commands = commands_for(args, kernel, initramfs, cmdline, mem_mib)
     benchlib.check_kvm()
 
     for name, cmd in commands.items():
@@ -309,43 +394,65 @@ def main(argv):
             results[name].append(r)
 
     summary = {name: summarize(rs) for name, rs in results.items() if rs}
-    ratio = None
-    if "arbor" in summary and "qemu" in summary:
-        ratio = {key: (round(summary["arbor"][key] / summary["qemu"][key], 3)
-                       if summary["qemu"][key] else None) for key, _, _ in FIGURES}
+    ratios = {}
+    if ref in summary:
+        for name in summary:
+            if name != ref:
+                ratios[name] = {key: (round(summary[name][key] / summary[ref][key], 3)
+                                      if summary[ref][key] else None) for key, _, _ in FIGURES}
+    timeline = {name: phase_medians(rs) for name, rs in results.items() if rs}
 
     # --- Table ------------------------------------------------------------
-    qlabel = f"QEMU ({args.qemu_machine})"
+    shown = [n for n in vmms if n in summary]
+    heads = [LABELS[n] if n != "qemu" else f"QEMU {args.qemu_machine}" for n in shown]
+    ratio_cols = [n for n in shown if n in ratios]
+    ratio_heads = [f"{LABELS[n]}/{LABELS[ref]}" for n in ratio_cols]
     print()
     print(f"Boot benchmark: {os.path.basename(kernel)} + initramfs.cpio, {args.cpus} vCPU(s), "
           f"{mem_mib} MiB, median of {args.runs} run(s)")
-    head = f"{'':28} {'arbor':>12} {qlabel:>16} {'arbor/QEMU':>11}"
+    head = f"{'':28}" + "".join(f" {h:>14}" for h in heads + ratio_heads)
     print(head)
     print("-" * len(head))
     for key, title, unit in FIGURES:
-        a = summary.get("arbor", {}).get(key)
-        q = summary.get("qemu", {}).get(key)
-        rt = ratio.get(key) if ratio else None
-        print(f"{title:28} {fmt(a, unit):>12} {fmt(q, unit):>16} "
-              f"{(f'{rt:.2f}' if rt is not None else '-'):>11}")
-    for name in vmms:
-        if name in summary:
-            s = summary[name]
-            rs = results[name]
-            print(f"  {name}: min-max over {len(rs)} run(s): /init "
-                  f"{min(r['init_s'] for r in rs):.2f}-{max(r['init_s'] for r in rs):.2f} s, "
-                  f"first line {min(r['first_s'] for r in rs):.2f}-{max(r['first_s'] for r in rs):.2f} s, "
-                  f"overhead {min(r['overhead_mib'] for r in rs):.1f}-{max(r['overhead_mib'] for r in rs):.1f} MiB")
-            print(f"  {name}: peak RSS {s['vm_hwm_mib']:.1f} MiB, guest RAM resident "
-                  f"{s['guest_ram_rss_mib']:.1f} MiB (medians); per run /init: "
-                  + ", ".join(f"{r['init_s']:.2f}" for r in rs) + " s")
+        cells = [fmt(summary[n][key], unit) for n in shown]
+        cells += [(f"{ratios[n][key]:.2f}" if ratios[n][key] is not None else "-")
+                  for n in ratio_cols]
+        print(f"{title:28}" + "".join(f" {c:>14}" for c in cells))
+    for name in shown:
+        rs = results[name]
+        print(f"  {name}: min-max over {len(rs)} run(s): /init "
+              f"{min(r['init_s'] for r in rs):.2f}-{max(r['init_s'] for r in rs):.2f} s, "
+              f"first line {min(r['first_s'] for r in rs):.2f}-{max(r['first_s'] for r in rs):.2f} s, "
+              f"overhead {min(r['overhead_mib'] for r in rs):.1f}-{max(r['overhead_mib'] for r in rs):.1f} MiB")
+        print(f"  {name}: peak RSS {summary[name]['vm_hwm_mib']:.1f} MiB, guest RAM resident "
+              f"{summary[name]['guest_ram_rss_mib']:.1f} MiB (medians); per run /init: "
+              + ", ".join(f"{r['init_s']:.2f}" for r in rs) + " s")
     loads = [r["loadavg_at_start"] for rs in results.values() for r in rs
              if r.get("loadavg_at_start") is not None]
     if loads:
         print(f"  load average (1 min) at the start of the runs: {min(loads):.2f}-{max(loads):.2f}"
-              f" (runs alternate {' and '.join(vmms)}, one guest at a time)")
+              f" (runs alternate {', '.join(shown)}; one guest at a time)")
     for reason in failed.values():
         print("NOTE: " + reason)
+
+    # --- Boot-phase timeline ----------------------------------------------
+    print()
+    print("Boot-phase timeline: median seconds from the VMM's start to the first console line"
+          " of each step (in brackets: since the previous step)")
+    head = f"{'':28}" + "".join(f" {h:>18}" for h in heads)
+    print(head)
+    print("-" * len(head))
+    prev = {n: 0.0 for n in shown}
+    for label, _ in PHASES:
+        cells = []
+        for n in shown:
+            t = timeline[n].get(label)
+            if t is None:
+                cells.append("-")
+                continue
+            cells.append(f"{t:6.2f} (+{t - prev[n]:5.2f})")
+            prev[n] = t
+        print(f"{label:28}" + "".join(f" {c:>18}" for c in cells))
     print()
 
     out = {
@@ -364,7 +471,10 @@ def main(argv):
                 for name, rs in results.items() if rs},
         "max": {name: {key: max(r[key] for r in rs) for key, _, _ in FIGURES}
                 for name, rs in results.items() if rs},
-        "ratio_arbor_over_qemu": ratio,
+        "ratio_reference": ref,
+        "ratios": ratios,
+        "ratio_arbor_over_qemu": ratios.get("arbor") if ref == "qemu" else None,
+        "timeline_median_s": timeline,
         "per_run": results,
         "failed": failed,
     }

@@ -46,7 +46,8 @@ const MAX_QUEUED: usize = 1024;
 pub enum Completion {
     /// `_EJ0` of `slot` on the bus with ACPI selector `bsel`.
     AcpiEjected { bsel: u32, slot: u8 },
-    /// The guest switched the power of native port `port`'s slot.
+    /// The guest wrote native port `port`'s Slot Control, leaving its power indicator
+    /// on (`on`) or off (off: the guest released the slot's device if the card is gone).
     SlotPower { port: String, on: bool },
 }
 
@@ -318,8 +319,8 @@ impl HotplugOwner {
                     }
                 }
                 Completion::SlotPower { port, on } => {
-                    log::info!(
-                        "hotplug: port {port} slot powered {}",
+                    log::debug!(
+                        "hotplug: port {port}: power indicator {}",
                         if on { "on" } else { "off" }
                     );
                     let m = SlotMechanism::Native { port: port.clone() };
@@ -370,7 +371,7 @@ impl HotplugOwner {
             .collect()
     }
 
-    /// Whether native port `port`'s slot is empty and powered off.
+    /// Whether native port `port`'s slot is empty and its power indicator off.
     fn native_released(&self, port: &str) -> bool {
         self.native.get(port).is_some_and(|p| {
             p.lock()

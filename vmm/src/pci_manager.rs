@@ -555,16 +555,13 @@ impl PciManager {
     /// Follows what a configuration write changed.
     pub fn apply(&self, r: ConfigWriteResult) {
         let o = &r.outcome;
-        if let Some(on) = o.slot_power {
-            devices::guest_info!(
-                "PCI {}: slot powered {}",
-                r.bdf,
-                if on { "on" } else { "off" }
-            );
+        // Every Slot Control write that leaves the power indicator off may complete a
+        // removal: the hotplug owner checks the slot's state.
+        if o.slot_power == Some(false) {
             match self.port_id_of(&r.device) {
                 Some(port) => self.completions.push(Completion::SlotPower {
                     port: port.to_string(),
-                    on,
+                    on: false,
                 }),
                 None => {
                     devices::guest_warn!(

@@ -275,6 +275,25 @@ pub struct NetRecord {
 }
 
 impl DeviceRecord {
+    /// A device at `place` with no kind-specific fields yet (the caller
+    /// sets those it has).
+    pub fn new(id: String, kind: DeviceKind, place: placement::Place, hotplugged: bool) -> Self {
+        DeviceRecord {
+            id,
+            kind,
+            path: place.path,
+            port: place.port,
+            mechanism: place.mechanism,
+            hotplugged,
+            disk: None,
+            vsock: None,
+            socket: None,
+            net: None,
+            host: None,
+            failure: None,
+        }
+    }
+
     /// The API's view of the device; `bdf` as the bridges are programmed.
     pub fn info(&self, bdf: Option<String>) -> DeviceInfo {
         DeviceInfo {
@@ -623,22 +642,14 @@ impl DeviceManager {
         &self,
         pci: &PciManager,
         plan: &HotplugPlan,
-        port: Option<&str>,
-        pci_path: Option<&str>,
-        function: Option<u8>,
-        hotplug: bool,
+        req: &PlaceRequest<'_>,
     ) -> Result<placement::Place, DeviceError> {
         Ok(placement::choose(
             pci.topology(),
             plan,
             &self.placement_order,
             &|p| pci.occupied(p),
-            &PlaceRequest {
-                port,
-                pci_path,
-                function,
-                hotplug,
-            },
+            req,
         )?)
     }
 
@@ -678,10 +689,16 @@ impl DeviceManager {
         } = new;
         let id = self.claim_id(id, prefix)?;
         let pci = self.pci()?;
-        let place = self.choose_place(&pci, plan, port, pci_path, function, hotplugged)?;
-        let (path, under) = (place.path, place.port);
+        let req = PlaceRequest {
+            port,
+            pci_path,
+            function,
+            hotplug: hotplugged,
+        };
+        let place = self.choose_place(&pci, plan, &req)?;
+        let (path, under) = (&place.path, place.port.as_deref());
         let device = make()?;
-        let pcie = match under.as_deref().and_then(|p| pci.topology().port(p)) {
+        let pcie = match under.and_then(|p| pci.topology().port(p)) {
             None => Some(PciePortType::RootComplexIntegratedEndpoint),
             Some(node) if node.kind.is_pci_bridge() => None,
             Some(_) => Some(PciePortType::Endpoint),
@@ -697,27 +714,19 @@ impl DeviceManager {
             .map_err(DeviceError::Virtio)?;
         let intx = pci
             .intx()
-            .line(pci::intx::intx_gsi(&path), dev.isr())
+            .line(pci::intx::intx_gsi(path), dev.isr())
             .map_err(DeviceError::Msi)?;
         dev.set_intx(Arc::new(intx));
         let shared: SharedPciDevice = Arc::new(Mutex::new(dev));
-        pci.place(path.clone(), under.as_deref(), shared)?;
+        pci.place(path.clone(), under, shared)?;
         if !hotplugged {
-            mark_cold_plugged(&pci, under.as_deref());
+            mark_cold_plugged(&pci, under);
         }
         let rec = DeviceRecord {
-            id,
-            kind,
-            path,
-            port: under,
-            mechanism: place.mechanism,
-            hotplugged,
             disk,
             vsock,
-            socket: None,
             net,
-            host: None,
-            failure: None,
+            ..DeviceRecord::new(id, kind, place, hotplugged)
         };
         self.records.push(rec.clone());
         Ok(rec)
@@ -920,37 +929,44 @@ impl DeviceManager {
             });
         }
         let id = self.claim_id(cfg.id.as_deref(), "vfio-user")?;
-        let pci = self.pci()?;
-        let place = self.choose_place(
-            &pci,
-            plan,
-            cfg.port.as_deref(),
-            cfg.pci_path.as_deref(),
-            cfg.function,
-            hotplugged,
-        )?;
-        let (path, under) = (place.path, place.port);
-        let backend = devices::vfio::VfioUserBackend::connect(&socket)?;
-        let failure = self.place_passthrough(&pci, Box::new(backend), &path, under.as_deref())?;
-        if !hotplugged {
-            mark_cold_plugged(&pci, under.as_deref());
-        }
+        let at = PlaceRequest {
+            port: cfg.port.as_deref(),
+            pci_path: cfg.pci_path.as_deref(),
+            function: cfg.function,
+            hotplug: hotplugged,
+        };
+        let (place, failure) = self.attach_passthrough(plan, &at, |_| {
+            Ok(Box::new(devices::vfio::VfioUserBackend::connect(&socket)?))
+        })?;
         let rec = DeviceRecord {
-            id,
-            kind: DeviceKind::VfioUser,
-            path,
-            port: under,
-            mechanism: place.mechanism,
-            hotplugged,
-            disk: None,
-            vsock: None,
             socket: Some(shown),
-            net: None,
-            host: None,
             failure: Some(failure),
+            ..DeviceRecord::new(id, DeviceKind::VfioUser, place, hotplugged)
         };
         self.records.push(rec.clone());
         Ok(rec)
+    }
+
+    /// Attaches a passthrough function where `at` asks: chooses the place,
+    /// only then calls `open` for the back end (connecting, opening host
+    /// files), builds and places the function
+    /// ([`DeviceManager::place_passthrough`]) and, for cold plug, shows a
+    /// native port's slot present. On error nothing stays.
+    fn attach_passthrough(
+        &mut self,
+        plan: &HotplugPlan,
+        at: &PlaceRequest<'_>,
+        open: impl FnOnce(&mut Self) -> Result<Box<dyn VfioBackend>, DeviceError>,
+    ) -> Result<(placement::Place, FailureWatch), DeviceError> {
+        let pci = self.pci()?;
+        let place = self.choose_place(&pci, plan, at)?;
+        let backend = open(self)?;
+        let under = place.port.as_deref();
+        let failure = self.place_passthrough(&pci, backend, &place.path, under)?;
+        if !at.hotplug {
+            mark_cold_plugged(&pci, under);
+        }
+        Ok((place, failure))
     }
 
     /// Builds the passthrough function over `backend` (guest RAM, INTx)
@@ -1019,43 +1035,31 @@ impl DeviceManager {
                 id: r.id.clone(),
             });
         }
-        let pci = self.pci()?;
-        let place = self.choose_place(
-            &pci,
-            plan,
-            cfg.port.as_deref(),
-            cfg.pci_path.as_deref(),
-            cfg.function,
-            hotplugged,
-        )?;
-        let (path, under) = (place.path, place.port);
-        let container = self.vfio_container(&pci)?;
-        let backend = KernelVfioBackend::open(&self.host_paths, &info, container)?;
-        let failure = self.place_passthrough(&pci, Box::new(backend), &path, under.as_deref())?;
-        if !hotplugged {
-            mark_cold_plugged(&pci, under.as_deref());
-        }
+        let at = PlaceRequest {
+            port: cfg.port.as_deref(),
+            pci_path: cfg.pci_path.as_deref(),
+            function: cfg.function,
+            hotplug: hotplugged,
+        };
+        let (place, failure) = self.attach_passthrough(plan, &at, |dm| {
+            let pci = dm.pci()?;
+            let container = dm.vfio_container(&pci)?;
+            let backend = KernelVfioBackend::open(&dm.host_paths, &info, container)?;
+            Ok(Box::new(backend))
+        })?;
         log::info!(
-            "vfio {id}: host {} (IOMMU group {}) at {path}",
+            "vfio {id}: host {} (IOMMU group {}) at {}",
             info.bdf,
-            info.group
+            info.group,
+            place.path
         );
         let rec = DeviceRecord {
-            id,
-            kind: DeviceKind::Vfio,
-            path,
-            port: under,
-            mechanism: place.mechanism,
-            hotplugged,
-            disk: None,
-            vsock: None,
-            socket: None,
-            net: None,
             host: Some(HostFunction {
                 bdf: info.bdf,
                 group: info.group,
             }),
             failure: Some(failure),
+            ..DeviceRecord::new(id, DeviceKind::Vfio, place, hotplugged)
         };
         self.records.push(rec.clone());
         Ok(rec)
@@ -1521,22 +1525,18 @@ mod tests {
     #[test]
     fn vm_info_shows_a_failed_back_end() {
         let watch = FailureWatch::default();
-        let rec = DeviceRecord {
-            id: "nic".into(),
-            kind: DeviceKind::Vfio,
+        let place = placement::Place {
             path: PciManager::root_path(5).unwrap(),
             port: None,
             mechanism: SlotMechanism::None,
-            hotplugged: true,
-            disk: None,
-            vsock: None,
-            socket: None,
-            net: None,
+        };
+        let rec = DeviceRecord {
             host: Some(HostFunction {
                 bdf: "0000:03:00.0".into(),
                 group: 3,
             }),
             failure: Some(watch.clone()),
+            ..DeviceRecord::new("nic".into(), DeviceKind::Vfio, place, true)
         };
         let info = rec.info(None);
         assert_eq!(info.state, Some(DeviceState::Ok));

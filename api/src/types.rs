@@ -731,6 +731,25 @@ fn validate_file_path(field: &str, path: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The checks a passthrough device's request shares: its `(field, value)`
+/// file path, not empty and absolute (`hint` says why it must be), the
+/// id, and the `(port, pci_path, function)` placement.
+fn validate_passthrough(
+    (field, path): (&str, &str),
+    hint: &str,
+    id: &Option<String>,
+    (port, pci_path, function): (&Option<String>, &Option<String>, Option<u8>),
+) -> Result<(), ApiError> {
+    validate_file_path(field, path)?;
+    if !path.starts_with('/') {
+        return Err(ApiError::bad_request(format!(
+            "'{field}' must be absolute, not '{path}': {hint}"
+        )));
+    }
+    validate_opt_id("id", id)?;
+    validate_placement(port, pci_path, function)
+}
+
 impl DiskConfig {
     /// Keys accepted by [`DiskConfig::from_kv`].
     pub const KV_KEYS: &'static [&'static str] = &[
@@ -808,15 +827,12 @@ impl UserDeviceConfig {
 
     /// Checks what can be checked without the VM.
     pub fn validate(&self) -> Result<(), ApiError> {
-        validate_file_path("socket", &self.socket)?;
-        if !self.socket.starts_with('/') {
-            return Err(ApiError::bad_request(format!(
-                "'socket' must be absolute, not '{}': the VMM's working directory is not the client's",
-                self.socket
-            )));
-        }
-        validate_opt_id("id", &self.id)?;
-        validate_placement(&self.port, &self.pci_path, self.function)
+        validate_passthrough(
+            ("socket", &self.socket),
+            "the VMM's working directory is not the client's",
+            &self.id,
+            (&self.port, &self.pci_path, self.function),
+        )
     }
 
     /// Builds a configuration from `socket=..,id=..,port=..,pci_path=..`; a
@@ -840,15 +856,12 @@ impl DeviceConfig {
     /// Checks what can be checked without the VM (the VMM checks that the
     /// path names a PCI function, its driver and its IOMMU group).
     pub fn validate(&self) -> Result<(), ApiError> {
-        validate_file_path("path", &self.path)?;
-        if !self.path.starts_with('/') {
-            return Err(ApiError::bad_request(format!(
-                "'path' must be absolute (/sys/bus/pci/devices/DDDD:BB:DD.F), not '{}'",
-                self.path
-            )));
-        }
-        validate_opt_id("id", &self.id)?;
-        validate_placement(&self.port, &self.pci_path, self.function)
+        validate_passthrough(
+            ("path", &self.path),
+            "it names /sys/bus/pci/devices/DDDD:BB:DD.F",
+            &self.id,
+            (&self.port, &self.pci_path, self.function),
+        )
     }
 
     /// Builds a configuration from `path=..,id=..,port=..,pci_path=..`; a

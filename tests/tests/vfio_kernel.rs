@@ -134,8 +134,7 @@ fn host_function_cold_and_hot_plugged() {
                 path: path.clone(),
                 id: Some("hot".into()),
                 port: Some("br0".into()),
-                pci_path: None,
-                function: None,
+                ..Default::default()
             })
             .unwrap_or_else(|e| panic!("round {round}: {e}\n{}", g.stderr()));
         let guest = enumerated(&g, mark, &added.pci_path, &ids);

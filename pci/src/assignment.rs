@@ -275,9 +275,6 @@ pub fn assign(host: &[HostFunction], req: &AssignRequest) -> Result<Assignment, 
     let find = |b: HostBdf| host.iter().find(|f| f.bdf == b);
     let start = req.function.ok_or(AssignError::NothingAssigned)?;
     let named = find(start).ok_or(AssignError::NoSuchFunction(start))?;
-    if named.bridge {
-        return Err(AssignError::Bridge(start));
-    }
     match named.driver.as_deref() {
         Some(VFIO_PCI_DRIVER) => {}
         Some(d) => {
@@ -287,6 +284,9 @@ pub fn assign(host: &[HostFunction], req: &AssignRequest) -> Result<Assignment, 
             })
         }
         None => return Err(AssignError::Unbound(start)),
+    }
+    if named.bridge {
+        return Err(AssignError::Bridge(start));
     }
     let unit = unit(host, start);
     let mut groups = BTreeSet::new();

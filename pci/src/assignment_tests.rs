@@ -259,10 +259,15 @@ fn a_group_takes_every_device_in_it_and_bridges_stay() {
         ]
     );
     assert_eq!(a.devices[1].functions[1].group, 5);
-    // A bridge cannot be asked for.
-    assert_eq!(
+    // A bridge cannot be asked for (its driver is named first).
+    assert!(matches!(
         assign(&host, &req("0000:04:01.0")).unwrap_err(),
-        AssignError::Bridge(b("0000:04:01.0"))
+        AssignError::WrongDriver { .. }
+    ));
+    let odd = super::tests::host(&[("0000:04:02.0", V, Some(4), true)]);
+    assert_eq!(
+        assign(&odd, &req("0000:04:02.0")).unwrap_err(),
+        AssignError::Bridge(b("0000:04:02.0"))
     );
     // Leaving the other device out: named, it is held.
     let mut r = req("0000:06:00.0");

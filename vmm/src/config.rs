@@ -383,6 +383,13 @@ impl VmConfig {
             if functions.contains(&bdf) {
                 return err(format!("--device: host PCI function {bdf} is given twice"));
             }
+            // A request takes every function of its host device.
+            if let Some(other) = functions.iter().find(|f| f.get(..10) == bdf.get(..10)) {
+                return err(format!(
+                    "--device: {bdf} and {other} are functions of one host device, which one \
+                     --device takes whole (leave functions out with unassigned=)"
+                ));
+            }
             functions.push(bdf);
         }
         let topology = self.topology()?;

@@ -849,9 +849,15 @@ pub fn choose_slots(
             SlotMechanism::None
         }
     };
+    let is_switch = |id: &str| {
+        topology
+            .port(id)
+            .is_some_and(|n| n.kind == crate::PciePortKind::SwitchUpstream)
+    };
     let places: Vec<Place> = match (req.place.pci_path, req.place.port, req.slots) {
         (Some(_), _, n) if n > 1 => return Err(PlacementError::PathForGroup(n)),
-        (Some(_), _, _) | (None, Some(_), 1) => {
+        (Some(_), _, _) => vec![choose(topology, plan, &[], occupied, &req.place)?],
+        (None, Some(id), 1) if !is_switch(id) => {
             vec![choose(topology, plan, &[], occupied, &req.place)?]
         }
         (None, Some(id), n) => {

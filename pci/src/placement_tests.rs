@@ -1387,7 +1387,19 @@ fn several_devices_of_one_group_go_behind_one_switch() {
             slots: 3
         }
     );
-    // port= names the switch; pci_path cannot place several slots.
+    // port= names the switch, for one device as well; pci_path cannot place several slots.
+    let r = choose_slots(
+        &t,
+        &plan,
+        &occupied,
+        &[],
+        &group_req(by_port("sw0", true), 1, &[4]),
+    )
+    .unwrap();
+    assert_eq!(
+        slots_of(&r),
+        [("02/00/00/00".to_string(), Some("sw0.0".to_string()))]
+    );
     let r = choose_slots(
         &t,
         &plan,

@@ -1127,9 +1127,6 @@ impl DeviceManager {
                 groups: &assignment.groups,
             },
         )?;
-        for w in &slots.warnings {
-            log::warn!("vfio {base}: {w}");
-        }
         let container = self.vfio_container(&pci)?;
         let mut held = Vec::new();
         for (bdf, group) in &assignment.held {
@@ -1220,7 +1217,10 @@ impl DeviceManager {
                 "vfio {base}: holds {} (left out of the guest)",
                 names.join(", ")
             );
-            self.held.push((base, held));
+            self.held.push((base.clone(), held));
+        }
+        for w in &slots.warnings {
+            log::warn!("vfio {base}: {w}");
         }
         self.records.extend(added.iter().cloned());
         Ok(Added {

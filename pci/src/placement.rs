@@ -12,6 +12,9 @@
 //!   [`HotplugMode::Native`] signal through their own slot registers.
 //! - [`choose`]: an exact path, the first free slot of a named port, the first free root slot
 //!   (cold plug), or the first free hotplug slot in a [`PlaceKind`] order (hotplug).
+//! - [`choose_slots`]: the slots of a kernel VFIO assignment (one per host device): a PCI
+//!   Express root port or switch downstream port per host IOMMU group by default, never a
+//!   slot behind a conventional PCI bridge; overrides that merge groups behind one warn.
 //!
 //! ## Multifunction slots
 //!

@@ -3,11 +3,13 @@
 //!
 //! How it fits together:
 //! - [`probe`] checks everything that can be checked before anything is
-//!   opened, in this order: the path names a PCI function (sysfs), the
-//!   function is bound to `vfio-pci`, its IOMMU group is viable (see
-//!   [`super::group`]), then the host has kernel VFIO (`/dev/vfio/vfio`)
-//!   and the group's character device. Both roots are given
-//!   ([`HostPaths`]), so tests run it over a fake tree.
+//!   opened, in this order: the path names a PCI function (sysfs), then
+//!   what the request takes ([`pci::assignment::assign`] over
+//!   [`super::group::host_view`]: the whole host device and its IOMMU
+//!   groups' endpoints, all bound to `vfio-pci`, the functions left out
+//!   named), then the host has kernel VFIO (`/dev/vfio/vfio`) and each
+//!   group's character device. Both roots are given ([`HostPaths`]), so
+//!   tests run it over a fake tree.
 //! - One [`KernelVfioContainer`] per VM: the VFIO container, with the KVM
 //!   VFIO device (`KVM_DEV_TYPE_VFIO`, created by the VMM) that the crate
 //!   tells about each group it adds. Guest RAM is DMA-mapped into the

@@ -1823,6 +1823,17 @@ mod tests {
         let json = serde_json::to_value(&info).unwrap();
         assert_eq!(json["state"], "ok");
         assert!(json.get("error").is_none());
+        assert!(json.get("unassigned").is_none());
+        // The functions a request left out show on its first device.
+        let holder = DeviceRecord {
+            held: vec![HostFunction {
+                bdf: "0000:03:00.1".into(),
+                group: 3,
+            }],
+            ..rec.clone()
+        };
+        let json = serde_json::to_value(holder.info(None)).unwrap();
+        assert_eq!(json["unassigned"], serde_json::json!(["0000:03:00.1"]));
         watch.record("BAR read: broken pipe".into());
         let json = serde_json::to_value(rec.info(None)).unwrap();
         assert_eq!(json["state"], "failed");

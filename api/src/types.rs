@@ -164,6 +164,10 @@ pub struct DeviceInfo {
     /// Kernel VFIO device only: the host function's IOMMU group.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iommu_group: Option<u32>,
+    /// Kernel VFIO device (the function 0 of the request's first slot)
+    /// only: the host functions left out of the guest and held by the VMM.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unassigned: Vec<String>,
     /// Passthrough devices (`vfio`, `vfio_user`) only: whether the back end
     /// still answers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -327,12 +331,32 @@ pub struct VmInfo {
 }
 
 /// Answer to every successful `vm.add-*` request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct AddDeviceResponse {
     /// Id of the new device (the one requested, or a generated one).
     pub id: String,
     /// Where it was placed.
     pub pci_path: String,
+    /// `vm.add-device` taking several host functions: every function
+    /// added, each with its id, `pci_path` and host function (function 0
+    /// of each slot last, the order the slots were committed in).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub functions: Vec<AddedFunction>,
+    /// Why the request was honoured but is not advised (a placement that
+    /// merges host IOMMU groups behind a PCI bridge); also in the log.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// One function a `vm.add-device` request added.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddedFunction {
+    /// Its device id.
+    pub id: String,
+    /// Its PCI path (`.F` when F is not 0).
+    pub pci_path: String,
+    /// The host function, `DDDD:BB:DD.F`.
+    pub host_bdf: String,
 }
 
 /// Body of an error answer: `{"error": "..."}`.
@@ -468,10 +492,24 @@ pub struct DeviceConfig {
     #[serde(default)]
     pub pci_path: Option<String>,
     /// Function of the guest slot, 0 to 7 (also given as `.F` in
-    /// `pci_path`): functions 1-7 added to an empty slot are staged until
-    /// function 0 commits the slot.
+    /// `pci_path`), for a request that takes a single host function:
+    /// functions 1-7 added to an empty slot are staged until function 0
+    /// commits the slot. A request taking several functions keeps their
+    /// host numbers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub function: Option<u8>,
+    /// Host functions (`DDDD:BB:DD.F`) to give the guest; by default every
+    /// function of the host device and every endpoint of its IOMMU groups
+    /// not in `unassigned`. With it, every other one must be in
+    /// `unassigned`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assigned: Option<Vec<String>>,
+    /// Host functions (`DDDD:BB:DD.F`) of the device or its IOMMU groups
+    /// left out of the guest: they must be bound to vfio-pci too, and the
+    /// VMM holds them (the host cannot use them) while the device is
+    /// attached.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unassigned: Vec<String>,
 }
 
 /// Body of `PUT /api/v1/vm.add-net` (and the `--net` option): a virtio-net
@@ -731,6 +769,25 @@ fn validate_file_path(field: &str, path: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The checks a passthrough device's request shares: its `(field, value)`
+/// file path, not empty and absolute (`hint` says why it must be), the
+/// id, and the `(port, pci_path, function)` placement.
+fn validate_passthrough(
+    (field, path): (&str, &str),
+    hint: &str,
+    id: &Option<String>,
+    (port, pci_path, function): (&Option<String>, &Option<String>, Option<u8>),
+) -> Result<(), ApiError> {
+    validate_file_path(field, path)?;
+    if !path.starts_with('/') {
+        return Err(ApiError::bad_request(format!(
+            "'{field}' must be absolute, not '{path}': {hint}"
+        )));
+    }
+    validate_opt_id("id", id)?;
+    validate_placement(port, pci_path, function)
+}
+
 impl DiskConfig {
     /// Keys accepted by [`DiskConfig::from_kv`].
     pub const KV_KEYS: &'static [&'static str] = &[
@@ -808,15 +865,12 @@ impl UserDeviceConfig {
 
     /// Checks what can be checked without the VM.
     pub fn validate(&self) -> Result<(), ApiError> {
-        validate_file_path("socket", &self.socket)?;
-        if !self.socket.starts_with('/') {
-            return Err(ApiError::bad_request(format!(
-                "'socket' must be absolute, not '{}': the VMM's working directory is not the client's",
-                self.socket
-            )));
-        }
-        validate_opt_id("id", &self.id)?;
-        validate_placement(&self.port, &self.pci_path, self.function)
+        validate_passthrough(
+            ("socket", &self.socket),
+            "the VMM's working directory is not the client's",
+            &self.id,
+            (&self.port, &self.pci_path, self.function),
+        )
     }
 
     /// Builds a configuration from `socket=..,id=..,port=..,pci_path=..`; a
@@ -833,26 +887,70 @@ impl UserDeviceConfig {
     }
 }
 
+/// Checks a list of host functions (`assigned`, `unassigned`): each
+/// `DDDD:BB:DD.F`, none twice.
+fn validate_host_functions(field: &str, list: &[String]) -> Result<(), ApiError> {
+    if list.len() > MAX_HOST_FUNCTIONS {
+        return Err(ApiError::bad_request(format!(
+            "'{field}' names more than {MAX_HOST_FUNCTIONS} functions"
+        )));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for s in list {
+        let b: pci::assignment::HostBdf = s
+            .parse()
+            .map_err(|e: String| ApiError::bad_request(format!("'{field}': {e}")))?;
+        if !seen.insert(b) {
+            return Err(ApiError::bad_request(format!("'{field}' names {b} twice")));
+        }
+    }
+    Ok(())
+}
+
+/// Most host functions `assigned` or `unassigned` may name.
+pub const MAX_HOST_FUNCTIONS: usize = 256;
+
+/// A `+`-separated list of a `key=value` option (`unassigned=A+B`).
+fn kv_list(o: &kv::KvOptions, key: &str) -> Option<Vec<String>> {
+    o.get(key)
+        .map(|v| v.split('+').map(str::to_string).collect())
+}
+
 impl DeviceConfig {
     /// Keys accepted by [`DeviceConfig::from_kv`].
-    pub const KV_KEYS: &'static [&'static str] = &["path", "id", "port", "pci_path", "function"];
+    pub const KV_KEYS: &'static [&'static str] = &[
+        "path",
+        "id",
+        "port",
+        "pci_path",
+        "function",
+        "assigned",
+        "unassigned",
+    ];
 
     /// Checks what can be checked without the VM (the VMM checks that the
     /// path names a PCI function, its driver and its IOMMU group).
     pub fn validate(&self) -> Result<(), ApiError> {
-        validate_file_path("path", &self.path)?;
-        if !self.path.starts_with('/') {
-            return Err(ApiError::bad_request(format!(
-                "'path' must be absolute (/sys/bus/pci/devices/DDDD:BB:DD.F), not '{}'",
-                self.path
-            )));
+        validate_passthrough(
+            ("path", &self.path),
+            "it names /sys/bus/pci/devices/DDDD:BB:DD.F",
+            &self.id,
+            (&self.port, &self.pci_path, self.function),
+        )?;
+        if let Some(a) = &self.assigned {
+            if a.is_empty() {
+                return Err(ApiError::bad_request(
+                    "'assigned' must name at least one host function",
+                ));
+            }
+            validate_host_functions("assigned", a)?;
         }
-        validate_opt_id("id", &self.id)?;
-        validate_placement(&self.port, &self.pci_path, self.function)
+        validate_host_functions("unassigned", &self.unassigned)
     }
 
-    /// Builds a configuration from `path=..,id=..,port=..,pci_path=..`; a
-    /// bare first item is the path.
+    /// Builds a configuration from `path=..,id=..,port=..,pci_path=..,
+    /// function=..,assigned=A+B,unassigned=A+B`; a bare first item is the
+    /// path.
     pub fn from_kv(input: &str) -> Result<Self, KvError> {
         let o = kv::parse_with_positional(input, Self::KV_KEYS, "path")?;
         Ok(DeviceConfig {
@@ -861,6 +959,8 @@ impl DeviceConfig {
             port: o.string("port"),
             pci_path: o.string("pci_path"),
             function: o.parse("function")?,
+            assigned: kv_list(&o, "assigned"),
+            unassigned: kv_list(&o, "unassigned").unwrap_or_default(),
         })
     }
 }
@@ -1205,6 +1305,58 @@ mod tests {
         d.path = "/sys/bus/pci/devices/0000:03:00.0".into();
         d.id = Some("a b".into());
         assert!(bad(d.validate()).contains("'id'"));
+        d.id = None;
+        // Partial assignment: '+'-separated host functions.
+        let p = DeviceConfig::from_kv(
+            "/sys/bus/pci/devices/0000:09:00.0,unassigned=0000:09:00.1+0000:09:00.3",
+        )
+        .unwrap();
+        assert_eq!(p.unassigned, ["0000:09:00.1", "0000:09:00.3"]);
+        assert_eq!(p.assigned, None);
+        assert!(p.validate().is_ok());
+        let v = serde_json::to_value(&p).unwrap();
+        assert_eq!(v["unassigned"][1], "0000:09:00.3");
+        assert!(v.get("assigned").is_none());
+        let a = DeviceConfig::from_kv("/sys/bus/pci/devices/0000:09:00.0,assigned=0000:09:00.0")
+            .unwrap();
+        assert_eq!(
+            a.assigned.as_deref(),
+            Some(&["0000:09:00.0".to_string()][..])
+        );
+        assert!(a.unassigned.is_empty());
+        assert!(serde_json::to_value(&a)
+            .unwrap()
+            .get("unassigned")
+            .is_none());
+        for (assigned, unassigned, want) in [
+            (
+                None,
+                vec!["09:00.1"],
+                "'unassigned': '09:00.1' is not a host PCI function",
+            ),
+            (
+                None,
+                vec!["0000:09:00.1", "0000:09:00.1"],
+                "names 0000:09:00.1 twice",
+            ),
+            (Some(vec![]), vec![], "'assigned' must name at least one"),
+            (
+                Some(vec!["0000:09:00.8"]),
+                vec![],
+                "'assigned': '0000:09:00.8'",
+            ),
+        ] {
+            let c = DeviceConfig {
+                assigned: assigned.map(|v: Vec<&str>| v.iter().map(|s| s.to_string()).collect()),
+                unassigned: unassigned.iter().map(|s| s.to_string()).collect(),
+                ..d.clone()
+            };
+            assert!(
+                bad(c.validate()).contains(want),
+                "{want}: {:?}",
+                c.validate()
+            );
+        }
         let e =
             serde_json::from_str::<DeviceConfig>(r#"{"path": "/x", "socket": "/s"}"#).unwrap_err();
         assert!(e.to_string().contains("unknown field `socket`"), "{e}");

@@ -134,6 +134,21 @@ fn schemas_match_the_wire_types() {
         &AddDeviceResponse {
             id: "d".into(),
             pci_path: "p".into(),
+            functions: vec![api::types::AddedFunction {
+                id: "d.f1".into(),
+                pci_path: "p.1".into(),
+                host_bdf: "0000:09:00.1".into(),
+            }],
+            warnings: vec!["w".into()],
+        },
+    );
+    check_object(
+        &doc,
+        "AddedFunction",
+        &api::types::AddedFunction {
+            id: "d.f1".into(),
+            pci_path: "p.1".into(),
+            host_bdf: "0000:09:00.1".into(),
         },
     );
     check_object(
@@ -192,6 +207,8 @@ fn schemas_match_the_wire_types() {
             port: s(),
             pci_path: s(),
             function: Some(1),
+            assigned: Some(vec!["0000:03:00.0".into()]),
+            unassigned: vec!["0000:03:00.1".into()],
         },
     );
     check_object(
@@ -216,6 +233,7 @@ fn schemas_match_the_wire_types() {
         mtu: Some(1500),
         host_bdf: s(),
         iommu_group: Some(7),
+        unassigned: vec!["0000:03:00.1".into()],
         state: Some(api::types::DeviceState::Failed),
         error: s(),
     };

@@ -31,6 +31,7 @@
 //!   mechanism) and the placement policy ([`placement::choose`]) for new devices.
 
 pub mod allocator;
+pub mod assignment;
 pub mod bar;
 pub mod bus;
 pub mod config;

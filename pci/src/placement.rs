@@ -12,6 +12,9 @@
 //!   [`HotplugMode::Native`] signal through their own slot registers.
 //! - [`choose`]: an exact path, the first free slot of a named port, the first free root slot
 //!   (cold plug), or the first free hotplug slot in a [`PlaceKind`] order (hotplug).
+//! - [`choose_slots`]: the slots of a kernel VFIO assignment (one per host device): a PCI
+//!   Express root port or switch downstream port per host IOMMU group by default, never a
+//!   slot behind a conventional PCI bridge; overrides that merge groups behind one warn.
 //!
 //! ## Multifunction slots
 //!
@@ -338,6 +341,26 @@ pub enum PlacementError {
         /// The device at function 0 (filled in by the caller; empty if unknown).
         slot_device: String,
     },
+    /// No isolating port is free for an assignment's host groups.
+    #[error(
+        "no free port for host IOMMU group {groups} ({slots} slot(s)): each host group gets its own PCI Express root port or switch downstream port (a switch for several devices), never a slot behind a PCI bridge; add one (--pci-port), free one, or name a port or pci_path"
+    )]
+    NoGroupPort {
+        /// The groups, comma separated.
+        groups: String,
+        /// Slots needed.
+        slots: usize,
+    },
+    /// `pci_path` for an assignment of several host devices.
+    #[error(
+        "the request takes {0} host devices (one IOMMU group): it needs {0} slots, so give 'port' (a switch or a port with free slots), not 'pci_path'"
+    )]
+    PathForGroup(usize),
+    /// A function number for whole host devices.
+    #[error(
+        "'function' (or a pci_path naming a function) places a single function: this request takes whole host devices, whose functions keep their numbers in one guest slot (leave functions out with 'unassigned')"
+    )]
+    WholeDevice,
     /// A cold-plugged slot without function 0.
     #[error(
         "slot {slot} has function(s) {functions} but no function 0: the guest finds functions 1-7 only through function 0; add a device at {slot}"
@@ -708,6 +731,265 @@ pub fn choose(
         port,
         mechanism,
     })
+}
+
+/// What a kernel VFIO assignment needs: one guest slot per host device, for host IOMMU
+/// groups that must not share a guest isolation domain with others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotsRequest<'a> {
+    /// Where the user asked (`port`, `pci_path`, `function`) and whether it is hot plug.
+    pub place: PlaceRequest<'a>,
+    /// Guest slots needed (host devices), at least 1.
+    pub slots: usize,
+    /// Whether some device has several functions (each slot must then be empty, and
+    /// `function` does not apply: the functions keep their numbers).
+    pub multifunction: bool,
+    /// The host IOMMU groups of the assignment.
+    pub groups: &'a [u32],
+}
+
+/// Where an assignment's slots go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotsPlace {
+    /// One place per slot, in request order (the function `function` asked for, else
+    /// function 0).
+    pub places: Vec<Place>,
+    /// Why the placement is allowed but not advised (a user's override merging host groups
+    /// behind a conventional PCI bridge).
+    pub warnings: Vec<String>,
+}
+
+/// Why no port takes an assignment's slots, or why the request cannot be honoured.
+fn group_error(req: &SlotsRequest<'_>) -> PlacementError {
+    PlacementError::NoGroupPort {
+        groups: req
+            .groups
+            .iter()
+            .map(|g| g.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        slots: req.slots,
+    }
+}
+
+/// Whether `node` is a port that isolates what is below it: a PCI Express root port or
+/// switch downstream port with a device slot (no child port).
+fn isolating_port(node: &PortNode) -> bool {
+    node.kind.is_downstream_port() && !node.device_slots().is_empty()
+}
+
+/// The device slot of an isolating port, if it is empty and (for hot plug) has a
+/// mechanism.
+fn free_port_slot(
+    plan: &HotplugPlan,
+    occupied: &dyn Fn(&PciPath) -> bool,
+    node: &PortNode,
+    hotplug: bool,
+) -> Option<PciPath> {
+    if !isolating_port(node) {
+        return None;
+    }
+    let path = node.device_path(node.device_slots()[0])?;
+    let usable = slot_functions(&path, occupied) == 0
+        && (!hotplug || plan.mechanism(Some(&node.id), &path) != SlotMechanism::None);
+    usable.then_some(path)
+}
+
+/// The free isolating ports below switch `node` (its downstream ports), in slot order.
+fn switch_slots(
+    topology: &Topology,
+    plan: &HotplugPlan,
+    occupied: &dyn Fn(&PciPath) -> bool,
+    node: &PortNode,
+    hotplug: bool,
+) -> Vec<(PciPath, String)> {
+    node.children
+        .iter()
+        .filter_map(|c| topology.port(c))
+        .filter_map(|c| free_port_slot(plan, occupied, c, hotplug).map(|p| (p, c.id.clone())))
+        .collect()
+}
+
+/// Chooses the guest slots of a kernel VFIO assignment ([`crate::assignment`]), one per
+/// host device:
+///
+/// - By default each host group gets its own isolating port: a PCI Express root port or
+///   switch downstream port (with a hotplug mechanism for hot plug), never a slot behind a
+///   conventional PCI bridge, whose secondary bus the guest sees as one isolation domain.
+///   One slot: the first free such port in topology order (with an explicit `function`, a
+///   partly filled one that accepts it first, as [`choose`] does). Several slots (several
+///   devices of one group): the downstream ports of the first switch that has enough free
+///   ones. Nothing free: [`PlacementError::NoGroupPort`].
+/// - `pci_path` (one slot only) or `port` override this, by [`choose`]'s rules; for several
+///   slots `port` names a switch (its free downstream ports) or a port with enough free
+///   device slots. An override that puts the assignment behind a conventional PCI bridge
+///   already holding another host group is allowed, with a warning naming both.
+///
+/// `placed` lists the passthrough functions in place with their host groups. A device with
+/// several functions needs an empty slot and takes no `function`
+/// ([`PlacementError::WholeDevice`]).
+pub fn choose_slots(
+    topology: &Topology,
+    plan: &HotplugPlan,
+    occupied: &dyn Fn(&PciPath) -> bool,
+    placed: &[(PciPath, u32)],
+    req: &SlotsRequest<'_>,
+) -> Result<SlotsPlace, PlacementError> {
+    let hotplug = req.place.hotplug;
+    let named_function = req.place.function.is_some()
+        || req
+            .place
+            .pci_path
+            .and_then(|t| t.parse::<PciPath>().ok())
+            .is_some_and(|p| p.last().function != 0);
+    if (req.multifunction || req.slots > 1) && named_function {
+        return Err(PlacementError::WholeDevice);
+    }
+    let mechanism = |port: Option<&str>, path: &PciPath| {
+        if hotplug {
+            plan.mechanism(port, path)
+        } else {
+            SlotMechanism::None
+        }
+    };
+    let is_switch = |id: &str| {
+        topology
+            .port(id)
+            .is_some_and(|n| n.kind == crate::PciePortKind::SwitchUpstream)
+    };
+    let places: Vec<Place> = match (req.place.pci_path, req.place.port, req.slots) {
+        (Some(_), _, n) if n > 1 => return Err(PlacementError::PathForGroup(n)),
+        (Some(_), _, _) => vec![choose(topology, plan, &[], occupied, &req.place)?],
+        (None, Some(id), 1) if !is_switch(id) => {
+            vec![choose(topology, plan, &[], occupied, &req.place)?]
+        }
+        (None, Some(id), n) => {
+            let node = topology
+                .port(id)
+                .ok_or_else(|| PlacementError::UnknownPort(id.to_string()))?;
+            let free: Vec<(PciPath, String)> = if node.kind == crate::PciePortKind::SwitchUpstream {
+                switch_slots(topology, plan, occupied, node, hotplug)
+            } else {
+                slot_paths(node, node.device_slots())
+                    .filter(|p| slot_functions(p, occupied) == 0)
+                    .filter(|p| !hotplug || plan.mechanism(Some(id), p) != SlotMechanism::None)
+                    .map(|p| (p, id.to_string()))
+                    .collect()
+            };
+            if free.len() < n {
+                return Err(PlacementError::PortFull(id.to_string()));
+            }
+            free.into_iter()
+                .take(n)
+                .map(|(path, port)| Place {
+                    mechanism: mechanism(Some(&port), &path),
+                    path,
+                    port: Some(port),
+                })
+                .collect()
+        }
+        (None, None, 1) => {
+            let ports: Vec<&PortNode> = topology
+                .ports()
+                .iter()
+                .filter(|n| isolating_port(n))
+                .filter(|n| {
+                    n.device_path(n.device_slots()[0]).is_some_and(|p| {
+                        !hotplug || plan.mechanism(Some(&n.id), &p) != SlotMechanism::None
+                    })
+                })
+                .collect();
+            let candidates = ports
+                .iter()
+                .filter_map(|n| n.device_path(n.device_slots()[0]));
+            let path = pick(candidates, req.place.function, hotplug, occupied)
+                .ok_or_else(|| group_error(req))?;
+            let port = ports
+                .iter()
+                .find(|n| n.path.slots() == path.parents())
+                .map(|n| n.id.clone());
+            let mask = slot_functions(&path, occupied);
+            if let Some(e) = committed_refusal(&path, mask, path.last().function, hotplug) {
+                return Err(e);
+            }
+            vec![Place {
+                mechanism: mechanism(port.as_deref(), &path),
+                path,
+                port,
+            }]
+        }
+        (None, None, n) => {
+            let chosen = topology
+                .ports()
+                .iter()
+                .filter(|n| n.kind == crate::PciePortKind::SwitchUpstream)
+                .map(|sw| switch_slots(topology, plan, occupied, sw, hotplug))
+                .find(|free| free.len() >= n)
+                .ok_or_else(|| group_error(req))?;
+            chosen
+                .into_iter()
+                .take(n)
+                .map(|(path, port)| Place {
+                    mechanism: mechanism(Some(&port), &path),
+                    path,
+                    port: Some(port),
+                })
+                .collect()
+        }
+    };
+    if req.multifunction {
+        if let Some(p) = places
+            .iter()
+            .find(|p| slot_functions(&p.path, occupied) != 0)
+        {
+            return Err(PlacementError::SlotTaken(p.path.slot_path()));
+        }
+    }
+    let warnings = bridge_warnings(topology, placed, req.groups, &places);
+    Ok(SlotsPlace { places, warnings })
+}
+
+/// A warning for each conventional PCI bridge above `places` that already holds
+/// passthrough functions of host groups other than `groups`.
+fn bridge_warnings(
+    topology: &Topology,
+    placed: &[(PciPath, u32)],
+    groups: &[u32],
+    places: &[Place],
+) -> Vec<String> {
+    let under = |path: &PciPath, node: &PortNode| path.slots().starts_with(&node.path.slots());
+    let mut out = Vec::new();
+    for bridge in topology.ports().iter().filter(|n| n.kind.is_pci_bridge()) {
+        let here: Vec<&Place> = places.iter().filter(|p| under(&p.path, bridge)).collect();
+        if here.is_empty() {
+            continue;
+        }
+        let mut others: Vec<(u32, &PciPath)> = placed
+            .iter()
+            .filter(|(p, g)| under(p, bridge) && !groups.contains(g))
+            .map(|(p, g)| (*g, p))
+            .collect();
+        if others.is_empty() {
+            continue;
+        }
+        others.sort();
+        others.dedup_by_key(|(g, _)| *g);
+        let theirs: Vec<String> = others
+            .iter()
+            .map(|(g, p)| format!("{g} (at {p})"))
+            .collect();
+        let ours: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+        out.push(format!(
+            "{} puts host IOMMU group {} behind PCI bridge '{}' with host IOMMU group {}: \
+             the guest sees everything behind a conventional PCI bridge as one isolation \
+             domain (allowed because port or pci_path was given)",
+            here[0].path,
+            ours.join(", "),
+            bridge.id,
+            theirs.join(", ")
+        ));
+    }
+    out
 }
 
 #[cfg(test)]

@@ -1273,3 +1273,269 @@ fn removal_takes_the_slot_or_a_staged_function() {
         Ok(Removal::Slot(vec![p("0a")]))
     );
 }
+
+/// A kernel VFIO assignment of `slots` host devices of `groups`.
+fn group_req<'a>(place: PlaceRequest<'a>, slots: usize, groups: &'a [u32]) -> SlotsRequest<'a> {
+    SlotsRequest {
+        place,
+        slots,
+        multifunction: true,
+        groups,
+    }
+}
+
+fn slots_of(r: &SlotsPlace) -> Vec<(String, Option<String>)> {
+    r.places
+        .iter()
+        .map(|p| (p.path.to_string(), p.port.clone()))
+        .collect()
+}
+
+#[test]
+fn two_host_groups_get_separate_ports_by_default() {
+    let t = default_topology();
+    let plan = HotplugPlan::new(&t, &[]);
+    let mut bus = Bus::default();
+    let mut placed: Vec<(PciPath, u32)> = Vec::new();
+    for (group, want) in [(3u32, "01/00"), (5, "02/00")] {
+        let occupied = |path: &PciPath| bus.0.contains(path);
+        let groups = [group];
+        let r = choose_slots(
+            &t,
+            &plan,
+            &occupied,
+            &placed,
+            &group_req(auto(true), 1, &groups),
+        )
+        .unwrap();
+        assert_eq!(slots_of(&r).len(), 1);
+        assert_eq!(r.places[0].path, p(want), "group {group}");
+        assert!(matches!(
+            r.places[0].mechanism,
+            SlotMechanism::Native { .. }
+        ));
+        assert!(r.warnings.is_empty());
+        // A 4-function device: the whole slot is taken.
+        for f in 0..4 {
+            bus.0.insert(r.places[0].path.with_function(f));
+            placed.push((r.places[0].path.with_function(f), group));
+        }
+    }
+    // Never a slot behind the PCI bridge: once the root ports are taken, refused.
+    for s in 3..=8 {
+        bus.0.insert(p(&format!("{s:02}/00")));
+    }
+    let occupied = |path: &PciPath| bus.0.contains(path);
+    let e = choose_slots(
+        &t,
+        &plan,
+        &occupied,
+        &placed,
+        &group_req(auto(true), 1, &[7]),
+    )
+    .unwrap_err();
+    assert_eq!(
+        e,
+        PlacementError::NoGroupPort {
+            groups: "7".into(),
+            slots: 1
+        }
+    );
+    assert!(
+        e.to_string().contains("never a slot behind a PCI bridge"),
+        "{e}"
+    );
+    // Cold plug follows the same rule.
+    let e = choose_slots(
+        &t,
+        &plan,
+        &occupied,
+        &placed,
+        &group_req(auto(false), 1, &[7]),
+    )
+    .unwrap_err();
+    assert!(matches!(e, PlacementError::NoGroupPort { .. }));
+}
+
+#[test]
+fn several_devices_of_one_group_go_behind_one_switch() {
+    let t = mixed_topology();
+    let plan = HotplugPlan::new(&t, &[]);
+    let bus = Bus::default();
+    let occupied = |path: &PciPath| bus.0.contains(path);
+    let r = choose_slots(
+        &t,
+        &plan,
+        &occupied,
+        &[],
+        &group_req(auto(true), 2, &[4, 5]),
+    )
+    .unwrap();
+    assert_eq!(
+        slots_of(&r),
+        [
+            ("02/00/00/00".to_string(), Some("sw0.0".to_string())),
+            ("02/00/01/00".to_string(), Some("sw0.1".to_string())),
+        ]
+    );
+    // Three devices: no switch has three downstream ports.
+    let e = choose_slots(&t, &plan, &occupied, &[], &group_req(auto(true), 3, &[4])).unwrap_err();
+    assert_eq!(
+        e,
+        PlacementError::NoGroupPort {
+            groups: "4".into(),
+            slots: 3
+        }
+    );
+    // port= names the switch, for one device as well; pci_path cannot place several slots.
+    let r = choose_slots(
+        &t,
+        &plan,
+        &occupied,
+        &[],
+        &group_req(by_port("sw0", true), 1, &[4]),
+    )
+    .unwrap();
+    assert_eq!(
+        slots_of(&r),
+        [("02/00/00/00".to_string(), Some("sw0.0".to_string()))]
+    );
+    let r = choose_slots(
+        &t,
+        &plan,
+        &occupied,
+        &[],
+        &group_req(by_port("sw0", true), 2, &[4]),
+    )
+    .unwrap();
+    assert_eq!(r.places.len(), 2);
+    let at = PlaceRequest {
+        pci_path: Some("02/00/00/00"),
+        ..auto(true)
+    };
+    assert_eq!(
+        choose_slots(&t, &plan, &occupied, &[], &group_req(at, 2, &[4])).unwrap_err(),
+        PlacementError::PathForGroup(2)
+    );
+    // A bridge with enough free slots takes a group's devices (an override).
+    let r = choose_slots(
+        &t,
+        &plan,
+        &occupied,
+        &[],
+        &group_req(by_port("br0", true), 2, &[4]),
+    )
+    .unwrap();
+    assert_eq!(r.places.len(), 2);
+    assert!(r.warnings.is_empty());
+    assert_eq!(
+        choose_slots(
+            &t,
+            &plan,
+            &occupied,
+            &[],
+            &group_req(by_port("rp0", true), 2, &[4])
+        )
+        .unwrap_err(),
+        PlacementError::PortFull("rp0".into())
+    );
+}
+
+#[test]
+fn an_override_onto_a_pci_bridge_with_another_group_warns() {
+    let t = default_topology();
+    let plan = HotplugPlan::new(&t, &[]);
+    // Group 3 is behind br0 already (09/01, two functions), a virtio disk at 09/02.
+    let bus = Bus::with(&["09/01", "09/01.1", "09/02"]);
+    let placed = vec![(p("09/01"), 3u32), (p("09/01.1"), 3)];
+    let occupied = |path: &PciPath| bus.0.contains(path);
+    let r = choose_slots(
+        &t,
+        &plan,
+        &occupied,
+        &placed,
+        &group_req(by_port("br0", true), 1, &[5]),
+    )
+    .unwrap();
+    assert_eq!(r.places[0].path, p("09/00"));
+    assert_eq!(
+        r.warnings,
+        [
+            "09/00 puts host IOMMU group 5 behind PCI bridge 'br0' with host IOMMU group 3 (at \
+          09/01): the guest sees everything behind a conventional PCI bridge as one isolation \
+          domain (allowed because port or pci_path was given)"
+        ]
+    );
+    let at = PlaceRequest {
+        pci_path: Some("09/07"),
+        ..auto(true)
+    };
+    let r = choose_slots(&t, &plan, &occupied, &placed, &group_req(at, 1, &[5])).unwrap();
+    assert_eq!(r.warnings.len(), 1);
+    // The same group behind the bridge: no warning; a root port: none either.
+    let r = choose_slots(
+        &t,
+        &plan,
+        &occupied,
+        &placed,
+        &group_req(by_port("br0", true), 1, &[3]),
+    )
+    .unwrap();
+    assert!(r.warnings.is_empty());
+    let r = choose_slots(
+        &t,
+        &plan,
+        &occupied,
+        &placed,
+        &group_req(by_port("rp2", true), 1, &[5]),
+    )
+    .unwrap();
+    assert_eq!(r.places[0].path, p("03/00"));
+    assert!(r.warnings.is_empty());
+}
+
+#[test]
+fn whole_devices_take_empty_slots_and_no_function() {
+    let t = default_topology();
+    let plan = HotplugPlan::new(&t, &[]);
+    // A staged function in rp0's slot.
+    let bus = Bus::with(&["01/00.2"]);
+    let occupied = |path: &PciPath| bus.0.contains(path);
+    let at = |s: &'static str| PlaceRequest {
+        pci_path: Some(s),
+        ..auto(true)
+    };
+    assert_eq!(
+        choose_slots(&t, &plan, &occupied, &[], &group_req(at("01/00"), 1, &[9])).unwrap_err(),
+        PlacementError::SlotTaken(p("01/00"))
+    );
+    assert_eq!(
+        choose_slots(
+            &t,
+            &plan,
+            &occupied,
+            &[],
+            &group_req(at("02/00.1"), 1, &[9])
+        )
+        .unwrap_err(),
+        PlacementError::WholeDevice
+    );
+    let f = PlaceRequest {
+        function: Some(1),
+        ..auto(true)
+    };
+    assert_eq!(
+        choose_slots(&t, &plan, &occupied, &[], &group_req(f, 1, &[9])).unwrap_err(),
+        PlacementError::WholeDevice
+    );
+    // The default skips the staged slot.
+    let r = choose_slots(&t, &plan, &occupied, &[], &group_req(auto(true), 1, &[9])).unwrap();
+    assert_eq!(r.places[0].path, p("02/00"));
+    // A single function may name its function: it joins the staged slot, as `choose` does.
+    let single = SlotsRequest {
+        multifunction: false,
+        ..group_req(f, 1, &[9])
+    };
+    let r = choose_slots(&t, &plan, &occupied, &[], &single).unwrap();
+    assert_eq!(r.places[0].path, p("01/00.1"));
+}

@@ -178,6 +178,40 @@ fn kernel_vfio_devices_that_cannot_be_passed_through() {
         2,
         "--device: missing required option 'path'",
     );
+    // Partial assignment: host functions as DDDD:BB:DD.F, each once.
+    for (opts, why) in [
+        (
+            "unassigned=09:00.1",
+            "--device: 'unassigned': '09:00.1' is not a host PCI function (expected DDDD:BB:DD.F)",
+        ),
+        (
+            "unassigned=0000:09:00.1+0000:09:00.1",
+            "--device: 'unassigned' names 0000:09:00.1 twice",
+        ),
+        (
+            "assigned=0000:09:00.0+0000:09:00.8",
+            "--device: 'assigned': '0000:09:00.8' is not a host PCI function",
+        ),
+        (
+            "assigned=",
+            "--device: option 'assigned' has an empty value",
+        ),
+        (
+            "unassigned=0000:09:00.1+",
+            "--device: 'unassigned': '' is not a host PCI function",
+        ),
+    ] {
+        assert_fails(
+            &[
+                "--kernel",
+                k,
+                "--device",
+                &format!("/sys/bus/pci/devices/0000:09:00.0,{opts}"),
+            ],
+            2,
+            why,
+        );
+    }
     if let Some(first) = std::fs::read_dir("/sys/bus/pci/devices")
         .ok()
         .and_then(|mut d| d.next())
@@ -188,6 +222,29 @@ fn kernel_vfio_devices_that_cannot_be_passed_through() {
             &["--kernel", k, "--device", &path, "--device", &path],
             2,
             "is given twice",
+        );
+    }
+    // Two functions of one host device: one --device takes the device whole.
+    let mut names: Vec<String> = std::fs::read_dir("/sys/bus/pci/devices")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    if let Some(w) = names.windows(2).find(|w| w[0].get(..10) == w[1].get(..10)) {
+        let (a, b) = (
+            format!("/sys/bus/pci/devices/{}", w[0]),
+            format!("/sys/bus/pci/devices/{}", w[1]),
+        );
+        assert_fails(
+            &["--kernel", k, "--device", &a, "--device", &b],
+            2,
+            &format!(
+                "--device: {} and {} are functions of one host device, which one --device \
+                 takes whole (leave functions out with unassigned=)",
+                w[1], w[0]
+            ),
         );
     }
     if !kvm_available() {
@@ -228,6 +285,40 @@ fn kernel_vfio_devices_that_cannot_be_passed_through() {
     c.vm_create(&serde_json::json!({ "kernel": k, "memory": "64M" }))
         .expect("vm.create");
     let before = c.vm_info().unwrap();
+    for (assigned, unassigned, why) in [
+        (
+            None,
+            vec!["09:00.1"],
+            "'unassigned': '09:00.1' is not a host PCI function",
+        ),
+        (
+            None,
+            vec!["0000:09:00.1", "0000:09:00.1"],
+            "'unassigned' names 0000:09:00.1 twice",
+        ),
+        (
+            Some(vec![]),
+            vec![],
+            "'assigned' must name at least one host function",
+        ),
+    ] {
+        let strings = |v: Vec<&str>| v.into_iter().map(String::from).collect::<Vec<_>>();
+        let e = c
+            .vm_add_device(&api::types::DeviceConfig {
+                path: "/sys/bus/pci/devices/0000:09:00.0".into(),
+                assigned: assigned.map(strings),
+                unassigned: strings(unassigned),
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert_eq!(
+            e.api_error_kind(),
+            Some(api::ApiErrorKind::BadRequest),
+            "{e}"
+        );
+        assert!(e.to_string().contains(why), "{why}: {e}");
+        assert_eq!(c.vm_info().unwrap(), before, "{why}");
+    }
     let mut paths = vec![
         "/nonexistent".to_string(),
         "/sys/bus/pci/devices/0000:ff:1f.7".to_string(),

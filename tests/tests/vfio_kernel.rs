@@ -5,6 +5,12 @@
 //! passes: the machines this project is developed on have no kernel VFIO
 //! (no IOMMU, no `/dev/vfio`), so it has not run here.
 //!
+//! A request takes the function's whole host device and IOMMU group (see
+//! ARCHITECTURE.md): name a function whose group holds that one device,
+//! or one function with every other endpoint bound to vfio-pci (they are
+//! passed through with it; the hot-plug half then needs a port with room
+//! for the group's devices).
+//!
 //! One guest boot: the function is cold-plugged into a native root port
 //! and hot-plugged onto the ACPI bridge (after its removal). Each time the
 //! guest enumerates it with its host ids at the BDF its `pci_path`
@@ -134,8 +140,7 @@ fn host_function_cold_and_hot_plugged() {
                 path: path.clone(),
                 id: Some("hot".into()),
                 port: Some("br0".into()),
-                pci_path: None,
-                function: None,
+                ..Default::default()
             })
             .unwrap_or_else(|e| panic!("round {round}: {e}\n{}", g.stderr()));
         let guest = enumerated(&g, mark, &added.pci_path, &ids);

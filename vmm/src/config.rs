@@ -383,6 +383,13 @@ impl VmConfig {
             if functions.contains(&bdf) {
                 return err(format!("--device: host PCI function {bdf} is given twice"));
             }
+            // A request takes every function of its host device.
+            if let Some(other) = functions.iter().find(|f| f.get(..10) == bdf.get(..10)) {
+                return err(format!(
+                    "--device: {bdf} and {other} are functions of one host device, which one \
+                     --device takes whole (leave functions out with unassigned=)"
+                ));
+            }
             functions.push(bdf);
         }
         let topology = self.topology()?;
@@ -645,11 +652,13 @@ usage: arbor --kernel PATH [options]
   --user-device OPTIONS  the PCI function a vfio-user server serves:
                        socket=PATH[,id=ID][,port=ID][,pci_path=PATH][,function=F];
                        repeatable
-  --device OPTIONS     a host PCI function bound to vfio-pci (kernel VFIO):
+  --device OPTIONS     a host PCI device bound to vfio-pci (kernel VFIO):
                        path=/sys/bus/pci/devices/DDDD:BB:DD.F[,id=ID][,port=ID]
-                       [,pci_path=PATH][,function=F]; repeatable
-                       (function=F or pci_path=..SS.F: function F, 0-7, of a
-                       slot; every slot needs its function 0)
+                       [,pci_path=PATH][,function=F][,assigned=BDF+BDF]
+                       [,unassigned=BDF+BDF]; repeatable. Takes every function
+                       of the device and of its IOMMU groups but those named
+                       unassigned (held from the host); a port of its own
+                       per host group (function=F: a single function only)
   --pci-port OPTIONS   id=ID,type=root-port|switch|pci-bridge[,parent=ID]
                        [,hotplug=native|acpi|none][,downstream=N][,slot=N]
                        [,bus-reserve=N][,mem-reserve=SIZE][,pref64-reserve=SIZE]

@@ -20,7 +20,9 @@ use devices::legacy::{
     AcpiPmRegisters, BootTimer, Cmos, EventFdTrigger, SerialDevice, ACPI_PM_PORT, BOOT_TIMER_PORT,
     I8042,
 };
-use pci::placement::{self, HotplugPlan, PlaceKind, PlaceRequest, PlacementError, SlotMechanism};
+use pci::placement::{
+    self, HotplugPlan, PlaceKind, PlaceRequest, PlacementError, SlotMechanism, SlotsRequest,
+};
 
 use api::fd_passing::PassedFds;
 use api::types::{DeviceConfig, DeviceState, UserDeviceConfig};
@@ -29,7 +31,9 @@ use api::types::{
     SlotInfo, TopologyNode, TopologyNodeType, VsockConfig,
 };
 use api::{ApiError, ApiErrorKind};
-use devices::vfio::kernel::{HostPaths, KernelVfioBackend, KernelVfioContainer, KernelVfioError};
+use devices::vfio::kernel::{
+    HostPaths, KernelVfioBackend, KernelVfioContainer, KernelVfioError, ProbeRequest,
+};
 use devices::vfio::{FailureWatch, VfioBackend};
 use devices::virtio::net::{Net, NetConfig as NicConfig, Tap, TapError, DEFAULT_MTU};
 use devices::virtio::{
@@ -183,7 +187,9 @@ impl DeviceError {
             DeviceError::Placement(p) => match p {
                 PlacementError::BadPath { .. }
                 | PlacementError::BadFunction(_)
-                | PlacementError::NoFunctionZero { .. } => K::BadRequest,
+                | PlacementError::NoFunctionZero { .. }
+                | PlacementError::PathForGroup(_)
+                | PlacementError::WholeDevice => K::BadRequest,
                 PlacementError::UnknownPort(_) => K::NotFound,
                 PlacementError::NoDeviceSlot(_)
                 | PlacementError::PortFull(_)
@@ -192,7 +198,8 @@ impl DeviceError {
                 | PlacementError::NotHotplugSlot(_)
                 | PlacementError::SlotCommitted { .. }
                 | PlacementError::SingleFunction { .. }
-                | PlacementError::FunctionOfCommittedSlot { .. } => K::Conflict,
+                | PlacementError::FunctionOfCommittedSlot { .. }
+                | PlacementError::NoGroupPort { .. } => K::Conflict,
             },
             DeviceError::Pci(e) => e.api_kind(),
             DeviceError::EventFd(_)
@@ -253,6 +260,9 @@ pub struct DeviceRecord {
     pub net: Option<NetRecord>,
     /// Kernel VFIO device: the host function.
     pub host: Option<HostFunction>,
+    /// Kernel VFIO device, function 0 of a request's first slot: the host
+    /// functions the request left out, held by the VMM while it lives.
+    pub held: Vec<HostFunction>,
     /// Passthrough devices: whether the back end failed.
     pub failure: Option<FailureWatch>,
 }
@@ -275,6 +285,26 @@ pub struct NetRecord {
 }
 
 impl DeviceRecord {
+    /// A device at `place` with no kind-specific fields yet (the caller
+    /// sets those it has).
+    pub fn new(id: String, kind: DeviceKind, place: placement::Place, hotplugged: bool) -> Self {
+        DeviceRecord {
+            id,
+            kind,
+            path: place.path,
+            port: place.port,
+            mechanism: place.mechanism,
+            hotplugged,
+            disk: None,
+            vsock: None,
+            socket: None,
+            net: None,
+            host: None,
+            held: Vec::new(),
+            failure: None,
+        }
+    }
+
     /// The API's view of the device; `bdf` as the bridges are programmed.
     pub fn info(&self, bdf: Option<String>) -> DeviceInfo {
         DeviceInfo {
@@ -298,6 +328,7 @@ impl DeviceRecord {
             mtu: self.net.as_ref().map(|n| n.mtu),
             host_bdf: self.host.as_ref().map(|h| h.bdf.clone()),
             iommu_group: self.host.as_ref().map(|h| h.group),
+            unassigned: self.held.iter().map(|h| h.bdf.clone()).collect(),
             state: self.failure.as_ref().map(|w| match w.get() {
                 Some(_) => DeviceState::Failed,
                 None => DeviceState::Ok,
@@ -352,6 +383,28 @@ pub struct DeviceManager {
     pub host_paths: HostPaths,
     /// The VM's VFIO container while a kernel VFIO device uses it.
     vfio_container: std::sync::Weak<KernelVfioContainer>,
+    /// Host functions left out of the guest, opened and held (never
+    /// placed) for the device whose id is the key, until it is removed.
+    held: Vec<(String, Vec<KernelVfioBackend>)>,
+}
+
+/// What an add request added: its records in the order they were placed
+/// (each slot's functions 1-7 before its function 0, which commits it)
+/// and the warnings its placement drew.
+#[derive(Debug)]
+pub struct Added {
+    pub records: Vec<DeviceRecord>,
+    pub warnings: Vec<String>,
+}
+
+impl Added {
+    /// One device, no warnings.
+    pub fn one(rec: DeviceRecord) -> Self {
+        Added {
+            records: vec![rec],
+            warnings: Vec::new(),
+        }
+    }
 }
 
 fn evt() -> Result<EventFd, DeviceError> {
@@ -542,6 +595,7 @@ impl DeviceManager {
             events: PlatformEvents { power_off, reset },
             host_paths: HostPaths::default(),
             vfio_container: std::sync::Weak::new(),
+            held: Vec::new(),
         })
     }
 
@@ -623,22 +677,14 @@ impl DeviceManager {
         &self,
         pci: &PciManager,
         plan: &HotplugPlan,
-        port: Option<&str>,
-        pci_path: Option<&str>,
-        function: Option<u8>,
-        hotplug: bool,
+        req: &PlaceRequest<'_>,
     ) -> Result<placement::Place, DeviceError> {
         Ok(placement::choose(
             pci.topology(),
             plan,
             &self.placement_order,
             &|p| pci.occupied(p),
-            &PlaceRequest {
-                port,
-                pci_path,
-                function,
-                hotplug,
-            },
+            req,
         )?)
     }
 
@@ -678,10 +724,16 @@ impl DeviceManager {
         } = new;
         let id = self.claim_id(id, prefix)?;
         let pci = self.pci()?;
-        let place = self.choose_place(&pci, plan, port, pci_path, function, hotplugged)?;
-        let (path, under) = (place.path, place.port);
+        let req = PlaceRequest {
+            port,
+            pci_path,
+            function,
+            hotplug: hotplugged,
+        };
+        let place = self.choose_place(&pci, plan, &req)?;
+        let (path, under) = (&place.path, place.port.as_deref());
         let device = make()?;
-        let pcie = match under.as_deref().and_then(|p| pci.topology().port(p)) {
+        let pcie = match under.and_then(|p| pci.topology().port(p)) {
             None => Some(PciePortType::RootComplexIntegratedEndpoint),
             Some(node) if node.kind.is_pci_bridge() => None,
             Some(_) => Some(PciePortType::Endpoint),
@@ -697,27 +749,19 @@ impl DeviceManager {
             .map_err(DeviceError::Virtio)?;
         let intx = pci
             .intx()
-            .line(pci::intx::intx_gsi(&path), dev.isr())
+            .line(pci::intx::intx_gsi(path), dev.isr())
             .map_err(DeviceError::Msi)?;
         dev.set_intx(Arc::new(intx));
         let shared: SharedPciDevice = Arc::new(Mutex::new(dev));
-        pci.place(path.clone(), under.as_deref(), shared)?;
+        pci.place(path.clone(), under, shared)?;
         if !hotplugged {
-            mark_cold_plugged(&pci, under.as_deref());
+            mark_cold_plugged(&pci, under);
         }
         let rec = DeviceRecord {
-            id,
-            kind,
-            path,
-            port: under,
-            mechanism: place.mechanism,
-            hotplugged,
             disk,
             vsock,
-            socket: None,
             net,
-            host: None,
-            failure: None,
+            ..DeviceRecord::new(id, kind, place, hotplugged)
         };
         self.records.push(rec.clone());
         Ok(rec)
@@ -920,37 +964,44 @@ impl DeviceManager {
             });
         }
         let id = self.claim_id(cfg.id.as_deref(), "vfio-user")?;
-        let pci = self.pci()?;
-        let place = self.choose_place(
-            &pci,
-            plan,
-            cfg.port.as_deref(),
-            cfg.pci_path.as_deref(),
-            cfg.function,
-            hotplugged,
-        )?;
-        let (path, under) = (place.path, place.port);
-        let backend = devices::vfio::VfioUserBackend::connect(&socket)?;
-        let failure = self.place_passthrough(&pci, Box::new(backend), &path, under.as_deref())?;
-        if !hotplugged {
-            mark_cold_plugged(&pci, under.as_deref());
-        }
+        let at = PlaceRequest {
+            port: cfg.port.as_deref(),
+            pci_path: cfg.pci_path.as_deref(),
+            function: cfg.function,
+            hotplug: hotplugged,
+        };
+        let (place, failure) = self.attach_passthrough(plan, &at, |_| {
+            Ok(Box::new(devices::vfio::VfioUserBackend::connect(&socket)?))
+        })?;
         let rec = DeviceRecord {
-            id,
-            kind: DeviceKind::VfioUser,
-            path,
-            port: under,
-            mechanism: place.mechanism,
-            hotplugged,
-            disk: None,
-            vsock: None,
             socket: Some(shown),
-            net: None,
-            host: None,
             failure: Some(failure),
+            ..DeviceRecord::new(id, DeviceKind::VfioUser, place, hotplugged)
         };
         self.records.push(rec.clone());
         Ok(rec)
+    }
+
+    /// Attaches a passthrough function where `at` asks: chooses the place,
+    /// only then calls `open` for the back end (connecting, opening host
+    /// files), builds and places the function
+    /// ([`DeviceManager::place_passthrough`]) and, for cold plug, shows a
+    /// native port's slot present. On error nothing stays.
+    fn attach_passthrough(
+        &mut self,
+        plan: &HotplugPlan,
+        at: &PlaceRequest<'_>,
+        open: impl FnOnce(&mut Self) -> Result<Box<dyn VfioBackend>, DeviceError>,
+    ) -> Result<(placement::Place, FailureWatch), DeviceError> {
+        let pci = self.pci()?;
+        let place = self.choose_place(&pci, plan, at)?;
+        let backend = open(self)?;
+        let under = place.port.as_deref();
+        let failure = self.place_passthrough(&pci, backend, &place.path, under)?;
+        if !at.hotplug {
+            mark_cold_plugged(&pci, under);
+        }
+        Ok((place, failure))
     }
 
     /// Builds the passthrough function over `backend` (guest RAM, INTx)
@@ -993,72 +1044,189 @@ impl DeviceManager {
         Ok(failure)
     }
 
-    /// Adds the host PCI function `cfg.path` names with kernel VFIO. Before
-    /// anything is opened or changed: the id; the path, the function's
-    /// driver and its IOMMU group (sysfs, see
-    /// [`devices::vfio::kernel::probe`]) and the host's VFIO; that the
-    /// function is not passed through already; the place. Then the VM's
-    /// VFIO container is opened (once, with the KVM VFIO device), the
-    /// function's group and device, guest RAM is DMA-mapped (once per
-    /// container) and the function placed; on error nothing stays.
+    /// Adds the host PCI device whose function `cfg.path` names with kernel
+    /// VFIO: what [`devices::vfio::kernel::probe`] says the request takes
+    /// (the whole device and its IOMMU groups' endpoints, less the functions
+    /// left out, which are held), each host device in a guest slot of its
+    /// own, placed by [`placement::choose_slots`]. Before anything is opened
+    /// or changed: the ids, the host (sysfs, `/dev/vfio`), that no function
+    /// is passed through or held already, the places. Then the VM's VFIO
+    /// container is opened (once, with the KVM VFIO device), the held
+    /// functions, and each slot's functions, 1-7 first and function 0 last;
+    /// on error everything placed is removed again and nothing stays.
     pub fn add_device(
         &mut self,
         cfg: &DeviceConfig,
         hotplugged: bool,
         plan: &HotplugPlan,
-    ) -> Result<DeviceRecord, DeviceError> {
-        let id = self.claim_id(cfg.id.as_deref(), "vfio")?;
-        let info = devices::vfio::kernel::probe(&self.host_paths, &cfg.path)?;
-        if let Some(r) = self
-            .records
+    ) -> Result<Added, DeviceError> {
+        let base = self.claim_id(cfg.id.as_deref(), "vfio")?;
+        let assignment = devices::vfio::kernel::probe(
+            &self.host_paths,
+            &ProbeRequest {
+                path: &cfg.path,
+                assigned: cfg.assigned.as_deref(),
+                unassigned: &cfg.unassigned,
+            },
+        )?;
+        // Ids: `<id>` for function 0 of the first slot, `<id>.fF` for its
+        // function F, `<id>.dN` for the N-th other device of the groups.
+        let ids: Vec<Vec<String>> = assignment
+            .devices
             .iter()
-            .find(|r| r.host.as_ref().is_some_and(|h| h.bdf == info.bdf))
-        {
-            return Err(DeviceError::HostDeviceInUse {
-                bdf: info.bdf,
-                id: r.id.clone(),
-            });
+            .enumerate()
+            .map(|(n, dev)| {
+                let dev_id = match n {
+                    0 => base.clone(),
+                    n => format!("{base}.d{n}"),
+                };
+                dev.functions
+                    .iter()
+                    .map(|f| match f.function {
+                        0 => dev_id.clone(),
+                        f => format!("{dev_id}.f{f}"),
+                    })
+                    .collect()
+            })
+            .collect();
+        for id in ids.iter().flatten().filter(|id| **id != base) {
+            self.claim_id(Some(id), "vfio")?;
+        }
+        for bdf in assignment.host_functions().map(|b| b.to_string()) {
+            let user = self
+                .records
+                .iter()
+                .find(|r| r.host.iter().chain(r.held.iter()).any(|h| h.bdf == bdf));
+            if let Some(r) = user {
+                return Err(DeviceError::HostDeviceInUse {
+                    bdf,
+                    id: r.id.clone(),
+                });
+            }
         }
         let pci = self.pci()?;
-        let place = self.choose_place(
-            &pci,
+        let placed: Vec<(PciPath, u32)> = self
+            .records
+            .iter()
+            .filter_map(|r| Some((r.path.clone(), r.host.as_ref()?.group)))
+            .collect();
+        let slots = placement::choose_slots(
+            pci.topology(),
             plan,
-            cfg.port.as_deref(),
-            cfg.pci_path.as_deref(),
-            cfg.function,
-            hotplugged,
+            &|p| pci.occupied(p),
+            &placed,
+            &SlotsRequest {
+                place: PlaceRequest {
+                    port: cfg.port.as_deref(),
+                    pci_path: cfg.pci_path.as_deref(),
+                    function: cfg.function,
+                    hotplug: hotplugged,
+                },
+                slots: assignment.devices.len(),
+                multifunction: assignment.devices.iter().any(|d| d.functions.len() > 1),
+                groups: &assignment.groups,
+            },
         )?;
-        let (path, under) = (place.path, place.port);
         let container = self.vfio_container(&pci)?;
-        let backend = KernelVfioBackend::open(&self.host_paths, &info, container)?;
-        let failure = self.place_passthrough(&pci, Box::new(backend), &path, under.as_deref())?;
-        if !hotplugged {
-            mark_cold_plugged(&pci, under.as_deref());
+        let mut held = Vec::new();
+        for (bdf, group) in &assignment.held {
+            held.push(KernelVfioBackend::open(
+                &self.host_paths,
+                *bdf,
+                *group,
+                container.clone(),
+            )?);
         }
-        log::info!(
-            "vfio {id}: host {} (IOMMU group {}) at {path}",
-            info.bdf,
-            info.group
-        );
-        let rec = DeviceRecord {
-            id,
-            kind: DeviceKind::Vfio,
-            path,
-            port: under,
-            mechanism: place.mechanism,
-            hotplugged,
-            disk: None,
-            vsock: None,
-            socket: None,
-            net: None,
-            host: Some(HostFunction {
-                bdf: info.bdf,
-                group: info.group,
-            }),
-            failure: Some(failure),
-        };
-        self.records.push(rec.clone());
-        Ok(rec)
+        let mut added: Vec<DeviceRecord> = Vec::new();
+        for ((dev, place), ids) in assignment.devices.iter().zip(&slots.places).zip(&ids) {
+            // Function 0 (first) last: it commits the slot.
+            let mut order: Vec<_> = dev.functions.iter().zip(ids).collect();
+            order.rotate_left(1);
+            for (f, id) in order {
+                // A single function goes where it was placed (`function`
+                // may have chosen its number); several keep theirs.
+                let path = match dev.functions.len() {
+                    1 => place.path.clone(),
+                    _ => place.path.with_function(f.function),
+                };
+                let attached =
+                    KernelVfioBackend::open(&self.host_paths, f.host, f.group, container.clone())
+                        .map_err(DeviceError::from)
+                        .and_then(|backend| {
+                            self.place_passthrough(
+                                &pci,
+                                Box::new(backend),
+                                &path,
+                                place.port.as_deref(),
+                            )
+                        });
+                let failure = match attached {
+                    Ok(failure) => failure,
+                    Err(e) => {
+                        for rec in added.iter().rev() {
+                            if let Err(r) = pci.remove(&rec.path) {
+                                log::warn!("vfio {}: cannot undo its placement: {r}", rec.id);
+                            }
+                        }
+                        return Err(e);
+                    }
+                };
+                log::info!(
+                    "vfio {id}: host {} (IOMMU group {}) at {path}",
+                    f.host,
+                    f.group
+                );
+                let at = placement::Place {
+                    path,
+                    port: place.port.clone(),
+                    mechanism: place.mechanism.clone(),
+                };
+                added.push(DeviceRecord {
+                    host: Some(HostFunction {
+                        bdf: f.host.to_string(),
+                        group: f.group,
+                    }),
+                    failure: Some(failure),
+                    ..DeviceRecord::new(id.clone(), DeviceKind::Vfio, at, hotplugged)
+                });
+            }
+            if let Some(host) = dev.remapped {
+                log::info!(
+                    "vfio: host function 0 of {} is left out: {host} is guest function 0 at {}",
+                    host.device_name(),
+                    place.path
+                );
+            }
+            if !hotplugged {
+                mark_cold_plugged(&pci, place.port.as_deref());
+            }
+        }
+        if let Some(first) = added.iter_mut().find(|r| r.id == base) {
+            first.held = assignment
+                .held
+                .iter()
+                .map(|(b, g)| HostFunction {
+                    bdf: b.to_string(),
+                    group: *g,
+                })
+                .collect();
+        }
+        if !held.is_empty() {
+            let names: Vec<String> = assignment.held.iter().map(|(b, _)| b.to_string()).collect();
+            log::info!(
+                "vfio {base}: holds {} (left out of the guest)",
+                names.join(", ")
+            );
+            self.held.push((base.clone(), held));
+        }
+        for w in &slots.warnings {
+            log::warn!("vfio {base}: {w}");
+        }
+        self.records.extend(added.iter().cloned());
+        Ok(Added {
+            records: added,
+            warnings: slots.warnings,
+        })
     }
 
     /// The VM's VFIO container: the one kernel VFIO devices use now, or a
@@ -1259,6 +1427,8 @@ impl DeviceManager {
                 continue;
             };
             pci.remove(&self.records[idx].path)?;
+            // The functions it left out go back to the host with it.
+            self.held.retain(|(owner, _)| owner != id);
             freed.push(self.records.remove(idx));
         }
         freed.reverse();
@@ -1424,6 +1594,14 @@ mod tests {
             ("0000:05:00.0", Some("nvme"), 5),
             ("0000:06:00.0", Some("vfio-pci"), 6),
             ("0000:06:00.1", Some("snd_hda_intel"), 6),
+            // A 4-function device alone in group 9.
+            ("0000:09:00.0", Some("vfio-pci"), 9),
+            ("0000:09:00.1", Some("vfio-pci"), 9),
+            ("0000:09:00.2", Some("vfio-pci"), 9),
+            ("0000:09:00.3", Some("vfio-pci"), 9),
+            // Two devices in group 10.
+            ("0000:0a:00.0", Some("vfio-pci"), 10),
+            ("0000:0b:00.0", Some("vfio-pci"), 10),
         ] {
             let d = dm.host_paths.sysfs.join("bus/pci/devices").join(bdf);
             std::fs::create_dir_all(&d).unwrap();
@@ -1518,25 +1696,124 @@ mod tests {
         }
     }
 
+    /// Whole host devices, partial assignment and IOMMU groups: every
+    /// refusal answers 4xx and changes nothing (no device, slot, container
+    /// or held function).
+    #[test]
+    fn refused_whole_device_and_group_requests_change_nothing() {
+        let t = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let Some(mut dm) = manager(t.as_path()) else {
+            return;
+        };
+        let plan = HotplugPlan::new(dm.pci.as_ref().unwrap().topology(), &[]);
+        let rng = RngConfig {
+            id: Some("gpu.f2".into()),
+            ..Default::default()
+        };
+        dm.add_rng(&rng, true, &plan).unwrap();
+        let devices = dm.device_info();
+        let topology = dm.topology_info(&plan);
+        let dev_vfio = dm.host_paths.dev_vfio.clone();
+        let mut refuse = |cfg: DeviceConfig, kind: ApiErrorKind, needle: &str| {
+            let e = dm.add_device(&cfg, true, &plan).unwrap_err();
+            assert_eq!(e.api_kind(), kind, "{cfg:?}: {e}");
+            assert!(e.to_string().contains(needle), "{cfg:?}: {e}");
+            assert_eq!(dm.device_info(), devices);
+            assert_eq!(dm.topology_info(&plan), topology);
+            assert!(dm.vfio_container.upgrade().is_none());
+            assert!(dm.held.is_empty());
+        };
+        let gpu = |id: Option<&str>| device("/sys/bus/pci/devices/0000:09:00.0", id);
+        let list = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        refuse(
+            DeviceConfig {
+                assigned: Some(list(&["0000:09:00.0", "0000:09:00.2"])),
+                ..gpu(None)
+            },
+            ApiErrorKind::BadRequest,
+            "0000:09:00.1, 0000:09:00.3 left out of the guest without being named",
+        );
+        refuse(
+            DeviceConfig {
+                unassigned: list(&["0000:03:00.0"]),
+                ..gpu(None)
+            },
+            ApiErrorKind::BadRequest,
+            "0000:03:00.0 ('unassigned') is neither a function of host device 0000:09:00",
+        );
+        refuse(
+            gpu(None),
+            ApiErrorKind::BadRequest,
+            "kernel VFIO is not available on this host",
+        );
+        for g in ["vfio", "9", "10"] {
+            std::fs::write(dev_vfio.join(g), b"").unwrap();
+        }
+        // The functions' ids: `gpu.f2` is the rng's.
+        refuse(
+            gpu(Some("gpu")),
+            ApiErrorKind::Conflict,
+            "device id 'gpu.f2' is already in use",
+        );
+        refuse(
+            DeviceConfig {
+                function: Some(1),
+                ..gpu(None)
+            },
+            ApiErrorKind::BadRequest,
+            "this request takes whole host devices",
+        );
+        let group10 = |port: Option<&str>, pci_path: Option<&str>| DeviceConfig {
+            port: port.map(String::from),
+            pci_path: pci_path.map(String::from),
+            ..device("/sys/bus/pci/devices/0000:0a:00.0", None)
+        };
+        // Two devices of one group: a switch by default (there is none).
+        refuse(
+            group10(None, None),
+            ApiErrorKind::Conflict,
+            "no free port for host IOMMU group 10 (2 slot(s))",
+        );
+        refuse(
+            group10(None, Some("01/00")),
+            ApiErrorKind::BadRequest,
+            "it needs 2 slots",
+        );
+        refuse(
+            group10(Some("rp0"), None),
+            ApiErrorKind::Conflict,
+            "every slot of port 'rp0'",
+        );
+        // The checks pass: opening the container fails on this host.
+        if !Path::new("/dev/vfio/vfio").exists() {
+            refuse(
+                gpu(None),
+                ApiErrorKind::BadRequest,
+                "cannot open the VFIO container",
+            );
+            refuse(
+                group10(Some("br0"), None),
+                ApiErrorKind::BadRequest,
+                "cannot open the VFIO container",
+            );
+        }
+    }
+
     #[test]
     fn vm_info_shows_a_failed_back_end() {
         let watch = FailureWatch::default();
-        let rec = DeviceRecord {
-            id: "nic".into(),
-            kind: DeviceKind::Vfio,
+        let place = placement::Place {
             path: PciManager::root_path(5).unwrap(),
             port: None,
             mechanism: SlotMechanism::None,
-            hotplugged: true,
-            disk: None,
-            vsock: None,
-            socket: None,
-            net: None,
+        };
+        let rec = DeviceRecord {
             host: Some(HostFunction {
                 bdf: "0000:03:00.0".into(),
                 group: 3,
             }),
             failure: Some(watch.clone()),
+            ..DeviceRecord::new("nic".into(), DeviceKind::Vfio, place, true)
         };
         let info = rec.info(None);
         assert_eq!(info.state, Some(DeviceState::Ok));
@@ -1546,6 +1823,17 @@ mod tests {
         let json = serde_json::to_value(&info).unwrap();
         assert_eq!(json["state"], "ok");
         assert!(json.get("error").is_none());
+        assert!(json.get("unassigned").is_none());
+        // The functions a request left out show on its first device.
+        let holder = DeviceRecord {
+            held: vec![HostFunction {
+                bdf: "0000:03:00.1".into(),
+                group: 3,
+            }],
+            ..rec.clone()
+        };
+        let json = serde_json::to_value(holder.info(None)).unwrap();
+        assert_eq!(json["unassigned"], serde_json::json!(["0000:03:00.1"]));
         watch.record("BAR read: broken pipe".into());
         let json = serde_json::to_value(rec.info(None)).unwrap();
         assert_eq!(json["state"], "failed");

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use api::events::{EventBus, StopReason, Subscription, VmEventKind};
-use api::types::AddDeviceResponse;
+use api::types::{AddDeviceResponse, AddedFunction};
 use api::types::{VmInfo, VmState, VmmPingResponse};
 use api::{ApiError, ApiMessage, ApiReply, ApiRequest, ApiResponse, ReplySender};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
@@ -29,7 +29,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use devices::acpi::GED_EVENT_POWER_BUTTON;
 use pci::placement::HotplugPlan;
 
-use crate::device_manager::{DeviceError, DeviceManager, DeviceRecord, GED_IRQ};
+use crate::device_manager::{Added, DeviceError, DeviceManager, GED_IRQ};
 use crate::handle::{RunningVm, VmmHandle};
 use crate::hotplug::{self, CompletionQueue, HotplugOwner, Outcome};
 use crate::interrupts::GsiRouting;
@@ -745,21 +745,31 @@ impl VmCore {
                 ApiError::conflict(format!("the VM is {}", self.state.describe())),
             ),
             ApiRequest::VmAddDisk(cfg) => {
-                let r = self.devices.add_disk(&cfg, true, self.hotplug.plan());
+                let r = self
+                    .devices
+                    .add_disk(&cfg, true, self.hotplug.plan())
+                    .map(Added::one);
                 self.hotplugged(r)
             }
             ApiRequest::VmAddRng(cfg) => {
-                let r = self.devices.add_rng(&cfg, true, self.hotplug.plan());
+                let r = self
+                    .devices
+                    .add_rng(&cfg, true, self.hotplug.plan())
+                    .map(Added::one);
                 self.hotplugged(r)
             }
             ApiRequest::VmAddVsock(cfg) => {
-                let r = self.devices.add_vsock(&cfg, true, self.hotplug.plan());
+                let r = self
+                    .devices
+                    .add_vsock(&cfg, true, self.hotplug.plan())
+                    .map(Added::one);
                 self.hotplugged(r)
             }
             ApiRequest::VmAddUserDevice(cfg) => {
                 let r = self
                     .devices
-                    .add_user_device(&cfg, true, self.hotplug.plan());
+                    .add_user_device(&cfg, true, self.hotplug.plan())
+                    .map(Added::one);
                 self.hotplugged(r)
             }
             ApiRequest::VmAddDevice(cfg) => {
@@ -770,7 +780,8 @@ impl VmCore {
                 // Descriptors the request does not use close with `fds`.
                 let r = self
                     .devices
-                    .add_net(&cfg, Some(&fds), true, self.hotplug.plan());
+                    .add_net(&cfg, Some(&fds), true, self.hotplug.plan())
+                    .map(Added::one);
                 self.hotplugged(r)
             }
             ApiRequest::VmRemoveDevice(r) => match self.start_removal(&r.id) {
@@ -844,43 +855,66 @@ impl VmCore {
         }
     }
 
-    /// Announces a device just placed.
+    /// Announces what an add request placed, in placement order.
     /// A function 1-7 in a slot without function 0 is staged: the guest is
     /// not told. Function 0 commits its slot: one announcement for every
-    /// function there (the bus shows function 0's multifunction bit).
-    fn hotplugged(&mut self, r: std::result::Result<DeviceRecord, DeviceError>) -> ApiReply {
-        let rec = r?;
-        if self.devices.is_staged(&rec) {
-            log::info!(
-                "staged {} at {}: the guest is told of the slot when its function 0 is added",
-                rec.id,
-                rec.path
-            );
-        } else {
-            if let Err(e) = self.hotplug.announce(&rec.id, &rec.mechanism) {
-                log::warn!("cannot notify the guest of {}: {e}", rec.id);
-            }
-            let slot = self.devices.slot_records(&rec.path);
-            if slot.len() > 1 {
-                let all: Vec<String> = slot
-                    .iter()
-                    .map(|r| format!("{} at {}", r.id, r.path))
-                    .collect();
+    /// function there (the bus shows function 0's multifunction bit). The
+    /// answer names the first device (function 0 of the first slot, or the
+    /// one function added) and, when the request added several functions,
+    /// each of them; and the placement's warnings.
+    fn hotplugged(&mut self, r: std::result::Result<Added, DeviceError>) -> ApiReply {
+        let Added { records, warnings } = r?;
+        for rec in &records {
+            if rec.path.last().function == 0 {
+                if let Err(e) = self.hotplug.announce(&rec.id, &rec.mechanism) {
+                    log::warn!("cannot notify the guest of {}: {e}", rec.id);
+                }
+                let slot = self.devices.slot_records(&rec.path);
+                if slot.len() > 1 {
+                    let all: Vec<String> = slot
+                        .iter()
+                        .map(|r| format!("{} at {}", r.id, r.path))
+                        .collect();
+                    log::info!(
+                        "committed multifunction slot {}: {}",
+                        rec.path,
+                        all.join(", ")
+                    );
+                }
+                log::info!("hot-plugged {} at {}", rec.id, rec.path);
+            } else if self.devices.is_staged(rec) {
                 log::info!(
-                    "committed multifunction slot {}: {}",
-                    rec.path,
-                    all.join(", ")
+                    "staged {} at {}: the guest is told of the slot when its function 0 is added",
+                    rec.id,
+                    rec.path
                 );
             }
-            log::info!("hot-plugged {} at {}", rec.id, rec.path);
+            self.events.emit(VmEventKind::DeviceAdded {
+                id: rec.id.clone(),
+                pci_path: rec.path.to_string(),
+            });
         }
-        self.events.emit(VmEventKind::DeviceAdded {
-            id: rec.id.clone(),
-            pci_path: rec.path.to_string(),
-        });
+        let first = records
+            .iter()
+            .find(|r| r.path.last().function == 0)
+            .or(records.first())
+            .ok_or_else(|| ApiError::internal("the request added no device"))?;
+        let functions = match records.len() {
+            1 => Vec::new(),
+            _ => records
+                .iter()
+                .map(|r| AddedFunction {
+                    id: r.id.clone(),
+                    pci_path: r.path.to_string(),
+                    host_bdf: r.host.as_ref().map(|h| h.bdf.clone()).unwrap_or_default(),
+                })
+                .collect(),
+        };
         Ok(ApiResponse::DeviceAdded(AddDeviceResponse {
-            id: rec.id,
-            pci_path: rec.path.to_string(),
+            id: first.id.clone(),
+            pci_path: first.path.to_string(),
+            functions,
+            warnings,
         }))
     }
 

@@ -47,9 +47,10 @@ Commands:
                              with SCM_RIGHTS)
   remove-device ID | id=ID   hot-unplug a device (function 0 of a multifunction
                              slot: the whole slot)
-  add-device path=/sys/bus/pci/devices/DDDD:BB:DD.F[,id=ID][,port=PORT][,pci_path=PATH][,function=F]
-                             hot-plug a host PCI function bound to vfio-pci (kernel
-                             VFIO; a bare first value is the path)
+  add-device path=/sys/bus/pci/devices/DDDD:BB:DD.F[,id=ID][,port=PORT][,pci_path=PATH][,function=F][,assigned=BDF+BDF][,unassigned=BDF+BDF]
+                             hot-plug a host PCI device bound to vfio-pci (kernel
+                             VFIO; a bare first value is the path): all its functions
+                             and its IOMMU groups' endpoints but those unassigned
   add-user-device socket=PATH[,id=ID][,port=PORT][,pci_path=PATH][,function=F]
                              hot-plug the PCI function a vfio-user server serves on
                              its UNIX socket (a bare first value is the socket; a

@@ -79,6 +79,7 @@ fn hotplugged_device(
         mtu: None,
         host_bdf: None,
         iommu_group: None,
+        unassigned: Vec::new(),
         state: None,
         error: None,
     }
@@ -103,6 +104,7 @@ impl FakeVm {
             mtu: None,
             host_bdf: None,
             iommu_group: None,
+            unassigned: Vec::new(),
             state: None,
             error: None,
         };
@@ -231,7 +233,11 @@ impl FakeVm {
                     serial: d.serial,
                     ..hotplugged_device(id.clone(), DeviceKind::Disk, pci_path.clone(), Some(port))
                 });
-                Ok(ApiResponse::DeviceAdded(AddDeviceResponse { id, pci_path }))
+                Ok(ApiResponse::DeviceAdded(AddDeviceResponse {
+                    id,
+                    pci_path,
+                    ..Default::default()
+                }))
             }
             ApiRequest::VmAddRng(r) => {
                 let id = self.new_id("rng", &r.id)?;
@@ -242,7 +248,11 @@ impl FakeVm {
                     pci_path.clone(),
                     Some(port),
                 ));
-                Ok(ApiResponse::DeviceAdded(AddDeviceResponse { id, pci_path }))
+                Ok(ApiResponse::DeviceAdded(AddDeviceResponse {
+                    id,
+                    pci_path,
+                    ..Default::default()
+                }))
             }
             ApiRequest::VmAddVsock(v) => {
                 if self
@@ -260,7 +270,11 @@ impl FakeVm {
                     socket: Some(v.socket),
                     ..hotplugged_device(id.clone(), DeviceKind::Vsock, pci_path.clone(), Some(port))
                 });
-                Ok(ApiResponse::DeviceAdded(AddDeviceResponse { id, pci_path }))
+                Ok(ApiResponse::DeviceAdded(AddDeviceResponse {
+                    id,
+                    pci_path,
+                    ..Default::default()
+                }))
             }
             ApiRequest::VmAddDevice(d) => {
                 // As the VMM without kernel VFIO would: a path that does not
@@ -281,7 +295,11 @@ impl FakeVm {
                     state: Some(api::types::DeviceState::Ok),
                     ..hotplugged_device(id.clone(), DeviceKind::Vfio, pci_path.clone(), Some(port))
                 });
-                Ok(ApiResponse::DeviceAdded(AddDeviceResponse { id, pci_path }))
+                Ok(ApiResponse::DeviceAdded(AddDeviceResponse {
+                    id,
+                    pci_path,
+                    ..Default::default()
+                }))
             }
             ApiRequest::VmAddUserDevice(u) => {
                 let id = self.new_id("vfio-user", &u.id)?;
@@ -295,7 +313,11 @@ impl FakeVm {
                         Some(port),
                     )
                 });
-                Ok(ApiResponse::DeviceAdded(AddDeviceResponse { id, pci_path }))
+                Ok(ApiResponse::DeviceAdded(AddDeviceResponse {
+                    id,
+                    pci_path,
+                    ..Default::default()
+                }))
             }
             ApiRequest::VmAddNet(n, fds) => {
                 // The fake "tap" is whatever the passed descriptor reads.
@@ -320,7 +342,11 @@ impl FakeVm {
                     mtu: n.mtu,
                     ..hotplugged_device(id.clone(), DeviceKind::Net, pci_path.clone(), Some(port))
                 });
-                Ok(ApiResponse::DeviceAdded(AddDeviceResponse { id, pci_path }))
+                Ok(ApiResponse::DeviceAdded(AddDeviceResponse {
+                    id,
+                    pci_path,
+                    ..Default::default()
+                }))
             }
             ApiRequest::VmRemoveDevice(r) => {
                 let pos = self

@@ -1,51 +1,29 @@
-//! IOMMU group rules for kernel VFIO, read from sysfs under a root the tests
-//! can point at a fake tree: the host function named by the user, its IOMMU
-//! group, and whether the group is viable (every endpoint in it bound to
-//! `vfio-pci` or to no driver).
+//! The host side of kernel VFIO's IOMMU group rules: reads what
+//! [`pci::assignment`] decides on from sysfs, under a root the tests point
+//! at a fake tree. The function the user named, every function of its
+//! device, every member of their IOMMU groups, and so on (the unit of
+//! [`pci::assignment::assign`]), each with its driver, group and whether it
+//! is a bridge.
 //!
-//! This is the part of the kernel VFIO back end above the ioctls:
-//! [`super::kernel::probe`] runs [`check`] before it opens anything.
+//! Only what the process may read under Landlock is read: the functions'
+//! directories by name (`/sys/bus/pci/devices/BDF`, links into
+//! `/sys/devices`) and the group listings (`/sys/kernel/iommu_groups/N/devices`);
+//! `/sys/bus/pci/devices` itself is never listed.
+//! [`super::kernel::probe`] runs this before it opens anything.
 
-use std::path::{Path, PathBuf};
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use pci::assignment::{HostBdf, HostFunction};
 
 /// The driver a function must be bound to for kernel VFIO.
-pub const VFIO_PCI_DRIVER: &str = "vfio-pci";
+pub const VFIO_PCI_DRIVER: &str = pci::assignment::VFIO_PCI_DRIVER;
 
-/// Why a host function cannot be passed through.
+/// Why a path does not name a host function.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum GroupError {
     #[error("'{0}' does not name a PCI function (expected /sys/bus/pci/devices/DDDD:BB:DD.F)")]
     NotPciFunction(String),
-    #[error("PCI function {bdf} is bound to driver '{driver}', not vfio-pci")]
-    WrongDriver { bdf: String, driver: String },
-    #[error("PCI function {0} is not bound to vfio-pci (no driver)")]
-    Unbound(String),
-    #[error("PCI function {0} has no IOMMU group (no IOMMU, or VFIO is not available)")]
-    NoGroup(String),
-    #[error(
-        "IOMMU group {group} of {bdf} is not viable: {} (every endpoint of the group must be \
-         bound to vfio-pci or to no driver)",
-        .offenders.iter().map(|(d, drv)| format!("{d} is bound to {drv}")).collect::<Vec<_>>().join(", ")
-    )]
-    NotViable {
-        bdf: String,
-        group: u32,
-        /// (function, its driver) for each endpoint in the way.
-        offenders: Vec<(String, String)>,
-    },
-}
-
-/// A viable group.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GroupInfo {
-    /// The function, `DDDD:BB:DD.F`.
-    pub bdf: String,
-    /// The IOMMU group number.
-    pub group: u32,
-    /// The group's VFIO character device (`/dev/vfio/N`).
-    pub dev_path: PathBuf,
-    /// Every function in the group (the device included), sorted.
-    pub members: Vec<String>,
 }
 
 /// Whether `s` is `DDDD:BB:DD.F` in lower-case hex.
@@ -91,56 +69,65 @@ pub fn function_of(sysfs: &Path, path: &str) -> Result<String, GroupError> {
     Ok(name.to_string())
 }
 
-/// Checks that `path`'s function is bound to vfio-pci and that its IOMMU
-/// group is viable; reads sysfs under `sysfs` (normally `/sys`).
-pub fn check(sysfs: &Path, path: &str) -> Result<GroupInfo, GroupError> {
-    let bdf = function_of(sysfs, path)?;
-    let devices = sysfs.join("bus/pci/devices");
-    match link_name(&devices.join(&bdf).join("driver")) {
-        Some(d) if d == VFIO_PCI_DRIVER => {}
-        Some(driver) => return Err(GroupError::WrongDriver { bdf, driver }),
-        None => return Err(GroupError::Unbound(bdf)),
+/// What sysfs under `sysfs` says of function `bdf`, if it exists.
+fn read_function(sysfs: &Path, bdf: HostBdf) -> Option<HostFunction> {
+    let dir = sysfs.join("bus/pci/devices").join(bdf.to_string());
+    if !dir.join("config").exists() {
+        return None;
     }
-    let group: u32 = link_name(&devices.join(&bdf).join("iommu_group"))
-        .and_then(|g| g.parse().ok())
-        .ok_or_else(|| GroupError::NoGroup(bdf.clone()))?;
-    let members_dir = sysfs
+    let class = std::fs::read_to_string(dir.join("class")).unwrap_or_default();
+    Some(HostFunction {
+        bdf,
+        driver: link_name(&dir.join("driver")),
+        group: link_name(&dir.join("iommu_group")).and_then(|g| g.parse().ok()),
+        bridge: class.trim().starts_with("0x0604"),
+    })
+}
+
+/// The members of IOMMU group `group`.
+fn group_members(sysfs: &Path, group: u32) -> Vec<HostBdf> {
+    let dir = sysfs
         .join("kernel/iommu_groups")
         .join(group.to_string())
         .join("devices");
-    let mut members: Vec<String> = std::fs::read_dir(&members_dir)
-        .map_err(|_| GroupError::NoGroup(bdf.clone()))?
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
         .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    members.sort();
-    let mut offenders = Vec::new();
-    for m in &members {
-        let dir = devices.join(m);
-        // Bridges stay with their drivers (pcieport): only endpoints count.
-        let class = std::fs::read_to_string(dir.join("class")).unwrap_or_default();
-        if class.trim().starts_with("0x0604") {
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// The host as [`pci::assignment::assign`] needs it for a request naming
+/// `start` (and `named`, the functions its options name): every function of
+/// `start`'s device, the members of their groups, the functions of those
+/// members' devices, and so on; plus the named functions that exist.
+pub fn host_view(sysfs: &Path, start: HostBdf, named: &[HostBdf]) -> Vec<HostFunction> {
+    let mut seen: BTreeSet<HostBdf> = BTreeSet::new();
+    let mut groups: BTreeSet<u32> = BTreeSet::new();
+    let mut out = Vec::new();
+    let mut todo = vec![start];
+    todo.extend_from_slice(named);
+    while let Some(b) = todo.pop() {
+        if !seen.insert(b) {
             continue;
         }
-        if let Some(driver) = link_name(&dir.join("driver")) {
-            if driver != VFIO_PCI_DRIVER {
-                offenders.push((m.clone(), driver));
+        let Some(f) = read_function(sysfs, b) else {
+            continue;
+        };
+        if !f.bridge {
+            for function in 0..8 {
+                todo.push(HostBdf { function, ..b });
+            }
+            if let Some(g) = f.group.filter(|g| groups.insert(*g)) {
+                todo.extend(group_members(sysfs, g));
             }
         }
+        out.push(f);
     }
-    if !offenders.is_empty() {
-        return Err(GroupError::NotViable {
-            bdf,
-            group,
-            offenders,
-        });
-    }
-    Ok(GroupInfo {
-        bdf,
-        group,
-        dev_path: PathBuf::from(format!("/dev/vfio/{group}")),
-        members,
-    })
+    out.sort_by_key(|f| f.bdf);
+    out
 }
 
 #[cfg(test)]
@@ -170,45 +157,49 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn viability_and_messages() {
+    fn the_view_follows_devices_and_groups() {
         let t = vmm_sys_util::tempdir::TempDir::new().unwrap();
         let root = t.as_path();
         tree(
             root,
             &[
                 ("0000:01:00.0", "0x020000", Some("vfio-pci"), Some(7)),
-                ("0000:01:00.1", "0x020000", None, Some(7)),
+                ("0000:01:00.1", "0x020000", None, Some(8)),
                 ("0000:00:1c.0", "0x060400", Some("pcieport"), Some(7)),
                 ("0000:02:00.0", "0x010802", Some("vfio-pci"), Some(8)),
-                ("0000:02:00.1", "0x0c0330", Some("xhci_hcd"), Some(8)),
-                ("0000:03:00.0", "0x030000", Some("amdgpu"), Some(9)),
-                ("0000:04:00.0", "0x030000", None, Some(10)),
+                ("0000:02:00.1", "0x0c0330", Some("xhci_hcd"), Some(9)),
+                ("0000:03:00.0", "0x030000", Some("amdgpu"), Some(10)),
                 ("0000:05:00.0", "0x030000", Some("vfio-pci"), None),
             ],
         );
-        let ok = check(root, "/sys/bus/pci/devices/0000:01:00.0").unwrap();
-        assert_eq!(ok.group, 7);
-        assert_eq!(ok.dev_path, PathBuf::from("/dev/vfio/7"));
-        assert_eq!(ok.members, ["0000:00:1c.0", "0000:01:00.0", "0000:01:00.1"]);
-        let e = check(root, "0000:02:00.0").unwrap_err();
+        let b = |s: &str| s.parse::<HostBdf>().unwrap();
+        let view = host_view(root, b("0000:01:00.0"), &[]);
+        let names: Vec<String> = view.iter().map(|f| f.bdf.to_string()).collect();
+        // 01:00.1 brings group 8, whose 02:00.0 brings its device's 02:00.1;
+        // the root port (a bridge) is read but not followed.
         assert_eq!(
-            e.to_string(),
-            "IOMMU group 8 of 0000:02:00.0 is not viable: 0000:02:00.1 is bound to xhci_hcd \
-             (every endpoint of the group must be bound to vfio-pci or to no driver)"
+            names,
+            [
+                "0000:00:1c.0",
+                "0000:01:00.0",
+                "0000:01:00.1",
+                "0000:02:00.0",
+                "0000:02:00.1"
+            ]
         );
-        let e = check(root, "0000:03:00.0").unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "PCI function 0000:03:00.0 is bound to driver 'amdgpu', not vfio-pci"
+        assert!(view[0].bridge);
+        assert_eq!(view[1].driver.as_deref(), Some("vfio-pci"));
+        assert_eq!(view[2].driver, None);
+        assert_eq!(view[4].group, Some(9));
+        // Named functions are read even outside the unit; missing ones are not.
+        let view = host_view(
+            root,
+            b("0000:05:00.0"),
+            &[b("0000:03:00.0"), b("0000:09:00.0")],
         );
-        assert_eq!(
-            check(root, "0000:04:00.0").unwrap_err(),
-            GroupError::Unbound("0000:04:00.0".into())
-        );
-        assert_eq!(
-            check(root, "0000:05:00.0").unwrap_err(),
-            GroupError::NoGroup("0000:05:00.0".into())
-        );
+        let names: Vec<String> = view.iter().map(|f| f.bdf.to_string()).collect();
+        assert_eq!(names, ["0000:03:00.0", "0000:05:00.0"]);
+        assert_eq!(view[1].group, None);
     }
 
     #[test]
@@ -230,10 +221,13 @@ pub(crate) mod tests {
             "../0000:01:00.0",
         ] {
             assert!(
-                matches!(check(root, p), Err(GroupError::NotPciFunction(_))),
+                matches!(function_of(root, p), Err(GroupError::NotPciFunction(_))),
                 "{p}"
             );
         }
-        assert!(check(root, "/sys/bus/pci/devices/0000:01:00.0/").is_ok());
+        assert_eq!(
+            function_of(root, "/sys/bus/pci/devices/0000:01:00.0/").unwrap(),
+            "0000:01:00.0"
+        );
     }
 }

@@ -3,11 +3,13 @@
 //!
 //! How it fits together:
 //! - [`probe`] checks everything that can be checked before anything is
-//!   opened, in this order: the path names a PCI function (sysfs), the
-//!   function is bound to `vfio-pci`, its IOMMU group is viable (see
-//!   [`super::group`]), then the host has kernel VFIO (`/dev/vfio/vfio`)
-//!   and the group's character device. Both roots are given
-//!   ([`HostPaths`]), so tests run it over a fake tree.
+//!   opened, in this order: the path names a PCI function (sysfs), then
+//!   what the request takes ([`pci::assignment::assign`] over
+//!   [`super::group::host_view`]: the whole host device and its IOMMU
+//!   groups' endpoints, all bound to `vfio-pci`, the functions left out
+//!   named), then the host has kernel VFIO (`/dev/vfio/vfio`) and each
+//!   group's character device. Both roots are given ([`HostPaths`]), so
+//!   tests run it over a fake tree.
 //! - One [`KernelVfioContainer`] per VM: the VFIO container, with the KVM
 //!   VFIO device (`KVM_DEV_TYPE_VFIO`, created by the VMM) that the crate
 //!   tells about each group it adds. Guest RAM is DMA-mapped into the
@@ -42,7 +44,9 @@ use vfio_ioctls::{VfioContainer, VfioDevice, VfioError};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::group::{self, GroupError, GroupInfo};
+use pci::assignment::{AssignError, AssignRequest, Assignment, HostBdf};
+
+use super::group::{self, GroupError};
 use super::{IrqInfo, RegionInfo, VfioBackend, CONFIG_REGION, INTX_IRQ};
 
 pub use vfio_ioctls::VfioDeviceFd as KvmVfioDevice;
@@ -73,6 +77,10 @@ impl Default for HostPaths {
 pub enum KernelVfioError {
     #[error(transparent)]
     Group(#[from] GroupError),
+    #[error(transparent)]
+    Assign(#[from] AssignError),
+    #[error("'{field}': {why}")]
+    BadFunction { field: &'static str, why: String },
     #[error(
         "kernel VFIO is not available on this host: {0} is missing (the kernel has no VFIO, \
          or the vfio and vfio-pci modules are not loaded)"
@@ -97,27 +105,74 @@ pub enum KernelVfioError {
     Dup(String, #[source] io::Error),
 }
 
-/// Checks, without opening anything, that `path` names a function that
-/// can be passed through: a PCI function bound to `vfio-pci` whose IOMMU
-/// group is viable, on a host with kernel VFIO and the group's device.
-pub fn probe(paths: &HostPaths, path: &str) -> Result<GroupInfo, KernelVfioError> {
-    let mut info = group::check(&paths.sysfs, path)?;
+/// What a kernel VFIO request asks for: the function its path names and
+/// the host functions its options name.
+#[derive(Clone, Copy, Debug)]
+pub struct ProbeRequest<'a> {
+    /// `/sys/bus/pci/devices/DDDD:BB:DD.F`.
+    pub path: &'a str,
+    /// The functions to give the guest (`None`: every one not unassigned).
+    pub assigned: Option<&'a [String]>,
+    /// The functions left out of the guest.
+    pub unassigned: &'a [String],
+}
+
+fn parse_list(field: &'static str, list: &[String]) -> Result<Vec<HostBdf>, KernelVfioError> {
+    list.iter()
+        .map(|s| {
+            s.parse()
+                .map_err(|why| KernelVfioError::BadFunction { field, why })
+        })
+        .collect()
+}
+
+/// Checks, without opening anything, what the request takes
+/// ([`pci::assignment::assign`] over sysfs: the whole host device, its
+/// IOMMU groups' endpoints, all bound to `vfio-pci`, the functions left out
+/// named), then that the host has kernel VFIO and each group's device.
+pub fn probe(paths: &HostPaths, req: &ProbeRequest<'_>) -> Result<Assignment, KernelVfioError> {
+    let bdf = group::function_of(&paths.sysfs, req.path)?;
+    let start: HostBdf = bdf.parse().map_err(|_| GroupError::NotPciFunction(bdf))?;
+    let assigned = req
+        .assigned
+        .map(|a| parse_list("assigned", a))
+        .transpose()?;
+    let unassigned = parse_list("unassigned", req.unassigned)?;
+    let mut named = unassigned.clone();
+    named.extend(assigned.iter().flatten());
+    let host = group::host_view(&paths.sysfs, start, &named);
+    let assignment = pci::assignment::assign(
+        &host,
+        &AssignRequest {
+            function: Some(start),
+            assigned,
+            unassigned,
+        },
+    )?;
     let container = paths.dev_vfio.join("vfio");
     if !container.exists() {
         return Err(KernelVfioError::Unavailable(
             container.display().to_string(),
         ));
     }
-    let dev = paths.dev_vfio.join(info.group.to_string());
-    if !dev.exists() {
-        return Err(KernelVfioError::NoGroupDevice {
-            bdf: info.bdf,
-            group: info.group,
-            path: dev.display().to_string(),
-        });
+    for g in &assignment.groups {
+        let dev = paths.dev_vfio.join(g.to_string());
+        if !dev.exists() {
+            let bdf = assignment
+                .devices
+                .iter()
+                .flat_map(|d| d.functions.iter().map(|f| (f.host, f.group)))
+                .chain(assignment.held.iter().copied())
+                .find(|(_, fg)| fg == g)
+                .map_or(start, |(b, _)| b);
+            return Err(KernelVfioError::NoGroupDevice {
+                bdf: bdf.to_string(),
+                group: *g,
+                path: dev.display().to_string(),
+            });
+        }
     }
-    info.dev_path = dev;
-    Ok(info)
+    Ok(assignment)
 }
 
 /// Which guest RAM regions a container has DMA-mapped, and for how many
@@ -279,20 +334,25 @@ pub struct KernelVfioBackend {
 }
 
 impl KernelVfioBackend {
-    /// Opens the function `info` names (as [`probe`] checked it) through
-    /// `container`: the crate opens its group, adds it to the container
-    /// (and to the KVM VFIO device) and opens the device.
+    /// Opens function `bdf` of IOMMU group `group` (as [`probe`] checked
+    /// it) through `container`: the crate opens its group, adds it to the
+    /// container (and to the KVM VFIO device) and opens the device. A
+    /// function left out of the guest is opened the same way and held
+    /// (never placed): its group stays in this VM's container, so the host
+    /// cannot bind a driver to it.
     pub fn open(
         paths: &HostPaths,
-        info: &GroupInfo,
+        bdf: HostBdf,
+        group: u32,
         container: Arc<KernelVfioContainer>,
     ) -> Result<Self, KernelVfioError> {
-        let sysfs_dir = paths.sysfs.join("bus/pci/devices").join(&info.bdf);
+        let bdf = bdf.to_string();
+        let sysfs_dir = paths.sysfs.join("bus/pci/devices").join(&bdf);
         let ops: Arc<dyn vfio_ioctls::VfioOps> = container.container.clone();
         let device =
             VfioDevice::new(&sysfs_dir, ops, false).map_err(|source| KernelVfioError::Device {
-                bdf: info.bdf.clone(),
-                group: info.group,
+                bdf: bdf.clone(),
+                group,
                 source,
             })?;
         // SAFETY: the descriptor belongs to `device`, which is alive for
@@ -301,7 +361,7 @@ impl KernelVfioBackend {
         let file = borrowed
             .try_clone_to_owned()
             .map(File::from)
-            .map_err(|e| KernelVfioError::Dup(info.bdf.clone(), e))?;
+            .map_err(|e| KernelVfioError::Dup(bdf.clone(), e))?;
         let regions = (0..PCI_REGIONS)
             .map(|index| Region {
                 info: RegionInfo {
@@ -317,8 +377,8 @@ impl KernelVfioBackend {
             device: Some(device),
             container,
             sysfs_dir,
-            bdf: info.bdf.clone(),
-            group: info.group,
+            bdf,
+            group,
             regions,
         })
     }
@@ -475,7 +535,7 @@ mod tests {
                 // Group 3: a NIC's two functions, both for vfio, and the
                 // root port above them (a bridge: it keeps its driver).
                 ("0000:03:00.0", "0x020000", Some("vfio-pci"), Some(3)),
-                ("0000:03:00.1", "0x020000", None, Some(3)),
+                ("0000:03:00.1", "0x020000", Some("vfio-pci"), Some(3)),
                 ("0000:00:1c.0", "0x060400", Some("pcieport"), Some(3)),
                 // Group 4: one function for vfio, three others with host
                 // drivers.
@@ -485,9 +545,35 @@ mod tests {
                 ("0000:04:00.3", "0x0c8000", Some("nvidia-gpu"), Some(4)),
                 // A disk still with its host driver.
                 ("0000:05:00.0", "0x010802", Some("nvme"), Some(5)),
+                // Group 9: a 4-function device, all for vfio.
+                ("0000:09:00.0", "0x030000", Some("vfio-pci"), Some(9)),
+                ("0000:09:00.1", "0x040300", Some("vfio-pci"), Some(9)),
+                ("0000:09:00.2", "0x0c0330", Some("vfio-pci"), Some(9)),
+                ("0000:09:00.3", "0x0c8000", Some("vfio-pci"), Some(9)),
             ],
         );
         paths
+    }
+
+    fn path(p: &str) -> ProbeRequest<'_> {
+        ProbeRequest {
+            path: p,
+            assigned: None,
+            unassigned: &[],
+        }
+    }
+
+    /// (host function, guest function) of each guest slot.
+    fn slots(a: &Assignment) -> Vec<Vec<(String, u8)>> {
+        a.devices
+            .iter()
+            .map(|d| {
+                d.functions
+                    .iter()
+                    .map(|f| (f.host.to_string(), f.function))
+                    .collect()
+            })
+            .collect()
     }
 
     #[test]
@@ -496,10 +582,10 @@ mod tests {
         let paths = host(t.as_path(), &["vfio", "3"]);
         for p in [
             "/nonexistent",
-            "/sys/bus/pci/devices/0000:09:00.0",
+            "/sys/bus/pci/devices/0000:0f:00.0",
             "/sys/bus/pci/devices/0000:03:00.0/config",
         ] {
-            let e = probe(&paths, p).unwrap_err();
+            let e = probe(&paths, &path(p)).unwrap_err();
             assert!(
                 matches!(e, KernelVfioError::Group(GroupError::NotPciFunction(_))),
                 "{p}: {e}"
@@ -509,13 +595,26 @@ mod tests {
                 "{e}"
             );
         }
+        let bad = ["0000:03:00.9".to_string()];
+        let e = probe(
+            &paths,
+            &ProbeRequest {
+                unassigned: &bad,
+                ..path("/sys/bus/pci/devices/0000:03:00.0")
+            },
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "'unassigned': '0000:03:00.9' is not a host PCI function (expected DDDD:BB:DD.F)"
+        );
     }
 
     #[test]
     fn a_function_bound_to_another_driver() {
         let t = vmm_sys_util::tempdir::TempDir::new().unwrap();
         let paths = host(t.as_path(), &["vfio", "5"]);
-        let e = probe(&paths, "/sys/bus/pci/devices/0000:05:00.0").unwrap_err();
+        let e = probe(&paths, &path("/sys/bus/pci/devices/0000:05:00.0")).unwrap_err();
         assert_eq!(
             e.to_string(),
             "PCI function 0000:05:00.0 is bound to driver 'nvme', not vfio-pci"
@@ -526,12 +625,75 @@ mod tests {
     fn a_group_that_is_not_viable_names_every_offender() {
         let t = vmm_sys_util::tempdir::TempDir::new().unwrap();
         let paths = host(t.as_path(), &["vfio", "4"]);
-        let e = probe(&paths, "/sys/bus/pci/devices/0000:04:00.0").unwrap_err();
+        let e = probe(&paths, &path("/sys/bus/pci/devices/0000:04:00.0")).unwrap_err();
         assert_eq!(
             e.to_string(),
             "IOMMU group 4 of 0000:04:00.0 is not viable: 0000:04:00.1 is bound to \
              snd_hda_intel, 0000:04:00.2 is bound to xhci_hcd, 0000:04:00.3 is bound to \
-             nvidia-gpu (every endpoint of the group must be bound to vfio-pci or to no driver)"
+             nvidia-gpu (every endpoint of the group goes to the VM, assigned or held: bind \
+             each to vfio-pci)"
+        );
+    }
+
+    #[test]
+    fn a_four_function_device_over_a_fake_sysfs() {
+        let t = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let paths = host(t.as_path(), &["vfio", "9"]);
+        let all: Vec<(String, u8)> = (0..4).map(|f| (format!("0000:09:00.{f}"), f)).collect();
+        // Whole device by default, whichever function the path names.
+        let a = probe(&paths, &path("/sys/bus/pci/devices/0000:09:00.2")).unwrap();
+        assert_eq!(slots(&a), [all.to_vec()]);
+        assert_eq!(a.groups, [9]);
+        // Partial, named.
+        let un = ["0000:09:00.1".to_string(), "0000:09:00.3".to_string()];
+        let a = probe(
+            &paths,
+            &ProbeRequest {
+                unassigned: &un,
+                ..path("/sys/bus/pci/devices/0000:09:00.0")
+            },
+        )
+        .unwrap();
+        assert_eq!(slots(&a), [vec![all[0].clone(), all[2].clone()]]);
+        assert_eq!(a.held.len(), 2);
+        // Partial, not named: the error lists what is left out.
+        let only = ["0000:09:00.0".to_string()];
+        let e = probe(
+            &paths,
+            &ProbeRequest {
+                assigned: Some(&only),
+                ..path("/sys/bus/pci/devices/0000:09:00.0")
+            },
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().starts_with(
+                "0000:09:00.1, 0000:09:00.2, 0000:09:00.3 left out of the guest without being \
+                 named"
+            ),
+            "{e}"
+        );
+        // Function 0 left out: function 1 is the guest's function 0.
+        let un = ["0000:09:00.0".to_string()];
+        let a = probe(
+            &paths,
+            &ProbeRequest {
+                unassigned: &un,
+                ..path("/sys/bus/pci/devices/0000:09:00.1")
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            slots(&a),
+            [vec![
+                ("0000:09:00.1".to_string(), 0),
+                all[2].clone(),
+                all[3].clone()
+            ]]
+        );
+        assert_eq!(
+            a.devices[0].remapped.map(|b| b.to_string()).as_deref(),
+            Some("0000:09:00.1")
         );
     }
 
@@ -541,9 +703,9 @@ mod tests {
         // Checked from the sysfs tree before /dev/vfio: a host without
         // kernel VFIO still reports bad paths and groups as such.
         let paths = host(t.as_path(), &[]);
-        let e = probe(&paths, "/sys/bus/pci/devices/0000:05:00.0").unwrap_err();
-        assert!(matches!(e, KernelVfioError::Group(_)), "{e}");
-        let e = probe(&paths, "/sys/bus/pci/devices/0000:03:00.0").unwrap_err();
+        let e = probe(&paths, &path("/sys/bus/pci/devices/0000:05:00.0")).unwrap_err();
+        assert!(matches!(e, KernelVfioError::Assign(_)), "{e}");
+        let e = probe(&paths, &path("/sys/bus/pci/devices/0000:03:00.0")).unwrap_err();
         assert_eq!(
             e.to_string(),
             format!(
@@ -553,20 +715,22 @@ mod tests {
             )
         );
         std::fs::write(paths.dev_vfio.join("vfio"), b"").unwrap();
-        let e = probe(&paths, "0000:03:00.0").unwrap_err();
+        let e = probe(&paths, &path("0000:03:00.0")).unwrap_err();
         assert!(
             matches!(e, KernelVfioError::NoGroupDevice { group: 3, .. }),
             "{e}"
         );
         std::fs::write(paths.dev_vfio.join("3"), b"").unwrap();
-        let info = probe(&paths, "/sys/bus/pci/devices/0000:03:00.0").unwrap();
-        assert_eq!(info.bdf, "0000:03:00.0");
-        assert_eq!(info.group, 3);
-        assert_eq!(info.dev_path, paths.dev_vfio.join("3"));
+        // The root port in group 3 is a bridge: it stays with the host.
+        let a = probe(&paths, &path("/sys/bus/pci/devices/0000:03:00.0")).unwrap();
         assert_eq!(
-            info.members,
-            ["0000:00:1c.0", "0000:03:00.0", "0000:03:00.1"]
+            slots(&a),
+            [vec![
+                ("0000:03:00.0".to_string(), 0),
+                ("0000:03:00.1".to_string(), 1)
+            ]]
         );
+        assert_eq!(a.groups, [3]);
     }
 
     #[test]

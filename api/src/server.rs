@@ -1116,7 +1116,6 @@ mod tests {
         let t1 = t0 + FD_COUNT_FRESH;
         assert!(!b.short_with(t1, || count(FD_RESERVE + 10)));
         assert!(b.short_with(t1, || count(FD_RESERVE - 1)));
-        drop(count);
         assert_eq!(counts, 4);
         // Unlimited: never short, and reused while fresh.
         let mut b = FdBudget::default();

@@ -299,23 +299,33 @@ def memory_sample(pid, memory):
             "fds": len(os.listdir(f"/proc/{pid}/fd"))}, rest
 
 
+def mapping_kind(key):
+    start, end, path = key
+    if path == "[heap]":
+        return "[heap]"
+    if path.startswith("["):
+        return path if path != "[anon]" else f"anon {((end - start) >> 10)} KiB"
+    return "file " + os.path.basename(path)
+
+
+def smaps_by_kind(maps):
+    """Resident KiB outside guest RAM per kind of mapping, largest first."""
+    kinds = {}
+    for key, rss in maps.items():
+        if rss:
+            k = mapping_kind(key)
+            kinds[k] = kinds.get(k, 0) + rss
+    return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
+
+
 def smaps_growth(before, after):
     """Where RSS outside guest RAM grew: KiB per kind of mapping, counting
     new mappings and growth of existing ones (shrinkage counted too)."""
     kinds = {}
-
-    def kind(key):
-        start, end, path = key
-        if path == "[heap]":
-            return "[heap]"
-        if path.startswith("["):
-            return path if path != "[anon]" else f"anon {((end - start) >> 10)} KiB"
-        return "file " + os.path.basename(path)
-
     for key in set(before) | set(after):
         d = after.get(key, 0) - before.get(key, 0)
         if d:
-            k = kind(key)
+            k = mapping_kind(key)
             n_new = 1 if key not in before else 0
             kk = kinds.setdefault(k, [0, 0])
             kk[0] += d
@@ -363,12 +373,12 @@ def memory_per_disk(vm, args, workdir):
     time.sleep(args.settle)
     s1, m1 = memory_sample(vm.proc.pid, args.memory)
     log(f"after: {s1}")
-    return s0, sw, s1, smaps_growth(mw or m0, m1)
+    return s0, sw, s1, smaps_growth(mw or m0, m1), smaps_by_kind(m0)
 
 
 def memory_main(args, vm, workdir):
     load_start = benchlib.loadavg()
-    s0, sw, s1, growth = memory_per_disk(vm, args, workdir)
+    s0, sw, s1, growth, at_boot = memory_per_disk(vm, args, workdir)
     load_end = benchlib.loadavg()
     if vm.proc.poll() is not None:
         raise vm.fail("arbor exited during the benchmark")
@@ -390,9 +400,12 @@ def memory_main(args, vm, workdir):
     print(f"  growth by mapping{' after the first disk' if sw else ''} (KiB, new mappings):")
     for k, (kib, new) in list(growth.items())[:12]:
         print(f"    {k:40} {kib:>7} {new:>5}")
+    print("  resident outside guest RAM before the disks, by mapping (KiB):")
+    for k, kib in list(at_boot.items())[:10]:
+        print(f"    {k:40} {kib:>7}")
     print(f"  load average (1 min): {load_start} at start, {load_end} at end")
     print()
-    print(json.dumps({"mode": "memory-per-disk", "disks": n, "before": s0, "after_first": sw,
+    print(json.dumps({"mode": "memory-per-disk", "before_by_mapping": at_boot, "disks": n, "before": s0, "after_first": sw,
                       "after": s1, "per_disk_kib": round(per_disk, 1),
                       "per_disk_after_first_kib": None if marginal is None else round(marginal, 1),
                       "growth": {k: v[0] for k, v in growth.items()},

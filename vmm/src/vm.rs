@@ -728,18 +728,6 @@ impl VmCore {
             let _ = reply.send(Err(refused));
             return;
         }
-        // Adding or removing a device allocates and frees a lot on the way
-        // (the request, placement, the device, GSI routing tables): the
-        // heap's freed pages go back once it is answered.
-        let device_change = matches!(
-            request,
-            ApiRequest::VmAddDisk(_)
-                | ApiRequest::VmAddRng(_)
-                | ApiRequest::VmAddVsock(_)
-                | ApiRequest::VmAddUserDevice(_)
-                | ApiRequest::VmAddDevice(_)
-                | ApiRequest::VmAddNet(..)
-        );
         let answer = match request {
             ApiRequest::VmmPing => Ok(ApiResponse::VmmPing(VmmPingResponse {
                 version: env!("CARGO_PKG_VERSION").to_string(),
@@ -798,9 +786,6 @@ impl VmCore {
             },
         };
         let _ = reply.send(answer);
-        if device_change {
-            give_back_free_heap();
-        }
     }
 
     /// The 409 for a request the VM's state does not allow, if any.
@@ -972,7 +957,6 @@ impl VmCore {
         if let Some(r) = self.removal_replies.remove(id) {
             let _ = r.send(answer);
         }
-        give_back_free_heap();
     }
 
     fn hotplug_outcome(&mut self, o: Outcome) {
@@ -1218,18 +1202,5 @@ fn state_name(s: VmState) -> &'static str {
 impl Drop for Vm {
     fn drop(&mut self) {
         lock(&self.core).stop_vcpus();
-    }
-}
-
-/// Returns the heap's free pages to the kernel (`malloc_trim`: `madvise`
-/// on whole free pages, `brk` for the top). The VMM runs with one malloc
-/// arena (`arbor` sets it), so this covers what every thread freed. Called
-/// after device changes: memory a hot-plug used on the way stops counting
-/// in the VMM's resident set.
-fn give_back_free_heap() {
-    // SAFETY: malloc_trim only releases memory malloc owns and holds free;
-    // no pointer of ours is involved.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }

@@ -34,7 +34,9 @@
 //!   headers, or it is answered 408 and the connection closed;
 //! - while fewer than [`FD_RESERVE`] descriptors are left under
 //!   `RLIMIT_NOFILE`, new connections are accepted and closed at once, so
-//!   the VMM keeps descriptors for itself (disks, eventfds, hot-plug).
+//!   the VMM keeps descriptors for itself (disks, eventfds, hot-plug). The
+//!   count (`/proc/self/fd`) is reused for 100 ms unless it was near the
+//!   reserve, so a connection does not pay for listing every descriptor.
 //!
 //! Dropping the [`ApiServerHandle`] (or calling
 //! [`ApiServerHandle::shutdown`]) stops accepting, lets requests in flight
@@ -86,6 +88,8 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most connections open at once.
 pub const MAX_CONNECTIONS: usize = 64;
+/// How long [`start_server`] waits for the API thread to start serving.
+const READY_WAIT: Duration = Duration::from_secs(1);
 /// Descriptors kept free for the VMM: below this many left under
 /// `RLIMIT_NOFILE`, new API connections are closed at once.
 pub const FD_RESERVE: u64 = 64;
@@ -729,6 +733,53 @@ fn descriptors_left() -> Option<u64> {
     Some(lim.rlim_cur.saturating_sub(open))
 }
 
+/// How long a count of the free descriptors is trusted.
+const FD_COUNT_FRESH: Duration = Duration::from_millis(100);
+
+/// The accept loop's view of the free descriptors. Counting them reads
+/// `/proc/self/fd` (a directory with one entry per descriptor: hundreds in
+/// a VMM with many devices), too costly for every connection: a count is
+/// reused for [`FD_COUNT_FRESH`], less one per connection accepted since,
+/// and never when it was near [`FD_RESERVE`].
+#[derive(Default)]
+struct FdBudget {
+    /// The last count and when it was taken.
+    last: Option<(std::time::Instant, Option<u64>)>,
+    /// Connections accepted since.
+    accepted: u64,
+}
+
+impl FdBudget {
+    /// Whether fewer than [`FD_RESERVE`] descriptors are left; call once
+    /// per accepted connection.
+    fn short(&mut self, now: std::time::Instant) -> bool {
+        self.short_with(now, descriptors_left)
+    }
+
+    /// [`FdBudget::short`] with the counting function given.
+    fn short_with(&mut self, now: std::time::Instant, count: impl FnOnce() -> Option<u64>) -> bool {
+        // Far enough from the reserve that a burst of connections and the
+        // VMM's own descriptors within the freshness window cannot cross it.
+        let far = 2 * FD_RESERVE + MAX_CONNECTIONS as u64;
+        let left = match self.last {
+            Some((at, left))
+                if now.saturating_duration_since(at) < FD_COUNT_FRESH
+                    && left.is_none_or(|l| l.saturating_sub(self.accepted) >= far) =>
+            {
+                left.map(|l| l.saturating_sub(self.accepted))
+            }
+            _ => {
+                let left = count();
+                self.last = Some((now, left));
+                self.accepted = 0;
+                left
+            }
+        };
+        self.accepted += 1;
+        left.is_some_and(|left| left < FD_RESERVE)
+    }
+}
+
 /// Serves one connection until it ends, the server closes, or it is
 /// evicted to make room.
 async fn serve_connection(
@@ -790,13 +841,14 @@ async fn serve(listener: UnixListener, ctx: Arc<Context>, mut stop: oneshot::Rec
     let registry = SharedRegistry::default();
     // Whether the last connection was refused (to log once per episode).
     let mut refusing = false;
+    let mut fds = FdBudget::default();
     loop {
         while connections.try_join_next().is_some() {}
         tokio::select! {
             _ = &mut stop => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    if descriptors_left().is_some_and(|left| left < FD_RESERVE) {
+                    if fds.short(std::time::Instant::now()) {
                         if !refusing {
                             log::warn!(
                                 "fewer than {FD_RESERVE} descriptors left: refusing API connections"
@@ -806,7 +858,11 @@ async fn serve(listener: UnixListener, ctx: Arc<Context>, mut stop: oneshot::Rec
                         drop(stream);
                         continue;
                     }
-                    let admitted = lock(&registry).admit(MAX_CONNECTIONS);
+                    let (admitted, evicted) = {
+                        let mut registry = lock(&registry);
+                        let full = registry.open.len() >= MAX_CONNECTIONS;
+                        (registry.admit(MAX_CONNECTIONS), full)
+                    };
                     let Some((id, slot)) = admitted else {
                         if !refusing {
                             log::warn!(
@@ -829,8 +885,12 @@ async fn serve(listener: UnixListener, ctx: Arc<Context>, mut stop: oneshot::Rec
                         slot,
                         registered,
                     ));
-                    // Let an evicted connection close before the next accept.
-                    tokio::task::yield_now().await;
+                    if evicted {
+                        // Let the evicted connection close before the next
+                        // accept (a yield costs a wake-up of the runtime:
+                        // only when needed).
+                        tokio::task::yield_now().await;
+                    }
                 }
                 Err(e) => {
                     log::warn!("cannot accept an API connection: {e}");
@@ -890,7 +950,8 @@ impl Drop for ApiServerHandle {
 ///
 /// Each request becomes an [`ApiMessage`] sent on `sender`, followed by a
 /// write of 1 to `wake` so the VMM's event loop looks at the channel. The
-/// socket is ready for connections when this returns.
+/// socket is ready for connections when this returns, and the API thread
+/// has started (its thread hook has run; bounded by one second).
 ///
 /// To make shutdown immediate, the VMM should drop its receiver (and any
 /// unanswered [`crate::ReplySender`]) before dropping the handle: requests
@@ -965,6 +1026,7 @@ pub fn start_server_with_options(
         ping_version,
     });
     let (stop_tx, stop_rx) = oneshot::channel();
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<()>(1);
     let thread = std::thread::Builder::new()
         .name("arbor-api".to_string())
         .spawn(move || {
@@ -973,10 +1035,16 @@ pub fn start_server_with_options(
             if let Some(hook) = THREAD_HOOK.get() {
                 hook();
             }
+            let _ = ready_tx.send(());
             runtime.block_on(serve(listener, ctx, stop_rx));
             drop(runtime);
         })
         .map_err(ServerError::Thread)?;
+    // Wait until the thread runs (its hook done, about to serve): on a busy
+    // machine a new thread can wait milliseconds for a CPU while its
+    // starter goes on building the VM; waiting here hands it ours. Bounded,
+    // and a thread that died early only makes this return sooner.
+    let _ = ready_rx.recv_timeout(READY_WAIT);
     log::info!("API server listening on {}", path.display());
     Ok(ApiServerHandle {
         path: path.to_path_buf(),
@@ -1028,6 +1096,31 @@ mod tests {
             Err(RouteError::NotFound)
         );
         assert_eq!(Endpoint::VmAddDisk.name(), "vm.add-disk");
+    }
+
+    #[test]
+    fn descriptor_counts_are_reused_only_while_fresh_and_far_from_the_reserve() {
+        let t0 = std::time::Instant::now();
+        let mut b = FdBudget::default();
+        let mut counts = 0;
+        let mut count = |left: u64| {
+            counts += 1;
+            Some(left)
+        };
+        assert!(!b.short_with(t0, || count(10_000)));
+        // Fresh and far: reused.
+        assert!(!b.short_with(t0 + Duration::from_millis(50), || count(0)));
+        // Stale: counted again, and now short.
+        assert!(b.short_with(t0 + FD_COUNT_FRESH, || count(FD_RESERVE - 1)));
+        // Near the reserve: counted every time.
+        let t1 = t0 + FD_COUNT_FRESH;
+        assert!(!b.short_with(t1, || count(FD_RESERVE + 10)));
+        assert!(b.short_with(t1, || count(FD_RESERVE - 1)));
+        assert_eq!(counts, 4);
+        // Unlimited: never short, and reused while fresh.
+        let mut b = FdBudget::default();
+        assert!(!b.short_with(t0, || None));
+        assert!(!b.short_with(t0, || Some(0)));
     }
 
     #[test]

@@ -70,7 +70,9 @@ fn window(base: u64, size: u64) -> Result<AddressAllocator, PciError> {
 }
 
 impl BarAllocator {
-    /// Windows are `(base, size)`. The I/O and 64-bit windows are optional.
+    /// Windows are `(base, size)`. The I/O and 64-bit windows are optional;
+    /// an empty one is absent (ports may take all of a host window: the root
+    /// bus then has none of it, and BARs that need it are refused).
     pub fn new(
         io: Option<(u64, u64)>,
         mmio32: (u64, u64),
@@ -83,10 +85,11 @@ impl BarAllocator {
         {
             return Err(PciError::Allocation("32-bit window above 4 GiB".into()));
         }
+        let nonempty = |w: Option<(u64, u64)>| w.filter(|(_, s)| *s > 0);
         Ok(BarAllocator {
-            io: io.map(|(b, s)| window(b, s)).transpose()?,
+            io: nonempty(io).map(|(b, s)| window(b, s)).transpose()?,
             mmio32: Some(window(mmio32.0, mmio32.1)?),
-            mmio64: mmio64.map(|(b, s)| window(b, s)).transpose()?,
+            mmio64: nonempty(mmio64).map(|(b, s)| window(b, s)).transpose()?,
             placement: BarPlacement::RootBus,
         })
     }
@@ -237,6 +240,20 @@ impl BarAllocator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn empty_optional_windows_are_absent() {
+        // Ports with io-reserve may take the whole host I/O window: the root
+        // bus has no I/O space then (it was an allocator underflow).
+        let mut a = BarAllocator::new(
+            Some((0x2000, 0)),
+            (0xc000_0000, 0x1000_0000),
+            Some((0x100_0000_0000, 0)),
+        )
+        .unwrap();
+        assert!(a.allocate(BarRegion::Io, 0x20).is_err());
+        assert_eq!(a.allocate(BarRegion::Mmio64, 0x4000).unwrap(), 0xc000_0000);
+    }
 
     #[test]
     fn aligned_allocation_and_free() {

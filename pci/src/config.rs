@@ -236,9 +236,13 @@ impl PciConfiguration {
     /// A fresh configuration space for a function with identity `p`.
     pub fn new(p: PciConfigParams) -> Self {
         let mut c = PciConfiguration {
-            regs: vec![0; NUM_CONFIG_REGS],
-            writable: vec![0; NUM_CONFIG_REGS],
-            w1c: vec![0; NUM_CONFIG_REGS],
+            // The conventional 256 bytes; the extended space is stored only
+            // once something is written there (an extended capability):
+            // until then it reads as zeroes, and a function costs 768 bytes
+            // of registers and masks instead of 12 KiB.
+            regs: vec![0; CONFIG_SPACE_SIZE / 4],
+            writable: vec![0; CONFIG_SPACE_SIZE / 4],
+            w1c: vec![0; CONFIG_SPACE_SIZE / 4],
             header_type: p.header_type,
             extended: p.extended,
             bars: vec![
@@ -339,7 +343,8 @@ impl PciConfiguration {
                 }
             }
         }
-        self.regs[reg_idx]
+        // Extended space not stored yet: zeroes.
+        self.regs.get(reg_idx).copied().unwrap_or(0)
     }
 
     /// Guest write of `data` (1, 2 or 4 bytes) at byte `offset` of dword `reg_idx`.
@@ -355,7 +360,9 @@ impl PciConfiguration {
         if !matches!(len, 1 | 2 | 4) || offset >= 4 || offset as usize + len > 4 {
             return out;
         }
-        if reg_idx >= self.num_regs() {
+        // Beyond the stored registers nothing is writable (no capability
+        // there), so the write changes nothing.
+        if reg_idx >= self.num_regs() || reg_idx >= self.regs.len() {
             return out;
         }
         let shift = offset as u32 * 8;
@@ -423,10 +430,13 @@ impl PciConfiguration {
 
     /// Read a byte at byte offset `off` (device side, no side effects).
     pub fn read_u8(&self, off: usize) -> u8 {
-        self.regs
-            .get(off / 4)
-            .map(|r| (r >> ((off % 4) * 8)) as u8)
-            .unwrap_or(0xff)
+        match self.regs.get(off / 4) {
+            Some(r) => (r >> ((off % 4) * 8)) as u8,
+            // Not stored (extended space before any capability there, or a
+            // conventional function): zeroes, up to 4 KiB.
+            None if off / 4 < NUM_CONFIG_REGS => 0,
+            None => 0xff,
+        }
     }
 
     /// Read a little-endian u16 at byte offset `off` (device side).
@@ -441,7 +451,19 @@ impl PciConfiguration {
 
     /// Write bytes at `off`, ignoring the guest write masks (device side).
     pub fn write_bytes_internal(&mut self, off: usize, bytes: &[u8]) {
+        self.store_up_to(off + bytes.len());
         put_bytes(&mut self.regs, off, bytes);
+    }
+
+    /// Stores the whole configuration space once bytes up to `end` are
+    /// written beyond the conventional 256 (extended space only).
+    fn store_up_to(&mut self, end: usize) {
+        let regs = self.num_regs();
+        if end.div_ceil(4) > self.regs.len() && self.regs.len() < regs {
+            self.regs.resize(regs, 0);
+            self.writable.resize(regs, 0);
+            self.w1c.resize(regs, 0);
+        }
     }
 
     /// Write a u16 at `off`, ignoring the guest write masks (device side).
@@ -456,11 +478,13 @@ impl PciConfiguration {
 
     /// Set the guest-writable mask of the bytes at `off`.
     pub fn set_writable_mask(&mut self, off: usize, mask: &[u8]) {
+        self.store_up_to(off + mask.len());
         put_bytes(&mut self.writable, off, mask);
     }
 
     /// Set the write-1-to-clear mask of the bytes at `off`.
     pub fn set_w1c_mask(&mut self, off: usize, mask: &[u8]) {
+        self.store_up_to(off + mask.len());
         put_bytes(&mut self.w1c, off, mask);
     }
 

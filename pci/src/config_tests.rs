@@ -313,6 +313,30 @@ fn capability_list_is_linked() {
 }
 
 #[test]
+fn extended_space_reads_zero_until_a_capability_is_stored_there() {
+    let mut b = bridge();
+    // Not stored yet: zeroes for the guest and the device side, writes
+    // change nothing; beyond 4 KiB all-ones as before.
+    assert_eq!(r32(&b, 0x100), 0);
+    assert_eq!(r32(&b, 0xffc), 0);
+    assert_eq!(b.read_u32(0x800), 0);
+    assert_eq!(b.read_config_register(1024), u32::MAX);
+    w32(&mut b, 0x100, u32::MAX);
+    assert_eq!(r32(&b, 0x100), 0);
+    // A capability there stores it; the rest still reads zero.
+    let a = b
+        .add_extended_capability(0x0001, 2, &[0; 8], &[0xff], &[])
+        .unwrap();
+    assert_eq!(r32(&b, a), 0x0001 | (2 << 16));
+    assert_eq!(r32(&b, 0xffc), 0);
+    // A conventional function: the guest reads zeroes there, and beyond
+    // 4 KiB all-ones.
+    let c = dev();
+    assert_eq!(r32(&c, 0x100), 0);
+    assert_eq!(c.read_u8(0x1000), 0xff);
+}
+
+#[test]
 fn extended_capabilities_chain() {
     let mut b = bridge();
     let a = b

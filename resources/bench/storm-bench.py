@@ -80,6 +80,10 @@ def parse_args(argv):
                    help="requests per client in each storm (default 10)")
     p.add_argument("--pollers", type=nonnegative_int, default=4,
                    help="background clients polling vm.info during the cycles (default 4)")
+    p.add_argument("--memory-per-disk", type=positive_int, metavar="N",
+                   help="instead of the storm: hot-plug N disks (each its own image) one after "
+                   "another, each waited for in the guest, and print the VMM's memory outside "
+                   "guest RAM before and after, per disk, and where it grew (smaps)")
     args = benchlib.parse_arbor_vm_args(p, argv, cpus=1, op_timeout=60.0)
     for spec in TOPOLOGY:
         args.arbor_extra += ["--pci-port", spec]
@@ -275,6 +279,142 @@ def cycles(vm, args, workdir, places):
 
 
 # ---------------------------------------------------------------------------
+# Memory per hot-plugged disk
+# ---------------------------------------------------------------------------
+
+
+def memory_sample(pid, memory):
+    """RSS outside guest RAM (KiB) of PID, and its mappings outside guest RAM
+    keyed by (start, end, path) with their Rss."""
+    maps = benchlib.read_smaps(pid)
+    ram, _ = benchlib.guest_ram_mappings(maps, memory)
+    ram_starts = {m["start"] for m in ram}
+    rest = {(m["start"], m["end"], m["path"] or "[anon]"): m.get("Rss", 0)
+            for m in maps if m["start"] not in ram_starts}
+    with open(f"/proc/{pid}/status") as f:
+        status = {k: v.split() for k, _, v in (ln.partition(":") for ln in f)}
+    rss = int(status["VmRSS"][0]) - sum(m.get("Rss", 0) for m in ram)
+    hwm = int(status["VmHWM"][0]) - sum(m.get("Rss", 0) for m in ram)
+    return {"rss_kib": rss, "peak_kib": hwm, "threads": int(status["Threads"][0]),
+            "fds": len(os.listdir(f"/proc/{pid}/fd"))}, rest
+
+
+def mapping_kind(key):
+    start, end, path = key
+    if path == "[heap]":
+        return "[heap]"
+    if path.startswith("["):
+        return path if path != "[anon]" else f"anon {((end - start) >> 10)} KiB"
+    return "file " + os.path.basename(path)
+
+
+def smaps_by_kind(maps):
+    """Resident KiB outside guest RAM per kind of mapping, largest first."""
+    kinds = {}
+    for key, rss in maps.items():
+        if rss:
+            k = mapping_kind(key)
+            kinds[k] = kinds.get(k, 0) + rss
+    return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
+
+
+def smaps_growth(before, after):
+    """Where RSS outside guest RAM grew: KiB per kind of mapping, counting
+    new mappings and growth of existing ones (shrinkage counted too)."""
+    kinds = {}
+    for key in set(before) | set(after):
+        d = after.get(key, 0) - before.get(key, 0)
+        if d:
+            k = mapping_kind(key)
+            n_new = 1 if key not in before else 0
+            kk = kinds.setdefault(k, [0, 0])
+            kk[0] += d
+            kk[1] += n_new
+    return dict(sorted(kinds.items(), key=lambda kv: -abs(kv[1][0])))
+
+
+def memory_per_disk(vm, args, workdir):
+    n = args.memory_per_disk
+    time.sleep(args.settle)
+    s0, m0 = memory_sample(vm.proc.pid, args.memory)
+    log(f"before: {s0}; adding {n} disks")
+    sw = mw = None
+    for i in range(n):
+        if i == 1:
+            # After the first disk: code paths used once (text pages, first
+            # allocations) are in; what follows is the cost of each more disk.
+            time.sleep(args.settle)
+            sw, mw = memory_sample(vm.proc.pid, args.memory)
+            log(f"after the first disk: {sw}")
+        disk = os.path.join(workdir, f"mem{i}.img")
+        with open(disk, "wb") as f:
+            f.truncate(1 * MIB)
+        mark = vm.console.mark()
+        t0 = time.monotonic()
+        # A new connection each time: waiting for the guest outlasts the
+        # server's idle keep-alive limit.
+        conn = vm.connect()
+        try:
+            _, payload = vm.request(conn, "PUT", "/api/v1/vm.add-disk",
+                                    {"id": f"mem{i}", "path": disk}, expect=(200,))
+        finally:
+            conn.close()
+        pci_path = json.loads(payload).get("pci_path")
+        try:
+            # The driver has bound (and activated the device) when the
+            # guest reports the disk's size.
+            vm.console.wait_for(lambda line: "virtio_blk" in line and "blocks" in line,
+                                mark, t0 + args.op_timeout)
+        except benchlib.StreamTimeout:
+            raise vm.fail(f"disk {i} ({pci_path}): no virtio_blk line within "
+                          f"{args.op_timeout:g} s")
+        except (benchlib.StreamEof, benchlib.StreamFatal):
+            raise vm.fail(f"the guest died after adding disk {i}")
+    time.sleep(args.settle)
+    s1, m1 = memory_sample(vm.proc.pid, args.memory)
+    log(f"after: {s1}")
+    return s0, sw, s1, smaps_growth(mw or m0, m1), smaps_by_kind(m0)
+
+
+def memory_main(args, vm, workdir):
+    load_start = benchlib.loadavg()
+    s0, sw, s1, growth, at_boot = memory_per_disk(vm, args, workdir)
+    load_end = benchlib.loadavg()
+    if vm.proc.poll() is not None:
+        raise vm.fail("arbor exited during the benchmark")
+    n = args.memory_per_disk
+    per_disk = (s1["rss_kib"] - s0["rss_kib"]) / n
+    marginal = (s1["rss_kib"] - sw["rss_kib"]) / (n - 1) if sw else None
+    print()
+    print(f"Memory per hot-plugged disk: {n} disks, {args.kernel}, {args.cpus} vCPU(s), "
+          f"{args.memory // MIB} MiB")
+    sw_ = sw or {}
+    print(f"  {'':34} {'before':>9} {'1 disk':>9} {'after':>9}")
+    for key, title in (("rss_kib", "RSS outside guest RAM (KiB)"),
+                       ("peak_kib", "peak RSS outside guest RAM (KiB)"),
+                       ("threads", "threads"), ("fds", "open descriptors")):
+        print(f"  {title:34} {s0[key]:>9} {sw_.get(key, '-'):>9} {s1[key]:>9}")
+    print(f"  per disk, all {n}: {per_disk:.1f} KiB")
+    if marginal is not None:
+        print(f"  per disk after the first (disks 2-{n}): {marginal:.1f} KiB")
+    print(f"  growth by mapping{' after the first disk' if sw else ''} (KiB, new mappings):")
+    for k, (kib, new) in list(growth.items())[:12]:
+        print(f"    {k:40} {kib:>7} {new:>5}")
+    print("  resident outside guest RAM before the disks, by mapping (KiB):")
+    for k, kib in list(at_boot.items())[:10]:
+        print(f"    {k:40} {kib:>7}")
+    print(f"  load average (1 min): {load_start} at start, {load_end} at end")
+    print()
+    print(json.dumps({"mode": "memory-per-disk", "before_by_mapping": at_boot, "disks": n, "before": s0, "after_first": sw,
+                      "after": s1, "per_disk_kib": round(per_disk, 1),
+                      "per_disk_after_first_kib": None if marginal is None else round(marginal, 1),
+                      "growth": {k: v[0] for k, v in growth.items()},
+                      "loadavg_at_start": load_start, "loadavg_at_end": load_end,
+                      "command": vm.argv}, separators=(",", ":")), flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------
 
@@ -301,6 +441,9 @@ def main(argv):
     try:
         log(f"booting (timeout {args.timeout:g} s)")
         boot_s = vm.boot()
+        if args.memory_per_disk:
+            log(f"'Run /init' after {boot_s:.1f} s")
+            return memory_main(args, vm, workdir)
         places = resolve_places(vm)
         load_start = benchlib.loadavg()
         s0 = sample(vm.proc.pid, args.memory)

@@ -25,6 +25,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
@@ -379,6 +380,23 @@ pub fn filter(kind: ThreadKind, mode: SeccompMode) -> Result<BpfProgram, seccomp
     f.try_into().map_err(seccompiler::Error::Backend)
 }
 
+/// The two programs a thread of `kind` installs (the clone3 filter, then
+/// its list), compiled once per kind and mode: a device worker started for
+/// each hot-plugged device then only installs them, without building the
+/// filter again (time, and the stack and heap the compiler touches).
+type Compiled = Arc<[BpfProgram; 2]>;
+
+fn compiled(kind: ThreadKind, mode: SeccompMode) -> Result<Compiled, seccompiler::Error> {
+    static CACHE: Mutex<Vec<(ThreadKind, SeccompMode, Compiled)>> = Mutex::new(Vec::new());
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, _, progs)) = cache.iter().find(|(k, m, _)| *k == kind && *m == mode) {
+        return Ok(Arc::clone(progs));
+    }
+    let progs: Compiled = Arc::new([no_clone3()?, filter(kind, mode)?]);
+    cache.push((kind, mode, Arc::clone(&progs)));
+    Ok(progs)
+}
+
 /// The system call `ARBOR_SECCOMP_SELFTEST` makes: in no allow list.
 const SELFTEST_SYSCALL: i64 = libc::SYS_getpgrp;
 
@@ -399,14 +417,14 @@ pub fn install(kind: ThreadKind) {
         .is_ok_and(|v| v.split(',').any(|k| k == kind.name()));
     // The clone3 filter first: the thread's own list may not allow
     // `seccomp` itself.
-    let progs = match (no_clone3(), filter(kind, mode)) {
-        (Ok(p), Ok(q)) => [p, q],
-        (Err(e), _) | (_, Err(e)) => {
+    let progs = match compiled(kind, mode) {
+        Ok(p) => p,
+        Err(e) => {
             log::error!("seccomp filter for {}: {e}", kind.name());
             return;
         }
     };
-    for prog in &progs {
+    for prog in progs.iter() {
         if let Err(e) = seccompiler::apply_filter(prog) {
             log::error!("cannot install the seccomp filter for {}: {e}", kind.name());
             return;

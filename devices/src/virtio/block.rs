@@ -8,9 +8,10 @@
 //! device, not empty and a whole number of 512-byte sectors, opened without blocking
 //! ([`open_disk`]); capacity is its size in sectors. Requests must be whole sectors inside
 //! the disk, otherwise they complete with IOERR. A read-only disk advertises
-//! VIRTIO_BLK_F_RO and fails writes with IOERR. Data is copied through a bounded bounce
-//! buffer with positional I/O (`pread`/`pwrite`), so guest buffer sizes never translate
-//! into host allocations larger than [`IO_CHUNK`].
+//! VIRTIO_BLK_F_RO and fails writes with IOERR. Data moves with positional I/O
+//! (`pread`/`pwrite`) straight between the image and the guest's buffers, with no host
+//! buffer in between: guest buffer sizes never translate into host allocations, and a
+//! disk costs no memory for its data path.
 //!
 //! The limits advertised in the configuration space are enforced: a request with more than
 //! `seg_max` data buffers (plus the header and status descriptors) or a buffer larger than
@@ -23,7 +24,7 @@
 use std::fs::{File, Metadata, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -382,7 +383,6 @@ impl Block {
             serial: self.serial,
             max_descs: usize::from(self.queue_sizes[0]) * 4,
             max_segments: seg_max(self.queue_sizes[0]) as usize + 2,
-            buf: Vec::new(),
         }
     }
 }
@@ -418,7 +418,6 @@ pub struct BlockHandler {
     max_descs: usize,
     /// Non-empty buffers accepted per request (`seg_max` + header + status).
     max_segments: usize,
-    buf: Vec<u8>,
 }
 
 type Status = u8;
@@ -451,10 +450,7 @@ impl BlockHandler {
                 return Err(Cut::Stopped);
             }
             let n = ((len - pos) as usize).min(IO_CHUNK);
-            self.buf.resize(n, 0);
-            self.disk.read_exact_at(&mut self.buf[..n], off + pos)?;
-            bufs.write_at(mem, pos, &self.buf[..n])
-                .map_err(io::Error::other)?;
+            bufs.read_from_file(mem, pos, &self.disk, off + pos, n)?;
             pos += n as u64;
         }
         Ok(())
@@ -474,10 +470,7 @@ impl BlockHandler {
                 return Err(Cut::Stopped);
             }
             let n = ((len - pos) as usize).min(IO_CHUNK);
-            self.buf.resize(n, 0);
-            bufs.read_at(mem, HEADER_LEN + pos, &mut self.buf[..n])
-                .map_err(io::Error::other)?;
-            self.disk.write_all_at(&self.buf[..n], off + pos)?;
+            bufs.write_to_file(mem, HEADER_LEN + pos, &self.disk, off + pos, n)?;
             pos += n as u64;
         }
         Ok(())

@@ -12,9 +12,17 @@
 //! [`ChainBuffers`] then addresses the readable and writable areas as flat byte ranges, so
 //! devices can read headers and write status bytes that straddle descriptors.
 
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions, ReadVolatile,
+    VolatileMemoryError, VolatileSlice, WriteVolatile,
+};
 
 /// Why a descriptor chain was rejected.
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
@@ -146,6 +154,102 @@ pub fn parse_chain(
     }
 }
 
+/// A file read or written at a position that advances: `pread`/`pwrite`
+/// straight between the file and guest memory (vm-memory's volatile I/O),
+/// with no buffer in between. Each call fills or drains its whole slice
+/// unless the file ends (a read returns less) or the call fails.
+struct FileAt<'a> {
+    file: &'a File,
+    pos: u64,
+}
+
+impl FileAt<'_> {
+    fn offset(&self) -> Result<libc::off64_t, VolatileMemoryError> {
+        libc::off64_t::try_from(self.pos).map_err(|_| {
+            VolatileMemoryError::IOError(io::Error::from_raw_os_error(libc::EOVERFLOW))
+        })
+    }
+}
+
+impl ReadVolatile for FileAt<'_> {
+    fn read_volatile<B: BitmapSlice>(
+        &mut self,
+        buf: &mut VolatileSlice<B>,
+    ) -> Result<usize, VolatileMemoryError> {
+        let guard = buf.ptr_guard_mut();
+        let base = guard.as_ptr();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let off = self.offset()?;
+            // SAFETY: `base` is valid for writes of `buf.len()` bytes (the
+            // VolatileSlice's invariant, kept alive by `guard`), so
+            // `base + done` is valid for `buf.len() - done`; the descriptor
+            // is the borrowed file's.
+            let n = unsafe {
+                libc::pread64(
+                    self.file.as_raw_fd(),
+                    base.add(done).cast::<libc::c_void>(),
+                    buf.len() - done,
+                    off,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                buf.bitmap().mark_dirty(0, buf.len());
+                return Err(VolatileMemoryError::IOError(e));
+            }
+            if n == 0 {
+                break;
+            }
+            done += n as usize;
+            self.pos += n as u64;
+        }
+        buf.bitmap().mark_dirty(0, done);
+        Ok(done)
+    }
+}
+
+impl WriteVolatile for FileAt<'_> {
+    fn write_volatile<B: BitmapSlice>(
+        &mut self,
+        buf: &VolatileSlice<B>,
+    ) -> Result<usize, VolatileMemoryError> {
+        let guard = buf.ptr_guard();
+        let base = guard.as_ptr();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let off = self.offset()?;
+            // SAFETY: `base` is valid for reads of `buf.len()` bytes (the
+            // VolatileSlice's invariant, kept alive by `guard`); the
+            // descriptor is the borrowed file's.
+            let n = unsafe {
+                libc::pwrite64(
+                    self.file.as_raw_fd(),
+                    base.add(done).cast::<libc::c_void>(),
+                    buf.len() - done,
+                    off,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(VolatileMemoryError::IOError(e));
+            }
+            if n == 0 {
+                break;
+            }
+            done += n as usize;
+            self.pos += n as u64;
+        }
+        Ok(done)
+    }
+}
+
 /// Sub-ranges of `segs` covering the flat byte range `[offset, offset + len)`.
 fn ranges(
     segs: &[Segment],
@@ -252,6 +356,60 @@ impl ChainBuffers {
         Ok(())
     }
 
+    /// Read `len` bytes of `file` at `file_offset` straight into the
+    /// writable area at flat `offset` (no host buffer). The file ending
+    /// first is an error (`UnexpectedEof`).
+    pub fn read_from_file(
+        &self,
+        mem: &GuestMemoryMmap,
+        offset: u64,
+        file: &File,
+        file_offset: u64,
+        len: usize,
+    ) -> io::Result<()> {
+        let mut src = FileAt {
+            file,
+            pos: file_offset,
+        };
+        for (addr, n) in
+            ranges(&self.writable, self.writable_len, offset, len).map_err(io::Error::other)?
+        {
+            let got = mem
+                .read_volatile_from(addr, &mut src, n)
+                .map_err(io::Error::other)?;
+            if got != n {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the file ended {} bytes short", n - got),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Write `len` bytes of the readable area at flat `offset` straight to
+    /// `file` at `file_offset` (no host buffer).
+    pub fn write_to_file(
+        &self,
+        mem: &GuestMemoryMmap,
+        offset: u64,
+        file: &File,
+        file_offset: u64,
+        len: usize,
+    ) -> io::Result<()> {
+        let mut dst = FileAt {
+            file,
+            pos: file_offset,
+        };
+        for (addr, n) in
+            ranges(&self.readable, self.readable_len, offset, len).map_err(io::Error::other)?
+        {
+            mem.write_all_volatile_to(addr, &mut dst, n)
+                .map_err(io::Error::other)?;
+        }
+        Ok(())
+    }
+
     /// Copy `buf` into the writable area at flat `offset`.
     pub fn write_at(
         &self,
@@ -320,6 +478,55 @@ mod tests {
         m.read_slice(&mut out, GuestAddress(0x50000)).unwrap();
         assert_eq!(out, [9, 9, 0, 0]);
         assert!(b.write_at(&m, 7, &[1, 2]).is_err());
+    }
+
+    #[test]
+    fn file_io_goes_straight_between_the_file_and_the_segments() {
+        let m = mem();
+        let q = TestQueue::new(0x1000, 16);
+        q.write_desc(&m, 0, desc(0x10000, 3, F_NEXT, 1));
+        q.write_desc(&m, 1, desc(0x20000, 5, F_NEXT, 2));
+        q.write_desc(&m, 2, desc(0x40000, 4, F_NEXT | F_WRITE, 3));
+        q.write_desc(&m, 3, desc(0x50000, 4, F_WRITE, 0));
+        m.write_slice(&[1, 2, 3], GuestAddress(0x10000)).unwrap();
+        m.write_slice(&[4, 5, 6, 7, 8], GuestAddress(0x20000))
+            .unwrap();
+        let b = parse_head(&m, &q, 0, 16).unwrap();
+        let path = std::env::temp_dir().join(format!("arbor-chain-{}", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        // Readable bytes 1..7 (across both segments) to the file at 2.
+        b.write_to_file(&m, 1, &file, 2, 6).unwrap();
+        let mut got = vec![0u8; 8];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut got, 0).unwrap();
+        assert_eq!(got, [0, 0, 2, 3, 4, 5, 6, 7]);
+        // File bytes 3..9 into the writable area at 1 (across both segments).
+        std::os::unix::fs::FileExt::write_all_at(
+            &file,
+            &[10, 11, 12, 13, 14, 15, 16, 17, 18, 19],
+            0,
+        )
+        .unwrap();
+        b.read_from_file(&m, 1, &file, 3, 6).unwrap();
+        let mut out = [0u8; 4];
+        m.read_slice(&mut out, GuestAddress(0x40000)).unwrap();
+        assert_eq!(out, [0, 13, 14, 15]);
+        m.read_slice(&mut out, GuestAddress(0x50000)).unwrap();
+        assert_eq!(out, [16, 17, 18, 0]);
+        // Past the chain's areas: refused before any I/O.
+        assert!(b.read_from_file(&m, 4, &file, 0, 8).is_err());
+        assert!(b.write_to_file(&m, 4, &file, 0, 5).is_err());
+        // The file ends first: an error, not a short success.
+        let e = b.read_from_file(&m, 0, &file, 6, 8).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        // Offsets beyond what the system call takes.
+        assert!(b.read_from_file(&m, 0, &file, u64::MAX - 2, 1).is_err());
     }
 
     #[test]

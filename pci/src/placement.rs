@@ -810,6 +810,23 @@ fn switch_slots(
         .collect()
 }
 
+/// The first `n` of `free` (device paths with their ports), each placed with the mechanism
+/// `mechanism` gives its port and path.
+fn places_on_ports(
+    free: Vec<(PciPath, String)>,
+    n: usize,
+    mechanism: &dyn Fn(Option<&str>, &PciPath) -> SlotMechanism,
+) -> Vec<Place> {
+    free.into_iter()
+        .take(n)
+        .map(|(path, port)| Place {
+            mechanism: mechanism(Some(&port), &path),
+            path,
+            port: Some(port),
+        })
+        .collect()
+}
+
 /// Chooses the guest slots of a kernel VFIO assignment ([`crate::assignment`]), one per
 /// host device:
 ///
@@ -879,14 +896,7 @@ pub fn choose_slots(
             if free.len() < n {
                 return Err(PlacementError::PortFull(id.to_string()));
             }
-            free.into_iter()
-                .take(n)
-                .map(|(path, port)| Place {
-                    mechanism: mechanism(Some(&port), &path),
-                    path,
-                    port: Some(port),
-                })
-                .collect()
+            places_on_ports(free, n, &mechanism)
         }
         (None, None, 1) => {
             let ports: Vec<&PortNode> = topology
@@ -926,15 +936,7 @@ pub fn choose_slots(
                 .map(|sw| switch_slots(topology, plan, occupied, sw, hotplug))
                 .find(|free| free.len() >= n)
                 .ok_or_else(|| group_error(req))?;
-            chosen
-                .into_iter()
-                .take(n)
-                .map(|(path, port)| Place {
-                    mechanism: mechanism(Some(&port), &path),
-                    path,
-                    port: Some(port),
-                })
-                .collect()
+            places_on_ports(chosen, n, &mechanism)
         }
     };
     if req.multifunction {

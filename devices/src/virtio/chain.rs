@@ -164,10 +164,33 @@ struct FileAt<'a> {
 }
 
 impl FileAt<'_> {
-    fn offset(&self) -> Result<libc::off64_t, VolatileMemoryError> {
-        libc::off64_t::try_from(self.pos).map_err(|_| {
-            VolatileMemoryError::IOError(io::Error::from_raw_os_error(libc::EOVERFLOW))
-        })
+    /// Moves `len` bytes, calling `op(done, offset)` (one `pread`/`pwrite` of
+    /// the bytes from `done` on, at file offset `offset`) until all moved, the
+    /// file ends (0) or a call fails; retries on EINTR. Returns the bytes moved.
+    fn transfer(
+        &mut self,
+        len: usize,
+        mut op: impl FnMut(usize, libc::off64_t) -> isize,
+    ) -> io::Result<usize> {
+        let mut done = 0usize;
+        while done < len {
+            let off = libc::off64_t::try_from(self.pos)
+                .map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+            let n = op(done, off);
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                break;
+            }
+            done += n as usize;
+            self.pos += n as u64;
+        }
+        Ok(done)
     }
 }
 
@@ -178,37 +201,25 @@ impl ReadVolatile for FileAt<'_> {
     ) -> Result<usize, VolatileMemoryError> {
         let guard = buf.ptr_guard_mut();
         let base = guard.as_ptr();
-        let mut done = 0usize;
-        while done < buf.len() {
-            let off = self.offset()?;
-            // SAFETY: `base` is valid for writes of `buf.len()` bytes (the
+        let len = buf.len();
+        let fd = self.file.as_raw_fd();
+        let r = self.transfer(len, |done, off| {
+            // SAFETY: `base` is valid for writes of `len` bytes (the
             // VolatileSlice's invariant, kept alive by `guard`), so
-            // `base + done` is valid for `buf.len() - done`; the descriptor
-            // is the borrowed file's.
-            let n = unsafe {
-                libc::pread64(
-                    self.file.as_raw_fd(),
-                    base.add(done).cast::<libc::c_void>(),
-                    buf.len() - done,
-                    off,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                buf.bitmap().mark_dirty(0, buf.len());
-                return Err(VolatileMemoryError::IOError(e));
+            // `base + done` is valid for `len - done`; the descriptor is the
+            // borrowed file's.
+            unsafe { libc::pread64(fd, base.add(done).cast::<libc::c_void>(), len - done, off) }
+        });
+        match r {
+            Ok(done) => {
+                buf.bitmap().mark_dirty(0, done);
+                Ok(done)
             }
-            if n == 0 {
-                break;
+            Err(e) => {
+                buf.bitmap().mark_dirty(0, len);
+                Err(VolatileMemoryError::IOError(e))
             }
-            done += n as usize;
-            self.pos += n as u64;
         }
-        buf.bitmap().mark_dirty(0, done);
-        Ok(done)
     }
 }
 
@@ -219,34 +230,15 @@ impl WriteVolatile for FileAt<'_> {
     ) -> Result<usize, VolatileMemoryError> {
         let guard = buf.ptr_guard();
         let base = guard.as_ptr();
-        let mut done = 0usize;
-        while done < buf.len() {
-            let off = self.offset()?;
-            // SAFETY: `base` is valid for reads of `buf.len()` bytes (the
+        let len = buf.len();
+        let fd = self.file.as_raw_fd();
+        self.transfer(len, |done, off| {
+            // SAFETY: `base` is valid for reads of `len` bytes (the
             // VolatileSlice's invariant, kept alive by `guard`); the
             // descriptor is the borrowed file's.
-            let n = unsafe {
-                libc::pwrite64(
-                    self.file.as_raw_fd(),
-                    base.add(done).cast::<libc::c_void>(),
-                    buf.len() - done,
-                    off,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(VolatileMemoryError::IOError(e));
-            }
-            if n == 0 {
-                break;
-            }
-            done += n as usize;
-            self.pos += n as u64;
-        }
-        Ok(done)
+            unsafe { libc::pwrite64(fd, base.add(done).cast::<libc::c_void>(), len - done, off) }
+        })
+        .map_err(VolatileMemoryError::IOError)
     }
 }
 

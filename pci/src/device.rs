@@ -94,7 +94,7 @@ pub struct ConfigWriteOutcome {
     /// Slot Control, `lit` telling whether the power indicator is on or blinking after the
     /// write. `Some(false)` means the guest shows the slot as off (after a removal request,
     /// with the card gone: the removal is complete).
-    pub slot_power: Option<bool>,
+    pub slot_indicator: Option<bool>,
 }
 
 impl ConfigWriteOutcome {
@@ -116,7 +116,7 @@ impl ConfigWriteOutcome {
         self.secondary_bus_reset |= other.secondary_bus_reset;
         self.power_state = other.power_state.or(self.power_state);
         self.capabilities_written.extend(other.capabilities_written);
-        self.slot_power = other.slot_power.or(self.slot_power);
+        self.slot_indicator = other.slot_indicator.or(self.slot_indicator);
     }
 }
 

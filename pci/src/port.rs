@@ -29,7 +29,7 @@
 //!
 //! Removal is cooperative: after `card_present(false)` the device stays on the secondary bus
 //! while the guest unbinds its driver; the guest then turns the slot's power indicator off,
-//! which the configuration write reports as [`ConfigWriteOutcome::slot_power`]
+//! which the configuration write reports as [`ConfigWriteOutcome::slot_indicator`]
 //! `== Some(false)`, the signal that the VMM may detach the device.
 //!
 //! Why no power controller: Linux's pciehp waits one second after every power-off it
@@ -458,7 +458,7 @@ impl PciePort {
 
     /// Whether the slot's power indicator is on or blinking (the guest's view that the slot
     /// is in use). Always true without a native slot.
-    pub fn slot_powered(&self) -> bool {
+    pub fn slot_in_use(&self) -> bool {
         !self.params.native_hotplug
             || (self.slot_control() & slot_control::POWER_INDICATOR)
                 != INDICATOR_OFF << PWR_INDICATOR_SHIFT
@@ -468,7 +468,7 @@ impl PciePort {
     /// [`PciePort::card_present`]`(false)`) and whose power indicator the guest turned off.
     /// Also true when the indicator was already off before the removal request.
     pub fn removal_complete(&self) -> bool {
-        self.params.native_hotplug && !self.presence() && !self.slot_powered()
+        self.params.native_hotplug && !self.presence() && !self.slot_in_use()
     }
 
     /// Whether a configuration write of `len` bytes at `reg_idx`/`offset` covers Slot
@@ -596,7 +596,7 @@ impl PciDevice for PciePort {
         let mut out = self.config.write_config_register(reg_idx, offset, data);
         if self.params.native_hotplug {
             if self.writes_slot_control(reg_idx, offset, data.len()) {
-                out.slot_power = Some(self.slot_powered());
+                out.slot_indicator = Some(self.slot_in_use());
             }
             self.update_interrupt();
         }

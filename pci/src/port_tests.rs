@@ -107,7 +107,7 @@ fn kinds_headers_and_capabilities() {
         }
         assert!(p.config().find_capability(crate::pm::PM_CAP_ID).is_some());
         assert!(p.config().msi_offset().is_none());
-        assert!(p.presence() && p.slot_powered() && p.link_active());
+        assert!(p.presence() && p.slot_in_use() && p.link_active());
         assert!(matches!(p.card_present(true), Err(PciError::NoHotplugSlot)));
         // Windows start disabled.
         assert_eq!(p.windows(), BridgeWindows::default());
@@ -154,11 +154,11 @@ fn slot_capabilities_and_link() {
         let lnkcap = r32(&mut p, off + regs::LNKCAP);
         assert_ne!(lnkcap & (1 << 20), 0, "DLL link active reporting");
         // Empty at reset: not present, link down, indicators off.
-        assert!(!p.presence() && !p.link_active() && !p.slot_powered());
+        assert!(!p.presence() && !p.link_active() && !p.slot_in_use());
         assert_eq!(p.slot_status(), 0);
         assert_eq!(p.slot_control(), (3 << 8) | (3 << 6));
         p.cold_plug(true);
-        assert!(p.presence() && p.link_active() && p.slot_powered());
+        assert!(p.presence() && p.link_active() && p.slot_in_use());
         assert_eq!(p.slot_status(), PDS, "cold plug raises no event");
         assert_eq!(p.slot_control(), (1 << 8) | (3 << 6));
     }
@@ -199,10 +199,10 @@ fn slot_register_semantics() {
     p.raise_slot_events(PDC);
     let o = w32(&mut p, off + regs::SLTCTL, u32::from(HPIE));
     assert_eq!(p.slot_status(), PDS | PDC);
-    assert_eq!(o.slot_power, Some(true), "indicator field 0: not off");
+    assert_eq!(o.slot_indicator, Some(true), "indicator field 0: not off");
     // A write to Slot Status alone does not report the indicator.
     let o = w16(&mut p, sta, 0);
-    assert_eq!(o.slot_power, None);
+    assert_eq!(o.slot_indicator, None);
     // Writing 1 to everything clears the events but not PDS.
     w16(&mut p, sta, 0xffff);
     assert_eq!(p.slot_status(), PDS);
@@ -211,7 +211,7 @@ fn slot_register_semantics() {
     // none) and EIC are not.
     let o = set_slot_control(&mut p, 0xffff);
     assert_eq!(p.slot_control(), 0x13ff);
-    assert_eq!(o.slot_power, Some(false));
+    assert_eq!(o.slot_indicator, Some(false));
     // No Command Completed support: a control write never raises Command Completed.
     assert_eq!(p.slot_status() & slot_status::COMMAND_COMPLETED, 0);
     set_slot_control(&mut p, 0);
@@ -346,8 +346,8 @@ fn removal_flow_reports_slot_power_off() {
     enable_msi(&mut p, true);
     // Linux pciehp: power indicator on, enables.
     let ctl = HPIE | PDCE | DLLSCE | (1 << 8) | (3 << 6);
-    assert_eq!(set_slot_control(&mut p, ctl).slot_power, Some(true));
-    assert!(p.slot_powered());
+    assert_eq!(set_slot_control(&mut p, ctl).slot_indicator, Some(true));
+    assert!(p.slot_in_use());
 
     // The VMM requests removal.
     assert!(p.card_present(false).unwrap());
@@ -362,17 +362,17 @@ fn removal_flow_reports_slot_power_off() {
     // indicator off (no power controller: Linux writes no power-off command).
     clear_slot_status(&mut p, PDC | DLLSC);
     let o = set_slot_control(&mut p, HPIE | PDCE | DLLSCE | (3 << 8) | (3 << 6));
-    assert_eq!(o.slot_power, Some(false));
+    assert_eq!(o.slot_indicator, Some(false));
     assert!(!o.is_empty());
-    assert!(!p.slot_powered());
+    assert!(!p.slot_in_use());
     assert!(p.removal_complete());
     // A power-off command bit is ignored (reads 0); the indicator decides.
     let o = set_slot_control(&mut p, HPIE | PDCE | DLLSCE | PCC | (3 << 8) | (3 << 6));
     assert_eq!(p.slot_control() & PCC, 0);
-    assert_eq!(o.slot_power, Some(false));
+    assert_eq!(o.slot_indicator, Some(false));
     // Blinking counts as in use.
     let o = set_slot_control(&mut p, HPIE | PDCE | DLLSCE | (2 << 8) | (3 << 6));
-    assert_eq!(o.slot_power, Some(true));
+    assert_eq!(o.slot_indicator, Some(true));
     assert!(!p.removal_complete());
     assert_eq!(g.trigger_count(0), 1);
 
@@ -380,21 +380,21 @@ fn removal_flow_reports_slot_power_off() {
     assert!(p.card_present(true).unwrap());
     assert_eq!(g.trigger_count(0), 2);
     let o = set_slot_control(&mut p, HPIE | PDCE | DLLSCE | (1 << 8) | (3 << 6));
-    assert_eq!(o.slot_power, Some(true));
-    assert!(p.slot_powered() && p.presence() && p.link_active());
+    assert_eq!(o.slot_indicator, Some(true));
+    assert!(p.slot_in_use() && p.presence() && p.link_active());
     // Byte writes to the high byte of Slot Control work too.
     let off = cap(&p) + regs::SLTCTL + 1;
     let off_report = w(&mut p, off, &[((3 << 8) >> 8) as u8]);
-    assert_eq!(off_report.slot_power, Some(false));
+    assert_eq!(off_report.slot_indicator, Some(false));
     // A byte write just below Slot Control (Slot Capabilities' last byte) reports nothing.
     let below = cap(&p) + regs::SLTCTL - 1;
     let o = w(&mut p, below, &[0]);
-    assert_eq!(o.slot_power, None);
+    assert_eq!(o.slot_indicator, None);
     // Merging keeps the latest power report.
     let mut m = ConfigWriteOutcome::default();
     m.merge(off_report);
     m.merge(ConfigWriteOutcome::default());
-    assert_eq!(m.slot_power, Some(false));
+    assert_eq!(m.slot_indicator, Some(false));
 }
 
 #[test]

@@ -594,15 +594,15 @@ fn native_hotplug_through_the_root() {
         | slot_control::PRESENCE_DETECT_ENABLE
         | slot_control::DLL_STATE_CHANGED_ENABLE;
     let o = w16(cap + regs::SLTCTL as u16, en | (3 << 8) | (3 << 6));
-    assert_eq!(o.outcome.slot_power, Some(false));
+    assert_eq!(o.outcome.slot_indicator, Some(false));
     assert_eq!(g.trigger_count(0), 1, "held event delivered");
     let sta = r16(cap + regs::SLTSTA as u16);
     assert_ne!(sta & slot_status::PRESENCE_DETECT_STATE, 0);
     // The guest acknowledges and lights the power indicator.
     w16(cap + regs::SLTSTA as u16, sta);
     let o = w16(cap + regs::SLTCTL as u16, en | (1 << 8) | (3 << 6));
-    assert_eq!(o.outcome.slot_power, Some(true));
-    assert!(port.lock().unwrap().slot_powered());
+    assert_eq!(o.outcome.slot_indicator, Some(true));
+    assert!(port.lock().unwrap().slot_in_use());
     assert_eq!(root.bdf_of_path(&path), Some(bdf("04:00.0")));
 
     // Removal.
@@ -616,7 +616,7 @@ fn native_hotplug_through_the_root() {
     assert_eq!(u16::from_le_bytes(d), 0x8086);
     w16(cap + regs::SLTSTA as u16, sta);
     let o = w16(cap + regs::SLTCTL as u16, en | (3 << 8) | (3 << 6));
-    assert_eq!(o.outcome.slot_power, Some(false));
+    assert_eq!(o.outcome.slot_indicator, Some(false));
     // The VMM completes the removal.
     let (n, slot) = t.port_for_path(&path).unwrap();
     assert_eq!((n.id.as_str(), slot.slot), ("sw0.0", 0));

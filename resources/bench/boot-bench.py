@@ -473,7 +473,6 @@ def main(argv):
                 for name, rs in results.items() if rs},
         "ratio_reference": ref,
         "ratios": ratios,
-        "ratio_arbor_over_qemu": ratios.get("arbor") if ref == "qemu" else None,
         "timeline_median_s": timeline,
         "per_run": results,
         "failed": failed,

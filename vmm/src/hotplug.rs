@@ -47,8 +47,8 @@ pub enum Completion {
     /// `_EJ0` of `slot` on the bus with ACPI selector `bsel`.
     AcpiEjected { bsel: u32, slot: u8 },
     /// The guest wrote native port `port`'s Slot Control, leaving its power indicator
-    /// on (`on`) or off (off: the guest released the slot's device if the card is gone).
-    SlotPower { port: String, on: bool },
+    /// off: it released the slot's device if the card is gone.
+    SlotReleased { port: String },
 }
 
 /// Typed completions from vCPU threads to the event loop, with a wake-up
@@ -318,14 +318,11 @@ impl HotplugOwner {
                         ),
                     }
                 }
-                Completion::SlotPower { port, on } => {
-                    log::debug!(
-                        "hotplug: port {port}: power indicator {}",
-                        if on { "on" } else { "off" }
-                    );
+                Completion::SlotReleased { port } => {
+                    log::debug!("hotplug: port {port}: power indicator off");
                     let m = SlotMechanism::Native { port: port.clone() };
                     let pending = self.removals.iter().any(|r| r.mechanism == m);
-                    if !on && pending && self.native_released(&port) {
+                    if pending && self.native_released(&port) {
                         if let Some(id) = self.occupants.remove(&m) {
                             self.removals.retain(|r| r.id != id);
                             out.push(Outcome::Released { id });

@@ -557,15 +557,14 @@ impl PciManager {
         let o = &r.outcome;
         // Every Slot Control write that leaves the power indicator off may complete a
         // removal: the hotplug owner checks the slot's state.
-        if o.slot_power == Some(false) {
+        if o.slot_indicator == Some(false) {
             match self.port_id_of(&r.device) {
-                Some(port) => self.completions.push(Completion::SlotPower {
+                Some(port) => self.completions.push(Completion::SlotReleased {
                     port: port.to_string(),
-                    on: false,
                 }),
                 None => {
                     devices::guest_warn!(
-                        "PCI {}: slot power from a function that is no port",
+                        "PCI {}: slot indicator write from a function that is no port",
                         r.bdf
                     )
                 }

@@ -2,13 +2,9 @@
 //! runs: exit status 2 for usage errors, 1 for errors found while building
 //! the VM.
 
-use arbor_tests::{guest_kit, kvm_available, run_arbor, run_arbor_env, wait_for_socket, Guest};
-
-fn tmp(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("arbor-bad-input-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d.join(name)
-}
+use arbor_tests::{
+    guest_kit, kvm_available, run_arbor, run_arbor_env, wait_for_socket, Guest, Scratch,
+};
 
 fn assert_fails(args: &[&str], code: i32, needle: &str) {
     assert_fails_env(args, &[], code, needle)
@@ -95,14 +91,15 @@ fn bad_vm_shapes() {
 
 #[test]
 fn garbage_kernel() {
-    let g = tmp("garbage");
+    let s = Scratch::new("bad-input-kernel");
+    let g = s.path("garbage");
     std::fs::write(&g, vec![0xa5u8; 64 * 1024]).unwrap();
     assert_fails(
         &["--kernel", g.to_str().unwrap()],
         1,
         "neither an ELF vmlinux nor a bzImage",
     );
-    let empty = tmp("empty");
+    let empty = s.path("empty");
     std::fs::write(&empty, b"").unwrap();
     assert_fails(
         &["--kernel", empty.to_str().unwrap()],
@@ -112,7 +109,7 @@ fn garbage_kernel() {
     // An ELF header with nothing behind it.
     let mut elf = b"\x7fELF\x02\x01\x01".to_vec();
     elf.resize(128, 0);
-    let bad_elf = tmp("bad-elf");
+    let bad_elf = s.path("bad-elf");
     std::fs::write(&bad_elf, elf).unwrap();
     assert_fails(
         &["--kernel", bad_elf.to_str().unwrap()],
@@ -123,7 +120,8 @@ fn garbage_kernel() {
 
 #[test]
 fn no_kvm() {
-    let k = tmp("k-for-kvm");
+    let s = Scratch::new("bad-input-kvm");
+    let k = s.path("k-for-kvm");
     std::fs::write(&k, b"\x7fELF").unwrap();
     let k = k.to_str().unwrap();
     assert_fails_env(
@@ -272,9 +270,8 @@ fn kernel_vfio_devices_that_cannot_be_passed_through() {
 
     // The API: a created VM (not booted) refuses with 400 and vm.info
     // does not change.
-    let dir = tmp("vfio-api");
-    std::fs::create_dir_all(&dir).unwrap();
-    let sock = dir.join("api.sock");
+    let dir = Scratch::new("bad-input-vfio-api");
+    let sock = dir.path("api.sock");
     let _ = std::fs::remove_file(&sock);
     let mut vmm = Guest::start(
         "bad-input-vfio",

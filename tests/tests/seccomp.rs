@@ -25,21 +25,35 @@ const KINDS: &[&str] = &[
     "vsock-worker",
 ];
 
-fn socket_path(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("arbor-seccomp-{name}-{}.sock", std::process::id()))
+/// The API socket's path, in the temporary directory (a scratch path can be too long
+/// for a UNIX socket), removed when dropped: a VMM killed by SIGSYS leaves it behind.
+struct ApiSocket(PathBuf);
+
+impl ApiSocket {
+    fn new(name: &str) -> ApiSocket {
+        let p =
+            std::env::temp_dir().join(format!("arbor-seccomp-{name}-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        ApiSocket(p)
+    }
+}
+
+impl Drop for ApiSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Boots with a disk, an rng and a vsock device, so that every kind of device worker
 /// starts.
-fn start(kind: &str, mode: &str, scratch: &Scratch) -> Guest {
+fn start(kind: &str, mode: &str, scratch: &Scratch) -> (Guest, ApiSocket) {
     let kit = guest_kit();
     let disk = scratch.path("disk.img");
     raw_disk(&disk, 3);
     let disk = format!("path={}", disk.display());
     let events = format!("path={}", scratch.path("events.jsonl").display());
     let vsock = format!("cid=3,socket={}", scratch.path("v.sock").display());
-    let sock = socket_path(kind);
-    let _ = std::fs::remove_file(&sock);
+    let sock = ApiSocket::new(kind);
     let args: Vec<String> = [
         "--kernel",
         kit.vmlinux.to_str().unwrap(),
@@ -60,24 +74,25 @@ fn start(kind: &str, mode: &str, scratch: &Scratch) -> Guest {
         "--event-monitor",
         &events,
         "--api-socket",
-        sock.to_str().unwrap(),
+        sock.0.to_str().unwrap(),
         "--seccomp",
         mode,
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
-    Guest::start_env(
+    let g = Guest::start_env(
         &format!("seccomp-{kind}-{mode}"),
         &args,
         &[("ARBOR_SECCOMP_SELFTEST", kind)],
-    )
+    );
+    (g, sock)
 }
 
 /// The forbidden call kills the process with SIGSYS.
 fn killed(kind: &str) {
     let s = Scratch::new(&format!("seccomp-{kind}"));
-    let mut g = start(kind, "on", &s);
+    let (mut g, _sock) = start(kind, "on", &s);
     let st = g.wait_exit();
     assert_eq!(
         st.signal(),
@@ -100,7 +115,7 @@ fn killed(kind: &str) {
 /// boots on.
 fn logged_all() {
     let s = Scratch::new("seccomp-log");
-    let g = start(&KINDS.join(","), "log", &s);
+    let (g, _sock) = start(&KINDS.join(","), "log", &s);
     let deadline = Instant::now() + timeout();
     for kind in KINDS {
         let needle = format!("seccomp selftest ({kind}) survived");
@@ -143,7 +158,7 @@ fn off_installs_nothing() {
     }
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let s = Scratch::new("seccomp-off");
-    let g = start("event-loop", "off", &s);
+    let (g, _sock) = start("event-loop", "off", &s);
     g.wait_for("Run /init as init process");
     assert!(!g.stderr().contains("survived"), "{}", g.stderr());
 }

@@ -5,7 +5,7 @@
 //! of [`INTX_LINES`] lines starting at GSI [`INTX_GSI_BASE`], and devices
 //! behind bridges reach the root bus through the standard bridge swizzle.
 
-use crate::PciPath;
+use crate::{PciPath, Topology};
 
 /// First GSI of the PCI INTx lines (IOAPIC pins 16-23).
 pub const INTX_GSI_BASE: u32 = 16;
@@ -18,17 +18,59 @@ pub fn root_intx_gsi(slot: u8, pin: u8) -> u32 {
     INTX_GSI_BASE + (u32::from(slot) + u32::from(pin)) % INTX_LINES
 }
 
-/// The GSI the guest expects for INTA of the device at `path`: the pin is
-/// swizzled through every bridge (`(pin + slot) % 4`) and the result is
-/// routed by the root bus's `_PRT` ([`root_intx_gsi`]).
-pub fn intx_gsi(path: &PciPath) -> u32 {
+/// The root-bus slot and pin (0 = INTA .. 3 = INTD) that INTA of the
+/// device at `path` reaches: the pin is swizzled through every bridge
+/// (`(pin + slot) % 4`).
+pub fn root_pin(path: &PciPath) -> (u8, u8) {
     let slots = path.slots();
     let mut pin = 0u8; // INTA
     for s in slots.iter().skip(1).rev() {
         pin = ((u32::from(pin) + u32::from(s.slot)) % 4) as u8;
     }
     let root = slots.first().map(|s| s.slot).unwrap_or(0);
-    root_intx_gsi(root, pin)
+    (root, pin)
+}
+
+/// The GSI the guest expects for INTA of the device at `path`: its
+/// [`root_pin`] routed by the root bus's `_PRT` ([`root_intx_gsi`]).
+pub fn intx_gsi(path: &PciPath) -> u32 {
+    let (slot, pin) = root_pin(path);
+    root_intx_gsi(slot, pin)
+}
+
+/// The (root-bus slot, pin) pairs the root bus's `_PRT` must route for
+/// `topology`, in slot then pin order: INTA of every root-bus slot (every
+/// function the VMM shows uses INTA), and the [`root_pin`] of every port and
+/// of every slot open to devices behind a port.
+///
+/// Only these pins can be asserted, so a `_PRT` listing them and no other is
+/// complete. It is far shorter than all 128 (slot, pin) pairs when few slots
+/// hold bridges, and every entry costs the guest's ACPI interpreter objects
+/// to build when it loads the DSDT.
+pub fn routed_root_pins(topology: &Topology) -> Vec<(u8, u8)> {
+    let mut pins = [1u8; 32]; // bit p: pin p; INTA everywhere
+    let mut mark = |path: &PciPath| {
+        let (slot, pin) = root_pin(path);
+        if let Some(m) = pins.get_mut(usize::from(slot)) {
+            *m |= 1 << pin;
+        }
+    };
+    for port in topology.ports() {
+        mark(&port.path);
+        for &slot in port.device_slots() {
+            if let Some(path) = port.device_path(slot) {
+                mark(&path);
+            }
+        }
+    }
+    (0..32u8)
+        .flat_map(|slot| {
+            let m = pins[usize::from(slot)];
+            (0..4u8)
+                .filter(move |p| m & (1 << p) != 0)
+                .map(move |p| (slot, p))
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -970,3 +970,46 @@ fn errors() {
     );
     assert_eq!(t.last_bus(), 0);
 }
+
+#[test]
+fn routed_root_pins_cover_every_place_a_device_can_be() {
+    use crate::intx::{root_pin, routed_root_pins};
+    let t = build(&specs()).unwrap();
+    let pins = routed_root_pins(&t);
+    // Sorted, no duplicates, INTA of every root-bus slot.
+    assert!(pins.windows(2).all(|w| w[0] < w[1]), "{pins:?}");
+    for slot in 0..32u8 {
+        assert!(pins.contains(&(slot, 0)), "slot {slot} INTA");
+    }
+    // Every port and every slot open to devices reaches a routed pin.
+    let mut places = 0;
+    for port in t.ports() {
+        assert!(pins.contains(&root_pin(&port.path)), "{}", port.id);
+        for &slot in port.device_slots() {
+            let path = port.device_path(slot).unwrap();
+            assert!(pins.contains(&root_pin(&path)), "{path}");
+            places += 1;
+        }
+    }
+    assert!(places > 32, "{places}");
+    // The PCI bridge on the root bus has 32 slots: all four pins of its slot.
+    let pbr = t.port("pbr").unwrap().path.slots()[0].slot;
+    for pin in 0..4 {
+        assert!(pins.contains(&(pbr, pin)), "pbr pin {pin}");
+    }
+    // A root port without a switch below passes its one slot's INTA through
+    // unswizzled: rp0's root slot needs nothing beyond INTA.
+    let rp0 = t.port("rp0").unwrap().path.slots()[0].slot;
+    assert_eq!(pins.iter().filter(|(s, _)| *s == rp0).count(), 1);
+    // rp1 has a switch below: its downstream ports swizzle.
+    let rp1 = t.port("rp1").unwrap().path.slots()[0].slot;
+    assert!(pins.iter().filter(|(s, _)| *s == rp1).count() > 1);
+    assert!(pins.len() < 128);
+
+    // One root port: INTA of each root-bus slot, nothing more.
+    let one = build(&[spec("rp0", PortKind::RootPort, None)]).unwrap();
+    assert_eq!(
+        routed_root_pins(&one),
+        (0..32u8).map(|s| (s, 0)).collect::<Vec<_>>()
+    );
+}

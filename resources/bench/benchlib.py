@@ -24,6 +24,10 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), 
 
 MIB = 1 << 20
 
+# The minimal arbor topology: one root port without hotplug (the root bus's
+# ACPI hotplug slots stay, as on Cloud Hypervisor).
+ARBOR_MINIMAL = ["--pci-port", "id=rp0,type=root-port,hotplug=none"]
+
 # Set by each script to its own name; prefixes progress and error messages.
 PROG = "bench"
 

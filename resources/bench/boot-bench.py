@@ -70,9 +70,7 @@ PHASES = (
     ("kernel rodata protected", b"Write protecting the kernel read-only data"),
     ("Run /init", MARK_INIT),
 )
-# The minimal arbor topology: one root port without hotplug (the root bus's
-# ACPI hotplug slots stay, as on Cloud Hypervisor).
-ARBOR_MINIMAL = ["--pci-port", "id=rp0,type=root-port,hotplug=none"]
+ARBOR_MINIMAL = benchlib.ARBOR_MINIMAL
 VMMS = ("arbor", "arbor-minimal", "qemu", "cloud-hypervisor")
 # Lines after which the boot cannot reach /init.
 MARK_FATAL = (b"Kernel panic",)

@@ -317,7 +317,8 @@ impl Vm {
         let plan = HotplugPlan::new(pci.topology(), &devices.cold_paths());
 
         let mut dsdt = acpi::platform_aml();
-        dsdt.extend(acpi::host_bridge_aml(&windows, &[]));
+        let root_pins = pci::intx::routed_root_pins(pci.topology());
+        dsdt.extend(acpi::host_bridge_aml(&windows, &root_pins, &[]));
         dsdt.extend(devices.dsdt_aml(&plan));
         let mcfg = acpi::mcfg(layout::PCI_ECAM_START, windows.buses);
         let rsdp = acpi::write_tables(&memory, config.cpus, &dsdt, &[mcfg])?;

@@ -12,6 +12,9 @@ use arbor_tests::{guest_kit, kvm_available, Guest};
 const EXIT_GUEST_RESET: i32 = 3;
 
 fn check_common_boot(g: &Guest, cpus: u8) {
+    // The MP table's floating pointer, where the kernel's scan looks first
+    // after the first KiB (without it, the scan costs seconds here).
+    g.wait_for("found SMP MP-table at [mem 0x0009fc00-0x0009fc0f]");
     // ACPI tables found through the RSDP the VMM wrote.
     g.wait_for("ACPI: RSDP 0x00000000000E0000");
     for table in ["ACPI: XSDT", "ACPI: FACP", "ACPI: DSDT", "ACPI: APIC"] {
@@ -106,4 +109,24 @@ fn panic_ends_with_reset_status() {
     g.wait_for("Kernel panic");
     let st = g.wait_exit();
     assert_eq!(st.code(), Some(EXIT_GUEST_RESET), "stderr: {}", g.stderr());
+}
+
+/// Without ACPI the kernel takes the processors, the IOAPIC and the ISA
+/// interrupts from the MP table.
+#[test]
+fn acpi_off_uses_the_mp_table() {
+    if !kvm_available() {
+        return;
+    }
+    let kit = guest_kit();
+    let g = Guest::boot("mptable", &kit.vmlinux, 2, "acpi=off", &[]);
+    g.wait_for("found SMP MP-table at [mem 0x0009fc00-0x0009fc0f]");
+    g.wait_for("Intel MultiProcessor Specification v1.4");
+    g.wait_for("Processor #0 (Bootup-CPU)");
+    // This uniprocessor kernel reports the second CPU beyond its limit.
+    g.wait_for("Processor 1/0x1 ignored");
+    g.wait_for("IOAPIC[0]: apic_id 2, version 17, address 0xfec00000, GSI 0-23");
+    g.wait_for("ttyS0 at I/O 0x3f8 (irq = 4");
+    g.wait_for("Run /init as init process");
+    assert!(!g.console().contains("ACPI: RSDP"), "{}", g.console());
 }

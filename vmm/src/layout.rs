@@ -3,7 +3,7 @@
 //! ```text
 //! 0x0000_0500  GDT (64-bit boot)           0x0000_6000  PVH start info + memmap
 //! 0x0000_7000  boot_params (zero page)     0x0000_9000  page tables (PML4, PDPT, PD)
-//! 0x0002_0000  kernel command line         0x0009_fc00  EBDA (reserved)
+//! 0x0002_0000  kernel command line         0x0009_fc00  EBDA (reserved): MP table
 //! 0x000e_0000  ACPI tables (RSDP first)    0x0010_0000  RAM continues
 //! 0xc000_0000  32-bit MMIO hole start      (PCI 32-bit window, ECAM, platform MMIO)
 //! 0x1_0000_0000 RAM above 4 GiB, when memory does not fit below the hole

@@ -28,6 +28,7 @@ pub mod interrupts;
 pub mod layout;
 mod lifecycle;
 pub mod logger;
+pub mod mptable;
 pub mod pci_manager;
 pub mod seccomp;
 mod terminal;
@@ -78,6 +79,8 @@ pub enum Error {
     Boot(#[from] boot::BootError),
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),
+    #[error(transparent)]
+    MpTable(#[from] mptable::MpTableError),
     #[error(transparent)]
     Cpu(#[from] cpu::CpuError),
     #[error(transparent)]

@@ -36,7 +36,7 @@ use crate::interrupts::GsiRouting;
 use crate::pci_manager::PciManager;
 use crate::terminal::{ConsoleEscape, EscapeAction, RawMode};
 use crate::vcpu::{self, VcpuContext, VcpuEvent, VcpuHandle};
-use crate::{acpi, boot, cpu, layout, Error, ExitReason, Result, SerialOutput, VmConfig};
+use crate::{acpi, boot, cpu, layout, mptable, Error, ExitReason, Result, SerialOutput, VmConfig};
 use pci::BarAllocator;
 use vm_memory::GuestMemoryAtomic;
 
@@ -322,6 +322,11 @@ impl Vm {
         dsdt.extend(devices.dsdt_aml(&plan));
         let mcfg = acpi::mcfg(layout::PCI_ECAM_START, windows.buses);
         let rsdp = acpi::write_tables(&memory, config.cpus, &dsdt, &[mcfg])?;
+        let pci_intx: Vec<(u8, u8, u32)> = root_pins
+            .iter()
+            .map(|&(slot, pin)| (slot, pin, pci::intx::root_intx_gsi(slot, pin)))
+            .collect();
+        mptable::write(&memory, config.cpus, &pci_intx)?;
         let boot = boot::load(
             &memory,
             &config.kernel,

@@ -305,3 +305,78 @@ fn guest_virtio_blk_over_vfio_user_with_msix() {
     let info = c.vm_info().unwrap();
     assert!(info.devices.iter().all(|d| d.id != "hot"));
 }
+
+/// Bad command lines and files: a message and exit status 2, no socket
+/// left behind.
+#[test]
+fn server_refuses_bad_input() {
+    let s = Scratch::new("vfio-user-blk-bad");
+    let sock = s.path("s.sock");
+    let img = s.path("d.img");
+    raw_disk(&img, 1);
+    let run = |args: &[&std::ffi::OsStr]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_arbor-test-vfio-user-blk"))
+            .args(args)
+            .output()
+            .expect("run the server");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let os = |p: &Path| p.as_os_str().to_owned();
+    let (sock_s, img_s) = (os(&sock), os(&img));
+    let flag = |f: &str| std::ffi::OsString::from(f);
+    let cases: Vec<(Vec<std::ffi::OsString>, &str)> = vec![
+        (vec![], "--socket is required"),
+        (vec![flag("--socket"), sock_s.clone()], "--disk is required"),
+        (vec![flag("--bogus")], "unknown argument '--bogus'"),
+        (
+            vec![
+                flag("--socket"),
+                sock_s.clone(),
+                flag("--disk"),
+                os(&s.path("none.img")),
+            ],
+            "none.img",
+        ),
+        (
+            vec![
+                flag("--socket"),
+                sock_s.clone(),
+                flag("--disk"),
+                img_s.clone(),
+                flag("--bar2-file"),
+                os(&s.path("no/such/dir")),
+            ],
+            "BAR 2 file",
+        ),
+        (
+            vec![
+                flag("--socket"),
+                os(&s.path("no/such/dir.sock")),
+                flag("--disk"),
+                img_s.clone(),
+            ],
+            "socket",
+        ),
+        // The socket path exists (an earlier server's, or any file).
+        (
+            vec![
+                flag("--socket"),
+                img_s.clone(),
+                flag("--disk"),
+                os(&s.path("e.img")),
+            ],
+            "already exists",
+        ),
+    ];
+    raw_disk(&s.path("e.img"), 1);
+    for (args, want) in cases {
+        let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        let (code, err) = run(&refs);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!sock.exists(), "{args:?} left a socket");
+    }
+}

@@ -336,7 +336,7 @@ impl BlkBackend {
     /// dropped.
     fn config_write(&mut self, offset: u64, data: &[u8]) {
         let aligned = matches!(data.len(), 1 | 2 | 4) && offset.is_multiple_of(data.len() as u64);
-        if aligned && offset + data.len() as u64 <= CONFIG_SIZE {
+        if aligned && offset < CONFIG_SIZE {
             self.dev
                 .write_config_register((offset / 4) as usize, offset % 4, data);
             return;

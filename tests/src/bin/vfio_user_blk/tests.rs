@@ -221,3 +221,87 @@ fn virtio_blk_over_vfio_user() {
     assert!(!backend.dev.msix().enabled());
     assert!(backend.maps.is_empty());
 }
+
+/// Whatever a guest writes through the client (any region, offset, size,
+/// value) neither panics the server nor makes an access fail.
+#[test]
+fn garbage_accesses_are_absorbed() {
+    let dir = Scratch::new("vfio-user-blk-garbage");
+    let disk = dir.path("g.img");
+    File::create(&disk).unwrap().set_len(1 << 20).unwrap();
+    let bar2 = open_bar2(&dir.path("g.bar2")).unwrap();
+    let mut b = BlkBackend::new(&BlockConfig::new(&disk), Some(bar2)).unwrap();
+    // Guest RAM so that activation may succeed with some garbage.
+    let ram = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.path("ram"))
+        .unwrap();
+    ram.set_len(1 << 20).unwrap();
+    b.dma_map(DmaMapFlags::READ_WRITE, 0, 0, 1 << 20, Some(ram))
+        .unwrap();
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let offsets = |r: u64| {
+        [
+            r % 0x100,
+            r % 0x8000,
+            r % 0x1_0000,
+            u64::MAX - r % 8,
+            0x3000 + r % 16,
+            0x14,
+        ]
+    };
+    for _ in 0..20_000 {
+        let r = next();
+        let region = [0, 1, 2, 5, 6, 7, 8][(r % 7) as usize];
+        let offset = offsets(r >> 8)[((r >> 3) % 6) as usize];
+        let len = [0, 1, 2, 3, 4, 8, 9, 16, 300][((r >> 40) % 9) as usize];
+        let data: Vec<u8> = (0..len).map(|i| (next() >> (i % 8)) as u8).collect();
+        b.region_write(region, offset, &data).unwrap();
+        let mut back = vec![0u8; len];
+        b.region_read(region, offset, &mut back).unwrap();
+    }
+    // Interrupt requests that make no sense are refused, not applied.
+    assert!(b.set_irqs(MSIX_IRQ, 0, 0, 1, Vec::new()).is_err());
+    assert!(b
+        .set_irqs(
+            MSIX_IRQ,
+            VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+            u32::MAX,
+            1,
+            vec![File::open("/dev/null").unwrap()]
+        )
+        .is_err());
+    assert!(b
+        .set_irqs(
+            7,
+            VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+            0,
+            1,
+            vec![File::open("/dev/null").unwrap()]
+        )
+        .is_err());
+    // A DMA map without a descriptor, overlapping, or empty: refused.
+    assert!(b
+        .dma_map(DmaMapFlags::READ_WRITE, 0, 0x10_0000, 4096, None)
+        .is_err());
+    let f = File::open(dir.path("g.img")).unwrap();
+    assert!(b
+        .dma_map(DmaMapFlags::READ_WRITE, 0, 0x1000, 4096, Some(f))
+        .is_err());
+    let f = File::open(dir.path("g.img")).unwrap();
+    assert!(b
+        .dma_map(DmaMapFlags::READ_WRITE, 0, 0x20_0000, 0, Some(f))
+        .is_err());
+    assert_eq!(b.maps.len(), 1);
+    b.disconnect();
+    assert!(b.maps.is_empty() && !b.dev.is_active());
+}

@@ -305,3 +305,37 @@ fn garbage_accesses_are_absorbed() {
     b.disconnect();
     assert!(b.maps.is_empty() && !b.dev.is_active());
 }
+
+/// BAR 2's region comes with its file's descriptor (whole region mmap-able):
+/// what a client maps is the file the server serves trapped accesses from.
+#[test]
+fn bar2_descriptor_maps_the_file() {
+    let dir = Scratch::new("vfio-user-blk-bar2");
+    let (sock, server) = start(&dir, "m");
+    let c = vfio_user::Client::new(&sock).unwrap();
+    let r = c.region(2).unwrap();
+    assert_eq!(r.size, BAR2_SIZE);
+    assert_ne!(r.flags & VFIO_REGION_INFO_FLAG_MMAP, 0);
+    assert_eq!(r.sparse_areas.len(), 1);
+    assert_eq!(
+        (r.sparse_areas[0].offset, r.sparse_areas[0].size),
+        (0, BAR2_SIZE)
+    );
+    let fo = r.file_offset.as_ref().expect("BAR 2 descriptor");
+    let map = MmapRegion::<()>::from_file(
+        FileOffset::new(fo.file().try_clone().unwrap(), fo.start()),
+        BAR2_SIZE as usize,
+    )
+    .unwrap();
+    // SAFETY: `map` is a live mapping of BAR2_SIZE bytes; 0x40 is inside.
+    unsafe { map.as_ptr().add(0x40).write_volatile(0x5a) };
+    let mut b = [0u8];
+    File::open(dir.path("m.bar2"))
+        .unwrap()
+        .read_exact_at(&mut b, 0x40)
+        .unwrap();
+    assert_eq!(b[0], 0x5a);
+    c.shutdown().unwrap();
+    drop(c);
+    server.join().unwrap();
+}

@@ -34,6 +34,9 @@ const CAP_PTR_REG: usize = 0x34 / 4;
 const MAX_CAPS: usize = 48;
 /// Bytes of the MSI-X capability.
 const MSIX_CAP_LEN: usize = 12;
+/// Capability ID of a vendor-specific capability (virtio-pci describes
+/// its register blocks with them).
+pub const VENDOR_CAP_ID: u8 = 0x09;
 
 /// Dwords of the type 0 header (0x00-0x3f), which are virtual.
 const HEADER_DWORDS: usize = 16;
@@ -471,6 +474,9 @@ pub struct VfioPciDevice {
     /// Offsets of the capabilities offered, in the device's list order:
     /// the guest's capability list links them in that order.
     caps: Vec<usize>,
+    /// Offsets of the vendor-specific capabilities offered: read from the
+    /// device (but for their next pointer) and written to it.
+    vendor_caps: Vec<usize>,
     /// The interrupt the back end signals.
     mode: IrqMode,
     /// Guest RAM given to the back end: (iova, size).
@@ -673,7 +679,8 @@ impl VfioPciDevice {
     /// With `msi`, a device's usable MSI and MSI-X capabilities (the back
     /// end has such interrupts; for MSI-X, the table and PBA lie in memory
     /// BARs) are offered to the guest, each with an interrupt group `msi`
-    /// makes for its vectors; all other capabilities are hidden. Nothing is
+    /// makes for its vectors; vendor-specific capabilities are offered as
+    /// the device has them; all other capabilities are hidden. Nothing is
     /// left mapped on error.
     pub fn new(
         mut backend: Box<dyn VfioBackend>,
@@ -753,25 +760,50 @@ impl VfioPciDevice {
             });
             index += if kind == BarRegion::Mmio64 { 2 } else { 1 };
         }
-        let (mut msix, mut msi_cap, mut caps) = (None, None, Vec::new());
-        if let (Some(factory), true) = (msi, cfg_len >= 256) {
+        let (mut msix, mut msi_cap, mut caps, mut vendor_caps) =
+            (None, None, Vec::new(), Vec::new());
+        if cfg_len >= 256 {
             let mut space = [0u8; 256];
             backend
                 .region_read(CONFIG_REGION, 0, &mut space)
                 .map_err(|e| VfioPciError::ReadConfig(name.clone(), e))?;
             for (offset, id) in walk_capabilities(&space) {
-                if id == MSIX_CAP_ID && msix.is_none() {
-                    msix = find_msix(&space, offset, &mut *backend, &name, &bars, factory)?;
-                    if msix.is_some() {
-                        caps.push(offset);
+                match (id, msi) {
+                    (MSIX_CAP_ID, Some(factory)) if msix.is_none() => {
+                        msix = find_msix(&space, offset, &mut *backend, &name, &bars, factory)?;
+                        if msix.is_some() {
+                            caps.push(offset);
+                        }
                     }
-                } else if id == MSI_CAP_ID && msi_cap.is_none() {
-                    msi_cap = find_msi(&space, offset, &mut *backend, &name, factory)?;
-                    if msi_cap.is_some() {
-                        caps.push(offset);
+                    (MSI_CAP_ID, Some(factory)) if msi_cap.is_none() => {
+                        msi_cap = find_msi(&space, offset, &mut *backend, &name, factory)?;
+                        if msi_cap.is_some() {
+                            caps.push(offset);
+                        }
                     }
+                    (VENDOR_CAP_ID, _) => {
+                        caps.push(offset);
+                        vendor_caps.push(offset);
+                    }
+                    _ => {}
                 }
             }
+            // A vendor capability inside an emulated one (a malformed
+            // list) would read as the emulated bytes: not offered.
+            let emulated = |o: usize| {
+                msix.as_ref()
+                    .is_some_and(|m: &Msix| (m.offset..m.offset + MSIX_CAP_LEN).contains(&o))
+                    || msi_cap
+                        .as_ref()
+                        .is_some_and(|m: &Msi| (m.offset..m.offset + m.regs.len()).contains(&o))
+            };
+            let inside: Vec<usize> = vendor_caps
+                .iter()
+                .copied()
+                .filter(|&o| emulated(o))
+                .collect();
+            vendor_caps.retain(|o| !inside.contains(o));
+            caps.retain(|o| !inside.contains(o));
         }
         log::info!(
             "{name}: [{:04x}:{:04x}] class {:06x}, {} BAR(s), config space {cfg_len} bytes{}",
@@ -798,6 +830,7 @@ impl VfioPciDevice {
             msix,
             msi: msi_cap,
             caps,
+            vendor_caps,
             mode: IrqMode::Intx,
             intx: None,
             dma: Vec::new(),
@@ -1107,6 +1140,13 @@ impl VfioPciDevice {
                 };
             }
         }
+        if self.vendor_caps.contains(&at) {
+            let v = self.device_config_read(reg_idx);
+            if self.failed.is_some() {
+                return v;
+            }
+            return v & !0xff00 | u32::from(self.next_cap(at)) << 8;
+        }
         self.device_config_read(reg_idx)
     }
 
@@ -1128,7 +1168,7 @@ impl PciDevice for VfioPciDevice {
         match reg_idx {
             // The header is virtual (identity read once, BARs, command,
             // interrupt line, no expansion ROM); the capability list holds
-            // only the MSI and MSI-X capabilities, if offered.
+            // only the MSI, MSI-X and vendor-specific capabilities offered.
             COMMAND_REG | CAP_PTR_REG => {
                 let v = self.config.read_config_register(reg_idx);
                 match (self.caps.first(), reg_idx) {

@@ -20,9 +20,15 @@
 //! - capabilities: the device's list (read through the back end's
 //!   configuration region) is walked, bounded (pointers into the header or
 //!   past 0xfc, a capability seen twice and more than 48 of them end the
-//!   walk), and only MSI and MSI-X are offered, relinked in the device's
-//!   order; every other capability is hidden (its bytes still read through
-//!   at their offsets), the extended space reads zero. MSI is offered when
+//!   walk), and only MSI, MSI-X and vendor-specific capabilities (ID 0x09:
+//!   virtio-pci describes where its register blocks live with them) are
+//!   offered, relinked in the device's order; every other capability is
+//!   hidden (its bytes still read through at their offsets), the extended
+//!   space reads zero. A vendor-specific capability reads through to the
+//!   device but for its next pointer, and writes to it (and to every byte
+//!   outside MSI and MSI-X) go to the device, as QEMU's vfio does for the
+//!   capabilities it does not virtualise; one lying inside an emulated
+//!   capability (a malformed list) is not offered. MSI is offered when
 //!   the back end has MSI interrupts (as many vectors as both allow, a power
 //!   of two), MSI-X when it has MSI-X interrupts and the table and PBA lie in
 //!   memory BARs (table size bounded by the back end's count); the VMM gives

@@ -544,16 +544,15 @@ fn msi_and_msix_capabilities_are_exposed_alone() {
     assert_eq!(dev.read_config_register(13) & 0xff, 0x50);
     // MSI: ID 5, next MSI-X, one vector, 32-bit, no masking.
     assert_eq!(dev.read_config_register(0x50 / 4), 0x0000_7005);
-    // ID 0x11, next 0 (the vendor capability after it is hidden), table
-    // size 4, disabled.
-    assert_eq!(dev.read_config_register(0x70 / 4), 0x0003_0011);
+    // ID 0x11, next the vendor capability, table size 4, disabled.
+    assert_eq!(dev.read_config_register(0x70 / 4), 0x0003_9011);
     assert_eq!(dev.read_config_register(0x74 / 4), 0x2000);
     assert_eq!(dev.read_config_register(0x78 / 4), 0x3000);
     // The table and PBA locators and ID are read-only and not forwarded.
     dev.write_config_register(0x74 / 4, 0, &0xffff_ffffu32.to_le_bytes());
     dev.write_config_register(0x70 / 4, 0, &[0xff, 0xff]);
     assert_eq!(dev.read_config_register(0x74 / 4), 0x2000);
-    assert_eq!(dev.read_config_register(0x70 / 4), 0x0003_0011);
+    assert_eq!(dev.read_config_register(0x70 / 4), 0x0003_9011);
     assert!(log.lock().unwrap().config_writes.is_empty());
     // One 64-bit BAR.
     let bars = dev.bars();
@@ -674,8 +673,8 @@ fn msix_is_hidden_when_it_cannot_work() {
     let (mut dev, groups) = msix_device(fake).unwrap();
     assert_eq!(groups.lock().unwrap().len(), 1); // MSI's
     assert_eq!(dev.read_config_register(13) & 0xff, 0x50);
-    // MSI is the last capability now.
-    assert_eq!(dev.read_config_register(0x50 / 4) >> 8 & 0xff, 0);
+    // MSI is followed by the vendor capability now.
+    assert_eq!(dev.read_config_register(0x50 / 4) >> 8 & 0xff, 0x90);
     // Its control word is the device's again (passed through, not
     // offered in the list) and writes to it do not switch interrupts.
     msix_control(&mut dev, 0x8000);
@@ -683,6 +682,7 @@ fn msix_is_hidden_when_it_cannot_work() {
     // Table outside its BAR.
     let (mut fake, _) = Fake::nic(4);
     fake.config[0x74..0x78].copy_from_slice(&0x3ff8u32.to_le_bytes());
+    fake.config[0x71] = 0; // no vendor capability in the list
     fake.msi_count = 0;
     let (mut dev, groups) = msix_device(fake).unwrap();
     assert!(groups.lock().unwrap().is_empty());
@@ -691,11 +691,13 @@ fn msix_is_hidden_when_it_cannot_work() {
     // Table in a BAR the device does not have.
     let (mut fake, _) = Fake::nic(4);
     fake.config[0x74] = 0x03;
+    fake.config[0x71] = 0;
     fake.msi_count = 0;
     let (mut dev, _) = msix_device(fake).unwrap();
     assert_eq!(dev.read_config_register(13) & 0xff, 0);
     // No MSI factory given: INTx only.
-    let (fake, _) = Fake::nic(4);
+    let (mut fake, _) = Fake::nic(4);
+    fake.config[0x71] = 0;
     let mut dev = VfioPciDevice::new(Box::new(fake), &shared_memory(), None, None).unwrap();
     assert_eq!(dev.read_config_register(13) & 0xff, 0);
     // The factory fails: a clear error.
@@ -761,11 +763,72 @@ fn malformed_capability_lists_end_the_walk() {
     let (mut dev, groups) = msix_device(fake).unwrap();
     assert!(groups.lock().unwrap().is_empty());
     assert_eq!(dev.read_config_register(13) & 0xff, 0);
-    // A cyclic list with MSI-X in it: exposed once, next pointer 0.
+    // A cyclic list with MSI-X in it: exposed once; the list offered ends
+    // at the vendor capability whose pointer closed the cycle.
     let (mut fake, _) = Fake::nic(4);
     fake.config[0x91] = 0x40;
     let (mut dev, _) = msix_device(fake).unwrap();
-    assert_eq!(dev.read_config_register(0x70 / 4) & 0xffff, 0x0011);
+    assert_eq!(dev.read_config_register(0x70 / 4) & 0xffff, 0x9011);
+    assert_eq!(dev.read_config_register(0x90 / 4) & 0xffff, 0x0009);
+}
+
+#[test]
+fn vendor_capabilities_are_offered_read_and_written_through() {
+    let (fake, log) = Fake::nic(4);
+    let mut fake = fake;
+    // Two vendor capabilities, as virtio-pci has: 0x90 -> 0xa0, with
+    // bodies (cap_len 16, cfg_type, bar, ..., offset, length).
+    fake.config[0x91] = 0xa0;
+    fake.config[0x92..0x94].copy_from_slice(&[16, 1]);
+    fake.config[0x98..0x9c].copy_from_slice(&0x1000u32.to_le_bytes());
+    fake.config[0xa0] = 0x09;
+    fake.config[0xa1] = 0x40; // back to PM: a cycle the walk cuts
+    fake.config[0xa2..0xa4].copy_from_slice(&[20, 2]);
+    let (mut dev, _) = msix_device(fake).unwrap();
+    // MSI -> MSI-X -> 0x90 -> 0xa0 -> end.
+    assert_eq!(dev.read_config_register(13) & 0xff, 0x50);
+    assert_eq!(dev.read_config_register(0x70 / 4) >> 8 & 0xff, 0x90);
+    assert_eq!(dev.read_config_register(0x90 / 4), 0x0110_a009);
+    assert_eq!(dev.read_config_register(0x98 / 4), 0x1000);
+    assert_eq!(dev.read_config_register(0xa0 / 4), 0x0214_0009);
+    // Their registers are the device's: writes go to it, at their offset
+    // and size (virtio's PCI configuration access window is written so).
+    dev.write_config_register(0x98 / 4, 1, &[0xab, 0xcd]);
+    dev.write_config_register(0xa0 / 4, 0, &0x1234_5678u32.to_le_bytes());
+    assert_eq!(
+        log.lock().unwrap().config_writes,
+        vec![
+            (0x99, vec![0xab, 0xcd]),
+            (0xa0, 0x1234_5678u32.to_le_bytes().to_vec())
+        ]
+    );
+    // The PM capability (0x40) stays hidden: its bytes read through, it
+    // is not in the list.
+    assert_eq!(dev.read_config_register(0x40 / 4) & 0xff, 0x01);
+
+    // Offered without MSI or MSI-X too (no interrupt groups).
+    let (mut fake, _) = Fake::gpio(256);
+    fake.config[0x40] = 0x09;
+    fake.config[0x41] = 0x00;
+    let line: Arc<dyn IntxInterrupt> = Arc::new(Line(EventFd::new(0).unwrap()));
+    let mut dev = VfioPciDevice::new(Box::new(fake), &shared_memory(), Some(line), None).unwrap();
+    assert_eq!(dev.read_config_register(1) >> 16 & 0x10, 0x10);
+    assert_eq!(dev.read_config_register(13) & 0xff, 0x40);
+    assert_eq!(dev.read_config_register(0x40 / 4) & 0xffff, 0x0009);
+
+    // A vendor capability inside the emulated MSI one (0x54, its message
+    // address) is not offered: MSI's next pointer skips it.
+    let (mut fake, _) = Fake::nic(4);
+    fake.config[0x51] = 0x54;
+    fake.config[0x54] = 0x09;
+    fake.config[0x55] = 0x70;
+    let (mut dev, _) = msix_device(fake).unwrap();
+    assert_eq!(dev.read_config_register(0x50 / 4) >> 8 & 0xff, 0x70);
+    assert_eq!(dev.read_config_register(0x54 / 4), 0);
+    // A failed back end reads all-ones there too.
+    let (mut dev, log, _) = nic(4);
+    log.lock().unwrap().dead = true;
+    assert_eq!(dev.read_config_register(0x90 / 4), u32::MAX);
 }
 
 #[test]
@@ -840,9 +903,9 @@ fn msi_multiple_messages_are_routed_and_masked() {
     use pci::MsiInterruptGroup;
     let (mut dev, log, g) = msi_nic(4);
     // Four vectors (MMC 2: the back end's limit), 64-bit, masking; MSI
-    // is the only capability.
+    // is followed by the vendor capability only.
     assert_eq!(dev.read_config_register(13) & 0xff, 0x50);
-    assert_eq!(dev.read_config_register(0x50 / 4), 0x0184_0005);
+    assert_eq!(dev.read_config_register(0x50 / 4), 0x0184_9005);
     msi_write(&mut dev, 0x54, 0xfee0_0000, 4);
     msi_write(&mut dev, 0x58, 0, 4);
     msi_write(&mut dev, 0x5c, 0x40, 2);
@@ -903,13 +966,13 @@ fn msi_vectors_are_a_power_of_two_both_allow() {
     // The back end has 3 MSI vectors: the guest is offered 2.
     let (mut dev, _, _) = msi_nic(3);
     assert_eq!(dev.read_config_register(0x50 / 4) >> 17 & 7, 1);
-    // No MSI at the back end: hidden, nothing offered at all.
+    // No MSI at the back end: hidden, only the vendor capability offered.
     let (mut fake, _) = Fake::nic(4);
     fake.msix_count = 0;
     fake.msi_count = 0;
     let (mut dev, groups) = msix_device(fake).unwrap();
     assert!(groups.lock().unwrap().is_empty());
-    assert_eq!(dev.read_config_register(13) & 0xff, 0);
+    assert_eq!(dev.read_config_register(13) & 0xff, 0x90);
     msi_write(&mut dev, 0x52, 1, 2);
     assert_eq!(dev.msi_vectors(), 0);
 }

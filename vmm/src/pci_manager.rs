@@ -630,7 +630,9 @@ impl PciManager {
         let gpa = bar
             .addr
             .checked_add(area.offset)
-            .filter(|a| a % 4096 == 0 && host % 4096 == 0 && size % 4096 == 0)
+            .filter(|a| {
+                a.is_multiple_of(4096) && host.is_multiple_of(4096) && size.is_multiple_of(4096)
+            })
             .ok_or("not page-aligned")?;
         let slot = self
             .slots

@@ -36,8 +36,11 @@ struct Fake {
     msi_count: u32,
     /// Mmap-able regions: (region index, file, offset of the region in
     /// it, areas).
-    mmap: Vec<(u32, File, u64, Vec<(u64, u64)>)>,
+    mmap: Vec<MmapRegion>,
 }
+
+/// (region index, file, offset of the region in it, mmap-able areas).
+type MmapRegion = (u32, File, u64, Vec<(u64, u64)>);
 
 impl Fake {
     /// A gpio-like device: 494f:0dc8, an I/O BAR2 of `io_len` bytes, INTA,

@@ -547,7 +547,7 @@ impl BarMap {
                 self.len
             )));
         }
-        Ok(offset % 4 == 0 && len % 4 == 0)
+        Ok(offset.is_multiple_of(4) && len.is_multiple_of(4))
     }
 
     fn write(&self, offset: usize, data: &[u8]) -> Result<(), Failure> {
@@ -602,7 +602,7 @@ fn parse_offset(s: &str) -> Result<usize, Failure> {
 
 fn bar_write(path: &str, bar: &str, offset: &str, hex: &str) -> Result<(), Failure> {
     let offset = parse_offset(offset)?;
-    if hex.is_empty() || hex.len() % 2 != 0 {
+    if hex.is_empty() || !hex.len().is_multiple_of(2) {
         return Err(Failure::Usage(format!("bad hex bytes '{hex}'")));
     }
     let data = (0..hex.len())

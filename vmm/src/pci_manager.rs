@@ -39,6 +39,9 @@
 //!    BARs, never the other way round. Configuration cycles hold `root`
 //!    (read) and then the device; `apply` runs after both are released.
 //!
+//! `slots` (memory slot numbers) is a leaf: taken inside `map`/`unmap`
+//! (with `placed` and the `IoManager` held), nothing is taken under it.
+//!
 //! Exception to rule 2: the CF8 handler takes `cf8` then `root` (read);
 //! nothing takes `root` then `cf8`.
 

@@ -27,6 +27,32 @@ pub struct IoEventNotifier<'a> {
     pub fd: &'a EventFd,
 }
 
+/// Host memory the VMM may map into the guest (a KVM memory slot) in place of trapping
+/// accesses: a mapping the device made of part of one of its BARs. It must stay mapped
+/// while any holder of this handle lives (implementations unmap on drop), so the VMM keeps
+/// a clone while the memory is in the guest and drops it only after taking it out.
+pub trait HostMapping: Send + Sync + std::fmt::Debug {
+    /// Address of the mapping in this process (page-aligned).
+    fn host_addr(&self) -> u64;
+    /// Bytes mapped (a multiple of the page size).
+    fn size(&self) -> u64;
+    /// Whether the guest may write it (otherwise it is mapped read-only and writes trap).
+    fn writable(&self) -> bool;
+}
+
+/// Part of a BAR the guest reaches directly: `mapping` appears at `offset` within BAR
+/// `bar` (page-aligned) while the BAR is placed and memory decode is on. Accesses to the
+/// rest of the BAR still reach [`PciDevice::read_bar`]/[`PciDevice::write_bar`].
+#[derive(Clone, Debug)]
+pub struct DirectArea {
+    /// BAR index (a memory BAR).
+    pub bar: usize,
+    /// Offset within the BAR.
+    pub offset: u64,
+    /// The host memory (its length is the area's size).
+    pub mapping: std::sync::Arc<dyn HostMapping>,
+}
+
 /// A BAR moved (its address as decoded from the registers changed).
 ///
 /// Sizing probes (all-ones writes) and the intermediate state between the two halves of a
@@ -156,6 +182,13 @@ pub trait PciDevice: Send {
     /// Doorbells to register as ioeventfds while the BARs are mapped. The descriptors must
     /// stay the same for the function's lifetime. None by default.
     fn ioeventfds(&self) -> Vec<IoEventNotifier<'_>> {
+        Vec::new()
+    }
+
+    /// Parts of memory BARs the VMM maps straight into the guest (see [`DirectArea`]) while
+    /// the BAR is placed and memory decode is on; they must not cover doorbells. The areas
+    /// must stay the same for the function's lifetime. None by default.
+    fn direct_areas(&self) -> Vec<DirectArea> {
         Vec::new()
     }
 

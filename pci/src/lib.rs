@@ -55,7 +55,9 @@ pub use bar::{BarRegion, PciBarConfig};
 pub use bus::{ConfigWriteResult, PciBdf, PciBus, PciRoot, SharedPciDevice};
 pub use config::{BridgeWindows, BusNumbers, HeaderType, PciConfigParams, PciConfiguration};
 pub use config_io::PciConfigIo;
-pub use device::{BarChange, BarInfo, ConfigWriteOutcome, IoEventNotifier, PciDevice};
+pub use device::{
+    BarChange, BarInfo, ConfigWriteOutcome, DirectArea, HostMapping, IoEventNotifier, PciDevice,
+};
 pub use ecam::EcamAddress;
 pub use host_bridge::HostBridge;
 pub use interrupt::{IntxInterrupt, MsiInterruptGroup, MsiMessage, RecordingMsiGroup};

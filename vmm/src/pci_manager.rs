@@ -9,8 +9,17 @@
 //! MMIO registration and ioeventfds or (un)maps them on decode changes.
 //!
 //! Devices are placed through the [`pci::PciDevice`] trait alone (doorbells,
-//! reset and MSI-X state included), so a virtio transport and a VFIO
-//! function take the same path.
+//! direct areas, reset and MSI-X state included), so a virtio transport and
+//! a VFIO function take the same path.
+//!
+//! A function's direct areas ([`pci::PciDevice::direct_areas`]: host
+//! mappings of parts of its memory BARs, e.g. a passthrough device's
+//! mmap-able regions) become KVM memory slots at BAR address + offset while
+//! the BAR is registered (placed, memory decode on), numbered after guest
+//! RAM's slots ([`MemSlots`]); they go with the BAR's registration (decode
+//! off, before a move, removal, teardown) and come back at the new address.
+//! The manager holds a handle on each mapping while its slot exists, so the
+//! device cannot unmap it under the guest.
 //!
 //! # Lock order
 //!
@@ -30,17 +39,21 @@
 //!    BARs, never the other way round. Configuration cycles hold `root`
 //!    (read) and then the device; `apply` runs after both are released.
 //!
+//! `slots` (memory slot numbers) is a leaf: taken inside `map`/`unmap`
+//! (with `placed` and the `IoManager` held), nothing is taken under it.
+//!
 //! Exception to rule 2: the CF8 handler takes `cf8` then `root` (read);
 //! nothing takes `root` then `cf8`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
-use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
+use kvm_ioctls::{Cap, IoEventAddress, NoDatamatch, VmFd};
 use pci::topology::{PortDevice, Topology};
 use pci::{
-    BarAllocator, BarInfo, BarRegion, ConfigWriteResult, MsiInterruptGroup, PciConfigIo, PciPath,
-    PciRoot, PciSlot, PciePort, SharedPciDevice,
+    BarAllocator, BarInfo, BarRegion, ConfigWriteResult, DirectArea, HostMapping,
+    MsiInterruptGroup, PciConfigIo, PciPath, PciRoot, PciSlot, PciePort, SharedPciDevice,
 };
 
 use crate::hotplug::{Completion, CompletionQueue};
@@ -113,6 +126,8 @@ struct Placed {
     bars: Vec<BarInfo>,
     /// Doorbells: (BAR index, offset within the BAR, eventfd).
     notifiers: Vec<(usize, u64, EventFd)>,
+    /// Parts of BARs mapped straight into the guest while the BAR is.
+    direct: Vec<DirectArea>,
     /// Whether the BARs should be mapped (memory decode on).
     mapped: bool,
     /// Whether the guest enabled I/O decode (I/O BARs are mapped while it
@@ -133,6 +148,45 @@ enum Registered {
     Mmio(u64),
     /// An ioeventfd: its address and the index of its notifier.
     Doorbell(IoEventAddress, usize),
+    /// A KVM memory slot holding a direct area: the slot, its guest
+    /// address, and the mapping (held until the slot is gone).
+    Slot(u32, u64, Arc<dyn HostMapping>),
+}
+
+/// KVM memory slot numbers for direct areas: from the first after guest
+/// RAM's up to KVM's limit; freed numbers are reused, lowest first.
+#[derive(Debug)]
+pub(crate) struct MemSlots {
+    next: u32,
+    limit: u32,
+    free: BTreeSet<u32>,
+}
+
+impl MemSlots {
+    /// Slots `first..limit`.
+    pub(crate) fn new(first: u32, limit: u32) -> Self {
+        MemSlots {
+            next: first,
+            limit,
+            free: BTreeSet::new(),
+        }
+    }
+
+    /// A free slot number, if any is left.
+    pub(crate) fn take(&mut self) -> Option<u32> {
+        if let Some(s) = self.free.pop_first() {
+            return Some(s);
+        }
+        (self.next < self.limit).then(|| {
+            self.next += 1;
+            self.next - 1
+        })
+    }
+
+    /// Gives back slot `s`.
+    pub(crate) fn give(&mut self, s: u32) {
+        self.free.insert(s);
+    }
 }
 
 /// The VMM's PCI state.
@@ -152,6 +206,9 @@ pub struct PciManager {
     completions: Arc<CompletionQueue>,
     /// Legacy INTx lines, for guests that do not enable MSI-X.
     intx: Arc<IntxManager>,
+    /// KVM memory slot numbers for direct areas (a leaf lock: taken inside
+    /// `map`/`unmap`).
+    slots: Mutex<MemSlots>,
 }
 
 /// BAR accesses forwarded to the device.
@@ -292,6 +349,15 @@ impl PciManager {
         }
         let ports = devices.into_iter().map(|d| (d.id.clone(), d)).collect();
         let vm_for_intx = vm.clone();
+        // Guest RAM takes slots 0..N (`vm.rs`); KVM reports how many exist.
+        let ram_slots = {
+            use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
+            memory.memory().num_regions() as u32
+        };
+        let limit = match vm.check_extension_int(Cap::NrMemslots) {
+            n if n > 0 => n as u32,
+            _ => 32,
+        };
         Ok(Arc::new(PciManager {
             root: RwLock::new(root),
             cf8: Mutex::new(PciConfigIo::new()),
@@ -305,6 +371,7 @@ impl PciManager {
             ports,
             completions,
             intx: IntxManager::new(vm_for_intx).map_err(PciManagerError::Intx)?,
+            slots: Mutex::new(MemSlots::new(ram_slots, limit)),
         }))
     }
 
@@ -436,6 +503,7 @@ impl PciManager {
             }
         }
         let bars = dev.bars();
+        let direct = dev.direct_areas();
         drop(dev);
         let shared = device;
         let attached = self
@@ -459,6 +527,7 @@ impl PciManager {
                     assigned,
                     bars,
                     notifiers,
+                    direct,
                     mapped: false,
                     io_on: false,
                     mem_on: false,
@@ -526,7 +595,109 @@ impl PciManager {
                 Err(e) => devices::guest_warn!("PCI {}: cannot register ioeventfd: {e}", p.path),
             }
         }
+        // Direct areas, likewise only inside BARs registered here: the
+        // accesses KVM does not serve from a slot still reach the BAR's
+        // handler.
+        for area in &p.direct {
+            let Some(bar) = p
+                .bars
+                .iter()
+                .find(|b| b.index == area.bar && b.region.is_memory() && live.contains(&b.index))
+            else {
+                continue;
+            };
+            match self.add_slot(bar, area) {
+                Ok(reg) => p.registered.push(reg),
+                Err(e) => devices::guest_warn!(
+                    "PCI {}: BAR {} at {:#x}: cannot map {:#x} bytes at {:#x} directly ({e}); \
+                     trapped",
+                    p.path,
+                    bar.index,
+                    bar.addr,
+                    area.mapping.size(),
+                    area.offset
+                ),
+            }
+        }
         p.mapped = true;
+    }
+
+    /// Puts `area` of `bar` into the guest as a KVM memory slot.
+    fn add_slot(&self, bar: &BarInfo, area: &DirectArea) -> Result<Registered, String> {
+        let size = area.mapping.size();
+        let host = area.mapping.host_addr();
+        let end = area.offset.checked_add(size);
+        if size == 0 || end.is_none_or(|end| end > bar.size) {
+            return Err("outside the BAR".into());
+        }
+        let gpa = bar
+            .addr
+            .checked_add(area.offset)
+            .filter(|a| {
+                a.is_multiple_of(4096) && host.is_multiple_of(4096) && size.is_multiple_of(4096)
+            })
+            .ok_or("not page-aligned")?;
+        let slot = self
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or("no KVM memory slot left")?;
+        let r = kvm_userspace_memory_region {
+            slot,
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: host,
+            flags: if area.mapping.writable() {
+                0
+            } else {
+                KVM_MEM_READONLY
+            },
+        };
+        // SAFETY: `host..host + size` is a live mapping that the handle kept
+        // in the returned `Registered::Slot` holds until `remove_slot` has
+        // taken the slot out of KVM.
+        match unsafe { self.vm.set_user_memory_region(r) } {
+            Ok(()) => {
+                log::debug!("memory slot {slot}: {size:#x} bytes at {gpa:#x}");
+                Ok(Registered::Slot(slot, gpa, area.mapping.clone()))
+            }
+            Err(e) => {
+                self.slots
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .give(slot);
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// Takes memory slot `slot` out of KVM and frees its number. Returns
+    /// whether it did: only then may the caller drop the mapping's handle.
+    fn remove_slot(&self, slot: u32, gpa: u64) -> bool {
+        let r = kvm_userspace_memory_region {
+            slot,
+            guest_phys_addr: gpa,
+            memory_size: 0,
+            userspace_addr: 0,
+            flags: 0,
+        };
+        // SAFETY: a zero size deletes the slot; no memory is handed to KVM.
+        match unsafe { self.vm.set_user_memory_region(r) } {
+            Ok(()) => {
+                self.slots
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .give(slot);
+                true
+            }
+            // The slot number is not reused, and the caller leaks the
+            // mapping rather than unmap it under KVM.
+            Err(e) => {
+                log::error!("cannot delete memory slot {slot}: {e}");
+                false
+            }
+        }
     }
 
     fn unmap(&self, p: &mut Placed) {
@@ -545,6 +716,13 @@ impl PciManager {
                 Registered::Doorbell(addr, i) => {
                     if let Some((_, _, evt)) = p.notifiers.get(i) {
                         let _ = self.vm.unregister_ioevent(evt, &addr, NoDatamatch);
+                    }
+                }
+                Registered::Slot(slot, gpa, mapping) => {
+                    if self.remove_slot(slot, gpa) {
+                        drop(mapping);
+                    } else {
+                        std::mem::forget(mapping);
                     }
                 }
             }
@@ -627,6 +805,8 @@ impl PciManager {
             .remove(path)
             .ok_or_else(|| PciManagerError::NoDevice(path.clone()))?;
         self.unmap(&mut p);
+        // The areas are out of the guest: the device may unmap them.
+        p.direct.clear();
         let detached = self
             .root
             .write()
@@ -693,6 +873,17 @@ impl PciManager {
     /// The root slot path for slot `s` (1..=31).
     pub fn root_path(s: u8) -> Option<PciPath> {
         PciSlot::new(s, 0).ok().map(PciPath::root)
+    }
+}
+
+impl Drop for PciManager {
+    /// Takes every direct area out of KVM before the devices (and their
+    /// mappings) can go, whatever order the VM's parts are dropped in.
+    fn drop(&mut self) {
+        let placed = std::mem::take(self.placed.get_mut().unwrap_or_else(|e| e.into_inner()));
+        for mut p in placed.into_values() {
+            self.unmap(&mut p);
+        }
     }
 }
 

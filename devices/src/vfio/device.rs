@@ -6,13 +6,15 @@ use std::sync::Arc;
 use pci::msi::{MSI_CAP_ID, MSI_CTL_ENABLE};
 use pci::msix::{MSIX_CAP_ID, MSIX_CTL_ENABLE, MSIX_CTL_FUNCTION_MASK};
 use pci::{
-    BarInfo, BarRegion, ConfigWriteOutcome, HeaderType, IntxInterrupt, MsiCapability, MsiConfig,
-    MsiInterruptGroup, MsixCapability, MsixConfig, PciBarConfig, PciConfigParams, PciConfiguration,
-    PciDevice, PciError,
+    BarInfo, BarRegion, ConfigWriteOutcome, DirectArea, HeaderType, HostMapping, IntxInterrupt,
+    MsiCapability, MsiConfig, MsiInterruptGroup, MsixCapability, MsixConfig, PciBarConfig,
+    PciConfigParams, PciConfiguration, PciDevice, PciError,
 };
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use super::{VfioBackend, CONFIG_REGION, INTX_IRQ, MSIX_IRQ, MSI_IRQ};
+use super::{
+    VfioBackend, CONFIG_REGION, INTX_IRQ, MSIX_IRQ, MSI_IRQ, REGION_MMAP, REGION_READ, REGION_WRITE,
+};
 
 /// Makes the MSI interrupt group of a function with the given number of
 /// vectors (the VMM: one KVM GSI and irqfd per vector). The back end
@@ -281,6 +283,183 @@ struct Bar {
     len: u64,
 }
 
+/// Part of a BAR mmap-ed from the back end's descriptor (`MAP_SHARED`);
+/// unmapped when the last handle goes (the VMM holds one while the area is
+/// a KVM memory slot, so it is unmapped only once the slot is gone).
+#[derive(Debug)]
+struct MmapArea {
+    addr: u64,
+    size: u64,
+    writable: bool,
+}
+
+impl HostMapping for MmapArea {
+    fn host_addr(&self) -> u64 {
+        self.addr
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn writable(&self) -> bool {
+        self.writable
+    }
+}
+
+impl Drop for MmapArea {
+    fn drop(&mut self) {
+        // SAFETY: `addr..addr + size` is the mapping `mmap` returned for this
+        // value, unmapped only here; every user (the VMM's memory slot) held
+        // a handle, so none is left.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.size as usize) };
+    }
+}
+
+/// The host's page size.
+pub(crate) fn page_size() -> u64 {
+    // SAFETY: sysconf reads a constant of the system.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(p)
+        .ok()
+        .filter(|p| p.is_power_of_two())
+        .unwrap_or(4096)
+}
+
+/// Which byte ranges (offset, size) of a BAR whose region has `len` bytes
+/// are mapped into the guest: the union of the back end's mmap-able
+/// `areas` (clipped to the region), less every page that holds a byte of
+/// `excluded` (the MSI-X table and PBA, which stay trapped), each piece
+/// rounded inward to whole pages of `page` bytes. Sorted, disjoint.
+pub(crate) fn direct_ranges(
+    len: u64,
+    areas: &[(u64, u64)],
+    excluded: &[(u64, u64)],
+    page: u64,
+) -> Vec<(u64, u64)> {
+    let down = |x: u64| x & !(page - 1);
+    let up = |x: u64| x.checked_add(page - 1).map(down);
+    // Page-aligned (start, end) of each area, clipped, then merged.
+    let mut spans: Vec<(u64, u64)> = areas
+        .iter()
+        .filter_map(|&(o, s)| {
+            let end = down(o.checked_add(s)?.min(len));
+            let start = up(o)?;
+            (start < end).then_some((start, end))
+        })
+        .collect();
+    spans.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (s, e) in spans {
+        match merged.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => merged.push((s, e)),
+        }
+    }
+    for &(o, s) in excluded {
+        if s == 0 {
+            continue;
+        }
+        let ex_start = down(o);
+        let ex_end = o.checked_add(s).and_then(up).unwrap_or(u64::MAX);
+        merged = merged
+            .into_iter()
+            .flat_map(|(s, e)| {
+                if ex_end <= s || ex_start >= e {
+                    return vec![(s, e)];
+                }
+                [(s, ex_start.max(s)), (ex_end.min(e), e)]
+                    .into_iter()
+                    .filter(|(a, b)| a < b)
+                    .collect()
+            })
+            .collect();
+    }
+    merged.into_iter().map(|(s, e)| (s, e - s)).collect()
+}
+
+/// Maps the parts of memory BARs the back end lets be mmap-ed (see
+/// [`direct_ranges`]), once. Anything that cannot be mapped stays trapped
+/// (logged): this never fails the function.
+fn map_direct(
+    backend: &dyn VfioBackend,
+    name: &str,
+    bars: &[Bar],
+    msix: Option<&Msix>,
+) -> Vec<DirectArea> {
+    let page = page_size();
+    let mut out = Vec::new();
+    for bar in bars.iter().filter(|b| b.region != BarRegion::Io) {
+        let Some(info) = backend.region_info(bar.index as u32) else {
+            continue;
+        };
+        if info.flags & REGION_MMAP == 0 || info.flags & REGION_READ == 0 {
+            continue;
+        }
+        let Some(m) = backend.region_mmap(bar.index as u32) else {
+            continue;
+        };
+        let excluded: Vec<(u64, u64)> = msix
+            .into_iter()
+            .flat_map(|x| [x.table_range(), x.pba_range()])
+            .filter(|&(b, _, _)| b == bar.index)
+            .map(|(_, start, end)| (start, end - start))
+            .collect();
+        let writable = info.flags & REGION_WRITE != 0;
+        let prot = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };
+        for (offset, size) in direct_ranges(bar.len, &m.areas, &excluded, page) {
+            let file_offset = m
+                .offset
+                .checked_add(offset)
+                .filter(|o| o % page == 0)
+                .and_then(|o| libc::off_t::try_from(o).ok());
+            let (Some(file_offset), Ok(len)) = (file_offset, usize::try_from(size)) else {
+                log::warn!(
+                    "{name}: BAR {}: area at {offset:#x} is not page-aligned in the file; trapped",
+                    bar.index
+                );
+                continue;
+            };
+            // SAFETY: a new shared mapping chosen by the kernel (no address
+            // given), of a descriptor that is open for the whole call; the
+            // result is checked, and owned by the `MmapArea` from here on.
+            let addr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    prot,
+                    libc::MAP_SHARED,
+                    std::os::fd::AsRawFd::as_raw_fd(&m.fd),
+                    file_offset,
+                )
+            };
+            if addr == libc::MAP_FAILED {
+                log::warn!(
+                    "{name}: BAR {}: cannot mmap {size:#x} bytes at {offset:#x}: {}; trapped",
+                    bar.index,
+                    std::io::Error::last_os_error()
+                );
+                continue;
+            }
+            log::info!(
+                "{name}: BAR {}: {size:#x} bytes at {offset:#x} mapped for the guest{}",
+                bar.index,
+                if writable { "" } else { " (read-only)" }
+            );
+            out.push(DirectArea {
+                bar: bar.index,
+                offset,
+                mapping: Arc::new(MmapArea {
+                    addr: addr as u64,
+                    size,
+                    writable,
+                }),
+            });
+        }
+    }
+    out
+}
+
 /// A host PCI function (or a vfio-user server's function) given to the guest.
 pub struct VfioPciDevice {
     backend: Box<dyn VfioBackend>,
@@ -302,6 +481,8 @@ pub struct VfioPciDevice {
     mode: IrqMode,
     /// Guest RAM given to the back end: (iova, size).
     dma: Vec<(u64, u64)>,
+    /// Parts of BARs mapped for the guest (see [`map_direct`]).
+    direct: Vec<DirectArea>,
     enumerated: bool,
     /// Why the back end stopped answering; accesses then do nothing.
     failed: Option<String>,
@@ -639,7 +820,9 @@ impl VfioPciDevice {
                 ),
             }
         );
+        let direct = map_direct(&*backend, &name, &bars, msix.as_ref());
         let mut dev = VfioPciDevice {
+            direct,
             backend,
             name,
             config,
@@ -697,6 +880,10 @@ impl VfioPciDevice {
     /// function and closes the back end. Errors are logged: the function is
     /// going away.
     fn release(&mut self) {
+        // The VMM has taken the areas out of the guest before a removal; it
+        // holds its own handle while they are in, so nothing is unmapped
+        // under the guest.
+        self.direct.clear();
         if self.failed.is_none() {
             let off = match self.mode {
                 IrqMode::Intx => None,
@@ -1095,6 +1282,10 @@ impl PciDevice for VfioPciDevice {
         if let Err(e) = self.backend.region_write(index as u32, offset, data) {
             self.fail("BAR write", e);
         }
+    }
+
+    fn direct_areas(&self) -> Vec<DirectArea> {
+        self.direct.clone()
     }
 
     fn reset(&mut self) {

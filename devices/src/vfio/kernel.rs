@@ -35,19 +35,19 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use vfio_ioctls::{VfioContainer, VfioDevice, VfioError};
+use vfio_ioctls::{VfioContainer, VfioDevice, VfioError, VfioRegionInfoCap};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use pci::assignment::{AssignError, AssignRequest, Assignment, HostBdf};
 
 use super::group::{self, GroupError};
-use super::{IrqInfo, RegionInfo, VfioBackend, CONFIG_REGION, INTX_IRQ};
+use super::{IrqInfo, RegionInfo, RegionMmap, VfioBackend, CONFIG_REGION, INTX_IRQ, REGION_MMAP};
 
 pub use vfio_ioctls::VfioDeviceFd as KvmVfioDevice;
 
@@ -310,11 +310,35 @@ impl KernelVfioContainer {
 }
 
 /// One region of the device descriptor.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Region {
     info: RegionInfo,
     /// Offset of the region in the device descriptor.
     offset: u64,
+    /// The parts that may be mmap-ed (offset within the region, size).
+    mmap: Vec<(u64, u64)>,
+}
+
+/// The mmap-able parts of a region the kernel describes with `info` and
+/// `caps`: none without `VFIO_REGION_INFO_FLAG_MMAP`; the areas of its
+/// sparse mmap capability if it has one (the kernel lists there what may be
+/// mapped, e.g. a BAR less its MSI-X table on kernels that do not allow
+/// mapping that); the whole region otherwise.
+pub(crate) fn mmap_areas(info: RegionInfo, caps: &[VfioRegionInfoCap]) -> Vec<(u64, u64)> {
+    if info.flags & REGION_MMAP == 0 || info.size == 0 {
+        return Vec::new();
+    }
+    for cap in caps {
+        if let VfioRegionInfoCap::SparseMmap(sparse) = cap {
+            return sparse
+                .areas
+                .iter()
+                .filter(|a| a.size > 0)
+                .map(|a| (a.offset, a.size))
+                .collect();
+        }
+    }
+    vec![(0, info.size)]
 }
 
 /// A host PCI function bound to `vfio-pci`.
@@ -363,13 +387,17 @@ impl KernelVfioBackend {
             .map(File::from)
             .map_err(|e| KernelVfioError::Dup(bdf.clone(), e))?;
         let regions = (0..PCI_REGIONS)
-            .map(|index| Region {
-                info: RegionInfo {
+            .map(|index| {
+                let info = RegionInfo {
                     index,
                     size: device.get_region_size(index),
                     flags: device.get_region_flags(index),
-                },
-                offset: device.get_region_offset(index),
+                };
+                Region {
+                    info,
+                    offset: device.get_region_offset(index),
+                    mmap: mmap_areas(info, &device.get_region_caps(index)),
+                }
             })
             .collect();
         Ok(KernelVfioBackend {
@@ -430,6 +458,22 @@ impl VfioBackend for KernelVfioBackend {
 
     fn region_info(&self, index: u32) -> Option<RegionInfo> {
         self.regions.get(index as usize).map(|r| r.info)
+    }
+
+    fn region_mmap(&self, index: u32) -> Option<RegionMmap<'_>> {
+        // The BARs only: the ROM and configuration space are never mapped.
+        if index >= super::ROM_REGION {
+            return None;
+        }
+        let r = self.regions.get(index as usize)?;
+        if r.mmap.is_empty() {
+            return None;
+        }
+        Some(RegionMmap {
+            fd: self.file.as_ref()?.as_fd(),
+            offset: r.offset,
+            areas: r.mmap.clone(),
+        })
     }
 
     fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> io::Result<()> {
@@ -766,5 +810,46 @@ mod tests {
         let p = HostPaths::default();
         assert_eq!(p.sysfs, PathBuf::from("/sys"));
         assert_eq!(p.dev_vfio, PathBuf::from("/dev/vfio"));
+    }
+
+    #[test]
+    fn mmap_areas_follow_the_flag_and_the_sparse_capability() {
+        use vfio_ioctls::{VfioRegionInfoCapSparseMmap, VfioRegionSparseMmapArea};
+        let info = |flags| RegionInfo {
+            index: 0,
+            size: 0x4000,
+            flags,
+        };
+        let rw = super::super::REGION_READ | super::super::REGION_WRITE;
+        // Not mmap-able: nothing, whatever the capabilities say.
+        assert!(mmap_areas(info(rw), &[]).is_empty());
+        // Mmap-able without a sparse capability: the whole region.
+        assert_eq!(mmap_areas(info(rw | REGION_MMAP), &[]), vec![(0, 0x4000)]);
+        assert_eq!(
+            mmap_areas(info(rw | REGION_MMAP), &[VfioRegionInfoCap::MsixMappable]),
+            vec![(0, 0x4000)]
+        );
+        // A sparse capability lists what may be mapped (empty areas left out;
+        // an empty list: nothing).
+        let sparse = |areas: &[(u64, u64)]| {
+            VfioRegionInfoCap::SparseMmap(VfioRegionInfoCapSparseMmap {
+                areas: areas
+                    .iter()
+                    .map(|&(offset, size)| VfioRegionSparseMmapArea { offset, size })
+                    .collect(),
+            })
+        };
+        assert_eq!(
+            mmap_areas(
+                info(rw | REGION_MMAP),
+                &[sparse(&[(0, 0x2000), (0x3000, 0), (0x3000, 0x1000)])]
+            ),
+            vec![(0, 0x2000), (0x3000, 0x1000)]
+        );
+        assert!(mmap_areas(info(rw | REGION_MMAP), &[sparse(&[])]).is_empty());
+        // No region.
+        let mut none = info(rw | REGION_MMAP);
+        none.size = 0;
+        assert!(mmap_areas(none, &[]).is_empty());
     }
 }

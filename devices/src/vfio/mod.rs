@@ -52,9 +52,18 @@
 //! - INTx: the back end signals an eventfd that the VMM registers as a KVM
 //!   irqfd with resample (level-triggered, lowered on EOI); the resample
 //!   eventfd is also given to the back end to unmask INTx (kernel VFIO);
-//! - BAR accesses are trapped and forwarded (no region is mmap-ed into the
-//!   guest), except the MSI-X table and PBA, which are emulated; the
-//!   expansion ROM is hidden;
+//! - BARs: the parts of memory BARs the back end lets be mmap-ed
+//!   ([`VfioBackend::region_mmap`]: a vfio-user region with a file
+//!   descriptor, a kernel VFIO region with `VFIO_REGION_INFO_FLAG_MMAP`,
+//!   each with its sparse mmap areas) are mapped once (`MAP_SHARED`,
+//!   read-only if the region is) when the function is created, less every
+//!   page holding the MSI-X table or PBA, and rounded inward to whole pages
+//!   (a BAR or area smaller than a page, or not page-aligned in the file,
+//!   stays trapped); the VMM puts them into the guest as KVM memory slots
+//!   ([`pci::PciDevice::direct_areas`]) while the BAR is placed and memory
+//!   decode is on, so the guest's accesses there never exit. Every other
+//!   BAR access is trapped and forwarded, except the MSI-X table and PBA,
+//!   which are emulated; the expansion ROM is hidden;
 //! - all guest RAM is given to the back end for DMA when the function is
 //!   created; removal resets the function.
 //!
@@ -71,6 +80,7 @@ mod tests;
 
 use std::fs::File;
 use std::io;
+use std::os::fd::BorrowedFd;
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -107,6 +117,19 @@ pub struct RegionInfo {
     pub flags: u32,
 }
 
+/// Where the mmap-able parts of a region are: byte 0 of the region is at
+/// `offset` in `fd`, and `areas` (offset within the region, size) may be
+/// mapped (`MAP_SHARED`, with the region's read/write permissions).
+#[derive(Debug)]
+pub struct RegionMmap<'a> {
+    /// The descriptor to map.
+    pub fd: BorrowedFd<'a>,
+    /// Offset of the region's first byte in `fd`.
+    pub offset: u64,
+    /// The areas that may be mapped, as (offset within the region, size).
+    pub areas: Vec<(u64, u64)>,
+}
+
 /// One interrupt index as the back end describes it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IrqInfo {
@@ -123,6 +146,13 @@ pub trait VfioBackend: Send {
 
     /// Region `index`, if the device has it.
     fn region_info(&self, index: u32) -> Option<RegionInfo>;
+
+    /// The parts of region `index` that may be mmap-ed, if any (the region
+    /// has [`REGION_MMAP`] and the back end can give a descriptor). None by
+    /// default: every access is forwarded.
+    fn region_mmap(&self, _index: u32) -> Option<RegionMmap<'_>> {
+        None
+    }
 
     /// Reads `data.len()` bytes at `offset` of region `index`.
     fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> io::Result<()>;

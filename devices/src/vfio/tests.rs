@@ -34,7 +34,13 @@ struct Fake {
     msix_count: u32,
     /// MSI vectors the back end reports (`irq_info(1)`).
     msi_count: u32,
+    /// Mmap-able regions: (region index, file, offset of the region in
+    /// it, areas).
+    mmap: Vec<MmapRegion>,
 }
+
+/// (region index, file, offset of the region in it, mmap-able areas).
+type MmapRegion = (u32, File, u64, Vec<(u64, u64)>);
 
 impl Fake {
     /// A gpio-like device: 494f:0dc8, an I/O BAR2 of `io_len` bytes, INTA,
@@ -68,6 +74,7 @@ impl Fake {
                 fail_unmask: false,
                 msix_count: 1,
                 msi_count: 1,
+                mmap: Vec::new(),
             },
             log,
         )
@@ -100,6 +107,27 @@ impl Fake {
         fake.msix_count = u32::from(vectors);
         (fake, log)
     }
+
+    /// Makes region `index` mmap-able: `areas` of a memfd of `file_len`
+    /// bytes holding the region from `offset`. Returns the memfd.
+    fn mappable(&mut self, index: u32, file_len: u64, offset: u64, areas: &[(u64, u64)]) -> File {
+        let file = memfd(file_len);
+        self.regions[index as usize].flags |= REGION_MMAP;
+        self.mmap
+            .push((index, file.try_clone().unwrap(), offset, areas.to_vec()));
+        file
+    }
+}
+
+fn memfd(len: u64) -> File {
+    use std::os::fd::FromRawFd;
+    // SAFETY: memfd_create with a valid name; the result is checked and owned.
+    let fd = unsafe { libc::memfd_create(c"fake-bar".as_ptr(), 0) };
+    assert!(fd >= 0);
+    // SAFETY: `fd` is a new descriptor nobody else owns.
+    let f = unsafe { File::from_raw_fd(fd) };
+    f.set_len(len).unwrap();
+    f
 }
 
 impl VfioBackend for Fake {
@@ -108,6 +136,15 @@ impl VfioBackend for Fake {
     }
     fn region_info(&self, index: u32) -> Option<RegionInfo> {
         self.regions.get(index as usize).copied()
+    }
+    fn region_mmap(&self, index: u32) -> Option<RegionMmap<'_>> {
+        use std::os::fd::AsFd;
+        let (_, file, offset, areas) = self.mmap.iter().find(|m| m.0 == index)?;
+        Some(RegionMmap {
+            fd: file.as_fd(),
+            offset: *offset,
+            areas: areas.clone(),
+        })
     }
     fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> io::Result<()> {
         if self.broken || self.log.lock().unwrap().dead {
@@ -973,4 +1010,123 @@ fn msi_and_msix_are_exclusive() {
             }
         }
     }
+}
+
+#[test]
+fn direct_ranges_are_whole_pages_without_the_msix_pages() {
+    use super::device::direct_ranges;
+    let p = 0x1000;
+    // The whole BAR.
+    assert_eq!(
+        direct_ranges(0x4000, &[(0, 0x4000)], &[], p),
+        vec![(0, 0x4000)]
+    );
+    // Smaller than a page: trapped.
+    assert!(direct_ranges(0x800, &[(0, 0x800)], &[], p).is_empty());
+    // Areas rounded inward, clipped to the region, merged.
+    assert_eq!(
+        direct_ranges(0x3800, &[(0x10, 0x2000), (0x1000, 0x8000)], &[], p),
+        vec![(0x1000, 0x2000)]
+    );
+    assert_eq!(
+        direct_ranges(0x4000, &[(0x2000, 0x2000), (0, 0x2000)], &[], p),
+        vec![(0, 0x4000)]
+    );
+    // An MSI-X table in the middle and a PBA sharing a page with other
+    // registers: every page they touch stays trapped.
+    assert_eq!(
+        direct_ranges(0x8000, &[(0, 0x8000)], &[(0x2000, 0x40), (0x5ff8, 0x10)], p),
+        vec![(0, 0x2000), (0x3000, 0x2000), (0x7000, 0x1000)]
+    );
+    // Excluding everything, or ranges overflowing, leaves nothing / does
+    // not panic.
+    assert!(direct_ranges(0x2000, &[(0, 0x2000)], &[(0, 0x2000)], p).is_empty());
+    assert!(direct_ranges(u64::MAX, &[(u64::MAX - 5, 10)], &[(u64::MAX, 1)], p).is_empty());
+    assert_eq!(
+        direct_ranges(0x2000, &[(0, u64::MAX)], &[(u64::MAX - 1, 2)], p),
+        vec![(0, 0x2000)]
+    );
+}
+
+/// A NIC (16 KiB BAR0, MSI-X table at 0x2000, PBA at 0x3000) whose BAR0
+/// is mmap-able whole from a memfd.
+fn mapped_nic() -> (VfioPciDevice, File, Arc<Mutex<Log>>) {
+    let (mut fake, log) = Fake::nic(4);
+    let file = fake.mappable(0, 0x4000, 0, &[(0, 0x4000)]);
+    let (dev, _) = msix_device(fake).unwrap();
+    (dev, file, log)
+}
+
+#[test]
+fn mmap_able_bars_are_mapped_less_the_msix_pages() {
+    use std::os::unix::fs::FileExt;
+    let (mut dev, file, log) = mapped_nic();
+    let areas = dev.direct_areas();
+    assert_eq!(areas.len(), 1, "{areas:?}");
+    let a = &areas[0];
+    assert_eq!((a.bar, a.offset, a.mapping.size()), (0, 0, 0x2000));
+    assert!(a.mapping.writable());
+    // The mapping is the device's memory: what the guest writes there the
+    // file has, and the other way round.
+    // SAFETY: a live mapping of 0x2000 bytes, held by `a`.
+    let host = unsafe { std::slice::from_raw_parts_mut(a.mapping.host_addr() as *mut u8, 0x2000) };
+    host[0x100..0x104].copy_from_slice(&[1, 2, 3, 4]);
+    let mut b = [0u8; 4];
+    file.read_exact_at(&mut b, 0x100).unwrap();
+    assert_eq!(b, [1, 2, 3, 4]);
+    file.write_all_at(&[9, 8], 0x1ffe).unwrap();
+    assert_eq!(host[0x1ffe..], [9, 8]);
+    // Accesses that still reach the model (the guest's memory decode off,
+    // the rest of the BAR) are forwarded or emulated as before.
+    dev.write_bar(0, 0x100, &[7]);
+    assert_eq!(log.lock().unwrap().bar_writes, vec![(0, 0x100, vec![7])]);
+    dev.read_bar(0, 0x3000, &mut b);
+    assert_eq!(b, [0; 4], "the PBA is still emulated");
+    // Removal drops the model's handle; the VMM's (here, `areas`) keeps
+    // the mapping alive until it lets go.
+    dev.reset();
+    assert!(dev.direct_areas().is_empty());
+    host[0] = 5;
+    drop(areas);
+}
+
+#[test]
+fn what_cannot_be_mapped_stays_trapped() {
+    // Not mmap-able: no areas.
+    let (fake, _) = Fake::nic(4);
+    let (dev, _) = msix_device(fake).unwrap();
+    assert!(dev.direct_areas().is_empty());
+    // A BAR smaller than a page.
+    let (mut fake, _) = Fake::nic(1);
+    fake.config[0x74..0x78].copy_from_slice(&0x100u32.to_le_bytes());
+    fake.config[0x78..0x7c].copy_from_slice(&0x200u32.to_le_bytes());
+    fake.regions[0].size = 0x800;
+    fake.mappable(0, 0x1000, 0, &[(0, 0x800)]);
+    let (dev, _) = msix_device(fake).unwrap();
+    assert!(dev.direct_areas().is_empty());
+    // The region's place in the file is not page-aligned.
+    let (mut fake, _) = Fake::nic(4);
+    fake.mappable(0, 0x8000, 0x10, &[(0, 0x4000)]);
+    let (dev, _) = msix_device(fake).unwrap();
+    assert!(dev.direct_areas().is_empty());
+    // An I/O BAR is never mapped.
+    let (mut fake, _) = Fake::gpio(256);
+    fake.mappable(2, 0x1000, 0, &[(0, 0x1000)]);
+    let dev = VfioPciDevice::new(Box::new(fake), &shared_memory(), None, None).unwrap();
+    assert!(dev.direct_areas().is_empty());
+    // A sparse area past the MSI-X pages, read-only: mapped so, from the
+    // region's offset in the file.
+    let (mut fake, _) = Fake::nic(4);
+    fake.regions[0].flags = REGION_READ;
+    let file = fake.mappable(0, 0x8000, 0x1000, &[(0x1000, 0x1000), (0x2000, 0x2000)]);
+    let (dev, _) = msix_device(fake).unwrap();
+    let areas = dev.direct_areas();
+    assert_eq!(areas.len(), 1);
+    assert_eq!((areas[0].offset, areas[0].mapping.size()), (0x1000, 0x1000));
+    assert!(!areas[0].mapping.writable());
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(&[0x42], 0x2000).unwrap();
+    // SAFETY: a live mapping of 0x1000 bytes, held by `areas`.
+    let first = unsafe { *(areas[0].mapping.host_addr() as *const u8) };
+    assert_eq!(first, 0x42);
 }

@@ -29,7 +29,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -38,7 +38,7 @@ use std::time::Duration;
 use vfio_user::Client;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{IrqInfo, RegionInfo, VfioBackend};
+use super::{IrqInfo, RegionInfo, RegionMmap, VfioBackend, REGION_MMAP};
 
 /// How long the handshake with a server may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -143,6 +143,25 @@ impl VfioBackend for VfioUserBackend {
             index,
             size: r.size,
             flags: r.flags,
+        })
+    }
+
+    fn region_mmap(&self, index: u32) -> Option<RegionMmap<'_>> {
+        let r = self.client.as_ref()?.region(index)?;
+        let fo = r.file_offset.as_ref()?;
+        if r.flags & REGION_MMAP == 0 {
+            return None;
+        }
+        // No sparse mmap capability: the whole region may be mapped.
+        let areas = if r.sparse_areas.is_empty() {
+            vec![(0, r.size)]
+        } else {
+            r.sparse_areas.iter().map(|a| (a.offset, a.size)).collect()
+        };
+        Some(RegionMmap {
+            fd: fo.file().as_fd(),
+            offset: fo.start(),
+            areas,
         })
     }
 

@@ -22,22 +22,37 @@ use crate::interrupts::GsiRouting;
 use crate::layout::{pci_windows, PCI_ECAM_SIZE, PCI_ECAM_START};
 use kvm_bindings::kvm_userspace_memory_region;
 
-/// A function with one 4 KiB MMIO BAR and a doorbell in it.
+/// A function with one MMIO BAR 0: 4 KiB with a doorbell in it
+/// ([`Fake::shared`]), or 16 KiB whose 0x1000..0x3000 is a direct area
+/// ([`Fake::direct`]).
 struct Fake {
     config: PciConfiguration,
-    bell: EventFd,
+    bell: Option<EventFd>,
+    area: Option<Arc<Anon>>,
 }
 
 impl Fake {
-    fn shared() -> SharedPciDevice {
-        let mut config = PciConfiguration::new(PciConfigParams::device(0x1234, 0x5678, 0xff0000));
+    fn new(device_id: u16, bar_size: u64, bell: bool, area: Option<Arc<Anon>>) -> Fake {
+        let mut config =
+            PciConfiguration::new(PciConfigParams::device(0x1234, device_id, 0xff0000));
         config
-            .add_bar(PciBarConfig::new(0, 0x1000, BarRegion::Mmio32, false).unwrap())
+            .add_bar(PciBarConfig::new(0, bar_size, BarRegion::Mmio32, false).unwrap())
             .unwrap();
-        Arc::new(Mutex::new(Fake {
+        Fake {
             config,
-            bell: EventFd::new(EFD_NONBLOCK).unwrap(),
-        }))
+            bell: bell.then(|| EventFd::new(EFD_NONBLOCK).unwrap()),
+            area,
+        }
+    }
+
+    fn shared() -> SharedPciDevice {
+        Arc::new(Mutex::new(Fake::new(0x5678, 0x1000, true, None)))
+    }
+
+    fn direct() -> (SharedPciDevice, Arc<Anon>) {
+        let area = Anon::new(0x2000);
+        let dev = Fake::new(0x5679, 0x4000, false, Some(area.clone()));
+        (Arc::new(Mutex::new(dev)), area)
     }
 }
 
@@ -59,11 +74,24 @@ impl PciDevice for Fake {
     }
     fn write_bar(&mut self, _index: usize, _offset: u64, _data: &[u8]) {}
     fn ioeventfds(&self) -> Vec<IoEventNotifier<'_>> {
-        vec![IoEventNotifier {
-            bar: 0,
-            offset: 0x10,
-            fd: &self.bell,
-        }]
+        self.bell
+            .iter()
+            .map(|fd| IoEventNotifier {
+                bar: 0,
+                offset: 0x10,
+                fd,
+            })
+            .collect()
+    }
+    fn direct_areas(&self) -> Vec<pci::DirectArea> {
+        self.area
+            .iter()
+            .map(|a| pci::DirectArea {
+                bar: 0,
+                offset: 0x1000,
+                mapping: a.clone(),
+            })
+            .collect()
     }
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
         self
@@ -114,57 +142,6 @@ impl Drop for Anon {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `new`, unmapped once.
         unsafe { libc::munmap(self.addr as *mut libc::c_void, self.size as usize) };
-    }
-}
-
-/// A function with a 16 KiB memory BAR 0 whose 0x1000..0x3000 is a direct
-/// area.
-struct Direct {
-    config: PciConfiguration,
-    area: Arc<Anon>,
-}
-
-impl Direct {
-    fn shared() -> (SharedPciDevice, Arc<Anon>) {
-        let mut config = PciConfiguration::new(PciConfigParams::device(0x1234, 0x5679, 0xff0000));
-        config
-            .add_bar(PciBarConfig::new(0, 0x4000, BarRegion::Mmio32, false).unwrap())
-            .unwrap();
-        let area = Anon::new(0x2000);
-        let dev = Arc::new(Mutex::new(Direct {
-            config,
-            area: area.clone(),
-        }));
-        (dev, area)
-    }
-}
-
-impl PciDevice for Direct {
-    fn read_config_register(&mut self, reg_idx: usize) -> u32 {
-        self.config.read_config_register(reg_idx)
-    }
-    fn write_config_register(&mut self, reg: usize, off: u64, data: &[u8]) -> ConfigWriteOutcome {
-        self.config.write_config_register(reg, off, data)
-    }
-    fn bars(&self) -> Vec<BarInfo> {
-        self.config.bars()
-    }
-    fn set_bar_address(&mut self, index: usize, addr: u64) -> Result<(), PciError> {
-        self.config.set_bar_address(index, addr)
-    }
-    fn read_bar(&mut self, _index: usize, _offset: u64, data: &mut [u8]) {
-        data.fill(0xab)
-    }
-    fn write_bar(&mut self, _index: usize, _offset: u64, _data: &[u8]) {}
-    fn direct_areas(&self) -> Vec<pci::DirectArea> {
-        vec![pci::DirectArea {
-            bar: 0,
-            offset: 0x1000,
-            mapping: self.area.clone(),
-        }]
-    }
-    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
-        self
     }
 }
 
@@ -334,7 +311,7 @@ fn direct_areas_are_memory_slots_while_the_bar_decodes() {
     };
     let first = r.pm.slots.lock().unwrap().next;
     assert_eq!(first, 1, "after guest RAM's one slot");
-    let (dev, area) = Direct::shared();
+    let (dev, area) = Fake::direct();
     r.pm.place(PciManager::root_path(1).unwrap(), None, dev)
         .unwrap();
     let a = r.bar0(1);
@@ -370,7 +347,7 @@ fn direct_areas_are_memory_slots_while_the_bar_decodes() {
     r.write(1, 0x10, &(b as u32).to_le_bytes());
     assert_eq!(r.slots(1), vec![(first, b + 0x1000, 0x2000)]);
     // A second function takes the next slot.
-    let (dev2, _) = Direct::shared();
+    let (dev2, _) = Fake::direct();
     r.pm.place(PciManager::root_path(2).unwrap(), None, dev2)
         .unwrap();
     r.write(2, 0x4, &[0x02, 0x00]);
@@ -381,7 +358,7 @@ fn direct_areas_are_memory_slots_while_the_bar_decodes() {
     r.pm.remove(&PciManager::root_path(1).unwrap()).unwrap();
     assert!(!r.kvm_has_slot_at(b + 0x1000));
     assert_eq!(Arc::strong_count(&area), 1, "only the test holds it");
-    let (dev3, _) = Direct::shared();
+    let (dev3, _) = Fake::direct();
     r.pm.place(PciManager::root_path(3).unwrap(), None, dev3)
         .unwrap();
     r.write(3, 0x4, &[0x02, 0x00]);

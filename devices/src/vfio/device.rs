@@ -472,11 +472,10 @@ pub struct VfioPciDevice {
     /// The MSI capability offered to the guest, if any.
     msi: Option<Msi>,
     /// Offsets of the capabilities offered, in the device's list order:
-    /// the guest's capability list links them in that order.
-    caps: Vec<usize>,
-    /// Offsets of the vendor-specific capabilities offered: read from the
+    /// the guest's capability list links them in that order. Those that are
+    /// not the MSI or MSI-X capability are vendor-specific: read from the
     /// device (but for their next pointer) and written to it.
-    vendor_caps: Vec<usize>,
+    caps: Vec<usize>,
     /// The interrupt the back end signals.
     mode: IrqMode,
     /// Guest RAM given to the back end: (iova, size).
@@ -760,8 +759,7 @@ impl VfioPciDevice {
             });
             index += if kind == BarRegion::Mmio64 { 2 } else { 1 };
         }
-        let (mut msix, mut msi_cap, mut caps, mut vendor_caps) =
-            (None, None, Vec::new(), Vec::new());
+        let (mut msix, mut msi_cap, mut caps) = (None, None, Vec::new());
         if cfg_len >= 256 {
             let mut space = [0u8; 256];
             backend
@@ -781,10 +779,7 @@ impl VfioPciDevice {
                             caps.push(offset);
                         }
                     }
-                    (VENDOR_CAP_ID, _) => {
-                        caps.push(offset);
-                        vendor_caps.push(offset);
-                    }
+                    (VENDOR_CAP_ID, _) => caps.push(offset),
                     _ => {}
                 }
             }
@@ -797,13 +792,11 @@ impl VfioPciDevice {
                         .as_ref()
                         .is_some_and(|m: &Msi| (m.offset..m.offset + m.regs.len()).contains(&o))
             };
-            let inside: Vec<usize> = vendor_caps
-                .iter()
-                .copied()
-                .filter(|&o| emulated(o))
-                .collect();
-            vendor_caps.retain(|o| !inside.contains(o));
-            caps.retain(|o| !inside.contains(o));
+            let own = |o: usize| {
+                msix.as_ref().is_some_and(|m: &Msix| m.offset == o)
+                    || msi_cap.as_ref().is_some_and(|m: &Msi| m.offset == o)
+            };
+            caps.retain(|&o| own(o) || !emulated(o));
         }
         log::info!(
             "{name}: [{:04x}:{:04x}] class {:06x}, {} BAR(s), config space {cfg_len} bytes{}",
@@ -830,7 +823,6 @@ impl VfioPciDevice {
             msix,
             msi: msi_cap,
             caps,
-            vendor_caps,
             mode: IrqMode::Intx,
             intx: None,
             dma: Vec::new(),
@@ -1140,7 +1132,8 @@ impl VfioPciDevice {
                 };
             }
         }
-        if self.vendor_caps.contains(&at) {
+        // Past MSI and MSI-X, an offered capability is a vendor-specific one.
+        if self.caps.contains(&at) {
             let v = self.device_config_read(reg_idx);
             if self.failed.is_some() {
                 return v;

@@ -6,7 +6,7 @@
 //! The guest kit's `/init` reads `arbor_init=` from its environment: by
 //! default it idles, `poweroff` and `reboot` ask the kernel to do that.
 
-use arbor_tests::{guest_kit, kvm_available, Guest};
+use arbor_tests::{guest_kit, kvm_available, mbr_disk, Guest, Scratch};
 
 /// Exit status `arbor` documents for a guest reset.
 const EXIT_GUEST_RESET: i32 = 3;
@@ -111,15 +111,27 @@ fn panic_ends_with_reset_status() {
     assert_eq!(st.code(), Some(EXIT_GUEST_RESET), "stderr: {}", g.stderr());
 }
 
-/// Without ACPI the kernel takes the processors, the IOAPIC and the ISA
-/// interrupts from the MP table.
+/// Without ACPI the kernel takes the processors, the IOAPIC, the ISA
+/// interrupts and the root bus's PCI INTx routes from the MP table.
 #[test]
 fn acpi_off_uses_the_mp_table() {
     if !kvm_available() {
         return;
     }
     let kit = guest_kit();
-    let g = Guest::boot("mptable", &kit.vmlinux, 2, "acpi=off", &[]);
+    let s = Scratch::new("mptable");
+    let disk = s.path("disk.img");
+    mbr_disk(&disk, 43);
+    let d = format!("path={},readonly=on", disk.display());
+    // pci=nomsi: the disk on the root bus completes its I/O through INTx,
+    // routed by the table only.
+    let g = Guest::boot(
+        "mptable",
+        &kit.vmlinux,
+        2,
+        "acpi=off pci=nomsi",
+        &["--disk", &d],
+    );
     g.wait_for("found SMP MP-table at [mem 0x0009fc00-0x0009fc0f]");
     g.wait_for("Intel MultiProcessor Specification v1.4");
     g.wait_for("Processor #0 (Bootup-CPU)");
@@ -127,6 +139,9 @@ fn acpi_off_uses_the_mp_table() {
     g.wait_for("Processor 1/0x1 ignored");
     g.wait_for("IOAPIC[0]: apic_id 2, version 17, address 0xfec00000, GSI 0-23");
     g.wait_for("ttyS0 at I/O 0x3f8 (irq = 4");
+    // Reading the partition table needs a completed request: INTx works.
+    g.wait_for("88064 512-byte logical blocks");
+    g.wait_for(" vda: vda1 vda2");
     g.wait_for("Run /init as init process");
     assert!(!g.console().contains("ACPI: RSDP"), "{}", g.console());
 }

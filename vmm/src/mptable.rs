@@ -38,8 +38,12 @@ const ENTRY_LOCAL_INTERRUPT: u8 = 4;
 const INT_TYPE_INT: u8 = 0;
 const INT_TYPE_NMI: u8 = 1;
 const INT_TYPE_EXTINT: u8 = 3;
-const BUS_ISA: u8 = 0;
-const BUS_PCI: u8 = 1;
+/// Bus ids: Linux matches a PCI route's source bus against the PCI bus
+/// number, so the PCI bus is the root bus, 0; ISA takes the last id (a PCI
+/// bus 255, if the topology has one, is then looked up through its bridges,
+/// which is how Linux finds every bus the table does not route).
+const BUS_ISA: u8 = 0xff;
+const BUS_PCI: u8 = 0;
 /// Polarity and trigger "conform to the bus" (ISA: edge, active high).
 const FLAGS_CONFORM: u16 = 0;
 /// Active high, level (the SCI, as the MADT's override says).
@@ -223,6 +227,8 @@ mod tests {
             routes[8..16],
             [ENTRY_IO_INTERRUPT, 0, 0xf, 0, BUS_PCI, (9 << 2) | 1, 2, 18]
         );
+        // The PCI routes name the root bus, 0, as Linux numbers it.
+        assert!(routes.chunks(8).all(|e| e[4] == 0), "{routes:?}");
     }
 
     #[test]

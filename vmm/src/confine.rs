@@ -547,14 +547,24 @@ pub struct Applied {
 /// the serial output file if it is missing (it could not be created
 /// afterwards), then Landlock, `PR_SET_NO_NEW_PRIVS` and the capability
 /// drop as `cfg.confine` asks. Must run before any other thread exists;
-/// refuses otherwise. Logs what it did; where the kernel lacks Landlock
+/// refuses otherwise, unless all three are off (then it does nothing). Logs what it did; where the kernel lacks Landlock
 /// and the mode is `on`, logs a warning and goes on.
 pub fn apply(cfg: &VmConfig, kvm: &Path) -> Result<Applied, ConfineError> {
+    let opts = &cfg.confine;
+    if opts.landlock == LandlockMode::Off && !opts.no_new_privs && !opts.drop_capabilities {
+        // Nothing applies to the whole process, so other threads (a
+        // profiler's, say heaptrack's) are no reason to refuse.
+        log::warn!("Landlock: off (--landlock=off)");
+        return Ok(Applied {
+            landlock: LandlockOutcome::Off,
+            no_new_privs: false,
+            capabilities_dropped: false,
+        });
+    }
     match thread_count() {
         Some(1) | None => {}
         Some(n) => return Err(ConfineError::Threads(n)),
     }
-    let opts = &cfg.confine;
     if let SerialOutput::File { path, .. } = &cfg.serial {
         if opts.landlock != LandlockMode::Off {
             std::fs::OpenOptions::new()
@@ -790,6 +800,21 @@ mod tests {
         }
         // Nothing was changed: this thread may still read anything.
         assert!(std::fs::read_dir("/").is_ok());
+        let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+        assert!(status.contains("NoNewPrivs:\t0"), "{status}");
+    }
+
+    /// With every step off there is nothing to apply to the process, and
+    /// other threads do not matter.
+    #[test]
+    fn apply_with_everything_off_ignores_other_threads() {
+        let mut cfg = VmConfig::default();
+        cfg.confine.landlock = LandlockMode::Off;
+        cfg.confine.no_new_privs = false;
+        cfg.confine.drop_capabilities = false;
+        let a = apply(&cfg, Path::new("/dev/kvm")).unwrap();
+        assert_eq!(a.landlock, LandlockOutcome::Off);
+        assert!(!a.no_new_privs && !a.capabilities_dropped);
         let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
         assert!(status.contains("NoNewPrivs:\t0"), "{status}");
     }

@@ -527,6 +527,9 @@ impl Vm {
             }
             c.state = VmState::Running;
             c.serve_api();
+            // What building the VM freed (table and AML buffers, the
+            // kernel's headers) need not stay resident while it runs.
+            devices::release_free_heap();
             if c.exit.is_none() {
                 if let Err(e) = c.start_vcpus() {
                     c.exit = Some(Err(e));
@@ -900,6 +903,9 @@ impl VmCore {
                 pci_path: rec.path.to_string(),
             });
         }
+        // Building the device allocated and freed much; see
+        // `devices::release_free_heap`.
+        devices::release_free_heap();
         let first = records
             .iter()
             .find(|r| r.path.last().function == 0)
@@ -1001,7 +1007,11 @@ impl VmCore {
 
     fn hotplug_outcome(&mut self, o: Outcome) {
         match o {
-            Outcome::Released { id } => self.release(&id),
+            Outcome::Released { id } => {
+                self.release(&id);
+                // The device, its worker and their buffers are gone.
+                devices::release_free_heap();
+            }
             Outcome::Withdrawn { id, after } => {
                 let pci_path = self
                     .removals

@@ -410,6 +410,9 @@ impl VirtioPciDevice {
         if let Err(e) = self.device.activate(ctx) {
             self.fail(&e.to_string());
         }
+        // Activation allocates the queues and the worker and frees what
+        // building them took.
+        crate::release_free_heap();
     }
 
     fn common_write(&mut self, offset: u64, data: &[u8]) {

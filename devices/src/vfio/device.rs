@@ -381,6 +381,15 @@ pub(crate) fn direct_ranges(
 /// Maps the parts of memory BARs the back end lets be mmap-ed (see
 /// [`direct_ranges`]), once. Anything that cannot be mapped stays trapped
 /// (logged): this never fails the function.
+/// The length of `fd` when it is a regular file (a vfio-user server's
+/// memfd or file); `None` for anything else, such as kernel VFIO's device
+/// descriptor, whose regions the kernel itself sizes.
+fn regular_file_len(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
+    let file = std::fs::File::from(fd.try_clone_to_owned().ok()?);
+    let meta = file.metadata().ok()?;
+    meta.file_type().is_file().then_some(meta.len())
+}
+
 fn map_direct(
     backend: &dyn VfioBackend,
     name: &str,
@@ -407,6 +416,7 @@ fn map_direct(
             .collect();
         let writable = info.flags & REGION_WRITE != 0;
         let prot = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };
+        let file_len = regular_file_len(m.fd);
         for (offset, size) in direct_ranges(bar.len, &m.areas, &excluded, page) {
             let file_offset = m
                 .offset
@@ -420,6 +430,18 @@ fn map_direct(
                 );
                 continue;
             };
+            // Pages past the end of a file cannot be faulted in: the
+            // guest's access would fail in KVM_RUN and stop the VM.
+            if let Some(flen) = file_len {
+                if (file_offset as u64).saturating_add(size) > flen {
+                    log::warn!(
+                        "{name}: BAR {}: area at {offset:#x} ({size:#x} bytes) ends past the \
+                         end of the server's file ({flen:#x} bytes); trapped",
+                        bar.index
+                    );
+                    continue;
+                }
+            }
             // SAFETY: a new shared mapping chosen by the kernel (no address
             // given), of a descriptor that is open for the whole call; the
             // result is checked, and owned by the `MmapArea` from here on.

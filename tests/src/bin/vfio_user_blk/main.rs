@@ -504,7 +504,8 @@ impl ServerBackend for BlkBackend {
                 region: Arc::new(region),
             });
             if let Err(e) = self.publish_memory() {
-                self.maps.retain(|m| m.iova != address || m.size != size);
+                // Only the map just pushed: an identical earlier one stays.
+                self.maps.pop();
                 self.publish_memory()?;
                 return Err(e);
             }
@@ -581,7 +582,13 @@ impl ServerBackend for BlkBackend {
                 *self.intx.fd.lock().unwrap_or_else(|e| e.into_inner()) = fds.into_iter().next();
             }
             MSIX_IRQ => {
-                self.vectors.set(start as usize, fds);
+                if n > 0 {
+                    // `start` was checked against the vector count above.
+                    self.vectors.set(start as usize, fds);
+                } else {
+                    // A disable may name any start: drop every vector.
+                    self.vectors.set(0, Vec::new());
+                }
                 self.set_inner_msix(n > 0);
                 event(&format!(
                     "msix {}",

@@ -301,7 +301,23 @@ fn garbage_accesses_are_absorbed() {
     assert!(b
         .dma_map(DmaMapFlags::READ_WRITE, 0, 0x20_0000, 0, Some(f))
         .is_err());
+    // The same range again: refused, and the first map stays.
+    let f = File::open(dir.path("g.img")).unwrap();
+    assert!(b
+        .dma_map(DmaMapFlags::READ_WRITE, 0, 0, 1 << 20, Some(f))
+        .is_err());
     assert_eq!(b.maps.len(), 1);
+    assert_eq!((b.maps[0].iova, b.maps[0].size), (0, 1 << 20));
+    // Disabling MSI-X may name any start vector: all are dropped, nothing
+    // is allocated for the start.
+    b.set_irqs(
+        MSIX_IRQ,
+        VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER,
+        u32::MAX - 1,
+        0,
+        Vec::new(),
+    )
+    .unwrap();
     b.disconnect();
     assert!(b.maps.is_empty() && !b.dev.is_active());
 }

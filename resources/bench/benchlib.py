@@ -471,7 +471,9 @@ def parse_arbor_vm_args(p, argv, cpus, op_timeout, settle=True, timeout_what="re
     arguments, with arbor_extra split from --arbor-args. Without SETTLE there
     is no --settle option and settle is 0. TIMEOUT_WHAT says in --timeout's
     help what the guest must do within it."""
-    p.add_argument("--cpus", type=positive_int, default=cpus, help=f"vCPUs (default {cpus})")
+    p.add_argument("--cpus", type=positive_int, default=cpus,
+                   help=f"vCPUs (default {cpus})" if cpus is not None
+                   else "vCPUs (default: as many as the devices' interrupt vectors need)")
     p.add_argument("--memory", type=parse_size, default=512 * MIB, metavar="SIZE",
                    help="guest memory, e.g. 512M (default 512M; a plain number is MiB)")
     p.add_argument("--kernel", choices=("vmlinux", "bzImage"), default="vmlinux",
@@ -505,6 +507,21 @@ def parse_arbor_vm_args(p, argv, cpus, op_timeout, settle=True, timeout_what="re
     if not settle:
         args.settle = 0.0
     return args
+
+
+def prepare_arbor(args):
+    """What a benchmark that boots the guest kit under arbor needs first:
+    (the kit, the arbor binary, other VMMs running now). Checks /dev/kvm,
+    builds arbor when stale (unless --no-build) and warns about other VMMs,
+    whose load would show in the numbers."""
+    kit = guest_kit(args.guest_dir, args.kernel)
+    check_kvm()
+    binary = find_arbor(args.arbor, packages=("vmm", "api"),
+                        rebuild_stale=not args.no_build, attempts=10)
+    others = other_guests(os.getpid())
+    if others:
+        log(f"warning: other VMMs are running: {', '.join(others)}")
+    return kit, binary, others
 
 
 def vmm_failure(name, vm, what):
@@ -614,6 +631,26 @@ class ArborVm:
                             f"{' or '.join(map(str, expect))}): "
                             f"{payload.decode('utf-8', 'replace').strip()}")
         return (t1 - t0) * 1e3, payload
+
+    def add_blank_disk(self, workdir, dev_id, size=MIB, **fields):
+        """Hot-adds a new sparse image of SIZE bytes, WORKDIR/DEV_ID.img, as
+        disk DEV_ID (FIELDS go into the request too, e.g. port). Returns
+        (the console mark before the request, time.monotonic() just before
+        it, its round trip in ms, the pci_path answered). A new connection
+        each time: waiting for the guest between adds outlasts the server's
+        idle keep-alive limit."""
+        disk = os.path.join(workdir, f"{dev_id}.img")
+        with open(disk, "wb") as f:
+            f.truncate(size)
+        mark = self.console.mark()
+        t0 = time.monotonic()
+        conn = self.connect()
+        try:
+            ms, payload = self.request(conn, "PUT", "/api/v1/vm.add-disk",
+                                       dict(fields, id=dev_id, path=disk), expect=(200,))
+        finally:
+            conn.close()
+        return mark, t0, ms, json.loads(payload).get("pci_path")
 
     def stop(self):
         if self.proc is None:

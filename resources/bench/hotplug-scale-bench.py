@@ -39,7 +39,7 @@ import time
 sys.dont_write_bytecode = True  # no __pycache__ beside the scripts
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
-from benchlib import MIB, BenchError, log, positive_int, quote  # noqa: E402
+from benchlib import MIB, log, positive_int, quote  # noqa: E402
 
 benchlib.PROG = "hotplug-scale-bench"
 
@@ -61,7 +61,7 @@ def parse_args(argv):
     p.add_argument("--window", type=positive_int, default=None, metavar="K",
                    help="devices per block; the ratio compares the last K with the first K "
                    "(default 32, or half the disks when fewer than 64)")
-    args = benchlib.parse_arbor_vm_args(p, argv, cpus=1, op_timeout=120.0)
+    args = benchlib.parse_arbor_vm_args(p, argv, cpus=None, op_timeout=120.0)
     args.mechanism = args.mechanism or ["acpi", "native"]
     for m in args.mechanism:
         n = devices_for(args, m)
@@ -73,6 +73,21 @@ def parse_args(argv):
         if n < 2:
             p.error("--devices: at least 2 (a first and a last window)")
     return args
+
+
+# Interrupt vectors Linux can give out per x86 CPU, with a margin (256
+# less the exceptions, the system vectors and the legacy range).
+VECTORS_PER_CPU = 180
+
+
+def cpus_for(args, mechanism, n):
+    """vCPUs for N disks: each takes two MSI-X vectors (configuration and
+    its queue), each native port one more; one vCPU runs out of vectors
+    near the 100th disk (its probe fails with -ENOSPC). --cpus wins."""
+    if args.cpus is not None:
+        return args.cpus
+    vectors = 2 * n + (n if mechanism == "native" else 0)
+    return max(1, -(-vectors // VECTORS_PER_CPU))
 
 
 def window_for(args, n):
@@ -113,18 +128,7 @@ def topology(mechanism, n):
 def fill(vm, args, workdir, place, n):
     recs = []
     for i in range(n):
-        disk = os.path.join(workdir, f"d{i}.img")
-        with open(disk, "wb") as f:
-            f.truncate(1 * MIB)
-        mark = vm.console.mark()
-        t0 = time.monotonic()
-        conn = vm.connect()
-        try:
-            add_ms, payload = vm.request(conn, "PUT", "/api/v1/vm.add-disk",
-                                         dict(place(i), id=f"d{i}", path=disk), expect=(200,))
-        finally:
-            conn.close()
-        pci_path = json.loads(payload).get("pci_path")
+        mark, t0, add_ms, pci_path = vm.add_blank_disk(workdir, f"d{i}", **place(i))
         deadline = t0 + args.op_timeout
         try:
             _, t_pci, _, _ = vm.console.wait_for(lambda line: PCI_LINE.search(line), mark,
@@ -157,6 +161,7 @@ def run_one(args, kit, binary, mechanism):
     n = devices_for(args, mechanism)
     specs, place = topology(mechanism, n)
     opts = argparse.Namespace(**vars(args))
+    opts.cpus = cpus_for(args, mechanism, n)
     opts.arbor_extra = list(args.arbor_extra)
     for s in specs:
         opts.arbor_extra += ["--pci-port", s]
@@ -187,7 +192,8 @@ def run_one(args, kit, binary, mechanism):
         first = median([r[key] for r in recs[:k]])
         last = median([r[key] for r in recs[-k:]])
         ratios[key] = round(last / first, 3) if first else None
-    return {"mechanism": mechanism, "devices": n, "window": k, "boot_s": round(boot_s, 3),
+    return {"mechanism": mechanism, "devices": n, "cpus": opts.cpus, "window": k,
+            "boot_s": round(boot_s, 3),
             "blocks": blocks, "ratio_last_over_first": ratios,
             "loadavg_at_start": load_start, "loadavg_at_end": load_end,
             "per_device": recs, "command": vm.argv}
@@ -195,19 +201,14 @@ def run_one(args, kit, binary, mechanism):
 
 def main(argv):
     args = parse_args(argv)
-    kit = benchlib.guest_kit(args.guest_dir, args.kernel)
-    benchlib.check_kvm()
-    binary = benchlib.find_arbor(args.arbor, packages=("vmm", "api"),
-                                 rebuild_stale=not args.no_build, attempts=10)
-    others = benchlib.other_guests(os.getpid())
-    if others:
-        log(f"warning: other VMMs are running: {', '.join(others)}")
+    kit, binary, others = benchlib.prepare_arbor(args)
     results = [run_one(args, kit, binary, m) for m in args.mechanism]
     print()
-    print(f"Hotplug scale: {args.kernel}, {args.cpus} vCPU(s), {args.memory // MIB} MiB; "
+    print(f"Hotplug scale: {args.kernel}, {args.memory // MIB} MiB; "
           "disks hot-plugged one after another, medians per block (ms)")
     for r in results:
-        print(f"  {r['mechanism']}: {r['devices']} disks, blocks of {r['window']}; load average "
+        print(f"  {r['mechanism']}: {r['devices']} disks, {r['cpus']} vCPU(s), blocks of "
+              f"{r['window']}; load average "
               f"{r['loadavg_at_start']} "
               f"at start, {r['loadavg_at_end']} at end")
         print(f"    {'disks':>9} {'add request':>12} {'to pci line':>12} {'to virtio_blk':>14}")
@@ -219,7 +220,7 @@ def main(argv):
         print(f"    {'last/first':>9} {q['add_ms']:>12} {q['enumerated_ms']:>12} "
               f"{q['bound_ms']:>14}")
     print()
-    print(json.dumps({"cpus": args.cpus, "memory_mib": args.memory // MIB,
+    print(json.dumps({"memory_mib": args.memory // MIB,
                       "other_vmms_at_start": others,
                       "results": results}, separators=(",", ":")), flush=True)
     return 0

@@ -76,13 +76,7 @@ class Arbor(benchlib.ArborVm):
 
 def main(argv):
     args = parse_args(argv)
-    kit = benchlib.guest_kit(args.guest_dir, args.kernel)
-    benchlib.check_kvm()
-    binary = benchlib.find_arbor(args.arbor, packages=("vmm", "api"),
-                                 rebuild_stale=not args.no_build, attempts=10)
-    others = benchlib.other_guests(os.getpid())
-    if others:
-        log(f"warning: other VMMs are running: {', '.join(others)}")
+    kit, binary, others = benchlib.prepare_arbor(args)
     workdir = tempfile.mkdtemp(prefix="pause-bench.")
     vm = Arbor(binary, kit, workdir, args)
     log(" ".join(quote(a) for a in vm.argv))

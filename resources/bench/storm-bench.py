@@ -346,20 +346,7 @@ def memory_per_disk(vm, args, workdir):
             time.sleep(args.settle)
             sw, mw = memory_sample(vm.proc.pid, args.memory)
             log(f"after the first disk: {sw}")
-        disk = os.path.join(workdir, f"mem{i}.img")
-        with open(disk, "wb") as f:
-            f.truncate(1 * MIB)
-        mark = vm.console.mark()
-        t0 = time.monotonic()
-        # A new connection each time: waiting for the guest outlasts the
-        # server's idle keep-alive limit.
-        conn = vm.connect()
-        try:
-            _, payload = vm.request(conn, "PUT", "/api/v1/vm.add-disk",
-                                    {"id": f"mem{i}", "path": disk}, expect=(200,))
-        finally:
-            conn.close()
-        pci_path = json.loads(payload).get("pci_path")
+        mark, t0, _, pci_path = vm.add_blank_disk(workdir, f"mem{i}")
         try:
             # The driver has bound (and activated the device) when the
             # guest reports the disk's size.
@@ -428,13 +415,7 @@ def row(title, s):
 
 def main(argv):
     args = parse_args(argv)
-    kit = benchlib.guest_kit(args.guest_dir, args.kernel)
-    benchlib.check_kvm()
-    binary = benchlib.find_arbor(args.arbor, packages=("vmm", "api"),
-                                 rebuild_stale=not args.no_build, attempts=10)
-    others = benchlib.other_guests(os.getpid())
-    if others:
-        log(f"warning: other VMMs are running: {', '.join(others)}")
+    kit, binary, others = benchlib.prepare_arbor(args)
     workdir = tempfile.mkdtemp(prefix="storm-bench.")
     vm = benchlib.ArborVm(binary, kit, workdir, args)
     log(" ".join(quote(a) for a in vm.argv))

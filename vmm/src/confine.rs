@@ -547,8 +547,9 @@ pub struct Applied {
 /// the serial output file if it is missing (it could not be created
 /// afterwards), then Landlock, `PR_SET_NO_NEW_PRIVS` and the capability
 /// drop as `cfg.confine` asks. Must run before any other thread exists;
-/// refuses otherwise, unless all three are off (then it does nothing). Logs what it did; where the kernel lacks Landlock
-/// and the mode is `on`, logs a warning and goes on.
+/// refuses otherwise, unless all three are off (then it does nothing).
+/// Logs what it did; where the kernel lacks Landlock and the mode is `on`,
+/// logs a warning and goes on.
 pub fn apply(cfg: &VmConfig, kvm: &Path) -> Result<Applied, ConfineError> {
     let opts = &cfg.confine;
     if opts.landlock == LandlockMode::Off && !opts.no_new_privs && !opts.drop_capabilities {

@@ -378,9 +378,6 @@ pub(crate) fn direct_ranges(
     merged.into_iter().map(|(s, e)| (s, e - s)).collect()
 }
 
-/// Maps the parts of memory BARs the back end lets be mmap-ed (see
-/// [`direct_ranges`]), once. Anything that cannot be mapped stays trapped
-/// (logged): this never fails the function.
 /// The length of `fd` when it is a regular file (a vfio-user server's
 /// memfd or file); `None` for anything else, such as kernel VFIO's device
 /// descriptor, whose regions the kernel itself sizes.
@@ -390,6 +387,9 @@ fn regular_file_len(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
     meta.file_type().is_file().then_some(meta.len())
 }
 
+/// Maps the parts of memory BARs the back end lets be mmap-ed (see
+/// [`direct_ranges`]), once. Anything that cannot be mapped stays trapped
+/// (logged): this never fails the function.
 fn map_direct(
     backend: &dyn VfioBackend,
     name: &str,

@@ -35,8 +35,8 @@
 //! - while fewer than [`FD_RESERVE`] descriptors are left under
 //!   `RLIMIT_NOFILE`, new connections are accepted and closed at once, so
 //!   the VMM keeps descriptors for itself (disks, eventfds, hot-plug). The
-//!   count (`/proc/self/fd`) is reused for 100 ms unless it was near the
-//!   reserve, so a connection does not pay for listing every descriptor.
+//!   count (the size of `/proc/self/fd`, or a listing of it on kernels
+//!   before 6.2) is reused for 100 ms unless it was near the reserve.
 //!
 //! Dropping the [`ApiServerHandle`] (or calling
 //! [`ApiServerHandle::shutdown`]) stops accepting, lets requests in flight
@@ -717,8 +717,21 @@ impl Drop for Busy {
     }
 }
 
-/// Descriptors left under the soft `RLIMIT_NOFILE`, counted from
-/// `/proc/self/fd`; `None` when unlimited or unknown.
+/// Descriptors this process has open. Linux 6.2 and later give the count
+/// as the size of `/proc/self/fd` (one `statx`, however many are open);
+/// older kernels report 0 there, and the directory is listed instead (one
+/// entry per descriptor: a millisecond with a thousand, as a VMM with 64
+/// disks has).
+fn open_descriptors() -> Option<u64> {
+    match std::fs::metadata("/proc/self/fd") {
+        Ok(m) if m.len() > 0 => Some(m.len()),
+        // The directory's own descriptor is listed too: count it as used.
+        _ => Some(std::fs::read_dir("/proc/self/fd").ok()?.count() as u64),
+    }
+}
+
+/// Descriptors left under the soft `RLIMIT_NOFILE`; `None` when unlimited
+/// or unknown.
 fn descriptors_left() -> Option<u64> {
     // SAFETY: rlimit is plain old data; all-zeroes is a valid value.
     let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
@@ -728,19 +741,18 @@ fn descriptors_left() -> Option<u64> {
     {
         return None;
     }
-    // The directory's own descriptor is listed too: count it as used.
-    let open = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
-    Some(lim.rlim_cur.saturating_sub(open))
+    Some(lim.rlim_cur.saturating_sub(open_descriptors()?))
 }
 
 /// How long a count of the free descriptors is trusted.
 const FD_COUNT_FRESH: Duration = Duration::from_millis(100);
 
-/// The accept loop's view of the free descriptors. Counting them reads
-/// `/proc/self/fd` (a directory with one entry per descriptor: hundreds in
-/// a VMM with many devices), too costly for every connection: a count is
-/// reused for [`FD_COUNT_FRESH`], less one per connection accepted since,
-/// and never when it was near [`FD_RESERVE`].
+/// The accept loop's view of the free descriptors. Counting them (see
+/// [`open_descriptors`]: on older kernels a listing of a directory with an
+/// entry per descriptor, hundreds in a VMM with many devices) is too
+/// costly for every connection: a count is reused for [`FD_COUNT_FRESH`],
+/// less one per connection accepted since, and never when it was near
+/// [`FD_RESERVE`].
 #[derive(Default)]
 struct FdBudget {
     /// The last count and when it was taken.
@@ -1096,6 +1108,22 @@ mod tests {
             Err(RouteError::NotFound)
         );
         assert_eq!(Endpoint::VmAddDisk.name(), "vm.add-disk");
+    }
+
+    #[test]
+    fn open_descriptors_counts_what_is_open() {
+        let before = open_descriptors().unwrap();
+        let files: Vec<_> = (0..5)
+            .map(|_| std::fs::File::open("/proc/self/status").unwrap())
+            .collect();
+        // Other test threads may open or close descriptors meanwhile;
+        // five more must show, give or take a few.
+        let with = open_descriptors().unwrap();
+        assert!(
+            with >= before + 3 && with <= before + 8,
+            "{before} -> {with}"
+        );
+        drop(files);
     }
 
     #[test]

@@ -471,9 +471,7 @@ def parse_arbor_vm_args(p, argv, cpus, op_timeout, settle=True, timeout_what="re
     arguments, with arbor_extra split from --arbor-args. Without SETTLE there
     is no --settle option and settle is 0. TIMEOUT_WHAT says in --timeout's
     help what the guest must do within it."""
-    p.add_argument("--cpus", type=positive_int, default=cpus,
-                   help=f"vCPUs (default {cpus})" if cpus is not None
-                   else "vCPUs (default: as many as the devices' interrupt vectors need)")
+    p.add_argument("--cpus", type=positive_int, default=cpus, help=f"vCPUs (default {cpus})")
     p.add_argument("--memory", type=parse_size, default=512 * MIB, metavar="SIZE",
                    help="guest memory, e.g. 512M (default 512M; a plain number is MiB)")
     p.add_argument("--kernel", choices=("vmlinux", "bzImage"), default="vmlinux",

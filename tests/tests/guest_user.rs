@@ -55,12 +55,41 @@ fn kv<'a>(out: &'a str, key: &str) -> Option<&'a str> {
 }
 
 /// The BDFs the guest's virtio-pci driver is bound to.
+fn is_bdf(w: &str) -> bool {
+    let b = w.as_bytes();
+    b.len() == 12
+        && w.starts_with("0000:")
+        && b[7] == b':'
+        && b[10] == b'.'
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| matches!(i, 4 | 7 | 10) || c.is_ascii_hexdigit())
+}
+
+#[test]
+fn only_whole_addresses_are_bdfs() {
+    assert!(is_bdf("0000:07:00.0"));
+    assert!(is_bdf("0000:0a:1f.7"));
+    for w in [
+        "0000:07:01.0:",
+        "0000:07:01",
+        "0000:07:01.0x",
+        "0000:0g:01.0",
+        "0000:07-01.0",
+    ] {
+        assert!(!is_bdf(w), "{w}");
+    }
+}
+
 fn virtio_pci_bound(g: &Guest) -> Vec<String> {
     let (st, out) = g.run("ls /sys/bus/pci/drivers/virtio-pci/");
     assert_eq!(st, 0, "{out}");
+    // Whole words of the form 0000:bb:dd.f only: the kernel's own lines
+    // may print on the console meanwhile ("pci 0000:07:01.0: bridge
+    // window ..."), with a colon after the address.
     let mut v: Vec<String> = out
         .split_whitespace()
-        .filter(|w| w.starts_with("0000:"))
+        .filter(|w| is_bdf(w))
         .map(String::from)
         .collect();
     v.sort();

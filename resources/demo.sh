@@ -48,10 +48,10 @@ echo "guest booted: $(grep -F 'Run /init' "$CONSOLE")"
 log "the default topology (arbor-remote info)"
 "$REMOTE" --api-socket "$SOCK" info |
 	sed -n 's/^ *"id": "\(rp[0-9]*\|br[0-9]*\|root\)".*/\1/p' | tr '\n' ' '
-echo "  (8 root ports with native hotplug, a PCIe-to-PCI bridge with ACPI slots)"
+echo "  (8 root ports with native hotplug; the root bus's free slots take ACPI hotplug)"
 
-log "hotplug a disk behind the bridge br0: arbor-remote add-disk port=br0"
-answer=$("$REMOTE" --api-socket "$SOCK" add-disk "path=$WORK/disk.img,id=demo-disk,serial=demo,port=br0")
+log "hotplug a disk; arbor places it on the first free native port: arbor-remote add-disk"
+answer=$("$REMOTE" --api-socket "$SOCK" add-disk "path=$WORK/disk.img,id=demo-disk,serial=demo")
 echo "$answer"
 path=$(printf '%s' "$answer" | sed -n 's/.*"pci_path": *"\([^"]*\)".*/\1/p')
 wait_line "81920 512-byte logical blocks" 180

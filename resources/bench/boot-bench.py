@@ -71,7 +71,9 @@ PHASES = (
     ("Run /init", MARK_INIT),
 )
 ARBOR_MINIMAL = benchlib.ARBOR_MINIMAL
-VMMS = ("arbor", "arbor-minimal", "qemu", "cloud-hypervisor")
+ARBOR_BRIDGE = benchlib.ARBOR_WITH_ACPI_BRIDGE
+ARBOR_VARIANTS = {"arbor": [], "arbor-minimal": ARBOR_MINIMAL, "arbor-bridge": ARBOR_BRIDGE}
+VMMS = ("arbor", "arbor-minimal", "arbor-bridge", "qemu", "cloud-hypervisor")
 # Lines after which the boot cannot reach /init.
 MARK_FATAL = (b"Kernel panic",)
 
@@ -102,7 +104,9 @@ def parse_args(argv):
     p.add_argument("--vmm", action="append", choices=VMMS, dest="vmms", metavar="NAME",
                    help="a VMM to benchmark (repeatable; in the order given): arbor, "
                    "arbor-minimal (one root port, no hotplug port: "
-                   + " ".join(ARBOR_MINIMAL) + "), qemu, cloud-hypervisor. Default: arbor, "
+                   + " ".join(ARBOR_MINIMAL) + "), arbor-bridge (the default topology and "
+                   "an ACPI bridge br0 with 32 slots, the default before 1 Dec 2026), qemu, "
+                   "cloud-hypervisor. Default: arbor, "
                    "arbor-minimal, qemu, and cloud-hypervisor when --cloud-hypervisor is given")
     p.add_argument("--cloud-hypervisor", metavar="PATH",
                    help="Cloud Hypervisor binary (not installed by this project; build it "
@@ -321,19 +325,20 @@ def fmt(v, unit):
     return f"{v:.2f} {unit}" if unit == "s" else f"{v:.1f} {unit}"
 
 
-LABELS = {"arbor": "arbor", "arbor-minimal": "arbor-min", "qemu": "QEMU",
+LABELS = {"arbor": "arbor", "arbor-minimal": "arbor-min", "arbor-bridge": "arbor-br",
+          "qemu": "QEMU",
           "cloud-hypervisor": "CH"}
 
 
 def commands_for(args, kernel, initramfs, cmdline, mem_mib):
     commands = {}
     for name in args.vmms:
-        if name in ("arbor", "arbor-minimal"):
-            if "arbor" not in commands and "arbor-minimal" not in commands:
+        if name in ARBOR_VARIANTS:
+            if not any(n in commands for n in ARBOR_VARIANTS):
                 arbor = find_arbor(args)
             cmd = [arbor, "--kernel", kernel, "--initramfs", initramfs,
                    "--cmdline", cmdline, "--cpus", str(args.cpus), "--memory", f"{mem_mib}M"]
-            commands[name] = cmd + (ARBOR_MINIMAL if name == "arbor-minimal" else [])
+            commands[name] = cmd + ARBOR_VARIANTS[name]
         elif name == "qemu":
             qemu = find_qemu(args)
             commands[name] = [qemu, "-accel", "kvm", "-machine", args.qemu_machine,

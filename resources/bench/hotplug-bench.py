@@ -126,8 +126,10 @@ def parse_args(argv):
                    "\"--pci-port id=rp1,type=root-port,hotplug=native\"")
     p.add_argument("--port", metavar="ID", action="append",
                    help="put each arbor disk under this port (add-disk's 'port' field), e.g. "
-                   "rp0 (a root port of arbor's default topology, native hotplug), br0 (its "
-                   "PCI bridge, ACPI hotplug) or a port from --arbor-args. Repeatable: arbor "
+                   "rp0 (a root port of arbor's default topology, native hotplug), br0 (a "
+                   "PCI bridge with ACPI hotplug, added to the default topology when named "
+                   "here without --pci-port in --arbor-args) or a port from --arbor-args. "
+                   "Repeatable: arbor "
                    "is then booted and measured once per port. Default: no port, arbor places "
                    "the disk itself (its --hotplug-order; --arbor-args \"--hotplug-order "
                    "root,native,acpi\" for the root bus)")
@@ -156,6 +158,8 @@ def parse_args(argv):
     args.port = args.port or []
     if len(set(args.port)) != len(args.port) or not all(args.port):
         p.error("--port: give each port once, and not empty")
+    if "br0" in args.port and "--pci-port" not in args.arbor_extra:
+        args.arbor_extra += benchlib.ARBOR_WITH_ACPI_BRIDGE
     return args
 
 

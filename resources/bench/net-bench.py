@@ -302,7 +302,8 @@ def main(argv):
             vms["arbor"] = (ns.prefix() + [arbor, "--kernel", kernel, "--initramfs", initrd,
                                            "--cmdline", cmdline, "--memory", "512M",
                                            "--api-socket", sock,
-                                           "--net", "tap=tapa,mac=52:54:00:00:31:02"], 31)
+                                           "--net", "tap=tapa,mac=52:54:00:00:31:02"]
+                             + benchlib.ARBOR_WITH_ACPI_BRIDGE, 31)
         if a.only != "arbor":
             qemu = benchlib.find_qemu(a.qemu)
             vms["qemu"] = (ns.prefix() + [qemu, "-accel", "kvm", "-machine", "q35", "-cpu", "host",

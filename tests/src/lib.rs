@@ -585,12 +585,50 @@ pub fn disk_at(
     }
 }
 
-/// Boots the guest kit's vmlinux (1 vCPU, default topology) with an API
+/// `--pci-port` arguments for every hotplug mechanism in reach of automatic
+/// placement: the default topology's eight native root ports (`rp0`-`rp7`,
+/// root slots 01-08) and `br0`, a PCIe-to-PCI bridge with 32 ACPI slots
+/// and an I/O window, at root slot 09; cold-plugged devices take root
+/// slots 0a onwards, and the root bus's free slots hot-plug by ACPI.
+pub const WITH_ACPI_BRIDGE: [&str; 18] = [
+    "--pci-port",
+    "id=rp0,type=root-port",
+    "--pci-port",
+    "id=rp1,type=root-port",
+    "--pci-port",
+    "id=rp2,type=root-port",
+    "--pci-port",
+    "id=rp3,type=root-port",
+    "--pci-port",
+    "id=rp4,type=root-port",
+    "--pci-port",
+    "id=rp5,type=root-port",
+    "--pci-port",
+    "id=rp6,type=root-port",
+    "--pci-port",
+    "id=rp7,type=root-port",
+    "--pci-port",
+    "id=br0,type=pci-bridge,io-reserve=4K",
+];
+
+/// [`WITH_ACPI_BRIDGE`] as port specs, for a [`vmm::VmConfig`].
+pub fn with_acpi_bridge_ports() -> Vec<pci::PortSpec> {
+    WITH_ACPI_BRIDGE
+        .iter()
+        .skip(1)
+        .step_by(2)
+        .map(|spec| vmm::config::parse_port(spec).expect("a valid port spec"))
+        .collect()
+}
+
+/// Boots the guest kit's vmlinux (1 vCPU, [`WITH_ACPI_BRIDGE`]) with an API
 /// socket at `sock`.
 pub fn boot_with_api(name: &str, sock: &Path) -> Guest {
     let kit = guest_kit();
     let sock = sock.display().to_string();
-    Guest::boot(name, &kit.vmlinux, 1, "", &["--api-socket", &sock])
+    let mut args = vec!["--api-socket", sock.as_str()];
+    args.extend(WITH_ACPI_BRIDGE);
+    Guest::boot(name, &kit.vmlinux, 1, "", &args)
 }
 
 /// A configuration booting the guest kit's vmlinux in-process (the

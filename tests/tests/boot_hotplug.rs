@@ -13,7 +13,7 @@ use api::client::Client;
 use api::{ApiMessage, ApiRequest, ApiResponse};
 use arbor_tests::{boot_with_api, disk_at, kvm_available, raw_disk, timeout, wait_count, Scratch};
 
-/// The three mechanisms of the default topology: (port, pci_path).
+/// The three mechanisms of [`arbor_tests::WITH_ACPI_BRIDGE`]: (port, pci_path).
 const PLACES: [(Option<&str>, Option<&str>); 3] = [
     (Some("rp0"), None), // native PCIe hotplug
     (Some("br0"), None), // ACPI hotplug behind a bridge
@@ -58,7 +58,8 @@ fn hotplug_before_the_first_vcpu_and_after_init() {
     }
     let s = Scratch::new("boot-hotplug-early");
     let console = s.path("console.log");
-    let cfg = arbor_tests::kit_vm_config(vmm::SerialOutput::file(console.clone()));
+    let mut cfg = arbor_tests::kit_vm_config(vmm::SerialOutput::file(console.clone()));
+    cfg.ports = arbor_tests::with_acpi_bridge_ports();
     let vm = vmm::Vm::new(cfg).expect("build VM");
     let handle = vm.handle();
     // Queue one add per mechanism before the VM runs: they are served

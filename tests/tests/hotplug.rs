@@ -155,7 +155,7 @@ fn root_bus_hotplug() {
         Some(ApiErrorKind::Conflict)
     );
     // A device id may not be a port's id (or the root bus's): vm.info lists both.
-    for port_id in ["br0", "root"] {
+    for port_id in ["rp0", "root"] {
         let e = c.vm_add_disk(&disk(&a, Some(port_id))).unwrap_err();
         assert_eq!(e.api_error_kind(), Some(ApiErrorKind::BadRequest), "{e}");
         assert!(e.to_string().contains("id of a PCI port"), "{e}");

@@ -23,7 +23,7 @@ use api::client::{Client, ClientError};
 use api::types::{DiskConfig, SlotInfo, UserDeviceConfig, VmInfo};
 use arbor_tests::{
     disk_at, gpio_server_bin, guest_kit, kvm_available, raw_disk, run_arbor, wait_count,
-    wait_for_socket, GpioServer, Guest, Scratch,
+    wait_for_socket, GpioServer, Guest, Scratch, WITH_ACPI_BRIDGE,
 };
 
 /// An add request for `srv`'s function at `pci_path`.
@@ -263,13 +263,17 @@ fn multifunction_slots_in_a_guest() {
     let s = Scratch::new("multifunction");
     let sock = s.path("api.sock");
     let sock_arg = sock.display().to_string();
-    // The default topology: rp0-rp7 (native), br0 at root slot 09 (ACPI),
-    // root-bus slots 0a-1f (ACPI).
+    // rp0-rp7 (native), br0 at root slot 09 (ACPI), root-bus slots 0a-1f
+    // (ACPI).
     let g = Guest::boot_user(
         "multifunction",
         1,
         "",
-        &["--api-socket", &sock_arg, "--remove-timeout", "60"],
+        &[
+            &["--api-socket", &sock_arg, "--remove-timeout", "60"][..],
+            &WITH_ACPI_BRIDGE,
+        ]
+        .concat(),
     );
     wait_for_socket(&sock);
     let c = Client::new(&sock).with_timeout(Duration::from_secs(120));

@@ -32,7 +32,9 @@ use std::time::{Duration, Instant};
 use api::client::Client;
 use api::types::{DeviceInfo, NetConfig};
 use api::ApiErrorKind;
-use arbor_tests::{arbor_bin, guest_kit, kvm_available, wait_for_socket, Guest, Scratch};
+use arbor_tests::{
+    arbor_bin, guest_kit, kvm_available, wait_for_socket, Guest, Scratch, WITH_ACPI_BRIDGE,
+};
 
 /// One guest at a time from this file.
 static ONE_GUEST: Mutex<()> = Mutex::new(());
@@ -450,7 +452,11 @@ fn hotplugged_nics_everywhere_and_a_passed_tap() {
         &ns.wrapper(),
         1,
         "",
-        &["--api-socket", &sock_arg, "--remove-timeout", "60"],
+        &[
+            &["--api-socket", &sock_arg, "--remove-timeout", "60"][..],
+            &WITH_ACPI_BRIDGE,
+        ]
+        .concat(),
     );
     wait_for_socket(&sock);
     let c = Client::new(&sock).with_timeout(Duration::from_secs(120));

@@ -239,7 +239,7 @@ fn thirty_two_hotplugs() {
     }
     let s = Scratch::new("scale");
     let sock = s.path("api.sock");
-    // The default topology: 8 native root ports, a bridge with ACPI slots.
+    // 8 native root ports, a bridge with ACPI slots (WITH_ACPI_BRIDGE).
     let g = boot_with_api("scale", &sock);
     g.wait_for("Run /init as init process");
     let c = Client::new(&sock).with_timeout(Duration::from_secs(120));

@@ -1563,8 +1563,15 @@ mod tests {
         let mut dm =
             DeviceManager::new(&vm, &SerialOutput::Off, Instant::now(), completions.clone())
                 .unwrap();
+        // The default topology and a bridge with ACPI slots and an I/O
+        // window (a port with several free slots).
+        let mut ports = crate::config::default_ports();
+        let mut br0 = pci::PortSpec::new("br0", pci::PortKind::PciBridge);
+        br0.io_reserve = Some(0x1000);
+        ports.push(br0);
         let cfg = crate::config::VmConfig {
             memory: 64 << 20,
+            ports,
             ..Default::default()
         };
         let topology = cfg.topology().unwrap();

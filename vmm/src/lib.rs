@@ -18,6 +18,7 @@
 
 pub mod acpi;
 pub mod boot;
+pub mod coalesced;
 pub mod config;
 pub mod confine;
 pub mod cpu;

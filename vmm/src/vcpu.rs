@@ -25,6 +25,7 @@ use vm_device::{DeviceMmio, DevicePio};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use crate::coalesced::CoalescedRing;
 use crate::cpu::describe_registers;
 
 /// What a vCPU tells the event loop.
@@ -148,6 +149,8 @@ pub struct VcpuContext {
     pub paused: Arc<AtomicBool>,
     pub events: Sender<VcpuEvent>,
     pub wake: EventFd,
+    /// The VM's ring of coalesced writes, when it has one.
+    pub coalesced: Option<Arc<CoalescedRing>>,
 }
 
 type PioDevice = Arc<dyn DevicePio + Send + Sync>;
@@ -174,6 +177,27 @@ impl VcpuContext {
             return None;
         }
         Some((range.base(), dev.clone()))
+    }
+
+    /// Applies the guest's coalesced writes (see [`crate::coalesced`]);
+    /// called before every exit is handled, so that devices see accesses in
+    /// the guest's order.
+    fn drain_coalesced(&self) {
+        let Some(ring) = &self.coalesced else {
+            return;
+        };
+        ring.drain(|w| {
+            if w.pio {
+                let Ok(port) = u16::try_from(w.addr) else {
+                    return;
+                };
+                if let Some((base, dev)) = self.pio_device(port, w.len) {
+                    dev.pio_write(base, port - base.0, w.bytes());
+                }
+            } else if let Some((base, dev)) = self.mmio_device(w.addr, w.len) {
+                dev.mmio_write(base, w.addr - base.0, w.bytes());
+            }
+        });
     }
 
     fn report(&self, ev: VcpuEvent) {
@@ -318,13 +342,17 @@ fn run(id: u8, mut vcpu: VcpuFd, ctx: &VcpuContext, parking: &Parking) {
     crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu);
     loop {
         if ctx.stop.load(Ordering::Acquire) {
+            ctx.drain_coalesced();
             return;
         }
         if ctx.paused.load(Ordering::Acquire) {
+            ctx.drain_coalesced();
             park(ctx, parking);
             continue;
         }
-        match vcpu.run() {
+        let exit = vcpu.run();
+        ctx.drain_coalesced();
+        match exit {
             Ok(exit) => match exit {
                 VcpuExit::IoIn(port, data) => match ctx.pio_device(port, data.len()) {
                     Some((base, dev)) => dev.pio_read(base, port - base.0, data),
@@ -406,7 +434,7 @@ fn run(id: u8, mut vcpu: VcpuFd, ctx: &VcpuContext, parking: &Parking) {
 mod tests {
     use super::*;
     use kvm_bindings::kvm_userspace_memory_region;
-    use kvm_ioctls::Kvm;
+    use kvm_ioctls::{Kvm, VmFd};
     use std::time::Instant;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -414,18 +442,16 @@ mod tests {
         *h.parking.lock()
     }
 
-    /// A real-mode vCPU spinning on `jmp $` is paused, resumed and stopped
-    /// with one kick each time.
-    #[test]
-    fn one_kick_pauses_resumes_and_stops() {
+    /// A VM with 64 KiB of RAM and one real-mode vCPU about to run `code`
+    /// at 0x1000. `None` without /dev/kvm.
+    fn real_mode_vcpu(code: &[u8]) -> Option<(GuestMemoryMmap<()>, Kvm, Arc<VmFd>, VcpuFd)> {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         let Ok(kvm) = Kvm::new() else {
             eprintln!("no /dev/kvm: skipped");
-            return;
+            return None;
         };
-        let vm = kvm.create_vm().unwrap();
-        mem.write_slice(&[0xeb, 0xfe], GuestAddress(0x1000))
-            .unwrap(); // jmp $
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        mem.write_slice(code, GuestAddress(0x1000)).unwrap();
         let host = mem.get_host_address(GuestAddress(0)).unwrap();
         let region = kvm_userspace_memory_region {
             slot: 0,
@@ -434,8 +460,8 @@ mod tests {
             userspace_addr: host as u64,
             flags: 0,
         };
-        // SAFETY: `mem` maps these 64 KiB and outlives `vm` (declared
-        // before it, so dropped after it).
+        // SAFETY: `mem` maps these 64 KiB and is returned with the VM: the
+        // callers keep it until the vCPU has stopped.
         unsafe { vm.set_user_memory_region(region) }.unwrap();
         let vcpu = vm.create_vcpu(0).unwrap();
         let mut sregs = vcpu.get_sregs().unwrap();
@@ -446,6 +472,16 @@ mod tests {
         regs.rip = 0x1000;
         regs.rflags = 2;
         vcpu.set_regs(&regs).unwrap();
+        Some((mem, kvm, vm, vcpu))
+    }
+
+    /// A real-mode vCPU spinning on `jmp $` is paused, resumed and stopped
+    /// with one kick each time.
+    #[test]
+    fn one_kick_pauses_resumes_and_stops() {
+        let Some((_mem, _kvm, _vm, vcpu)) = real_mode_vcpu(&[0xeb, 0xfe]) else {
+            return; // jmp $
+        };
 
         install_kick_handler().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
@@ -457,6 +493,7 @@ mod tests {
             paused: paused.clone(),
             events: tx,
             wake: EventFd::new(0).unwrap(),
+            coalesced: None,
         };
         let mut h = spawn(0, vcpu, ctx).unwrap();
         for _ in 0..20 {
@@ -476,5 +513,82 @@ mod tests {
         h.join();
         assert!(rx.try_recv().is_err(), "a stopped vCPU reports nothing");
         assert_eq!(state(&h), RunState::Exited);
+    }
+
+    /// Records the accesses of a port device.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<String>>);
+
+    impl DevicePio for Recorder {
+        fn pio_read(&self, _: PioAddress, offset: u16, data: &mut [u8]) {
+            self.0.lock().unwrap().push(format!("read {offset}"));
+            data.fill(0);
+        }
+        fn pio_write(&self, _: PioAddress, offset: u16, data: &[u8]) {
+            let text = String::from_utf8_lossy(data).into_owned();
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("write {offset} {text}"));
+        }
+    }
+
+    /// Writes to a coalesced port do not exit; the device sees them, in
+    /// order, before the next exit is handled, and when the vCPU stops.
+    #[test]
+    fn coalesced_writes_arrive_in_order_before_the_next_exit() {
+        #[rustfmt::skip]
+        let code = [
+            0xba, 0xf8, 0x03, // mov dx, 0x3f8
+            0xb0, b'a', 0xee, // mov al, 'a'; out dx, al
+            0xb0, b'b', 0xee, // mov al, 'b'; out dx, al
+            0xba, 0xfd, 0x03, // mov dx, 0x3fd
+            0xec,             // in al, dx (exits)
+            0xba, 0xf8, 0x03, // mov dx, 0x3f8
+            0xb0, b'c', 0xee, // mov al, 'c'; out dx, al
+            0xeb, 0xfe,       // jmp $
+        ];
+        let Some((_mem, kvm, vm, vcpu)) = real_mode_vcpu(&code) else {
+            return;
+        };
+        let Some(ring) = CoalescedRing::map(&kvm, &vcpu).unwrap() else {
+            eprintln!("no coalesced port I/O: skipped");
+            return;
+        };
+        crate::coalesced::CoalescedPort::new(vm.clone(), 0x3f8, 1).set(true);
+        let dev = Arc::new(Recorder::default());
+        let mut io = IoManager::new();
+        let range = vm_device::bus::PioRange::new(PioAddress(0x3f8), 8).unwrap();
+        io.register_pio(range, dev.clone()).unwrap();
+
+        install_kick_handler().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let ctx = VcpuContext {
+            io: Arc::new(RwLock::new(io)),
+            stop: stop.clone(),
+            paused: Arc::new(AtomicBool::new(false)),
+            events: tx,
+            wake: EventFd::new(0).unwrap(),
+            coalesced: Some(Arc::new(ring)),
+        };
+        let mut h = spawn(0, vcpu, ctx).unwrap();
+        let t = Instant::now();
+        while dev.0.lock().unwrap().len() < 3 && t.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(50)); // the guest spins now
+        assert_eq!(
+            *dev.0.lock().unwrap(),
+            ["write 0 a", "write 0 b", "read 5"],
+            "the writes before the exit, nothing after it yet"
+        );
+        stop.store(true, Ordering::Release);
+        h.join();
+        assert_eq!(
+            *dev.0.lock().unwrap(),
+            ["write 0 a", "write 0 b", "read 5", "write 0 c"],
+            "the write queued when the vCPU stopped"
+        );
     }
 }

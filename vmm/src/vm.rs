@@ -29,6 +29,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use devices::acpi::GED_EVENT_POWER_BUTTON;
 use pci::placement::HotplugPlan;
 
+use crate::coalesced::{CoalescedPort, CoalescedRing};
 use crate::device_manager::{Added, DeviceError, DeviceManager, GED_IRQ};
 use crate::handle::{RunningVm, VmmHandle};
 use crate::hotplug::{self, CompletionQueue, HotplugOwner, Outcome};
@@ -168,6 +169,8 @@ struct VmCore {
     // Field order matters for drop: vCPUs and devices go first.
     vcpus: Vec<VcpuHandle>,
     pending_vcpus: Vec<VcpuFd>,
+    /// The VM's ring of coalesced port writes (see [`crate::coalesced`]).
+    coalesced: Option<Arc<CoalescedRing>>,
     devices: DeviceManager,
     hotplug: HotplugOwner,
     stop: Arc<AtomicBool>,
@@ -352,6 +355,7 @@ impl Vm {
             }
             pending_vcpus.push(vcpu);
         }
+        let coalesced = coalesce_ports(&kvm, &vm, pending_vcpus.first(), &devices);
 
         let vm_for_ready = vm.clone();
         let hotplug = HotplugOwner::new(
@@ -376,6 +380,7 @@ impl Vm {
             config: config.clone(),
             vcpus: Vec::new(),
             pending_vcpus,
+            coalesced,
             devices,
             hotplug,
             stop: Arc::new(AtomicBool::new(false)),
@@ -602,6 +607,36 @@ impl Vm {
     }
 }
 
+/// Maps the VM's coalesced-write ring and coalesces the CF8 address latch
+/// and the UART's transmit register (while no transmit interrupt is on);
+/// see [`crate::coalesced`]. Without the ring every write exits, as before.
+fn coalesce_ports(
+    kvm: &Kvm,
+    vm: &Arc<VmFd>,
+    vcpu: Option<&VcpuFd>,
+    devices: &DeviceManager,
+) -> Option<Arc<CoalescedRing>> {
+    let ring = match CoalescedRing::map(kvm, vcpu?) {
+        Ok(Some(ring)) => Arc::new(ring),
+        Ok(None) => {
+            log::debug!("no coalesced port I/O: every port write exits");
+            return None;
+        }
+        Err(e) => {
+            log::warn!("cannot map the coalesced-write ring ({e}): every port write exits");
+            return None;
+        }
+    };
+    CoalescedPort::new(vm.clone(), 0xcf8, 4).set(true);
+    let mut thr = CoalescedPort::new(vm.clone(), 0x3f8, 1);
+    devices
+        .serial
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .set_tx_coalescing(Box::new(move |on| thr.set(on)));
+    Some(ring)
+}
+
 fn lock(core: &Mutex<VmCore>) -> MutexGuard<'_, VmCore> {
     core.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -625,6 +660,7 @@ impl VmCore {
                 paused: self.paused.clone(),
                 events: self.vcpu_events_tx.clone(),
                 wake: self.vcpu_wake.try_clone().map_err(Error::Thread)?,
+                coalesced: self.coalesced.clone(),
             };
             self.vcpus
                 .push(vcpu::spawn(id as u8, fd, ctx).map_err(Error::Thread)?);

@@ -13,13 +13,64 @@ use super::EventFdTrigger;
 /// `EventFd` (registered by the VMM as an irqfd for the UART's IRQ).
 pub struct SerialDevice {
     serial: Serial<EventFdTrigger, NoEvents, Box<dyn Write + Send>>,
+    /// Shadows of the line control, interrupt enable and modem control
+    /// registers, for [`SerialDevice::set_tx_coalescing`].
+    lcr: u8,
+    ier: u8,
+    mcr: u8,
+    /// Called with `true` when transmit-register writes may be coalesced
+    /// (no transmit interrupt enabled, no loopback), `false` when not.
+    tx_coalescing: Option<(TxCoalescingHook, bool)>,
 }
+
+/// See [`SerialDevice::set_tx_coalescing`].
+pub type TxCoalescingHook = Box<dyn FnMut(bool) + Send>;
+
+const LCR_DLAB: u8 = 0x80;
+const IER_THRI: u8 = 0x02;
+const MCR_LOOP: u8 = 0x10;
 
 impl SerialDevice {
     /// A UART raising `interrupt` and writing its output to `out`.
     pub fn new(interrupt: EventFdTrigger, out: Box<dyn Write + Send>) -> Self {
         SerialDevice {
             serial: Serial::new(interrupt, out),
+            lcr: 0,
+            ier: 0,
+            mcr: 0,
+            tx_coalescing: None,
+        }
+    }
+
+    /// Whether a write to the transmit register can wait for the guest's
+    /// next exit: nothing the guest sees depends on it sooner (no transmit
+    /// interrupt to raise, no loopback into the receive buffer).
+    fn tx_write_can_wait(&self) -> bool {
+        self.ier & IER_THRI == 0 && self.mcr & MCR_LOOP == 0
+    }
+
+    /// Installs `hook`, called now and whenever the answer changes with
+    /// whether writes to the transmit register may be coalesced (delivered
+    /// at the guest's next exit instead of exiting themselves).
+    pub fn set_tx_coalescing(&mut self, mut hook: TxCoalescingHook) {
+        let now = self.tx_write_can_wait();
+        hook(now);
+        self.tx_coalescing = Some((hook, now));
+    }
+
+    fn track_registers(&mut self, offset: PioAddressOffset, value: u8) {
+        match offset {
+            1 if self.lcr & LCR_DLAB == 0 => self.ier = value,
+            3 => self.lcr = value,
+            4 => self.mcr = value,
+            _ => return,
+        }
+        let now = self.tx_write_can_wait();
+        if let Some((hook, was)) = self.tx_coalescing.as_mut() {
+            if *was != now {
+                hook(now);
+                *was = now;
+            }
         }
     }
 
@@ -58,6 +109,7 @@ impl MutDevicePio for SerialDevice {
             // Once per guest byte when the output fails: rate-limited.
             crate::guest_warn!("serial: write failed: {e:?}");
         }
+        self.track_registers(offset, data[0]);
         if offset == 0 {
             // Keep the console responsive: push each line out as it completes.
             if data[0] == b'\n' {
@@ -131,6 +183,29 @@ mod tests {
                     + secs * crate::log_limit::LINES_PER_SEC as usize,
             "{lines} lines for 20000 failed bytes in {secs} s"
         );
+    }
+
+    /// The coalescing hook follows the transmit interrupt enable and
+    /// loopback bits, and only reports changes; a divisor latch write at
+    /// the IER's offset is not an IER write.
+    #[test]
+    fn tx_coalescing_follows_thri_and_loopback() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let evt = EventFd::new(0).unwrap();
+        let mut dev = SerialDevice::new(EventFdTrigger::new(evt), Box::new(Sink::default()));
+        let s = seen.clone();
+        dev.set_tx_coalescing(Box::new(move |on| s.lock().unwrap().push(on)));
+        let base = PioAddress(0x3f8);
+        dev.pio_write(base, 1, &[0x01]); // receive interrupt only: no change
+        dev.pio_write(base, 1, &[0x03]); // + transmit interrupt
+        dev.pio_write(base, 1, &[0x03]);
+        dev.pio_write(base, 1, &[0x00]);
+        dev.pio_write(base, 3, &[0x80]); // DLAB: offset 1 is the divisor
+        dev.pio_write(base, 1, &[0x02]);
+        dev.pio_write(base, 3, &[0x03]);
+        dev.pio_write(base, 4, &[0x10]); // loopback
+        dev.pio_write(base, 4, &[0x0b]);
+        assert_eq!(*seen.lock().unwrap(), vec![true, false, true, false, true]);
     }
 
     #[test]

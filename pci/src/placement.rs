@@ -96,14 +96,19 @@ fn is_in_slot_of(path: &PciPath, node: &PortNode, slot: u8) -> bool {
 impl HotplugPlan {
     /// The plan for `topology` once the devices at `cold` (cold-plugged, any function) are
     /// placed. Root-bus ACPI slots: slots 1..=31 used neither by a port nor by a cold-plugged
-    /// device. ACPI port slots: the port's [`PortNode::device_slots`] minus cold-plugged ones.
-    /// Native ports: every port with [`HotplugMode::Native`].
+    /// device, the highest [`Topology::root_acpi_slots`] of them. ACPI port slots: the port's
+    /// [`PortNode::device_slots`] minus cold-plugged ones. Native ports: every port with
+    /// [`HotplugMode::Native`].
     pub fn new(topology: &Topology, cold: &[PciPath]) -> HotplugPlan {
         let port_slots = topology.root_slots_used();
-        let root_slots: Vec<u8> = (1..NUM_SLOTS)
+        let mut root_slots: Vec<u8> = (1..NUM_SLOTS)
             .filter(|s| !port_slots.contains(s))
             .filter(|s| !cold.iter().any(|c| c.len() == 1 && c.last().slot == *s))
             .collect();
+        if let Some(n) = topology.root_acpi_slots() {
+            let skip = root_slots.len().saturating_sub(n);
+            root_slots.drain(..skip);
+        }
         let mut acpi = vec![AcpiHotplugBus {
             port: None,
             bsel: 0,

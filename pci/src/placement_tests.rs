@@ -246,6 +246,40 @@ fn plan_bsel_numbering_follows_topology_order() {
     assert_eq!(plan.acpi_buses()[3].slots, (0..32).collect::<Vec<u8>>());
 }
 
+/// A limit on the root bus's ACPI slots keeps the highest free ones, after
+/// ports and cold-plugged devices took theirs; a root slot outside the
+/// limit hot-plugs by no mechanism; 0 leaves the root bus without ACPI
+/// hotplug, a limit above the free slots keeps them all.
+#[test]
+fn root_acpi_slot_limit_keeps_the_highest_free_slots() {
+    let specs: Vec<PortSpec> = (0..8)
+        .map(|i| PortSpec::new(format!("rp{i}"), PortKind::RootPort))
+        .collect();
+    let with = |limit: Option<usize>| {
+        let mut o = opts();
+        o.root_acpi_slots = limit;
+        Topology::build(&specs, &o).unwrap()
+    };
+    let t = with(Some(8));
+    let cold = [p("09"), p("1f")];
+    let plan = HotplugPlan::new(&t, &cold);
+    assert_eq!(plan.root_slots(), (0x17..0x1f).collect::<Vec<u8>>());
+    assert_eq!(plan.mechanism(None, &p("16")), SlotMechanism::None);
+    assert_eq!(plan.mechanism(None, &p("17")), acpi(0, 0x17));
+    assert_eq!(
+        HotplugPlan::new(&with(Some(0)), &[]).root_slots(),
+        &[] as &[u8]
+    );
+    assert_eq!(
+        HotplugPlan::new(&with(Some(40)), &[]).root_slots(),
+        (9..32).collect::<Vec<u8>>()
+    );
+    assert_eq!(
+        HotplugPlan::new(&with(None), &[]).root_slots(),
+        (9..32).collect::<Vec<u8>>()
+    );
+}
+
 #[test]
 fn plan_excludes_cold_plugged_devices() {
     let t = mixed_topology();

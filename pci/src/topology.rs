@@ -209,6 +209,9 @@ pub struct TopologyOptions {
     pub default_io_reserve: Option<u64>,
     /// First physical slot number handed out to native hot-plug slots.
     pub first_physical_slot: u16,
+    /// How many of the root bus's free slots offer ACPI hotplug (the
+    /// highest-numbered ones); `None`: all of them.
+    pub root_acpi_slots: Option<usize>,
 }
 
 impl TopologyOptions {
@@ -230,6 +233,7 @@ impl TopologyOptions {
             default_mmio64_reserve: DEFAULT_MMIO64_RESERVE,
             default_io_reserve: None,
             first_physical_slot: DEFAULT_FIRST_PHYSICAL_SLOT,
+            root_acpi_slots: None,
         }
     }
 }
@@ -670,6 +674,7 @@ pub struct Topology {
     by_path: HashMap<PciPath, usize>,
     remaining: HostWindows,
     last_bus: u8,
+    root_acpi_slots: Option<usize>,
 }
 
 impl Topology {
@@ -791,6 +796,7 @@ impl Topology {
             by_path,
             remaining,
             last_bus,
+            root_acpi_slots: opts.root_acpi_slots,
         })
     }
 
@@ -1406,6 +1412,12 @@ impl Topology {
             });
         }
         Ok(Some(node))
+    }
+
+    /// How many of the root bus's free slots offer ACPI hotplug (the
+    /// highest-numbered ones); `None`: all ([`TopologyOptions::root_acpi_slots`]).
+    pub fn root_acpi_slots(&self) -> Option<usize> {
+        self.root_acpi_slots
     }
 
     /// Root bus slots used by ports.

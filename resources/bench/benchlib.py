@@ -29,12 +29,12 @@ MIB = 1 << 20
 ARBOR_MINIMAL = ["--pci-port", "id=rp0,type=root-port,hotplug=none"]
 
 # The default topology's eight native root ports plus br0, a PCI bridge
-# with 32 ACPI slots and an I/O window at root slot 09 (the default
-# topology until 1 Dec 2026): for the scripts that compare hotplug into a
-# root port, an ACPI bridge and the root bus.
+# with 32 ACPI slots and an I/O window at root slot 09, and ACPI hotplug
+# on every free root slot (the default until 1 Dec 2026): for the scripts
+# that compare hotplug into a root port, an ACPI bridge and the root bus.
 ARBOR_WITH_ACPI_BRIDGE = [a for i in range(8)
                           for a in ("--pci-port", f"id=rp{i},type=root-port")] + [
-    "--pci-port", "id=br0,type=pci-bridge,io-reserve=4K"]
+    "--pci-port", "id=br0,type=pci-bridge,io-reserve=4K", "--acpi-root-slots", "all"]
 
 # Set by each script to its own name; prefixes progress and error messages.
 PROG = "bench"

@@ -179,6 +179,9 @@ def run_one(args, kit, binary, mechanism):
     opts.arbor_extra = list(args.arbor_extra)
     for s in specs:
         opts.arbor_extra += ["--pci-port", s]
+    if mechanism == "root":
+        # Every free root slot, not only the default's highest 8.
+        opts.arbor_extra += ["--acpi-root-slots", "all"]
     workdir = tempfile.mkdtemp(prefix="hotplug-scale-bench.")
     vm = benchlib.ArborVm(binary, kit, workdir, opts)
     log(" ".join(quote(a) for a in vm.argv))

@@ -420,6 +420,24 @@ impl Guest {
         self.stderr.0.lock().unwrap().text.clone()
     }
 
+    /// Waits (bounded by [`timeout`]) until the VMM's stderr contains
+    /// `needle`, and returns it: a line the VMM wrote before answering a
+    /// request may reach this process's reader thread after the answer.
+    pub fn wait_stderr(&self, needle: &str) -> String {
+        let deadline = Instant::now() + timeout();
+        loop {
+            let text = self.stderr();
+            if text.contains(needle) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "stderr lacks {needle:?}:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits until the console contains `needle`; returns the whole line.
     /// Panics with the console so far on timeout or VMM exit.
     pub fn wait_for(&self, needle: &str) -> String {
@@ -585,12 +603,13 @@ pub fn disk_at(
     }
 }
 
-/// `--pci-port` arguments for every hotplug mechanism in reach of automatic
-/// placement: the default topology's eight native root ports (`rp0`-`rp7`,
-/// root slots 01-08) and `br0`, a PCIe-to-PCI bridge with 32 ACPI slots
-/// and an I/O window, at root slot 09; cold-plugged devices take root
-/// slots 0a onwards, and the root bus's free slots hot-plug by ACPI.
-pub const WITH_ACPI_BRIDGE: [&str; 18] = [
+/// Arguments for every hotplug mechanism in reach of automatic placement:
+/// the default topology's eight native root ports (`rp0`-`rp7`, root slots
+/// 01-08) and `br0`, a PCIe-to-PCI bridge with 32 ACPI slots and an I/O
+/// window, at root slot 09; cold-plugged devices take root slots 0a
+/// onwards, and every free root slot hot-plugs by ACPI (the default until
+/// 1 Dec 2026).
+pub const WITH_ACPI_BRIDGE: [&str; 20] = [
     "--pci-port",
     "id=rp0,type=root-port",
     "--pci-port",
@@ -609,16 +628,19 @@ pub const WITH_ACPI_BRIDGE: [&str; 18] = [
     "id=rp7,type=root-port",
     "--pci-port",
     "id=br0,type=pci-bridge,io-reserve=4K",
+    "--acpi-root-slots",
+    "all",
 ];
 
-/// [`WITH_ACPI_BRIDGE`] as port specs, for a [`vmm::VmConfig`].
-pub fn with_acpi_bridge_ports() -> Vec<pci::PortSpec> {
-    WITH_ACPI_BRIDGE
-        .iter()
-        .skip(1)
-        .step_by(2)
-        .map(|spec| vmm::config::parse_port(spec).expect("a valid port spec"))
-        .collect()
+/// [`WITH_ACPI_BRIDGE`] in a [`vmm::VmConfig`]: its ports, and ACPI hotplug
+/// on every free root slot.
+pub fn with_acpi_bridge(cfg: &mut vmm::VmConfig) {
+    cfg.ports = WITH_ACPI_BRIDGE
+        .chunks(2)
+        .filter(|pair| pair[0] == "--pci-port")
+        .map(|pair| vmm::config::parse_port(pair[1]).expect("a valid port spec"))
+        .collect();
+    cfg.acpi_root_slots = None;
 }
 
 /// Boots the guest kit's vmlinux (1 vCPU, [`WITH_ACPI_BRIDGE`]) with an API

@@ -59,7 +59,7 @@ fn hotplug_before_the_first_vcpu_and_after_init() {
     let s = Scratch::new("boot-hotplug-early");
     let console = s.path("console.log");
     let mut cfg = arbor_tests::kit_vm_config(vmm::SerialOutput::file(console.clone()));
-    cfg.ports = arbor_tests::with_acpi_bridge_ports();
+    arbor_tests::with_acpi_bridge(&mut cfg);
     let vm = vmm::Vm::new(cfg).expect("build VM");
     let handle = vm.handle();
     // Queue one add per mechanism before the VM runs: they are served

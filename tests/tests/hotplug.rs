@@ -188,7 +188,7 @@ fn root_bus_hotplug() {
     // Remove: 204 once the guest ejected the slot.
     c.vm_remove_device("a").unwrap();
     assert!(c.vm_info().unwrap().devices.iter().all(|d| d.id != "a"));
-    assert!(g.stderr().contains("removed a from"), "{}", g.stderr());
+    g.wait_stderr("removed a from");
 
     // Re-add into the same slot: the guest gives it the released name.
     let mark = g.console().len();

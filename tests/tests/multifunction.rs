@@ -240,12 +240,7 @@ fn round(
             "{what}: {} still there",
             id(f)
         );
-        let log = g.stderr();
-        assert!(
-            log.contains(&format!("removed {} from", id(f))),
-            "{what}: no removal of {} in the log:\n{log}",
-            id(f)
-        );
+        g.wait_stderr(&format!("removed {} from", id(f)));
     }
     let slot = slot_info(&info, slot_path);
     assert!(slot.functions.is_empty() && !slot.staged, "{slot:?}");

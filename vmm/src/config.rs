@@ -217,6 +217,11 @@ pub struct VmConfig {
     pub ports: Vec<PortSpec>,
     /// Where automatically placed hot-plugged devices go first.
     pub placement_order: Vec<PlaceKind>,
+    /// How many of the root bus's free slots offer ACPI hotplug, the
+    /// highest-numbered ones (`--acpi-root-slots`); `None`: all of them.
+    /// Each costs the guest time at boot (an ACPI device object and a
+    /// hotplug slot); the others still take cold-plugged devices.
+    pub acpi_root_slots: Option<u8>,
     /// Seccomp filters for Arbor's threads (process-wide; see
     /// `vmm::seccomp`). `VmConfig::default()` says `Off`, because an
     /// embedder's own threads are not covered and its process may need
@@ -260,6 +265,7 @@ impl Default for VmConfig {
             nets: Vec::new(),
             ports: Vec::new(),
             placement_order: PlaceKind::DEFAULT_ORDER.to_vec(),
+            acpi_root_slots: Some(DEFAULT_ACPI_ROOT_SLOTS),
             seccomp: crate::seccomp::SeccompMode::Off,
             allow_paths: Vec::new(),
             check_paths: false,
@@ -485,7 +491,8 @@ impl VmConfig {
         let specs = self.effective_ports();
         let (mmio32, mmio64) = crate::layout::pci_windows(self.memory);
         let io = Some((crate::layout::PCI_IO_START, crate::layout::PCI_IO_SIZE));
-        let opts = TopologyOptions::new((1..32).collect(), mmio32, mmio64, io);
+        let mut opts = TopologyOptions::new((1..32).collect(), mmio32, mmio64, io);
+        opts.root_acpi_slots = self.acpi_root_slots.map(usize::from);
         let topo = Topology::build(&specs, &opts)
             .map_err(|e| ConfigError(format!("PCI topology: {e}")))?;
         // The ports' windows are carved from the top of the host windows;
@@ -594,6 +601,22 @@ fn parse_order(value: &str) -> Result<Vec<PlaceKind>, ConfigError> {
     Ok(out)
 }
 
+/// The default of `--acpi-root-slots`.
+pub const DEFAULT_ACPI_ROOT_SLOTS: u8 = 8;
+
+/// `--acpi-root-slots`: `all` or 0 to 31.
+fn parse_acpi_root_slots(value: &str) -> Result<Option<u8>, ConfigError> {
+    if value == "all" {
+        return Ok(None);
+    }
+    match value.parse::<u8>() {
+        Ok(n) if n <= 31 => Ok(Some(n)),
+        _ => err(format!(
+            "--acpi-root-slots '{value}' is not 'all' or a number from 0 to 31"
+        )),
+    }
+}
+
 fn parse_seconds(flag: &str, value: &str) -> Result<Duration, ConfigError> {
     value
         .parse::<f64>()
@@ -662,6 +685,9 @@ usage: arbor --kernel PATH [options]
                        [,io-reserve=SIZE]; repeatable
   --hotplug-order LIST automatic placement order of hot-plugged devices, a
                        permutation of native,acpi,root (default native,acpi,root)
+  --acpi-root-slots N|all  how many of the root bus's free slots offer ACPI
+                       hotplug, the highest-numbered ones (default 8; each
+                       costs the guest time at boot)
   --api-socket PATH    serve the HTTP API on this UNIX socket
   --event-monitor path=FILE|fd=N
                        write the event stream (newline-delimited JSON) there
@@ -709,6 +735,7 @@ pub const VM_OPTIONS: &[&str] = &[
     "net",
     "pci-port",
     "hotplug-order",
+    "acpi-root-slots",
     "shutdown-grace",
     "remove-timeout",
     "vsock",
@@ -771,6 +798,7 @@ fn apply_option(cfg: &mut VmConfig, name: &str, value: String) -> Result<(), Con
         "remove-timeout" => cfg.remove_timeout = parse_seconds("--remove-timeout", &value)?,
         "pci-port" => cfg.ports.push(parse_port(&value)?),
         "hotplug-order" => cfg.placement_order = parse_order(&value)?,
+        "acpi-root-slots" => cfg.acpi_root_slots = parse_acpi_root_slots(&value)?,
         "serial" => cfg.serial = parse_serial(&value)?,
         "vsock" => {
             cfg.vsock = Some(
@@ -1133,6 +1161,13 @@ impl VmConfig {
         o.insert("pci-port".into(), Value::Array(ports));
         let order: Vec<String> = self.placement_order.iter().map(|k| k.to_string()).collect();
         o.insert("hotplug-order".into(), json!(order.join(",")));
+        o.insert(
+            "acpi-root-slots".into(),
+            match self.acpi_root_slots {
+                Some(n) => json!(n),
+                None => json!("all"),
+            },
+        );
         o.insert(
             "shutdown-grace".into(),
             json!(self.shutdown_grace.as_secs_f64()),
@@ -1763,6 +1798,15 @@ mod json_tests {
                 "unknown place 'sideways'",
             ),
             (vec!["--hotplug-order", "acpi,acpi"], "'acpi' given twice"),
+            (
+                vec!["--acpi-root-slots", "32"],
+                "--acpi-root-slots '32' is not 'all' or a number from 0 to 31",
+            ),
+            (vec!["--acpi-root-slots", "-1"], "--acpi-root-slots '-1'"),
+            (
+                vec!["--acpi-root-slots", "some"],
+                "--acpi-root-slots 'some'",
+            ),
             (vec!["--shutdown-grace", "-1"], "--shutdown-grace '-1'"),
             (
                 vec!["--remove-timeout", "forever"],
@@ -1912,6 +1956,8 @@ mod json_tests {
             "id=br0,type=pci-bridge,slot=7,io-reserve=4K,pref64-reserve=1G",
             "--hotplug-order",
             "root,acpi",
+            "--acpi-root-slots",
+            "3",
             "--shutdown-grace",
             "2.5",
             "--remove-timeout",
@@ -1937,9 +1983,39 @@ mod json_tests {
         let text = serde_json::to_string_pretty(&json).unwrap();
         let again = VmConfig::from_json(&serde_json::from_str(&text).unwrap()).unwrap();
         assert_eq!(policy.admit(again).unwrap(), *c);
+        assert_eq!(c.acpi_root_slots, Some(3));
+        // `all` survives the round trip too.
+        let mut all = (*c).clone();
+        all.acpi_root_slots = None;
+        let back = VmConfig::from_json(&all.to_json()).unwrap();
+        assert_eq!(policy.admit(back).unwrap().acpi_root_slots, None);
         let mut args = args;
         args.push("--print-config".into());
         assert!(matches!(parse_args(args).unwrap(), Command::PrintConfig(_)));
+    }
+
+    /// `--acpi-root-slots` limits the root bus's ACPI hotplug slots to the
+    /// highest free ones (8 by default); `all` keeps every free slot.
+    #[test]
+    fn acpi_root_slots_limit_the_plan() {
+        let f = Files::new("acpi_root_slots");
+        let plan = |extra: &[&str]| {
+            let mut args = vec!["--kernel".to_string(), f.p("k")];
+            args.extend(extra.iter().map(|s| s.to_string()));
+            let Command::Run(c) = parse_args(args).unwrap() else {
+                panic!()
+            };
+            pci::placement::HotplugPlan::new(&c.topology().unwrap(), &[])
+                .root_slots()
+                .to_vec()
+        };
+        assert_eq!(plan(&[]), (0x18..0x20).collect::<Vec<u8>>());
+        assert_eq!(
+            plan(&["--acpi-root-slots", "all"]),
+            (9..32).collect::<Vec<u8>>()
+        );
+        assert_eq!(plan(&["--acpi-root-slots", "0"]), Vec::<u8>::new());
+        assert_eq!(plan(&["--acpi-root-slots", "2"]), vec![0x1e, 0x1f]);
     }
 
     #[test]

@@ -354,10 +354,7 @@ fn multifunction_slots_in_a_guest() {
     let info = c.vm_info().unwrap();
     assert!(!info.devices.iter().any(|d| d.id.starts_with("gpio-")));
     for id in ["gpio-f0", "gpio-f1"] {
-        assert!(
-            g.stderr().contains(&format!("removed {id} from")),
-            "{id} not released"
-        );
+        g.wait_stderr(&format!("removed {id} from"));
     }
     drop((f0, f1));
 
@@ -406,7 +403,7 @@ fn multifunction_slots_in_a_guest() {
     assert!(!info.devices.iter().any(|d| d.id == "lone"));
     let slot = slot_info(&info, "03/00");
     assert!(slot.functions.is_empty() && !slot.staged, "{slot:?}");
-    assert!(g.stderr().contains("lone at 03/00.2 is a staged function"));
+    g.wait_stderr("lone at 03/00.2 is a staged function");
     let again = c.vm_add_disk(&staged).expect("the image is free again");
     assert_eq!(again.pci_path, "03/00.2");
     c.vm_remove_device("lone").expect("remove it again");

@@ -10,10 +10,8 @@ set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 arbor_setup
 
-log "build arbor and arbor-remote"
-cargo build --release --locked -p vmm -p api
-ARBOR=$REPO/target/release/arbor
-REMOTE=$REPO/target/release/arbor-remote
+log "build arbor (static) and arbor-remote: resources/build-release.sh"
+{ read -r ARBOR && read -r REMOTE; } < <("$REPO/resources/build-release.sh")
 
 WORK=$(mktemp -d)
 SOCK=$WORK/api.sock

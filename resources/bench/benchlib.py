@@ -163,11 +163,19 @@ def newest_source(repo=REPO):
 
 
 def cargo_build(packages, attempts=1, wait=60.0):
-    """`cargo build --release -p ...`; on failure (the tree may be mid-edit by
-    others) waits WAIT seconds and tries again, ATTEMPTS times in all."""
-    cmd = ["cargo", "build", "--release"]
-    for p in packages:
-        cmd += ["-p", p]
+    """`cargo build --release -p ...`, or resources/build-release.sh (the
+    static arbor and arbor-remote) when PACKAGES include vmm; on failure (the
+    tree may be mid-edit by others) waits WAIT seconds and tries again,
+    ATTEMPTS times in all."""
+    if "vmm" in packages:
+        cmd = [os.path.join(REPO, "resources", "build-release.sh")]
+        rest = [p for p in packages if p not in ("vmm", "api")]
+        if rest:
+            raise BenchError(f"cannot build {rest} with resources/build-release.sh")
+    else:
+        cmd = ["cargo", "build", "--release"]
+        for p in packages:
+            cmd += ["-p", p]
     for attempt in range(1, attempts + 1):
         log(f"running '{' '.join(cmd)}' (attempt {attempt}/{attempts}; may wait on cargo's lock)")
         r = subprocess.run(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=sys.stderr)
@@ -497,8 +505,8 @@ def parse_arbor_vm_args(p, argv, cpus, op_timeout, settle=True, timeout_what="re
                    help="guest kit directory (default $ARBOR_GUEST_DIR, else <repo>/target/guest, "
                    "else /tmp/guest if only that exists)")
     p.add_argument("--arbor", metavar="PATH",
-                   help="arbor binary (default target/release/arbor, built with 'cargo build "
-                   "--release -p vmm -p api' when missing or older than the sources)")
+                   help="arbor binary (default target/release/arbor, built with "
+                   "resources/build-release.sh when missing or older than the sources)")
     p.add_argument("--no-build", action="store_true",
                    help="use target/release/arbor even if it is older than the sources")
     p.add_argument("--arbor-args", default="", metavar="STRING",

@@ -116,7 +116,7 @@ def parse_args(argv):
                    "else /tmp/guest if only that exists)")
     p.add_argument("--arbor", metavar="PATH",
                    help="arbor binary (default target/release/arbor if it exists, else "
-                   "target/debug/arbor; if neither exists, 'cargo build --release -p vmm' is run)")
+                   "target/debug/arbor; if neither exists, resources/build-release.sh is run)")
     p.add_argument("--qemu", default="qemu-system-x86_64", metavar="PATH",
                    help="QEMU binary (default qemu-system-x86_64)")
     p.add_argument("--qemu-machine", default="q35", metavar="MACHINE",

@@ -61,24 +61,25 @@ def parse_args(argv):
 
 
 def cpu_seconds(pid, thread=None):
-    """utime + stime of process PID, or of its thread named THREAD (0 if none)."""
-    paths = [f"/proc/{pid}/stat"]
+    """CPU time of process PID (utime + stime from /proc/PID/stat, in clock
+    ticks), or of its threads named THREAD (the scheduler's nanosecond count,
+    /proc/PID/task/TID/schedstat; 0 if none)."""
     if thread:
-        paths = []
+        total = 0
         for tid in os.listdir(f"/proc/{pid}/task"):
             try:
                 with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                    if f.read().strip() == thread:
-                        paths.append(f"/proc/{pid}/task/{tid}/stat")
+                    if f.read().strip() != thread:
+                        continue
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
             except OSError:
                 pass
-    total = 0
-    for p in paths:
-        with open(p) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        # Fields after the command: state is index 0, utime 11, stime 12.
-        total += int(fields[11]) + int(fields[12])
-    return total / TICK
+        return total / 1e9
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # Fields after the command: state is index 0, utime 11, stime 12.
+    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def one_run(proc, sock_path, port, nbytes, direction, timeout):

@@ -23,6 +23,20 @@ pub fn repo_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// Reads `text()` every `every` until it contains `needle` and returns
+/// it; panics with what it read (named `what`) after [`timeout`].
+fn poll_text(text: impl Fn() -> String, needle: &str, what: &str, every: Duration) -> String {
+    let deadline = Instant::now() + timeout();
+    loop {
+        let t = text();
+        if t.contains(needle) {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "{what} lacks {needle:?}:\n{t}");
+        std::thread::sleep(every);
+    }
+}
+
 /// The timeout for one wait, from `ARBOR_TEST_TIMEOUT` (seconds).
 pub fn timeout() -> Duration {
     let secs = std::env::var("ARBOR_TEST_TIMEOUT")
@@ -424,18 +438,12 @@ impl Guest {
     /// `needle`, and returns it: a line the VMM wrote before answering a
     /// request may reach this process's reader thread after the answer.
     pub fn wait_stderr(&self, needle: &str) -> String {
-        let deadline = Instant::now() + timeout();
-        loop {
-            let text = self.stderr();
-            if text.contains(needle) {
-                return text;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "stderr lacks {needle:?}:\n{text}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        poll_text(
+            || self.stderr(),
+            needle,
+            "stderr",
+            Duration::from_millis(20),
+        )
     }
 
     /// Waits until the console contains `needle`; returns the whole line.
@@ -839,18 +847,12 @@ impl GpioServer {
 
     /// Waits (bounded) until the server's log contains `needle`.
     pub fn wait_log(&self, needle: &str) -> String {
-        let deadline = Instant::now() + timeout();
-        loop {
-            let l = self.log();
-            if l.contains(needle) {
-                return l;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "server log lacks {needle:?}:\n{l}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        poll_text(
+            || self.log(),
+            needle,
+            "server log",
+            Duration::from_millis(50),
+        )
     }
 
     /// An add request for this server's function with id `id`, placed

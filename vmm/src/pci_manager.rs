@@ -438,7 +438,11 @@ impl PciManager {
             MmioRange::new(MmioAddress(ecam_base), ecam_size).map_err(PciManagerError::Bus)?;
         io.register_mmio(ecam, Arc::new(EcamHandler(Arc::downgrade(self))))
             .map_err(PciManagerError::Bus)?;
-        let cf8 = PioRange::new(PioAddress(0xcf8), 8).map_err(PciManagerError::Bus)?;
+        let cf8 = PioRange::new(
+            PioAddress(pci::config_io::PCI_CONFIG_IO_PORT),
+            pci::config_io::PCI_CONFIG_IO_PORT_SIZE,
+        )
+        .map_err(PciManagerError::Bus)?;
         io.register_pio(cf8, Arc::new(Cf8Handler(Arc::downgrade(self))))
             .map_err(PciManagerError::Bus)?;
         Ok(())

@@ -11,7 +11,8 @@ set -euo pipefail
 arbor_setup
 
 log "build arbor (static) and arbor-remote: resources/build-release.sh"
-{ read -r ARBOR && read -r REMOTE; } < <("$REPO/resources/build-release.sh")
+BUILT=$("$REPO/resources/build-release.sh")
+{ read -r ARBOR && read -r REMOTE; } <<<"$BUILT"
 
 WORK=$(mktemp -d)
 SOCK=$WORK/api.sock

@@ -27,7 +27,7 @@ use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use zerocopy::{Immutable, IntoBytes};
 
-use devices::legacy::{ACPI_PM_PORT, RESET_VALUE, SLEEP_TYPE_S5};
+use devices::legacy::{ACPI_PM_PORT, RESET_VALUE, SERIAL_PORT, SERIAL_PORT_LEN, SLEEP_TYPE_S5};
 
 use crate::layout::{ACPI_SIZE, ACPI_START, APIC_START, IOAPIC_START};
 
@@ -153,8 +153,8 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
 pub fn platform_aml() -> Vec<u8> {
     let mut out = Vec::new();
     let hid = aml::EISAName::new("PNP0501");
-    let io = aml::IO::new(0x3f8, 0x3f8, 0, 8);
-    let irq = aml::Interrupt::new(true, true, false, false, 4);
+    let io = aml::IO::new(SERIAL_PORT, SERIAL_PORT, 0, SERIAL_PORT_LEN as u8);
+    let irq = aml::Interrupt::new(true, true, false, false, crate::device_manager::SERIAL_IRQ);
     let crs = aml::ResourceTemplate::new(vec![&io, &irq]);
     let name_hid = aml::Name::new("_HID".into(), &hid);
     let name_uid = aml::Name::new("_UID".into(), &0u8);

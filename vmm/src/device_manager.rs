@@ -548,7 +548,12 @@ impl DeviceManager {
         let power_off = evt()?;
         let reset = evt()?;
         let mut io = IoManager::new();
-        register_pio(&mut io, 0x3f8, 8, serial.clone())?;
+        register_pio(
+            &mut io,
+            devices::legacy::SERIAL_PORT,
+            devices::legacy::SERIAL_PORT_LEN,
+            serial.clone(),
+        )?;
         register_pio(&mut io, 0x70, 2, Arc::new(Mutex::new(Cmos::new())))?;
         register_pio(
             &mut io,

@@ -555,7 +555,7 @@ mod tests {
             eprintln!("no coalesced port I/O: skipped");
             return;
         };
-        crate::coalesced::CoalescedPort::new(vm.clone(), 0x3f8, 1).set(true);
+        crate::coalesced::CoalescedPort::new(vm.clone(), devices::legacy::SERIAL_PORT, 1).set(true);
         let dev = Arc::new(Recorder::default());
         let mut io = IoManager::new();
         let range = vm_device::bus::PioRange::new(PioAddress(0x3f8), 8).unwrap();

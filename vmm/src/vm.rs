@@ -630,7 +630,7 @@ fn coalesce_ports(
     // The address latch only: a write to it has no effect but the next
     // data-port access, which exits and so drains the ring first.
     CoalescedPort::new(vm.clone(), pci::config_io::PCI_CONFIG_IO_PORT, 4).set(true);
-    let mut thr = CoalescedPort::new(vm.clone(), 0x3f8, 1);
+    let mut thr = CoalescedPort::new(vm.clone(), devices::legacy::SERIAL_PORT, 1);
     devices
         .serial
         .lock()

@@ -17,7 +17,7 @@ pub use boot_timer::{BootTimer, BOOT_TIMER_PORT};
 pub use cmos::Cmos;
 pub use i8042::I8042;
 pub use power::{AcpiPmRegisters, ACPI_PM_PORT, RESET_VALUE, SLEEP_TYPE_S5};
-pub use serial::SerialDevice;
+pub use serial::{SerialDevice, SERIAL_PORT, SERIAL_PORT_LEN};
 
 use vmm_sys_util::eventfd::EventFd;
 

@@ -26,6 +26,11 @@ pub struct SerialDevice {
 /// See [`SerialDevice::set_tx_coalescing`].
 pub type TxCoalescingHook = Box<dyn FnMut(bool) + Send>;
 
+/// First I/O port of the first UART (COM1); it takes eight.
+pub const SERIAL_PORT: u16 = 0x3f8;
+/// Ports the UART decodes.
+pub const SERIAL_PORT_LEN: u16 = 8;
+
 const LCR_DLAB: u8 = 0x80;
 const IER_THRI: u8 = 0x02;
 const MCR_LOOP: u8 = 0x10;

@@ -55,9 +55,10 @@ fi
 HASH=$({
 	printf 'source %s %s\n' "$SRC_PKG" "$SRC_VERSION"
 	# The config fragment's comments and blank lines do not change the
-	# kernel, so they do not change the key either.
+	# kernel, so they do not change the key either; its "# CONFIG_X is not
+	# set" lines are settings, not comments.
 	printf '== %s\n' "$(basename "$CONFIG_FRAGMENT")"
-	grep -v -e '^[[:space:]]*#' -e '^[[:space:]]*$' "$CONFIG_FRAGMENT"
+	grep -E -e '^# CONFIG_[A-Za-z0-9_]+ is not set$' -e '^[[:space:]]*[^#[:space:]]' "$CONFIG_FRAGMENT"
 	for f in "${PATCHES[@]}" "${BASH_SOURCE[0]}"; do
 		printf '== %s\n' "$(basename "$f")"
 		cat "$f"

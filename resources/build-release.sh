@@ -5,8 +5,9 @@
 #
 # Why static: the loader no longer maps and relocates libc and libgcc_s at
 # every start, and only the parts of libc arbor calls are in its resident
-# code, which cuts the VMM's memory outside guest RAM from 4.2-4.3 MiB to
-# 3.4 MiB at boot (resources/bench/README.md, "A statically linked arbor").
+# code, which cut the VMM's memory outside guest RAM from 4.2-4.3 MiB to
+# 3.4 MiB at boot (3.07 MiB since the release profile aborts on panic;
+# resources/bench/README.md, "A statically linked arbor").
 #
 # The flag goes to the last rustc call only (`cargo rustc ... -- -C
 # target-feature=+crt-static`): in RUSTFLAGS or a [target] section of

@@ -105,7 +105,7 @@ impl Netns {
     /// The guest kernel configures its address (`ip=`) before it has
     /// finished booting; on a loaded emulated host the first answers have
     /// been seen to lag by seconds, so the no-loss counts start once the
-    /// guest has finished booting and answers at all.
+    /// guest answers at all.
     fn wait_answer(&self, addr: &str) -> Duration {
         let t = Instant::now();
         loop {

@@ -558,7 +558,11 @@ mod tests {
         crate::coalesced::CoalescedPort::new(vm.clone(), devices::legacy::SERIAL_PORT, 1).set(true);
         let dev = Arc::new(Recorder::default());
         let mut io = IoManager::new();
-        let range = vm_device::bus::PioRange::new(PioAddress(0x3f8), 8).unwrap();
+        let range = vm_device::bus::PioRange::new(
+            PioAddress(devices::legacy::SERIAL_PORT),
+            devices::legacy::SERIAL_PORT_LEN,
+        )
+        .unwrap();
         io.register_pio(range, dev.clone()).unwrap();
 
         install_kick_handler().unwrap();

@@ -258,6 +258,8 @@ fn exit_with(code: u8, bus: &EventBus, monitor: Option<std::sync::mpsc::Receiver
 /// hot-plugged disk cost. The VMM's threads allocate little on their hot
 /// paths (and glibc's per-thread cache serves those), so one shared arena
 /// costs no measurable time. `MALLOC_ARENA_MAX` in the environment wins.
+/// musl's allocator has no per-thread arenas, so there is nothing to limit.
+#[cfg(target_env = "gnu")]
 fn limit_malloc_arenas() {
     if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
         return;
@@ -268,6 +270,9 @@ fn limit_malloc_arenas() {
         libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
+
+#[cfg(not(target_env = "gnu"))]
+fn limit_malloc_arenas() {}
 
 fn main() -> ExitCode {
     limit_malloc_arenas();

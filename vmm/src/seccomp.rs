@@ -202,6 +202,15 @@ const BASE: &[i64] = &[
     libc::SYS_rseq,
     libc::SYS_set_robust_list,
     libc::SYS_prctl,
+    // The older calls musl makes where glibc makes the ones above (the
+    // release build links musl statically): `open` for `openat`, `stat`
+    // and `lstat` for `newfstatat`, `dup2` for `dup3`, `tkill` for
+    // `tgkill`. Each does no more than its allowed counterpart.
+    libc::SYS_open,
+    libc::SYS_stat,
+    libc::SYS_lstat,
+    libc::SYS_dup2,
+    libc::SYS_tkill,
 ];
 
 /// Block I/O done by device workers (and inherited from vCPU threads).

@@ -31,7 +31,7 @@ fn enumeration_and_reads() {
     // then the devices in the documented order: disks in command-line
     // order, then the rng, in the root bus's next free slots.
     g.wait_for("ACPI: MCFG");
-    g.wait_for("PCI: MMCONFIG for domain 0000 [bus 00-08] at [mem 0xe0000000-0xefffffff]");
+    g.wait_for("PCI: MMCONFIG for domain 0000 [bus 00-08] at [mem 0xe0000000-0xe08fffff]");
     g.wait_for("OS now controls [PCIeHotplug PCIeCapability]");
     g.wait_for("pci 0000:00:00.0: [8086:29c0] type 00 class 0x060000");
     g.wait_for("pci 0000:00:01.0: [1b36:000c] type 01 class 0x060400");

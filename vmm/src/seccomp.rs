@@ -28,8 +28,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
+    sock_filter, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
+    SeccompFilter, SeccompRule, TargetArch,
 };
 
 /// Whether and how filters are installed.
@@ -337,9 +337,9 @@ pub fn extra_rules(kind: ThreadKind) -> Vec<i64> {
 /// The allow list of `kind`, as `seccompiler` rules.
 ///
 /// `clone` is allowed only with `CLONE_THREAD` (new threads, never new
-/// processes). `clone3` passes its flags in memory a filter cannot read, so
-/// it is allowed here and answered `ENOSYS` by the second filter
-/// ([`no_clone3`]); glibc's `pthread_create` then falls back to `clone`.
+/// processes). `clone3` passes its flags in memory a filter cannot read: the
+/// compiled filter answers it `ENOSYS` before the list ([`filter`]), and
+/// glibc's `pthread_create` then falls back to `clone`.
 pub fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BASE
         .iter()
@@ -358,26 +358,41 @@ pub fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
             rules.insert(libc::SYS_clone, vec![rule]);
         }
     }
-    rules.insert(libc::SYS_clone3, Vec::new());
     rules
 }
 
-/// The second filter every thread installs: `clone3` fails with `ENOSYS`,
-/// everything else is left to the first filter.
-fn no_clone3() -> Result<BpfProgram, seccompiler::Error> {
-    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(seccompiler::Error::Backend)?;
-    let rules = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
-    let f = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS as u32),
-        arch,
-    )
-    .map_err(seccompiler::Error::Backend)?;
-    f.try_into().map_err(seccompiler::Error::Backend)
+/// `AUDIT_ARCH_X86_64` (`linux/audit.h`): the `arch` field of `seccomp_data`
+/// for 64-bit x86 system calls.
+const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
+
+/// `prog` with a prefix that fails `clone3` with `ENOSYS` (glibc then
+/// creates threads with `clone`, whose flags the lists can check; `clone3`
+/// passes them in memory, out of a filter's reach). `seccompiler` gives one
+/// filter a single action for every matched rule, so this prefix is what
+/// spares each thread a second filter and its `seccomp()` call. The prefix
+/// checks the architecture itself and otherwise falls through to `prog`,
+/// which checks it again; BPF jumps are relative, so `prog` is unchanged.
+fn with_clone3_enosys(prog: BpfProgram) -> BpfProgram {
+    const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+    const ARCH_OFFSET: u32 = 4; // seccomp_data.arch
+    const NR_OFFSET: u32 = 0; // seccomp_data.nr
+    let insn = |code, jt, jf, k| sock_filter { code, jt, jf, k };
+    let mut out = vec![
+        insn(LD_W_ABS, 0, 0, ARCH_OFFSET),
+        // Another architecture: on to `prog` (3 further), which kills.
+        insn(JEQ_K, 0, 3, AUDIT_ARCH_X86_64),
+        insn(LD_W_ABS, 0, 0, NR_OFFSET),
+        insn(JEQ_K, 0, 1, libc::SYS_clone3 as u32),
+        insn(RET_K, 0, 0, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
+    ];
+    out.extend(prog);
+    out
 }
 
-/// The compiled filter of `kind`.
+/// The compiled filter of `kind`: `clone3` fails with `ENOSYS`, the calls
+/// in its list are allowed, anything else kills the process (or is logged).
 pub fn filter(kind: ThreadKind, mode: SeccompMode) -> Result<BpfProgram, seccompiler::Error> {
     let mismatch = match mode {
         SeccompMode::Log => SeccompAction::Log,
@@ -386,14 +401,16 @@ pub fn filter(kind: ThreadKind, mode: SeccompMode) -> Result<BpfProgram, seccomp
     let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(seccompiler::Error::Backend)?;
     let f = SeccompFilter::new(rules(kind), mismatch, SeccompAction::Allow, arch)
         .map_err(seccompiler::Error::Backend)?;
-    f.try_into().map_err(seccompiler::Error::Backend)
+    f.try_into()
+        .map(with_clone3_enosys)
+        .map_err(seccompiler::Error::Backend)
 }
 
-/// The two programs a thread of `kind` installs (the clone3 filter, then
-/// its list), compiled once per kind and mode: a device worker started for
-/// each hot-plugged device then only installs them, without building the
-/// filter again (time, and the stack and heap the compiler touches).
-type Compiled = Arc<[BpfProgram; 2]>;
+/// The program a thread of `kind` installs, compiled once per kind and
+/// mode: a device worker started for each hot-plugged device then only
+/// installs it, without building the filter again (time, and the stack and
+/// heap the compiler touches).
+type Compiled = Arc<BpfProgram>;
 
 fn compiled(kind: ThreadKind, mode: SeccompMode) -> Result<Compiled, seccompiler::Error> {
     static CACHE: Mutex<Vec<(ThreadKind, SeccompMode, Compiled)>> = Mutex::new(Vec::new());
@@ -401,7 +418,7 @@ fn compiled(kind: ThreadKind, mode: SeccompMode) -> Result<Compiled, seccompiler
     if let Some((_, _, progs)) = cache.iter().find(|(k, m, _)| *k == kind && *m == mode) {
         return Ok(Arc::clone(progs));
     }
-    let progs: Compiled = Arc::new([no_clone3()?, filter(kind, mode)?]);
+    let progs: Compiled = Arc::new(filter(kind, mode)?);
     cache.push((kind, mode, Arc::clone(&progs)));
     Ok(progs)
 }
@@ -424,20 +441,16 @@ pub fn install(kind: ThreadKind) {
     }
     let selftest = std::env::var("ARBOR_SECCOMP_SELFTEST")
         .is_ok_and(|v| v.split(',').any(|k| k == kind.name()));
-    // The clone3 filter first: the thread's own list may not allow
-    // `seccomp` itself.
-    let progs = match compiled(kind, mode) {
+    let prog = match compiled(kind, mode) {
         Ok(p) => p,
         Err(e) => {
             log::error!("seccomp filter for {}: {e}", kind.name());
             return;
         }
     };
-    for prog in progs.iter() {
-        if let Err(e) = seccompiler::apply_filter(prog) {
-            log::error!("cannot install the seccomp filter for {}: {e}", kind.name());
-            return;
-        }
+    if let Err(e) = seccompiler::apply_filter(&prog) {
+        log::error!("cannot install the seccomp filter for {}: {e}", kind.name());
+        return;
     }
     if selftest {
         // Tells a test the filters are in: a kill after this line comes
@@ -463,7 +476,6 @@ mod tests {
             // clone only for threads.
             assert_eq!(rules(kind)[&libc::SYS_clone].len(), 1);
         }
-        no_clone3().unwrap();
         // vCPU threads start the vsock worker, so they allow its socket calls,
         // but never binding or listening.
         assert!(!rules(ThreadKind::Vcpu).contains_key(&libc::SYS_bind));
@@ -479,6 +491,28 @@ mod tests {
         assert!(!rules(ThreadKind::Worker).contains_key(&libc::SYS_connect));
         assert!(!rules(ThreadKind::VsockWorker).contains_key(&libc::SYS_bind));
         assert_eq!(ThreadKind::of_worker("virtio-net"), ThreadKind::Worker);
+    }
+
+    /// The one installed program answers `clone3` with `ENOSYS` (a filter
+    /// without the prefix lets `clone3(NULL, 0)` fail with `EINVAL`) and
+    /// allows the list's calls; in its own thread, since filters stay.
+    #[test]
+    fn installed_filter_fails_clone3_with_enosys() {
+        let prog = filter(ThreadKind::Worker, SeccompMode::Log).unwrap();
+        let (errno, pid) = std::thread::spawn(move || {
+            seccompiler::apply_filter(&prog).unwrap();
+            // SAFETY: clone3 with a null argument block and size 0 creates
+            // nothing: the kernel (or the filter) fails it before reading.
+            let r = unsafe { libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0usize) };
+            let errno = std::io::Error::last_os_error().raw_os_error();
+            assert_eq!(r, -1);
+            // SAFETY: getpid takes no arguments.
+            (errno, unsafe { libc::getpid() })
+        })
+        .join()
+        .unwrap();
+        assert_eq!(errno, Some(libc::ENOSYS));
+        assert_eq!(pid, std::process::id() as i32);
     }
 
     #[test]

@@ -238,6 +238,26 @@ pub struct PciWindows {
     pub buses: (u8, u8),
 }
 
+/// The bus numbers the root complex owns (`_CRS`, and MCFG's ECAM range):
+/// up to `last_bus`, the topology's last one, because x86 Linux probes
+/// every bus up to MCFG's end that it did not find behind a bridge (32
+/// configuration reads each: 0.6 s of an emulated boot for buses 09-ff).
+/// Arbor fixes the bus numbers and never adds a port, so no bus appears
+/// later, unless the guest numbers the buses itself (`pci=assign-busses`
+/// on `cmdline`, the only way Arbor's direct-booted Linux guests do): then
+/// all 256, so that it has room to.
+pub fn root_bus_range(last_bus: u8, cmdline: &str) -> (u8, u8) {
+    let renumbers = cmdline
+        .split_whitespace()
+        .filter_map(|t| t.strip_prefix("pci="))
+        .any(|opts| opts.split(',').any(|o| o == "assign-busses"));
+    if renumbers {
+        (0, 0xff)
+    } else {
+        (0, last_bus)
+    }
+}
+
 /// The `_OSC` control bits Arbor grants: native hotplug (bit 0) and PCIe
 /// capability structure control (bit 4). AER (bit 3) is kept, and so is PME
 /// (bit 2): no port ever sends a PME message, and with PME control Linux
@@ -650,6 +670,21 @@ mod tests {
 
     fn checksum_ok(t: &[u8]) -> bool {
         t.iter().fold(0u8, |a, b| a.wrapping_add(*b)) == 0
+    }
+
+    #[test]
+    fn root_buses_end_at_the_last_one_unless_the_guest_renumbers() {
+        assert_eq!(root_bus_range(8, "console=ttyS0 panic=-1"), (0, 8));
+        assert_eq!(root_bus_range(0, ""), (0, 0));
+        assert_eq!(root_bus_range(8, "pci=assign-busses"), (0, 0xff));
+        assert_eq!(
+            root_bus_range(8, "console=ttyS0 pci=noaer,assign-busses,hpbussize=4"),
+            (0, 0xff)
+        );
+        // Another option, or the word outside `pci=`, changes nothing.
+        assert_eq!(root_bus_range(8, "pci=assign-busses-not"), (0, 8));
+        assert_eq!(root_bus_range(8, "assign-busses"), (0, 8));
+        assert_eq!(root_bus_range(8, "xpci=assign-busses"), (0, 8));
     }
 
     #[test]

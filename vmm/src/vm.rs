@@ -265,15 +265,10 @@ impl Vm {
         // The PCI Express root complex.
         let routing = GsiRouting::new(vm.clone()).map_err(Error::EventLoop)?;
         let (mmio32, mmio64) = layout::pci_windows(config.memory);
-        // The root complex owns the buses the topology numbered, no more: MCFG
-        // and `_CRS` end there. x86 Linux scans every bus up to MCFG's last
-        // one that it has not found behind a bridge, 32 configuration reads
-        // each (0.6 s of an emulated boot for buses 09-ff); no bus appears
-        // later, since ports are not hot-added and their numbers are fixed.
         let windows = acpi::PciWindows {
             mmio32,
             mmio64,
-            buses: (0, topology.last_bus()),
+            buses: acpi::root_bus_range(topology.last_bus(), &config.cmdline),
         };
         let rest = topology.remaining_windows();
         let allocator = BarAllocator::new(rest.io, rest.mmio32, Some(rest.mmio64))

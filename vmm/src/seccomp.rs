@@ -415,12 +415,12 @@ type Compiled = Arc<BpfProgram>;
 fn compiled(kind: ThreadKind, mode: SeccompMode) -> Result<Compiled, seccompiler::Error> {
     static CACHE: Mutex<Vec<(ThreadKind, SeccompMode, Compiled)>> = Mutex::new(Vec::new());
     let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, _, progs)) = cache.iter().find(|(k, m, _)| *k == kind && *m == mode) {
-        return Ok(Arc::clone(progs));
+    if let Some((_, _, prog)) = cache.iter().find(|(k, m, _)| *k == kind && *m == mode) {
+        return Ok(Arc::clone(prog));
     }
-    let progs: Compiled = Arc::new(filter(kind, mode)?);
-    cache.push((kind, mode, Arc::clone(&progs)));
-    Ok(progs)
+    let prog: Compiled = Arc::new(filter(kind, mode)?);
+    cache.push((kind, mode, Arc::clone(&prog)));
+    Ok(prog)
 }
 
 /// The system call `ARBOR_SECCOMP_SELFTEST` makes: in no allow list.

@@ -20,7 +20,6 @@ arbor-tests`). Standard library only; progress on stderr.
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -35,10 +34,7 @@ from benchlib import BenchError, log, positive_int  # noqa: E402
 
 # The guest shell driver of blk-bench.py (one command line at a time on the
 # serial console, between unique markers).
-_spec = importlib.util.spec_from_file_location(
-    "blk_bench", os.path.join(os.path.dirname(os.path.abspath(__file__)), "blk-bench.py"))
-blk_bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(blk_bench)
+blk_bench = benchlib.load_script("blk-bench.py", "blk_bench")
 benchlib.PROG = "bar-access-bench"
 
 

@@ -9,6 +9,7 @@ directory with bytecode writing off, so no __pycache__ appears in the tree.
 import argparse
 import hashlib
 import http.client
+import importlib.util
 import json
 import os
 import re
@@ -108,6 +109,16 @@ def nonnegative_float(s):
 # ---------------------------------------------------------------------------
 # Inputs: guest kit, arbor, QEMU
 # ---------------------------------------------------------------------------
+
+
+def load_script(filename, name):
+    """Imports the script FILENAME beside this file (a name with a hyphen,
+    which `import` cannot take) as the module NAME."""
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(os.path.dirname(os.path.abspath(__file__)), filename))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def default_guest_dir():

@@ -133,15 +133,21 @@ def parse_args(argv):
         p.error("--only and --vmm exclude each other")
     if args.only:
         args.vmms = [args.only]
-    elif not args.vmms:
-        args.vmms = ["arbor", "arbor-minimal", "qemu"]
+    check_vmms(p, args, ["arbor", "arbor-minimal", "qemu"])
+    return args
+
+
+def check_vmms(p, args, default):
+    """Fills args.vmms with DEFAULT (and cloud-hypervisor when its binary
+    is given) when no --vmm was, and refuses a list that cannot run."""
+    if not args.vmms:
+        args.vmms = list(default)
         if args.cloud_hypervisor:
             args.vmms.append("cloud-hypervisor")
     if "cloud-hypervisor" in args.vmms and not args.cloud_hypervisor:
         p.error("--vmm cloud-hypervisor needs --cloud-hypervisor PATH")
     if len(set(args.vmms)) != len(args.vmms):
         p.error("a VMM is named twice")
-    return args
 
 
 def guest_kit(args):

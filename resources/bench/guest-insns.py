@@ -37,7 +37,6 @@ Python 3 standard library only (and `nm` from binutils for --top).
 import argparse
 import bisect
 import collections
-import importlib.util
 import json
 import os
 import statistics
@@ -49,10 +48,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
 from benchlib import BenchError, MIB, log, parse_size, positive_int, positive_float  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location(
-    "boot_bench", os.path.join(os.path.dirname(os.path.abspath(__file__)), "boot-bench.py"))
-boot_bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(boot_bench)
+boot_bench = benchlib.load_script("boot-bench.py", "boot_bench")
+benchlib.PROG = "guest-insns"
 
 VMMS = boot_bench.VMMS
 PHASES = (("start", None),) + boot_bench.PHASES
@@ -92,14 +89,7 @@ def parse_args(argv):
     p.add_argument("--timeout", type=positive_float, default=300.0, metavar="SECONDS",
                    help="seconds each boot may take to reach 'Run /init' (default 300)")
     args = p.parse_args(argv)
-    if not args.vmms:
-        args.vmms = ["arbor", "arbor-minimal"]
-        if args.cloud_hypervisor:
-            args.vmms.append("cloud-hypervisor")
-    if "cloud-hypervisor" in args.vmms and not args.cloud_hypervisor:
-        p.error("--vmm cloud-hypervisor needs --cloud-hypervisor PATH")
-    if len(set(args.vmms)) != len(args.vmms):
-        p.error("a VMM is named twice")
+    boot_bench.check_vmms(p, args, ["arbor", "arbor-minimal"])
     if args.top < 0:
         p.error("--top must not be negative")
     # What boot-bench.commands_for reads.
@@ -279,12 +269,13 @@ def main(argv):
     symbols = Symbols(kernel) if args.top else None
     for name, cmd in commands.items():
         log(f"{name}: {' '.join(benchlib.quote(a) for a in cmd)}")
-    tracer = Tracer(args.buffer_mib)
     results = {name: [] for name in args.vmms}
-    try:
-        for run in range(args.runs):
-            for name in args.vmms:
-                load = benchlib.loadavg()
+    for run in range(args.runs):
+        for name in args.vmms:
+            load = benchlib.loadavg()
+            # A new instance for every boot: its pid filter and buffer start empty.
+            tracer = Tracer(args.buffer_mib)
+            try:
                 secs, error = boot_once(tracer, commands[name], args.timeout)
                 if error:
                     raise BenchError(f"{name}: {error}")
@@ -293,15 +284,18 @@ def main(argv):
                     raise BenchError(f"{name}: the trace buffer lost {lost} events; "
                                      "raise --buffer-mib")
                 r = count(tracer, symbols)
-                r["wall_s"] = secs
-                r["loadavg"] = load
-                results[name].append(r)
-                total = sum(r["insns"].values())
-                log(f"run {run + 1}/{args.runs} {name}: {total / 1e6:.2f} M instructions, "
-                    f"{sum(r['ticks'].values())} ticks, {secs:.1f} s under tracing, "
-                    f"load {load}")
-    finally:
-        tracer.close()
+            finally:
+                tracer.close()
+            total = sum(r["insns"].values())
+            if total == 0:
+                raise BenchError(f"{name}: no guest instruction was traced (is this KVM "
+                                 "one that emulates the guest?)")
+            r["wall_s"] = secs
+            r["loadavg"] = load
+            results[name].append(r)
+            log(f"run {run + 1}/{args.runs} {name}: {total / 1e6:.2f} M instructions, "
+                f"{sum(r['ticks'].values())} ticks, {secs:.1f} s under tracing, "
+                f"load {load}")
     report(args, results)
     return 0
 
@@ -348,7 +342,7 @@ def report(args, results):
                 top = last["funcs"].get(p, [])[:args.top]
                 if not top:
                     continue
-                n = last["insns"].get(p, 0)
+                n = max(last["insns"].get(p, 0), 1)
                 print(f"  {p} ({n / 1e6:.2f} M): " + ", ".join(
                     f"{f} {100 * k / n:.1f}%" for f, k in top))
     print(json.dumps({"runs": args.runs, "reference": ref, "summary": summary,

@@ -119,6 +119,10 @@ fn add_and_remove_devices() {
         })
         .unwrap();
     assert_eq!(added.pci_path, "00:05.0/01.0");
+    // A body of only whitespace is not JSON: refused, nothing added.
+    let r = raw(&f, Method::PUT, "/api/v1/vm.add-rng", "\n");
+    expect_error(&r, 400, "invalid vm.add-rng request body");
+    assert_eq!(c.vm_info().unwrap().devices.len(), 3);
     // An empty body means all defaults for add-rng.
     let r = raw(&f, Method::PUT, "/api/v1/vm.add-rng", "");
     assert_eq!(r.status, 200);

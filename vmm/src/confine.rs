@@ -514,12 +514,19 @@ pub fn drop_capabilities() -> Result<(), ConfineError> {
         .copied()
         .filter(|c| permitted.contains(c))
         .collect();
-    // The bounding set needs CAP_SETPCAP, so it goes first.
+    // The bounding set needs CAP_SETPCAP, so it goes first. Each drop is
+    // tried without reading the set first (dropping an absent capability
+    // succeeds): one call per capability, not two. A capability this
+    // kernel does not know fails both the drop and the read.
     if caps::has_cap(None, CapSet::Effective, caps::Capability::CAP_SETPCAP)? {
-        let bounding = caps::read(None, CapSet::Bounding)?;
-        for c in bounding {
-            if !KEPT_CAPABILITIES.contains(&c) {
-                caps::drop(None, CapSet::Bounding, c)?;
+        for c in caps::all() {
+            if KEPT_CAPABILITIES.contains(&c) {
+                continue;
+            }
+            if let Err(e) = caps::drop(None, CapSet::Bounding, c) {
+                if caps::has_cap(None, CapSet::Bounding, c).is_ok() {
+                    return Err(e.into());
+                }
             }
         }
     }

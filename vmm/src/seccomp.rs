@@ -1,8 +1,8 @@
 //! Seccomp filters, one per thread kind.
 //!
 //! Every Arbor thread installs its own filter (`seccompiler`, TSYNC off)
-//! as its first action once its setup is done. The allow lists below are
-//! data: a base list every thread needs (memory, futexes, thread start,
+//! as its first action once its setup is done. The allow lists
+//! ([`rules`], a file `vmm/build.rs` shares) are data: a base list every thread needs (memory, futexes, thread start,
 //! signals, clocks, epoll/eventfd, reads and writes on descriptors it
 //! already holds), plus what each kind adds. Anything else kills the
 //! process (`SIGSYS`) with [`SeccompMode::On`], or is only logged by the
@@ -23,14 +23,18 @@
 //!
 //! The mode is process-wide: [`set_mode`] is called by `Vm::new`.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
 
-use seccompiler::{
-    sock_filter, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
-    SeccompFilter, SeccompRule, TargetArch,
-};
+use seccompiler::{sock_filter, BpfProgram};
+
+#[path = "seccomp_rules.rs"]
+pub mod rules;
+
+pub use rules::ThreadKind;
+
+// The programs of every kind and mode, compiled by `vmm/build.rs` from
+// `rules` when Arbor is built: `PROGRAMS`, indexed by `program_index`.
+include!(concat!(env!("OUT_DIR"), "/seccomp_programs.rs"));
 
 /// Whether and how filters are installed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -52,66 +56,6 @@ impl std::str::FromStr for SeccompMode {
             "log" => Ok(SeccompMode::Log),
             "off" => Ok(SeccompMode::Off),
             _ => Err(format!("seccomp must be on, log or off, not {s:?}")),
-        }
-    }
-}
-
-/// The thread kinds, each with its own allow list.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ThreadKind {
-    Vcpu,
-    EventLoop,
-    Api,
-    /// A virtio-blk back end's worker.
-    BlockWorker,
-    /// Any other device worker (virtio-rng: `getrandom`; virtio-net:
-    /// `read`/`write` on its tap and the `TUNSETOFFLOAD` `ioctl`; all in the
-    /// base list).
-    Worker,
-    Intx,
-    Signals,
-    /// The `--event-monitor` writer: writes to a descriptor it holds.
-    EventMonitor,
-    /// The virtio-vsock worker: accepts host clients on its listening UNIX
-    /// socket and connects to `PATH_P` sockets.
-    VsockWorker,
-}
-
-impl ThreadKind {
-    /// The kind of a device worker thread named `thread` (the device kind).
-    pub fn of_worker(thread: &str) -> ThreadKind {
-        match thread {
-            "virtio-blk" => ThreadKind::BlockWorker,
-            "virtio-vsock" => ThreadKind::VsockWorker,
-            _ => ThreadKind::Worker,
-        }
-    }
-
-    /// Every kind.
-    pub const ALL: [ThreadKind; 9] = [
-        ThreadKind::Vcpu,
-        ThreadKind::EventLoop,
-        ThreadKind::Api,
-        ThreadKind::BlockWorker,
-        ThreadKind::Worker,
-        ThreadKind::Intx,
-        ThreadKind::Signals,
-        ThreadKind::EventMonitor,
-        ThreadKind::VsockWorker,
-    ];
-
-    /// The name used by `ARBOR_SECCOMP_SELFTEST`.
-    pub fn name(self) -> &'static str {
-        match self {
-            ThreadKind::Vcpu => "vcpu",
-            ThreadKind::EventLoop => "event-loop",
-            ThreadKind::Api => "api",
-            ThreadKind::BlockWorker => "blk-worker",
-            ThreadKind::Worker => "worker",
-            ThreadKind::Intx => "intx",
-            ThreadKind::Signals => "signals",
-            ThreadKind::EventMonitor => "monitor",
-            ThreadKind::VsockWorker => "vsock-worker",
         }
     }
 }
@@ -143,284 +87,19 @@ pub fn mode() -> SeccompMode {
     }
 }
 
-/// Calls allowed to every thread.
-const BASE: &[i64] = &[
-    libc::SYS_read,
-    libc::SYS_write,
-    libc::SYS_readv,
-    libc::SYS_writev,
-    libc::SYS_pread64,
-    libc::SYS_pwrite64,
-    libc::SYS_close,
-    libc::SYS_fstat,
-    libc::SYS_newfstatat,
-    libc::SYS_statx,
-    libc::SYS_lseek,
-    libc::SYS_openat,
-    libc::SYS_fcntl,
-    libc::SYS_dup,
-    libc::SYS_dup3,
-    libc::SYS_ioctl,
-    libc::SYS_mmap,
-    libc::SYS_munmap,
-    libc::SYS_mprotect,
-    libc::SYS_mremap,
-    libc::SYS_madvise,
-    libc::SYS_brk,
-    libc::SYS_futex,
-    libc::SYS_sched_yield,
-    libc::SYS_sched_getaffinity,
-    libc::SYS_nanosleep,
-    libc::SYS_clock_nanosleep,
-    libc::SYS_clock_gettime,
-    libc::SYS_gettimeofday,
-    libc::SYS_getpid,
-    libc::SYS_gettid,
-    libc::SYS_tgkill,
-    libc::SYS_rt_sigaction,
-    libc::SYS_rt_sigprocmask,
-    libc::SYS_rt_sigreturn,
-    libc::SYS_sigaltstack,
-    libc::SYS_restart_syscall,
-    libc::SYS_exit,
-    libc::SYS_exit_group,
-    libc::SYS_epoll_create1,
-    libc::SYS_epoll_ctl,
-    libc::SYS_epoll_wait,
-    libc::SYS_epoll_pwait,
-    libc::SYS_eventfd2,
-    libc::SYS_poll,
-    libc::SYS_ppoll,
-    libc::SYS_timerfd_create,
-    libc::SYS_timerfd_settime,
-    libc::SYS_timerfd_gettime,
-    libc::SYS_getrandom,
-    libc::SYS_getdents64,
-    libc::SYS_getrlimit,
-    libc::SYS_prlimit64,
-    libc::SYS_uname,
-    libc::SYS_rseq,
-    libc::SYS_set_robust_list,
-    libc::SYS_prctl,
-    // The older calls musl makes where glibc makes the ones above (the
-    // release build links musl statically): `open` for `openat`, `stat`
-    // and `lstat` for `newfstatat`, `dup2` for `dup3`, `tkill` for
-    // `tgkill`. Each does no more than its allowed counterpart.
-    libc::SYS_open,
-    libc::SYS_stat,
-    libc::SYS_lstat,
-    libc::SYS_dup2,
-    libc::SYS_tkill,
-];
-
-/// Block I/O done by device workers (and inherited from vCPU threads).
-const BLOCK_IO: &[i64] = &[
-    libc::SYS_preadv,
-    libc::SYS_pwritev,
-    libc::SYS_preadv2,
-    libc::SYS_pwritev2,
-    libc::SYS_fsync,
-    libc::SYS_fdatasync,
-    libc::SYS_fallocate,
-];
-
-/// UNIX socket calls of the vsock worker (inherited from the vCPU thread
-/// that starts it): accept host clients, connect to `PATH_P`, half-close.
-const VSOCK_IO: &[i64] = &[
-    libc::SYS_socket,
-    libc::SYS_connect,
-    libc::SYS_accept4,
-    libc::SYS_shutdown,
-    libc::SYS_recvfrom,
-    libc::SYS_sendto,
-];
-
-/// Creating the vsock device's listening socket (a hot-plug request, in the
-/// event loop) and removing it with the device.
-const VSOCK_LISTEN: &[i64] = &[
-    libc::SYS_socket,
-    libc::SYS_bind,
-    libc::SYS_listen,
-    libc::SYS_unlink,
-    libc::SYS_unlinkat,
-];
-
-/// A vfio-user client (hot-plug, and removal on the event loop; the
-/// handshake's helper thread inherits the event loop's filter): connect to
-/// the server's socket, pass guest RAM and interrupt descriptors
-/// (`SCM_RIGHTS`), receive region descriptors, shut the connection down.
-const VFIO_USER: &[i64] = &[
-    libc::SYS_socket,
-    libc::SYS_connect,
-    libc::SYS_sendmsg,
-    libc::SYS_recvmsg,
-    libc::SYS_recvfrom,
-    libc::SYS_sendto,
-    libc::SYS_shutdown,
-];
-
-/// What each thread kind may call beyond [`BASE`].
-pub fn extra_rules(kind: ThreadKind) -> Vec<i64> {
-    match kind {
-        // KVM_RUN and device emulation; starts the device workers, which
-        // install their own filter on top of this one (`seccomp` only ever
-        // adds restrictions).
-        ThreadKind::Vcpu => {
-            let mut v = BLOCK_IO.to_vec();
-            v.push(libc::SYS_seccomp);
-            v.extend_from_slice(VSOCK_IO);
-            // A passthrough function's accesses go to its vfio-user server
-            // (std's socket reads and writes are recvfrom/sendto); a failing
-            // server's connection is shut down.
-            v.extend(
-                VFIO_USER
-                    .iter()
-                    .filter(|&&nr| nr != libc::SYS_socket && nr != libc::SYS_connect),
-            );
-            // A kernel VFIO function that fails on a guest access is closed
-            // on the vCPU thread; closing it reads its IOMMU group link.
-            v.extend_from_slice(&[libc::SYS_readlink, libc::SYS_readlinkat]);
-            v
-        }
-        ThreadKind::BlockWorker => BLOCK_IO.to_vec(),
-        ThreadKind::Worker => vec![],
-        // Hotplug opens, checks and locks disks (OFD locks are `fcntl`),
-        // stops the API server (which removes its socket), kicks vCPUs
-        // (`tgkill`), restores the terminal (`ioctl`).
-        ThreadKind::EventLoop => {
-            let mut v = BLOCK_IO.to_vec();
-            v.extend_from_slice(&[
-                // The API socket, removed when the server stops.
-                libc::SYS_unlinkat,
-                // Path checks (canonicalising a disk's path, access(2)).
-                libc::SYS_readlink,
-                libc::SYS_readlinkat,
-                libc::SYS_getcwd,
-                libc::SYS_access,
-                libc::SYS_faccessat,
-                libc::SYS_faccessat2,
-                // vCPU threads it starts later (a VM created again in the
-                // same process) install their own filters on top.
-                libc::SYS_seccomp,
-            ]);
-            v.extend_from_slice(VSOCK_LISTEN);
-            v.extend_from_slice(VFIO_USER);
-            // Guest RAM of a VM created again in the same process (vm.create
-            // after vm.delete) is a memfd.
-            v.extend_from_slice(&[libc::SYS_memfd_create, libc::SYS_ftruncate]);
-            v
-        }
-        // Accepts on the listening socket and serves connections; counts its
-        // descriptors in /proc/self/fd (getdents64, in the base list).
-        ThreadKind::Api => vec![
-            libc::SYS_accept4,
-            libc::SYS_recvfrom,
-            libc::SYS_recvmsg,
-            libc::SYS_sendto,
-            libc::SYS_sendmsg,
-            libc::SYS_shutdown,
-            libc::SYS_getsockopt,
-            libc::SYS_setsockopt,
-            libc::SYS_getsockname,
-            libc::SYS_getpeername,
-            libc::SYS_unlinkat,
-            libc::SYS_unlink,
-        ],
-        ThreadKind::Intx | ThreadKind::EventMonitor => vec![],
-        ThreadKind::VsockWorker => VSOCK_IO.to_vec(),
-        // sigwait; `arbor-signal-req` threads (started here) call the
-        // embedding handle.
-        ThreadKind::Signals => vec![libc::SYS_rt_sigtimedwait],
-    }
+/// The program of `kind` in `mode` (`Off` gives `On`'s), built here from
+/// [`rules`] ([`rules::compact`]); threads install the copy built with
+/// Arbor ([`program`]), which a test checks is the same.
+pub fn filter(kind: ThreadKind, mode: SeccompMode) -> Result<BpfProgram, rules::TooLong> {
+    rules::compact(kind, mode == SeccompMode::Log)
 }
 
-/// The allow list of `kind`, as `seccompiler` rules.
-///
-/// `clone` is allowed only with `CLONE_THREAD` (new threads, never new
-/// processes). `clone3` passes its flags in memory a filter cannot read: the
-/// compiled filter answers it `ENOSYS` before the list ([`filter`]), and
-/// glibc's `pthread_create` then falls back to `clone`.
-pub fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BASE
-        .iter()
-        .copied()
-        .chain(extra_rules(kind))
-        .map(|nr| (nr, Vec::new()))
-        .collect();
-    let thread = libc::CLONE_THREAD as u64;
-    if let Ok(cond) = SeccompCondition::new(
-        0,
-        SeccompCmpArgLen::Qword,
-        SeccompCmpOp::MaskedEq(thread),
-        thread,
-    ) {
-        if let Ok(rule) = SeccompRule::new(vec![cond]) {
-            rules.insert(libc::SYS_clone, vec![rule]);
-        }
-    }
-    rules
-}
-
-/// `AUDIT_ARCH_X86_64` (`linux/audit.h`): the `arch` field of `seccomp_data`
-/// for 64-bit x86 system calls.
-const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
-
-/// `prog` with a prefix that fails `clone3` with `ENOSYS` (glibc then
-/// creates threads with `clone`, whose flags the lists can check; `clone3`
-/// passes them in memory, out of a filter's reach). `seccompiler` gives one
-/// filter a single action for every matched rule, so this prefix is what
-/// spares each thread a second filter and its `seccomp()` call. The prefix
-/// checks the architecture itself and otherwise falls through to `prog`,
-/// which checks it again; BPF jumps are relative, so `prog` is unchanged.
-fn with_clone3_enosys(prog: BpfProgram) -> BpfProgram {
-    const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
-    const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
-    const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
-    const ARCH_OFFSET: u32 = 4; // seccomp_data.arch
-    const NR_OFFSET: u32 = 0; // seccomp_data.nr
-    let insn = |code, jt, jf, k| sock_filter { code, jt, jf, k };
-    let mut out = vec![
-        insn(LD_W_ABS, 0, 0, ARCH_OFFSET),
-        // Another architecture: on to `prog` (3 further), which kills.
-        insn(JEQ_K, 0, 3, AUDIT_ARCH_X86_64),
-        insn(LD_W_ABS, 0, 0, NR_OFFSET),
-        insn(JEQ_K, 0, 1, libc::SYS_clone3 as u32),
-        insn(RET_K, 0, 0, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
-    ];
-    out.extend(prog);
-    out
-}
-
-/// The compiled filter of `kind`: `clone3` fails with `ENOSYS`, the calls
-/// in its list are allowed, anything else kills the process (or is logged).
-pub fn filter(kind: ThreadKind, mode: SeccompMode) -> Result<BpfProgram, seccompiler::Error> {
-    let mismatch = match mode {
-        SeccompMode::Log => SeccompAction::Log,
-        _ => SeccompAction::KillProcess,
-    };
-    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(seccompiler::Error::Backend)?;
-    let f = SeccompFilter::new(rules(kind), mismatch, SeccompAction::Allow, arch)
-        .map_err(seccompiler::Error::Backend)?;
-    f.try_into()
-        .map(with_clone3_enosys)
-        .map_err(seccompiler::Error::Backend)
-}
-
-/// The program a thread of `kind` installs, compiled once per kind and
-/// mode: a device worker started for each hot-plugged device then only
-/// installs it, without building the filter again (time, and the stack and
-/// heap the compiler touches).
-type Compiled = Arc<BpfProgram>;
-
-fn compiled(kind: ThreadKind, mode: SeccompMode) -> Result<Compiled, seccompiler::Error> {
-    static CACHE: Mutex<Vec<(ThreadKind, SeccompMode, Compiled)>> = Mutex::new(Vec::new());
-    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, _, prog)) = cache.iter().find(|(k, m, _)| *k == kind && *m == mode) {
-        return Ok(Arc::clone(prog));
-    }
-    let prog: Compiled = Arc::new(filter(kind, mode)?);
-    cache.push((kind, mode, Arc::clone(&prog)));
-    Ok(prog)
+/// The program a thread of `kind` installs in `mode` (`Off` gives `On`'s),
+/// compiled when Arbor was built: a starting thread (the API thread, a
+/// device worker per hot-plugged device) only installs it, without the
+/// time, stack and heap of compiling it.
+pub fn program(kind: ThreadKind, mode: SeccompMode) -> &'static [sock_filter] {
+    PROGRAMS[program_index(kind, mode == SeccompMode::Log)]
 }
 
 /// The system call `ARBOR_SECCOMP_SELFTEST` makes: in no allow list.
@@ -441,14 +120,7 @@ pub fn install(kind: ThreadKind) {
     }
     let selftest = std::env::var("ARBOR_SECCOMP_SELFTEST")
         .is_ok_and(|v| v.split(',').any(|k| k == kind.name()));
-    let prog = match compiled(kind, mode) {
-        Ok(p) => p,
-        Err(e) => {
-            log::error!("seccomp filter for {}: {e}", kind.name());
-            return;
-        }
-    };
-    if let Err(e) = seccompiler::apply_filter(&prog) {
+    if let Err(e) = seccompiler::apply_filter(program(kind, mode)) {
         log::error!("cannot install the seccomp filter for {}: {e}", kind.name());
         return;
     }
@@ -465,6 +137,145 @@ pub fn install(kind: ThreadKind) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rules::rules;
+
+    /// Runs a classic BPF program (the instructions `seccompiler` and
+    /// `rules::compact` emit) on a `seccomp_data`: its return value.
+    fn run(prog: &[sock_filter], nr: u32, arch: u32, arg0: u64) -> u32 {
+        let word = |off: u32| match off {
+            0 => nr,
+            4 => arch,
+            16 => arg0 as u32,
+            20 => (arg0 >> 32) as u32,
+            _ => panic!("load at {off}"),
+        };
+        let (mut a, mut pc) = (0u32, 0usize);
+        loop {
+            let i = &prog[pc];
+            pc += 1;
+            let op = u32::from(i.code);
+            match op {
+                _ if op == libc::BPF_LD | libc::BPF_W | libc::BPF_ABS => a = word(i.k),
+                _ if op == libc::BPF_ALU | libc::BPF_AND | libc::BPF_K => a &= i.k,
+                _ if op == libc::BPF_RET | libc::BPF_K => return i.k,
+                _ if op == libc::BPF_JMP | libc::BPF_JA => pc += i.k as usize,
+                _ => {
+                    let taken = match op & !libc::BPF_K {
+                        x if x == libc::BPF_JMP | libc::BPF_JEQ => a == i.k,
+                        x if x == libc::BPF_JMP | libc::BPF_JGT => a > i.k,
+                        x if x == libc::BPF_JMP | libc::BPF_JGE => a >= i.k,
+                        x if x == libc::BPF_JMP | libc::BPF_JSET => a & i.k != 0,
+                        _ => panic!("opcode {op:#x}"),
+                    };
+                    pc += usize::from(if taken { i.jt } else { i.jf });
+                }
+            }
+        }
+    }
+
+    /// Arbor's one-instruction-per-call programs decide every call as
+    /// `seccompiler`'s program of the same lists does, and are shorter.
+    #[test]
+    fn compact_programs_agree_with_seccompiler() {
+        const AUDIT_ARCH_I386: u32 = 3 | 0x4000_0000;
+        let x32 = 0x4000_0000u32;
+        let args = [
+            0,
+            CLONE_THREAD_FLAGS,
+            CLONE_THREAD_FLAGS | (1 << 40),
+            libc::SIGCHLD as u64,
+            1 << 40,
+            u64::MAX,
+        ];
+        for kind in ThreadKind::ALL {
+            for log in [false, true] {
+                let ours = rules::compact(kind, log).unwrap();
+                let theirs = rules::reference(kind, log).unwrap();
+                assert!(
+                    ours.len() * 4 < theirs.len(),
+                    "{kind:?}: {} {}",
+                    ours.len(),
+                    theirs.len()
+                );
+                let mut allowed = 0;
+                for arch in [rules::AUDIT_ARCH_X86_64, AUDIT_ARCH_I386] {
+                    for nr in (0..=600u32).chain([x32, x32 | 1, x32 | 56, u32::MAX]) {
+                        for &arg0 in &args {
+                            let verdict = run(&ours, nr, arch, arg0);
+                            assert_eq!(
+                                verdict,
+                                run(&theirs, nr, arch, arg0),
+                                "{kind:?} log={log} nr={nr:#x} arch={arch:#x} arg0={arg0:#x}"
+                            );
+                            allowed += usize::from(verdict == libc::SECCOMP_RET_ALLOW);
+                        }
+                    }
+                }
+                // The lists allow something, and clone only with CLONE_THREAD.
+                assert!(allowed > 0);
+                let clone = libc::SYS_clone as u32;
+                let x86 = rules::AUDIT_ARCH_X86_64;
+                assert_eq!(
+                    run(&ours, clone, x86, CLONE_THREAD_FLAGS),
+                    libc::SECCOMP_RET_ALLOW
+                );
+                assert_eq!(
+                    run(&ours, clone, x86, libc::SIGCHLD as u64),
+                    rules::mismatch_action(log)
+                );
+                assert_eq!(
+                    run(&ours, libc::SYS_clone3 as u32, x86, 0),
+                    libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32
+                );
+                assert_eq!(
+                    run(&ours, 0, AUDIT_ARCH_I386, 0),
+                    libc::SECCOMP_RET_KILL_PROCESS
+                );
+            }
+        }
+    }
+
+    /// The flags std's thread spawn passes to `clone`.
+    const CLONE_THREAD_FLAGS: u64 = (libc::CLONE_VM
+        | libc::CLONE_FS
+        | libc::CLONE_FILES
+        | libc::CLONE_SIGHAND
+        | libc::CLONE_THREAD
+        | libc::CLONE_SYSVSEM
+        | libc::CLONE_SETTLS
+        | libc::CLONE_PARENT_SETTID
+        | libc::CLONE_CHILD_CLEARTID) as u64;
+
+    /// The programs compiled with Arbor are those its allow lists give now.
+    #[test]
+    fn built_programs_are_the_rules_compiled() {
+        let fields = |p: &[sock_filter]| -> Vec<(u16, u8, u8, u32)> {
+            p.iter().map(|i| (i.code, i.jt, i.jf, i.k)).collect()
+        };
+        for kind in ThreadKind::ALL {
+            for mode in [SeccompMode::On, SeccompMode::Log] {
+                let now = filter(kind, mode).unwrap();
+                assert_eq!(
+                    fields(program(kind, mode)),
+                    fields(&now),
+                    "{kind:?} {mode:?}"
+                );
+            }
+            assert_eq!(
+                fields(program(kind, SeccompMode::Off)),
+                fields(program(kind, SeccompMode::On))
+            );
+        }
+        // Each kind has its own program.
+        assert_ne!(
+            fields(program(ThreadKind::Api, SeccompMode::On)),
+            fields(program(ThreadKind::Vcpu, SeccompMode::On))
+        );
+        assert_ne!(
+            fields(program(ThreadKind::Api, SeccompMode::On)),
+            fields(program(ThreadKind::Api, SeccompMode::Log))
+        );
+    }
 
     #[test]
     fn every_filter_compiles_and_omits_the_selftest_call() {

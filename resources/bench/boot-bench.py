@@ -103,7 +103,7 @@ def parse_args(argv):
     p.add_argument("--only", choices=VMMS, help="benchmark one VMM only")
     p.add_argument("--vmm", action="append", choices=VMMS, dest="vmms", metavar="NAME",
                    help="a VMM to benchmark (repeatable; in the order given): arbor, "
-                   "arbor-minimal (one root port, no hotplug port: "
+                   "arbor-minimal (one root port, no hotplug slot: "
                    + " ".join(ARBOR_MINIMAL) + "), arbor-bridge (the default topology and "
                    "an ACPI bridge br0 with 32 slots, the default before 1 Dec 2026), qemu, "
                    "cloud-hypervisor. Default: arbor, "

@@ -180,7 +180,7 @@ def run_one(args, kit, binary, mechanism):
     for s in specs:
         opts.arbor_extra += ["--pci-port", s]
     if mechanism == "root":
-        # Every free root slot, not only the default's highest 8.
+        # Every free root slot, not only the default's highest 2.
         opts.arbor_extra += ["--acpi-root-slots", "all"]
     workdir = tempfile.mkdtemp(prefix="hotplug-scale-bench.")
     vm = benchlib.ArborVm(binary, kit, workdir, opts)

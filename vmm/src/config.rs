@@ -602,7 +602,7 @@ fn parse_order(value: &str) -> Result<Vec<PlaceKind>, ConfigError> {
 }
 
 /// The default of `--acpi-root-slots`.
-pub const DEFAULT_ACPI_ROOT_SLOTS: u8 = 8;
+pub const DEFAULT_ACPI_ROOT_SLOTS: u8 = 2;
 
 /// `--acpi-root-slots`: `all` or 0 to 31.
 fn parse_acpi_root_slots(value: &str) -> Result<Option<u8>, ConfigError> {
@@ -686,7 +686,7 @@ usage: arbor --kernel PATH [options]
   --hotplug-order LIST automatic placement order of hot-plugged devices, a
                        permutation of native,acpi,root (default native,acpi,root)
   --acpi-root-slots N|all  how many of the root bus's free slots offer ACPI
-                       hotplug, the highest-numbered ones (default 8; each
+                       hotplug, the highest-numbered ones (default 2; each
                        costs the guest time at boot)
   --api-socket PATH    serve the HTTP API on this UNIX socket
   --event-monitor path=FILE|fd=N
@@ -1995,7 +1995,7 @@ mod json_tests {
     }
 
     /// `--acpi-root-slots` limits the root bus's ACPI hotplug slots to the
-    /// highest free ones (8 by default); `all` keeps every free slot.
+    /// highest free ones (2 by default); `all` keeps every free slot.
     #[test]
     fn acpi_root_slots_limit_the_plan() {
         let f = Files::new("acpi_root_slots");
@@ -2009,13 +2009,16 @@ mod json_tests {
                 .root_slots()
                 .to_vec()
         };
-        assert_eq!(plan(&[]), (0x18..0x20).collect::<Vec<u8>>());
+        assert_eq!(plan(&[]), vec![0x1e, 0x1f]);
         assert_eq!(
             plan(&["--acpi-root-slots", "all"]),
             (9..32).collect::<Vec<u8>>()
         );
         assert_eq!(plan(&["--acpi-root-slots", "0"]), Vec::<u8>::new());
-        assert_eq!(plan(&["--acpi-root-slots", "2"]), vec![0x1e, 0x1f]);
+        assert_eq!(
+            plan(&["--acpi-root-slots", "8"]),
+            (0x18..0x20).collect::<Vec<u8>>()
+        );
     }
 
     #[test]

@@ -26,55 +26,35 @@ fn main() {
             std::env::consts::ARCH
         );
     }
-    let mut out = String::new();
-    let mut table = Vec::new();
-    for (k, kind) in ThreadKind::ALL.iter().enumerate() {
+    // One function, a match over every (kind, mode): a kind missing from
+    // ThreadKind::ALL leaves it non-exhaustive, so the library does not build.
+    let mut out = String::from(
+        "/// The program of `kind` built with Arbor, in log mode or not.\n\
+         fn built_program(kind: ThreadKind, log: bool) -> &'static [sock_filter] {\n    \
+         match (kind, log) {\n",
+    );
+    for kind in ThreadKind::ALL {
         for log in [false, true] {
-            let prog = match seccomp_rules::compact(*kind, log) {
+            let prog = match seccomp_rules::compact(kind, log) {
                 Ok(p) => p,
                 Err(e) => panic!("seccomp program of {kind:?}: {e}"),
             };
-            let name = format!("PROGRAM_{k}_{}", if log { "LOG" } else { "ON" });
-            let _ = writeln!(out, "// {kind:?}, {}.", if log { "log" } else { "on" });
-            let _ = writeln!(out, "const {name}: &[sock_filter] = &[");
+            let _ = writeln!(out, "        (ThreadKind::{kind:?}, {log}) => &[");
             for i in &prog {
                 let _ = writeln!(
                     out,
-                    "    sock_filter {{ code: {:#06x}, jt: {}, jf: {}, k: {:#010x} }},",
+                    "            sock_filter {{ code: {:#06x}, jt: {}, jf: {}, k: {:#010x} }},",
                     i.code, i.jt, i.jf, i.k
                 );
             }
-            let _ = writeln!(out, "];");
-            table.push(name);
+            let _ = writeln!(out, "        ],");
         }
     }
-    let _ = writeln!(
-        out,
-        "/// Every kind's programs: kind by kind in `ThreadKind::ALL` order, `on` then `log`."
-    );
-    let _ = writeln!(
-        out,
-        "static PROGRAMS: [&[sock_filter]; {}] = [",
-        table.len()
-    );
-    for name in &table {
-        let _ = writeln!(out, "    {name},");
-    }
-    let _ = writeln!(out, "];");
-    // A match over the kinds of ThreadKind::ALL: a kind missing there
-    // makes it non-exhaustive, so the library does not build.
-    let _ = writeln!(
-        out,
-        "/// The index in `PROGRAMS` of `kind`'s program, in log mode or not.\n\
-         fn program_index(kind: ThreadKind, log: bool) -> usize {{\n    \
-         let k = match kind {{"
-    );
-    for (k, kind) in ThreadKind::ALL.iter().enumerate() {
-        let _ = writeln!(out, "        ThreadKind::{kind:?} => {k},");
-    }
-    let _ = writeln!(out, "    }};\n    2 * k + usize::from(log)\n}}");
-    let dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
-    let path = dir.join("seccomp_programs.rs");
+    out.push_str("    }\n}\n");
+    let Some(dir) = std::env::var_os("OUT_DIR") else {
+        panic!("OUT_DIR is not set: build.rs runs under cargo");
+    };
+    let path = PathBuf::from(dir).join("seccomp_programs.rs");
     if let Err(e) = std::fs::write(&path, out) {
         panic!("cannot write {}: {e}", path.display());
     }

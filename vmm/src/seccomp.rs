@@ -25,7 +25,7 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use seccompiler::{sock_filter, BpfProgram};
+use seccompiler::sock_filter;
 
 #[path = "seccomp_rules.rs"]
 pub mod rules;
@@ -33,7 +33,7 @@ pub mod rules;
 pub use rules::ThreadKind;
 
 // The programs of every kind and mode, compiled by `vmm/build.rs` from
-// `rules` when Arbor is built: `PROGRAMS`, indexed by `program_index`.
+// `rules` when Arbor is built: `built_program(kind, log)`.
 include!(concat!(env!("OUT_DIR"), "/seccomp_programs.rs"));
 
 /// Whether and how filters are installed.
@@ -87,19 +87,12 @@ pub fn mode() -> SeccompMode {
     }
 }
 
-/// The program of `kind` in `mode` (`Off` gives `On`'s), built here from
-/// [`rules`] ([`rules::compact`]); threads install the copy built with
-/// Arbor ([`program`]), which a test checks is the same.
-pub fn filter(kind: ThreadKind, mode: SeccompMode) -> Result<BpfProgram, rules::TooLong> {
-    rules::compact(kind, mode == SeccompMode::Log)
-}
-
 /// The program a thread of `kind` installs in `mode` (`Off` gives `On`'s),
 /// compiled when Arbor was built: a starting thread (the API thread, a
 /// device worker per hot-plugged device) only installs it, without the
 /// time, stack and heap of compiling it.
 pub fn program(kind: ThreadKind, mode: SeccompMode) -> &'static [sock_filter] {
-    PROGRAMS[program_index(kind, mode == SeccompMode::Log)]
+    built_program(kind, mode == SeccompMode::Log)
 }
 
 /// The system call `ARBOR_SECCOMP_SELFTEST` makes: in no allow list.
@@ -137,7 +130,14 @@ pub fn install(kind: ThreadKind) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rules::rules;
+    use rules::oracle::rules;
+    use seccompiler::BpfProgram;
+
+    /// The program of `kind` in `mode` (`Off` gives `On`'s), built here from
+    /// [`rules`] ([`rules::compact`]), as `vmm/build.rs` builds it.
+    fn filter(kind: ThreadKind, mode: SeccompMode) -> Result<BpfProgram, rules::TooLong> {
+        rules::compact(kind, mode == SeccompMode::Log)
+    }
 
     /// Runs a classic BPF program (the instructions `seccompiler` and
     /// `rules::compact` emit) on a `seccomp_data`: its return value.
@@ -190,7 +190,7 @@ mod tests {
         for kind in ThreadKind::ALL {
             for log in [false, true] {
                 let ours = rules::compact(kind, log).unwrap();
-                let theirs = rules::reference(kind, log).unwrap();
+                let theirs = rules::oracle::reference(kind, log).unwrap();
                 assert!(
                     ours.len() * 4 < theirs.len(),
                     "{kind:?}: {} {}",
@@ -249,31 +249,24 @@ mod tests {
     /// The programs compiled with Arbor are those its allow lists give now.
     #[test]
     fn built_programs_are_the_rules_compiled() {
-        let fields = |p: &[sock_filter]| -> Vec<(u16, u8, u8, u32)> {
-            p.iter().map(|i| (i.code, i.jt, i.jf, i.k)).collect()
-        };
         for kind in ThreadKind::ALL {
             for mode in [SeccompMode::On, SeccompMode::Log] {
                 let now = filter(kind, mode).unwrap();
-                assert_eq!(
-                    fields(program(kind, mode)),
-                    fields(&now),
-                    "{kind:?} {mode:?}"
-                );
+                assert_eq!(program(kind, mode), &now[..], "{kind:?} {mode:?}");
             }
             assert_eq!(
-                fields(program(kind, SeccompMode::Off)),
-                fields(program(kind, SeccompMode::On))
+                program(kind, SeccompMode::Off),
+                program(kind, SeccompMode::On)
             );
         }
         // Each kind has its own program.
         assert_ne!(
-            fields(program(ThreadKind::Api, SeccompMode::On)),
-            fields(program(ThreadKind::Vcpu, SeccompMode::On))
+            program(ThreadKind::Api, SeccompMode::On),
+            program(ThreadKind::Vcpu, SeccompMode::On)
         );
         assert_ne!(
-            fields(program(ThreadKind::Api, SeccompMode::On)),
-            fields(program(ThreadKind::Api, SeccompMode::Log))
+            program(ThreadKind::Api, SeccompMode::On),
+            program(ThreadKind::Api, SeccompMode::Log)
         );
     }
 

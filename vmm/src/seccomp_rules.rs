@@ -9,12 +9,7 @@
 //! `AUDIT_ARCH_X86_64` prefix below, and the build script refuses other
 //! targets).
 
-use std::collections::BTreeMap;
-
-use seccompiler::{
-    sock_filter, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
-    SeccompFilter, SeccompRule, TargetArch,
-};
+use seccompiler::{sock_filter, BpfProgram};
 
 /// The calls `kind` may make without conditions, in the order a program
 /// tests them (each once). `clone` is not among them: [`CLONE_THREAD`]
@@ -285,30 +280,6 @@ pub fn extra_rules(kind: ThreadKind) -> Vec<i64> {
     }
 }
 
-/// The allow list of `kind`, as `seccompiler` rules.
-///
-/// `clone` is allowed only with `CLONE_THREAD` (new threads, never new
-/// processes). `clone3` passes its flags in memory a filter cannot read:
-/// the programs answer it `ENOSYS` before the list, and glibc's
-/// `pthread_create` then falls back to `clone`.
-pub fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = allowed(kind)
-        .into_iter()
-        .map(|nr| (nr, Vec::new()))
-        .collect();
-    if let Ok(cond) = SeccompCondition::new(
-        0,
-        SeccompCmpArgLen::Qword,
-        SeccompCmpOp::MaskedEq(CLONE_THREAD),
-        CLONE_THREAD,
-    ) {
-        if let Ok(rule) = SeccompRule::new(vec![cond]) {
-            rules.insert(libc::SYS_clone, vec![rule]);
-        }
-    }
-    rules
-}
-
 /// `AUDIT_ARCH_X86_64` (`linux/audit.h`): the `arch` field of `seccomp_data`
 /// for 64-bit x86 system calls.
 pub const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
@@ -360,9 +331,9 @@ impl std::fmt::Display for TooLong {
 /// One instruction per call, where `seccompiler` emits five: the kernel's
 /// cost of installing a program grows with its length (about 2 us per
 /// instruction on the machines the benchmarks ran on), and every thread
-/// installs one as it starts. [`reference`] is the same policy compiled by
-/// `seccompiler`; a test runs both on every call number and checks they
-/// agree.
+/// installs one as it starts. `oracle::reference` (tests only) is the
+/// same policy compiled by `seccompiler`; a test runs both on every call
+/// number and checks they agree.
 pub fn compact(kind: ThreadKind, log: bool) -> Result<BpfProgram, TooLong> {
     let list = allowed(kind);
     let n = list.len();
@@ -395,31 +366,70 @@ pub fn compact(kind: ThreadKind, log: bool) -> Result<BpfProgram, TooLong> {
     Ok(prog)
 }
 
-/// The same policy as [`compact`], compiled by `seccompiler` (with the
-/// `clone3` prefix it cannot express): what a test checks [`compact`]
-/// against.
-pub fn reference(kind: ThreadKind, log: bool) -> Result<BpfProgram, seccompiler::Error> {
-    let mismatch = if log {
-        SeccompAction::Log
-    } else {
-        SeccompAction::KillProcess
+/// The same lists compiled by `seccompiler`: what the tests check the
+/// programs against. Not part of a build: threads install [`compact`]'s
+/// programs, compiled by `vmm/build.rs`.
+#[cfg(test)]
+pub mod oracle {
+    use std::collections::BTreeMap;
+
+    use seccompiler::{
+        BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+        SeccompRule, TargetArch,
     };
-    let f = SeccompFilter::new(
-        rules(kind),
-        mismatch,
-        SeccompAction::Allow,
-        TargetArch::x86_64,
-    )
-    .map_err(seccompiler::Error::Backend)?;
-    let prog: BpfProgram = f.try_into().map_err(seccompiler::Error::Backend)?;
-    // Another architecture: on to `prog` (3 further), which kills.
-    let mut out = vec![
-        insn(LD_W_ABS, 0, 0, ARCH_OFFSET),
-        insn(JEQ_K, 0, 3, AUDIT_ARCH_X86_64),
-        insn(LD_W_ABS, 0, 0, NR_OFFSET),
-        insn(JEQ_K, 0, 1, libc::SYS_clone3 as u32),
-        insn(RET_K, 0, 0, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
-    ];
-    out.extend(prog);
-    Ok(out)
+
+    use super::*;
+
+    /// The allow list of `kind`, as `seccompiler` rules.
+    ///
+    /// `clone` is allowed only with `CLONE_THREAD` (new threads, never new
+    /// processes). `clone3` passes its flags in memory a filter cannot read:
+    /// the programs answer it `ENOSYS` before the list, and glibc's
+    /// `pthread_create` then falls back to `clone`.
+    pub fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
+        let mut rules: BTreeMap<i64, Vec<SeccompRule>> = allowed(kind)
+            .into_iter()
+            .map(|nr| (nr, Vec::new()))
+            .collect();
+        if let Ok(cond) = SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Qword,
+            SeccompCmpOp::MaskedEq(CLONE_THREAD),
+            CLONE_THREAD,
+        ) {
+            if let Ok(rule) = SeccompRule::new(vec![cond]) {
+                rules.insert(libc::SYS_clone, vec![rule]);
+            }
+        }
+        rules
+    }
+
+    /// The same policy as [`compact`], compiled by `seccompiler` (with the
+    /// `clone3` prefix it cannot express): what a test checks [`compact`]
+    /// against.
+    pub fn reference(kind: ThreadKind, log: bool) -> Result<BpfProgram, seccompiler::Error> {
+        let mismatch = if log {
+            SeccompAction::Log
+        } else {
+            SeccompAction::KillProcess
+        };
+        let f = SeccompFilter::new(
+            rules(kind),
+            mismatch,
+            SeccompAction::Allow,
+            TargetArch::x86_64,
+        )
+        .map_err(seccompiler::Error::Backend)?;
+        let prog: BpfProgram = f.try_into().map_err(seccompiler::Error::Backend)?;
+        // Another architecture: on to `prog` (3 further), which kills.
+        let mut out = vec![
+            insn(LD_W_ABS, 0, 0, ARCH_OFFSET),
+            insn(JEQ_K, 0, 3, AUDIT_ARCH_X86_64),
+            insn(LD_W_ABS, 0, 0, NR_OFFSET),
+            insn(JEQ_K, 0, 1, libc::SYS_clone3 as u32),
+            insn(RET_K, 0, 0, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
+        ];
+        out.extend(prog);
+        Ok(out)
+    }
 }

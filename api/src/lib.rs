@@ -38,7 +38,7 @@ pub use message::{
 };
 pub use server::{
     set_thread_hook, start_server, start_server_with_events, start_server_with_options,
-    ApiServerHandle, Endpoint, Route, ServerError, ServerOptions, API_PREFIX, ROUTES,
+    ApiServerHandle, Endpoint, Route, ServerError, ServerOptions, ThreadHook, API_PREFIX, ROUTES,
 };
 pub use socket::SocketError;
 

@@ -408,6 +408,10 @@ pub enum ServerError {
     /// The API thread could not be spawned.
     #[error("cannot spawn the API thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// The thread hook (see [`set_thread_hook`]) failed: the API thread
+    /// ended without serving.
+    #[error("{0}")]
+    ThreadHook(String),
 }
 
 /// What every connection task shares.
@@ -703,6 +707,23 @@ impl Drop for Registered {
 /// Marks a request in progress on its connection.
 struct Busy(Arc<Slot>);
 
+/// One connection taken before the API thread's runtime first ran whose
+/// first request is not answered yet (see `start_server_with_options`).
+struct Settling(Arc<AtomicUsize>);
+
+impl Settling {
+    fn new(count: &Arc<AtomicUsize>) -> Settling {
+        count.fetch_add(1, Ordering::SeqCst);
+        Settling(Arc::clone(count))
+    }
+}
+
+impl Drop for Settling {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl Busy {
     fn new(slot: &Arc<Slot>) -> Busy {
         slot.busy.fetch_add(1, Ordering::SeqCst);
@@ -799,17 +820,44 @@ async fn serve_connection(
     mut closing: watch::Receiver<bool>,
     slot: Arc<Slot>,
     registered: Registered,
+    settling: Option<Settling>,
 ) {
     let _registered = registered;
     let evict = Arc::clone(&slot);
     let stream = FdStream::new(stream);
     let received = stream.received();
+    // Released with the first answer (or with the connection).
+    let settling = Arc::new(Mutex::new(settling));
     let service = service_fn(move |req| {
         let ctx = Arc::clone(&ctx);
         let busy = Busy::new(&slot);
         let received = received.clone();
+        let settling = Arc::clone(&settling);
         async move {
-            let resp = handle(req, &ctx, &received).await;
+            let settled = || {
+                drop(
+                    settling
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .take(),
+                )
+            };
+            // Settled once the request is answered or waits (for its body,
+            // or for the VMM, which may itself wait for this thread to
+            // settle).
+            let mut answer = std::pin::pin!(handle(req, &ctx, &received));
+            let first = std::future::poll_fn(|cx| {
+                std::task::Poll::Ready(match std::future::Future::poll(answer.as_mut(), cx) {
+                    std::task::Poll::Ready(resp) => Some(resp),
+                    std::task::Poll::Pending => None,
+                })
+            })
+            .await;
+            settled();
+            let resp = match first {
+                Some(resp) => resp,
+                None => answer.await,
+            };
             drop(busy);
             Ok::<_, Infallible>(resp)
         }
@@ -846,69 +894,83 @@ async fn serve_connection(
 
 /// The accept loop; returns once `stop` fires (or its sender is dropped)
 /// and the connections have finished or the grace period is over.
-async fn serve(listener: UnixListener, ctx: Arc<Context>, mut stop: oneshot::Receiver<()>) {
+async fn serve(
+    listener: UnixListener,
+    ctx: Arc<Context>,
+    mut stop: oneshot::Receiver<()>,
+    early: Vec<(std::os::unix::net::UnixStream, Settling)>,
+) {
     let (closing_tx, closing_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
     let registry = SharedRegistry::default();
     // Whether the last connection was refused (to log once per episode).
     let mut refusing = false;
     let mut fds = FdBudget::default();
+    let mut early = early.into_iter();
     loop {
         while connections.try_join_next().is_some() {}
-        tokio::select! {
-            _ = &mut stop => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    if fds.short(std::time::Instant::now()) {
-                        if !refusing {
-                            log::warn!(
-                                "fewer than {FD_RESERVE} descriptors left: refusing API connections"
-                            );
-                        }
-                        refusing = true;
-                        drop(stream);
-                        continue;
-                    }
-                    let (admitted, evicted) = {
-                        let mut registry = lock(&registry);
-                        let full = registry.open.len() >= MAX_CONNECTIONS;
-                        (registry.admit(MAX_CONNECTIONS), full)
-                    };
-                    let Some((id, slot)) = admitted else {
-                        if !refusing {
-                            log::warn!(
-                                "{MAX_CONNECTIONS} API requests in progress: refusing connections"
-                            );
-                        }
-                        refusing = true;
-                        drop(stream);
-                        continue;
-                    };
-                    refusing = false;
-                    let registered = Registered {
-                        registry: Arc::clone(&registry),
-                        id,
-                    };
-                    connections.spawn(serve_connection(
-                        stream,
-                        Arc::clone(&ctx),
-                        closing_rx.clone(),
-                        slot,
-                        registered,
-                    ));
-                    if evicted {
-                        // Let the evicted connection close before the next
-                        // accept (a yield costs a wake-up of the runtime:
-                        // only when needed).
-                        tokio::task::yield_now().await;
-                    }
-                }
-                Err(e) => {
-                    log::warn!("cannot accept an API connection: {e}");
-                    // Typically out of descriptors: back off instead of spinning.
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+        let accepted = match early.next() {
+            Some((stream, settling)) => stream
+                .set_nonblocking(true)
+                .and_then(|()| UnixStream::from_std(stream))
+                .map(|stream| (stream, Some(settling))),
+            None => tokio::select! {
+                _ = &mut stop => break,
+                accepted = listener.accept() => accepted.map(|(stream, _)| (stream, None)),
             },
+        };
+        match accepted {
+            Ok((stream, settling)) => {
+                if fds.short(std::time::Instant::now()) {
+                    if !refusing {
+                        log::warn!(
+                            "fewer than {FD_RESERVE} descriptors left: refusing API connections"
+                        );
+                    }
+                    refusing = true;
+                    drop(stream);
+                    continue;
+                }
+                let (admitted, evicted) = {
+                    let mut registry = lock(&registry);
+                    let full = registry.open.len() >= MAX_CONNECTIONS;
+                    (registry.admit(MAX_CONNECTIONS), full)
+                };
+                let Some((id, slot)) = admitted else {
+                    if !refusing {
+                        log::warn!(
+                            "{MAX_CONNECTIONS} API requests in progress: refusing connections"
+                        );
+                    }
+                    refusing = true;
+                    drop(stream);
+                    continue;
+                };
+                refusing = false;
+                let registered = Registered {
+                    registry: Arc::clone(&registry),
+                    id,
+                };
+                connections.spawn(serve_connection(
+                    stream,
+                    Arc::clone(&ctx),
+                    closing_rx.clone(),
+                    slot,
+                    registered,
+                    settling,
+                ));
+                if evicted {
+                    // Let the evicted connection close before the next
+                    // accept (a yield costs a wake-up of the runtime:
+                    // only when needed).
+                    tokio::task::yield_now().await;
+                }
+            }
+            Err(e) => {
+                log::warn!("cannot accept an API connection: {e}");
+                // Typically out of descriptors: back off instead of spinning.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
     }
     drop(listener);
@@ -962,7 +1024,9 @@ impl Drop for ApiServerHandle {
 /// Each request becomes an [`ApiMessage`] sent on `sender`, followed by a
 /// write of 1 to `wake` so the VMM's event loop looks at the channel. The
 /// socket is ready for connections when this returns, and the API thread
-/// has started (its thread hook has run; bounded by one second).
+/// has run its thread hook and then been idle once: the first request of
+/// each client that connected meanwhile has been answered, or waits for its
+/// body or for the VMM (bounded by one second in all).
 ///
 /// To make shutdown immediate, the VMM should drop its receiver (and any
 /// unanswered [`crate::ReplySender`]) before dropping the handle: requests
@@ -1022,14 +1086,40 @@ pub fn start_server_with_options(
     } = options;
     let path = path.as_ref();
     let (std_listener, socket_file) = socket::bind(path)?;
+    // Sent once: the hook's failure, or (at the runtime's first park) that
+    // the thread is confined and idle.
+    type Ready = std::sync::mpsc::SyncSender<Result<(), String>>;
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+    let ready: Arc<Mutex<Option<Ready>>> = Arc::new(Mutex::new(Some(ready_tx)));
+    let signal_ready = {
+        let ready = Arc::clone(&ready);
+        move |result: Result<(), String>| {
+            let taken = ready
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            if let Some(tx) = taken {
+                let _ = tx.send(result);
+            }
+        }
+    };
+    // Connections taken before the runtime first ran whose first request
+    // is not answered yet: the thread is idle only once they are.
+    let settling = Arc::new(AtomicUsize::new(0));
+    let on_park = {
+        let signal_ready = signal_ready.clone();
+        let settling = Arc::clone(&settling);
+        move || {
+            if settling.load(Ordering::SeqCst) == 0 {
+                signal_ready(Ok(()));
+            }
+        }
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .on_thread_park(on_park)
         .build()
         .map_err(ServerError::Runtime)?;
-    let listener = {
-        let _guard = runtime.enter();
-        UnixListener::from_std(std_listener).map_err(ServerError::Runtime)?
-    };
     let ctx = Arc::new(Context {
         sender,
         wake,
@@ -1037,25 +1127,53 @@ pub fn start_server_with_options(
         ping_version,
     });
     let (stop_tx, stop_rx) = oneshot::channel();
-    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<()>(1);
+    let socket_path = path.to_path_buf();
     let thread = std::thread::Builder::new()
         .name("arbor-api".to_string())
         .spawn(move || {
             // Dropped last: the socket disappears once nothing listens on it.
             let _socket_file = socket_file;
             if let Some(hook) = THREAD_HOOK.get() {
-                hook();
+                if let Err(e) = hook(&socket_path) {
+                    signal_ready(Err(e));
+                    return;
+                }
             }
-            let _ = ready_tx.send(());
-            runtime.block_on(serve(listener, ctx, stop_rx));
+            // Clients that connected while the thread started (a client
+            // polling for the socket): taken now, before the runtime's
+            // first park, which would otherwise hand the CPU back to the
+            // starter before it has seen them.
+            let mut early = Vec::new();
+            while early.len() < MAX_CONNECTIONS {
+                match std_listener.accept() {
+                    Ok((stream, _)) => early.push((stream, Settling::new(&settling))),
+                    Err(_) => break,
+                }
+            }
+            let listener = {
+                let _guard = runtime.enter();
+                match UnixListener::from_std(std_listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        signal_ready(Err(format!("cannot serve the API socket: {e}")));
+                        return;
+                    }
+                }
+            };
+            runtime.block_on(serve(listener, ctx, stop_rx, early));
             drop(runtime);
         })
         .map_err(ServerError::Thread)?;
-    // Wait until the thread runs (its hook done, about to serve): on a busy
-    // machine a new thread can wait milliseconds for a CPU while its
-    // starter goes on building the VM; waiting here hands it ours. Bounded,
-    // and a thread that died early only makes this return sooner.
-    let _ = ready_rx.recv_timeout(READY_WAIT);
+    // Wait until the thread has run its hook and is first idle (its
+    // runtime parks), so that connections already waiting are answered
+    // first. Here a woken thread that has to wait for another CPU can
+    // wait milliseconds while its starter goes on building the VM;
+    // waiting hands it this one. Bounded, and a thread that died early
+    // only makes this return sooner.
+    if let Ok(Err(e)) = ready_rx.recv_timeout(READY_WAIT) {
+        let _ = thread.join();
+        return Err(ServerError::ThreadHook(e));
+    }
     log::info!("API server listening on {}", path.display());
     Ok(ApiServerHandle {
         path: path.to_path_buf(),
@@ -1064,13 +1182,18 @@ pub fn start_server_with_options(
     })
 }
 
-/// A function the API thread runs first, once its runtime is built (the
-/// VMM installs its seccomp filter there). Process-wide; none by default.
-static THREAD_HOOK: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+/// The hook API threads run first (see [`set_thread_hook`]).
+pub type ThreadHook = fn(socket: &Path) -> Result<(), String>;
 
-/// Sets the hook run first by API threads started from now on. Only the
-/// first call has an effect.
-pub fn set_thread_hook(hook: fn()) {
+/// A function the API thread runs first, once its runtime is built (the
+/// VMM confines the thread there). Process-wide; none by default.
+static THREAD_HOOK: std::sync::OnceLock<ThreadHook> = std::sync::OnceLock::new();
+
+/// Sets the hook run first by API threads started from now on, with the
+/// socket's path. If it fails, the thread ends without serving and
+/// [`start_server`] returns [`ServerError::ThreadHook`] with its message.
+/// Only the first call has an effect.
+pub fn set_thread_hook(hook: ThreadHook) {
     let _ = THREAD_HOOK.set(hook);
 }
 

@@ -25,9 +25,18 @@
 //!
 //! Landlock, no-new-privs and capabilities are all per thread: a thread
 //! keeps what it had when it was created. [`apply`] therefore runs in
-//! `main` before any other thread exists (it refuses to run otherwise),
-//! and every thread the VMM starts later (vCPUs, the API, device workers,
-//! the signal thread) inherits the confinement.
+//! `main` before any other thread exists but the API thread (it refuses to
+//! run otherwise), and every thread the VMM starts later (vCPUs, device
+//! workers, the signal thread) inherits the confinement.
+//!
+//! The API thread starts first, so that the socket answers while `main`
+//! is still confining the process and building the VM, and it confines
+//! itself before it serves ([`api_thread_start`]): the same no-new-privs
+//! and capability drop, its seccomp filter, and a Landlock domain of its
+//! own that is narrower than the process's: it opens no file, and may
+//! only list `/proc` (its descriptor count) and remove its socket. The
+//! threads share one address space, so what any thread may do is what
+//! the process may do; the API thread adds nothing to it.
 
 use std::fmt;
 use std::path::{Component, Path, PathBuf};
@@ -537,6 +546,64 @@ pub fn drop_capabilities() -> Result<(), ConfineError> {
     Ok(())
 }
 
+/// What the API thread applies to itself, set by `main` before it starts
+/// the API server; none until then (an embedder's API thread is not
+/// confined by this module).
+static API_THREAD: std::sync::OnceLock<Options> = std::sync::OnceLock::new();
+
+/// Sets what API threads started from now on apply to themselves (see
+/// [`api_thread_start`]). Only the first call has an effect.
+pub fn set_api_thread_options(opts: Options) {
+    let _ = API_THREAD.set(opts);
+}
+
+/// The Landlock rules of the API thread, which opens no file: it lists
+/// `/proc/self/fd` (its descriptor budget) and removes its socket when it
+/// stops.
+pub fn api_thread_rules(socket: &Path) -> Vec<Rule> {
+    let dir = match socket.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    vec![
+        Rule {
+            path: "/proc".into(),
+            access: AccessFs::ReadDir.into(),
+            what: "descriptor count",
+        },
+        Rule {
+            path: dir,
+            access: AccessFs::RemoveFile.into(),
+            what: "API socket directory",
+        },
+    ]
+}
+
+/// Confines the calling thread as the API thread, with its socket at
+/// `socket`: Landlock with [`api_thread_rules`], no-new-privs and the
+/// capability drop, as `opts` asks.
+pub fn confine_api_thread(opts: &Options, socket: &Path) -> Result<LandlockOutcome, ConfineError> {
+    let landlock = restrict(&api_thread_rules(socket), opts.no_new_privs, opts.landlock)?;
+    if opts.no_new_privs {
+        set_no_new_privs()?;
+    }
+    if opts.drop_capabilities {
+        drop_capabilities()?;
+    }
+    Ok(landlock)
+}
+
+/// The API thread's hook (`api::set_thread_hook`): confines the thread
+/// (as [`set_api_thread_options`] said, if it was called), then installs
+/// its seccomp filter. An error ends the thread before it serves.
+pub fn api_thread_start(socket: &Path) -> Result<(), String> {
+    if let Some(opts) = API_THREAD.get() {
+        confine_api_thread(opts, socket).map_err(|e| format!("the API thread: {e}"))?;
+    }
+    crate::seccomp::install(crate::seccomp::ThreadKind::Api);
+    Ok(())
+}
+
 /// Threads of this process, from `/proc/self/task`.
 fn thread_count() -> Option<usize> {
     Some(std::fs::read_dir("/proc/self/task").ok()?.count())
@@ -553,11 +620,12 @@ pub struct Applied {
 /// Confines the process for `cfg`, with the KVM device at `kvm`: creates
 /// the serial output file if it is missing (it could not be created
 /// afterwards), then Landlock, `PR_SET_NO_NEW_PRIVS` and the capability
-/// drop as `cfg.confine` asks. Must run before any other thread exists;
-/// refuses otherwise, unless all three are off (then it does nothing).
+/// drop as `cfg.confine` asks. Must run before any other thread exists but
+/// `confined` threads that confined themselves (the API thread); refuses
+/// otherwise, unless all three are off (then it does nothing).
 /// Logs what it did; where the kernel lacks Landlock and the mode is `on`,
 /// logs a warning and goes on.
-pub fn apply(cfg: &VmConfig, kvm: &Path) -> Result<Applied, ConfineError> {
+pub fn apply(cfg: &VmConfig, kvm: &Path, confined: usize) -> Result<Applied, ConfineError> {
     let opts = &cfg.confine;
     if opts.landlock == LandlockMode::Off && !opts.no_new_privs && !opts.drop_capabilities {
         // Nothing applies to the whole process, so other threads (a
@@ -570,8 +638,8 @@ pub fn apply(cfg: &VmConfig, kvm: &Path) -> Result<Applied, ConfineError> {
         });
     }
     match thread_count() {
-        Some(1) | None => {}
-        Some(n) => return Err(ConfineError::Threads(n)),
+        Some(n) if n > 1 + confined => return Err(ConfineError::Threads(n)),
+        _ => {}
     }
     if let SerialOutput::File { path, .. } = &cfg.serial {
         if opts.landlock != LandlockMode::Off {
@@ -802,7 +870,7 @@ mod tests {
     #[test]
     fn apply_refuses_when_other_threads_exist() {
         let cfg = VmConfig::default();
-        match apply(&cfg, Path::new("/dev/kvm")) {
+        match apply(&cfg, Path::new("/dev/kvm"), 0) {
             Err(ConfineError::Threads(n)) => assert!(n >= 2),
             other => panic!("{other:?}"),
         }
@@ -820,7 +888,7 @@ mod tests {
         cfg.confine.landlock = LandlockMode::Off;
         cfg.confine.no_new_privs = false;
         cfg.confine.drop_capabilities = false;
-        let a = apply(&cfg, Path::new("/dev/kvm")).unwrap();
+        let a = apply(&cfg, Path::new("/dev/kvm"), 0).unwrap();
         assert_eq!(a.landlock, LandlockOutcome::Off);
         assert!(!a.no_new_privs && !a.capabilities_dropped);
         let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
@@ -908,6 +976,50 @@ mod tests {
         }
         // This thread was never confined.
         assert!(devices::virtio::block::open_disk(&outside.join("out.img"), true).is_ok());
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    /// The API thread's own domain: it lists `/proc/self/fd` and removes a
+    /// file in its socket's directory, and opens nothing (not even under
+    /// its socket's directory or `/proc`). No-new-privs and the capability
+    /// drop come with it; the caller's thread stays as it was.
+    #[test]
+    fn api_thread_confines_itself_to_its_socket_and_descriptor_count() {
+        let base = scratch("api-thread");
+        std::fs::create_dir_all(&base).unwrap();
+        let socket = base.join("api.sock");
+        std::fs::write(&socket, b"").unwrap();
+        std::fs::write(base.join("other"), b"x").unwrap();
+        let opts = Options {
+            landlock: LandlockMode::On,
+            no_new_privs: true,
+            drop_capabilities: false,
+        };
+        let (s, b) = (socket.clone(), base.clone());
+        let (outcome, fds, read_here, read_proc, removed, nnp) = std::thread::spawn(move || {
+            let outcome = confine_api_thread(&opts, &s).unwrap();
+            let fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count());
+            let err = |r: std::io::Result<String>| r.map(|_| ()).map_err(|e| e.raw_os_error());
+            let read_here = err(std::fs::read_to_string(b.join("other")));
+            let read_proc = err(std::fs::read_to_string("/proc/self/status"));
+            let removed = std::fs::remove_file(&s).map_err(|e| e.raw_os_error());
+            // SAFETY: PR_GET_NO_NEW_PRIVS takes no pointer.
+            let nnp = unsafe { libc::prctl(libc::PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) };
+            (outcome, fds, read_here, read_proc, removed, nnp)
+        })
+        .join()
+        .unwrap();
+        assert!(fds.as_ref().is_ok_and(|n| *n > 0), "/proc/self/fd: {fds:?}");
+        assert_eq!(removed, Ok(()), "its socket");
+        assert_eq!(nnp, 1);
+        if outcome == LandlockOutcome::Unsupported {
+            eprintln!("SKIPPED: this kernel has no Landlock");
+        } else {
+            assert_eq!(read_here, Err(Some(libc::EACCES)), "a file by its socket");
+            assert_eq!(read_proc, Err(Some(libc::EACCES)), "a file in /proc");
+        }
+        // This thread was never confined.
+        assert!(std::fs::read_to_string(base.join("other")).is_ok());
         std::fs::remove_dir_all(&base).unwrap();
     }
 }

@@ -10,9 +10,11 @@
 //! then exits with 128 + the signal's number (130 for SIGINT, 143 for
 //! SIGTERM).
 //!
-//! Before the VM is created, while it is still the only thread, arbor
-//! confines itself (`vmm::confine::apply`: Landlock, no-new-privs, the
-//! capability drop), so every thread it starts is confined.
+//! The API thread starts first and confines itself before it serves
+//! (`vmm::confine::api_thread_start`). Then, before the VM is created and
+//! before any other thread starts, arbor confines `main`
+//! (`vmm::confine::apply`: Landlock, no-new-privs, the capability drop), so
+//! every thread it starts later is confined.
 
 use std::io;
 use std::process::ExitCode;
@@ -315,10 +317,6 @@ fn main() -> ExitCode {
         }
     };
     let mut cfg = cfg;
-    // Still the only thread: Landlock, no-new-privs and the capability
-    // drop are per thread, and every thread started from here on (the
-    // INTx thread in Vm::new, the signal thread, the API thread, vCPUs,
-    // device workers) inherits them.
     let monitor_file = match cfg.event_monitor.as_ref().map(open_event_monitor) {
         None => None,
         Some(Ok(file)) => Some(file),
@@ -327,21 +325,11 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let kvm = vmm::kvm_device_path();
-    if let Err(e) = vmm::confine::apply(&cfg, std::path::Path::new(&kvm)) {
-        vmm::say!("arbor: error: {e}");
-        return ExitCode::from(EXIT_ERROR);
-    }
-    if vmm::confine::selftest_skips_path_check() {
-        log::warn!(
-            "{}: the VMM's own path check is off (test hook)",
-            vmm::confine::SELFTEST_ENV
-        );
-        cfg.check_paths = false;
-    }
     // Before any thread starts: the API, signal and event-monitor threads
-    // install their filters in this mode, as every VM's threads will.
+    // install their filters in this mode, as every VM's threads will, and
+    // the API thread confines itself as `main` is about to.
     vmm::seccomp::set_mode(cfg.seccomp);
+    vmm::confine::set_api_thread_options(cfg.confine.clone());
     let api_socket = cfg.api_socket.clone();
     let mut vmm = match Vmm::new() {
         Ok(v) => v,
@@ -350,21 +338,12 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_ERROR);
         }
     };
-    vmm.set_policy(vmm::ProcessPolicy::from_command_line(&cfg));
     let bus = vmm.events();
-    let monitor = match monitor_file {
-        Some(file) => match start_event_monitor(file, &bus) {
-            Ok(done) => Some(done),
-            Err(e) => {
-                vmm::say!("arbor: error: --event-monitor: {e}");
-                return ExitCode::from(EXIT_USAGE);
-            }
-        },
-        None => None,
-    };
     // The API server is a thin client of the VMM's request channel. It
-    // starts before the VM is built: vmm.ping answers at once, and other
-    // requests wait in the channel until the VMM's loop runs.
+    // starts first, before `main` confines itself and builds the VM:
+    // vmm.ping answers at once, and other requests wait in the channel
+    // until the VMM's loop runs. Its thread confines itself before it
+    // serves (`vmm::confine::api_thread_start`).
     let server = match api_socket {
         Some(path) => {
             let started =
@@ -386,10 +365,40 @@ fn main() -> ExitCode {
                         "arbor: error: cannot serve the API on {}: {e}",
                         path.display()
                     );
-                    return exit_with(EXIT_ERROR, &bus, monitor);
+                    return ExitCode::from(EXIT_ERROR);
                 }
             }
         }
+        None => None,
+    };
+    // The only other thread is the API thread, confined by now: Landlock,
+    // no-new-privs and the capability drop are per thread, and every
+    // thread started from here on (the INTx thread in Vm::new, the signal
+    // thread, the event monitor, vCPUs, device workers) inherits them.
+    let kvm = vmm::kvm_device_path();
+    let api_threads = usize::from(server.is_some());
+    if let Err(e) = vmm::confine::apply(&cfg, std::path::Path::new(&kvm), api_threads) {
+        vmm::say!("arbor: error: {e}");
+        return exit_with(EXIT_ERROR, &bus, None);
+    }
+    if vmm::confine::selftest_skips_path_check() {
+        log::warn!(
+            "{}: the VMM's own path check is off (test hook)",
+            vmm::confine::SELFTEST_ENV
+        );
+        cfg.check_paths = false;
+    }
+    // What vm.create's configurations are held to (read by the VMM's loop,
+    // after this).
+    vmm.set_policy(vmm::ProcessPolicy::from_command_line(&cfg));
+    let monitor = match monitor_file {
+        Some(file) => match start_event_monitor(file, &bus) {
+            Ok(done) => Some(done),
+            Err(e) => {
+                vmm::say!("arbor: error: --event-monitor: {e}");
+                return exit_with(EXIT_USAGE, &bus, None);
+            }
+        },
         None => None,
     };
     if !serve_only {

@@ -62,7 +62,9 @@ impl std::str::FromStr for SeccompMode {
 
 static MODE: AtomicU8 = AtomicU8::new(2);
 
-/// Sets the process-wide mode and hooks the threads of `devices` and `api`.
+/// Sets the process-wide mode and hooks the threads of `devices` and `api`
+/// (the API thread's hook, [`crate::confine::api_thread_start`], also
+/// applies the confinement `main` asked for, whatever the mode).
 pub fn set_mode(mode: SeccompMode) {
     MODE.store(
         match mode {
@@ -74,8 +76,8 @@ pub fn set_mode(mode: SeccompMode) {
     );
     if mode != SeccompMode::Off {
         devices::virtio::worker::set_thread_hook(|name| install(ThreadKind::of_worker(name)));
-        api::set_thread_hook(|| install(ThreadKind::Api));
     }
+    api::set_thread_hook(crate::confine::api_thread_start);
 }
 
 /// The process-wide mode.

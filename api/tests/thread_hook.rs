@@ -1,0 +1,139 @@
+//! The API thread's hook (`api::set_thread_hook`) and what
+//! `start_server` waits for:
+//!
+//! - a client that connected while the thread was starting (as one polling
+//!   for the socket does) has its answer before `start_server` returns,
+//!   when the server answers the request itself (`vmm.ping` with a
+//!   version);
+//! - such a request that goes to the VMM does not hold `start_server`
+//!   (the VMM answers it only afterwards);
+//! - a hook that fails ends the thread before it serves: `start_server`
+//!   returns the hook's message and the socket is gone.
+//!
+//! The hook is process-wide, so this file is its own test binary, with one
+//! test that runs the cases in turn.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Mutex};
+use std::time::{Duration, Instant};
+
+use api::types::VmmPingResponse;
+use api::{
+    start_server, start_server_with_options, ApiRequest, ApiResponse, ServerError, ServerOptions,
+};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::tempdir::TempDir;
+
+/// The hook fails (case 3).
+static FAIL: AtomicBool = AtomicBool::new(false);
+/// The hook waits until the client has sent its request.
+static ARMED: AtomicBool = AtomicBool::new(false);
+static SENT: AtomicBool = AtomicBool::new(false);
+/// The socket path the hook was given last.
+static SEEN: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+fn hook(socket: &Path) -> Result<(), String> {
+    *SEEN.lock().unwrap() = Some(socket.to_path_buf());
+    if FAIL.load(Ordering::SeqCst) {
+        return Err("refused by the test hook".into());
+    }
+    if ARMED.load(Ordering::SeqCst) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !SENT.load(Ordering::SeqCst) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    Ok(())
+}
+
+/// A client thread: connects as soon as the socket exists, sends
+/// `GET vmm.ping`, then reads the whole answer. Returns when it had it.
+fn early_client(sock: PathBuf) -> std::thread::JoinHandle<(Instant, String)> {
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut s = loop {
+            match UnixStream::connect(&sock) {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "no socket: {e}");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        };
+        s.write_all(b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        SENT.store(true, Ordering::SeqCst);
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        (Instant::now(), text)
+    })
+}
+
+#[test]
+fn hook_then_early_clients_then_failure() {
+    api::set_thread_hook(hook);
+    let dir = TempDir::new().unwrap();
+
+    // 1. Answered by the server itself, before start_server returns.
+    let sock = dir.as_path().join("local.sock");
+    ARMED.store(true, Ordering::SeqCst);
+    SENT.store(false, Ordering::SeqCst);
+    let client = early_client(sock.clone());
+    let (tx, _rx) = mpsc::channel();
+    let options = ServerOptions {
+        events: None,
+        ping_version: Some("9.8.7".into()),
+    };
+    let server = start_server_with_options(&sock, tx, EventFd::new(0).unwrap(), options).unwrap();
+    let returned = Instant::now();
+    let (answered, text) = client.join().unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("9.8.7"), "{text}");
+    assert!(
+        answered <= returned,
+        "answered {:?} after start_server returned",
+        answered - returned
+    );
+    assert_eq!(SEEN.lock().unwrap().as_deref(), Some(sock.as_path()));
+    drop(server);
+
+    // 2. Waiting for the VMM: start_server returns well before its bound
+    // (one second), then the VMM answers.
+    let sock = dir.as_path().join("vmm.sock");
+    SENT.store(false, Ordering::SeqCst);
+    let client = early_client(sock.clone());
+    let (tx, rx) = mpsc::channel();
+    let started = Instant::now();
+    let server = start_server(&sock, tx, EventFd::new(0).unwrap()).unwrap();
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_millis(900), "held {waited:?}");
+    let msg = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(
+        matches!(msg.request, ApiRequest::VmmPing),
+        "{:?}",
+        msg.request
+    );
+    let reply = ApiResponse::VmmPing(VmmPingResponse {
+        version: "1.2.3".into(),
+    });
+    msg.reply.send(Ok(reply)).unwrap();
+    let (_, text) = client.join().unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("1.2.3"), "{text}");
+    drop(server);
+
+    // 3. A failing hook.
+    let sock = dir.as_path().join("refused.sock");
+    ARMED.store(false, Ordering::SeqCst);
+    FAIL.store(true, Ordering::SeqCst);
+    let (tx, _rx) = mpsc::channel();
+    match start_server(&sock, tx, EventFd::new(0).unwrap()) {
+        Err(ServerError::ThreadHook(m)) => assert_eq!(m, "refused by the test hook"),
+        other => panic!("{other:?}"),
+    }
+    assert!(!sock.exists(), "the socket is left behind");
+}

@@ -11,8 +11,8 @@
 
 use seccompiler::{sock_filter, BpfProgram};
 
-/// The calls `kind` may make without conditions, in the order a program
-/// tests them (each once). `clone` is not among them: [`CLONE_THREAD`]
+/// The calls `kind` may make without conditions, each once (programs test
+/// them in ascending order, see [`runs`]). `clone` is not among them: [`CLONE_THREAD`]
 /// decides.
 pub fn allowed(kind: ThreadKind) -> Vec<i64> {
     let mut out: Vec<i64> = Vec::new();
@@ -90,7 +90,7 @@ impl ThreadKind {
 
 /// Calls allowed to every thread.
 const BASE: &[i64] = &[
-    // First, as programs test the calls in list order: the vCPU's KVM_RUN.
+    // The vCPU's KVM_RUN.
     libc::SYS_ioctl,
     libc::SYS_futex,
     libc::SYS_read,
@@ -286,6 +286,8 @@ pub const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
 
 const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
 const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+const JGT_K: u16 = (libc::BPF_JMP | libc::BPF_JGT | libc::BPF_K) as u16;
+const JGE_K: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
 const JSET_K: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
 const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
 /// Offsets in `struct seccomp_data`: the call's number, the architecture
@@ -322,27 +324,41 @@ impl std::fmt::Display for TooLong {
     }
 }
 
+/// The allowed call numbers of `kind` as ascending runs of consecutive
+/// numbers, `(first, last)`.
+pub fn runs(kind: ThreadKind) -> Vec<(u32, u32)> {
+    let mut nrs: Vec<u32> = allowed(kind).into_iter().map(|nr| nr as u32).collect();
+    nrs.sort_unstable();
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    for nr in nrs {
+        match out.last_mut() {
+            Some((_, last)) if nr == *last + 1 => *last = nr,
+            _ => out.push((nr, nr)),
+        }
+    }
+    out
+}
+
 /// The program a thread of `kind` installs: a call from another
 /// architecture kills the process; `clone3` fails with `ENOSYS`; the calls
-/// of [`allowed`] are allowed, each tested by one instruction; `clone` is
-/// allowed with [`CLONE_THREAD`]; anything else gets
-/// [`mismatch_action`]`(log)`.
+/// of [`allowed`] are allowed; `clone` is allowed with [`CLONE_THREAD`];
+/// anything else gets [`mismatch_action`]`(log)`.
 ///
-/// One instruction per call, where `seccompiler` emits five: the kernel's
-/// cost of installing a program grows with its length (about 2 us per
-/// instruction on the machines the benchmarks ran on), and every thread
-/// installs one as it starts. `oracle::reference` (tests only) is the
-/// same policy compiled by `seccompiler`; a test runs both on every call
-/// number and checks they agree.
+/// The allowed calls are tested in ascending order by [`runs`]: one
+/// instruction for a lone call (equal: allow), two for a run of
+/// consecutive ones (above its last: next run; else at or above its
+/// first: allow; else no later run can hold it). The lists hold 63-90
+/// calls in 33-45 runs, so the tests take 40-59 instructions, where
+/// `seccompiler` emits five per call: the kernel's cost of installing a
+/// program grows with its length (about 2 us per instruction on the
+/// machines the benchmarks ran on), and every thread installs one as it
+/// starts. `oracle::reference` (tests only) is the same policy compiled by
+/// `seccompiler`; a test runs both on every call number and checks they
+/// agree.
 pub fn compact(kind: ThreadKind, log: bool) -> Result<BpfProgram, TooLong> {
-    let list = allowed(kind);
-    let n = list.len();
-    // After the list: the clone test (3 instructions), then the mismatch
-    // return, then ALLOW.
-    if n + 3 > usize::from(u8::MAX) {
-        return Err(TooLong(n));
-    }
-    let mut prog = vec![
+    let runs = runs(kind);
+    let tests: usize = runs.iter().map(|(a, b)| if a == b { 1 } else { 2 }).sum();
+    let header = [
         insn(LD_W_ABS, 0, 0, ARCH_OFFSET),
         insn(JEQ_K, 1, 0, AUDIT_ARCH_X86_64),
         insn(RET_K, 0, 0, libc::SECCOMP_RET_KILL_PROCESS),
@@ -350,11 +366,24 @@ pub fn compact(kind: ThreadKind, log: bool) -> Result<BpfProgram, TooLong> {
         insn(JEQ_K, 0, 1, libc::SYS_clone3 as u32),
         insn(RET_K, 0, 0, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
     ];
-    for (j, nr) in list.iter().enumerate() {
-        // To ALLOW: the rest of the list, the clone test and the mismatch
-        // return lie between.
-        let to_allow = (n - 1 - j) + 4;
-        prog.push(insn(JEQ_K, to_allow as u8, 0, *nr as u32));
+    // After the tests: the clone test (3 instructions), then the mismatch
+    // return, then ALLOW.
+    let clone_test = header.len() + tests;
+    let allow = clone_test + 4;
+    // A jump offset is a u8 counted from the next instruction.
+    let offset = |from: usize, to: usize| u8::try_from(to - from - 1);
+    let too_long = |_| TooLong(allowed(kind).len());
+    let mut prog = header.to_vec();
+    for (first, last) in runs {
+        let at = prog.len();
+        if first == last {
+            prog.push(insn(JEQ_K, offset(at, allow).map_err(too_long)?, 0, first));
+        } else {
+            prog.push(insn(JGT_K, 1, 0, last));
+            let to_allow = offset(at + 1, allow).map_err(too_long)?;
+            let to_clone = offset(at + 1, clone_test).map_err(too_long)?;
+            prog.push(insn(JGE_K, to_allow, to_clone, first));
+        }
     }
     prog.extend([
         insn(JEQ_K, 0, 2, libc::SYS_clone as u32),

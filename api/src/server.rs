@@ -1142,7 +1142,9 @@ pub fn start_server_with_options(
             // Clients that connected while the thread started (a client
             // polling for the socket): taken now, before the runtime's
             // first park, which would otherwise hand the CPU back to the
-            // starter before it has seen them.
+            // starter before it has seen them. The listener is
+            // non-blocking (`socket::bind`): this stops at the first
+            // `EAGAIN`.
             let mut early = Vec::new();
             while early.len() < MAX_CONNECTIONS {
                 match std_listener.accept() {

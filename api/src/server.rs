@@ -90,6 +90,10 @@ pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_CONNECTIONS: usize = 64;
 /// How long [`start_server`] waits for the API thread to start serving.
 const READY_WAIT: Duration = Duration::from_secs(1);
+/// How long [`start_server`] then waits for the clients that connected
+/// while the thread started to be answered: a client that connects early
+/// and sends nothing holds the VMM's start this long at most.
+const SETTLE_WAIT: Duration = Duration::from_millis(100);
 /// Descriptors kept free for the VMM: below this many left under
 /// `RLIMIT_NOFILE`, new API connections are closed at once.
 pub const FD_RESERVE: u64 = 64;
@@ -1024,9 +1028,9 @@ impl Drop for ApiServerHandle {
 /// Each request becomes an [`ApiMessage`] sent on `sender`, followed by a
 /// write of 1 to `wake` so the VMM's event loop looks at the channel. The
 /// socket is ready for connections when this returns, and the API thread
-/// has run its thread hook and then been idle once: the first request of
-/// each client that connected meanwhile has been answered, or waits for its
-/// body or for the VMM (bounded by one second in all).
+/// has run its thread hook (bounded by one second) and then been idle once:
+/// the first request of each client that connected meanwhile has been
+/// answered, or waits for its body or for the VMM (bounded by 100 ms).
 ///
 /// To make shutdown immediate, the VMM should drop its receiver (and any
 /// unanswered [`crate::ReplySender`]) before dropping the handle: requests
@@ -1086,32 +1090,27 @@ pub fn start_server_with_options(
     } = options;
     let path = path.as_ref();
     let (std_listener, socket_file) = socket::bind(path)?;
-    // Sent once: the hook's failure, or (at the runtime's first park) that
-    // the thread is confined and idle.
-    type Ready = std::sync::mpsc::SyncSender<Result<(), String>>;
-    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
-    let ready: Arc<Mutex<Option<Ready>>> = Arc::new(Mutex::new(Some(ready_tx)));
-    let signal_ready = {
-        let ready = Arc::clone(&ready);
-        move |result: Result<(), String>| {
-            let taken = ready
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .take();
-            if let Some(tx) = taken {
-                let _ = tx.send(result);
-            }
-        }
-    };
+    // Sent once by the thread: its hook's failure, or that it is about to
+    // serve.
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<(), String>>(1);
+    // Sent once, at the runtime's first park with no early client (see
+    // below) unanswered.
+    let (idle_tx, idle_rx) = std::sync::mpsc::sync_channel::<()>(1);
+    let idle_tx = Mutex::new(Some(idle_tx));
     // Connections taken before the runtime first ran whose first request
     // is not answered yet: the thread is idle only once they are.
     let settling = Arc::new(AtomicUsize::new(0));
     let on_park = {
-        let signal_ready = signal_ready.clone();
         let settling = Arc::clone(&settling);
         move || {
             if settling.load(Ordering::SeqCst) == 0 {
-                signal_ready(Ok(()));
+                let taken = idle_tx
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take();
+                if let Some(tx) = taken {
+                    let _ = tx.send(());
+                }
             }
         }
     };
@@ -1135,7 +1134,7 @@ pub fn start_server_with_options(
             let _socket_file = socket_file;
             if let Some(hook) = THREAD_HOOK.get() {
                 if let Err(e) = hook(&socket_path) {
-                    signal_ready(Err(e));
+                    let _ = ready_tx.send(Err(e));
                     return;
                 }
             }
@@ -1157,24 +1156,31 @@ pub fn start_server_with_options(
                 match UnixListener::from_std(std_listener) {
                     Ok(l) => l,
                     Err(e) => {
-                        signal_ready(Err(format!("cannot serve the API socket: {e}")));
+                        let _ = ready_tx.send(Err(format!("cannot serve the API socket: {e}")));
                         return;
                     }
                 }
             };
+            let _ = ready_tx.send(Ok(()));
             runtime.block_on(serve(listener, ctx, stop_rx, early));
             drop(runtime);
         })
         .map_err(ServerError::Thread)?;
-    // Wait until the thread has run its hook and is first idle (its
-    // runtime parks), so that connections already waiting are answered
-    // first. Here a woken thread that has to wait for another CPU can
-    // wait milliseconds while its starter goes on building the VM;
-    // waiting hands it this one. Bounded, and a thread that died early
-    // only makes this return sooner.
-    if let Ok(Err(e)) = ready_rx.recv_timeout(READY_WAIT) {
-        let _ = thread.join();
-        return Err(ServerError::ThreadHook(e));
+    // Wait until the thread has run its hook, then until it is first idle
+    // (its runtime parks), so that connections already waiting are
+    // answered first. Here a woken thread that has to wait for another CPU
+    // can wait milliseconds while its starter goes on building the VM;
+    // waiting hands it this one. Both bounded, and a thread that died
+    // early only makes this return sooner.
+    match ready_rx.recv_timeout(READY_WAIT) {
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            return Err(ServerError::ThreadHook(e));
+        }
+        Ok(Ok(())) => {
+            let _ = idle_rx.recv_timeout(SETTLE_WAIT);
+        }
+        Err(_) => {}
     }
     log::info!("API server listening on {}", path.display());
     Ok(ApiServerHandle {

@@ -6,7 +6,8 @@
 //!   returns, when the server answers the request itself (`vmm.ping` with
 //!   a version);
 //! - such a request that goes to the VMM does not hold `start_server`
-//!   (the VMM answers it only afterwards);
+//!   (the VMM answers it only afterwards), and an early client that sends
+//!   only part of its request holds it 100 ms at most;
 //! - a hook that fails ends the thread before it serves: `start_server`
 //!   returns the hook's message and the socket is gone.
 //!
@@ -34,6 +35,8 @@ use vmm_sys_util::tempdir::TempDir;
 static FAIL: AtomicBool = AtomicBool::new(false);
 /// The hook connects a client and sends its request.
 static CONNECT: AtomicBool = AtomicBool::new(false);
+/// ... only the request's first line.
+static PARTIAL: AtomicBool = AtomicBool::new(false);
 /// That client.
 static CLIENT: Mutex<Option<UnixStream>> = Mutex::new(None);
 /// The socket path the hook was given last.
@@ -46,8 +49,14 @@ fn hook(socket: &Path) -> Result<(), String> {
     }
     if CONNECT.load(Ordering::SeqCst) {
         let mut s = UnixStream::connect(socket).map_err(|e| e.to_string())?;
-        s.write_all(b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-            .map_err(|e| e.to_string())?;
+        let request: &[u8] =
+            b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
+        let sent = if PARTIAL.load(Ordering::SeqCst) {
+            &request[..31]
+        } else {
+            request
+        };
+        s.write_all(sent).map_err(|e| e.to_string())?;
         *CLIENT.lock().unwrap() = Some(s);
     }
     Ok(())
@@ -114,7 +123,19 @@ fn hook_then_early_clients_then_failure() {
     assert!(text.contains("1.2.3"), "{text}");
     drop(server);
 
-    // 3. A failing hook.
+    // 3. An early client that sends part of its request and stops.
+    let sock = dir.as_path().join("partial.sock");
+    PARTIAL.store(true, Ordering::SeqCst);
+    let (tx, _rx) = mpsc::channel();
+    let started = Instant::now();
+    let server = start_server(&sock, tx, EventFd::new(0).unwrap()).unwrap();
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_millis(600), "held {waited:?}");
+    drop(CLIENT.lock().unwrap().take());
+    drop(server);
+    PARTIAL.store(false, Ordering::SeqCst);
+
+    // 4. A failing hook.
     let sock = dir.as_path().join("refused.sock");
     CONNECT.store(false, Ordering::SeqCst);
     FAIL.store(true, Ordering::SeqCst);

@@ -830,38 +830,23 @@ async fn serve_connection(
     let evict = Arc::clone(&slot);
     let stream = FdStream::new(stream);
     let received = stream.received();
-    // Released with the first answer (or with the connection).
-    let settling = Arc::new(Mutex::new(settling));
+    // Released when the first request's headers are in. The runtime cannot
+    // park before the task that handles it yields: an answer ready at once
+    // is written first; one that waits (for its body, or for the VMM, which
+    // may itself wait for this thread to settle) lets the starter go on.
+    let settling = Mutex::new(settling);
     let service = service_fn(move |req| {
+        drop(
+            settling
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take(),
+        );
         let ctx = Arc::clone(&ctx);
         let busy = Busy::new(&slot);
         let received = received.clone();
-        let settling = Arc::clone(&settling);
         async move {
-            let settled = || {
-                drop(
-                    settling
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .take(),
-                )
-            };
-            // Settled once the request is answered or waits (for its body,
-            // or for the VMM, which may itself wait for this thread to
-            // settle).
-            let mut answer = std::pin::pin!(handle(req, &ctx, &received));
-            let first = std::future::poll_fn(|cx| {
-                std::task::Poll::Ready(match std::future::Future::poll(answer.as_mut(), cx) {
-                    std::task::Poll::Ready(resp) => Some(resp),
-                    std::task::Poll::Pending => None,
-                })
-            })
-            .await;
-            settled();
-            let resp = match first {
-                Some(resp) => resp,
-                None => answer.await,
-            };
+            let resp = handle(req, &ctx, &received).await;
             drop(busy);
             Ok::<_, Infallible>(resp)
         }

@@ -181,12 +181,17 @@ impl ProcessPolicy {
     }
 }
 
+/// The directory a socket at `socket` is created in (`.` for a bare name).
+pub fn socket_dir(socket: &std::path::Path) -> std::path::PathBuf {
+    match socket.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    }
+}
+
 /// The directory the vsock socket `socket` is created in.
 pub fn vsock_dir(socket: &str) -> String {
-    match std::path::Path::new(socket).parent() {
-        Some(p) if !p.as_os_str().is_empty() => path_text(p),
-        _ => ".".to_string(),
-    }
+    path_text(&socket_dir(std::path::Path::new(socket)))
 }
 
 fn path_text(p: &std::path::Path) -> String {

@@ -340,12 +340,8 @@ pub fn landlock_rules(cfg: &VmConfig, kvm: &Path, allow_paths: &[PathBuf]) -> Ve
         });
     }
     if let Some(sock) = &cfg.api_socket {
-        let dir = match sock.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
         rules.push(Rule {
-            path: dir,
+            path: crate::config::socket_dir(sock),
             access: AccessFs::MakeSock | AccessFs::RemoveFile,
             what: "API socket directory",
         });
@@ -561,10 +557,6 @@ pub fn set_api_thread_options(opts: Options) {
 /// `/proc/self/fd` (its descriptor budget) and removes its socket when it
 /// stops.
 pub fn api_thread_rules(socket: &Path) -> Vec<Rule> {
-    let dir = match socket.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
     vec![
         Rule {
             path: "/proc".into(),
@@ -572,7 +564,7 @@ pub fn api_thread_rules(socket: &Path) -> Vec<Rule> {
             what: "descriptor count",
         },
         Rule {
-            path: dir,
+            path: crate::config::socket_dir(socket),
             access: AccessFs::RemoveFile.into(),
             what: "API socket directory",
         },
@@ -583,7 +575,16 @@ pub fn api_thread_rules(socket: &Path) -> Vec<Rule> {
 /// `socket`: Landlock with [`api_thread_rules`], no-new-privs and the
 /// capability drop, as `opts` asks.
 pub fn confine_api_thread(opts: &Options, socket: &Path) -> Result<LandlockOutcome, ConfineError> {
-    let landlock = restrict(&api_thread_rules(socket), opts.no_new_privs, opts.landlock)?;
+    confine_thread(&api_thread_rules(socket), opts)
+}
+
+/// Confines the calling thread (and the threads it creates afterwards):
+/// Landlock with `rules`, `PR_SET_NO_NEW_PRIVS` and the capability drop,
+/// as `opts` asks. Does not check for other threads.
+fn confine_thread(rules: &[Rule], opts: &Options) -> Result<LandlockOutcome, ConfineError> {
+    let landlock = restrict(rules, opts.no_new_privs, opts.landlock)?;
+    // Landlock's restrict_self sets it already when it runs; this covers
+    // --landlock=off and kernels without Landlock.
     if opts.no_new_privs {
         set_no_new_privs()?;
     }
@@ -662,7 +663,7 @@ pub fn apply(cfg: &VmConfig, kvm: &Path, confined: usize) -> Result<Applied, Con
             what: "arbor executable",
         });
     }
-    let landlock = restrict(&rules, opts.no_new_privs, opts.landlock)?;
+    let landlock = confine_thread(&rules, opts)?;
     match landlock {
         LandlockOutcome::Full => log::info!("Landlock: confined to {} paths", rules.len()),
         LandlockOutcome::Partial => log::warn!(
@@ -675,14 +676,6 @@ pub fn apply(cfg: &VmConfig, kvm: &Path, confined: usize) -> Result<Applied, Con
              start instead)"
         ),
         LandlockOutcome::Off => log::warn!("Landlock: off (--landlock=off)"),
-    }
-    // Landlock's restrict_self sets it already when it runs; this covers
-    // --landlock=off and kernels without Landlock.
-    if opts.no_new_privs {
-        set_no_new_privs()?;
-    }
-    if opts.drop_capabilities {
-        drop_capabilities()?;
     }
     Ok(Applied {
         landlock,

@@ -90,7 +90,6 @@ impl ThreadKind {
 
 /// Calls allowed to every thread.
 const BASE: &[i64] = &[
-    // The vCPU's KVM_RUN.
     libc::SYS_ioctl,
     libc::SYS_futex,
     libc::SYS_read,
